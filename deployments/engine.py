@@ -1,0 +1,135 @@
+"""The one place that builds and drives a vLLM engine: `AsyncLLM` plus vLLM's own OpenAI serving layer.
+
+1. `engine_environment` fixes what vLLM reads from the process environment (cores, KV-cache size, NIXL port);
+   the EngineCore subprocess inherits it when it is spawned.
+2. `Engine.start` parses our config into vLLM's own CLI arguments, so every default of `vllm serve` applies,
+   starts `AsyncLLM` with a counting stat logger, and builds vLLM's serving objects (`init_app_state`): chat
+   templates, request validation, sampling parameters, stop strings and response shapes all stay vLLM's.
+3. `chat` / `completion` run a typed vLLM request through those objects and return what vLLM returns: an SSE
+   string stream, a full response, or an `ErrorResponse`. Exceptions become `ErrorResponse` values here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+from collections.abc import AsyncGenerator
+from http import HTTPStatus
+from typing import Any
+
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+
+from serve_app.config import EngineRoleConfig, ModelConfig
+from deployments.engine_counters import EngineCounters, counting_stat_logger
+
+logger = logging.getLogger("splitserve.engine")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def engine_environment(role: EngineRoleConfig, replica_rank: int) -> dict[str, str]:
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": role.cpu_binding_for(replica_rank),
+        "VLLM_CPU_KVCACHE_SPACE": str(role.kv_cache_gib),
+        # Each engine's NIXL side channel (where decode asks prefill for its agent metadata) needs its own port.
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_free_port()),
+        "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+        "VLLM_NO_USAGE_STATS": "1",
+    }
+
+
+def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config: dict[str, Any] | None) -> list[str]:
+    args = [
+        "--model", model.path,
+        "--served-model-name", model.served_name,
+        "--dtype", model.dtype,
+        "--max-model-len", str(model.max_model_len),
+        "--block-size", str(model.block_size),
+        "--seed", str(model.seed),
+        "--max-num-seqs", str(role.max_num_seqs),
+        "--max-num-batched-tokens", str(role.max_num_batched_tokens),
+        # usage.prompt_tokens_details.cached_tokens: clients see how much of the prompt was not recomputed.
+        "--enable-prompt-tokens-details",
+    ]
+    if model.enforce_eager:
+        args.append("--enforce-eager")
+    if kv_transfer_config is not None:
+        args += ["--kv-transfer-config", json.dumps(kv_transfer_config)]
+    return args
+
+
+class Engine:
+    """A started vLLM engine and its OpenAI serving objects."""
+
+    def __init__(self, engine_client: Any, state: Any, counters: Any):
+        self.engine_client = engine_client
+        self._chat = state.openai_serving_chat
+        self._completion = state.openai_serving_completion
+        self._models = state.openai_serving_models
+        self._counters = counters
+
+    @classmethod
+    async def start(
+        cls, model: ModelConfig, role: EngineRoleConfig, *, replica_rank: int, kv_transfer_config: dict[str, Any] | None
+    ) -> Engine:
+        from starlette.datastructures import State
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.entrypoints.launchers.api_server.app_state import init_app_state
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.usage.usage_lib import UsageContext
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        environment = engine_environment(role, replica_rank)
+        # vLLM reads these from the environment of the process that spawns its EngineCore: this one.
+        os.environ.update(environment)
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(model, role, kv_transfer_config))
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
+        stat_logger_factory, counters = counting_stat_logger()
+        logger.info("starting vLLM engine: %s, env %s", " ".join(vllm_cli_args(model, role, kv_transfer_config)),
+                    environment)
+        engine_client = AsyncLLM.from_vllm_config(
+            vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stat_logger_factory]
+        )
+        state = State()
+        await init_app_state(engine_client, state, args, supported_tasks=("generate",))
+        return cls(engine_client, state, counters)
+
+    async def generate(self, request: Any) -> AsyncGenerator[str, None] | Any:
+        """Run a ChatCompletionRequest or CompletionRequest through vLLM's serving layer."""
+        create = (
+            self._chat.create_chat_completion
+            if isinstance(request, ChatCompletionRequest)
+            else self._completion.create_completion
+        )
+        try:
+            return await create(request, raw_request=None)
+        except Exception as exc:  # vLLM raises for some bad input instead of returning an ErrorResponse
+            logger.info("request %s rejected: %s", getattr(request, "request_id", "?"), exc)
+            return create_error_response(exc)
+
+    @staticmethod
+    def server_error(message: str) -> ErrorResponse:
+        return create_error_response(message, "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR)
+
+    async def abort(self, request_id: str) -> None:
+        await self.engine_client.abort(request_id)
+
+    def counters(self) -> EngineCounters:
+        return self._counters.snapshot()
+
+    async def check_health(self) -> None:
+        await self.engine_client.check_health()
+
+    def shutdown(self) -> None:
+        self.engine_client.shutdown()

@@ -1,0 +1,85 @@
+"""Prefill: compute the prompt's KV once and hand decode a handle to it.
+
+1. The router sends the user's typed request (chat or completion), already checked by `check_disaggregable`.
+2. `to_prefill_request` turns it into a one-token, non-streamed request that asks the KV connector to keep the
+   prompt's blocks for a remote decoder.
+3. vLLM's serving layer validates it (model name, context length, sampling values) and the engine runs the
+   prompt; the one sampled token is thrown away, decode samples its own.
+4. The connector parks the blocks on a lease and returns `kv_transfer_params`, which become a `KVHandle`.
+   Any failure comes back as an `ErrorResponse` value, never as an exception that could take the replica down.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from typing import Any
+
+from ray import serve
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+from deployments.engine import Engine
+from deployments.engine_counters import EngineCounters
+from deployments.pd_protocol import to_prefill_request
+from kv_transfer.handle import KVHandle, KVHandleError
+from kv_transfer.nixl_handoff import kv_transfer_config
+from serve_app.config import AppConfig
+
+logger = logging.getLogger("ray.serve")
+
+
+@serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
+class PrefillServer:
+    async def __init__(self, config: AppConfig):
+        self._config = config
+        rank = serve.get_replica_context().rank.local_rank
+        self.engine_id = f"prefill-{rank}-{uuid.uuid4().hex[:8]}"
+        transfer = config.transfer
+        self._engine = await Engine.start(
+            config.model,
+            config.prefill,
+            replica_rank=rank,
+            kv_transfer_config=kv_transfer_config(
+                is_producer=True,
+                engine_id=self.engine_id,
+                kv_lease_s=transfer.kv_lease_s,
+                use_progress_thread=transfer.use_progress_thread,
+                keep_engine_affinity=transfer.keep_engine_affinity,
+            ),
+        )
+        logger.info("prefill engine %s ready (KV out through %s)", self.engine_id, transfer.backend)
+
+    async def prefill(self, request: Any) -> KVHandle | Any:
+        """`request` is a vLLM ChatCompletionRequest or CompletionRequest; returns a KVHandle or ErrorResponse."""
+        prefill_request = to_prefill_request(request)
+        response = await self._engine.generate(prefill_request)
+        if isinstance(response, ErrorResponse):
+            logger.info("request %s: prefill refused: %s", request.request_id, response.error.message)
+            return response
+        try:
+            handle = KVHandle.from_kv_transfer_params(
+                response.kv_transfer_params,
+                backend=self._config.transfer.backend,
+                request_id=request.request_id,
+                num_prompt_tokens=response.usage.prompt_tokens,
+            )
+        except KVHandleError as exc:
+            logger.error("request %s: %s", request.request_id, exc)
+            return self._engine.server_error(str(exc))
+        logger.info("request %s: prefilled %d tokens into %d blocks", request.request_id,
+                    handle.num_prompt_tokens, handle.num_blocks)
+        return handle
+
+    def counters(self) -> EngineCounters:
+        return self._engine.counters()
+
+    def role(self) -> dict[str, str]:
+        return {"role": "prefill", "engine_id": self.engine_id, "transfer_backend": self._config.transfer.backend}
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    def __del__(self) -> None:
+        engine = getattr(self, "_engine", None)
+        if engine is not None:
+            engine.shutdown()

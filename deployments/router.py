@@ -1,0 +1,177 @@
+"""Router: the OpenAI-compatible ingress, and the only HTTP entry of the app.
+
+1. FastAPI parses the body into vLLM's own request types; a malformed body becomes a 400 through vLLM's
+   exception handlers. `check_disaggregable` refuses what a split request cannot honour.
+2. Prefill runs the prompt and returns a `KVHandle`, or an `ErrorResponse` (unknown model 404, prompt too long
+   400, ...), which goes back to the client as it is: decode is never asked.
+3. Decode continues from that KV. Its stream of vLLM SSE strings is passed through without re-wrapping, so tokens
+   take no extra hop beyond the router; a non-streamed request gets decode's one response.
+4. If the client disconnects, the decode stream is cancelled, and vLLM aborts the request and frees its blocks.
+
+The same life cycle is offered to Python callers through the deployment handle: `chat`, `completion` (one
+response object) and `chat_stream`, `completion_stream` (typed chunk objects), each taking vLLM's request types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from vllm.entrypoints.openai.chat_completion.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    ChatCompletionStreamResponse,
+)
+from vllm.entrypoints.openai.completion.protocol import (
+    CompletionRequest,
+    CompletionResponse,
+    CompletionStreamResponse,
+)
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, ModelList
+from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
+from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
+
+from deployments.pd_protocol import check_disaggregable
+from kv_transfer.handle import KVHandle
+from serve_app.config import AppConfig
+
+logger = logging.getLogger("ray.serve")
+
+app = FastAPI(title="splitserve", description="OpenAI-compatible, prefill/decode-disaggregated LLM serving")
+# vLLM's own handlers: validation errors are 400 with OpenAI-style error JSON, like `vllm serve`.
+init_exception_handler(app)
+
+REQUEST_ID_HEADER = "X-Request-Id"
+_STREAM_CHUNK_TYPES = {ChatCompletionRequest: ChatCompletionStreamResponse, CompletionRequest: CompletionStreamResponse}
+
+
+def _error_json(error: ErrorResponse, request_id: str) -> JSONResponse:
+    return JSONResponse(error.model_dump(), status_code=error.error.code, headers={REQUEST_ID_HEADER: request_id})
+
+
+@serve.deployment(max_ongoing_requests=64)
+@serve.ingress(app)
+class Router:
+    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, config: AppConfig):
+        self._prefill = prefill
+        self._decode = decode
+        self._config = config
+
+    # --- the life cycle, shared by HTTP and handle callers ---------------------------------------------------
+
+    async def _run(self, request: ChatCompletionRequest | CompletionRequest) -> ErrorResponse | Any:
+        """Returns an ErrorResponse, one response object, or an async generator of vLLM SSE strings."""
+        if (refusal := check_disaggregable(request)) is not None:
+            return refusal
+        handle: KVHandle | ErrorResponse = await self._prefill.prefill.remote(request)
+        if isinstance(handle, ErrorResponse):
+            return handle
+        stream = self._decode.options(stream=True).decode.remote(request, handle)
+        try:
+            first = await stream.__anext__()
+        except StopAsyncIteration:
+            return create_error_response("decode returned nothing", "InternalServerError", 500)
+        if not isinstance(first, str):  # one response object or an ErrorResponse
+            stream.cancel()
+            return first
+        return self._pass_through(first, stream)
+
+    @staticmethod
+    async def _pass_through(first: str, stream: Any) -> AsyncGenerator[str, None]:
+        try:
+            yield first
+            async for chunk in stream:
+                yield chunk
+        finally:
+            # Client gone (or done): cancelling the handle's generator makes decode's vLLM request abort.
+            stream.cancel()
+
+    @staticmethod
+    def _with_request_id(request: Any, header_value: str | None) -> Any:
+        request_id = header_value or getattr(request, "request_id", None) or uuid.uuid4().hex
+        return request.model_copy(update={"request_id": request_id})
+
+    # --- HTTP ---------------------------------------------------------------------------------------------------
+
+    @app.post("/v1/chat/completions")
+    async def http_chat_completions(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
+        return await self._http(request, raw_request)
+
+    @app.post("/v1/completions")
+    async def http_completions(self, request: CompletionRequest, raw_request: Request) -> Any:
+        return await self._http(request, raw_request)
+
+    async def _http(self, request: Any, raw_request: Request) -> Any:
+        request = self._with_request_id(request, raw_request.headers.get(REQUEST_ID_HEADER))
+        logger.info("request %s: %s %s", request.request_id, raw_request.method, raw_request.url.path)
+        result = await self._run(request)
+        headers = {REQUEST_ID_HEADER: request.request_id}
+        if isinstance(result, ErrorResponse):
+            return _error_json(result, request.request_id)
+        if isinstance(result, AsyncGenerator):
+            return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+        return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
+
+    @app.get("/v1/models")
+    async def http_models(self) -> JSONResponse:
+        return JSONResponse(self.models().model_dump())
+
+    @app.get("/health")
+    async def http_health(self) -> JSONResponse:
+        report = await self.health()
+        return JSONResponse(report, status_code=200 if report["status"] == "ok" else 503)
+
+    # --- Python handle API --------------------------------------------------------------------------------------
+
+    def models(self) -> ModelList:
+        model = self._config.model
+        card = ModelCard(id=model.served_name, root=model.path, max_model_len=model.max_model_len,
+                         owned_by="splitserve")
+        return ModelList(data=[card])
+
+    async def health(self) -> dict[str, Any]:
+        roles: dict[str, Any] = {}
+        for name, deployment in (("prefill", self._prefill), ("decode", self._decode)):
+            try:
+                roles[name] = {"ready": True, **await asyncio.wait_for(deployment.role.remote(), timeout=10)}
+            except Exception as exc:  # a role that cannot answer is reported, not raised
+                roles[name] = {"ready": False, "error": repr(exc)}
+        is_ready = all(role["ready"] for role in roles.values())
+        return {"status": "ok" if is_ready else "unavailable", "roles": roles,
+                "transfer_backend": self._config.transfer.backend}
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | ErrorResponse:
+        return await self._run(self._with_request_id(request.model_copy(update={"stream": False}), None))
+
+    async def completion(self, request: CompletionRequest) -> CompletionResponse | ErrorResponse:
+        return await self._run(self._with_request_id(request.model_copy(update={"stream": False}), None))
+
+    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncGenerator[Any, None]:
+        async for item in self._typed_stream(request):
+            yield item
+
+    async def completion_stream(self, request: CompletionRequest) -> AsyncGenerator[Any, None]:
+        async for item in self._typed_stream(request):
+            yield item
+
+    async def _typed_stream(self, request: Any) -> AsyncGenerator[Any, None]:
+        """The SSE stream an HTTP client would get, as typed chunk objects (or one ErrorResponse)."""
+        chunk_type = _STREAM_CHUNK_TYPES[type(request)]
+        result = await self._run(self._with_request_id(request.model_copy(update={"stream": True}), None))
+        if not isinstance(result, AsyncGenerator):
+            yield result
+            return
+        async for event in result:
+            for line in event.splitlines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                payload = json.loads(line[len("data: "):])
+                yield ErrorResponse(**payload) if "error" in payload else chunk_type(**payload)

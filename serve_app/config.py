@@ -1,0 +1,113 @@
+"""serve_config.yaml's `args`, validated once at start-up. Frozen: nothing downstream mutates config.
+
+Every error names the bad value and what is allowed, e.g.
+`model.dtype: 'fp8' is not one of float32, bfloat16, float16`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from serve_app.model import DEFAULT_MODEL_DIR, PROJECT_ROOT
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ModelConfig(_Frozen):
+    """What both engines load. `path` is a local HF-format directory (or a hub id where a hub is reachable)."""
+
+    path: str = str(DEFAULT_MODEL_DIR)
+    served_name: str = "SmolLM2-135M-Instruct"
+    dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
+    max_model_len: int = Field(2048, ge=16)
+    block_size: int = Field(16, ge=1)
+    seed: int = 0
+    enforce_eager: bool = True
+
+    @field_validator("path")
+    @classmethod
+    def path_is_a_model_dir_or_hub_id(cls, value: str) -> str:
+        candidate = Path(value).expanduser()
+        if not candidate.is_absolute():
+            candidate = PROJECT_ROOT / candidate
+        if candidate.exists():
+            if not (candidate / "config.json").is_file():
+                raise ValueError(f"model.path {str(candidate)!r} has no config.json: not an HF model directory")
+            return str(candidate)
+        looks_like_hub_id = value.count("/") == 1 and not value.startswith((".", "/", "~"))
+        if not looks_like_hub_id:
+            hint = " (run `make setup` to convert the embedded default model)" if candidate == DEFAULT_MODEL_DIR else ""
+            raise ValueError(f"model.path {value!r} does not exist{hint}")
+        return value
+
+
+class EngineRoleConfig(_Frozen):
+    """One role (prefill or decode): its replicas, the cores its engines compute on, its KV-cache size."""
+
+    num_replicas: int = Field(1, ge=1)
+    # vLLM's VLLM_CPU_OMP_THREADS_BIND per replica ("0", "0-3", "0|1" ...); one entry is shared by all replicas.
+    cpu_binding: list[str] = Field(default_factory=lambda: ["auto"])
+    kv_cache_gib: int = Field(1, ge=1)  # vLLM on CPU takes whole GiB (VLLM_CPU_KVCACHE_SPACE)
+    max_num_seqs: int = Field(16, ge=1)
+    max_num_batched_tokens: int = Field(2048, ge=16)
+    # Ray's logical CPUs per replica; the engine's real cores are set by cpu_binding.
+    num_cpus: float = Field(0.0, ge=0)
+
+    @field_validator("cpu_binding", mode="before")
+    @classmethod
+    def one_binding_becomes_a_list(cls, value: object) -> object:
+        return [value] if isinstance(value, (str, int)) else value
+
+    @field_validator("cpu_binding")
+    @classmethod
+    def bindings_look_like_core_lists(cls, value: list[str]) -> list[str]:
+        allowed = set("0123456789-,|")
+        for entry in value:
+            if entry != "auto" and (not entry or not set(entry) <= allowed):
+                raise ValueError(f"cpu_binding entry {entry!r} is neither 'auto' nor a core list like '0', '0-3', '1,3'")
+        return [str(entry) for entry in value]
+
+    @model_validator(mode="after")
+    def one_binding_per_replica(self) -> EngineRoleConfig:
+        if len(self.cpu_binding) not in (1, self.num_replicas):
+            raise ValueError(
+                f"cpu_binding has {len(self.cpu_binding)} entries for {self.num_replicas} replicas: "
+                "give one entry (shared) or one per replica"
+            )
+        return self
+
+    def cpu_binding_for(self, replica_rank: int) -> str:
+        return self.cpu_binding[replica_rank % len(self.cpu_binding)]
+
+
+class RouterConfig(_Frozen):
+    num_replicas: int = Field(1, ge=1)
+    num_cpus: float = Field(0.0, ge=0)
+    max_ongoing_requests: int = Field(64, ge=1)
+
+
+class TransferConfig(_Frozen):
+    """How KV moves from prefill to decode. This slice ships vLLM's NixlConnector over DRAM (UCX)."""
+
+    backend: Literal["nixl"] = "nixl"
+    # Seconds prefill holds a finished request's blocks for decode before freeing them (vLLM's NIXL lease,
+    # renewed by decode's heartbeats while it reads).
+    kv_lease_s: int = Field(30, ge=6)
+    # NIXL's own progress thread busy-polls a core (FACTS.md); on small CPU hosts polling from the engine loop is
+    # enough. Turn it on for RDMA hosts with cores to spare.
+    use_progress_thread: bool = False
+    # vLLM pins the NIXL worker's model thread to the last core on CPU (FACTS.md); keep our binding instead.
+    keep_engine_affinity: bool = True
+
+
+class AppConfig(_Frozen):
+    model: ModelConfig = ModelConfig()
+    prefill: EngineRoleConfig = EngineRoleConfig(cpu_binding=["0"])
+    decode: EngineRoleConfig = EngineRoleConfig(cpu_binding=["1"])
+    router: RouterConfig = RouterConfig()
+    transfer: TransferConfig = TransferConfig()
