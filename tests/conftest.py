@@ -1,0 +1,192 @@
+"""Session fixtures: the real app, started once from serve_config.yaml and shared by every end-to-end test.
+
+Order matters on a 2-core host: the standalone reference engine (for the exactness test) runs first and is
+stopped before the app's two engines start, so no test measures engines fighting for cores.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.e2e import processes
+from tests.e2e.processes import PROJECT_ROOT, VENV_BIN
+from tests.e2e.workload import EXACTNESS_REQUESTS, extra_body, request_body
+
+CACHE_DIR = PROJECT_ROOT / ".cache"
+STARTUP_TIMEOUT_S = 420
+
+
+def _app_config() -> tuple[dict[str, Any], Any]:
+    from serve_app.config import AppConfig
+
+    serve_config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    return serve_config, AppConfig.model_validate(serve_config["applications"][0]["args"])
+
+
+@pytest.fixture(scope="session")
+def logs_dir() -> Path:
+    path = PROJECT_ROOT / ".cache" / "test-logs"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _run_reference(requests: dict[str, tuple[str, dict]], logs_dir: Path) -> dict[str, dict]:
+    """One standalone vLLM OpenAI server with the app's model and engine settings, no KV connector."""
+    import openai
+
+    from deployments.engine import vllm_cli_args
+
+    _, config = _app_config()
+    port = processes.free_port()
+    log_path = logs_dir / "reference-engine.log"
+    server = processes.start(
+        [str(VENV_BIN / "python"), "-m", "vllm.entrypoints.openai.api_server",
+         *vllm_cli_args(config.model, config.prefill, None), "--host", "127.0.0.1", "--port", str(port)],
+        log_path,
+        env={"VLLM_CPU_OMP_THREADS_BIND": config.prefill.cpu_binding_for(0),
+             "VLLM_CPU_KVCACHE_SPACE": str(config.prefill.kv_cache_gib), "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        processes.wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200,
+                             timeout_s=STARTUP_TIMEOUT_S, what="reference vLLM server", proc=server,
+                             log_path=log_path)
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+        outputs = {}
+        for name in requests:
+            endpoint, body = request_body(name)
+            outputs[name] = send(client, endpoint, body)
+        return outputs
+    finally:
+        processes.stop(server)
+
+
+def send(client: Any, endpoint: str, body: dict[str, Any], stream: bool = False) -> dict[str, Any]:
+    """One request through the official client; returns text, generated token ids and usage."""
+    call = client.chat.completions.create if endpoint == "chat" else client.completions.create
+    if not stream:
+        response = call(**body, extra_body=extra_body())
+        choice = response.choices[0]
+        text = choice.message.content if endpoint == "chat" else choice.text
+        return {"text": text, "token_ids": list(choice.token_ids), "finish_reason": choice.finish_reason,
+                "usage": response.usage.model_dump()}
+    text, token_ids, finish_reason, usage = "", [], None, None
+    for chunk in call(**body, stream=True, stream_options={"include_usage": True}, extra_body=extra_body()):
+        if chunk.usage is not None:
+            usage = chunk.usage.model_dump()
+        for choice in chunk.choices:
+            text += (choice.delta.content or "") if endpoint == "chat" else choice.text
+            token_ids += list(getattr(choice, "token_ids", None) or [])
+            finish_reason = choice.finish_reason or finish_reason
+    return {"text": text, "token_ids": token_ids, "finish_reason": finish_reason, "usage": usage}
+
+
+@pytest.fixture(scope="session")
+def reference_outputs(logs_dir: Path) -> dict[str, dict]:
+    """Greedy outputs of a single standalone vLLM engine, cached by model, settings, vLLM version and requests."""
+    import vllm
+
+    from deployments.engine import vllm_cli_args
+
+    _, config = _app_config()
+    marker = Path(config.model.path) / "splitserve-conversion.json"
+    key_source = json.dumps({
+        "vllm": vllm.__version__,
+        "args": vllm_cli_args(config.model, config.prefill, None),
+        "model": marker.read_text() if marker.exists() else config.model.path,
+        "requests": [request_body(name) for name in EXACTNESS_REQUESTS],
+        "extra": extra_body(),
+    }, sort_keys=True)
+    cache = CACHE_DIR / f"reference-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}.json"
+    if cache.exists():
+        return json.loads(cache.read_text())
+    outputs = _run_reference(EXACTNESS_REQUESTS, logs_dir)
+    cache.write_text(json.dumps(outputs, indent=1))
+    return outputs
+
+
+@dataclass(frozen=True)
+class RunningApp:
+    base_url: str
+    ray_address: str
+    log_path: Path
+    model_path: str
+
+
+@pytest.fixture(scope="session")
+def app(reference_outputs: dict, logs_dir: Path) -> RunningApp:
+    """`serve run` on a copy of serve_config.yaml that differs only in its HTTP port, on a Ray head of our own."""
+    serve_config, config = _app_config()
+    http_port, ray_port = processes.free_port(), processes.free_port()
+    serve_config["http_options"]["port"] = http_port
+    workdir = Path(tempfile.mkdtemp(prefix="ss-"))
+    config_path = workdir / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(serve_config))
+    ray_address = f"127.0.0.1:{ray_port}"
+
+    ray_log = logs_dir / "ray-head.log"
+    ray_head = processes.start(
+        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2",
+         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={workdir / 'ray'}"],
+        ray_log,
+    )
+    serve_log = logs_dir / "serve-run.log"
+    serve_proc = None
+    seen_children: list = []
+    try:
+        processes.wait_until(lambda: (workdir / "ray" / "session_latest").exists(), timeout_s=120,
+                             what="ray head", proc=ray_head, log_path=ray_log)
+        serve_proc = processes.start([str(VENV_BIN / "serve"), "run", str(config_path), "--address", ray_address],
+                                     serve_log, env={"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"})
+
+        def is_healthy() -> bool:
+            return httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=15).json().get("status") == "ok"
+
+        processes.wait_until(is_healthy, timeout_s=STARTUP_TIMEOUT_S, what="serve run serve_config.yaml",
+                             proc=serve_proc, log_path=serve_log, interval_s=3)
+        seen_children = processes.descendants(ray_head)
+        yield RunningApp(base_url=f"http://127.0.0.1:{http_port}", ray_address=ray_address, log_path=serve_log,
+                         model_path=config.model.path)
+    finally:
+        seen_children += processes.descendants(ray_head)
+        if serve_proc is not None:
+            processes.stop(serve_proc, first_signal=signal.SIGINT, grace_s=90)
+        processes.stop(ray_head, first_signal=signal.SIGTERM, grace_s=60, known_children=seen_children)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def openai_client(app: RunningApp) -> Any:
+    import openai
+
+    return openai.OpenAI(base_url=f"{app.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def ray_driver(app: RunningApp):
+    """This test process as a Ray driver, to read engine counters through deployment handles."""
+    import ray
+
+    ray.init(address=app.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def pytest_collection_modifyitems(items: list) -> None:
+    # End-to-end tests share one app; unit tests run first so that a broken piece fails fast.
+    for item in items:
+        if "tests/e2e" in str(item.fspath):
+            item.add_marker(pytest.mark.e2e)
+    # The leak check walks the end of the whole life cycle, so it runs after every other request.
+    items.sort(key=lambda item: ("tests/e2e" in str(item.fspath), item.name.startswith("test_nothing_leaked")))

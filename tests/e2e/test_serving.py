@@ -1,0 +1,99 @@
+"""The app started from serve_config.yaml, driven by the official openai client.
+
+Life cycle checked per request: the router sends the prompt to prefill, prefill computes it, its KV moves to
+decode through the connector, decode continues without recomputing the prompt, and the tokens equal those of a
+single standalone vLLM engine.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import send
+from tests.e2e import engines
+from tests.e2e.workload import EXACTNESS_REQUESTS, MODEL, request_body
+
+CPU_BLOCK_SIZE = 128  # vLLM's default block size on CPU (serve_config.yaml leaves block_size to vLLM)
+
+
+@pytest.mark.parametrize("name", list(EXACTNESS_REQUESTS))
+def test_output_equals_single_engine_and_decode_loads_prompt_kv(name, openai_client, reference_outputs,
+                                                                  ray_driver, app):
+    endpoint, body = request_body(name)
+    prefill_before, decode_before = engines.counters("prefill"), engines.counters("decode")
+
+    output = send(openai_client, endpoint, body)
+
+    prefill_delta = engines.delta(engines.counters("prefill"), prefill_before)
+    decode_delta = engines.delta(engines.counters("decode"), decode_before)
+    reference = reference_outputs[name]
+    num_prompt_tokens = output["usage"]["prompt_tokens"]
+
+    # 1. Exactness: the same tokens as one standalone engine, token for token.
+    assert output["token_ids"] == reference["token_ids"], (output["text"], reference["text"])
+    assert output["text"] == reference["text"]
+    assert output["finish_reason"] == reference["finish_reason"]
+    assert num_prompt_tokens == reference["usage"]["prompt_tokens"]
+    # 2. Prefill ran the prompt: every prompt token was computed there (or found in its own prefix cache).
+    assert prefill_delta["num_prompt_tokens"] == num_prompt_tokens
+    assert prefill_delta["num_prompt_tokens_computed"] + prefill_delta["num_prompt_tokens_local_cache_hit"] \
+        == num_prompt_tokens
+    # 3. Decode recomputed nothing: all of the prompt's KV came in through the connector...
+    assert decode_delta["num_prompt_tokens"] == num_prompt_tokens
+    assert decode_delta["num_prompt_tokens_computed"] == 0, decode_delta
+    assert decode_delta["num_prompt_tokens_external"] == num_prompt_tokens, decode_delta
+    # 4. ...in one transfer of exactly the prompt's blocks.
+    expected_bytes = engines.num_blocks(num_prompt_tokens, CPU_BLOCK_SIZE) * engines.kv_bytes_per_block(
+        app.model_path, CPU_BLOCK_SIZE)
+    assert decode_delta["num_kv_transfers"] == 1, decode_delta
+    assert decode_delta["num_kv_bytes_transferred"] == expected_bytes, decode_delta
+    assert decode_delta["num_kv_failed_transfers"] == 0
+
+
+@pytest.mark.parametrize("name", ["chat_multi_turn", "completion_long"])
+def test_streamed_output_equals_single_engine(name, openai_client, reference_outputs):
+    endpoint, body = request_body(name)
+    output = send(openai_client, endpoint, body, stream=True)
+    reference = reference_outputs[name]
+    assert output["token_ids"] == reference["token_ids"]
+    assert output["text"] == reference["text"]
+    assert output["usage"]["completion_tokens"] == len(reference["token_ids"])
+
+
+def test_sse_stream_ends_with_done(app):
+    import httpx
+
+    body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{app.base_url}/v1/completions", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "data: [DONE]"
+    assert len(events) >= 2
+
+
+def test_models_and_health(openai_client, app):
+    import httpx
+
+    models = openai_client.models.list()
+    assert [model.id for model in models.data] == [MODEL]
+    health = httpx.get(f"{app.base_url}/health", timeout=30).json()
+    assert health["status"] == "ok"
+    assert health["transfer_backend"] == "nixl"
+    assert health["roles"]["prefill"]["ready"] and health["roles"]["decode"]["ready"]
+
+
+def test_nothing_leaked_after_all_requests(ray_driver):
+    """Runs last (see conftest): both engines are idle and hold no KV blocks once every request is done."""
+    import time
+
+    deadline = time.monotonic() + 60
+    while True:
+        prefill, decode = engines.counters("prefill"), engines.counters("decode")
+        idle = [(c.num_running_requests, c.num_waiting_requests, c.kv_cache_usage) for c in (prefill, decode)]
+        if idle == [(0, 0, 0.0), (0, 0, 0.0)] or time.monotonic() > deadline:
+            break
+        time.sleep(2)
+    assert idle == [(0, 0, 0.0), (0, 0, 0.0)], (prefill, decode)
+    assert decode.num_kv_failed_transfers == 0
+    assert decode.num_kv_expired_requests == 0

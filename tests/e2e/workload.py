@@ -1,0 +1,54 @@
+"""The requests the end-to-end tests send, identical for the standalone reference engine and for splitserve.
+
+Greedy (temperature 0) with `return_token_ids`, a vLLM extension, so outputs compare token for token.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+MODEL = "SmolLM2-135M-Instruct"
+
+
+def _long_document() -> str:
+    """A deterministic prompt of about 1,200 tokens: numbered facts about made-up cities."""
+    cities = ["Arden", "Belmont", "Corvin", "Dunmore", "Elston", "Farrow", "Glenby", "Harlow", "Ivel", "Jarrow"]
+    lines = []
+    for index in range(34):
+        city = cities[index % len(cities)]
+        lines.append(
+            f"Fact {index + 1}: the town of {city} had {1000 + 37 * index} residents in year {1900 + index}, "
+            f"and its river carried {index % 7 + 2} boats."
+        )
+    return "Here is a record of towns.\n" + "\n".join(lines) + "\nSummary: the town with the most boats was"
+
+
+CHAT_MULTI_TURN = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "Name a primary colour."},
+    {"role": "assistant", "content": "Red."},
+    {"role": "user", "content": "Name another one."},
+    {"role": "assistant", "content": "Blue."},
+    {"role": "user", "content": "And the third one? Answer in one sentence."},
+]
+
+# name -> (endpoint, body without model/temperature)
+EXACTNESS_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat_capital": ("chat", {"messages": [{"role": "user", "content": "What is the capital of France?"}],
+                              "max_tokens": 24}),
+    "chat_multi_turn": ("chat", {"messages": CHAT_MULTI_TURN, "max_tokens": 24}),
+    "chat_poem_stop": ("chat", {"messages": [{"role": "user", "content": "Write a short poem about the sea."}],
+                                "max_tokens": 32, "stop": ["\n\n"]}),
+    "completion_short": ("completion", {"prompt": "The three largest planets of the solar system are",
+                                        "max_tokens": 24}),
+    "completion_long": ("completion", {"prompt": _long_document(), "max_tokens": 24}),
+}
+
+
+def request_body(name: str) -> tuple[str, dict[str, Any]]:
+    endpoint, body = EXACTNESS_REQUESTS[name]
+    return endpoint, {"model": MODEL, "temperature": 0.0, **body}
+
+
+def extra_body() -> dict[str, Any]:
+    return {"return_token_ids": True}
