@@ -14,9 +14,11 @@ response object) and `chat_stream`, `completion_stream` (typed chunk objects), e
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
+import types
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -48,6 +50,10 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="splitserve", description="OpenAI-compatible, prefill/decode-disaggregated LLM serving")
 # vLLM's own handlers: validation errors are 400 with OpenAI-style error JSON, like `vllm serve`.
 init_exception_handler(app)
+# Those handlers read what `vllm serve` keeps on its app state; the router runs no engine of its own.
+app.state.args = argparse.Namespace(log_error_stack=False)
+app.state.server = types.SimpleNamespace()
+app.state.engine_client = None
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _STREAM_CHUNK_TYPES = {ChatCompletionRequest: ChatCompletionStreamResponse, CompletionRequest: CompletionStreamResponse}

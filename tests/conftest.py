@@ -25,6 +25,9 @@ from tests.e2e.processes import PROJECT_ROOT, VENV_BIN
 from tests.e2e.workload import EXACTNESS_REQUESTS, extra_body, request_body
 
 CACHE_DIR = PROJECT_ROOT / ".cache"
+# Ray 2.60 starts new clusters with token auth (token in ~/.ray/auth_token); every process of the test session
+# (the head, `serve run`, the drivers) uses it rather than turning authentication off.
+os.environ["RAY_AUTH_MODE"] = "token"
 STARTUP_TIMEOUT_S = 420
 
 
