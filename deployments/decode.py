@@ -34,20 +34,13 @@ class DecodeServer:
         self._config = config
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"decode-{rank}-{uuid.uuid4().hex[:8]}"
-        transfer = config.transfer
         self._engine = await Engine.start(
             config.model,
             config.decode,
             replica_rank=rank,
-            kv_transfer_config=kv_transfer_config(
-                is_producer=False,
-                engine_id=self.engine_id,
-                kv_lease_s=transfer.kv_lease_s,
-                use_progress_thread=transfer.use_progress_thread,
-                keep_engine_affinity=transfer.keep_engine_affinity,
-            ),
+            kv_transfer_config=kv_transfer_config(config.transfer, is_producer=False, engine_id=self.engine_id),
         )
-        logger.info("decode engine %s ready (KV in through %s)", self.engine_id, transfer.backend)
+        logger.info("decode engine %s ready (KV in through %s)", self.engine_id, config.transfer.backend)
 
     async def decode(self, request: Any, handle: KVHandle) -> AsyncGenerator[Any, None]:
         """Yields vLLM's SSE strings when `request.stream`, else one response; or one ErrorResponse."""
@@ -56,6 +49,8 @@ class DecodeServer:
         except KVHandleError as exc:
             yield bad_request(str(exc))
             return
+        logger.info("request %s: decoding from %d prompt tokens in %d blocks of %s", request.request_id,
+                    handle.num_prompt_tokens, handle.num_blocks, handle.connector_params.get("remote_engine_id"))
         result = await self._engine.generate(decode_request)
         if isinstance(result, AsyncGenerator):
             async for chunk in result:

@@ -34,20 +34,13 @@ class PrefillServer:
         self._config = config
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"prefill-{rank}-{uuid.uuid4().hex[:8]}"
-        transfer = config.transfer
         self._engine = await Engine.start(
             config.model,
             config.prefill,
             replica_rank=rank,
-            kv_transfer_config=kv_transfer_config(
-                is_producer=True,
-                engine_id=self.engine_id,
-                kv_lease_s=transfer.kv_lease_s,
-                use_progress_thread=transfer.use_progress_thread,
-                keep_engine_affinity=transfer.keep_engine_affinity,
-            ),
+            kv_transfer_config=kv_transfer_config(config.transfer, is_producer=True, engine_id=self.engine_id),
         )
-        logger.info("prefill engine %s ready (KV out through %s)", self.engine_id, transfer.backend)
+        logger.info("prefill engine %s ready (KV out through %s)", self.engine_id, config.transfer.backend)
 
     async def prefill(self, request: Any) -> KVHandle | Any:
         """`request` is a vLLM ChatCompletionRequest or CompletionRequest; returns a KVHandle or ErrorResponse."""

@@ -23,6 +23,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker as _nixl_base_worker
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPullConnector
 
+from serve_app.config import TransferConfig
+
 CONNECTOR_CLASS = "SplitserveNixlConnector"
 CONNECTOR_MODULE = __name__
 
@@ -59,8 +61,7 @@ class SplitserveNixlConnector(NixlPullConnector):
             os.sched_setaffinity(0, affinity)
 
 
-def kv_transfer_config(*, is_producer: bool, engine_id: str, kv_lease_s: int, use_progress_thread: bool,
-                       keep_engine_affinity: bool) -> dict[str, Any]:
+def kv_transfer_config(transfer: TransferConfig, *, is_producer: bool, engine_id: str) -> dict[str, Any]:
     """vLLM's kv_transfer_config for one engine: producer on prefill, consumer on decode."""
     return {
         "kv_connector": CONNECTOR_CLASS,
@@ -69,10 +70,9 @@ def kv_transfer_config(*, is_producer: bool, engine_id: str, kv_lease_s: int, us
         "engine_id": engine_id,
         "kv_buffer_device": "cpu",
         "kv_connector_extra_config": {
-            "use_progress_thread": use_progress_thread,
-            "keep_engine_affinity": keep_engine_affinity,
+            "use_progress_thread": transfer.use_progress_thread,
+            "keep_engine_affinity": transfer.keep_engine_affinity,
             # Prefill frees a finished request's blocks after this many seconds unless decode's reads renew it.
-            "kv_lease_duration": kv_lease_s,
+            "kv_lease_duration": transfer.kv_lease_s,
         },
     }
-

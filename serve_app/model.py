@@ -68,7 +68,7 @@ def convert(gguf: Path, target: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     steps.update()
     steps.set_postfix_str("de-quantizing weights (~45 s)")
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.bfloat16)
     steps.update()
     # transformers marks a de-quantized GGUF model as still quantized and then refuses to save it.
     model.hf_quantizer = None
