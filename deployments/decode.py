@@ -22,7 +22,7 @@ from deployments.engine import Engine
 from deployments.engine_counters import EngineCounters
 from deployments.pd_protocol import bad_request, to_decode_request
 from kv_transfer.handle import KVHandle, KVHandleError
-from kv_transfer.nixl_handoff import kv_transfer_config
+from kv_transfer.selection import engine_kv_transfer_config
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("ray.serve")
@@ -38,7 +38,7 @@ class DecodeServer:
             config.model,
             config.decode,
             replica_rank=rank,
-            kv_transfer_config=kv_transfer_config(config.transfer, is_producer=False, engine_id=self.engine_id),
+            kv_transfer_config=engine_kv_transfer_config(config.transfer, is_producer=False, engine_id=self.engine_id),
         )
         logger.info("decode engine %s ready (KV in through %s)", self.engine_id, config.transfer.backend)
 

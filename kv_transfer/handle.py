@@ -15,8 +15,14 @@ from pydantic import BaseModel, ConfigDict, Field
 
 HANDLE_VERSION = 1
 
-# The keys vLLM's NixlConnector needs on the decode side to find the prefill engine's blocks.
-_NIXL_REQUIRED_KEYS = ("remote_engine_id", "remote_request_id", "remote_host", "remote_port", "remote_block_ids")
+Backend = Literal["nixl", "object_store"]
+# The keys each backend's connector needs on the decode side to find the prefill engine's KV.
+_REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
+    "nixl": ("remote_engine_id", "remote_request_id", "remote_host", "remote_port", "remote_block_ids"),
+    "object_store": ("splitserve",),
+}
+# Where our own connector keeps its typed RemoteKV inside kv_transfer_params.
+_SPLITSERVE_KEY = "splitserve"
 
 
 class KVHandleError(ValueError):
@@ -27,7 +33,7 @@ class KVHandle(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: int = HANDLE_VERSION
-    backend: Literal["nixl"]
+    backend: Backend
     request_id: str
     num_prompt_tokens: int = Field(ge=1)
     # vLLM's kv_transfer_params exactly as the prefill engine's connector returned them.
@@ -35,11 +41,11 @@ class KVHandle(BaseModel):
 
     @classmethod
     def from_kv_transfer_params(
-        cls, params: dict[str, Any] | None, *, backend: Literal["nixl"], request_id: str, num_prompt_tokens: int
+        cls, params: dict[str, Any] | None, *, backend: Backend, request_id: str, num_prompt_tokens: int
     ) -> KVHandle:
         if not params:
             raise KVHandleError(f"prefill of {request_id} returned no kv_transfer_params: is the KV connector on?")
-        missing = [key for key in _NIXL_REQUIRED_KEYS if params.get(key) is None]
+        missing = [key for key in _REQUIRED_KEYS[backend] if params.get(key) is None]
         if missing:
             raise KVHandleError(f"prefill of {request_id} returned kv_transfer_params without {missing}")
         return cls(
@@ -54,6 +60,8 @@ class KVHandle(BaseModel):
 
     @property
     def num_blocks(self) -> int:
+        if self.backend == "object_store":
+            return RemoteKV.model_validate(self.connector_params[_SPLITSERVE_KEY]).num_blocks
         groups = self.connector_params.get("remote_block_ids") or []
         return sum(len(group) for group in groups)
 
@@ -68,3 +76,34 @@ def prefill_kv_transfer_params() -> dict[str, Any]:
         "remote_host": None,
         "remote_port": None,
     }
+
+
+class RemoteKV(BaseModel):
+    """What our connector's decode half needs to fetch a prompt's KV: it travels inside kv_transfer_params."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = HANDLE_VERSION
+    transfer_key: str
+    num_tokens: int = Field(ge=1)
+    num_blocks: int = Field(ge=1)
+
+
+def remote_kv_to_params(remote: RemoteKV) -> dict[str, Any]:
+    """The prefill engine's answer: decode should load `remote` instead of computing the prompt."""
+    return {"do_remote_prefill": True, "do_remote_decode": False, _SPLITSERVE_KEY: remote.model_dump()}
+
+
+def remote_kv_from_params(params: dict[str, Any] | None) -> RemoteKV | None:
+    """RemoteKV if these params ask decode to load KV from our connector, else None."""
+    if not params or not params.get("do_remote_prefill") or _SPLITSERVE_KEY not in params:
+        return None
+    remote = RemoteKV.model_validate(params[_SPLITSERVE_KEY])
+    if remote.version != HANDLE_VERSION:
+        raise KVHandleError(f"remote KV version {remote.version} is not supported (this build reads {HANDLE_VERSION})")
+    return remote
+
+
+def is_remote_decode_request(params: dict[str, Any] | None) -> bool:
+    """Whether a prefill-side request asks to keep its KV for a remote decoder."""
+    return bool(params and params.get("do_remote_decode"))

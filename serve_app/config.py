@@ -93,16 +93,24 @@ class RouterConfig(_Frozen):
 
 
 class TransferConfig(_Frozen):
-    """How KV moves from prefill to decode. This slice ships vLLM's NixlConnector over DRAM (UCX)."""
+    """How KV moves from prefill to decode.
 
-    backend: Literal["nixl"] = "nixl"
-    # Seconds prefill holds a finished request's blocks for decode before freeing them (vLLM's NIXL lease,
-    # renewed by decode's heartbeats while it reads).
-    kv_lease_s: int = Field(30, ge=6)
-    # NIXL's own progress thread busy-polls a core (FACTS.md); on small CPU hosts polling from the engine loop is
-    # enough. Turn it on for RDMA hosts with cores to spare.
+    `object_store`: our own connector (kv_transfer/connector.py) through Ray's object store and the KV-store actor.
+    `nixl`: vLLM's NixlConnector over UCX (DRAM here, RDMA/GPU-direct where available).
+    """
+
+    backend: Literal["nixl", "object_store"] = "nixl"
+    # Seconds a finished prefill's KV waits for decode before it is dropped (renewed while decode reads it).
+    kv_lease_s: int = Field(30, ge=1)
+    # object_store: the KV-store actor's memory bound; a transfer that would exceed it is refused and decode
+    # recomputes that prompt.
+    store_capacity_gib: float = Field(2.0, gt=0)
+    # object_store: how long decode waits for a prompt's KV before recomputing it.
+    load_timeout_s: float = Field(60.0, gt=0)
+    # nixl: NIXL's own progress thread busy-polls a core (FACTS.md); on small CPU hosts polling from the engine
+    # loop is enough. Turn it on for RDMA hosts with cores to spare.
     use_progress_thread: bool = False
-    # vLLM pins the NIXL worker's model thread to the last core on CPU (FACTS.md); keep our binding instead.
+    # nixl: vLLM pins the NIXL worker's model thread to the last core on CPU (FACTS.md); keep our binding instead.
     keep_engine_affinity: bool = True
 
 

@@ -119,32 +119,39 @@ def reference_outputs(logs_dir: Path) -> dict[str, dict]:
     return outputs
 
 
+TRANSFER_BACKENDS = ["nixl", "object_store"]
+
+
 @dataclass(frozen=True)
 class RunningApp:
+    backend: str
     base_url: str
     ray_address: str
     log_path: Path
     model_path: str
 
 
-@pytest.fixture(scope="session")
-def app(reference_outputs: dict, logs_dir: Path) -> RunningApp:
-    """`serve run` on a copy of serve_config.yaml that differs only in its HTTP port, on a Ray head of our own."""
+@pytest.fixture(scope="session", params=TRANSFER_BACKENDS)
+def app(request, reference_outputs: dict, logs_dir: Path) -> RunningApp:
+    """`serve run` on a copy of serve_config.yaml that differs only in its HTTP port and, per parameter, the KV
+    transfer backend; on a Ray head of our own. Every end-to-end test runs once per backend."""
+    backend = request.param
     serve_config, config = _app_config()
     http_port, ray_port = processes.free_port(), processes.free_port()
     serve_config["http_options"]["port"] = http_port
+    serve_config["applications"][0]["args"]["transfer"]["backend"] = backend
     workdir = Path(tempfile.mkdtemp(prefix="ss-"))
     config_path = workdir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(serve_config))
     ray_address = f"127.0.0.1:{ray_port}"
 
-    ray_log = logs_dir / "ray-head.log"
+    ray_log = logs_dir / f"ray-head-{backend}.log"
     ray_head = processes.start(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={workdir / 'ray'}"],
         ray_log,
     )
-    serve_log = logs_dir / "serve-run.log"
+    serve_log = logs_dir / f"serve-run-{backend}.log"
     serve_proc = None
     seen_children: list = []
     try:
@@ -159,7 +166,7 @@ def app(reference_outputs: dict, logs_dir: Path) -> RunningApp:
         processes.wait_until(is_healthy, timeout_s=STARTUP_TIMEOUT_S, what="serve run serve_config.yaml",
                              proc=serve_proc, log_path=serve_log, interval_s=3)
         seen_children = processes.descendants(ray_head)
-        yield RunningApp(base_url=f"http://127.0.0.1:{http_port}", ray_address=ray_address, log_path=serve_log,
+        yield RunningApp(backend=backend, base_url=f"http://127.0.0.1:{http_port}", ray_address=ray_address, log_path=serve_log,
                          model_path=config.model.path)
     finally:
         seen_children += processes.descendants(ray_head)
@@ -186,10 +193,17 @@ def ray_driver(app: RunningApp):
     ray.shutdown()
 
 
+@pytest.hookimpl(trylast=True)  # after pytest grouped the items by the app fixture's parameter
 def pytest_collection_modifyitems(items: list) -> None:
-    # End-to-end tests share one app; unit tests run first so that a broken piece fails fast.
-    for item in items:
-        if "tests/e2e" in str(item.fspath):
+    """Unit tests first (a broken piece fails fast); then, per transfer backend, every end-to-end test with the
+    leak check last, since it walks the end of the whole life cycle."""
+    def order(item) -> tuple:
+        is_e2e = "tests/e2e" in str(item.fspath)
+        if is_e2e:
             item.add_marker(pytest.mark.e2e)
-    # The leak check walks the end of the whole life cycle, so it runs after every other request.
-    items.sort(key=lambda item: ("tests/e2e" in str(item.fspath), item.name.startswith("test_nothing_leaked")))
+        callspec = getattr(item, "callspec", None)
+        backend = callspec.params.get("app", "") if callspec else ""
+        backend_rank = TRANSFER_BACKENDS.index(backend) if backend in TRANSFER_BACKENDS else -1
+        return is_e2e, backend_rank, item.name.startswith("test_nothing_leaked")
+
+    items.sort(key=order)

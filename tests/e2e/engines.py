@@ -18,6 +18,13 @@ def counters(role: str) -> EngineCounters:
     return serve.get_deployment_handle(deployment, app_name=APP_NAME).counters.remote().result(timeout_s=30)
 
 
+def store_counters():
+    """The object-store backend's KV-store actor: what it holds now and has seen."""
+    import ray
+
+    return ray.get(ray.get_actor(f"splitserve-kv-store-{APP_NAME}").counters.remote(), timeout=30)
+
+
 def delta(after: EngineCounters, before: EngineCounters) -> dict[str, float]:
     return {name: getattr(after, name) - getattr(before, name) for name in EngineCounters.model_fields}
 

@@ -1,0 +1,152 @@
+"""SplitserveConnector: our vLLM KV connector over the Ray object store. vLLM builds it twice per engine:
+once with the SCHEDULER role (scheduler_side.py) and once with the WORKER role (worker_side.py), in different
+processes; only `SplitserveConnectorMetadata` crosses between them.
+
+Named in vLLM's kv_transfer_config as `kv_connector: SplitserveConnector`,
+`kv_connector_module_path: kv_transfer.connector` (see `kv_transfer_config` below).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from kv_transfer.connector_metadata import SplitserveConnectorMetadata
+from kv_transfer.scheduler_side import SchedulerSide
+from kv_transfer.worker_side import WorkerSide
+
+logger = logging.getLogger("splitserve.kv_transfer")
+
+CONNECTOR_CLASS = "SplitserveConnector"
+CONNECTOR_MODULE = __name__
+
+
+@dataclass
+class SplitserveConnectorStats(KVConnectorStats):
+    """Per-interval transfer stats, in the same keys vLLM's NIXL stats use (engine_counters.py reads both)."""
+
+    def reset(self) -> None:
+        self.data = {"transfer_duration": [], "bytes_transferred": [], "num_failed_transfers": []}
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            self.reset()
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        for name, values in other.data.items():
+            self.data.setdefault(name, []).extend(values)
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        return {"num_transfers": len(self.data["transfer_duration"]),
+                "bytes_transferred": sum(self.data["bytes_transferred"]),
+                "num_failed_transfers": len(self.data["num_failed_transfers"])}
+
+    def is_empty(self) -> bool:
+        return not any(self.data.values())
+
+
+def _object_store_transport_factory(extra: dict[str, Any]) -> Any:
+    def factory() -> Any:
+        import ray
+
+        from kv_transfer.store import get_or_create_store
+        from kv_transfer.transports.object_store import ObjectStoreTransport
+
+        if not ray.is_initialized():
+            # This is vLLM's worker process, not a Ray worker: join the app's cluster as a driver of its own.
+            ray.init(address=extra["ray_address"], namespace=extra["ray_namespace"], log_to_driver=False,
+                     logging_level="ERROR", configure_logging=False)
+        store = get_or_create_store(name=extra["store_name"], capacity_bytes=int(extra["store_capacity_bytes"]),
+                                    lease_s=float(extra["kv_lease_s"]))
+        return ObjectStoreTransport(store)
+
+    return factory
+
+
+class SplitserveConnector(KVConnectorBase_V1):
+    def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        self._scheduler: SchedulerSide | None = None
+        self._worker: WorkerSide | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self._scheduler = SchedulerSide(block_size=vllm_config.cache_config.block_size)
+        else:
+            self._worker = WorkerSide(_object_store_transport_factory(extra), kv_cache_config.num_blocks,
+                                      load_timeout_s=float(extra.get("load_timeout_s", 60)))
+
+    # --- scheduler half -------------------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        self._scheduler.update_state_after_alloc(request, blocks, num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: Any) -> SplitserveConnectorMetadata:
+        return self._scheduler.build_connector_meta(scheduler_output)
+
+    def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
+        return self._scheduler.request_finished(request, block_ids)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return SplitserveConnectorStats(data=data) if data is not None else SplitserveConnectorStats()
+
+    # --- worker half ----------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, Any]) -> None:
+        self._worker.register_kv_caches(kv_caches)
+        self._worker.transport()  # join Ray and find the store at start-up, not on the first request
+
+    def start_load_kv(self, forward_context: Any, **kwargs: Any) -> None:
+        self._worker.start_load_kv(self._get_connector_metadata())
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        # Loads are whole-request and asynchronous: a request is scheduled only after its KV is in.
+        return None
+
+    def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
+        self._worker.save_kv_layer(self._get_connector_metadata(), layer_name, kv_layer)
+
+    def wait_for_save(self) -> None:
+        # Blocks were copied out in save_kv_layer; the puts continue on the sender thread.
+        return None
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, self._worker.get_finished() or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        return self._worker.get_block_ids_with_load_errors()
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        if self._worker is None:
+            return None
+        stats = SplitserveConnectorStats(data=self._worker.take_stats())
+        return None if stats.is_empty() else stats
+
+
+def kv_transfer_config(*, is_producer: bool, engine_id: str, ray_address: str, ray_namespace: str,
+                       store_name: str, store_capacity_bytes: int, kv_lease_s: float,
+                       load_timeout_s: float) -> dict[str, Any]:
+    return {
+        "kv_connector": CONNECTOR_CLASS,
+        "kv_connector_module_path": CONNECTOR_MODULE,
+        "kv_role": "kv_producer" if is_producer else "kv_consumer",
+        "engine_id": engine_id,
+        # A load that fails (store restarted, lease expired, timeout) makes decode compute those tokens itself.
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {
+            "ray_address": ray_address,
+            "ray_namespace": ray_namespace,
+            "store_name": store_name,
+            "store_capacity_bytes": store_capacity_bytes,
+            "kv_lease_s": kv_lease_s,
+            "load_timeout_s": load_timeout_s,
+        },
+    }

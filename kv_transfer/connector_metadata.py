@@ -1,0 +1,33 @@
+"""Typed metadata from the connector's scheduler half to its worker half, rebuilt every engine step."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+
+
+@dataclass(frozen=True)
+class SaveRequest:
+    """Prefill: this step completes the request's prompt; stage blocks `block_ids` of every layer."""
+
+    request_id: str
+    transfer_key: str
+    block_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """Decode: fetch `transfer_key` and write its blocks, from `first_remote_block` on, into `block_ids`."""
+
+    request_id: str
+    transfer_key: str
+    num_remote_blocks: int
+    first_remote_block: int
+    block_ids: tuple[int, ...]
+
+
+@dataclass
+class SplitserveConnectorMetadata(KVConnectorMetadata):
+    saves: list[SaveRequest] = field(default_factory=list)
+    loads: list[LoadRequest] = field(default_factory=list)

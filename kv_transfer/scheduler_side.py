@@ -1,0 +1,116 @@
+"""The connector's scheduler half: decides which blocks to save (prefill) and to load (decode). No Ray, no bytes.
+
+Prefill request (kv_transfer_params `do_remote_decode`):
+1. `build_connector_meta`: on the step that computes the prompt's last token, ask the worker to stage every
+   prompt block (`SaveRequest`), keyed by the request id.
+2. `request_finished`: the blocks were copied out during the forward pass, so vLLM may free them at once; the
+   params returned say where decode finds the KV (`RemoteKV`).
+Decode request (params carry a `RemoteKV`):
+1. `get_num_new_matched_tokens`: every prompt token not already in the local prefix cache will be loaded,
+   asynchronously (the request waits; others keep decoding).
+2. `update_state_after_alloc`: the blocks vLLM allocated for them become a `LoadRequest` for the worker.
+3. The worker reports the load done (or failed: vLLM's `recompute` policy then computes those tokens).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from kv_transfer.connector_metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
+from kv_transfer.handle import RemoteKV, is_remote_decode_request, remote_kv_from_params, remote_kv_to_params
+
+
+class SchedulerSide:
+    def __init__(self, block_size: int):
+        self.block_size = block_size
+        # prefill: request id -> block ids allocated so far, for requests whose KV goes to a remote decoder
+        self._producing_block_ids: dict[str, list[int]] = {}
+        self._num_prompt_tokens: dict[str, int] = {}
+        self._saved: set[str] = set()
+        # decode: local prefix-cache hits seen at matching time, and loads waiting for the next step
+        self._num_local_tokens: dict[str, int] = {}
+        self._pending_loads: list[LoadRequest] = []
+
+    @property
+    def num_tracked_requests(self) -> int:
+        """Requests this half still keeps state for: 0 once every request has finished."""
+        return len(self._producing_block_ids.keys() | self._num_prompt_tokens.keys() | self._saved
+                   | self._num_local_tokens.keys()) + len(self._pending_loads)
+
+    # --- decode ---------------------------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+        params = request.kv_transfer_params
+        if is_remote_decode_request(params):
+            self._num_prompt_tokens[request.request_id] = len(request.prompt_token_ids or [])
+            return 0, False
+        remote = remote_kv_from_params(params)
+        if remote is None:
+            return 0, False
+        num_tokens = min(remote.num_tokens, len(request.prompt_token_ids or []))
+        count = num_tokens - num_computed_tokens
+        if count <= 0:
+            return 0, False
+        self._num_local_tokens[request.request_id] = num_computed_tokens
+        return count, True
+
+    def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
+        if is_remote_decode_request(request.kv_transfer_params):
+            self._producing_block_ids[request.request_id] = list(blocks.get_block_ids()[0])
+            return
+        if num_external_tokens == 0:
+            return
+        remote = remote_kv_from_params(request.kv_transfer_params)
+        assert remote is not None, "external tokens were promised only for requests with RemoteKV"
+        num_local_tokens = self._num_local_tokens.pop(request.request_id, 0)
+        # Local prefix-cache hits cover whole blocks; the rest of the prompt's blocks come from prefill.
+        first_remote_block = num_local_tokens // self.block_size
+        num_needed_blocks = math.ceil((num_local_tokens + num_external_tokens) / self.block_size)
+        block_ids = tuple(blocks.get_block_ids()[0][first_remote_block:num_needed_blocks])
+        self._pending_loads.append(LoadRequest(
+            request_id=request.request_id, transfer_key=remote.transfer_key, num_remote_blocks=remote.num_blocks,
+            first_remote_block=first_remote_block, block_ids=block_ids,
+        ))
+        # The KV is in flight now: a second call (after the load) must not load it again.
+        request.kv_transfer_params = {**request.kv_transfer_params, "do_remote_prefill": False}
+
+    # --- prefill --------------------------------------------------------------------------------------------
+
+    def build_connector_meta(self, scheduler_output: Any) -> SplitserveConnectorMetadata:
+        metadata = SplitserveConnectorMetadata(loads=self._pending_loads)
+        self._pending_loads = []
+        progress: dict[str, int] = {}
+        for new in scheduler_output.scheduled_new_reqs:
+            if new.req_id in self._producing_block_ids:
+                self._producing_block_ids[new.req_id] = list(new.block_ids[0])
+                progress[new.req_id] = new.num_computed_tokens
+        cached = scheduler_output.scheduled_cached_reqs
+        for index, request_id in enumerate(cached.req_ids):
+            if request_id in self._producing_block_ids:
+                new_block_ids = cached.new_block_ids[index]
+                if new_block_ids is not None:
+                    self._producing_block_ids[request_id].extend(new_block_ids[0])
+                progress[request_id] = cached.num_computed_tokens[index]
+        for request_id, num_computed in progress.items():
+            num_scheduled = scheduler_output.num_scheduled_tokens.get(request_id, 0)
+            num_prompt_tokens = self._num_prompt_tokens[request_id]
+            if request_id not in self._saved and num_computed + num_scheduled >= num_prompt_tokens:
+                num_blocks = math.ceil(num_prompt_tokens / self.block_size)
+                block_ids = tuple(self._producing_block_ids[request_id][:num_blocks])
+                metadata.saves.append(SaveRequest(request_id, transfer_key=request_id, block_ids=block_ids))
+                self._saved.add(request_id)
+        return metadata
+
+    def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
+        request_id = request.request_id
+        self._producing_block_ids.pop(request_id, None)
+        self._num_local_tokens.pop(request_id, None)
+        num_prompt_tokens = self._num_prompt_tokens.pop(request_id, 0)
+        if request_id not in self._saved:
+            return False, None
+        self._saved.discard(request_id)
+        remote = RemoteKV(transfer_key=request_id, num_tokens=num_prompt_tokens,
+                          num_blocks=math.ceil(num_prompt_tokens / self.block_size))
+        # False: the worker copied the blocks during the forward pass, vLLM may free them now.
+        return False, remote_kv_to_params(remote)
