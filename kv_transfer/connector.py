@@ -115,8 +115,9 @@ class SplitserveConnector(KVConnectorBase_V1):
         self._worker.save_kv_layer(self._get_connector_metadata(), layer_name, kv_layer)
 
     def wait_for_save(self) -> None:
-        # Blocks were copied out in save_kv_layer; the puts continue on the sender thread.
-        return None
+        # Blocks were copied out in save_kv_layer and the puts continue on the sender thread; only the
+        # registration of this step's transfers is waited for.
+        self._worker.wait_for_save(self._get_connector_metadata())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         return None, self._worker.get_finished() or None

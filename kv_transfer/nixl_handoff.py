@@ -69,6 +69,8 @@ def kv_transfer_config(transfer: TransferConfig, *, is_producer: bool, engine_id
         "kv_role": "kv_producer" if is_producer else "kv_consumer",
         "engine_id": engine_id,
         "kv_buffer_device": "cpu",
+        # A failed or expired read makes decode compute those tokens itself instead of failing the request.
+        "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {
             "use_progress_thread": transfer.use_progress_thread,
             "keep_engine_affinity": transfer.keep_engine_affinity,

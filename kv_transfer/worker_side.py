@@ -6,7 +6,9 @@ connector config) to reach the KV-store actor.
 Prefill (KV out):
 1. `save_kv_layer`, called right after each attention layer wrote its KV: copy that layer's prompt blocks into
    one contiguous array (they may be reused once the request finishes) and queue it;
-2. a sender thread opens the transfer and puts each layer into the store while later layers still compute.
+2. a sender thread opens the transfer and puts each layer into the store while later layers still compute;
+3. `wait_for_save`, at the end of the step, waits until this step's transfers are open (issued at layer 0, so
+   normally done by then): prefill's answer can never reach decode before the store knows the transfer.
 Decode (KV in):
 1. `start_load_kv`: a loader thread receives each requested transfer (waiting for parts still in flight),
    writes the blocks into this engine's cache, and releases the transfer;
@@ -47,6 +49,7 @@ class WorkerSide:
         self._stats: dict[str, list[float]] = {"transfer_duration": [], "bytes_transferred": [],
                                                "num_failed_transfers": []}
         self._sends: queue.SimpleQueue = queue.SimpleQueue()
+        self._opened: dict[str, threading.Event] = {}
         self._loads: queue.SimpleQueue = queue.SimpleQueue()
         threading.Thread(target=self._send_loop, name="splitserve-kv-send", daemon=True).start()
         threading.Thread(target=self._load_loop, name="splitserve-kv-load", daemon=True).start()
@@ -75,18 +78,24 @@ class WorkerSide:
             return
         index = self._layer_index[layer_name]
         for save in metadata.saves:
+            opened = None
+            if index == 0:
+                opened = self._opened[save.transfer_key] = threading.Event()
             ids = torch.tensor(save.block_ids, dtype=torch.long, device=kv_layer.device)
             part = kv_layer.index_select(self._block_dim, ids).cpu().numpy()
-            self._sends.put((save, index, part))
+            self._sends.put((save, index, part, opened))
 
     def _send_loop(self) -> None:
         tickets: dict[str, Any] = {}
         while True:
-            save, index, part = self._sends.get()
+            save, index, part, opened = self._sends.get()
             try:
-                if index == 0:
-                    tickets[save.transfer_key] = self.transport().open(
-                        save.transfer_key, self.layout(len(save.block_ids)))
+                if opened is not None:
+                    try:
+                        tickets[save.transfer_key] = self.transport().open(
+                            save.transfer_key, self.layout(len(save.block_ids)))
+                    finally:
+                        opened.set()
                 ticket = tickets.get(save.transfer_key)
                 if ticket is None:  # opening failed (store full, store gone): decode will recompute
                     continue
@@ -96,6 +105,12 @@ class WorkerSide:
             except Exception as exc:  # never let a transfer take the engine down
                 tickets.pop(save.transfer_key, None)
                 logger.warning("KV of %s not sent (decode will recompute): %s", save.request_id, exc)
+
+    def wait_for_save(self, metadata: SplitserveConnectorMetadata, timeout_s: float = 30.0) -> None:
+        for save in metadata.saves:
+            opened = self._opened.pop(save.transfer_key, None)
+            if opened is not None and not opened.wait(timeout_s):
+                logger.warning("KV of %s: the store did not answer within %.0f s", save.request_id, timeout_s)
 
     # --- decode: KV in --------------------------------------------------------------------------------------
 

@@ -12,11 +12,14 @@ from ray.serve import Application
 from deployments.decode import DecodeServer
 from deployments.prefill import PrefillServer
 from deployments.router import Router
+from kv_transfer.selection import resolve_backend
 from serve_app.config import AppConfig
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    # `auto` is decided here, once, so that every replica of both roles uses the same transport.
+    config = config.model_copy(update={"transfer": resolve_backend(config.transfer)})
 
     prefill = PrefillServer.options(
         num_replicas=config.prefill.num_replicas,

@@ -97,9 +97,11 @@ class TransferConfig(_Frozen):
 
     `object_store`: our own connector (kv_transfer/connector.py) through Ray's object store and the KV-store actor.
     `nixl`: vLLM's NixlConnector over UCX (DRAM here, RDMA/GPU-direct where available).
+    `auto`: `nixl` if NIXL imports and a start-up probe moves bytes through it, else `object_store`; chosen once
+    by build_app, so every replica uses the same backend.
     """
 
-    backend: Literal["nixl", "object_store"] = "nixl"
+    backend: Literal["auto", "nixl", "object_store"] = "auto"
     # Seconds a finished prefill's KV waits for decode before it is dropped (renewed while decode reads it).
     kv_lease_s: int = Field(30, ge=1)
     # object_store: the KV-store actor's memory bound; a transfer that would exceed it is refused and decode

@@ -79,8 +79,9 @@ def test_models_and_health(openai_client, app):
     assert [model.id for model in models.data] == [MODEL]
     health = httpx.get(f"{app.base_url}/health", timeout=30).json()
     assert health["status"] == "ok"
-    assert health["transfer_backend"] == app.backend
-    assert health["roles"]["prefill"]["transfer_backend"] == app.backend
+    assert health["transfer_backend"] == app.resolved_backend
+    assert health["roles"]["prefill"]["transfer_backend"] == app.resolved_backend
+    assert health["roles"]["decode"]["transfer_backend"] == app.resolved_backend
     assert health["roles"]["prefill"]["ready"] and health["roles"]["decode"]["ready"]
 
 
@@ -98,7 +99,7 @@ def test_nothing_leaked_after_all_requests(ray_driver, app):
     assert idle == [(0, 0, 0.0), (0, 0, 0.0)], (prefill, decode)
     assert decode.num_kv_failed_transfers == 0
     assert decode.num_kv_expired_requests == 0
-    if app.backend == "object_store":
+    if app.resolved_backend == "object_store":
         store = engines.store_counters()
         assert (store.num_open, store.num_bytes_in_use, store.num_expired) == (0, 0, 0), store
         assert store.num_opened == store.num_claimed == store.num_released > 0

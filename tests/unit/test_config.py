@@ -19,7 +19,7 @@ def test_shipped_serve_config_is_valid_and_resolves_the_model_path():
     assert config.model.path == str(PROJECT_ROOT / ".models" / "SmolLM2-135M-Instruct")
     assert config.prefill.cpu_binding_for(0) == "0"
     assert config.decode.cpu_binding_for(0) == "1"
-    assert config.transfer.backend == "nixl"
+    assert config.transfer.backend == "auto"
 
 
 def test_config_is_frozen():

@@ -85,6 +85,7 @@ def _prefill(store, prompt_len: int, block_ids: list[int]) -> tuple[dict, dict]:
     assert metadata.saves == [SaveRequest("p1", transfer_key="p1", block_ids=tuple(block_ids))]
     for name in LAYER_NAMES:  # as the attention layers finish, in order
         worker.save_kv_layer(metadata, name, kv[name])
+    worker.wait_for_save(metadata)  # end of the step: the transfer is registered before anyone hears of it
     delay_free, params = scheduler.request_finished(request, block_ids)
 
     assert delay_free is False  # the blocks were copied out during the forward pass
