@@ -1,0 +1,166 @@
+"""Transfer microbenchmark: bytes/s of each KV path for KV sizes of 1 to 64 MB, as ratios to a memory copy
+measured in the same run (the ceiling for any CPU-staged path).
+
+Paths:
+- memcpy: one numpy copy between preallocated buffers, rotated through a 256 MB pool so caches do not flatter it;
+- object_store: our transport as the connector uses it. This process plays prefill (open, then one `ray.put`
+  per layer, 30 layers); a Ray actor in another process plays decode (claim, map, copy into its own
+  preallocated blocks, release). Timed from open to the receiver's copy being done;
+- nixl: two NIXL agents (UCX, no progress thread) in this process, one READing the other's registered DRAM
+  straight into its own buffer: a single copy.
+
+    python -m bench.transfer_bench [--sizes-mb 1 2 4 8 16 32 64] [--repeats 5] [--out bench/results]
+
+Writes transfer.csv and transfer.md under --out and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import statistics
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import ray
+from tqdm import tqdm
+
+NUM_LAYERS = 30
+POOL_BYTES = 256 << 20
+
+
+def measure_memcpy(nbytes: int, repeats: int) -> list[float]:
+    count = max(2, POOL_BYTES // nbytes)
+    sources = [np.random.default_rng(i).integers(0, 255, nbytes, dtype=np.uint8) for i in range(count)]
+    targets = [np.empty(nbytes, dtype=np.uint8) for _ in range(count)]
+    seconds = []
+    for repeat in range(repeats + 1):
+        index = repeat % count
+        started = time.perf_counter()
+        np.copyto(targets[index], sources[index])
+        seconds.append(time.perf_counter() - started)
+    return seconds[1:]  # the first copy pays page faults on fresh memory
+
+
+@ray.remote(num_cpus=0)
+class Receiver:
+    """Decode's side of the object-store path, in a process of its own."""
+
+    def __init__(self, store, part_shape: tuple[int, ...]):
+        from kv_transfer.layout import KVLayout
+        from kv_transfer.transports.object_store import ObjectStoreTransport
+
+        self._transport = ObjectStoreTransport(store)
+        self._layout = KVLayout(num_parts=NUM_LAYERS, part_shape=part_shape, dtype="uint8")
+        self._blocks = [np.empty(part_shape, dtype=np.uint8) for _ in range(NUM_LAYERS)]
+        for block in self._blocks:
+            block.fill(0)  # fault the pages in now, as a running engine's KV cache already is
+
+    def receive(self, key: str) -> float:
+        parts = self._transport.receive(key, self._layout, timeout_s=60)
+        for block, part in zip(self._blocks, parts, strict=True):
+            np.copyto(block, part)
+        self._transport.release(key)
+        return time.perf_counter()
+
+
+def measure_object_store(nbytes: int, repeats: int) -> list[float]:
+    from kv_transfer.layout import KVLayout
+    from kv_transfer.store import get_or_create_store
+    from kv_transfer.transports.object_store import ObjectStoreTransport
+
+    part_shape = (nbytes // NUM_LAYERS,)
+    layout = KVLayout(num_parts=NUM_LAYERS, part_shape=part_shape, dtype="uint8")
+    store = get_or_create_store(name=f"bench-store-{uuid.uuid4().hex[:6]}", capacity_bytes=1 << 31, lease_s=60)
+    receiver = Receiver.remote(store, part_shape)
+    transport = ObjectStoreTransport(store)
+    parts = [np.random.default_rng(i).integers(0, 255, part_shape, dtype=np.uint8) for i in range(NUM_LAYERS)]
+    seconds = []
+    for repeat in range(repeats + 1):
+        key = f"bench-{repeat}"
+        started = time.perf_counter()
+        ticket = transport.open(key, layout)
+        done = receiver.receive.remote(key)  # decode asks while prefill is still sending, as in the app
+        for index, part in enumerate(parts):
+            transport.send(ticket, index, [part])
+        finished = ray.get(done)  # both processes share this host's perf_counter clock
+        seconds.append(finished - started)
+    ray.kill(receiver)
+    ray.kill(store)
+    return seconds[1:]
+
+
+def measure_nixl(nbytes: int, repeats: int) -> list[float]:
+    import torch
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
+    source_agent = nixl_agent(f"bench-src-{uuid.uuid4().hex[:6]}", config)
+    reader_agent = nixl_agent(f"bench-dst-{uuid.uuid4().hex[:6]}", config)
+    source = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    target = torch.zeros(nbytes, dtype=torch.uint8)
+    source_reg, target_reg = source_agent.register_memory(source), reader_agent.register_memory(target)
+    remote = reader_agent.add_remote_agent(source_agent.get_agent_metadata())
+    local_descs, remote_descs = reader_agent.get_xfer_descs(target), source_agent.get_xfer_descs(source)
+    seconds = []
+    for _ in range(repeats + 1):
+        started = time.perf_counter()
+        handle = reader_agent.initialize_xfer("READ", local_descs, remote_descs, remote, b"bench")
+        state = reader_agent.transfer(handle)
+        while state not in ("DONE", "ERR"):
+            state = reader_agent.check_xfer_state(handle)
+        seconds.append(time.perf_counter() - started)
+        reader_agent.release_xfer_handle(handle)
+        if state != "DONE":
+            raise RuntimeError("NIXL transfer failed")
+    if not torch.equal(source, target):
+        raise RuntimeError("NIXL moved the wrong bytes")
+    reader_agent.remove_remote_agent(remote)
+    source_agent.deregister_memory(source_reg)
+    reader_agent.deregister_memory(target_reg)
+    return seconds[1:]
+
+
+PATHS = {"memcpy": measure_memcpy, "object_store": measure_object_store, "nixl": measure_nixl}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = parser.parse_args()
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             namespace=f"transfer-bench-{uuid.uuid4().hex[:6]}")
+    rows = []
+    with tqdm(total=len(args.sizes_mb) * len(PATHS), desc="transfer bench", unit="cell") as progress:
+        for size_mb in args.sizes_mb:
+            nbytes = (size_mb << 20) // NUM_LAYERS * NUM_LAYERS
+            medians = {}
+            for path, measure in PATHS.items():
+                progress.set_postfix_str(f"{size_mb} MB {path}")
+                medians[path] = statistics.median(measure(nbytes, args.repeats))
+                progress.update()
+            for path, seconds in medians.items():
+                rows.append({"size_mb": size_mb, "path": path, "median_ms": round(seconds * 1e3, 3),
+                             "gb_per_s": round(nbytes / seconds / 1e9, 3),
+                             "ratio_to_memcpy": round(medians["memcpy"] / seconds, 3)})
+    ray.shutdown()
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "transfer.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    table = ["| size | path | median ms | GB/s | ratio to memcpy |", "| --- | --- | --- | --- | --- |"]
+    table += [f"| {r['size_mb']} MB | {r['path']} | {r['median_ms']} | {r['gb_per_s']} | {r['ratio_to_memcpy']} |"
+              for r in rows]
+    (args.out / "transfer.md").write_text("\n".join(table) + "\n")
+    print("\n".join(table))
+
+
+if __name__ == "__main__":
+    main()
