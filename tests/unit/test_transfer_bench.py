@@ -16,7 +16,7 @@ def test_transfer_bench_writes_csv_and_table(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "transfer.csv")))
-    assert [row["path"] for row in rows] == ["memcpy", "object_store", "nixl"]
+    assert [row["path"] for row in rows] == ["memcpy", "object_store", "object_store_one_send", "nixl"]
     assert all(float(row["gb_per_s"]) > 0 for row in rows)
     assert float(rows[0]["ratio_to_memcpy"]) == 1.0
     assert "| 1 MB | object_store |" in (tmp_path / "transfer.md").read_text()
