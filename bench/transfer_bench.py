@@ -99,6 +99,8 @@ def measure_nixl(nbytes: int, repeats: int) -> list[float]:
     import torch
     from nixl._api import nixl_agent, nixl_agent_config
 
+    from kv_transfer.probe import read_until_done
+
     config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
     source_agent = nixl_agent(f"bench-src-{uuid.uuid4().hex[:6]}", config)
     reader_agent = nixl_agent(f"bench-dst-{uuid.uuid4().hex[:6]}", config)
@@ -111,11 +113,7 @@ def measure_nixl(nbytes: int, repeats: int) -> list[float]:
     for _ in range(repeats + 1):
         started = time.perf_counter()
         handle = reader_agent.initialize_xfer("READ", local_descs, remote_descs, remote, b"bench")
-        state = reader_agent.transfer(handle)
-        deadline = started + 30
-        while state not in ("DONE", "ERR") and time.perf_counter() < deadline:
-            state = reader_agent.check_xfer_state(handle)
-            source_agent.get_new_notifs()  # no progress thread: the source side is progressed by polling too
+        state = read_until_done(reader_agent, source_agent, handle, timeout_s=30)
         seconds.append(time.perf_counter() - started)
         reader_agent.release_xfer_handle(handle)
         if state != "DONE":

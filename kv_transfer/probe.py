@@ -15,6 +15,17 @@ PROBE_BYTES = 1 << 20
 PROBE_TIMEOUT_S = 60.0
 
 
+def read_until_done(reader_agent, source_agent, handle, timeout_s: float) -> str:
+    """Start a prepared NIXL transfer and poll it to an end: "DONE", "ERR", or the last state at the deadline.
+    Without a progress thread, both agents are progressed by polling."""
+    deadline = time.monotonic() + timeout_s
+    state = reader_agent.transfer(handle)
+    while state not in ("DONE", "ERR") and time.monotonic() < deadline:
+        state = reader_agent.check_xfer_state(handle)
+        source_agent.get_new_notifs()
+    return state
+
+
 def _probe_in_process() -> None:
     import torch
     from nixl._api import nixl_agent, nixl_agent_config
@@ -27,11 +38,7 @@ def _probe_in_process() -> None:
     remote_name = reader_agent.add_remote_agent(source_agent.get_agent_metadata())
     handle = reader_agent.initialize_xfer("READ", reader_agent.get_xfer_descs(target),
                                           source_agent.get_xfer_descs(source), remote_name, b"probe")
-    state = reader_agent.transfer(handle)
-    deadline = time.monotonic() + 10
-    while state not in ("DONE", "ERR") and time.monotonic() < deadline:
-        state = reader_agent.check_xfer_state(handle)
-        source_agent.get_new_notifs()  # progress the source side too: there is no progress thread
+    state = read_until_done(reader_agent, source_agent, handle, timeout_s=10)
     if state != "DONE":
         raise RuntimeError(f"NIXL READ ended in state {state}")
     if not torch.equal(source, target):
