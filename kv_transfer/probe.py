@@ -7,9 +7,12 @@ kv_transfer.probe`), so a UCX crash or hang costs the builder a clear "no", not 
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 import time
+import uuid
+from collections.abc import Callable, Iterator
 
 PROBE_BYTES = 1 << 20
 PROBE_TIMEOUT_S = 60.0
@@ -26,27 +29,46 @@ def read_until_done(reader_agent, source_agent, handle, timeout_s: float) -> str
     return state
 
 
-def _probe_in_process() -> None:
+@contextlib.contextmanager
+def loopback_reader(nbytes: int, name: str) -> Iterator[Callable[[float], None]]:
+    """Two NIXL agents in this process (UCX, no busy progress thread) and `nbytes` of registered DRAM each.
+    Yields `read(timeout_s)`, which READs the source buffer into the reader's, raising unless it is DONE.
+    On a clean exit, checks that the bytes arrived intact; always deregisters everything."""
     import torch
     from nixl._api import nixl_agent, nixl_agent_config
 
     config = nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
-    source_agent, reader_agent = nixl_agent("probe-source", config), nixl_agent("probe-reader", config)
-    source = torch.arange(PROBE_BYTES // 4, dtype=torch.int32)
-    target = torch.zeros_like(source)
+    suffix = uuid.uuid4().hex[:6]
+    source_agent = nixl_agent(f"{name}-source-{suffix}", config)
+    reader_agent = nixl_agent(f"{name}-reader-{suffix}", config)
+    source = torch.randint(0, 255, (nbytes,), dtype=torch.uint8)
+    target = torch.zeros(nbytes, dtype=torch.uint8)
     source_reg, target_reg = source_agent.register_memory(source), reader_agent.register_memory(target)
-    remote_name = reader_agent.add_remote_agent(source_agent.get_agent_metadata())
-    handle = reader_agent.initialize_xfer("READ", reader_agent.get_xfer_descs(target),
-                                          source_agent.get_xfer_descs(source), remote_name, b"probe")
-    state = read_until_done(reader_agent, source_agent, handle, timeout_s=10)
-    if state != "DONE":
-        raise RuntimeError(f"NIXL READ ended in state {state}")
-    if not torch.equal(source, target):
-        raise RuntimeError("NIXL READ completed but the bytes differ")
-    reader_agent.release_xfer_handle(handle)
-    reader_agent.remove_remote_agent(remote_name)
-    source_agent.deregister_memory(source_reg)
-    reader_agent.deregister_memory(target_reg)
+    remote = reader_agent.add_remote_agent(source_agent.get_agent_metadata())
+    local_descs, remote_descs = reader_agent.get_xfer_descs(target), source_agent.get_xfer_descs(source)
+
+    def read(timeout_s: float) -> None:
+        handle = reader_agent.initialize_xfer("READ", local_descs, remote_descs, remote, name.encode())
+        try:
+            state = read_until_done(reader_agent, source_agent, handle, timeout_s)
+        finally:
+            reader_agent.release_xfer_handle(handle)
+        if state != "DONE":
+            raise RuntimeError(f"NIXL READ ended in state {state}")
+
+    try:
+        yield read
+        if not torch.equal(source, target):
+            raise RuntimeError("NIXL READ completed but the bytes differ")
+    finally:
+        reader_agent.remove_remote_agent(remote)
+        source_agent.deregister_memory(source_reg)
+        reader_agent.deregister_memory(target_reg)
+
+
+def _probe_in_process() -> None:
+    with loopback_reader(PROBE_BYTES, "probe") as read:
+        read(10)
 
 
 def can_use_nixl() -> tuple[bool, str]:
