@@ -1,5 +1,7 @@
 """Prefill: compute the prompt's KV once and hand decode a handle to it.
 
+0. At start-up (object_store backend) the replica creates its KV store, so that the store belongs to it: Ray
+   restarts a crashed store, and the store ends with the replica whose engine made the KV.
 1. The router sends the user's typed request (chat or completion), already checked by `check_disaggregable`.
 2. `to_prefill_request` turns it into a one-token, non-streamed request that asks the KV connector to keep the
    prompt's blocks for a remote decoder.
@@ -22,7 +24,8 @@ from deployments.engine import Engine
 from deployments.engine_counters import EngineCounters
 from deployments.pd_protocol import to_prefill_request
 from kv_transfer.handle import KVHandle, KVHandleError
-from kv_transfer.selection import engine_kv_transfer_config
+from kv_transfer.selection import engine_kv_transfer_config, store_name
+from kv_transfer.store import StoreCounters, create_store
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("ray.serve")
@@ -34,6 +37,10 @@ class PrefillServer:
         self._config = config
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"prefill-{rank}-{uuid.uuid4().hex[:8]}"
+        self._store = None
+        if config.transfer.backend == "object_store":
+            self._store = create_store(name=store_name(self.engine_id), lease_s=config.transfer.kv_lease_s,
+                                       capacity_bytes=int(config.transfer.store_capacity_gib * (1 << 30)))
         self._engine = await Engine.start(
             config.model,
             config.prefill,
@@ -66,8 +73,13 @@ class PrefillServer:
     def counters(self) -> EngineCounters:
         return self._engine.counters()
 
+    async def store_counters(self) -> StoreCounters | None:
+        """What this replica's KV store holds now and has seen (object_store backend), else None."""
+        return None if self._store is None else await self._store.counters.remote()
+
     def role(self) -> dict[str, str]:
-        return {"role": "prefill", "engine_id": self.engine_id, "transfer_backend": self._config.transfer.backend}
+        return {"role": "prefill", "engine_id": self.engine_id, "transfer_backend": self._config.transfer.backend,
+                **({"kv_store": store_name(self.engine_id)} if self._store is not None else {})}
 
     async def check_health(self) -> None:
         await self._engine.check_health()

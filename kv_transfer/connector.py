@@ -54,16 +54,14 @@ def _object_store_transport_factory(extra: dict[str, Any]) -> Any:
     def factory() -> Any:
         import ray
 
-        from kv_transfer.store import get_or_create_store
         from kv_transfer.transports.object_store import ObjectStoreTransport
 
         if not ray.is_initialized():
             # This is vLLM's worker process, not a Ray worker: join the app's cluster as a driver of its own.
             ray.init(address=extra["ray_address"], namespace=extra["ray_namespace"], log_to_driver=False,
                      logging_level="ERROR", configure_logging=False)
-        store = get_or_create_store(name=extra["store_name"], capacity_bytes=int(extra["store_capacity_bytes"]),
-                                    lease_s=float(extra["kv_lease_s"]))
-        return ObjectStoreTransport(store)
+        # Prefill sends through the store its replica created; decode finds stores by the names in KV handles.
+        return ObjectStoreTransport(home_store=extra.get("store_name"), namespace=extra["ray_namespace"])
 
     return factory
 
@@ -75,10 +73,12 @@ class SplitserveConnector(KVConnectorBase_V1):
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            self._scheduler = SchedulerSide(block_size=vllm_config.cache_config.block_size)
+            self._scheduler = SchedulerSide(block_size=vllm_config.cache_config.block_size,
+                                            source=extra.get("store_name") or "")
         else:
             self._worker = WorkerSide(_object_store_transport_factory(extra), kv_cache_config.num_blocks,
-                                      load_timeout_s=float(extra.get("load_timeout_s", 60)))
+                                      load_timeout_s=float(extra.get("load_timeout_s", 60)),
+                                      is_layer_by_layer=bool(extra.get("is_layer_by_layer", True)))
 
     # --- scheduler half -------------------------------------------------------------------------------------
 
@@ -115,12 +115,13 @@ class SplitserveConnector(KVConnectorBase_V1):
         self._worker.save_kv_layer(self._get_connector_metadata(), layer_name, kv_layer)
 
     def wait_for_save(self) -> None:
-        # Blocks were copied out in save_kv_layer and the puts continue on the sender thread; only the
-        # registration of this step's transfers is waited for.
+        # The puts continue on the sender thread (the blocks stay allocated until they are done); only the
+        # registration of this step's transfers is waited for, unless layer-by-layer overlap is off.
         self._worker.wait_for_save(self._get_connector_metadata())
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, self._worker.get_finished() or None
+        sent, loaded = self._worker.get_finished()
+        return sent or None, loaded or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()
@@ -133,8 +134,8 @@ class SplitserveConnector(KVConnectorBase_V1):
 
 
 def kv_transfer_config(*, is_producer: bool, engine_id: str, ray_address: str, ray_namespace: str,
-                       store_name: str, store_capacity_bytes: int, kv_lease_s: float,
-                       load_timeout_s: float) -> dict[str, Any]:
+                       store_name: str | None, load_timeout_s: float, is_layer_by_layer: bool) -> dict[str, Any]:
+    """`store_name`: the KV store prefill sends through (its replica created it); None on decode."""
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
@@ -146,8 +147,7 @@ def kv_transfer_config(*, is_producer: bool, engine_id: str, ray_address: str, r
             "ray_address": ray_address,
             "ray_namespace": ray_namespace,
             "store_name": store_name,
-            "store_capacity_bytes": store_capacity_bytes,
-            "kv_lease_s": kv_lease_s,
             "load_timeout_s": load_timeout_s,
+            "is_layer_by_layer": is_layer_by_layer,
         },
     }

@@ -18,9 +18,11 @@ class SaveRequest:
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """Decode: fetch `transfer_key` and write its blocks, from `first_remote_block` on, into `block_ids`."""
+    """Decode: fetch `transfer_key` from `source` and write its blocks, from `first_remote_block` on, into
+    `block_ids`."""
 
     request_id: str
+    source: str
     transfer_key: str
     num_remote_blocks: int
     first_remote_block: int

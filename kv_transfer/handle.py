@@ -84,6 +84,7 @@ class RemoteKV(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     version: int = HANDLE_VERSION
+    source: str  # the KV store that holds the blocks (prefill's own)
     transfer_key: str
     num_tokens: int = Field(ge=1)
     num_blocks: int = Field(ge=1)

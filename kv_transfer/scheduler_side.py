@@ -3,8 +3,9 @@
 Prefill request (kv_transfer_params `do_remote_decode`):
 1. `build_connector_meta`: on the step that computes the prompt's last token, ask the worker to stage every
    prompt block (`SaveRequest`), keyed by the request id.
-2. `request_finished`: the blocks were copied out during the forward pass, so vLLM may free them at once; the
-   params returned say where decode finds the KV (`RemoteKV`).
+2. `request_finished`: the params returned say where decode finds the KV (`RemoteKV`). The blocks stay allocated
+   until the worker has put them into the store (it reports them in `get_finished`), since it reads them in
+   place instead of copying them first.
 Decode request (params carry a `RemoteKV`):
 1. `get_num_new_matched_tokens`: every prompt token not already in the local prefix cache will be loaded,
    asynchronously (the request waits; others keep decoding).
@@ -22,8 +23,9 @@ from kv_transfer.handle import RemoteKV, is_remote_decode_request, remote_kv_fro
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int):
+    def __init__(self, block_size: int, source: str = ""):
         self.block_size = block_size
+        self.source = source  # where this engine's KV goes (its store's name); prefill only
         # prefill: request id -> block ids allocated so far, for requests whose KV goes to a remote decoder
         self._producing_block_ids: dict[str, list[int]] = {}
         self._num_prompt_tokens: dict[str, int] = {}
@@ -69,7 +71,7 @@ class SchedulerSide:
         num_needed_blocks = math.ceil((num_local_tokens + num_external_tokens) / self.block_size)
         block_ids = tuple(blocks.get_block_ids()[0][first_remote_block:num_needed_blocks])
         self._pending_loads.append(LoadRequest(
-            request_id=request.request_id, transfer_key=remote.transfer_key, num_remote_blocks=remote.num_blocks,
+            request_id=request.request_id, source=remote.source, transfer_key=remote.transfer_key, num_remote_blocks=remote.num_blocks,
             first_remote_block=first_remote_block, block_ids=block_ids,
         ))
         # The KV is in flight now: a second call (after the load) must not load it again.
@@ -110,7 +112,7 @@ class SchedulerSide:
         if request_id not in self._saved:
             return False, None
         self._saved.discard(request_id)
-        remote = RemoteKV(transfer_key=request_id, num_tokens=num_prompt_tokens,
+        remote = RemoteKV(source=self.source, transfer_key=request_id, num_tokens=num_prompt_tokens,
                           num_blocks=math.ceil(num_prompt_tokens / self.block_size))
-        # False: the worker copied the blocks during the forward pass, vLLM may free them now.
-        return False, remote_kv_to_params(remote)
+        # True: vLLM frees the blocks only when the worker reports this request's send done.
+        return True, remote_kv_to_params(remote)

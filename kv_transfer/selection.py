@@ -36,7 +36,6 @@ def engine_kv_transfer_config(transfer: TransferConfig, *, is_producer: bool, en
         return nixl_handoff.kv_transfer_config(transfer, is_producer=is_producer, engine_id=engine_id)
 
     import ray
-    from ray import serve
 
     from kv_transfer import connector
 
@@ -46,9 +45,12 @@ def engine_kv_transfer_config(transfer: TransferConfig, *, is_producer: bool, en
         engine_id=engine_id,
         ray_address=context.gcs_address,
         ray_namespace=context.namespace,
-        # One store per application: replicas of both roles find it by name.
-        store_name=f"splitserve-kv-store-{serve.get_replica_context().app_name}",
-        store_capacity_bytes=int(transfer.store_capacity_gib * (1 << 30)),
-        kv_lease_s=transfer.kv_lease_s,
+        store_name=store_name(engine_id) if is_producer else None,
         load_timeout_s=transfer.load_timeout_s,
+        is_layer_by_layer=transfer.is_layer_by_layer,
     )
+
+
+def store_name(prefill_engine_id: str) -> str:
+    """The name of the KV store a prefill replica creates for its engine's KV (object_store backend)."""
+    return f"splitserve-kv-store-{prefill_engine_id}"

@@ -3,14 +3,17 @@
 Life cycle of one transfer (key = the request's id):
 1. `open(key, layout)`: prefill announces a transfer. The store reserves `layout.nbytes` against its bound, or
    refuses (`KVStoreFullError`: prefill keeps nothing and decode will recompute). A lease starts.
-2. `add_parts(key, first_index, refs)`: prefill hands over object references as parts (layers) are staged.
+2. `add_chunk(key, first_index, num_parts, ref)`: prefill hands over one object reference per batch of parts
+   (layers), as they are staged.
 3. `claim(key)`: decode waits until every part has arrived, then gets the references and a renewed lease.
 4. `release(key)`: decode has copied the KV into its own blocks; the store drops the references, so Ray frees
    the objects. A lease that runs out first drops them the same way (`KVExpiredError` for a late claim).
 
 Ownership: the store holds references, never the bytes; an object lives as long as the process that put it
-(prefill's engine) and as long as the store references it. `KVStoreState` is the bookkeeping (plain Python,
-tested with a fake clock); `KVStoreActor` is the named Ray actor around it.
+(prefill's engine worker) and as long as the store references it. Each prefill replica creates its own store
+(`create_store`), so the store is owned by that replica: Ray restarts it (empty) if it crashes, and it goes away
+with the replica, whose engine made the KV. Decode finds it by the name that travels in the KV handle.
+`KVStoreState` is the bookkeeping (plain Python, tested with a fake clock); `KVStoreActor` is the actor.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ NUM_REMEMBERED_EXPIRED_KEYS = 10_000
 class KVTicket(BaseModel):
     model_config = ConfigDict(frozen=True)
 
+    source: str  # the name of the store that holds the transfer
     key: str
     layout: KVLayout
     lease_s: float
@@ -65,7 +69,9 @@ class _Entry:
 
 
 class KVStoreState:
-    def __init__(self, capacity_bytes: int, lease_s: float, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, capacity_bytes: int, lease_s: float, clock: Callable[[], float] = time.monotonic,
+                 name: str = "store"):
+        self.name = name
         self.capacity_bytes = capacity_bytes
         self.lease_s = lease_s
         self._clock = clock
@@ -88,7 +94,7 @@ class KVStoreState:
                 f"transfer {key!r} needs {layout.nbytes} bytes; {self.num_bytes_in_use} of "
                 f"{self.capacity_bytes} are in use (policy: refuse new transfers, decode recomputes)"
             )
-        ticket = KVTicket(key=key, layout=layout, lease_s=self.lease_s)
+        ticket = KVTicket(source=self.name, key=key, layout=layout, lease_s=self.lease_s)
         self._entries[key] = _Entry(ticket=ticket, expires_at=self._clock() + self.lease_s)
         self._counts["num_opened"] += 1
         self._counts["peak_bytes_in_use"] = max(self._counts["peak_bytes_in_use"], self.num_bytes_in_use)
@@ -153,8 +159,8 @@ class KVStoreState:
 class KVStoreActor:
     """The store as an async Ray actor: claims wait for parts still in flight; a reaper enforces leases."""
 
-    def __init__(self, capacity_bytes: int, lease_s: float):
-        self._state = KVStoreState(capacity_bytes, lease_s)
+    def __init__(self, capacity_bytes: int, lease_s: float, name: str):
+        self._state = KVStoreState(capacity_bytes, lease_s, name=name)
         self._arrivals: dict[str, asyncio.Event] = {}
         self._reaper: asyncio.Task | None = None
 
@@ -174,19 +180,22 @@ class KVStoreActor:
         self._arrivals[key] = asyncio.Event()
         return ticket
 
-    async def add_parts(self, key: str, first_index: int, wrapped_refs: list[list[Any]]) -> None:
-        """`wrapped_refs` holds each ObjectRef in a list of its own, so that Ray passes it unresolved."""
-        if self._state.add_parts(key, first_index, [wrapped[0] for wrapped in wrapped_refs]):
+    async def add_chunk(self, key: str, first_index: int, num_parts: int, wrapped_ref: list[Any]) -> None:
+        """Parts first_index.. first_index+num_parts-1 are the items of one object; `wrapped_ref` holds its
+        ObjectRef in a list, so that Ray passes the reference unresolved instead of fetching the bytes."""
+        located = [(wrapped_ref, position) for position in range(num_parts)]
+        if self._state.add_parts(key, first_index, located):
             self._arrivals[key].set()
 
-    async def claim(self, key: str, timeout_s: float) -> list[list[Any]]:
+    async def claim(self, key: str, timeout_s: float) -> list[tuple[list[Any], int]]:
+        """For each part in order: ([the chunk's ObjectRef], the part's position in that chunk)."""
         self._ensure_reaper()
         if not self._state.is_complete(key):
             try:
                 await asyncio.wait_for(self._arrivals[key].wait(), timeout=timeout_s)
             except asyncio.TimeoutError:
                 raise KVTimeoutError(f"the KV of {key!r} did not fully arrive within {timeout_s} s") from None
-        return [[ref] for ref in self._state.claim(key)]
+        return self._state.claim(key)
 
     async def release(self, key: str) -> bool:
         self._arrivals.pop(key, None)
@@ -196,13 +205,17 @@ class KVStoreActor:
         return self._state.counters()
 
 
-def get_or_create_store(*, name: str, capacity_bytes: int, lease_s: float, namespace: str | None = None) -> Any:
-    """The named store actor, created by whichever process asks first. Ray restarts it if it dies; a restarted
-    store is empty, so transfers in flight fail with KVNotFoundError and their requests recompute."""
+def create_store(*, name: str, capacity_bytes: int, lease_s: float, namespace: str | None = None) -> Any:
+    """The named store actor, owned by the calling process (a prefill replica) and placed on its node, where
+    prefill's objects are. Ray restarts it if it crashes while its owner lives; a restarted store is empty, so
+    transfers in flight fail with KVNotFoundError and decode recomputes them."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    here = NodeAffinitySchedulingStrategy(node_id=ray.get_runtime_context().get_node_id(), soft=True)
     return (
         ray.remote(KVStoreActor)
-        .options(name=name, namespace=namespace, get_if_exists=True, max_restarts=-1, num_cpus=0)
-        .remote(capacity_bytes, lease_s)
+        .options(name=name, namespace=namespace, get_if_exists=True, max_restarts=-1, num_cpus=0,
+                 scheduling_strategy=here)
+        .remote(capacity_bytes, lease_s, name)
     )

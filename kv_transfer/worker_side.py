@@ -1,14 +1,18 @@
 """The connector's worker half: moves KV bytes between vLLM's paged cache and the transport.
 
 It runs in vLLM's worker process, so it joins the Ray cluster itself (address and namespace come from the
-connector config) to reach the KV-store actor.
+connector config) to reach the KV-store actors.
 
 Prefill (KV out):
-1. `save_kv_layer`, called right after each attention layer wrote its KV: copy that layer's prompt blocks into
-   one contiguous array (they may be reused once the request finishes) and queue it;
-2. a sender thread opens the transfer and puts each layer into the store while later layers still compute;
+1. `save_kv_layer`, called right after each attention layer wrote its KV: queue that layer's prompt blocks for
+   the sender thread, as views of the cache (runs of consecutive blocks), not copies;
+2. the sender thread opens the transfer and puts the layers into the object store while later layers still
+   compute; layers that are ready together go as one object. `ray.put` is the only copy on this side;
 3. `wait_for_save`, at the end of the step, waits until this step's transfers are open (issued at layer 0, so
    normally done by then): prefill's answer can never reach decode before the store knows the transfer.
+   Without layer-by-layer overlap (`is_layer_by_layer: false`), all layers are queued here and sent before
+   the step ends, as a connector that hands over KV only after prefill would;
+4. once a request's last layer is in the store, `get_finished` reports it as sent, and vLLM frees its blocks.
 Decode (KV in):
 1. `start_load_kv`: a loader thread receives each requested transfer (waiting for parts still in flight),
    writes the blocks into this engine's cache, and releases the transfer;
@@ -22,6 +26,8 @@ import logging
 import queue
 import threading
 import time
+import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -33,24 +39,61 @@ from kv_transfer.layout import KVLayout
 
 logger = logging.getLogger("splitserve.kv_transfer")
 
+SAVE_TIMEOUT_S = 30.0
+
+
+def block_runs(block_ids: tuple[int, ...]) -> list[tuple[int, int]]:
+    """(first block, number of blocks) for each run of consecutive ids, in order."""
+    runs: list[tuple[int, int]] = []
+    for block_id in block_ids:
+        if runs and runs[-1][0] + runs[-1][1] == block_id:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((block_id, 1))
+    return runs
+
+
+def to_wire(tensor: torch.Tensor) -> np.ndarray:
+    """A numpy view of a CPU tensor; bfloat16 travels as its 16-bit pattern (numpy has no bfloat16)."""
+    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
+
+
+def from_wire(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    with warnings.catch_warnings():  # the object store's arrays are read-only; we only read them
+        warnings.simplefilter("ignore", UserWarning)
+        tensor = torch.from_numpy(array)
+    return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
+
+
+@dataclass
+class _Send:
+    save: SaveRequest
+    first_index: int
+    parts: list[list[np.ndarray]]
+    opened: threading.Event | None = None  # set once the transfer is registered (first layer only)
+    sent: threading.Event | None = None  # set once the last layer is in the store (no overlap only)
+
 
 class WorkerSide:
-    def __init__(self, transport_factory: Any, num_blocks: int, load_timeout_s: float):
+    def __init__(self, transport_factory: Any, num_blocks: int, load_timeout_s: float,
+                 is_layer_by_layer: bool = True):
         self._transport_factory = transport_factory
         self._transport: Any = None
         self._num_blocks = num_blocks
         self._load_timeout_s = load_timeout_s
+        self._is_layer_by_layer = is_layer_by_layer
         self._layers: list[torch.Tensor] = []
         self._layer_index: dict[str, int] = {}
         self._block_dim = 0
         self._lock = threading.Lock()
+        self._finished_sends: set[str] = set()
         self._finished_loads: set[str] = set()
         self._failed_block_ids: set[int] = set()
         self._stats: dict[str, list[float]] = {"transfer_duration": [], "bytes_transferred": [],
                                                "num_failed_transfers": []}
-        self._sends: queue.SimpleQueue = queue.SimpleQueue()
+        self._sends: queue.SimpleQueue[_Send] = queue.SimpleQueue()
         self._opened: dict[str, threading.Event] = {}
-        self._loads: queue.SimpleQueue = queue.SimpleQueue()
+        self._loads: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
         threading.Thread(target=self._send_loop, name="splitserve-kv-send", daemon=True).start()
         threading.Thread(target=self._load_loop, name="splitserve-kv-load", daemon=True).start()
 
@@ -63,7 +106,7 @@ class WorkerSide:
     def layout(self, num_blocks: int) -> KVLayout:
         shape = list(self._layers[0].shape)
         shape[self._block_dim] = num_blocks
-        return KVLayout(num_parts=len(self._layers), part_shape=tuple(shape),
+        return KVLayout(num_parts=len(self._layers), part_shape=tuple(shape), block_dim=self._block_dim,
                         dtype=str(self._layers[0].dtype).removeprefix("torch."))
 
     def transport(self) -> Any:
@@ -74,40 +117,84 @@ class WorkerSide:
     # --- prefill: KV out ------------------------------------------------------------------------------------
 
     def save_kv_layer(self, metadata: SplitserveConnectorMetadata, layer_name: str, kv_layer: torch.Tensor) -> None:
-        if not metadata.saves:
+        if not metadata.saves or not self._is_layer_by_layer:
             return
         index = self._layer_index[layer_name]
         for save in metadata.saves:
-            opened = None
-            if index == 0:
-                opened = self._opened[save.transfer_key] = threading.Event()
-            ids = torch.tensor(save.block_ids, dtype=torch.long, device=kv_layer.device)
-            part = kv_layer.index_select(self._block_dim, ids).cpu().numpy()
-            self._sends.put((save, index, part, opened))
+            self._queue(save, index, [kv_layer])
+
+    def _queue(self, save: SaveRequest, first_index: int, layers: list[torch.Tensor],
+               sent: threading.Event | None = None) -> None:
+        opened = None
+        if first_index == 0:
+            opened = self._opened[save.transfer_key] = threading.Event()
+        parts = [self._segments(layer, save.block_ids) for layer in layers]
+        self._sends.put(_Send(save, first_index, parts, opened, sent))
+
+    def _segments(self, layer: torch.Tensor, block_ids: tuple[int, ...]) -> list[np.ndarray]:
+        if layer.device.type == "cpu":
+            # Views: the blocks stay allocated until this request is reported sent, so ray.put copies once.
+            return [to_wire(layer.narrow(self._block_dim, first, count)) for first, count in block_runs(block_ids)]
+        ids = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+        return [to_wire(layer.index_select(self._block_dim, ids).cpu())]  # device memory: gather, then stage
 
     def _send_loop(self) -> None:
         tickets: dict[str, Any] = {}
         while True:
-            save, index, part, opened = self._sends.get()
-            try:
-                if opened is not None:
-                    try:
-                        tickets[save.transfer_key] = self.transport().open(
-                            save.transfer_key, self.layout(len(save.block_ids)))
-                    finally:
-                        opened.set()
-                ticket = tickets.get(save.transfer_key)
-                if ticket is None:  # opening failed (store full, store gone): decode will recompute
-                    continue
-                self.transport().send(ticket, index, [part])
-                if index == len(self._layers) - 1:
-                    del tickets[save.transfer_key]
-            except Exception as exc:  # never let a transfer take the engine down
-                tickets.pop(save.transfer_key, None)
-                logger.warning("KV of %s not sent (decode will recompute): %s", save.request_id, exc)
+            batch = [self._sends.get()]
+            while True:  # whatever else is ready goes along: fewer objects and store calls
+                try:
+                    batch.append(self._sends.get_nowait())
+                except queue.Empty:
+                    break
+            for first, parts, last in self._merge(batch):
+                self._send(first, parts, tickets)
+                if last.first_index + len(last.parts) == len(self._layers):
+                    tickets.pop(last.save.transfer_key, None)
+                    with self._lock:
+                        self._finished_sends.add(last.save.request_id)
+                    if last.sent is not None:
+                        last.sent.set()
 
-    def wait_for_save(self, metadata: SplitserveConnectorMetadata, timeout_s: float = 30.0) -> None:
+    @staticmethod
+    def _merge(batch: list[_Send]) -> list[tuple[_Send, list[list[np.ndarray]], _Send]]:
+        """Consecutive layers of one transfer become one send: (its first item, all parts, its last item)."""
+        merged: list[tuple[_Send, list[list[np.ndarray]], _Send]] = []
+        open_runs: dict[str, int] = {}
+        for item in batch:
+            at = open_runs.get(item.save.transfer_key)
+            if at is not None and item.opened is None:
+                first, parts, last = merged[at]
+                if last.first_index + len(last.parts) == item.first_index:
+                    merged[at] = (first, parts + item.parts, item)
+                    continue
+            open_runs[item.save.transfer_key] = len(merged)
+            merged.append((item, list(item.parts), item))
+        return merged
+
+    def _send(self, first: _Send, parts: list[list[np.ndarray]], tickets: dict[str, Any]) -> None:
+        save = first.save
+        try:
+            if first.opened is not None:
+                try:
+                    tickets[save.transfer_key] = self.transport().open(save.transfer_key,
+                                                                       self.layout(len(save.block_ids)))
+                finally:
+                    first.opened.set()
+            ticket = tickets.get(save.transfer_key)
+            if ticket is not None:  # else opening failed (store full, store gone): decode will recompute
+                self.transport().send(ticket, first.first_index, parts)
+        except Exception as exc:  # never let a transfer take the engine down
+            tickets.pop(save.transfer_key, None)
+            logger.warning("KV of %s not sent (decode will recompute): %s", save.request_id, exc)
+
+    def wait_for_save(self, metadata: SplitserveConnectorMetadata, timeout_s: float = SAVE_TIMEOUT_S) -> None:
         for save in metadata.saves:
+            if not self._is_layer_by_layer:
+                sent = threading.Event()
+                self._queue(save, 0, self._layers, sent=sent)
+                if not sent.wait(timeout_s):
+                    logger.warning("KV of %s: not sent within %.0f s", save.request_id, timeout_s)
             opened = self._opened.pop(save.transfer_key, None)
             if opened is not None and not opened.wait(timeout_s):
                 logger.warning("KV of %s: the store did not answer within %.0f s", save.request_id, timeout_s)
@@ -120,7 +207,7 @@ class WorkerSide:
 
     def _load_loop(self) -> None:
         while True:
-            load: LoadRequest = self._loads.get()
+            load = self._loads.get()
             started = time.perf_counter()
             try:
                 self._load(load)
@@ -132,32 +219,43 @@ class WorkerSide:
                 with self._lock:
                     self._failed_block_ids.update(load.block_ids)
                     self._stats["num_failed_transfers"].append(1)
-                try:
-                    self.transport().release(load.transfer_key)
-                except Exception:
-                    pass
             with self._lock:
                 self._finished_loads.add(load.request_id)
+            # After the request may go on: dropping the store's copy is bookkeeping, not on its path.
+            try:
+                self.transport().release(load.source, load.transfer_key)
+            except Exception as exc:  # the store drops it when its lease runs out
+                logger.warning("KV of %s not released: %s", load.request_id, exc)
 
     def _load(self, load: LoadRequest) -> None:
-        transport = self.transport()
-        parts = transport.receive(load.transfer_key, self.layout(load.num_remote_blocks), self._load_timeout_s)
-        try:
-            first, count = load.first_remote_block, len(load.block_ids)
-            if first + count > load.num_remote_blocks:
-                raise KVTransferError(f"{load.request_id} needs blocks {first}..{first + count} of "
-                                      f"{load.num_remote_blocks}")
-            ids = torch.tensor(load.block_ids, dtype=torch.long, device=self._layers[0].device)
-            for layer, part in zip(self._layers, parts, strict=True):
-                source = torch.from_numpy(np.asarray(part)).narrow(self._block_dim, first, count)
-                layer.index_copy_(self._block_dim, ids, source.to(layer.device))
-        finally:
-            transport.release(load.transfer_key)
+        first, count = load.first_remote_block, len(load.block_ids)
+        if first + count > load.num_remote_blocks:
+            raise KVTransferError(f"{load.request_id} needs blocks {first}..{first + count} of "
+                                  f"{load.num_remote_blocks}")
+        parts = self.transport().receive(load.source, load.transfer_key, self.layout(load.num_remote_blocks),
+                                         self._load_timeout_s)
+        targets = torch.tensor(load.block_ids, dtype=torch.long, device=self._layers[0].device)
+        for layer, segments in zip(self._layers, parts, strict=True):
+            self._write(layer, segments, first, count, targets)
 
-    def get_finished(self) -> set[str]:
+    def _write(self, layer: torch.Tensor, segments: list[np.ndarray], first: int, count: int,
+               targets: torch.Tensor) -> None:
+        """Remote blocks first..first+count-1, spread over `segments`, into this cache's blocks `targets`."""
+        start = 0  # the remote index of the segment's first block
+        for segment in segments:
+            length = segment.shape[self._block_dim]
+            low, high = max(first, start), min(first + count, start + length)
+            if low < high:
+                source = from_wire(segment, layer.dtype).narrow(self._block_dim, low - start, high - low)
+                layer.index_copy_(self._block_dim, targets[low - first:high - first], source.to(layer.device))
+            start += length
+
+    def get_finished(self) -> tuple[set[str], set[str]]:
+        """(requests whose KV is now in the store, requests whose KV is now loaded)."""
         with self._lock:
-            finished, self._finished_loads = self._finished_loads, set()
-        return finished
+            sent, self._finished_sends = self._finished_sends, set()
+            loaded, self._finished_loads = self._finished_loads, set()
+        return sent, loaded
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:

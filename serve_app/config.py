@@ -104,11 +104,14 @@ class TransferConfig(_Frozen):
     backend: Literal["auto", "nixl", "object_store"] = "auto"
     # Seconds a finished prefill's KV waits for decode before it is dropped (renewed while decode reads it).
     kv_lease_s: int = Field(30, ge=1)
-    # object_store: the KV-store actor's memory bound; a transfer that would exceed it is refused and decode
-    # recomputes that prompt.
+    # object_store: each prefill replica's KV-store memory bound; a transfer that would exceed it is refused and
+    # decode recomputes that prompt.
     store_capacity_gib: float = Field(2.0, gt=0)
     # object_store: how long decode waits for a prompt's KV before recomputing it.
     load_timeout_s: float = Field(60.0, gt=0)
+    # object_store: send each layer's KV while later layers still compute (Splitwise's overlap). Off, the KV is
+    # handed over after the forward pass, as vLLM's disaggregation connectors do; for comparison.
+    is_layer_by_layer: bool = True
     # nixl: NIXL's own progress thread busy-polls a core (FACTS.md); on small CPU hosts polling from the engine
     # loop is enough. Turn it on for RDMA hosts with cores to spare.
     use_progress_thread: bool = False

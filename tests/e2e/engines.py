@@ -19,10 +19,9 @@ def counters(role: str) -> EngineCounters:
 
 
 def store_counters():
-    """The object-store backend's KV-store actor: what it holds now and has seen."""
-    import ray
-
-    return ray.get(ray.get_actor(f"splitserve-kv-store-{APP_NAME}").counters.remote(), timeout=30)
+    """The prefill replica's KV store (object_store backend): what it holds now and has seen; None on nixl."""
+    return serve.get_deployment_handle("PrefillServer", app_name=APP_NAME).store_counters.remote().result(
+        timeout_s=30)
 
 
 def delta(after: EngineCounters, before: EngineCounters) -> dict[str, float]:

@@ -1,6 +1,7 @@
 """Our connector's two halves, step by step as vLLM drives them, with real tensors and a real KV-store actor.
 
-Prefill: match → alloc → build meta (save) → save_kv_layer per layer → request_finished (params out).
+Prefill: match → alloc → build meta (save) → save_kv_layer per layer → wait_for_save → request_finished (params
+out, blocks held) → get_finished reports the send (blocks freed).
 Decode: match → alloc → build meta (load) → start_load_kv → get_finished → blocks equal prefill's.
 Each story ends with the store, both scheduler halves and both workers holding nothing.
 """
@@ -19,13 +20,14 @@ import torch
 from kv_transfer.connector_metadata import LoadRequest, SaveRequest
 from kv_transfer.handle import remote_kv_from_params
 from kv_transfer.scheduler_side import SchedulerSide
-from kv_transfer.store import get_or_create_store
+from kv_transfer.store import create_store
 from kv_transfer.transports.object_store import ObjectStoreTransport
 from kv_transfer.worker_side import WorkerSide
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 8
 LAYER_SHAPE = (NUM_BLOCKS, 2, BLOCK_SIZE, 6)  # the CPU backend's [blocks, kv_heads, block_size, 2*head_dim]
+STORE = "prefill-store"
 LAYER_NAMES = [f"model.layers.{index}.self_attn.attn" for index in range(3)]
 
 
@@ -49,30 +51,35 @@ class FakeSchedulerOutput:
 def store():
     ray.init(num_cpus=1, include_dashboard=False, namespace=f"kv-lifecycle-{uuid.uuid4().hex[:6]}",
              logging_level="ERROR", log_to_driver=False)
-    store = get_or_create_store(name="store", capacity_bytes=1 << 28, lease_s=30)
+    store = create_store(name=STORE, capacity_bytes=1 << 28, lease_s=30)
     yield store
     ray.shutdown()
 
 
-def _worker(store, kv_caches) -> WorkerSide:
-    worker = WorkerSide(lambda: ObjectStoreTransport(store), NUM_BLOCKS, load_timeout_s=5)
+def _worker(kv_caches, is_prefill: bool = False, is_layer_by_layer: bool = True) -> WorkerSide:
+    worker = WorkerSide(lambda: ObjectStoreTransport(home_store=STORE if is_prefill else None), NUM_BLOCKS,
+                        load_timeout_s=5, is_layer_by_layer=is_layer_by_layer)
     worker.register_kv_caches(kv_caches)
     return worker
 
 
-def _wait_finished(worker: WorkerSide, timeout_s: float = 10) -> set[str]:
+def _wait_finished(worker: WorkerSide, timeout_s: float = 10) -> tuple[set[str], set[str]]:
+    """(sent, loaded) request ids, once the worker reports any."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if finished := worker.get_finished():
-            return finished
+        sent, loaded = worker.get_finished()
+        if sent or loaded:
+            return sent, loaded
         time.sleep(0.02)
-    raise TimeoutError("load never finished")
+    raise TimeoutError("the worker never reported a finished transfer")
 
 
-def _prefill(store, prompt_len: int, block_ids: list[int]) -> tuple[dict, dict]:
+def _prefill(prompt_len: int, block_ids: list[int], dtype: torch.dtype = torch.float32,
+             is_layer_by_layer: bool = True) -> tuple[dict, dict]:
     """Walk one prefill request; returns its kv caches and the params vLLM hands back to the router."""
-    kv = {name: torch.randn(LAYER_SHAPE) for name in LAYER_NAMES}
-    scheduler, worker = SchedulerSide(BLOCK_SIZE), _worker(store, kv)
+    kv = {name: torch.randn(LAYER_SHAPE).to(dtype) for name in LAYER_NAMES}
+    scheduler = SchedulerSide(BLOCK_SIZE, source=STORE)
+    worker = _worker(kv, is_prefill=True, is_layer_by_layer=is_layer_by_layer)
     request = SimpleNamespace(request_id="p1", prompt_token_ids=list(range(prompt_len)),
                               kv_transfer_params={"do_remote_decode": True})
 
@@ -88,28 +95,42 @@ def _prefill(store, prompt_len: int, block_ids: list[int]) -> tuple[dict, dict]:
     worker.wait_for_save(metadata)  # end of the step: the transfer is registered before anyone hears of it
     delay_free, params = scheduler.request_finished(request, block_ids)
 
-    assert delay_free is False  # the blocks were copied out during the forward pass
+    assert delay_free is True  # the worker reads the blocks in place: vLLM keeps them until the send is done
+    assert _wait_finished(worker) == ({"p1"}, set())  # now vLLM frees them
     assert scheduler.num_tracked_requests == 0
     return kv, params
 
 
-def test_prefill_save_then_decode_load_moves_exactly_the_prompt_blocks(store):
-    prefill_kv, params = _prefill(store, prompt_len=10, block_ids=[5, 2, 7])
+def _decode_load(params: dict, block_ids: list[int], request_id: str = "d1", num_local_tokens: int = 0,
+                 dtype: torch.dtype = torch.float32) -> tuple[dict, SchedulerSide, WorkerSide, SimpleNamespace]:
+    decode_kv = {name: torch.zeros(LAYER_SHAPE, dtype=dtype) for name in LAYER_NAMES}
+    scheduler, worker = SchedulerSide(BLOCK_SIZE), _worker(decode_kv)
     remote = remote_kv_from_params(params)
-    assert (remote.transfer_key, remote.num_tokens, remote.num_blocks) == ("p1", 10, 3)
-
-    decode_kv = {name: torch.zeros(LAYER_SHAPE) for name in LAYER_NAMES}
-    scheduler, worker = SchedulerSide(BLOCK_SIZE), _worker(store, decode_kv)
-    request = SimpleNamespace(request_id="d1", prompt_token_ids=list(range(10)), kv_transfer_params=params)
-
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (10, True)
-    scheduler.update_state_after_alloc(request, FakeBlocks([1, 6, 3]), 10)
+    request = SimpleNamespace(request_id=request_id, prompt_token_ids=list(range(remote.num_tokens)),
+                              kv_transfer_params=params)
+    num_external = remote.num_tokens - num_local_tokens
+    assert scheduler.get_num_new_matched_tokens(request, num_local_tokens) == (num_external, True)
+    scheduler.update_state_after_alloc(request, FakeBlocks(block_ids), num_external)
     metadata = scheduler.build_connector_meta(FakeSchedulerOutput())
-    assert metadata.loads == [LoadRequest("d1", "p1", num_remote_blocks=3, first_remote_block=0,
-                                          block_ids=(1, 6, 3))]
     worker.start_load_kv(metadata)
-    assert _wait_finished(worker) == {"d1"}
+    assert _wait_finished(worker) == (set(), {request_id})
+    return decode_kv, scheduler, worker, request
 
+
+def _assert_store_empty(store, timeout_s: float = 5) -> None:
+    """Decode releases a transfer just after reporting it loaded, so the store empties a moment later."""
+    deadline = time.monotonic() + timeout_s
+    while (counters := ray.get(store.counters.remote())).num_open and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert (counters.num_open, counters.num_bytes_in_use) == (0, 0), counters
+
+
+def test_prefill_save_then_decode_load_moves_exactly_the_prompt_blocks(store):
+    prefill_kv, params = _prefill(prompt_len=10, block_ids=[5, 2, 7])
+    remote = remote_kv_from_params(params)
+    assert (remote.source, remote.transfer_key, remote.num_tokens, remote.num_blocks) == (STORE, "p1", 10, 3)
+
+    decode_kv, scheduler, worker, request = _decode_load(params, [1, 6, 3])
     for name in LAYER_NAMES:
         assert torch.equal(decode_kv[name][[1, 6, 3]], prefill_kv[name][[5, 2, 7]])
         untouched = [block for block in range(NUM_BLOCKS) if block not in (1, 6, 3)]
@@ -124,36 +145,57 @@ def test_prefill_save_then_decode_load_moves_exactly_the_prompt_blocks(store):
     assert stats["bytes_transferred"] == [3 * LAYER_SHAPE[1] * LAYER_SHAPE[2] * LAYER_SHAPE[3] * 4 * 3]
     assert worker.get_block_ids_with_load_errors() == set()
     assert scheduler.num_tracked_requests == 0
-    counters = ray.get(store.counters.remote())
-    assert (counters.num_open, counters.num_bytes_in_use) == (0, 0)
+    _assert_store_empty(store)
 
 
 def test_decode_loads_only_what_its_prefix_cache_lacks(store):
-    prefill_kv, params = _prefill(store, prompt_len=10, block_ids=[0, 1, 2])
-    decode_kv = {name: torch.zeros(LAYER_SHAPE) for name in LAYER_NAMES}
-    scheduler, worker = SchedulerSide(BLOCK_SIZE), _worker(store, decode_kv)
-    request = SimpleNamespace(request_id="d2", prompt_token_ids=list(range(10)), kv_transfer_params=params)
-
-    assert scheduler.get_num_new_matched_tokens(request, 4) == (6, True)  # one block was a local hit
-    scheduler.update_state_after_alloc(request, FakeBlocks([7, 4, 5]), 6)
-    metadata = scheduler.build_connector_meta(FakeSchedulerOutput())
-    assert metadata.loads[0].first_remote_block == 1 and metadata.loads[0].block_ids == (4, 5)
-    worker.start_load_kv(metadata)
-    assert _wait_finished(worker) == {"d2"}
+    prefill_kv, params = _prefill(prompt_len=10, block_ids=[0, 1, 2])  # one run of blocks: one segment
+    decode_kv, scheduler, _, request = _decode_load(params, [7, 4, 5], request_id="d2", num_local_tokens=4)
     for name in LAYER_NAMES:
         assert torch.equal(decode_kv[name][[4, 5]], prefill_kv[name][[1, 2]])
         assert not decode_kv[name][7].any()  # the local hit is not overwritten
     scheduler.request_finished(request, [7, 4, 5])
     assert scheduler.num_tracked_requests == 0
-    assert ray.get(store.counters.remote()).num_open == 0
+    _assert_store_empty(store)
+
+
+def test_bfloat16_kv_arrives_bit_for_bit(store):
+    prefill_kv, params = _prefill(prompt_len=7, block_ids=[3, 4], dtype=torch.bfloat16)
+    decode_kv, scheduler, _, request = _decode_load(params, [0, 1], dtype=torch.bfloat16)
+    for name in LAYER_NAMES:
+        assert decode_kv[name].dtype == torch.bfloat16
+        assert torch.equal(decode_kv[name][[0, 1]], prefill_kv[name][[3, 4]])
+    scheduler.request_finished(request, [0, 1])
+    _assert_store_empty(store)
+
+
+def test_without_overlap_the_kv_is_sent_at_the_end_of_the_step(store):
+    prefill_kv, params = _prefill(prompt_len=9, block_ids=[6, 1, 2], is_layer_by_layer=False)
+    decode_kv, scheduler, _, request = _decode_load(params, [3, 4, 5])
+    for name in LAYER_NAMES:
+        assert torch.equal(decode_kv[name][[3, 4, 5]], prefill_kv[name][[6, 1, 2]])
+    scheduler.request_finished(request, [3, 4, 5])
+    _assert_store_empty(store)
 
 
 def test_a_failed_load_reports_its_blocks_for_recompute(store):
     decode_kv = {name: torch.zeros(LAYER_SHAPE) for name in LAYER_NAMES}
-    worker = _worker(store, decode_kv)
-    load = LoadRequest("d3", "never-prefilled", num_remote_blocks=2, first_remote_block=0, block_ids=(3, 4))
+    worker = _worker(decode_kv)
+    load = LoadRequest("d3", STORE, "never-prefilled", num_remote_blocks=2, first_remote_block=0, block_ids=(3, 4))
     worker.start_load_kv(SimpleNamespace(loads=[load]))
-    assert _wait_finished(worker) == {"d3"}  # finished, so vLLM stops waiting...
+    assert _wait_finished(worker) == (set(), {"d3"})  # finished, so vLLM stops waiting...
     assert worker.get_block_ids_with_load_errors() == {3, 4}  # ...and recomputes these blocks
     assert worker.take_stats()["num_failed_transfers"] == [1]
-    assert ray.get(store.counters.remote()).num_open == 0
+    _assert_store_empty(store)
+
+
+def test_a_prefill_whose_store_refuses_still_frees_its_blocks(store):
+    kv = {name: torch.randn(LAYER_SHAPE) for name in LAYER_NAMES}
+    worker = WorkerSide(lambda: ObjectStoreTransport(home_store="no-such-store"), NUM_BLOCKS, load_timeout_s=5)
+    worker.register_kv_caches(kv)
+    metadata = SimpleNamespace(saves=[SaveRequest("p9", transfer_key="p9", block_ids=(1, 2))], loads=[])
+    for name in LAYER_NAMES:
+        worker.save_kv_layer(metadata, name, kv[name])
+    worker.wait_for_save(metadata)
+    assert _wait_finished(worker) == ({"p9"}, set())  # nothing was sent, and vLLM may free the blocks
+    _assert_store_empty(store)

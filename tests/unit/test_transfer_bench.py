@@ -11,7 +11,7 @@ from tests.e2e.processes import PROJECT_ROOT
 
 def test_transfer_bench_writes_csv_and_table(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "bench.transfer_bench", "--sizes-mb", "1", "--repeats", "1", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.transfer_bench", "--sizes-mb", "1", "--repeats", "1", "--cold-object-store", "--out", str(tmp_path)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
