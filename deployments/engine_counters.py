@@ -60,7 +60,9 @@ def _sum_connector_stats(stats: dict[str, Any]) -> dict[str, int]:
     return {
         "num_kv_transfers": len(stats.get("transfer_duration") or []),
         "num_kv_bytes_transferred": total("bytes_transferred"),
-        "num_kv_failed_transfers": total("num_failed_transfers"),
+        # As vLLM's own NIXL stats count them: a failed read, handshake or notification is a failed transfer.
+        "num_kv_failed_transfers": total("num_failed_transfers") + total("num_failed_handshakes")
+        + total("num_failed_notifications"),
         "num_kv_expired_requests": total("num_kv_expired_reqs"),
     }
 

@@ -22,7 +22,7 @@ import yaml
 
 from tests.e2e import processes
 from tests.e2e.processes import PROJECT_ROOT, VENV_BIN
-from tests.e2e.workload import EXACTNESS_REQUESTS, extra_body, request_body
+from tests.e2e.workload import REFERENCE_REQUESTS, extra_body, request_body
 
 CACHE_DIR = PROJECT_ROOT / ".cache"
 # Ray 2.60 starts new clusters with token auth (token in ~/.ray/auth_token); every process of the test session
@@ -108,19 +108,22 @@ def reference_outputs(logs_dir: Path) -> dict[str, dict]:
         "vllm": vllm.__version__,
         "args": vllm_cli_args(config.model, config.prefill, None),
         "model": marker.read_text() if marker.exists() else config.model.path,
-        "requests": [request_body(name) for name in EXACTNESS_REQUESTS],
+        "requests": [request_body(name) for name in REFERENCE_REQUESTS],
         "extra": extra_body(),
     }, sort_keys=True)
     cache = CACHE_DIR / f"reference-{hashlib.sha256(key_source.encode()).hexdigest()[:16]}.json"
     if cache.exists():
         return json.loads(cache.read_text())
-    outputs = _run_reference(EXACTNESS_REQUESTS, logs_dir)
+    outputs = _run_reference(REFERENCE_REQUESTS, logs_dir)
     cache.write_text(json.dumps(outputs, indent=1))
     return outputs
 
 
-# `auto` must resolve to nixl on this machine kind (NIXL installed, UCX over DRAM works).
-TRANSFER_BACKENDS = ["auto", "object_store"]
+# Both runs use serve_config.yaml's default, `auto`: as installed it must resolve to nixl on this machine kind
+# (NIXL installed, UCX over DRAM works); with NIXL made unavailable to every process of the cluster it must
+# fall back to the object store, and the app must still pass every test.
+TRANSFER_BACKENDS = ["auto", "auto-without-nixl"]
+RESOLVED_BACKENDS = {"auto": "nixl", "auto-without-nixl": "object_store"}
 
 
 @dataclass(frozen=True)
@@ -130,22 +133,33 @@ class RunningApp:
     ray_address: str
     log_path: Path
     model_path: str
+    # KV loads that tests failed on purpose (fault injection): the leak check expects exactly these.
+    injected: dict[str, int]
 
     @property
     def resolved_backend(self) -> str:
-        return "nixl" if self.backend == "auto" else self.backend
+        return RESOLVED_BACKENDS[self.backend]
+
+
+def _without_nixl(workdir: Path) -> dict[str, str]:
+    """An environment in which `import nixl` fails, for every process started with it (Ray workers included)."""
+    broken = workdir / "no-nixl" / "nixl"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('NIXL made unavailable by the test suite')\n")
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(broken.parent), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="session", params=TRANSFER_BACKENDS)
 def app(request, reference_outputs: dict, logs_dir: Path) -> RunningApp:
-    """`serve run` on a copy of serve_config.yaml that differs only in its HTTP port and, per parameter, the KV
-    transfer backend; on a Ray head of our own. Every end-to-end test runs once per backend."""
+    """`serve run` on a copy of serve_config.yaml that differs only in its HTTP port, on a Ray head of our own;
+    once as installed and once with NIXL made unavailable. Every end-to-end test runs in both."""
     backend = request.param
     serve_config, config = _app_config()
     http_port, ray_port = processes.free_port(), processes.free_port()
     serve_config["http_options"]["port"] = http_port
-    serve_config["applications"][0]["args"]["transfer"]["backend"] = backend
+    serve_config["applications"][0]["args"]["transfer"]["backend"] = "auto"
     workdir = Path(tempfile.mkdtemp(prefix="ss-"))
+    environment = _without_nixl(workdir) if backend == "auto-without-nixl" else {}
     config_path = workdir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(serve_config))
     ray_address = f"127.0.0.1:{ray_port}"
@@ -154,7 +168,7 @@ def app(request, reference_outputs: dict, logs_dir: Path) -> RunningApp:
     ray_head = processes.start(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2",
          "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={workdir / 'ray'}"],
-        ray_log,
+        ray_log, env=environment,
     )
     serve_log = logs_dir / f"serve-run-{backend}.log"
     serve_proc = None
@@ -163,7 +177,7 @@ def app(request, reference_outputs: dict, logs_dir: Path) -> RunningApp:
         processes.wait_until(lambda: (workdir / "ray" / "session_latest").exists(), timeout_s=120,
                              what="ray head", proc=ray_head, log_path=ray_log)
         serve_proc = processes.start([str(VENV_BIN / "serve"), "run", str(config_path), "--address", ray_address],
-                                     serve_log, env={"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"})
+                                     serve_log, env={"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **environment})
 
         def is_healthy() -> bool:
             return httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=15).json().get("status") == "ok"
@@ -172,7 +186,7 @@ def app(request, reference_outputs: dict, logs_dir: Path) -> RunningApp:
                              proc=serve_proc, log_path=serve_log, interval_s=3)
         seen_children = processes.descendants(ray_head)
         yield RunningApp(backend=backend, base_url=f"http://127.0.0.1:{http_port}", ray_address=ray_address, log_path=serve_log,
-                         model_path=config.model.path)
+                         model_path=config.model.path, injected={"num_failed_loads": 0})
     finally:
         seen_children += processes.descendants(ray_head)
         if serve_proc is not None:

@@ -70,11 +70,12 @@ def stop(proc: subprocess.Popen, *, first_signal: int = signal.SIGINT, grace_s: 
             return
 
 
-def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str, proc: subprocess.Popen,
-               log_path: Path, interval_s: float = 2.0) -> None:
+def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str, log_path: Path,
+               proc: subprocess.Popen | None = None, interval_s: float = 2.0) -> None:
+    """Polls `predicate` until it holds; fails early if `proc` (the process that should make it hold) exits."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what}: process exited with {proc.returncode}; log tail:\n{_tail(log_path)}")
         try:
             if predicate():

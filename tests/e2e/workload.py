@@ -10,14 +10,14 @@ from typing import Any
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def _long_document() -> str:
+def _long_document(first_year: int = 1900) -> str:
     """A deterministic prompt of about 1,200 tokens: numbered facts about made-up cities."""
     cities = ["Arden", "Belmont", "Corvin", "Dunmore", "Elston", "Farrow", "Glenby", "Harlow", "Ivel", "Jarrow"]
     lines = []
     for index in range(34):
         city = cities[index % len(cities)]
         lines.append(
-            f"Fact {index + 1}: the town of {city} had {1000 + 37 * index} residents in year {1900 + index}, "
+            f"Fact {index + 1}: the town of {city} had {1000 + 37 * index} residents in year {first_year + index}, "
             f"and its river carried {index % 7 + 2} boats."
         )
     return "Here is a record of towns.\n" + "\n".join(lines) + "\nSummary: the town with the most boats was"
@@ -45,8 +45,18 @@ EXACTNESS_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+# Requests of the fault tests: prompts no other test sends, since a recomputed prompt lands in decode's own prefix
+# cache, and a later test of the same prompt would then find it there instead of loading it.
+FAULT_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "completion_long_faults": ("completion", {"prompt": _long_document(first_year=1800), "max_tokens": 24}),
+    "completion_short_faults": ("completion", {"prompt": "The four seasons of the year, in order, are",
+                                               "max_tokens": 16}),
+}
+REFERENCE_REQUESTS = {**EXACTNESS_REQUESTS, **FAULT_REQUESTS}
+
+
 def request_body(name: str) -> tuple[str, dict[str, Any]]:
-    endpoint, body = EXACTNESS_REQUESTS[name]
+    endpoint, body = REFERENCE_REQUESTS[name]
     return endpoint, {"model": MODEL, "temperature": 0.0, **body}
 
 

@@ -1,0 +1,95 @@
+"""KV transfer faults on the live app: every request still gets the exact answer, by recompute, and the failure
+is counted.
+
+- object_store: the prefill replica's KV store is killed while transfers wait in it. Their loads fail, decode
+  recomputes those prompts, Ray restarts the store (its owner, the prefill replica, lives on), and the next
+  request's KV goes through the restarted store.
+- nixl: decode gets a KV handle whose prefill engine cannot be reached. The load fails, and vLLM's recompute
+  policy computes the prompt on decode.
+Each test records the failures it caused in `app.injected`; the leak check, which runs last, expects exactly those.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from ray import serve
+
+from tests.conftest import send
+from tests.e2e import engines, processes
+from tests.e2e.engines import APP_NAME
+from tests.e2e.workload import request_body
+
+NUM_CONCURRENT_REQUESTS = 3
+
+
+def _kv_store():
+    import ray
+
+    role = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME).role.remote().result(timeout_s=30)
+    return ray.get_actor(role["kv_store"], namespace="serve")
+
+
+def test_killing_the_kv_store_mid_transfer(app, ray_driver, openai_client, reference_outputs):
+    if app.resolved_backend != "object_store":
+        pytest.skip("the KV store exists on the object_store backend only")
+    store = _kv_store()
+    endpoint, body = request_body("completion_long_faults")
+    expected = reference_outputs["completion_long_faults"]["token_ids"]
+    before = engines.counters("decode")
+
+    # 1. Long prompts in flight; as soon as one transfer sits in the store unclaimed, kill the store.
+    with ThreadPoolExecutor(NUM_CONCURRENT_REQUESTS) as pool:
+        futures = [pool.submit(send, openai_client, endpoint, body) for _ in range(NUM_CONCURRENT_REQUESTS)]
+        deadline = time.monotonic() + 120
+        while not ((c := ray_driver.get(store.counters.remote(), timeout=30)).num_opened > c.num_claimed):
+            assert time.monotonic() < deadline, "no transfer ever waited in the store"
+            time.sleep(0.005)
+        ray_driver.kill(store, no_restart=False)
+        outputs = [future.result(timeout=300) for future in futures]
+
+    # 2. Every answer is still exact; the lost transfers were recomputed on decode, and counted.
+    assert [output["token_ids"] for output in outputs] == [expected] * NUM_CONCURRENT_REQUESTS
+    during = engines.delta(engines.counters("decode"), before)
+    assert during["num_kv_failed_transfers"] >= 1
+    assert during["num_prompt_tokens_computed"] >= outputs[0]["usage"]["prompt_tokens"] - 1
+    app.injected["num_failed_loads"] += during["num_kv_failed_transfers"]
+
+    # 3. Ray restarted the store (empty, same name); the next request's KV goes through it, nothing recomputed.
+    processes.wait_until(lambda: ray_driver.get(store.counters.remote(), timeout=5) is not None, timeout_s=60,
+                         what="restarted KV store", log_path=app.log_path, interval_s=0.5)
+    restarted_before = ray_driver.get(store.counters.remote())
+    before = engines.counters("decode")
+    endpoint, body = request_body("completion_short_faults")
+    assert send(openai_client, endpoint, body)["token_ids"] == reference_outputs["completion_short_faults"]["token_ids"]
+    after = engines.delta(engines.counters("decode"), before)
+    assert (after["num_prompt_tokens_computed"], after["num_kv_failed_transfers"], after["num_kv_transfers"]) == (0, 0, 1)
+    restarted = ray_driver.get(store.counters.remote())
+    assert restarted.num_opened - restarted_before.num_opened == 1
+    assert restarted.num_open == 0
+
+
+def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs):
+    if app.resolved_backend != "nixl":
+        pytest.skip("forges a NIXL handle")
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    _, body = request_body("completion_short_faults")
+    request = CompletionRequest(**body, return_token_ids=True)
+    prefill = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME)
+    decode = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
+    handle = prefill.prefill.remote(request).result(timeout_s=120)
+    # The same KV, but where no prefill engine listens: decode's NIXL handshake fails.
+    unreachable = handle.model_copy(update={"connector_params": {**handle.connector_params,
+                                                                 "remote_port": processes.free_port()}})
+    before = engines.counters("decode")
+    (response,) = list(decode.options(stream=True).decode.remote(request, unreachable))
+
+    assert list(response.choices[0].token_ids) == reference_outputs["completion_short_faults"]["token_ids"]
+    during = engines.delta(engines.counters("decode"), before)
+    assert during["num_prompt_tokens_computed"] == response.usage.prompt_tokens  # recomputed, not loaded
+    assert during["num_kv_failed_transfers"] >= 1
+    app.injected["num_failed_loads"] += during["num_kv_failed_transfers"]
+
