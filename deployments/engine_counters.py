@@ -27,6 +27,9 @@ class EngineCounters(BaseModel):
     num_kv_bytes_transferred: int = 0
     num_kv_failed_transfers: int = 0
     num_kv_expired_requests: int = 0
+    # Time on the request's path: decode waiting for and loading KV; prefill's step blocked on sending it.
+    kv_load_seconds: float = 0.0
+    kv_send_wait_seconds: float = 0.0
     num_running_requests: int = 0
     num_waiting_requests: int = 0
     kv_cache_usage: float = 0.0
@@ -39,7 +42,7 @@ class _Accumulator:
         self._lock = threading.Lock()
         self._counts: dict[str, Any] = EngineCounters().model_dump()
 
-    def add(self, **deltas: int) -> None:
+    def add(self, **deltas: float) -> None:
         with self._lock:
             for name, delta in deltas.items():
                 self._counts[name] += delta
@@ -53,7 +56,7 @@ class _Accumulator:
             return EngineCounters(**self._counts)
 
 
-def _sum_connector_stats(stats: dict[str, Any]) -> dict[str, int]:
+def _sum_connector_stats(stats: dict[str, Any]) -> dict[str, float]:
     def total(key: str) -> int:
         return int(sum(stats.get(key) or []))
 
@@ -64,6 +67,8 @@ def _sum_connector_stats(stats: dict[str, Any]) -> dict[str, int]:
         "num_kv_failed_transfers": total("num_failed_transfers") + total("num_failed_handshakes")
         + total("num_failed_notifications"),
         "num_kv_expired_requests": total("num_kv_expired_reqs"),
+        "kv_load_seconds": float(sum(stats.get("transfer_duration") or [])),
+        "kv_send_wait_seconds": float(sum(stats.get("send_wait_duration") or [])),
     }
 
 

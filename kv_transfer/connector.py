@@ -30,7 +30,8 @@ class SplitserveConnectorStats(KVConnectorStats):
     """Per-interval transfer stats, in the same keys vLLM's NIXL stats use (engine_counters.py reads both)."""
 
     def reset(self) -> None:
-        self.data = {"transfer_duration": [], "bytes_transferred": [], "num_failed_transfers": []}
+        self.data = {"transfer_duration": [], "bytes_transferred": [], "num_failed_transfers": [],
+                     "send_wait_duration": []}
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -44,7 +45,8 @@ class SplitserveConnectorStats(KVConnectorStats):
     def reduce(self) -> dict[str, int | float]:
         return {"num_transfers": len(self.data["transfer_duration"]),
                 "bytes_transferred": sum(self.data["bytes_transferred"]),
-                "num_failed_transfers": len(self.data["num_failed_transfers"])}
+                "num_failed_transfers": len(self.data["num_failed_transfers"]),
+                "send_wait_seconds": sum(self.data["send_wait_duration"])}
 
     def is_empty(self) -> bool:
         return not any(self.data.values())

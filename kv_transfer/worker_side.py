@@ -90,7 +90,7 @@ class WorkerSide:
         self._finished_loads: set[str] = set()
         self._failed_block_ids: set[int] = set()
         self._stats: dict[str, list[float]] = {"transfer_duration": [], "bytes_transferred": [],
-                                               "num_failed_transfers": []}
+                                               "num_failed_transfers": [], "send_wait_duration": []}
         self._sends: queue.SimpleQueue[_Send] = queue.SimpleQueue()
         self._opened: dict[str, threading.Event] = {}
         self._loads: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
@@ -189,6 +189,7 @@ class WorkerSide:
             logger.warning("KV of %s not sent (decode will recompute): %s", save.request_id, exc)
 
     def wait_for_save(self, metadata: SplitserveConnectorMetadata, timeout_s: float = SAVE_TIMEOUT_S) -> None:
+        started = time.perf_counter()
         for save in metadata.saves:
             if not self._is_layer_by_layer:
                 sent = threading.Event()
@@ -198,6 +199,9 @@ class WorkerSide:
             opened = self._opened.pop(save.transfer_key, None)
             if opened is not None and not opened.wait(timeout_s):
                 logger.warning("KV of %s: the store did not answer within %.0f s", save.request_id, timeout_s)
+        if metadata.saves:  # the engine's step waited this long on KV hand-over instead of computing
+            with self._lock:
+                self._stats["send_wait_duration"].append(time.perf_counter() - started)
 
     # --- decode: KV in --------------------------------------------------------------------------------------
 

@@ -81,9 +81,10 @@ def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs
     prefill = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME)
     decode = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
     handle = prefill.prefill.remote(request).result(timeout_s=120)
-    # The same KV, but where no prefill engine listens: decode's NIXL handshake fails.
-    unreachable = handle.model_copy(update={"connector_params": {**handle.connector_params,
-                                                                 "remote_port": processes.free_port()}})
+    # The same blocks, said to be held by an engine decode has never met, where nothing listens: decode must
+    # handshake with it first (it would reuse a known engine's connection), and that fails.
+    unreachable = handle.model_copy(update={"connector_params": {
+        **handle.connector_params, "remote_engine_id": "unreachable-prefill", "remote_port": processes.free_port()}})
     before = engines.counters("decode")
     (response,) = list(decode.options(stream=True).decode.remote(request, unreachable))
 

@@ -1,0 +1,24 @@
+"""The served-app transfer benchmark's arithmetic: medians, ratios to the collocated baseline, transfer share."""
+
+from __future__ import annotations
+
+from bench.served_transfer_bench import _summary
+
+
+def test_summary_puts_each_system_next_to_the_collocated_baseline():
+    rows = {
+        "collocated": [{"prompt_tokens": 1000, "ttft_s": 1.0, "second_token_s": 0.02, "e2e_s": 1.3},
+                       {"prompt_tokens": 1000, "ttft_s": 3.0, "second_token_s": 0.04, "e2e_s": 3.3}],
+        "object_store": [{"prompt_tokens": 1000, "ttft_s": 2.2, "second_token_s": 0.03, "e2e_s": 2.5,
+                          "transfer_s": 0.025, "num_kv_bytes": 40e6},
+                         {"prompt_tokens": 1000, "ttft_s": 2.2, "second_token_s": 0.03, "e2e_s": 2.5,
+                          "transfer_s": 0.05, "num_kv_bytes": 40e6}],
+    }
+    baseline, split = _summary(rows)
+    assert baseline == {"system": "collocated", "num_requests": 2, "prompt_tokens": 1000, "ttft_ms": 2000.0,
+                        "ttft_vs_collocated": 1.0, "second_token_ms": 30.0, "second_token_vs_collocated": 1.0,
+                        "e2e_ms": 2300.0, "e2e_vs_collocated": 1.0}
+    assert split["ttft_vs_collocated"] == 1.1 and split["second_token_vs_collocated"] == 1.0
+    assert split["transfer_ms"] == 37.5
+    assert split["transfer_share_of_e2e"] == 0.015  # median of 0.01 and 0.02
+    assert split["kv_mb"] == 40.0
