@@ -60,10 +60,10 @@ def _prompts(model_path: str, num_tokens: int, count: int) -> list[str]:
     """Prompts of about `num_tokens` tokens, each with its own first words, so no prefix cache can help."""
     from transformers import AutoTokenizer
 
-    from tests.e2e.workload import _long_document
+    from tests.e2e.workload import long_document
 
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    body = tokenizer.encode(_long_document() * (1 + num_tokens // 1000), add_special_tokens=False)
+    body = tokenizer.encode(long_document() * (1 + num_tokens // 1000), add_special_tokens=False)
     return [f"Record {index}. " + tokenizer.decode(body[:num_tokens - 6]) for index in range(count)]
 
 

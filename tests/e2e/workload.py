@@ -10,7 +10,7 @@ from typing import Any
 MODEL = "SmolLM2-135M-Instruct"
 
 
-def _long_document(first_year: int = 1900) -> str:
+def long_document(first_year: int = 1900) -> str:
     """A deterministic prompt of about 1,200 tokens: numbered facts about made-up cities."""
     cities = ["Arden", "Belmont", "Corvin", "Dunmore", "Elston", "Farrow", "Glenby", "Harlow", "Ivel", "Jarrow"]
     lines = []
@@ -41,14 +41,14 @@ EXACTNESS_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
                                 "max_tokens": 32, "stop": ["\n\n"]}),
     "completion_short": ("completion", {"prompt": "The three largest planets of the solar system are",
                                         "max_tokens": 24}),
-    "completion_long": ("completion", {"prompt": _long_document(), "max_tokens": 24}),
+    "completion_long": ("completion", {"prompt": long_document(), "max_tokens": 24}),
 }
 
 
 # Requests of the fault tests: prompts no other test sends, since a recomputed prompt lands in decode's own prefix
 # cache, and a later test of the same prompt would then find it there instead of loading it.
 FAULT_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "completion_long_faults": ("completion", {"prompt": _long_document(first_year=1800), "max_tokens": 24}),
+    "completion_long_faults": ("completion", {"prompt": long_document(first_year=1800), "max_tokens": 24}),
     "completion_short_faults": ("completion", {"prompt": "The four seasons of the year, in order, are",
                                                "max_tokens": 16}),
 }
