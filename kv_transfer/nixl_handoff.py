@@ -61,6 +61,17 @@ class SplitserveNixlConnector(NixlPullConnector):
             os.sched_setaffinity(0, affinity)
 
 
+def buffer_device(transfer: TransferConfig, engine_device_type: str | None = None) -> str:
+    """Where NIXL reads KV from: the engine's KV cache itself (`auto`), or host staging (`cpu`)."""
+    if transfer.nixl_buffer_device != "auto":
+        return transfer.nixl_buffer_device
+    if engine_device_type is None:
+        from vllm.platforms import current_platform
+
+        engine_device_type = current_platform.device_type
+    return "cuda" if engine_device_type == "cuda" else "cpu"
+
+
 def kv_transfer_config(transfer: TransferConfig, *, is_producer: bool, engine_id: str) -> dict[str, Any]:
     """vLLM's kv_transfer_config for one engine: producer on prefill, consumer on decode."""
     return {
@@ -68,7 +79,7 @@ def kv_transfer_config(transfer: TransferConfig, *, is_producer: bool, engine_id
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": "kv_producer" if is_producer else "kv_consumer",
         "engine_id": engine_id,
-        "kv_buffer_device": "cpu",
+        "kv_buffer_device": buffer_device(transfer),
         # A failed or expired read makes decode compute those tokens itself instead of failing the request.
         "kv_load_failure_policy": "recompute",
         "kv_connector_extra_config": {

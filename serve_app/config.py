@@ -115,6 +115,9 @@ class TransferConfig(_Frozen):
     # nixl: NIXL's own progress thread busy-polls a core (FACTS.md); on small CPU hosts polling from the engine
     # loop is enough. Turn it on for RDMA hosts with cores to spare.
     use_progress_thread: bool = False
+    # nixl: where NIXL reads KV from. `auto`: the engine's own KV cache (GPU-direct on CUDA, DRAM on CPU). `cpu` on a
+    # GPU host stages KV through host memory, for networks or GPUs that cannot register device memory.
+    nixl_buffer_device: Literal["auto", "cuda", "cpu"] = "auto"
     # nixl: vLLM pins the NIXL worker's model thread to the last core on CPU (FACTS.md); keep our binding instead.
     keep_engine_affinity: bool = True
 

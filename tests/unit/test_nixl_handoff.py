@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 
-from kv_transfer.nixl_handoff import CONNECTOR_CLASS, CONNECTOR_MODULE, _agent_without_progress_thread, kv_transfer_config
+from kv_transfer.nixl_handoff import (
+    CONNECTOR_CLASS,
+    CONNECTOR_MODULE,
+    _agent_without_progress_thread,
+    buffer_device,
+    kv_transfer_config,
+)
 from serve_app.config import TransferConfig
 
 
@@ -28,3 +34,9 @@ def test_agents_built_inside_the_guard_have_no_progress_thread_and_the_guard_res
         assert config.num_threads == 4
     assert base_worker.nixl_agent_config is original
     assert original(num_threads=4).enable_pthread is True  # NIXL's default: the busy-polling thread
+
+
+def test_nixl_reads_the_engines_own_kv_cache_unless_told_to_stage_through_host_memory():
+    assert buffer_device(TransferConfig()) == "cpu"  # this host: vLLM's CPU platform
+    assert buffer_device(TransferConfig(), engine_device_type="cuda") == "cuda"  # GPU-direct
+    assert buffer_device(TransferConfig(nixl_buffer_device="cpu"), engine_device_type="cuda") == "cpu"  # staged
