@@ -19,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -33,6 +36,9 @@ from tqdm import tqdm
 
 from tests.e2e import processes
 from tests.e2e.processes import PROJECT_ROOT, VENV_BIN
+
+# Ray 2.60 starts clusters with token auth; its clients read the mode when Ray is first imported.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 SYSTEMS = {
     "collocated": None,
@@ -114,8 +120,7 @@ def _run_splitserve(name: str, transfer: dict[str, Any], prompts: list[str], wor
     http_port, ray_port = processes.free_port(), processes.free_port()
     config_path, config_args = _serve_config(transfer, http_port, workdir)
     ray_log, serve_log = logs / f"served-bench-{name}-ray.log", logs / f"served-bench-{name}-serve.log"
-    environment = {"RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    os.environ.update(environment)
+    environment = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     head = processes.start([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
                             f"--temp-dir={workdir / 'ray'}"], ray_log, env=environment)
@@ -171,29 +176,46 @@ def _summary(rows_by_system: dict[str, list[dict[str, float]]]) -> list[dict[str
     return summary
 
 
+def _measure_one_system(system: str, prompts: list[str], rows_path: Path) -> None:
+    """One system, in a process of its own: Serve's client state does not survive moving between clusters."""
+    _, config_args = _serve_config({}, 0, Path(tempfile.mkdtemp(prefix="ssb-")))
+    logs = PROJECT_ROOT / ".cache" / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    workdir = Path(tempfile.mkdtemp(prefix="ssb-"))  # short: Ray's socket paths must fit 107 bytes
+    if SYSTEMS[system] is None:
+        rows = _run_collocated(config_args, prompts, workdir, logs)
+    else:
+        rows = _run_splitserve(system, SYSTEMS[system], prompts, workdir, logs)
+    rows_path.write_text(json.dumps(rows[NUM_WARM_UP_REQUESTS:]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-requests", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--one-system", choices=list(SYSTEMS), help=argparse.SUPPRESS)
+    parser.add_argument("--prompts-json", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--rows-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.one_system:
+        _measure_one_system(args.one_system, json.loads(args.prompts_json.read_text()), args.rows_json)
+        return
 
-    _, config_args = _serve_config({}, 0, Path(tempfile.mkdtemp(prefix="ss-bench-")))
-    prompts = _prompts(config_args.model.path, args.prompt_tokens, len(args.systems) * (
-        NUM_WARM_UP_REQUESTS + args.num_requests))
-    logs = PROJECT_ROOT / ".cache" / "bench-logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    rows_by_system: dict[str, list[dict[str, float]]] = {}
+    _, config_args = _serve_config({}, 0, Path(tempfile.mkdtemp(prefix="ssb-")))
     per_system = NUM_WARM_UP_REQUESTS + args.num_requests
+    prompts = _prompts(config_args.model.path, args.prompt_tokens, len(args.systems) * per_system)
+    scratch = Path(tempfile.mkdtemp(prefix="ssb-"))
+    rows_by_system: dict[str, list[dict[str, float]]] = {}
     for index, system in enumerate(tqdm(args.systems, desc="served transfer bench", unit="system")):
-        mine = prompts[index * per_system:(index + 1) * per_system]  # fresh prompts: no cache hit anywhere
-        workdir = Path(tempfile.mkdtemp(prefix=f"ss-bench-{system}-"))
-        if SYSTEMS[system] is None:
-            rows = _run_collocated(config_args, mine, workdir, logs)
-        else:
-            rows = _run_splitserve(system, SYSTEMS[system], mine, workdir, logs)
-        rows_by_system[system] = rows[NUM_WARM_UP_REQUESTS:]
+        prompts_path, rows_path = scratch / f"{system}-prompts.json", scratch / f"{system}-rows.json"
+        # Fresh prompts for every system: no prefix cache anywhere can help.
+        prompts_path.write_text(json.dumps(prompts[index * per_system:(index + 1) * per_system]))
+        subprocess.run([sys.executable, "-m", "bench.served_transfer_bench", "--one-system", system,
+                        "--prompts-json", str(prompts_path), "--rows-json", str(rows_path)],
+                       cwd=PROJECT_ROOT, check=True)
+        rows_by_system[system] = json.loads(rows_path.read_text())
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "served_transfer_requests.csv", "w", newline="") as handle:
