@@ -1,0 +1,118 @@
+"""Request traces: read (SplitwiseSim's CSV, Azure's LLM inference traces), scale to this host, synthesize.
+
+1. `read_trace(path)` turns either format into `TraceRequest`s with arrival times relative to the first request.
+2. `scale_trace(requests, Scaling(...))` fits a production trace to a small host: a time window, a rate factor
+   (arrivals stretched or compressed), and token counts scaled and clipped. The `Scaling` is recorded with
+   every result, so a figure always says what traffic it saw.
+3. `poisson_trace(...)` makes open-loop arrivals at a fixed rate with token sizes sampled from a real trace.
+4. `write_splitwise_csv` writes SplitwiseSim's format, so traces round-trip between the two tools.
+"""
+
+from __future__ import annotations
+
+import csv
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+SPLITWISE_FIELDS = ["request_id", "request_type", "application_id", "arrival_timestamp", "batch_size",
+                    "prompt_size", "token_size"]
+AZURE_FIELDS = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+LLM_INFERENCE_REQUEST_TYPE = 2  # SplitwiseSim's type for generative LLM inference
+
+
+class TraceRequest(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    request_id: int
+    arrival_s: float = Field(ge=0)  # seconds after the trace's first request
+    prompt_tokens: int = Field(ge=1)
+    output_tokens: int = Field(ge=1)
+
+
+class Scaling(BaseModel):
+    """How a trace was fitted to this host; every field is applied in the order listed."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    start_s: float = Field(0.0, ge=0)  # window of the source trace, in its own seconds
+    duration_s: float | None = Field(None, gt=0)
+    rate_factor: float = Field(1.0, gt=0)  # 0.1: a tenth of the source's request rate (arrivals 10× apart)
+    prompt_scale: float = Field(1.0, gt=0)
+    max_prompt_tokens: int | None = Field(None, ge=1)
+    output_scale: float = Field(1.0, gt=0)
+    max_output_tokens: int | None = Field(None, ge=1)
+    max_requests: int | None = Field(None, ge=1)
+
+
+def read_trace(path: Path) -> list[TraceRequest]:
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        fields = reader.fieldnames or []
+        rows = list(reader)
+    if set(SPLITWISE_FIELDS) <= set(fields):
+        arrivals = [float(row["arrival_timestamp"]) for row in rows]
+        sizes = [(int(row["prompt_size"]), int(row["token_size"])) for row in rows]
+        ids = [int(row["request_id"]) for row in rows]
+    elif set(AZURE_FIELDS) <= set(fields):
+        # Azure writes 7 fractional digits; datetime takes 6.
+        arrivals = [datetime.fromisoformat(row["TIMESTAMP"][:26]).timestamp() for row in rows]
+        sizes = [(int(row["ContextTokens"]), int(row["GeneratedTokens"])) for row in rows]
+        ids = list(range(len(rows)))
+    else:
+        raise ValueError(f"{path}: neither a SplitwiseSim trace ({', '.join(SPLITWISE_FIELDS)}) nor an Azure "
+                         f"LLM inference trace ({', '.join(AZURE_FIELDS)}); columns are {fields}")
+    if not rows:
+        return []
+    first = min(arrivals)
+    requests = [TraceRequest(request_id=request_id, arrival_s=arrival - first, prompt_tokens=max(1, prompt),
+                             output_tokens=max(1, output))
+                for request_id, arrival, (prompt, output) in zip(ids, arrivals, sizes, strict=True)]
+    return sorted(requests, key=lambda request: request.arrival_s)
+
+
+def _scaled(count: int, scale: float, limit: int | None) -> int:
+    value = max(1, round(count * scale))
+    return min(value, limit) if limit is not None else value
+
+
+def scale_trace(requests: list[TraceRequest], scaling: Scaling) -> list[TraceRequest]:
+    end = scaling.start_s + scaling.duration_s if scaling.duration_s is not None else float("inf")
+    window = [request for request in requests if scaling.start_s <= request.arrival_s < end]
+    scaled = [
+        TraceRequest(
+            request_id=index,
+            arrival_s=(request.arrival_s - scaling.start_s) / scaling.rate_factor,
+            prompt_tokens=_scaled(request.prompt_tokens, scaling.prompt_scale, scaling.max_prompt_tokens),
+            output_tokens=_scaled(request.output_tokens, scaling.output_scale, scaling.max_output_tokens),
+        )
+        for index, request in enumerate(window)
+    ]
+    return scaled[:scaling.max_requests] if scaling.max_requests is not None else scaled
+
+
+def poisson_trace(*, rate_per_s: float, num_requests: int, sizes_from: list[TraceRequest],
+                  seed: int = 0) -> list[TraceRequest]:
+    """Poisson arrivals at `rate_per_s`; (prompt, output) pairs drawn together from `sizes_from`."""
+    if rate_per_s <= 0 or num_requests < 1 or not sizes_from:
+        raise ValueError("a Poisson trace needs a positive rate, at least one request and sizes to draw from")
+    rng = np.random.default_rng(seed)
+    arrivals = np.cumsum(rng.exponential(1.0 / rate_per_s, num_requests))
+    arrivals -= arrivals[0]
+    picks = rng.integers(0, len(sizes_from), num_requests)
+    return [TraceRequest(request_id=index, arrival_s=float(arrival),
+                         prompt_tokens=sizes_from[pick].prompt_tokens, output_tokens=sizes_from[pick].output_tokens)
+            for index, (arrival, pick) in enumerate(zip(arrivals, picks, strict=True))]
+
+
+def write_splitwise_csv(requests: list[TraceRequest], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=SPLITWISE_FIELDS)
+        writer.writeheader()
+        for request in requests:
+            writer.writerow({"request_id": request.request_id, "request_type": LLM_INFERENCE_REQUEST_TYPE,
+                             "application_id": 0, "arrival_timestamp": f"{request.arrival_s:.6f}",
+                             "batch_size": 1, "prompt_size": request.prompt_tokens,
+                             "token_size": request.output_tokens})
