@@ -1,0 +1,104 @@
+"""The load generator against a tiny OpenAI-style streaming server (a fake for this one piece): open-loop
+arrivals, token timing, errors recorded, runs bounded, loopback only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+
+import pytest
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from bench.load_generator import check_loopback, run_trace
+from bench.traces import TraceRequest
+from tests.e2e.processes import free_port
+
+TOKEN_GAP_S = 0.05
+
+
+def _fake_server(port: int):
+    import uvicorn
+
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        body = await request.json()
+        if body["model"] != "fake":
+            return JSONResponse({"error": {"message": "no such model", "type": "NotFoundError", "param": None,
+                                           "code": 404}}, status_code=404)
+
+        async def events():
+            for index in range(body["max_tokens"]):
+                await asyncio.sleep(TOKEN_GAP_S)
+                chunk = {"id": "c", "object": "text_completion", "created": 0, "model": "fake",
+                         "choices": [{"index": 0, "text": f"t{index}", "finish_reason": None, "logprobs": None}]}
+                yield f"data: {json.dumps(chunk)}\n\n"
+            usage = {"id": "c", "object": "text_completion", "created": 0, "model": "fake", "choices": [],
+                     "usage": {"prompt_tokens": len(body["prompt"].split()), "completion_tokens": body["max_tokens"],
+                               "total_tokens": 0}}
+            yield f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return server, thread
+
+
+@pytest.fixture(scope="module")
+def base_url():
+    port = free_port()
+    server, thread = _fake_server(port)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def _requests(arrivals: list[float], output_tokens: int = 4) -> list[TraceRequest]:
+    return [TraceRequest(request_id=i, arrival_s=a, prompt_tokens=3, output_tokens=output_tokens)
+            for i, a in enumerate(arrivals)]
+
+
+def test_open_loop_requests_are_timed_token_by_token(base_url):
+    requests = _requests([0.0, 0.1, 0.2], output_tokens=6)
+    records = asyncio.run(run_trace(base_url=base_url, model="fake", requests=requests,
+                                    prompts=["one two three"] * 3))
+    # Each request takes 6 × 50 ms; open loop, each starts at its arrival time while the earlier ones still run.
+    for earlier, later in zip(records, records[1:]):
+        assert later.start_s == pytest.approx(later.arrival_s, abs=0.05)
+        assert later.start_s < earlier.start_s + earlier.e2e_s
+    for record in records:
+        assert record.is_ok, record.error
+        assert (record.prompt_tokens, record.output_tokens) == (3, 6)
+        assert record.ttft_s >= TOKEN_GAP_S * 0.8 and len(record.tbt_s) == 5
+        assert all(gap >= TOKEN_GAP_S * 0.5 for gap in record.tbt_s)
+        assert record.e2e_s >= record.ttft_s + sum(record.tbt_s) * 0.99
+
+
+def test_errors_are_recorded_and_runs_are_bounded(base_url):
+    records = asyncio.run(run_trace(base_url=base_url, model="missing", requests=_requests([0.0]),
+                                    prompts=["x"]))
+    assert not records[0].is_ok and "404" in records[0].error
+
+    records = asyncio.run(run_trace(base_url=base_url, model="fake", requests=_requests([0.0, 5.0]),
+                                    prompts=["x", "y"], max_duration_s=1.0))
+    assert [record.request_id for record in records] == [0]  # the request due after the time bound is not sent
+
+    records = asyncio.run(run_trace(base_url=base_url, model="fake", requests=_requests([0.0], output_tokens=40),
+                                    prompts=["x"], request_timeout_s=0.3))
+    assert records[0].error.startswith("timeout")
+
+
+def test_only_loopback_targets_are_loaded():
+    check_loopback("http://127.0.0.1:8000")
+    check_loopback("http://localhost:8000")
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("https://api.example.com")
