@@ -93,7 +93,7 @@ async def _one(client, model: str, request: TraceRequest, prompt: str, started_a
 
 async def run_trace(*, base_url: str, model: str, requests: list[TraceRequest], prompts: list[str],
                     max_duration_s: float = 600.0, request_timeout_s: float = 300.0,
-                    description: str = "requests") -> list[RequestRecord]:
+                    description: str = "requests", is_progress_shown: bool = True) -> list[RequestRecord]:
     import openai
 
     check_loopback(base_url)
@@ -105,7 +105,7 @@ async def run_trace(*, base_url: str, model: str, requests: list[TraceRequest], 
     tasks = [asyncio.create_task(_one(client, model, request, prompt, started_at, request_timeout_s))
              for request, prompt in due]
     records = []
-    with tqdm(total=len(tasks), desc=description, unit="req") as progress:
+    with tqdm(total=len(tasks), desc=description, unit="req", disable=not is_progress_shown) as progress:
         for finished in asyncio.as_completed(tasks):
             records.append(await finished)
             progress.update()

@@ -18,24 +18,24 @@ Writes served_transfer_requests.csv (every request) and served_transfer.{csv,md}
 from __future__ import annotations
 
 import argparse
+import asyncio
 import csv
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 from tqdm import tqdm
 
+from bench.load_generator import PromptBuilder, run_trace
+from bench.traces import TraceRequest
 from tests.e2e import processes
-from tests.e2e.processes import PROJECT_ROOT, VENV_BIN
+from tests.e2e.processes import PROJECT_ROOT
 
 # Ray 2.60 starts clusters with token auth; its clients read the mode when Ray is first imported.
 os.environ["RAY_AUTH_MODE"] = "token"
@@ -48,110 +48,61 @@ SYSTEMS = {
 }
 NUM_WARM_UP_REQUESTS = 2
 NUM_OUTPUT_TOKENS = 16
-STARTUP_TIMEOUT_S = 420
 
 
-def _serve_config(transfer: dict[str, Any], http_port: int, workdir: Path) -> tuple[Path, Any]:
+def _serve_config(transfer: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     from serve_app.config import AppConfig
 
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-    config["http_options"]["port"] = http_port
     config["applications"][0]["args"]["transfer"].update(transfer)
-    path = workdir / "serve_config.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path, AppConfig.model_validate(config["applications"][0]["args"])
+    return config, AppConfig.model_validate(config["applications"][0]["args"])
 
 
 def _prompts(model_path: str, num_tokens: int, count: int) -> list[str]:
     """Prompts of about `num_tokens` tokens, each with its own first words, so no prefix cache can help."""
-    from transformers import AutoTokenizer
-
     from tests.e2e.workload import long_document
 
-    tokenizer = AutoTokenizer.from_pretrained(model_path)
-    body = tokenizer.encode(long_document() * (1 + num_tokens // 1000), add_special_tokens=False)
-    return [f"Record {index}. " + tokenizer.decode(body[:num_tokens - 6]) for index in range(count)]
+    builder = PromptBuilder(model_path, long_document())
+    return [builder.build(index, num_tokens) for index in range(count)]
 
 
 def _timed_request(base_url: str, model: str, prompt: str) -> dict[str, float]:
-    import openai
-
-    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=300)
-    started = time.perf_counter()
-    token_times, prompt_tokens = [], 0
-    stream = client.completions.create(model=model, prompt=prompt, max_tokens=NUM_OUTPUT_TOKENS, temperature=0,
-                                       stream=True, stream_options={"include_usage": True},
-                                       extra_body={"ignore_eos": True})
-    for chunk in stream:
-        if chunk.usage is not None:
-            prompt_tokens = chunk.usage.prompt_tokens
-        if chunk.choices and chunk.choices[0].text:
-            token_times.append(time.perf_counter())
-    finished = time.perf_counter()
-    return {"prompt_tokens": prompt_tokens, "ttft_s": token_times[0] - started,
-            "second_token_s": token_times[1] - token_times[0], "e2e_s": finished - started}
+    request = TraceRequest(request_id=0, arrival_s=0.0, prompt_tokens=1, output_tokens=NUM_OUTPUT_TOKENS)
+    (record,) = asyncio.run(run_trace(base_url=base_url, model=model, requests=[request], prompts=[prompt],
+                                      is_progress_shown=False))
+    if not record.is_ok:
+        raise RuntimeError(f"a benchmark request failed: {record.error}")
+    return {"prompt_tokens": record.prompt_tokens, "ttft_s": record.ttft_s, "second_token_s": record.tbt_s[0],
+            "e2e_s": record.e2e_s}
 
 
-def _run_collocated(config_args: Any, prompts: list[str], workdir: Path, logs: Path) -> list[dict[str, float]]:
-    from deployments.engine import vllm_cli_args
-
-    port = processes.free_port()
-    log_path = logs / "served-bench-collocated.log"
-    server = processes.start(
-        [str(VENV_BIN / "python"), "-m", "vllm.entrypoints.openai.api_server",
-         *vllm_cli_args(config_args.model, config_args.prefill, None), "--host", "127.0.0.1", "--port", str(port)],
-        log_path, env={"VLLM_CPU_OMP_THREADS_BIND": config_args.prefill.cpu_binding_for(0),
-                       "VLLM_CPU_KVCACHE_SPACE": str(config_args.prefill.kv_cache_gib), "HF_HUB_OFFLINE": "1"})
-    try:
-        processes.wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200,
-                             timeout_s=STARTUP_TIMEOUT_S, what="collocated vLLM", proc=server, log_path=log_path)
-        return [_timed_request(f"http://127.0.0.1:{port}", config_args.model.served_name, prompt)
-                for prompt in prompts]
-    finally:
-        processes.stop(server)
+def _run_collocated(config_args: Any, prompts: list[str], logs: Path) -> list[dict[str, float]]:
+    with processes.vllm_api_server(config_args, log_path=logs / "served-bench-collocated.log") as base_url:
+        return [_timed_request(base_url, config_args.model.served_name, prompt) for prompt in prompts]
 
 
-def _run_splitserve(name: str, transfer: dict[str, Any], prompts: list[str], workdir: Path,
-                    logs: Path) -> list[dict[str, float]]:
+def _run_splitserve(name: str, transfer: dict[str, Any], prompts: list[str], logs: Path) -> list[dict[str, float]]:
     import ray
 
     from tests.e2e import engines
 
-    http_port, ray_port = processes.free_port(), processes.free_port()
-    config_path, config_args = _serve_config(transfer, http_port, workdir)
-    ray_log, serve_log = logs / f"served-bench-{name}-ray.log", logs / f"served-bench-{name}-serve.log"
-    environment = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    head = processes.start([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",
-                            "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                            f"--temp-dir={workdir / 'ray'}"], ray_log, env=environment)
-    serve_proc, children = None, []
-    base_url = f"http://127.0.0.1:{http_port}"
-    try:
-        processes.wait_until(lambda: (workdir / "ray" / "session_latest").exists(), timeout_s=120,
-                             what="ray head", proc=head, log_path=ray_log)
-        serve_proc = processes.start([str(VENV_BIN / "serve"), "run", str(config_path), "--address",
-                                      f"127.0.0.1:{ray_port}"], serve_log, env=environment)
-        processes.wait_until(lambda: httpx.get(f"{base_url}/health", timeout=15).json().get("status") == "ok",
-                             timeout_s=STARTUP_TIMEOUT_S, what=f"splitserve ({name})", proc=serve_proc,
-                             log_path=serve_log, interval_s=3)
-        children = processes.descendants(head)
-        ray.init(address=f"127.0.0.1:{ray_port}", namespace="serve", logging_level="ERROR", log_to_driver=False)
-        rows = []
-        for prompt in prompts:
-            before = engines.counters("prefill"), engines.counters("decode")
-            row = _timed_request(base_url, config_args.model.served_name, prompt)
-            prefill = engines.delta(engines.counters("prefill"), before[0])
-            decode = engines.delta(engines.counters("decode"), before[1])
-            row["transfer_s"] = prefill["kv_send_wait_seconds"] + decode["kv_load_seconds"]
-            row["num_kv_bytes"] = decode["num_kv_bytes_transferred"]
-            row["num_prompt_tokens_recomputed"] = decode["num_prompt_tokens_computed"]
-            rows.append(row)
-        return rows
-    finally:
-        ray.shutdown()
-        if serve_proc is not None:
-            processes.stop(serve_proc, first_signal=signal.SIGINT, grace_s=90)
-        processes.stop(head, first_signal=signal.SIGTERM, grace_s=60, known_children=children)
+    serve_config, config_args = _serve_config(transfer)
+    with processes.serve_run(serve_config, name=f"served-bench-{name}", logs_dir=logs) as served:
+        ray.init(address=served.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+        try:
+            rows = []
+            for prompt in prompts:
+                before = engines.counters("prefill"), engines.counters("decode")
+                row = _timed_request(served.base_url, config_args.model.served_name, prompt)
+                prefill = engines.delta(engines.counters("prefill"), before[0])
+                decode = engines.delta(engines.counters("decode"), before[1])
+                row["transfer_s"] = prefill["kv_send_wait_seconds"] + decode["kv_load_seconds"]
+                row["num_kv_bytes"] = decode["num_kv_bytes_transferred"]
+                row["num_prompt_tokens_recomputed"] = decode["num_prompt_tokens_computed"]
+                rows.append(row)
+            return rows
+        finally:
+            ray.shutdown()
 
 
 def _summary(rows_by_system: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
@@ -178,14 +129,12 @@ def _summary(rows_by_system: dict[str, list[dict[str, float]]]) -> list[dict[str
 
 def _measure_one_system(system: str, prompts: list[str], rows_path: Path) -> None:
     """One system, in a process of its own: Serve's client state does not survive moving between clusters."""
-    _, config_args = _serve_config({}, 0, Path(tempfile.mkdtemp(prefix="ssb-")))
     logs = PROJECT_ROOT / ".cache" / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
-    workdir = Path(tempfile.mkdtemp(prefix="ssb-"))  # short: Ray's socket paths must fit 107 bytes
     if SYSTEMS[system] is None:
-        rows = _run_collocated(config_args, prompts, workdir, logs)
+        rows = _run_collocated(_serve_config({})[1], prompts, logs)
     else:
-        rows = _run_splitserve(system, SYSTEMS[system], prompts, workdir, logs)
+        rows = _run_splitserve(system, SYSTEMS[system], prompts, logs)
     rows_path.write_text(json.dumps(rows[NUM_WARM_UP_REQUESTS:]))
 
 
@@ -203,7 +152,7 @@ def main() -> None:
         _measure_one_system(args.one_system, json.loads(args.prompts_json.read_text()), args.rows_json)
         return
 
-    _, config_args = _serve_config({}, 0, Path(tempfile.mkdtemp(prefix="ssb-")))
+    _, config_args = _serve_config({})
     per_system = NUM_WARM_UP_REQUESTS + args.num_requests
     prompts = _prompts(config_args.model.path, args.prompt_tokens, len(args.systems) * per_system)
     scratch = Path(tempfile.mkdtemp(prefix="ssb-"))

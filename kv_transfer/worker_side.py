@@ -147,8 +147,9 @@ class WorkerSide:
                     batch.append(self._sends.get_nowait())
                 except queue.Empty:
                     break
-            for first, parts, last in self._merge(batch):
-                self._send(first, parts, tickets)
+            for run in self._runs(batch):
+                first, last = run[0], run[-1]
+                self._send(first, [part for item in run for part in item.parts], tickets)
                 if last.first_index + len(last.parts) == len(self._layers):
                     tickets.pop(last.save.transfer_key, None)
                     with self._lock:
@@ -157,20 +158,18 @@ class WorkerSide:
                         last.sent.set()
 
     @staticmethod
-    def _merge(batch: list[_Send]) -> list[tuple[_Send, list[list[np.ndarray]], _Send]]:
-        """Consecutive layers of one transfer become one send: (its first item, all parts, its last item)."""
-        merged: list[tuple[_Send, list[list[np.ndarray]], _Send]] = []
-        open_runs: dict[str, int] = {}
+    def _runs(batch: list[_Send]) -> list[list[_Send]]:
+        """The batch cut into runs of consecutive layers of one transfer; each run becomes one send."""
+        runs: list[list[_Send]] = []
+        latest: dict[str, list[_Send]] = {}
         for item in batch:
-            at = open_runs.get(item.save.transfer_key)
-            if at is not None and item.opened is None:
-                first, parts, last = merged[at]
-                if last.first_index + len(last.parts) == item.first_index:
-                    merged[at] = (first, parts + item.parts, item)
-                    continue
-            open_runs[item.save.transfer_key] = len(merged)
-            merged.append((item, list(item.parts), item))
-        return merged
+            run = latest.get(item.save.transfer_key)
+            if run is not None and run[-1].first_index + len(run[-1].parts) == item.first_index:
+                run.append(item)
+            else:
+                run = latest[item.save.transfer_key] = [item]
+                runs.append(run)
+        return runs
 
     def _send(self, first: _Send, parts: list[list[np.ndarray]], tickets: dict[str, Any]) -> None:
         save = first.save

@@ -9,26 +9,21 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import signal
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 import yaml
 
 from tests.e2e import processes
-from tests.e2e.processes import PROJECT_ROOT, VENV_BIN
+from tests.e2e.processes import PROJECT_ROOT
 from tests.e2e.workload import REFERENCE_REQUESTS, extra_body, request_body
 
 CACHE_DIR = PROJECT_ROOT / ".cache"
 # Ray 2.60 starts new clusters with token auth (token in ~/.ray/auth_token); every process of the test session
 # (the head, `serve run`, the drivers) uses it rather than turning authentication off.
 os.environ["RAY_AUTH_MODE"] = "token"
-STARTUP_TIMEOUT_S = 420
 
 
 def _app_config() -> tuple[dict[str, Any], Any]:
@@ -49,30 +44,10 @@ def _run_reference(requests: dict[str, tuple[str, dict]], logs_dir: Path) -> dic
     """One standalone vLLM OpenAI server with the app's model and engine settings, no KV connector."""
     import openai
 
-    from deployments.engine import vllm_cli_args
-
     _, config = _app_config()
-    port = processes.free_port()
-    log_path = logs_dir / "reference-engine.log"
-    server = processes.start(
-        [str(VENV_BIN / "python"), "-m", "vllm.entrypoints.openai.api_server",
-         *vllm_cli_args(config.model, config.prefill, None), "--host", "127.0.0.1", "--port", str(port)],
-        log_path,
-        env={"VLLM_CPU_OMP_THREADS_BIND": config.prefill.cpu_binding_for(0),
-             "VLLM_CPU_KVCACHE_SPACE": str(config.prefill.kv_cache_gib), "HF_HUB_OFFLINE": "1"},
-    )
-    try:
-        processes.wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200,
-                             timeout_s=STARTUP_TIMEOUT_S, what="reference vLLM server", proc=server,
-                             log_path=log_path)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-        outputs = {}
-        for name in requests:
-            endpoint, body = request_body(name)
-            outputs[name] = send(client, endpoint, body)
-        return outputs
-    finally:
-        processes.stop(server)
+    with processes.vllm_api_server(config, log_path=logs_dir / "reference-engine.log") as base_url:
+        client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0)
+        return {name: send(client, *request_body(name)) for name in requests}
 
 
 def send(client: Any, endpoint: str, body: dict[str, Any], stream: bool = False) -> dict[str, Any]:
@@ -143,56 +118,23 @@ class RunningApp:
 
 def _without_nixl(workdir: Path) -> dict[str, str]:
     """An environment in which `import nixl` fails, for every process started with it (Ray workers included)."""
-    broken = workdir / "no-nixl" / "nixl"
+    broken = workdir / "nixl"
     broken.mkdir(parents=True)
     (broken / "__init__.py").write_text("raise ImportError('NIXL made unavailable by the test suite')\n")
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(broken.parent), os.environ.get("PYTHONPATH")]))}
 
 
 @pytest.fixture(scope="session", params=TRANSFER_BACKENDS)
-def app(request, reference_outputs: dict, logs_dir: Path) -> RunningApp:
+def app(request, reference_outputs: dict, logs_dir: Path, tmp_path_factory) -> RunningApp:
     """`serve run` on a copy of serve_config.yaml that differs only in its HTTP port, on a Ray head of our own;
     once as installed and once with NIXL made unavailable. Every end-to-end test runs in both."""
     backend = request.param
     serve_config, config = _app_config()
-    http_port, ray_port = processes.free_port(), processes.free_port()
-    serve_config["http_options"]["port"] = http_port
     serve_config["applications"][0]["args"]["transfer"]["backend"] = "auto"
-    workdir = Path(tempfile.mkdtemp(prefix="ss-"))
-    environment = _without_nixl(workdir) if backend == "auto-without-nixl" else {}
-    config_path = workdir / "serve_config.yaml"
-    config_path.write_text(yaml.safe_dump(serve_config))
-    ray_address = f"127.0.0.1:{ray_port}"
-
-    ray_log = logs_dir / f"ray-head-{backend}.log"
-    ray_head = processes.start(
-        [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2",
-         "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={workdir / 'ray'}"],
-        ray_log, env=environment,
-    )
-    serve_log = logs_dir / f"serve-run-{backend}.log"
-    serve_proc = None
-    seen_children: list = []
-    try:
-        processes.wait_until(lambda: (workdir / "ray" / "session_latest").exists(), timeout_s=120,
-                             what="ray head", proc=ray_head, log_path=ray_log)
-        serve_proc = processes.start([str(VENV_BIN / "serve"), "run", str(config_path), "--address", ray_address],
-                                     serve_log, env={"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **environment})
-
-        def is_healthy() -> bool:
-            return httpx.get(f"http://127.0.0.1:{http_port}/health", timeout=15).json().get("status") == "ok"
-
-        processes.wait_until(is_healthy, timeout_s=STARTUP_TIMEOUT_S, what="serve run serve_config.yaml",
-                             proc=serve_proc, log_path=serve_log, interval_s=3)
-        seen_children = processes.descendants(ray_head)
-        yield RunningApp(backend=backend, base_url=f"http://127.0.0.1:{http_port}", ray_address=ray_address, log_path=serve_log,
-                         model_path=config.model.path, injected={"num_failed_loads": 0})
-    finally:
-        seen_children += processes.descendants(ray_head)
-        if serve_proc is not None:
-            processes.stop(serve_proc, first_signal=signal.SIGINT, grace_s=90)
-        processes.stop(ray_head, first_signal=signal.SIGTERM, grace_s=60, known_children=seen_children)
-        shutil.rmtree(workdir, ignore_errors=True)
+    environment = _without_nixl(tmp_path_factory.mktemp("no-nixl")) if backend == "auto-without-nixl" else {}
+    with processes.serve_run(serve_config, name=backend, logs_dir=logs_dir, env=environment) as served:
+        yield RunningApp(backend=backend, base_url=served.base_url, ray_address=served.ray_address,
+                         log_path=served.log_path, model_path=config.model.path, injected={"num_failed_loads": 0})
 
 
 @pytest.fixture(scope="session")

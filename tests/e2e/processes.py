@@ -6,18 +6,26 @@ process of the group (vLLM engines included) is left.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import httpx
 import psutil
+import yaml
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", PROJECT_ROOT / ".venv")) / "bin"
+STARTUP_TIMEOUT_S = 420
 
 
 def free_port() -> int:
@@ -88,3 +96,71 @@ def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str, lo
 
 def _tail(path: Path, num_chars: int = 6000) -> str:
     return path.read_bytes()[-num_chars:].decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class ServedApp:
+    base_url: str
+    ray_address: str
+    log_path: Path
+
+
+@contextlib.contextmanager
+def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: dict[str, str] | None = None,
+              startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[ServedApp]:
+    """`serve run` of `serve_config` (given a free HTTP port) on a Ray head of its own, until healthy; on exit
+    both are stopped by their ids, with every process they started. `env` goes to the head and to `serve run`."""
+    env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    http_port, ray_port = free_port(), free_port()
+    serve_config = {**serve_config, "http_options": {**serve_config["http_options"], "port": http_port}}
+    workdir = Path(tempfile.mkdtemp(prefix="ss-"))  # short: Ray's socket paths must fit 107 bytes
+    config_path = workdir / "serve_config.yaml"
+    config_path.write_text(yaml.safe_dump(serve_config))
+    ray_address = f"127.0.0.1:{ray_port}"
+    ray_log, serve_log = logs_dir / f"ray-head-{name}.log", logs_dir / f"serve-run-{name}.log"
+    ray_head = start([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2",
+                      "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={workdir / 'ray'}"],
+                     ray_log, env=env)
+    serve_proc = None
+    seen_children: list[psutil.Process] = []
+    try:
+        wait_until(lambda: (workdir / "ray" / "session_latest").exists(), timeout_s=120, what="ray head",
+                   proc=ray_head, log_path=ray_log)
+        serve_proc = start([str(VENV_BIN / "serve"), "run", str(config_path), "--address", ray_address],
+                           serve_log, env=env)
+        base_url = f"http://127.0.0.1:{http_port}"
+        wait_until(lambda: httpx.get(f"{base_url}/health", timeout=15).json().get("status") == "ok",
+                   timeout_s=startup_timeout_s, what=f"serve run ({name})", proc=serve_proc, log_path=serve_log,
+                   interval_s=3)
+        seen_children = descendants(ray_head)
+        yield ServedApp(base_url=base_url, ray_address=ray_address, log_path=serve_log)
+    finally:
+        seen_children += descendants(ray_head)
+        if serve_proc is not None:
+            stop(serve_proc, first_signal=signal.SIGINT, grace_s=90)
+        stop(ray_head, first_signal=signal.SIGTERM, grace_s=60, known_children=seen_children)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def vllm_api_server(config: Any, *, log_path: Path,
+                    startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
+    """One standalone vLLM OpenAI server with the app's model and prefill-engine settings, no KV connector, on
+    prefill's core; yields its base URL and stops it on exit."""
+    from deployments.engine import vllm_cli_args
+
+    port = free_port()
+    server = start(
+        [str(VENV_BIN / "python"), "-m", "vllm.entrypoints.openai.api_server",
+         *vllm_cli_args(config.model, config.prefill, None), "--host", "127.0.0.1", "--port", str(port)],
+        log_path,
+        env={"VLLM_CPU_OMP_THREADS_BIND": config.prefill.cpu_binding_for(0),
+             "VLLM_CPU_KVCACHE_SPACE": str(config.prefill.kv_cache_gib), "HF_HUB_OFFLINE": "1"},
+    )
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{base_url}/health").status_code == 200, timeout_s=startup_timeout_s,
+                   what="standalone vLLM server", proc=server, log_path=log_path)
+        yield base_url
+    finally:
+        stop(server)
