@@ -6,13 +6,17 @@
    the official `openai` client with streaming, and records TTFT, every inter-token gap, E2E, tokens in and out,
    and the error if any. A progress bar counts finished requests. It stops sending at `max_duration_s` and
    gives up on requests still running `request_timeout_s` after they started: a run is bounded in count and time.
-3. Only loopback targets are accepted: a benchmark must not load someone else's server by mistake.
+3. `run_closed_loop` instead keeps a fixed number of requests in flight (the anchor cells of FACTS.md).
+4. Where the server says how the time to first token split (splitserve's `Server-Timing` header: prefill, and
+   decode's first chunk), that is recorded too, for the per-replica timeline.
+5. Only loopback targets are accepted: a benchmark must not load someone else's server by mistake.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+import re
 from dataclasses import dataclass, field
 from urllib.parse import urlparse
 
@@ -34,10 +38,40 @@ class RequestRecord:
     tbt_s: list[float] = field(default_factory=list)
     e2e_s: float | None = None
     error: str | None = None
+    # From the server's Server-Timing header, where it sends one (splitserve does).
+    prefill_s: float | None = None
+    prefill_engine_id: str = ""
+    first_chunk_s: float | None = None
 
     @property
     def is_ok(self) -> bool:
         return self.error is None and self.ttft_s is not None
+
+
+def filler_document(first_year: int = 1900) -> str:
+    """A deterministic text of about 1,200 tokens (numbered facts about made-up towns), to build prompts from."""
+    cities = ["Arden", "Belmont", "Corvin", "Dunmore", "Elston", "Farrow", "Glenby", "Harlow", "Ivel", "Jarrow"]
+    lines = []
+    for index in range(34):
+        city = cities[index % len(cities)]
+        lines.append(
+            f"Fact {index + 1}: the town of {city} had {1000 + 37 * index} residents in year {first_year + index}, "
+            f"and its river carried {index % 7 + 2} boats."
+        )
+    return "Here is a record of towns.\n" + "\n".join(lines) + "\nSummary: the town with the most boats was"
+
+
+def read_server_timing(header: str | None, record: RequestRecord) -> None:
+    """`prefill;dur=812.3;desc="prefill-0-ab12", first_chunk;dur=95.1` (W3C Server-Timing, durations in ms)."""
+    for metric in (header or "").split(","):
+        name, _, params = metric.strip().partition(";")
+        duration = re.search(r"dur=([0-9.]+)", params)
+        description = re.search(r'desc="([^"]*)"', params)
+        if name == "prefill" and duration:
+            record.prefill_s = float(duration.group(1)) / 1e3
+            record.prefill_engine_id = description.group(1) if description else ""
+        elif name == "first_chunk" and duration:
+            record.first_chunk_s = float(duration.group(1)) / 1e3
 
 
 class PromptBuilder:
@@ -69,10 +103,11 @@ async def _one(client, model: str, request: TraceRequest, prompt: str, started_a
     last = None
     try:
         async with asyncio.timeout(timeout_s):
-            stream = await client.completions.create(
+            raw = await client.completions.with_raw_response.create(
                 model=model, prompt=prompt, max_tokens=request.output_tokens, temperature=0, stream=True,
                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
-            async for chunk in stream:
+            read_server_timing(raw.headers.get("server-timing"), record)
+            async for chunk in raw.parse():
                 if chunk.usage is not None:
                     record.prompt_tokens = chunk.usage.prompt_tokens
                     record.output_tokens = chunk.usage.completion_tokens
@@ -91,16 +126,19 @@ async def _one(client, model: str, request: TraceRequest, prompt: str, started_a
     return record
 
 
-async def run_trace(*, base_url: str, model: str, requests: list[TraceRequest], prompts: list[str],
-                    max_duration_s: float = 600.0, request_timeout_s: float = 300.0,
-                    description: str = "requests", is_progress_shown: bool = True) -> list[RequestRecord]:
+def _client(base_url: str, request_timeout_s: float):
     import openai
 
     check_loopback(base_url)
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=request_timeout_s)
+
+
+async def run_trace(*, base_url: str, model: str, requests: list[TraceRequest], prompts: list[str],
+                    max_duration_s: float = 600.0, request_timeout_s: float = 300.0,
+                    description: str = "requests", is_progress_shown: bool = True) -> list[RequestRecord]:
+    client = _client(base_url, request_timeout_s)
     due = [(request, prompt) for request, prompt in zip(requests, prompts, strict=True)
            if request.arrival_s <= max_duration_s]
-    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0,
-                                timeout=request_timeout_s)
     started_at = time.perf_counter()
     tasks = [asyncio.create_task(_one(client, model, request, prompt, started_at, request_timeout_s))
              for request, prompt in due]
@@ -109,5 +147,30 @@ async def run_trace(*, base_url: str, model: str, requests: list[TraceRequest], 
         for finished in asyncio.as_completed(tasks):
             records.append(await finished)
             progress.update()
+    await client.close()
+    return sorted(records, key=lambda record: record.request_id)
+
+
+async def run_closed_loop(*, base_url: str, model: str, requests: list[TraceRequest], prompts: list[str],
+                          concurrency: int, request_timeout_s: float = 300.0, description: str = "requests",
+                          is_progress_shown: bool = True) -> list[RequestRecord]:
+    """`concurrency` users, each sending its next request as soon as its last one ends (arrival times ignored)."""
+    client = _client(base_url, request_timeout_s)
+    queue: asyncio.Queue = asyncio.Queue()
+    for pair in zip(requests, prompts, strict=True):
+        queue.put_nowait(pair)
+    records: list[RequestRecord] = []
+    started_at = time.perf_counter()
+
+    async def user(progress: tqdm) -> None:
+        while not queue.empty():
+            request, prompt = queue.get_nowait()
+            # Arrival = now: the request is due the moment its user is free.
+            due = request.model_copy(update={"arrival_s": time.perf_counter() - started_at})
+            records.append(await _one(client, model, due, prompt, started_at, request_timeout_s))
+            progress.update()
+
+    with tqdm(total=len(requests), desc=description, unit="req", disable=not is_progress_shown) as progress:
+        await asyncio.gather(*(user(progress) for _ in range(concurrency)))
     await client.close()
     return sorted(records, key=lambda record: record.request_id)

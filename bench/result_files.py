@@ -14,7 +14,7 @@ from bench.load_generator import RequestRecord
 from bench.slo import PERCENTILES, RequestLatency, latency_percentiles, meets_slos, slo_attainment
 
 REQUEST_FIELDS = ["request_id", "arrival_s", "start_s", "prompt_tokens", "output_tokens", "ttft_s", "e2e_s",
-                  "tbt_s", "error"]
+                  "tbt_s", "error", "prefill_s", "prefill_engine_id", "first_chunk_s"]
 
 
 def write_requests_csv(records: list[RequestRecord], path: Path) -> None:
@@ -25,7 +25,9 @@ def write_requests_csv(records: list[RequestRecord], path: Path) -> None:
             writer.writerow({"request_id": record.request_id, "arrival_s": record.arrival_s,
                              "start_s": record.start_s, "prompt_tokens": record.prompt_tokens,
                              "output_tokens": record.output_tokens, "ttft_s": record.ttft_s, "e2e_s": record.e2e_s,
-                             "tbt_s": " ".join(f"{gap:.6f}" for gap in record.tbt_s), "error": record.error or ""})
+                             "tbt_s": " ".join(f"{gap:.6f}" for gap in record.tbt_s), "error": record.error or "",
+                             "prefill_s": record.prefill_s, "prefill_engine_id": record.prefill_engine_id,
+                             "first_chunk_s": record.first_chunk_s})
 
 
 def read_requests_csv(path: Path) -> list[RequestRecord]:
@@ -37,7 +39,9 @@ def read_requests_csv(path: Path) -> list[RequestRecord]:
                               start_s=number(row["start_s"]), prompt_tokens=int(row["prompt_tokens"]),
                               output_tokens=int(row["output_tokens"]), ttft_s=number(row["ttft_s"]),
                               e2e_s=number(row["e2e_s"]), tbt_s=[float(gap) for gap in row["tbt_s"].split()],
-                              error=row["error"] or None)
+                              error=row["error"] or None, prefill_s=number(row.get("prefill_s", "")),
+                              prefill_engine_id=row.get("prefill_engine_id", ""),
+                              first_chunk_s=number(row.get("first_chunk_s", "")))
                 for row in csv.DictReader(handle)]
 
 

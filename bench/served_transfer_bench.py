@@ -32,10 +32,10 @@ from typing import Any
 import yaml
 from tqdm import tqdm
 
-from bench.load_generator import PromptBuilder, run_trace
+from bench.load_generator import PromptBuilder, filler_document, run_trace
 from bench.traces import TraceRequest
-from tests.e2e import processes
-from tests.e2e.processes import PROJECT_ROOT
+from bench import processes
+from bench.processes import PROJECT_ROOT
 
 # Ray 2.60 starts clusters with token auth; its clients read the mode when Ray is first imported.
 os.environ["RAY_AUTH_MODE"] = "token"
@@ -60,9 +60,7 @@ def _serve_config(transfer: dict[str, Any]) -> tuple[dict[str, Any], Any]:
 
 def _prompts(model_path: str, num_tokens: int, count: int) -> list[str]:
     """Prompts of about `num_tokens` tokens, each with its own first words, so no prefix cache can help."""
-    from tests.e2e.workload import long_document
-
-    builder = PromptBuilder(model_path, long_document())
+    builder = PromptBuilder(model_path, filler_document())
     return [builder.build(index, num_tokens) for index in range(count)]
 
 
@@ -84,7 +82,7 @@ def _run_collocated(config_args: Any, prompts: list[str], logs: Path) -> list[di
 def _run_splitserve(name: str, transfer: dict[str, Any], prompts: list[str], logs: Path) -> list[dict[str, float]]:
     import ray
 
-    from tests.e2e import engines
+    from bench import engines
 
     serve_config, config_args = _serve_config(transfer)
     with processes.serve_run(serve_config, name=f"served-bench-{name}", logs_dir=logs) as served:

@@ -62,6 +62,7 @@ class PrefillServer:
                 backend=self._config.transfer.backend,
                 request_id=request.request_id,
                 num_prompt_tokens=response.usage.prompt_tokens,
+                prefill_engine_id=self.engine_id,
             )
         except KVHandleError as exc:
             logger.error("request %s: %s", request.request_id, exc)

@@ -7,6 +7,10 @@
 3. Decode continues from that KV. Its stream of vLLM SSE strings is passed through without re-wrapping, so tokens
    take no extra hop beyond the router; a non-streamed request gets decode's one response.
 4. If the client disconnects, the decode stream is cancelled, and vLLM aborts the request and frees its blocks.
+5. Every response carries its request id and a `Server-Timing` header: how long prefill took and on which engine,
+   and how long decode took to its first token (the KV hand-over plus one decode step).
+
+In `collocated` mode (the baseline) steps 2-3 are one call to a plain engine that runs both phases.
 
 The same life cycle is offered to Python callers through the deployment handle: `chat`, `completion` (one
 response object) and `chat_stream`, `completion_stream` (typed chunk objects), each taking vLLM's request types.
@@ -18,9 +22,11 @@ import argparse
 import asyncio
 import json
 import logging
+import time
 import types
 import uuid
 from collections.abc import AsyncGenerator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -59,32 +65,64 @@ REQUEST_ID_HEADER = "X-Request-Id"
 _STREAM_CHUNK_TYPES = {ChatCompletionRequest: ChatCompletionStreamResponse, CompletionRequest: CompletionStreamResponse}
 
 
-def _error_json(error: ErrorResponse, request_id: str) -> JSONResponse:
-    return JSONResponse(error.model_dump(), status_code=error.error.code, headers={REQUEST_ID_HEADER: request_id})
+@dataclass
+class PhaseTiming:
+    """Where a request's time to first token went, as the router saw it; sent as a `Server-Timing` header."""
+
+    prefill_s: float | None = None
+    prefill_engine_id: str = ""
+    # Disaggregated: prefill's answer -> decode's first chunk (KV hand-over + one decode step).
+    # Collocated: the whole time to the first chunk (queue, prompt and one decode step).
+    first_chunk_s: float | None = None
+
+    def header(self) -> str:
+        metrics = []
+        if self.prefill_s is not None:
+            metrics.append(f'prefill;dur={self.prefill_s * 1e3:.1f};desc="{self.prefill_engine_id}"')
+        if self.first_chunk_s is not None:
+            metrics.append(f"first_chunk;dur={self.first_chunk_s * 1e3:.1f}")
+        return ", ".join(metrics)
+
+
+def _error_json(error: ErrorResponse, headers: dict[str, str]) -> JSONResponse:
+    return JSONResponse(error.model_dump(), status_code=error.error.code, headers=headers)
 
 
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class Router:
-    def __init__(self, prefill: DeploymentHandle, decode: DeploymentHandle, config: AppConfig):
+    def __init__(self, config: AppConfig, *, prefill: DeploymentHandle | None = None,
+                 decode: DeploymentHandle | None = None, collocated: DeploymentHandle | None = None):
+        self._config = config
         self._prefill = prefill
         self._decode = decode
-        self._config = config
+        self._collocated = collocated
+        self._engines = {name: handle for name, handle in
+                         (("prefill", prefill), ("decode", decode), ("collocated", collocated)) if handle is not None}
 
     # --- the life cycle, shared by HTTP and handle callers ---------------------------------------------------
 
-    async def _run(self, request: ChatCompletionRequest | CompletionRequest) -> ErrorResponse | Any:
+    async def _run(self, request: ChatCompletionRequest | CompletionRequest,
+                   timing: PhaseTiming | None = None) -> ErrorResponse | Any:
         """Returns an ErrorResponse, one response object, or an async generator of vLLM SSE strings."""
-        if (refusal := check_disaggregable(request)) is not None:
-            return refusal
-        handle: KVHandle | ErrorResponse = await self._prefill.prefill.remote(request)
-        if isinstance(handle, ErrorResponse):
-            return handle
-        stream = self._decode.options(stream=True).decode.remote(request, handle)
+        timing = timing or PhaseTiming()
+        started = time.perf_counter()
+        if self._collocated is not None:
+            stream = self._collocated.options(stream=True).generate.remote(request)
+        else:
+            if (refusal := check_disaggregable(request)) is not None:
+                return refusal
+            handle: KVHandle | ErrorResponse = await self._prefill.prefill.remote(request)
+            if isinstance(handle, ErrorResponse):
+                return handle
+            timing.prefill_s, timing.prefill_engine_id = time.perf_counter() - started, handle.prefill_engine_id
+            started = time.perf_counter()
+            stream = self._decode.options(stream=True).decode.remote(request, handle)
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
-            return create_error_response("decode returned nothing", "InternalServerError", 500)
+            return create_error_response("the engine returned nothing", "InternalServerError", 500)
+        timing.first_chunk_s = time.perf_counter() - started
         if not isinstance(first, str):  # one response object or an ErrorResponse
             stream.cancel()
             return first
@@ -118,10 +156,11 @@ class Router:
     async def _http(self, request: Any, raw_request: Request) -> Any:
         request = self._with_request_id(request, raw_request.headers.get(REQUEST_ID_HEADER))
         logger.info("request %s: %s %s", request.request_id, raw_request.method, raw_request.url.path)
-        result = await self._run(request)
-        headers = {REQUEST_ID_HEADER: request.request_id}
+        timing = PhaseTiming()
+        result = await self._run(request, timing)
+        headers = {REQUEST_ID_HEADER: request.request_id, "Server-Timing": timing.header()}
         if isinstance(result, ErrorResponse):
-            return _error_json(result, request.request_id)
+            return _error_json(result, headers)
         if isinstance(result, AsyncGenerator):
             return StreamingResponse(result, media_type="text/event-stream", headers=headers)
         return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
@@ -145,14 +184,16 @@ class Router:
 
     async def health(self) -> dict[str, Any]:
         roles: dict[str, Any] = {}
-        for name, deployment in (("prefill", self._prefill), ("decode", self._decode)):
+        for name, deployment in self._engines.items():
             try:
                 roles[name] = {"ready": True, **await asyncio.wait_for(deployment.role.remote(), timeout=10)}
             except Exception as exc:  # a role that cannot answer is reported, not raised
                 roles[name] = {"ready": False, "error": repr(exc)}
         is_ready = all(role["ready"] for role in roles.values())
-        return {"status": "ok" if is_ready else "unavailable", "roles": roles,
-                "transfer_backend": self._config.transfer.backend}
+        report = {"status": "ok" if is_ready else "unavailable", "mode": self._config.mode, "roles": roles}
+        if self._config.is_disaggregated:
+            report["transfer_backend"] = self._config.transfer.backend
+        return report
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | ErrorResponse:
         return await self._run(self._with_request_id(request.model_copy(update={"stream": False}), None))

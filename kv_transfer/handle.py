@@ -36,12 +36,15 @@ class KVHandle(BaseModel):
     backend: Backend
     request_id: str
     num_prompt_tokens: int = Field(ge=1)
+    # Which prefill engine holds the KV: for logs, traces and the benchmark's per-replica timeline.
+    prefill_engine_id: str = ""
     # vLLM's kv_transfer_params exactly as the prefill engine's connector returned them.
     connector_params: dict[str, Any]
 
     @classmethod
     def from_kv_transfer_params(
-        cls, params: dict[str, Any] | None, *, backend: Backend, request_id: str, num_prompt_tokens: int
+        cls, params: dict[str, Any] | None, *, backend: Backend, request_id: str, num_prompt_tokens: int,
+        prefill_engine_id: str = "",
     ) -> KVHandle:
         if not params:
             raise KVHandleError(f"prefill of {request_id} returned no kv_transfer_params: is the KV connector on?")
@@ -49,7 +52,8 @@ class KVHandle(BaseModel):
         if missing:
             raise KVHandleError(f"prefill of {request_id} returned kv_transfer_params without {missing}")
         return cls(
-            backend=backend, request_id=request_id, num_prompt_tokens=num_prompt_tokens, connector_params=dict(params)
+            backend=backend, request_id=request_id, num_prompt_tokens=num_prompt_tokens,
+            prefill_engine_id=prefill_engine_id, connector_params=dict(params),
         )
 
     def to_kv_transfer_params(self) -> dict[str, Any]:

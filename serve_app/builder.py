@@ -1,4 +1,7 @@
-"""build_app: the deployment graph. Prefill and decode engines, then the router that drives them.
+"""build_app: the deployment graph. Engines first, then the router that drives them.
+
+    disaggregated (default):  Router -> PrefillServer (prompt, KV out) -> DecodeServer (KV in, tokens)
+    collocated (baseline):    Router -> CollocatedServer (prompt and tokens on one engine)
 
 `serve run serve_config.yaml` calls it with the YAML's `args`; they are validated here, once.
 """
@@ -9,30 +12,32 @@ from typing import Any
 
 from ray.serve import Application
 
+from deployments.collocated import CollocatedServer
 from deployments.decode import DecodeServer
 from deployments.prefill import PrefillServer
 from deployments.router import Router
 from kv_transfer.selection import resolve_backend
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, EngineRoleConfig, RouterConfig
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    if not config.is_disaggregated:
+        collocated = _engines(CollocatedServer, config.collocated, config)
+        return _router(config.router).bind(config, collocated=collocated)
+
     # `auto` is decided here, once, so that every replica of both roles uses the same transport.
     config = config.model_copy(update={"transfer": resolve_backend(config.transfer)})
+    prefill = _engines(PrefillServer, config.prefill, config)
+    decode = _engines(DecodeServer, config.decode, config)
+    return _router(config.router).bind(config, prefill=prefill, decode=decode)
 
-    prefill = PrefillServer.options(
-        num_replicas=config.prefill.num_replicas,
-        ray_actor_options={"num_cpus": config.prefill.num_cpus},
-    ).bind(config)
 
-    decode = DecodeServer.options(
-        num_replicas=config.decode.num_replicas,
-        ray_actor_options={"num_cpus": config.decode.num_cpus},
-    ).bind(config)
+def _engines(deployment: Any, role: EngineRoleConfig, config: AppConfig) -> Any:
+    return deployment.options(num_replicas=role.num_replicas,
+                              ray_actor_options={"num_cpus": role.num_cpus}).bind(config)
 
-    return Router.options(
-        num_replicas=config.router.num_replicas,
-        max_ongoing_requests=config.router.max_ongoing_requests,
-        ray_actor_options={"num_cpus": config.router.num_cpus},
-    ).bind(prefill, decode, config)
+
+def _router(router: RouterConfig) -> Any:
+    return Router.options(num_replicas=router.num_replicas, max_ongoing_requests=router.max_ongoing_requests,
+                          ray_actor_options={"num_cpus": router.num_cpus})

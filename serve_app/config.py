@@ -123,8 +123,17 @@ class TransferConfig(_Frozen):
 
 
 class AppConfig(_Frozen):
+    # `disaggregated`: prefill and decode engines with the KV handed over between them (the product).
+    # `collocated`: the same router in front of plain vLLM replicas that run both phases (the baseline to beat);
+    # `prefill`, `decode` and `transfer` are then unused and `collocated` says how many engines run where.
+    mode: Literal["disaggregated", "collocated"] = "disaggregated"
     model: ModelConfig = ModelConfig()
     prefill: EngineRoleConfig = EngineRoleConfig(cpu_binding=["0"])
     decode: EngineRoleConfig = EngineRoleConfig(cpu_binding=["1"])
+    collocated: EngineRoleConfig = EngineRoleConfig(num_replicas=2, cpu_binding=["0", "1"])
     router: RouterConfig = RouterConfig()
     transfer: TransferConfig = TransferConfig()
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return self.mode == "disaggregated"

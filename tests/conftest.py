@@ -16,8 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.e2e import processes
-from tests.e2e.processes import PROJECT_ROOT
+from bench import processes
+from bench.processes import PROJECT_ROOT
 from tests.e2e.workload import REFERENCE_REQUESTS, extra_body, request_body
 
 CACHE_DIR = PROJECT_ROOT / ".cache"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 
-from tests.e2e.processes import PROJECT_ROOT, VENV_BIN
+from bench.processes import PROJECT_ROOT, VENV_BIN
 
 
 def test_handle_api_from_a_separate_driver_matches_http(app, reference_outputs):

@@ -17,9 +17,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from ray import serve
 
+from bench import engines, processes
+from bench.engines import APP_NAME
 from tests.conftest import send
-from tests.e2e import engines, processes
-from tests.e2e.engines import APP_NAME
 from tests.e2e.workload import request_body
 
 NUM_CONCURRENT_REQUESTS = 3

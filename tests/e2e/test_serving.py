@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import send
-from tests.e2e import engines
+from bench import engines
 from tests.e2e.workload import EXACTNESS_REQUESTS, MODEL, request_body
 
 CPU_BLOCK_SIZE = 128  # vLLM's default block size on CPU (serve_config.yaml leaves block_size to vLLM)

@@ -7,20 +7,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from bench.load_generator import filler_document as long_document
+
 MODEL = "SmolLM2-135M-Instruct"
-
-
-def long_document(first_year: int = 1900) -> str:
-    """A deterministic prompt of about 1,200 tokens: numbered facts about made-up cities."""
-    cities = ["Arden", "Belmont", "Corvin", "Dunmore", "Elston", "Farrow", "Glenby", "Harlow", "Ivel", "Jarrow"]
-    lines = []
-    for index in range(34):
-        city = cities[index % len(cities)]
-        lines.append(
-            f"Fact {index + 1}: the town of {city} had {1000 + 37 * index} residents in year {first_year + index}, "
-            f"and its river carried {index % 7 + 2} boats."
-        )
-    return "Here is a record of towns.\n" + "\n".join(lines) + "\nSummary: the town with the most boats was"
 
 
 CHAT_MULTI_TURN = [

@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from bench.load_generator import check_loopback, run_trace
 from bench.traces import TraceRequest
-from tests.e2e.processes import free_port
+from bench.processes import free_port
 
 TOKEN_GAP_S = 0.05
 

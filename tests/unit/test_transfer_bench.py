@@ -6,7 +6,7 @@ import csv
 import subprocess
 import sys
 
-from tests.e2e.processes import PROJECT_ROOT
+from bench.processes import PROJECT_ROOT
 
 
 def test_transfer_bench_writes_csv_and_table(tmp_path):

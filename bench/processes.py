@@ -1,4 +1,4 @@
-"""Start and stop what the end-to-end tests need, by process id, leaving nothing behind.
+"""Start and stop what the benchmarks and end-to-end tests need, by process id, leaving nothing behind.
 
 Every process is started in a session of its own; stopping it signals that whole group, then checks that no
 process of the group (vLLM engines included) is left.
@@ -23,7 +23,7 @@ import httpx
 import psutil
 import yaml
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", PROJECT_ROOT / ".venv")) / "bin"
 STARTUP_TIMEOUT_S = 420
 

@@ -1,4 +1,4 @@
-"""Read the engines' own counters through Serve deployment handles (the test process is a Ray driver)."""
+"""Read the engines' own counters through Serve deployment handles (the caller is a Ray driver: a test or a benchmark)."""
 
 from __future__ import annotations
 
