@@ -42,6 +42,7 @@ class RequestRecord:
     prefill_s: float | None = None
     prefill_engine_id: str = ""
     first_chunk_s: float | None = None
+    workload: str = ""  # which cell of a comparison it belongs to, set by the runner
 
     @property
     def is_ok(self) -> bool:

@@ -13,7 +13,7 @@ from typing import Any
 from bench.load_generator import RequestRecord
 from bench.slo import PERCENTILES, RequestLatency, latency_percentiles, meets_slos, slo_attainment
 
-REQUEST_FIELDS = ["request_id", "arrival_s", "start_s", "prompt_tokens", "output_tokens", "ttft_s", "e2e_s",
+REQUEST_FIELDS = ["workload", "request_id", "arrival_s", "start_s", "prompt_tokens", "output_tokens", "ttft_s", "e2e_s",
                   "tbt_s", "error", "prefill_s", "prefill_engine_id", "first_chunk_s"]
 
 
@@ -22,7 +22,7 @@ def write_requests_csv(records: list[RequestRecord], path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=REQUEST_FIELDS)
         writer.writeheader()
         for record in records:
-            writer.writerow({"request_id": record.request_id, "arrival_s": record.arrival_s,
+            writer.writerow({"workload": record.workload, "request_id": record.request_id, "arrival_s": record.arrival_s,
                              "start_s": record.start_s, "prompt_tokens": record.prompt_tokens,
                              "output_tokens": record.output_tokens, "ttft_s": record.ttft_s, "e2e_s": record.e2e_s,
                              "tbt_s": " ".join(f"{gap:.6f}" for gap in record.tbt_s), "error": record.error or "",
@@ -41,7 +41,7 @@ def read_requests_csv(path: Path) -> list[RequestRecord]:
                               e2e_s=number(row["e2e_s"]), tbt_s=[float(gap) for gap in row["tbt_s"].split()],
                               error=row["error"] or None, prefill_s=number(row.get("prefill_s", "")),
                               prefill_engine_id=row.get("prefill_engine_id", ""),
-                              first_chunk_s=number(row.get("first_chunk_s", "")))
+                              first_chunk_s=number(row.get("first_chunk_s", "")), workload=row.get("workload", ""))
                 for row in csv.DictReader(handle)]
 
 

@@ -4,6 +4,8 @@
 2. `scale_trace(requests, Scaling(...))` fits a production trace to a small host: a time window, a rate factor
    (arrivals stretched or compressed), and token counts scaled and clipped. The `Scaling` is recorded with
    every result, so a figure always says what traffic it saw.
+   `scaling_for_rate(...)` picks the window and rate factor that replay a trace's own arrival pattern at a
+   chosen mean rate for a chosen time.
 3. `poisson_trace(...)` makes open-loop arrivals at a fixed rate with token sizes sampled from a real trace.
 4. `write_splitwise_csv` writes SplitwiseSim's format, so traces round-trip between the two tools.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 import csv
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -91,6 +94,24 @@ def scale_trace(requests: list[TraceRequest], scaling: Scaling) -> list[TraceReq
         for index, request in enumerate(window)
     ]
     return scaled[:scaling.max_requests] if scaling.max_requests is not None else scaled
+
+
+def scaling_for_rate(requests: list[TraceRequest], *, rate_per_s: float, duration_s: float, start_s: float = 0.0,
+                     **token_scaling: Any) -> Scaling:
+    """The Scaling that replays `requests` from `start_s` at a mean of `rate_per_s` for `duration_s` seconds:
+    the source window holding rate × duration requests, stretched or compressed to `duration_s`. Bursts and lulls
+    of the real trace are kept; only the time axis changes. `token_scaling`: Scaling's token fields."""
+    if rate_per_s <= 0 or duration_s <= 0:
+        raise ValueError("a rate and a duration must be positive")
+    num_requests = max(1, round(rate_per_s * duration_s))
+    after = [request.arrival_s for request in requests if request.arrival_s >= start_s]
+    if len(after) < num_requests:
+        raise ValueError(f"the trace has {len(after)} requests after {start_s} s; {num_requests} are needed")
+    if len(after) > num_requests:
+        source_span = after[num_requests] - start_s  # the window ends where the next request would arrive
+    else:
+        source_span = (after[-1] - start_s) * num_requests / max(1, num_requests - 1) or 1.0
+    return Scaling(start_s=start_s, duration_s=source_span, rate_factor=source_span / duration_s, **token_scaling)
 
 
 def poisson_trace(*, rate_per_s: float, num_requests: int, sizes_from: list[TraceRequest],

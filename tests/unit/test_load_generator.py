@@ -12,9 +12,9 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench.load_generator import check_loopback, run_trace
-from bench.traces import TraceRequest
+from bench.load_generator import RequestRecord, check_loopback, read_server_timing, run_closed_loop, run_trace
 from bench.processes import free_port
+from bench.traces import TraceRequest
 
 TOKEN_GAP_S = 0.05
 
@@ -42,7 +42,8 @@ def _fake_server(port: int):
                                "total_tokens": 0}}
             yield f"data: {json.dumps(usage)}\n\ndata: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        timing = 'prefill;dur=12.5;desc="prefill-0-ab", first_chunk;dur=3.0'
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Server-Timing": timing})
 
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="error"))
     thread = threading.Thread(target=server.run, daemon=True)
@@ -102,3 +103,34 @@ def test_only_loopback_targets_are_loaded():
     check_loopback("http://localhost:8000")
     with pytest.raises(ValueError, match="loopback"):
         check_loopback("https://api.example.com")
+
+
+def test_closed_loop_keeps_exactly_concurrency_requests_in_flight(base_url):
+    requests = _requests([0.0] * 6, output_tokens=4)
+    records = asyncio.run(run_closed_loop(base_url=base_url, model="fake", requests=requests,
+                                          prompts=["one two three"] * 6, concurrency=2, is_progress_shown=False))
+    assert [record.request_id for record in records] == list(range(6))
+    assert all(record.is_ok for record in records)
+    # Each user sends its next request when its last one ends: at any instant at most two are running.
+    events = sorted([(r.start_s, 1) for r in records] + [(r.start_s + r.e2e_s, -1) for r in records])
+    running, most = 0, 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    assert most == 2
+    span = max(r.start_s + r.e2e_s for r in records)
+    assert span == pytest.approx(3 * records[0].e2e_s, rel=0.5)  # 6 requests, 2 at a time: 3 rounds
+
+
+def test_server_timing_is_recorded_where_the_server_sends_it(base_url):
+    (record,) = asyncio.run(run_trace(base_url=base_url, model="fake", requests=_requests([0.0]),
+                                      prompts=["one"], is_progress_shown=False))
+    assert (record.prefill_s, record.prefill_engine_id, record.first_chunk_s) == (0.0125, "prefill-0-ab", 0.003)
+
+
+def test_server_timing_parser_ignores_what_it_does_not_know():
+    record = RequestRecord(request_id=0, arrival_s=0, prompt_tokens=0, output_tokens=0)
+    read_server_timing('cache;desc="hit", first_chunk;dur=40', record)
+    assert (record.prefill_s, record.first_chunk_s) == (None, 0.04)
+    read_server_timing(None, record)
+    assert record.first_chunk_s == 0.04

@@ -1,0 +1,88 @@
+"""The systems a comparison starts, one after another on this host; each yields an OpenAI base URL while it runs.
+
+- `collocated`: splitserve's router in front of two plain vLLM replicas (one per core) that run both phases:
+  `build_app` in `mode: collocated`. The baseline every ratio is taken against.
+- `splitserve-object-store`, `splitserve-nixl`: splitserve PD (prefill on core 0, decode on core 1), with each
+  KV transfer backend.
+- `ray-serve-llm-pd-cpu-fixed`: Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector, the two CPU
+  pathologies of FACTS.md removed: the peer at its best on this host (labelled as such).
+- `ray-serve-llm-pd`: the same, as its users get it.
+
+Every system uses serve_config.yaml's model and engine settings; each is stopped, with every process it started,
+before the next one starts, so no two systems share the cores.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import processes
+from bench.processes import PROJECT_ROOT
+
+
+@dataclass(frozen=True)
+class System:
+    name: str
+    description: str
+    start: Callable[[Path], contextlib.AbstractContextManager[str]]  # logs dir -> base URL while running
+
+
+def serve_config(**args_update: Any) -> dict[str, Any]:
+    """serve_config.yaml with `args` sections updated (one level deep), e.g. transfer={"backend": "nixl"}."""
+    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    args = config["applications"][0]["args"]
+    for section, update in args_update.items():
+        args[section] = {**args[section], **update} if isinstance(update, dict) else update
+    return config
+
+
+def app_config(config: dict[str, Any] | None = None) -> Any:
+    from serve_app.config import AppConfig
+
+    return AppConfig.model_validate((config or serve_config())["applications"][0]["args"])
+
+
+def _splitserve(name: str, **args_update: Any) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
+    @contextlib.contextmanager
+    def start(logs_dir: Path) -> Iterator[str]:
+        with processes.serve_run(serve_config(**copy.deepcopy(args_update)), name=name, logs_dir=logs_dir) as app:
+            yield app.base_url
+
+    return start
+
+
+def _ray_serve_llm(name: str, *, is_cpu_fixed: bool) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
+    @contextlib.contextmanager
+    def start(logs_dir: Path) -> Iterator[str]:
+        from bench.ray_serve_llm_peer import ray_serve_llm_pd
+
+        config = app_config()
+        with ray_serve_llm_pd(model_path=config.model.path, served_name=config.model.served_name,
+                              max_model_len=config.model.max_model_len, is_cpu_fixed=is_cpu_fixed,
+                              logs_dir=logs_dir, name=name, prefill_cores=config.prefill.cpu_binding_for(0),
+                              decode_cores=config.decode.cpu_binding_for(0)) as base_url:
+            yield base_url
+
+    return start
+
+
+SYSTEMS: dict[str, System] = {system.name: system for system in [
+    System("collocated", "splitserve router + 2 plain vLLM replicas (cores 0 and 1), both phases on each",
+           _splitserve("collocated", mode="collocated")),
+    System("splitserve-object-store", "splitserve PD, KV through Ray's object store (layer by layer)",
+           _splitserve("splitserve-object-store", transfer={"backend": "object_store"})),
+    System("splitserve-nixl", "splitserve PD, KV through NIXL (UCX on DRAM)",
+           _splitserve("splitserve-nixl", transfer={"backend": "nixl"})),
+    System("ray-serve-llm-pd-cpu-fixed", "Ray Serve LLM build_pd_openai_app + NixlConnector, CPU pathologies removed",
+           _ray_serve_llm("ray-serve-llm-pd-cpu-fixed", is_cpu_fixed=True)),
+    System("ray-serve-llm-pd", "Ray Serve LLM build_pd_openai_app + NixlConnector, as shipped",
+           _ray_serve_llm("ray-serve-llm-pd", is_cpu_fixed=False)),
+]}
+BASELINE = "collocated"

@@ -1,0 +1,96 @@
+"""What a comparison sends to every system: the same cells, in the same order, with the same prompts.
+
+1. Per trace (Azure `conv` and `code` by default), an **uncontended** cell: requests picked evenly from the
+   loaded cells' own mix, sent one at a time; it sets that system's SLO bounds (Splitwise's definition).
+2. Per trace and rate, an **open-loop** cell: the real trace's arrival pattern replayed at that mean rate for a
+   fixed time, token counts scaled to this host (`TraceScaling`, recorded in the results).
+3. The **anchor** cells of FACTS.md: 300-token prompts, 32 output tokens, closed loop at concurrency 1 and 4, so
+   that figures stay comparable across runs and with the peer's published anchor.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bench.processes import PROJECT_ROOT
+from bench.traces import Scaling, TraceRequest, read_trace, scale_trace, scaling_for_rate
+
+TRACES_DIR = PROJECT_ROOT.parent / "shared" / "traces"
+TRACE_FILES = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
+ANCHOR_PROMPT_TOKENS, ANCHOR_OUTPUT_TOKENS = 300, 32
+
+
+class TokenScaling(BaseModel):
+    """How a trace's token counts are fitted to a 2-core host and a 2,048-token model."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    prompt_scale: float = Field(gt=0)
+    max_prompt_tokens: int = Field(ge=1)
+    output_scale: float = Field(gt=0)
+    max_output_tokens: int = Field(ge=1)
+
+
+# Conversation: median prompt 1,020 → ~255 tokens, median output 129 → ~32. Code: median prompt 1,469 → ~367,
+# outputs (median 13) kept. Both keep the traces' shape: code is prefill-heavy, conversation decode-heavy.
+DEFAULT_TOKEN_SCALING = {
+    "conv": TokenScaling(prompt_scale=0.25, max_prompt_tokens=512, output_scale=0.25, max_output_tokens=64),
+    "code": TokenScaling(prompt_scale=0.25, max_prompt_tokens=768, output_scale=1.0, max_output_tokens=64),
+}
+
+
+class Workload(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    name: str  # e.g. "conv@0.5/s", "uncontended-conv", "anchor-c4"
+    trace: str  # conv, code, anchor
+    kind: Literal["uncontended", "open", "closed"]
+    rate_per_s: float | None = None  # open loop
+    concurrency: int | None = None  # closed loop
+    scaling: Scaling | None = None
+    requests: tuple[TraceRequest, ...]
+
+
+class Plan(BaseModel):
+    """The options a comparison runs with; `workloads()` expands them into cells."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    traces: tuple[str, ...] = ("conv", "code")
+    rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.3, 0.8), "code": (0.3, 0.8)}
+    duration_s: float = Field(30.0, gt=0)
+    num_uncontended: int = Field(4, ge=1)
+    anchor_concurrencies: tuple[int, ...] = (1, 4)
+    num_anchor_requests_per_user: int = Field(3, ge=1)
+    token_scaling: dict[str, TokenScaling] = DEFAULT_TOKEN_SCALING
+    traces_dir: Path = TRACES_DIR
+
+    def workloads(self) -> list[Workload]:
+        cells: list[Workload] = []
+        for trace in self.traces:
+            source = read_trace(self.traces_dir / TRACE_FILES[trace])
+            tokens = self.token_scaling[trace].model_dump()
+            loaded = [self._open_loop(trace, source, rate, tokens) for rate in self.rates_per_s.get(trace, ())]
+            mix = max((cell.requests for cell in loaded), key=len, default=tuple(scale_trace(
+                source, Scaling(max_requests=self.num_uncontended, **tokens))))
+            picks = [mix[round(i * (len(mix) - 1) / max(1, self.num_uncontended - 1))]
+                     for i in range(min(self.num_uncontended, len(mix)))]
+            cells.append(Workload(name=f"uncontended-{trace}", trace=trace, kind="uncontended", concurrency=1,
+                                  requests=tuple(request.model_copy(update={"request_id": index, "arrival_s": 0.0})
+                                                 for index, request in enumerate(picks))))
+            cells += loaded
+        for concurrency in self.anchor_concurrencies:
+            requests = tuple(TraceRequest(request_id=index, arrival_s=0.0, prompt_tokens=ANCHOR_PROMPT_TOKENS,
+                                          output_tokens=ANCHOR_OUTPUT_TOKENS)
+                             for index in range(concurrency * self.num_anchor_requests_per_user))
+            cells.append(Workload(name=f"anchor-c{concurrency}", trace="anchor", kind="closed",
+                                  concurrency=concurrency, requests=requests))
+        return cells
+
+    def _open_loop(self, trace: str, source: list[TraceRequest], rate: float, tokens: dict) -> Workload:
+        scaling = scaling_for_rate(source, rate_per_s=rate, duration_s=self.duration_s, **tokens)
+        return Workload(name=f"{trace}@{rate:g}/s", trace=trace, kind="open", rate_per_s=rate, scaling=scaling,
+                        requests=tuple(scale_trace(source, scaling)))
