@@ -110,7 +110,8 @@ def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: d
               startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[ServedApp]:
     """`serve run` of `serve_config` (given a free HTTP port) on a Ray head of its own, until healthy; on exit
     both are stopped by their ids, with every process they started. `env` goes to the head and to `serve run`."""
-    env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+    # Ray 2.60 starts clusters with token auth; `serve run` must be told to use it too.
+    env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", **(env or {})}
     http_port, ray_port = free_port(), free_port()
     serve_config = {**serve_config, "http_options": {**serve_config["http_options"], "port": http_port}}
     workdir = Path(tempfile.mkdtemp(prefix="ss-"))  # short: Ray's socket paths must fit 107 bytes

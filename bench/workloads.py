@@ -60,7 +60,7 @@ class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     traces: tuple[str, ...] = ("conv", "code")
-    rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.3, 0.8), "code": (0.3, 0.8)}
+    rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.5, 1.5), "code": (0.4, 1.0)}
     duration_s: float = Field(30.0, gt=0)
     num_uncontended: int = Field(4, ge=1)
     anchor_concurrencies: tuple[int, ...] = (1, 4)
