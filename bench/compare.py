@@ -23,6 +23,8 @@ import contextlib
 import json
 import os
 import platform
+import signal
+import sys
 import time
 from dataclasses import dataclass, field
 from importlib.metadata import version
@@ -162,6 +164,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--request-timeout-s", type=float, default=90.0)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    # Ctrl-C or a TERM stops the run through every system's `finally`, which stops what it started. Started in
+    # the background, a process may inherit SIGINT ignored; the systems' processes inherit what is set here.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     traces = tuple(args.traces)
     plan = Plan(traces=traces, rates_per_s=_parse_rates(args.rates, traces), duration_s=args.duration_s,

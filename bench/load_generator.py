@@ -4,7 +4,9 @@
    each prompt starts with its own request number, so no prefix cache serves one request from another's KV.
 2. `run_trace` starts each request at its arrival time whether or not earlier ones finished (open loop), through
    the official `openai` client with streaming, and records TTFT, every inter-token gap, E2E, tokens in and out,
-   and the error if any. A progress bar counts finished requests. It stops sending at `max_duration_s` and
+   and the error if any. Servers may put several tokens in one chunk (Ray Serve LLM sends a chunk every 50 ms):
+   the token ids each chunk carries (vLLM's `return_token_ids`) say how many, and a chunk of k tokens that came
+   g seconds after the previous one counts as k gaps of g/k, so TBT means the same for every server. A progress bar counts finished requests. It stops sending at `max_duration_s` and
    gives up on requests still running `request_timeout_s` after they started: a run is bounded in count and time.
 3. `run_closed_loop` instead keeps a fixed number of requests in flight (the anchor cells of FACTS.md).
 4. Where the server says how the time to first token split (splitserve's `Server-Timing` header: prefill, and
@@ -106,7 +108,7 @@ async def _one(client, model: str, request: TraceRequest, prompt: str, started_a
         async with asyncio.timeout(timeout_s):
             raw = await client.completions.with_raw_response.create(
                 model=model, prompt=prompt, max_tokens=request.output_tokens, temperature=0, stream=True,
-                stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+                stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "return_token_ids": True})
             read_server_timing(raw.headers.get("server-timing"), record)
             async for chunk in raw.parse():
                 if chunk.usage is not None:
@@ -114,10 +116,11 @@ async def _one(client, model: str, request: TraceRequest, prompt: str, started_a
                     record.output_tokens = chunk.usage.completion_tokens
                 if chunk.choices and chunk.choices[0].text:
                     now = time.perf_counter()
+                    num_tokens = len(getattr(chunk.choices[0], "token_ids", None) or ()) or 1
                     if last is None:
                         record.ttft_s = now - sent
                     else:
-                        record.tbt_s.append(now - last)
+                        record.tbt_s += [(now - last) / num_tokens] * num_tokens
                     last = now
         record.e2e_s = time.perf_counter() - sent
     except TimeoutError:

@@ -32,10 +32,14 @@ def _fake_server(port: int):
                                            "code": 404}}, status_code=404)
 
         async def events():
-            for index in range(body["max_tokens"]):
-                await asyncio.sleep(TOKEN_GAP_S)
+            # "p<k> ..." prompts ask for chunks of k tokens (as Ray Serve LLM's batched streams send them).
+            tokens_per_chunk = int(body["prompt"][1:].split()[0]) if body["prompt"].startswith("p") else 1
+            for index in range(0, body["max_tokens"], tokens_per_chunk):
+                await asyncio.sleep(TOKEN_GAP_S * tokens_per_chunk)
+                token_ids = list(range(index, min(index + tokens_per_chunk, body["max_tokens"])))
                 chunk = {"id": "c", "object": "text_completion", "created": 0, "model": "fake",
-                         "choices": [{"index": 0, "text": f"t{index}", "finish_reason": None, "logprobs": None}]}
+                         "choices": [{"index": 0, "text": f"t{index}", "finish_reason": None, "logprobs": None,
+                                      **({"token_ids": token_ids} if body.get("return_token_ids") else {})}]}
                 yield f"data: {json.dumps(chunk)}\n\n"
             usage = {"id": "c", "object": "text_completion", "created": 0, "model": "fake", "choices": [],
                      "usage": {"prompt_tokens": len(body["prompt"].split()), "completion_tokens": body["max_tokens"],
@@ -134,3 +138,12 @@ def test_server_timing_parser_ignores_what_it_does_not_know():
     assert (record.prefill_s, record.first_chunk_s) == (None, 0.04)
     read_server_timing(None, record)
     assert record.first_chunk_s == 0.04
+
+
+def test_a_chunk_of_several_tokens_counts_as_that_many_gaps(base_url):
+    # 8 tokens in chunks of 2, each chunk 2 × 50 ms after the last: 3 chunks after the first, 6 gaps of ~50 ms.
+    (record,) = asyncio.run(run_trace(base_url=base_url, model="fake", requests=_requests([0.0], output_tokens=8),
+                                      prompts=["p2 tokens"], is_progress_shown=False))
+    assert record.is_ok and record.output_tokens == 8
+    assert len(record.tbt_s) == 6
+    assert record.tbt_s == pytest.approx([TOKEN_GAP_S] * 6, abs=0.02)
