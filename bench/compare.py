@@ -37,7 +37,7 @@ from bench.result_files import latencies, summary_row, write_requests_csv, write
 from bench.slo import goodput, slo_bounds
 from bench.systems import BASELINE, SYSTEMS, app_config
 from bench.traces import TraceRequest
-from bench.workloads import Plan, Workload
+from bench.workloads import TRACE_FILES, Plan, Workload
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "compare"
 PROMPT_IDS_PER_CELL = 10_000
@@ -141,12 +141,14 @@ def _installed(package: str) -> bool:
 
 
 def _parse_rates(entries: list[str] | None, traces: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
-    if not entries:
-        return {trace: Plan().rates_per_s.get(trace, (0.5,)) for trace in traces}
-    rates = {}
-    for entry in entries:
-        trace, _, values = entry.partition("=")
-        rates[trace] = tuple(float(value) for value in values.split(","))
+    """`conv=0.5,1.5 code=1` -> rates per trace name; traces not named keep the default rates."""
+    names = [trace if trace in TRACE_FILES else Path(trace).stem for trace in traces]
+    rates = {name: Plan().rates_per_s.get(name, (0.5, 1.0)) for name in names}
+    for entry in entries or []:
+        name, _, values = entry.partition("=")
+        if name not in rates:
+            raise SystemExit(f"--rates names {name!r}, which is not among the traces {names}")
+        rates[name] = tuple(float(value) for value in values.split(","))
     return rates
 
 
@@ -155,8 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
     parser.add_argument("--running", nargs="*", default=[], metavar="NAME=URL",
                         help="also measure servers already running on this host (not started or stopped here)")
-    parser.add_argument("--traces", nargs="+", choices=["conv", "code"], default=["conv", "code"])
-    parser.add_argument("--rates", nargs="+", metavar="TRACE=R1,R2", help="open-loop mean rates, requests/s")
+    parser.add_argument("--traces", nargs="+", default=["conv", "code"],
+                        help="conv, code (Azure, ../shared/traces) or paths of SplitwiseSim / Azure trace CSVs")
+    parser.add_argument("--arrivals", choices=["trace", "poisson"], default="trace",
+                        help="replay the trace's own arrival times at each rate, or draw Poisson arrivals")
+    parser.add_argument("--rates", nargs="+", metavar="TRACE=R1,R2",
+                        help="open-loop mean rates, requests/s, per trace (its name, or its file's stem)")
     parser.add_argument("--duration-s", type=float, default=Plan().duration_s, help="arrivals per open-loop cell")
     parser.add_argument("--num-uncontended", type=int, default=Plan().num_uncontended)
     parser.add_argument("--anchor-concurrencies", type=int, nargs="*", default=list(Plan().anchor_concurrencies))
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     traces = tuple(args.traces)
-    plan = Plan(traces=traces, rates_per_s=_parse_rates(args.rates, traces), duration_s=args.duration_s,
+    plan = Plan(traces=traces, arrivals=args.arrivals, rates_per_s=_parse_rates(args.rates, traces),
+                duration_s=args.duration_s,
                 num_uncontended=args.num_uncontended, anchor_concurrencies=tuple(args.anchor_concurrencies),
                 num_anchor_requests_per_user=args.anchor_requests_per_user)
     cells = plan.workloads()

@@ -3,7 +3,9 @@
 1. Per trace (Azure `conv` and `code` by default), an **uncontended** cell: requests picked evenly from the
    loaded cells' own mix, sent one at a time; it sets that system's SLO bounds (Splitwise's definition).
 2. Per trace and rate, an **open-loop** cell: the real trace's arrival pattern replayed at that mean rate for a
-   fixed time, token counts scaled to this host (`TraceScaling`, recorded in the results).
+   fixed time (or, with `arrivals="poisson"`, Poisson arrivals at that rate with the trace's token sizes), token
+   counts scaled to this host (`TokenScaling`, recorded in the results). A trace is `conv` or `code` (the Azure
+   traces in ../shared/traces) or the path of any SplitwiseSim or Azure-format CSV.
 3. The **anchor** cells of FACTS.md: 300-token prompts, 32 output tokens, closed loop at concurrency 1 and 4, so
    that figures stay comparable across runs and with the peer's published anchor.
 """
@@ -16,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from bench.processes import PROJECT_ROOT
-from bench.traces import Scaling, TraceRequest, read_trace, scale_trace, scaling_for_rate
+from bench.traces import Scaling, TraceRequest, poisson_trace, read_trace, scale_trace, scaling_for_rate
 
 TRACES_DIR = PROJECT_ROOT.parent / "shared" / "traces"
 TRACE_FILES = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
@@ -40,6 +42,9 @@ DEFAULT_TOKEN_SCALING = {
     "conv": TokenScaling(prompt_scale=0.25, max_prompt_tokens=512, output_scale=0.25, max_output_tokens=64),
     "code": TokenScaling(prompt_scale=0.25, max_prompt_tokens=768, output_scale=1.0, max_output_tokens=64),
 }
+# A trace of the user's own: sizes kept, clipped to what a 2,048-token context holds.
+OWN_TRACE_TOKEN_SCALING = TokenScaling(prompt_scale=1.0, max_prompt_tokens=1536, output_scale=1.0,
+                                       max_output_tokens=256)
 
 
 class Workload(BaseModel):
@@ -59,7 +64,8 @@ class Plan(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    traces: tuple[str, ...] = ("conv", "code")
+    traces: tuple[str, ...] = ("conv", "code")  # names in TRACE_FILES, or paths of trace CSVs
+    arrivals: Literal["trace", "poisson"] = "trace"
     rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.5, 1.5), "code": (0.4, 1.0)}
     duration_s: float = Field(30.0, gt=0)
     num_uncontended: int = Field(4, ge=1)
@@ -70,9 +76,9 @@ class Plan(BaseModel):
 
     def workloads(self) -> list[Workload]:
         cells: list[Workload] = []
-        for trace in self.traces:
-            source = read_trace(self.traces_dir / TRACE_FILES[trace])
-            tokens = self.token_scaling[trace].model_dump()
+        for trace_spec in self.traces:
+            trace, source = self._source(trace_spec)
+            tokens = self.token_scaling.get(trace, OWN_TRACE_TOKEN_SCALING).model_dump()
             loaded = [self._open_loop(trace, source, rate, tokens) for rate in self.rates_per_s.get(trace, ())]
             mix = max((cell.requests for cell in loaded), key=len, default=tuple(scale_trace(
                 source, Scaling(max_requests=self.num_uncontended, **tokens))))
@@ -90,7 +96,21 @@ class Plan(BaseModel):
                                   concurrency=concurrency, requests=requests))
         return cells
 
+    def _source(self, trace_spec: str) -> tuple[str, list[TraceRequest]]:
+        if trace_spec in TRACE_FILES:
+            return trace_spec, read_trace(self.traces_dir / TRACE_FILES[trace_spec])
+        path = Path(trace_spec)
+        if not path.is_file():
+            raise ValueError(f"trace {trace_spec!r} is neither one of {', '.join(TRACE_FILES)} nor a CSV file")
+        return path.stem, read_trace(path)
+
     def _open_loop(self, trace: str, source: list[TraceRequest], rate: float, tokens: dict) -> Workload:
-        scaling = scaling_for_rate(source, rate_per_s=rate, duration_s=self.duration_s, **tokens)
+        if self.arrivals == "poisson":
+            scaling = Scaling(**tokens)
+            requests = poisson_trace(rate_per_s=rate, num_requests=max(1, round(rate * self.duration_s)),
+                                     sizes_from=scale_trace(source, scaling))
+        else:
+            scaling = scaling_for_rate(source, rate_per_s=rate, duration_s=self.duration_s, **tokens)
+            requests = scale_trace(source, scaling)
         return Workload(name=f"{trace}@{rate:g}/s", trace=trace, kind="open", rate_per_s=rate, scaling=scaling,
-                        requests=tuple(scale_trace(source, scaling)))
+                        requests=tuple(requests))

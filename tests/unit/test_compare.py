@@ -110,3 +110,16 @@ def test_every_figure_is_written(tmp_path):
                      "timeline_anchor-c2.png"]
     for name in names:
         assert (tmp_path / name).stat().st_size > 5000
+
+
+def test_poisson_arrivals_and_a_trace_file_of_ones_own(tmp_path):
+    own = _trace(tmp_path) / TRACE_FILES["conv"]
+    plan = Plan(traces=(str(own),), arrivals="poisson", rates_per_s={own.stem: (2.0,)}, duration_s=10,
+                anchor_concurrencies=())
+    uncontended, loaded = plan.workloads()
+    assert (uncontended.trace, loaded.name, len(loaded.requests)) == (own.stem, f"{own.stem}@2/s", 20)
+    gaps = [b.arrival_s - a.arrival_s for a, b in zip(loaded.requests, loaded.requests[1:])]
+    assert len(set(round(gap, 6) for gap in gaps)) > 10  # exponential gaps, not the trace's even 0.5 s
+    assert {r.prompt_tokens for r in loaded.requests} <= {100 + 10 * i for i in range(40)}  # sizes kept
+    with pytest.raises(ValueError, match="neither"):
+        Plan(traces=("no-such-trace",)).workloads()
