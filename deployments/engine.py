@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import random
 import socket
 from collections.abc import AsyncGenerator
 from http import HTTPStatus
@@ -29,10 +30,23 @@ from deployments.engine_counters import EngineCounters, counting_stat_logger
 logger = logging.getLogger("splitserve.engine")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+# Below the kernel's ephemeral range (32768-60999), where every outgoing connection takes its local port, and
+# above Ray's worker ports (10002-19999) and Ray Serve LLM's NIXL ports (20000+, 22000+). A port taken from the
+# ephemeral range could be given to a connection between our check and vLLM's bind: NIXL's handshake listener
+# then dies with "Address already in use" (seen here).
+SIDE_CHANNEL_PORTS = range(24000, 32000)
+
+
+def _side_channel_port() -> int:
+    """A port nothing listens on now, from a range no connection is given automatically."""
+    for port in random.sample(SIDE_CHANNEL_PORTS, 64):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port for NIXL's side channel in {SIDE_CHANNEL_PORTS}")
 
 
 def engine_environment(role: EngineRoleConfig, replica_rank: int) -> dict[str, str]:
@@ -41,7 +55,7 @@ def engine_environment(role: EngineRoleConfig, replica_rank: int) -> dict[str, s
         "VLLM_CPU_KVCACHE_SPACE": str(role.kv_cache_gib),
         # Each engine's NIXL side channel (where decode asks prefill for its agent metadata) needs its own port.
         "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_free_port()),
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_side_channel_port()),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "VLLM_NO_USAGE_STATS": "1",
     }
