@@ -103,6 +103,8 @@ class ServedApp:
     base_url: str
     ray_address: str
     log_path: Path
+    metrics_url: str  # the head node's Prometheus endpoint (Ray's metrics agent)
+    session_dir: Path  # Ray's session: logs/serve/ holds every replica's log
 
 
 @contextlib.contextmanager
@@ -112,7 +114,7 @@ def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: d
     both are stopped by their ids, with every process they started. `env` goes to the head and to `serve run`."""
     # Ray 2.60 starts clusters with token auth; `serve run` must be told to use it too.
     env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", **(env or {})}
-    http_port, ray_port = free_port(), free_port()
+    http_port, ray_port, metrics_port = free_port(), free_port(), free_port()
     serve_config = {**serve_config, "http_options": {**serve_config["http_options"], "port": http_port}}
     workdir = Path(tempfile.mkdtemp(prefix="ss-"))  # short: Ray's socket paths must fit 107 bytes
     config_path = workdir / "serve_config.yaml"
@@ -120,7 +122,7 @@ def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: d
     ray_address = f"127.0.0.1:{ray_port}"
     ray_log, serve_log = logs_dir / f"ray-head-{name}.log", logs_dir / f"serve-run-{name}.log"
     ray_head = start([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2",
-                      "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={workdir / 'ray'}"],
+                      f"--metrics-export-port={metrics_port}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={workdir / 'ray'}"],
                      ray_log, env=env)
     serve_proc = None
     seen_children: list[psutil.Process] = []
@@ -134,7 +136,9 @@ def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: d
                    timeout_s=startup_timeout_s, what=f"serve run ({name})", proc=serve_proc, log_path=serve_log,
                    interval_s=3)
         seen_children = descendants(ray_head)
-        yield ServedApp(base_url=base_url, ray_address=ray_address, log_path=serve_log)
+        yield ServedApp(base_url=base_url, ray_address=ray_address, log_path=serve_log,
+                        metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
+                        session_dir=(workdir / "ray" / "session_latest").resolve())
     finally:
         seen_children += descendants(ray_head)
         if serve_proc is not None:

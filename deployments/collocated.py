@@ -30,7 +30,7 @@ class CollocatedServer:
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"collocated-{rank}-{uuid.uuid4().hex[:8]}"
         self._engine = await Engine.start(config.model, config.collocated, replica_rank=rank,
-                                          kv_transfer_config=None)
+                                          kv_transfer_config=None, role_name="collocated")
         logger.info("collocated engine %s ready", self.engine_id)
 
     async def generate(self, request: Any) -> AsyncGenerator[Any, None]:

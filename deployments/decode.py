@@ -39,6 +39,8 @@ class DecodeServer:
             config.decode,
             replica_rank=rank,
             kv_transfer_config=engine_kv_transfer_config(config.transfer, is_producer=False, engine_id=self.engine_id),
+            role_name="decode",
+            transfer_backend=config.transfer.backend,
         )
         logger.info("decode engine %s ready (KV in through %s)", self.engine_id, config.transfer.backend)
 

@@ -3,7 +3,8 @@
 1. `engine_environment` fixes what vLLM reads from the process environment (cores, KV-cache size, NIXL port);
    the EngineCore subprocess inherits it when it is spawned.
 2. `Engine.start` parses our config into vLLM's own CLI arguments, so every default of `vllm serve` applies,
-   starts `AsyncLLM` with a counting stat logger, and builds vLLM's serving objects (`init_app_state`): chat
+   starts `AsyncLLM` with a counting stat logger (which also publishes splitserve's KV-transfer metrics) and
+   vLLM's own metrics re-exported through Ray (`RayPrometheusStatLogger`), and builds vLLM's serving objects (`init_app_state`): chat
    templates, request validation, sampling parameters, stop strings and response shapes all stay vLLM's.
 3. `chat` / `completion` run a typed vLLM request through those objects and return what vLLM returns: an SSE
    string stream, a full response, or an `ErrorResponse`. Exceptions become `ErrorResponse` values here.
@@ -94,7 +95,8 @@ class Engine:
 
     @classmethod
     async def start(
-        cls, model: ModelConfig, role: EngineRoleConfig, *, replica_rank: int, kv_transfer_config: dict[str, Any] | None
+        cls, model: ModelConfig, role: EngineRoleConfig, *, replica_rank: int, kv_transfer_config: dict[str, Any] | None,
+        role_name: str = "engine", transfer_backend: str | None = None,
     ) -> Engine:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -103,6 +105,9 @@ class Engine:
         from vllm.usage.usage_lib import UsageContext
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
+
+        from deployments.metrics import KVTransferMetrics
 
         environment = engine_environment(role, replica_rank)
         # vLLM reads these from the environment of the process that spawns its EngineCore: this one.
@@ -110,11 +115,14 @@ class Engine:
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(model, role, kv_transfer_config))
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        stat_logger_factory, counters = counting_stat_logger()
+        kv_metrics = (KVTransferMetrics(model.served_name, transfer_backend, role_name)
+                      if transfer_backend is not None else None)
+        stat_logger_factory, counters = counting_stat_logger(kv_metrics=kv_metrics)
         logger.info("starting vLLM engine: %s, env %s", " ".join(vllm_cli_args(model, role, kv_transfer_config)),
                     environment)
         engine_client = AsyncLLM.from_vllm_config(
-            vllm_config, usage_context=UsageContext.OPENAI_API_SERVER, stat_loggers=[stat_logger_factory]
+            vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
+            stat_loggers=[stat_logger_factory, RayPrometheusStatLogger]
         )
         state = State()
         await init_app_state(engine_client, state, args, supported_tasks=("generate",))

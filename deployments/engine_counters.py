@@ -73,8 +73,12 @@ def _sum_connector_stats(stats: dict[str, Any]) -> dict[str, float]:
 
 
 class CountingStatLogger(StatLoggerBase):
-    def __init__(self, vllm_config: Any, engine_index: int = 0, *, accumulator: _Accumulator):
+    """Adds up the engine's stats; with `kv_metrics`, also publishes each KV transfer through Ray (metrics.py)."""
+
+    def __init__(self, vllm_config: Any, engine_index: int = 0, *, accumulator: _Accumulator,
+                 kv_metrics: Any = None):
         self._accumulator = accumulator
+        self._kv_metrics = kv_metrics
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0):
         if iteration_stats is not None:
@@ -95,16 +99,18 @@ class CountingStatLogger(StatLoggerBase):
             )
             if scheduler_stats.kv_connector_stats:
                 self._accumulator.add(**_sum_connector_stats(scheduler_stats.kv_connector_stats))
+                if self._kv_metrics is not None:
+                    self._kv_metrics.record(scheduler_stats.kv_connector_stats)
 
     def log_engine_initialized(self) -> None:
         pass
 
 
-def counting_stat_logger() -> tuple[Any, _Accumulator]:
+def counting_stat_logger(*, kv_metrics: Any = None) -> tuple[Any, _Accumulator]:
     """A vLLM stat-logger factory and the accumulator its logger writes into."""
     accumulator = _Accumulator()
 
     def factory(vllm_config: Any, engine_index: int = 0) -> CountingStatLogger:
-        return CountingStatLogger(vllm_config, engine_index, accumulator=accumulator)
+        return CountingStatLogger(vllm_config, engine_index, accumulator=accumulator, kv_metrics=kv_metrics)
 
     return factory, accumulator

@@ -46,6 +46,8 @@ class PrefillServer:
             config.prefill,
             replica_rank=rank,
             kv_transfer_config=engine_kv_transfer_config(config.transfer, is_producer=True, engine_id=self.engine_id),
+            role_name="prefill",
+            transfer_backend=config.transfer.backend,
         )
         logger.info("prefill engine %s ready (KV out through %s)", self.engine_id, config.transfer.backend)
 

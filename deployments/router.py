@@ -7,8 +7,10 @@
 3. Decode continues from that KV. Its stream of vLLM SSE strings is passed through without re-wrapping, so tokens
    take no extra hop beyond the router; a non-streamed request gets decode's one response.
 4. If the client disconnects, the decode stream is cancelled, and vLLM aborts the request and frees its blocks.
-5. Every response carries its request id and a `Server-Timing` header: how long prefill took and on which engine,
-   and how long decode took to its first token (the KV hand-over plus one decode step).
+5. Every response carries its request id (the client's `X-Request-Id`, else Serve's own: Serve stamps it on every
+   log line of the router, prefill and decode) and a `Server-Timing` header: how long prefill took and on which
+   engine, and how long decode took to its first token (the KV hand-over plus one decode step).
+6. Requests, status codes, TTFT, time per output token, E2E and requests in flight go to Ray's metrics.
 
 In `collocated` mode (the baseline) steps 2-3 are one call to a plain engine that runs both phases.
 
@@ -24,7 +26,6 @@ import json
 import logging
 import time
 import types
-import uuid
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
@@ -47,9 +48,11 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, Mod
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
+from deployments.metrics import RouterMetrics
 from deployments.pd_protocol import check_disaggregable
 from kv_transfer.handle import KVHandle
 from serve_app.config import AppConfig
+from serve_app.grafana import install_dashboard
 
 logger = logging.getLogger("ray.serve")
 
@@ -97,6 +100,8 @@ class Router:
         self._prefill = prefill
         self._decode = decode
         self._collocated = collocated
+        self._metrics = RouterMetrics(config.model.served_name)
+        install_dashboard()
         self._engines = {name: handle for name, handle in
                          (("prefill", prefill), ("decode", decode), ("collocated", collocated)) if handle is not None}
 
@@ -139,8 +144,10 @@ class Router:
             stream.cancel()
 
     @staticmethod
-    def _with_request_id(request: Any, header_value: str | None) -> Any:
-        request_id = header_value or getattr(request, "request_id", None) or uuid.uuid4().hex
+    def _with_request_id(request: Any) -> Any:
+        # Serve's request id is the client's X-Request-Id when it sent one; Serve puts it on every log line of the
+        # router, prefill and decode for this request and returns it in the response. vLLM's id becomes the same.
+        request_id = serve.context._get_serve_request_context().request_id or request.request_id
         return request.model_copy(update={"request_id": request_id})
 
     # --- HTTP ---------------------------------------------------------------------------------------------------
@@ -154,16 +161,40 @@ class Router:
         return await self._http(request, raw_request)
 
     async def _http(self, request: Any, raw_request: Request) -> Any:
-        request = self._with_request_id(request, raw_request.headers.get(REQUEST_ID_HEADER))
-        logger.info("request %s: %s %s", request.request_id, raw_request.method, raw_request.url.path)
+        request = self._with_request_id(request)
+        route = raw_request.url.path
+        logger.info("request %s: %s %s", request.request_id, raw_request.method, route)
+        started = time.perf_counter()
+        self._metrics.started()
         timing = PhaseTiming()
-        result = await self._run(request, timing)
+        try:
+            result = await self._run(request, timing)
+        except BaseException:
+            self._metrics.finished(route=route, status_code=500, e2e_s=time.perf_counter() - started)
+            raise
         headers = {REQUEST_ID_HEADER: request.request_id, "Server-Timing": timing.header()}
         if isinstance(result, ErrorResponse):
+            self._metrics.finished(route=route, status_code=result.error.code, e2e_s=time.perf_counter() - started)
             return _error_json(result, headers)
         if isinstance(result, AsyncGenerator):
-            return StreamingResponse(result, media_type="text/event-stream", headers=headers)
+            measured = self._measured(result, route, started, ttft_s=time.perf_counter() - started)
+            return StreamingResponse(measured, media_type="text/event-stream", headers=headers)
+        self._metrics.finished(route=route, status_code=200, e2e_s=time.perf_counter() - started)
         return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
+
+    async def _measured(self, stream: AsyncGenerator[str, None], route: str, started: float,
+                        ttft_s: float) -> AsyncGenerator[str, None]:
+        """Passes the SSE stream through, counting the chunks that carry tokens; 499 if the client went away."""
+        num_token_chunks, status_code = 0, 499
+        try:
+            async for chunk in stream:
+                if '"choices":[{' in chunk:
+                    num_token_chunks += 1
+                yield chunk
+            status_code = 200
+        finally:
+            self._metrics.finished(route=route, status_code=status_code, e2e_s=time.perf_counter() - started,
+                                   ttft_s=ttft_s, num_output_chunks=num_token_chunks)
 
     @app.get("/v1/models")
     async def http_models(self) -> JSONResponse:
@@ -196,10 +227,10 @@ class Router:
         return report
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | ErrorResponse:
-        return await self._run(self._with_request_id(request.model_copy(update={"stream": False}), None))
+        return await self._run(self._with_request_id(request.model_copy(update={"stream": False})))
 
     async def completion(self, request: CompletionRequest) -> CompletionResponse | ErrorResponse:
-        return await self._run(self._with_request_id(request.model_copy(update={"stream": False}), None))
+        return await self._run(self._with_request_id(request.model_copy(update={"stream": False})))
 
     async def chat_stream(self, request: ChatCompletionRequest) -> AsyncGenerator[Any, None]:
         async for item in self._typed_stream(request):
@@ -212,7 +243,7 @@ class Router:
     async def _typed_stream(self, request: Any) -> AsyncGenerator[Any, None]:
         """The SSE stream an HTTP client would get, as typed chunk objects (or one ErrorResponse)."""
         chunk_type = _STREAM_CHUNK_TYPES[type(request)]
-        result = await self._run(self._with_request_id(request.model_copy(update={"stream": True}), None))
+        result = await self._run(self._with_request_id(request.model_copy(update={"stream": True})))
         if not isinstance(result, AsyncGenerator):
             yield result
             return

@@ -13,7 +13,8 @@ Ownership: the store holds references, never the bytes; an object lives as long 
 (prefill's engine worker) and as long as the store references it. Each prefill replica creates its own store
 (`create_store`), so the store is owned by that replica: Ray restarts it (empty) if it crashes, and it goes away
 with the replica, whose engine made the KV. Decode finds it by the name that travels in the KV handle.
-`KVStoreState` is the bookkeeping (plain Python, tested with a fake clock); `KVStoreActor` is the actor.
+`KVStoreState` is the bookkeeping (plain Python, tested with a fake clock); `KVStoreActor` is the actor, which
+also publishes its occupancy and lease expirations through Ray's metrics (`StoreMetrics`), tagged by store.
 """
 
 from __future__ import annotations
@@ -156,6 +157,42 @@ class KVStoreState:
         raise KVNotFoundError(f"no KV transfer {key!r} in the store")
 
 
+class StoreMetrics:
+    """What an operator watches on a store: memory held against its bound, transfers open, leases expired."""
+
+    def __init__(self, name: str, capacity_bytes: int):
+        from ray.util import metrics
+
+        tags = {"store": name}
+        self.bytes_in_use = metrics.Gauge("splitserve_kv_store_bytes_in_use", "KV bytes the store holds.",
+                                          tag_keys=("store",))
+        self.capacity = metrics.Gauge("splitserve_kv_store_capacity_bytes", "The store's memory bound.",
+                                      tag_keys=("store",))
+        self.open_transfers = metrics.Gauge("splitserve_kv_store_open_transfers",
+                                            "Transfers opened and not yet released or expired.", tag_keys=("store",))
+        self.expired = metrics.Counter("splitserve_kv_store_leases_expired",
+                                       "Transfers dropped because decode did not release them within the lease.",
+                                       tag_keys=("store",))
+        self.rejected_full = metrics.Counter("splitserve_kv_store_rejected_full",
+                                             "Transfers refused because the store was full (decode recomputes).",
+                                             tag_keys=("store",))
+        for metric in (self.bytes_in_use, self.capacity, self.open_transfers, self.expired, self.rejected_full):
+            metric.set_default_tags(tags)
+        self.capacity.set(capacity_bytes)
+        for counter in (self.expired, self.rejected_full):  # exist at 0 before the first event (as export_zero)
+            counter._record(0)
+        self._num_expired = self._num_rejected_full = 0  # already counted
+
+    def publish(self, counters: StoreCounters) -> None:
+        self.bytes_in_use.set(counters.num_bytes_in_use)
+        self.open_transfers.set(counters.num_open)
+        if counters.num_expired > self._num_expired:
+            self.expired.inc(counters.num_expired - self._num_expired)
+        if counters.num_rejected_full > self._num_rejected_full:
+            self.rejected_full.inc(counters.num_rejected_full - self._num_rejected_full)
+        self._num_expired, self._num_rejected_full = counters.num_expired, counters.num_rejected_full
+
+
 class KVStoreActor:
     """The store as an async Ray actor: claims wait for parts still in flight; a reaper enforces leases."""
 
@@ -163,6 +200,7 @@ class KVStoreActor:
         self._state = KVStoreState(capacity_bytes, lease_s, name=name)
         self._arrivals: dict[str, asyncio.Event] = {}
         self._reaper: asyncio.Task | None = None
+        self._metrics = StoreMetrics(name, capacity_bytes)
 
     def _ensure_reaper(self) -> None:
         if self._reaper is None:
@@ -173,10 +211,14 @@ class KVStoreActor:
             await asyncio.sleep(max(0.05, self._state.lease_s / 4))
             for key in self._state.expire():
                 self._arrivals.pop(key, None)
+            self._metrics.publish(self._state.counters())
 
     async def open(self, key: str, layout: KVLayout) -> KVTicket:
         self._ensure_reaper()
-        ticket = self._state.open(key, layout)
+        try:
+            ticket = self._state.open(key, layout)
+        finally:
+            self._metrics.publish(self._state.counters())
         self._arrivals[key] = asyncio.Event()
         return ticket
 
@@ -199,7 +241,9 @@ class KVStoreActor:
 
     async def release(self, key: str) -> bool:
         self._arrivals.pop(key, None)
-        return self._state.release(key)
+        is_released = self._state.release(key)
+        self._metrics.publish(self._state.counters())
+        return is_released
 
     async def counters(self) -> StoreCounters:
         return self._state.counters()

@@ -107,6 +107,8 @@ class RunningApp:
     base_url: str
     ray_address: str
     log_path: Path
+    metrics_url: str
+    session_dir: Path
     model_path: str
     # KV loads that tests failed on purpose (fault injection): the leak check expects exactly these.
     injected: dict[str, int]
@@ -134,7 +136,8 @@ def app(request, reference_outputs: dict, logs_dir: Path, tmp_path_factory) -> R
     environment = _without_nixl(tmp_path_factory.mktemp("no-nixl")) if backend == "auto-without-nixl" else {}
     with processes.serve_run(serve_config, name=backend, logs_dir=logs_dir, env=environment) as served:
         yield RunningApp(backend=backend, base_url=served.base_url, ray_address=served.ray_address,
-                         log_path=served.log_path, model_path=config.model.path, injected={"num_failed_loads": 0})
+                         log_path=served.log_path, metrics_url=served.metrics_url, session_dir=served.session_dir,
+                         model_path=config.model.path, injected={"num_failed_loads": 0})
 
 
 @pytest.fixture(scope="session")
