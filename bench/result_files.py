@@ -59,7 +59,7 @@ def summary_row(system: str, records: list[RequestRecord], duration_s: float,
                            "throughput_tok_s": round(sum(r.output_tokens for r in records if r.is_ok) / duration_s, 2)
                            if duration_s > 0 else 0.0}
     measured = latency_percentiles(ok) if ok else {}
-    for metric in ("ttft", "tbt", "e2e"):
+    for metric in ("ttft", "tbt", "tpot", "e2e"):
         for q in PERCENTILES:
             value = measured.get(metric, {}).get(q)
             row[f"{metric}_p{q}_ms"] = round(value * 1e3, 2) if value is not None else ""

@@ -4,8 +4,10 @@ Splitwise sets SLOs relative to the same system's uncontended run (one request a
 P50/P90/P99 of TTFT within 2×/3×/6× of it, and of TBT and E2E within 1.25×/1.5×/5×.
 1. `slo_bounds(uncontended)` turns an uncontended run's latencies into those bounds.
 2. `meets_slos(run, bounds)`: whether a loaded run keeps all nine percentiles within their bounds.
-3. `slo_attainment(run, bounds)`: the share of requests that stay within the P90 bounds (TTFT, their own P90
-   inter-token gap, E2E). If at least 90% do, the run's P90s are within bounds too.
+3. `slo_attainment(run, bounds)`: the share of requests within the P90 bounds of what a request controls: its
+   TTFT, and its time per output token (the mean of its gaps, which tokens bunched in delivery do not distort).
+   E2E is not checked per request: it grows with the request's own output length, so a long answer would fail
+   a bound taken from a mix of shorter ones; E2E percentiles are still part of `meets_slos`.
 4. `goodput(attainment_by_rate)`: the highest request rate at which attainment is at least 90%.
 """
 
@@ -40,9 +42,9 @@ def percentile(values: list[float] | tuple[float, ...], q: float) -> float:
 
 
 def latency_samples(run: list[RequestLatency]) -> dict[str, list[float]]:
-    """Every TTFT and E2E (one per request) and every inter-token gap (many per request)."""
+    """Every TTFT, TPOT (a request's mean gap) and E2E, one per request, and every inter-token gap."""
     return {"ttft": [r.ttft_s for r in run], "tbt": [gap for r in run for gap in r.tbt_s],
-            "e2e": [r.e2e_s for r in run]}
+            "tpot": [float(np.mean(r.tbt_s)) for r in run if r.tbt_s], "e2e": [r.e2e_s for r in run]}
 
 
 def latency_percentiles(run: list[RequestLatency]) -> dict[str, dict[int, float]]:
@@ -52,7 +54,8 @@ def latency_percentiles(run: list[RequestLatency]) -> dict[str, dict[int, float]
 
 def slo_bounds(uncontended: list[RequestLatency]) -> dict[str, dict[int, float]]:
     measured = latency_percentiles(uncontended)
-    return {metric: {q: SLO_FACTORS[metric][q] * measured[metric][q] for q in PERCENTILES} for metric in measured}
+    return {metric: {q: SLO_FACTORS[metric][q] * measured[metric][q] for q in PERCENTILES}
+            for metric in SLO_FACTORS if metric in measured}
 
 
 def meets_slos(run: list[RequestLatency], bounds: dict[str, dict[int, float]]) -> bool:
@@ -66,8 +69,8 @@ def slo_attainment(run: list[RequestLatency], bounds: dict[str, dict[int, float]
         return 0.0
 
     def attains(request: RequestLatency) -> bool:
-        tbt_ok = not request.tbt_s or percentile(request.tbt_s, 90) <= bounds["tbt"][90]
-        return request.ttft_s <= bounds["ttft"][90] and tbt_ok and request.e2e_s <= bounds["e2e"][90]
+        tpot_ok = not request.tbt_s or float(np.mean(request.tbt_s)) <= bounds["tbt"][90]
+        return request.ttft_s <= bounds["ttft"][90] and tpot_ok
 
     return sum(attains(request) for request in run) / len(run)
 

@@ -66,9 +66,9 @@ class Plan(BaseModel):
 
     traces: tuple[str, ...] = ("conv", "code")  # names in TRACE_FILES, or paths of trace CSVs
     arrivals: Literal["trace", "poisson"] = "trace"
-    rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.5, 1.5), "code": (0.4, 1.0)}
+    rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.25, 1.0), "code": (0.2, 0.6)}
     duration_s: float = Field(30.0, gt=0)
-    num_uncontended: int = Field(4, ge=1)
+    num_uncontended: int = Field(8, ge=1)
     anchor_concurrencies: tuple[int, ...] = (1, 4)
     num_anchor_requests_per_user: int = Field(3, ge=1)
     token_scaling: dict[str, TokenScaling] = DEFAULT_TOKEN_SCALING

@@ -44,7 +44,7 @@ class RouterMetrics:
         self.in_flight = metrics.Gauge("splitserve_requests_in_flight", "Requests the router is serving now.",
                                        tag_keys=("model",))
         for metric in (self.requests, self.ttft, self.tpot, self.e2e, self.in_flight):
-            metric.set_default_tags(tags)
+            metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it is given
         self._num_in_flight = 0
 
     def started(self) -> None:

@@ -157,14 +157,18 @@ def ray_driver(app: RunningApp):
     ray.shutdown()
 
 
+def pytest_itemcollected(item) -> None:
+    """Everything under tests/e2e is `e2e`, marked as it is collected, so that `-m "not e2e"` deselects it."""
+    if "tests/e2e" in str(item.fspath):
+        item.add_marker(pytest.mark.e2e)
+
+
 @pytest.hookimpl(trylast=True)  # after pytest grouped the items by the app fixture's parameter
 def pytest_collection_modifyitems(items: list) -> None:
     """Unit tests first (a broken piece fails fast); then, per transfer backend, every end-to-end test with the
     leak check last, since it walks the end of the whole life cycle."""
     def order(item) -> tuple:
         is_e2e = "tests/e2e" in str(item.fspath)
-        if is_e2e:
-            item.add_marker(pytest.mark.e2e)
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("app", "") if callspec else ""
         backend_rank = TRANSFER_BACKENDS.index(backend) if backend in TRANSFER_BACKENDS else -1

@@ -42,9 +42,10 @@ def test_summary_has_percentiles_throughput_and_slos(tmp_path):
     assert row["throughput_req_s"] == 2.0 and row["throughput_tok_s"] == 6.0
     assert row["ttft_p50_ms"] == pytest.approx(250.0)
     assert row["tbt_p50_ms"] == pytest.approx(25.0)
-    # P90 bounds: TTFT 3 × 100 ms holds for requests 0-2, but E2E 1.5 × 150 ms = 225 ms only for request 0
-    # (150 ms); the failed request never attains.
-    assert row["slo_attainment"] == pytest.approx(1 / 5)
+    assert row["tpot_p50_ms"] == pytest.approx(25.0)
+    # P90 bounds: TTFT 3 × 100 ms holds for requests 0-2, and each one's TPOT (25 ms) is within 1.5 × its P90 gap;
+    # request 3 is too slow to its first token; the failed request never attains.
+    assert row["slo_attainment"] == pytest.approx(3 / 5)
     assert row["meets_slos"] is False
 
     write_summary_csv([row, summary_row("collocated", records[:2], duration_s=1.0)], tmp_path / "summary.csv")

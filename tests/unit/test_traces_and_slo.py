@@ -97,5 +97,11 @@ def test_slo_attainment_meets_and_goodput():
     heavy = _run([1.5] * 8 + [4.0, 9.0], 0.06, [2.4] * 8 + [5.0, 11.0])  # 2 of 10 miss the P90 bounds
     assert meets_slos(light, bounds) and slo_attainment(light, bounds) == 1.0
     assert not meets_slos(heavy, bounds) and slo_attainment(heavy, bounds) == 0.8
+    # A long answer at a good pace attains, though its E2E is beyond the bound taken from shorter ones.
+    long_answer = [RequestLatency(ttft_s=1.0, tbt_s=(0.05,) * 200, e2e_s=11.0)]
+    assert slo_attainment(long_answer, bounds) == 1.0
+    # Tokens delivered in bursts: gaps of 0 and 0.2 s average to 0.1 s per token, beyond 1.5 × 0.05.
+    bursty = [RequestLatency(ttft_s=1.0, tbt_s=(0.0, 0.2) * 5, e2e_s=2.0)]
+    assert slo_attainment(bursty, bounds) == 0.0
     assert goodput({0.5: 1.0, 1.0: 0.95, 2.0: 0.8}) == 1.0
     assert goodput({2.0: 0.5}) is None
