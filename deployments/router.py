@@ -64,7 +64,6 @@ app.state.args = argparse.Namespace(log_error_stack=False)
 app.state.server = types.SimpleNamespace()
 app.state.engine_client = None
 
-REQUEST_ID_HEADER = "X-Request-Id"
 _STREAM_CHUNK_TYPES = {ChatCompletionRequest: ChatCompletionStreamResponse, CompletionRequest: CompletionStreamResponse}
 
 
@@ -172,7 +171,8 @@ class Router:
         except BaseException:
             self._metrics.finished(route=route, status_code=500, e2e_s=time.perf_counter() - started)
             raise
-        headers = {REQUEST_ID_HEADER: request.request_id, "Server-Timing": timing.header()}
+        # Serve's proxy returns the request id in X-Request-Id itself (the same id: see _with_request_id).
+        headers = {"Server-Timing": timing.header()}
         if isinstance(result, ErrorResponse):
             self._metrics.finished(route=route, status_code=result.error.code, e2e_s=time.perf_counter() - started)
             return _error_json(result, headers)
