@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -26,6 +27,17 @@ import yaml
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", PROJECT_ROOT / ".venv")) / "bin"
 STARTUP_TIMEOUT_S = 420
+
+
+def use_ray_token_auth() -> None:
+    """Ray 2.60 starts clusters with token auth. Every process started from here (the head, `serve run`, drivers)
+    uses this process's token: the user's own (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), else a
+    fresh one for this process and its children, so that a fresh machine needs no `ray get-auth-token --generate`."""
+    os.environ["RAY_AUTH_MODE"] = "token"
+    has_token = (os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH")
+                 or (Path.home() / ".ray" / "auth_token").is_file())
+    if not has_token:
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
 def free_port() -> int:
@@ -112,8 +124,8 @@ def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: d
               startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[ServedApp]:
     """`serve run` of `serve_config` (given a free HTTP port) on a Ray head of its own, until healthy; on exit
     both are stopped by their ids, with every process they started. `env` goes to the head and to `serve run`."""
-    # Ray 2.60 starts clusters with token auth; `serve run` must be told to use it too.
-    env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", **(env or {})}
+    use_ray_token_auth()  # `serve run` and the head get this process's token through its environment
+    env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     http_port, ray_port, metrics_port = free_port(), free_port(), free_port()
     serve_config = {**serve_config, "http_options": {**serve_config["http_options"], "port": http_port}}
     workdir = Path(tempfile.mkdtemp(prefix="ss-"))  # short: Ray's socket paths must fit 107 bytes

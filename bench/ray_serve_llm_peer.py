@@ -138,7 +138,8 @@ def ray_serve_llm_pd(*, model_path: str, served_name: str, max_model_len: int, i
     workdir = pathlib.Path(tempfile.mkdtemp(prefix="rl-"))  # short: Ray's socket paths must fit 107 bytes
     config_path = workdir / "serve_config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-    env = {"RAY_AUTH_MODE": "token", "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    processes.use_ray_token_auth()  # the head and `serve run` inherit this process's token
+    env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
     ray_log, serve_log = logs_dir / f"ray-head-{name}.log", logs_dir / f"serve-run-{name}.log"
     ray_head = processes.start(
         [str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}",

@@ -12,12 +12,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import logging.handlers
 import os
 import random
 import socket
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from http import HTTPStatus
 from typing import Any
 
@@ -83,6 +85,22 @@ def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config
     return args
 
 
+@contextlib.contextmanager
+def serve_log_files_kept(logger_name: str = "ray.serve") -> Iterator[None]:
+    """vLLM configures logging when its engine starts (`logging.config.dictConfig`), and dictConfig closes every
+    handler of the process: Serve's replica log file among them, whose MemoryHandler then drops what it is given.
+    Every log line of the replica (request ids included) would go to stderr only. Re-attach the files afterwards."""
+    handlers = [handler for handler in logging.getLogger(logger_name).handlers
+                if isinstance(handler, logging.handlers.MemoryHandler)]
+    targets = [handler.target for handler in handlers]
+    try:
+        yield
+    finally:
+        for handler, target in zip(handlers, targets):
+            if handler.target is None and target is not None:
+                handler.setTarget(target)  # a closed FileHandler opens its file again on the next record
+
+
 class Engine:
     """A started vLLM engine and its OpenAI serving objects."""
 
@@ -97,6 +115,15 @@ class Engine:
     async def start(
         cls, model: ModelConfig, role: EngineRoleConfig, *, replica_rank: int, kv_transfer_config: dict[str, Any] | None,
         role_name: str = "engine", transfer_backend: str | None = None,
+    ) -> Engine:
+        with serve_log_files_kept():
+            return await cls._start(model, role, replica_rank=replica_rank, kv_transfer_config=kv_transfer_config,
+                                    role_name=role_name, transfer_backend=transfer_backend)
+
+    @classmethod
+    async def _start(
+        cls, model: ModelConfig, role: EngineRoleConfig, *, replica_rank: int, kv_transfer_config: dict[str, Any] | None,
+        role_name: str, transfer_backend: str | None,
     ) -> Engine:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs

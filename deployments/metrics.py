@@ -15,6 +15,8 @@ so prefill's and decode's queues show side by side.
 
 from __future__ import annotations
 
+import asyncio
+
 from ray.serve import metrics
 
 LATENCY_BUCKETS_S = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 15, 30, 60, 120]
@@ -22,6 +24,8 @@ TOKEN_LATENCY_BUCKETS_S = [0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.2, 
 TRANSFER_BUCKETS_S = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 5]
 BYTES_BUCKETS = [2**20 * size for size in (1, 4, 16, 32, 64, 128, 256, 512, 1024)]
 BANDWIDTH_BUCKETS = [1e9 * rate for rate in (0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64)]  # bytes/s
+# Ray drops a gauge's series unless it is set again within two metric-export intervals (20 s by default).
+GAUGE_REFRESH_S = 5.0
 
 
 def export_zero(counter: metrics.Counter) -> None:
@@ -46,6 +50,12 @@ class RouterMetrics:
         for metric in (self.requests, self.ttft, self.tpot, self.e2e, self.in_flight):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it is given
         self._num_in_flight = 0
+
+    async def refresh_gauges(self) -> None:
+        """Runs for the router's lifetime: an idle router still reports 0 requests in flight."""
+        while True:
+            self.in_flight.set(self._num_in_flight)
+            await asyncio.sleep(GAUGE_REFRESH_S)
 
     def started(self) -> None:
         self._num_in_flight += 1

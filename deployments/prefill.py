@@ -41,6 +41,7 @@ class PrefillServer:
         if config.transfer.backend == "object_store":
             self._store = create_store(name=store_name(self.engine_id), lease_s=config.transfer.kv_lease_s,
                                        capacity_bytes=int(config.transfer.store_capacity_gib * (1 << 30)))
+            await self._store.counters.remote()  # the store is up (and publishing) before the engine starts
         self._engine = await Engine.start(
             config.model,
             config.prefill,

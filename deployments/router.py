@@ -93,13 +93,14 @@ def _error_json(error: ErrorResponse, headers: dict[str, str]) -> JSONResponse:
 @serve.deployment(max_ongoing_requests=64)
 @serve.ingress(app)
 class Router:
-    def __init__(self, config: AppConfig, *, prefill: DeploymentHandle | None = None,
+    async def __init__(self, config: AppConfig, *, prefill: DeploymentHandle | None = None,
                  decode: DeploymentHandle | None = None, collocated: DeploymentHandle | None = None):
         self._config = config
         self._prefill = prefill
         self._decode = decode
         self._collocated = collocated
         self._metrics = RouterMetrics(config.model.served_name)
+        self._gauge_refresher = asyncio.get_running_loop().create_task(self._metrics.refresh_gauges())
         install_dashboard()
         self._engines = {name: handle for name, handle in
                          (("prefill", prefill), ("decode", decode), ("collocated", collocated)) if handle is not None}

@@ -32,6 +32,9 @@ from kv_transfer.errors import KVExpiredError, KVNotFoundError, KVStoreFullError
 from kv_transfer.layout import KVLayout
 
 NUM_REMEMBERED_EXPIRED_KEYS = 10_000
+# Ray drops a gauge's series when it is not set again within two metric-export intervals (20 s by default): the
+# reaper republishes the store's gauges at least this often, also when no request comes.
+MAX_PUBLISH_INTERVAL_S = 5.0
 
 
 class KVTicket(BaseModel):
@@ -178,12 +181,13 @@ class StoreMetrics:
                                              tag_keys=("store",))
         for metric in (self.bytes_in_use, self.capacity, self.open_transfers, self.expired, self.rejected_full):
             metric.set_default_tags(tags)
-        self.capacity.set(capacity_bytes)
+        self._capacity_bytes = capacity_bytes
         for counter in (self.expired, self.rejected_full):  # exist at 0 before the first event (as export_zero)
             counter._record(0)
         self._num_expired = self._num_rejected_full = 0  # already counted
 
     def publish(self, counters: StoreCounters) -> None:
+        self.capacity.set(self._capacity_bytes)
         self.bytes_in_use.set(counters.num_bytes_in_use)
         self.open_transfers.set(counters.num_open)
         if counters.num_expired > self._num_expired:
@@ -208,7 +212,7 @@ class KVStoreActor:
 
     async def _reap(self) -> None:
         while True:
-            await asyncio.sleep(max(0.05, self._state.lease_s / 4))
+            await asyncio.sleep(min(MAX_PUBLISH_INTERVAL_S, max(0.05, self._state.lease_s / 4)))
             for key in self._state.expire():
                 self._arrivals.pop(key, None)
             self._metrics.publish(self._state.counters())
@@ -246,6 +250,7 @@ class KVStoreActor:
         return is_released
 
     async def counters(self) -> StoreCounters:
+        self._ensure_reaper()  # the owner asks once at start-up: from then on the gauges are published
         return self._state.counters()
 
 

@@ -21,9 +21,9 @@ from bench.processes import PROJECT_ROOT
 from tests.e2e.workload import REFERENCE_REQUESTS, extra_body, request_body
 
 CACHE_DIR = PROJECT_ROOT / ".cache"
-# Ray 2.60 starts new clusters with token auth (token in ~/.ray/auth_token); every process of the test session
-# (the head, `serve run`, the drivers) uses it rather than turning authentication off.
-os.environ["RAY_AUTH_MODE"] = "token"
+# Ray 2.60 starts new clusters with token auth; every process of the test session (the head, `serve run`, the
+# drivers) uses one token rather than turning authentication off. Set before Ray is first imported.
+processes.use_ray_token_auth()
 
 
 def _app_config() -> tuple[dict[str, Any], Any]:
