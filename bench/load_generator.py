@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 import re
 from dataclasses import dataclass, field
@@ -134,7 +135,8 @@ def _client(base_url: str, request_timeout_s: float):
     import openai
 
     check_loopback(base_url)
-    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=request_timeout_s)
+    return openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key=os.environ.get("SPLITSERVE_API_KEY", "unused"),
+                              max_retries=0, timeout=request_timeout_s)
 
 
 async def run_trace(*, base_url: str, model: str, requests: list[TraceRequest], prompts: list[str],

@@ -46,8 +46,8 @@ class CollocatedServer:
     def counters(self) -> EngineCounters:
         return self._engine.counters()
 
-    def role(self) -> dict[str, str]:
-        return {"role": "collocated", "engine_id": self.engine_id}
+    def role(self) -> dict[str, Any]:
+        return {"role": "collocated", "engine_id": self.engine_id, "is_engine_alive": self._engine.is_alive}
 
     async def check_health(self) -> None:
         await self._engine.check_health()

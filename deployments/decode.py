@@ -44,15 +44,20 @@ class DecodeServer:
         )
         logger.info("decode engine %s ready (KV in through %s)", self.engine_id, config.transfer.backend)
 
-    async def decode(self, request: Any, handle: KVHandle) -> AsyncGenerator[Any, None]:
-        """Yields vLLM's SSE strings when `request.stream`, else one response; or one ErrorResponse."""
-        try:
-            decode_request = to_decode_request(request, handle)
-        except KVHandleError as exc:
-            yield bad_request(str(exc))
-            return
-        logger.info("request %s: decoding from %d prompt tokens in %d blocks of %s", request.request_id,
-                    handle.num_prompt_tokens, handle.num_blocks, handle.connector_params.get("remote_engine_id"))
+    async def decode(self, request: Any, handle: KVHandle | None) -> AsyncGenerator[Any, None]:
+        """Yields vLLM's SSE strings when `request.stream`, else one response; or one ErrorResponse. Without a
+        handle (prefill failed), this engine computes the prompt too, as a single engine would."""
+        if handle is None:
+            logger.info("request %s: no KV handle (prefill failed): computing the prompt here", request.request_id)
+            decode_request = request
+        else:
+            try:
+                decode_request = to_decode_request(request, handle)
+            except KVHandleError as exc:
+                yield bad_request(str(exc))
+                return
+            logger.info("request %s: decoding from %d prompt tokens in %d blocks of %s", request.request_id,
+                        handle.num_prompt_tokens, handle.num_blocks, handle.prefill_engine_id)
         result = await self._engine.generate(decode_request)
         if isinstance(result, AsyncGenerator):
             async for chunk in result:
@@ -63,8 +68,9 @@ class DecodeServer:
     def counters(self) -> EngineCounters:
         return self._engine.counters()
 
-    def role(self) -> dict[str, str]:
-        return {"role": "decode", "engine_id": self.engine_id, "transfer_backend": self._config.transfer.backend}
+    def role(self) -> dict[str, Any]:
+        return {"role": "decode", "engine_id": self.engine_id, "transfer_backend": self._config.transfer.backend,
+                "is_engine_alive": self._engine.is_alive}
 
     async def check_health(self) -> None:
         await self._engine.check_health()

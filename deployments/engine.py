@@ -178,6 +178,10 @@ class Engine:
     def counters(self) -> EngineCounters:
         return self._counters.snapshot()
 
+    @property
+    def is_alive(self) -> bool:
+        return not self.engine_client.errored
+
     async def check_health(self) -> None:
         await self.engine_client.check_health()
 

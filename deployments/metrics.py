@@ -47,9 +47,16 @@ class RouterMetrics:
                                      boundaries=LATENCY_BUCKETS_S, tag_keys=("model",))
         self.in_flight = metrics.Gauge("splitserve_requests_in_flight", "Requests the router is serving now.",
                                        tag_keys=("model",))
-        for metric in (self.requests, self.ttft, self.tpot, self.e2e, self.in_flight):
+        self.prefill_fallbacks = metrics.Counter(
+            "splitserve_prefill_fallbacks", "Requests whose prefill failed, so that decode computed the prompt itself.",
+            tag_keys=("model",))
+        for metric in (self.requests, self.ttft, self.tpot, self.e2e, self.in_flight, self.prefill_fallbacks):
             metric.set_default_tags(dict(tags))  # Serve adds its tags to the dict it is given
         self._num_in_flight = 0
+        export_zero(self.prefill_fallbacks)
+
+    def prefill_fallback(self) -> None:
+        self.prefill_fallbacks.inc()
 
     async def refresh_gauges(self) -> None:
         """Runs for the router's lifetime: an idle router still reports 0 requests in flight."""

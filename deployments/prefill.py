@@ -81,8 +81,17 @@ class PrefillServer:
         """What this replica's KV store holds now and has seen (object_store backend), else None."""
         return None if self._store is None else await self._store.counters.remote()
 
-    def role(self) -> dict[str, str]:
+    async def release(self, handle: KVHandle) -> None:
+        """The router will not decode this handle (client gone, decode failed): drop its KV now. The object store
+        drops it at once; vLLM's NIXL connector frees its blocks when their lease (`kv_lease_s`) runs out."""
+        if self._store is not None and handle.prefill_engine_id == self.engine_id and handle.object_store_key:
+            is_released = await self._store.release.remote(handle.object_store_key)
+            logger.info("request %s: KV released unread (%s)", handle.request_id,
+                        "dropped" if is_released else "already gone")
+
+    def role(self) -> dict[str, Any]:
         return {"role": "prefill", "engine_id": self.engine_id, "transfer_backend": self._config.transfer.backend,
+                "is_engine_alive": self._engine.is_alive,
                 **({"kv_store": store_name(self.engine_id)} if self._store is not None else {})}
 
     async def check_health(self) -> None:

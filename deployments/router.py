@@ -12,6 +12,13 @@
    engine, and how long decode took to its first token (the KV hand-over plus one decode step).
 6. Requests, status codes, TTFT, time per output token, E2E and requests in flight go to Ray's metrics.
 
+Before step 1, the HTTP edge (http_edge.py) checks the API key, content type and body size, and admission
+(admission.py) refuses a request with 503 and Retry-After when a role is at its overload bound.
+Failures, each bounded and never a hang: a prefill replica that dies or fails (5xx) is replaced by decode computing
+the prompt itself (the request completes, and the fallback is counted); a decode replica that dies before its first
+chunk gives 503 with Retry-After, and one that dies mid-stream ends the stream with an error event and [DONE]. KV
+that prefill kept for a request that will never be decoded (client gone, decode failed) is released at once.
+
 In `collocated` mode (the baseline) steps 2-3 are one call to a plain engine that runs both phases.
 
 The same life cycle is offered to Python callers through the deployment handle: `chat`, `completion` (one
@@ -26,14 +33,20 @@ import json
 import logging
 import time
 import types
+from http import HTTPStatus
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
+import os
+
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -48,6 +61,8 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, Mod
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
+from deployments.admission import Admission
+from deployments.http_edge import EdgePolicy, HttpEdge, error_body, framework_error
 from deployments.metrics import RouterMetrics
 from deployments.pd_protocol import check_disaggregable
 from kv_transfer.handle import KVHandle
@@ -59,12 +74,20 @@ logger = logging.getLogger("ray.serve")
 app = FastAPI(title="splitserve", description="OpenAI-compatible, prefill/decode-disaggregated LLM serving")
 # vLLM's own handlers: validation errors are 400 with OpenAI-style error JSON, like `vllm serve`.
 init_exception_handler(app)
+app.exception_handler(StarletteHTTPException)(framework_error)  # 404/405 from routing, as OpenAI errors
+app.add_middleware(HttpEdge)
 # Those handlers read what `vllm serve` keeps on its app state; the router runs no engine of its own.
 app.state.args = argparse.Namespace(log_error_stack=False)
 app.state.server = types.SimpleNamespace()
 app.state.engine_client = None
 
 _STREAM_CHUNK_TYPES = {ChatCompletionRequest: ChatCompletionStreamResponse, CompletionRequest: CompletionStreamResponse}
+# A replica that died, is restarting or refuses work: the request goes elsewhere or fails cleanly, never hangs.
+_REPLICA_FAILURES = (RayActorError, ActorUnavailableError, BackPressureError)
+
+
+def _service_unavailable(message: str) -> ErrorResponse:
+    return create_error_response(message, "ServiceUnavailableError", HTTPStatus.SERVICE_UNAVAILABLE)
 
 
 @dataclass
@@ -86,7 +109,9 @@ class PhaseTiming:
         return ", ".join(metrics)
 
 
-def _error_json(error: ErrorResponse, headers: dict[str, str]) -> JSONResponse:
+def _error_json(error: ErrorResponse, headers: dict[str, str], retry_after_s: int) -> JSONResponse:
+    if error.error.code == 503:  # overloaded or a replica restarting: tell the client when to come back
+        headers = {**headers, "Retry-After": str(retry_after_s)}
     return JSONResponse(error.model_dump(), status_code=error.error.code, headers=headers)
 
 
@@ -100,6 +125,12 @@ class Router:
         self._decode = decode
         self._collocated = collocated
         self._metrics = RouterMetrics(config.model.served_name)
+        self._admission = Admission.from_config(config)
+        api_key = os.environ.get(config.router.api_key_env) or None
+        app.state.edge_policy = EdgePolicy(max_body_bytes=config.router.max_request_body_bytes, api_key=api_key)
+        logger.info("HTTP edge: API key %s, bodies up to %d bytes, admission %s",
+                    f"required (from ${config.router.api_key_env})" if api_key else "not required",
+                    config.router.max_request_body_bytes, self._admission)
         self._gauge_refresher = asyncio.get_running_loop().create_task(self._metrics.refresh_gauges())
         install_dashboard()
         self._engines = {name: handle for name, handle in
@@ -110,35 +141,95 @@ class Router:
     async def _run(self, request: ChatCompletionRequest | CompletionRequest,
                    timing: PhaseTiming | None = None) -> ErrorResponse | Any:
         """Returns an ErrorResponse, one response object, or an async generator of vLLM SSE strings."""
-        timing = timing or PhaseTiming()
+        if self._collocated is None and (refusal := check_disaggregable(request)) is not None:
+            return refusal
+        full_role = self._admission.try_admit()
+        if full_role is not None:
+            logger.info("request %s refused: %s is at its overload bound", request.request_id, full_role)
+            return _service_unavailable(f"the {full_role} role is at capacity; retry later")
+        try:
+            result = await self._admitted(request, timing or PhaseTiming())
+        except BaseException:
+            self._admission.finished()
+            raise
+        if not isinstance(result, AsyncGenerator):
+            self._admission.finished()
+            return result
+        return self._released_when_done(result)
+
+    async def _admitted(self, request: Any, timing: PhaseTiming) -> ErrorResponse | Any:
         started = time.perf_counter()
+        handle: KVHandle | None = None
         if self._collocated is not None:
             stream = self._collocated.options(stream=True).generate.remote(request)
         else:
-            if (refusal := check_disaggregable(request)) is not None:
-                return refusal
-            handle: KVHandle | ErrorResponse = await self._prefill.prefill.remote(request)
+            try:
+                handle = await self._prefilled(request)
+            finally:
+                self._admission.prefill_done()
             if isinstance(handle, ErrorResponse):
                 return handle
-            timing.prefill_s, timing.prefill_engine_id = time.perf_counter() - started, handle.prefill_engine_id
+            if handle is not None:
+                timing.prefill_s, timing.prefill_engine_id = time.perf_counter() - started, handle.prefill_engine_id
             started = time.perf_counter()
             stream = self._decode.options(stream=True).decode.remote(request, handle)
         try:
             first = await stream.__anext__()
         except StopAsyncIteration:
-            return create_error_response("the engine returned nothing", "InternalServerError", 500)
+            return create_error_response("the engine returned nothing", "InternalServerError",
+                                         HTTPStatus.INTERNAL_SERVER_ERROR)
+        except _REPLICA_FAILURES as exc:
+            logger.warning("request %s: decode failed before its first token: %r", request.request_id, exc)
+            self._release(handle)
+            return _service_unavailable("the decode replica failed; retry later")
+        except BaseException:  # the client went away while decode loaded the KV: its blocks must not wait
+            stream.cancel()
+            self._release(handle)
+            raise
         timing.first_chunk_s = time.perf_counter() - started
         if not isinstance(first, str):  # one response object or an ErrorResponse
             stream.cancel()
             return first
-        return self._pass_through(first, stream)
+        return self._pass_through(first, stream, request.request_id)
 
-    @staticmethod
-    async def _pass_through(first: str, stream: Any) -> AsyncGenerator[str, None]:
+    async def _prefilled(self, request: Any) -> KVHandle | ErrorResponse | None:
+        """Prefill's KV handle, its client error, or None: prefill failed, and decode computes the prompt itself."""
         try:
-            yield first
+            result = await self._prefill.prefill.remote(request)
+        except _REPLICA_FAILURES as exc:
+            reason = repr(exc)
+        else:
+            if isinstance(result, KVHandle) or result.error.code < 500:
+                return result
+            reason = result.error.message
+        logger.warning("request %s: prefill failed (%s); decode computes the prompt", request.request_id, reason)
+        self._metrics.prefill_fallback()
+        return None
+
+    def _release(self, handle: KVHandle | None) -> None:
+        """KV kept for a request that will not be decoded: free it now rather than when its lease runs out."""
+        if handle is not None:
+            self._prefill.release.remote(handle)  # fire and forget: the lease frees it anyway if this fails
+
+    async def _released_when_done(self, stream: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+        try:
             async for chunk in stream:
                 yield chunk
+        finally:
+            self._admission.finished()
+
+    @staticmethod
+    async def _pass_through(first: str, stream: Any, request_id: str) -> AsyncGenerator[str, None]:
+        try:
+            yield first
+            try:
+                async for chunk in stream:
+                    yield chunk
+            except _REPLICA_FAILURES as exc:
+                # Tokens already went out; the stream ends with an error event, as vLLM ends a failed stream.
+                logger.warning("request %s: decode failed mid-stream: %r", request_id, exc)
+                yield f"data: {json.dumps(error_body(503, 'the decode replica failed mid-stream'))}\n\n"
+                yield "data: [DONE]\n\n"
         finally:
             # Client gone (or done): cancelling the handle's generator makes decode's vLLM request abort.
             stream.cancel()
@@ -176,7 +267,7 @@ class Router:
         headers = {"Server-Timing": timing.header()}
         if isinstance(result, ErrorResponse):
             self._metrics.finished(route=route, status_code=result.error.code, e2e_s=time.perf_counter() - started)
-            return _error_json(result, headers)
+            return _error_json(result, headers, self._config.router.retry_after_s)
         if isinstance(result, AsyncGenerator):
             measured = self._measured(result, route, started, ttft_s=time.perf_counter() - started)
             return StreamingResponse(measured, media_type="text/event-stream", headers=headers)
@@ -218,7 +309,8 @@ class Router:
         roles: dict[str, Any] = {}
         for name, deployment in self._engines.items():
             try:
-                roles[name] = {"ready": True, **await asyncio.wait_for(deployment.role.remote(), timeout=10)}
+                role = await asyncio.wait_for(deployment.role.remote(), timeout=10)
+                roles[name] = {"ready": role.get("is_engine_alive", True), **role}
             except Exception as exc:  # a role that cannot answer is reported, not raised
                 roles[name] = {"ready": False, "error": repr(exc)}
         is_ready = all(role["ready"] for role in roles.values())

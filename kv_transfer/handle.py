@@ -63,6 +63,13 @@ class KVHandle(BaseModel):
         return dict(self.connector_params)
 
     @property
+    def object_store_key(self) -> str | None:
+        """The transfer's key in prefill's KV store (object_store backend), else None."""
+        if self.backend != "object_store":
+            return None
+        return RemoteKV.model_validate(self.connector_params[_SPLITSERVE_KEY]).transfer_key
+
+    @property
     def num_blocks(self) -> int:
         if self.backend == "object_store":
             return RemoteKV.model_validate(self.connector_params[_SPLITSERVE_KEY]).num_blocks

@@ -34,7 +34,7 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
 
 
 def _engines(deployment: Any, role: EngineRoleConfig, config: AppConfig) -> Any:
-    return deployment.options(num_replicas=role.num_replicas,
+    return deployment.options(num_replicas=role.num_replicas, max_ongoing_requests=role.num_ongoing_per_replica,
                               ray_actor_options={"num_cpus": role.num_cpus}).bind(config)
 
 

@@ -58,6 +58,11 @@ class EngineRoleConfig(_Frozen):
     max_num_batched_tokens: int = Field(2048, ge=16)
     # Ray's logical CPUs per replica; the engine's real cores are set by cpu_binding.
     num_cpus: float = Field(0.0, ge=0)
+    # Requests one replica works on at once (Serve's max_ongoing_requests); None: max_num_seqs, the engine's batch.
+    max_ongoing_requests: int | None = Field(None, ge=1)
+    # Overload bound: requests that may wait for this role beyond what its replicas work on. The router answers
+    # the next one with 503 and Retry-After instead of queueing it.
+    max_queued_requests: int = Field(32, ge=0)
 
     @field_validator("cpu_binding", mode="before")
     @classmethod
@@ -85,11 +90,27 @@ class EngineRoleConfig(_Frozen):
     def cpu_binding_for(self, replica_rank: int) -> str:
         return self.cpu_binding[replica_rank % len(self.cpu_binding)]
 
+    @property
+    def num_ongoing_per_replica(self) -> int:
+        return self.max_ongoing_requests or self.max_num_seqs
+
+    @property
+    def num_admissible(self) -> int:
+        """Requests this role may hold in all, working and waiting, before new ones are refused."""
+        return self.num_replicas * self.num_ongoing_per_replica + self.max_queued_requests
+
 
 class RouterConfig(_Frozen):
     num_replicas: int = Field(1, ge=1)
     num_cpus: float = Field(0.0, ge=0)
-    max_ongoing_requests: int = Field(64, ge=1)
+    max_ongoing_requests: int = Field(256, ge=1)
+    # Bodies larger than this are refused with 413 before they are parsed.
+    max_request_body_bytes: int = Field(4 << 20, ge=1024)
+    # Seconds a refused client is told to wait (Retry-After) when a role is at its overload bound.
+    retry_after_s: int = Field(2, ge=1)
+    # Optional API key: when this environment variable is set in the router's process, /v1 requests need
+    # `Authorization: Bearer <key>` (401 otherwise). The key itself never enters the config.
+    api_key_env: str = "SPLITSERVE_API_KEY"
 
 
 class TransferConfig(_Frozen):

@@ -99,6 +99,12 @@ def reference_outputs(logs_dir: Path) -> dict[str, dict]:
 # fall back to the object store, and the app must still pass every test.
 TRANSFER_BACKENDS = ["auto", "auto-without-nixl"]
 RESOLVED_BACKENDS = {"auto": "nixl", "auto-without-nixl": "object_store"}
+# The second run also requires an API key (router.api_key_env), so that every test there goes through the auth path.
+API_KEYS = {"auto": None, "auto-without-nixl": "splitserve-test-key"}
+# Where the suite's app differs from serve_config.yaml, beyond the HTTP port: a small overload bound, so that the
+# overload test reaches it in seconds, and a short KV load timeout, so that the timeout fault test is quick.
+TEST_OVERRIDES = {"prefill": {"max_queued_requests": 4}, "decode": {"max_queued_requests": 4},
+                  "transfer": {"load_timeout_s": 10}}
 
 
 @dataclass(frozen=True)
@@ -112,10 +118,15 @@ class RunningApp:
     model_path: str
     # KV loads that tests failed on purpose (fault injection): the leak check expects exactly these.
     injected: dict[str, int]
+    api_key: str | None = None
 
     @property
     def resolved_backend(self) -> str:
         return RESOLVED_BACKENDS[self.backend]
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 def _without_nixl(workdir: Path) -> dict[str, str]:
@@ -132,19 +143,25 @@ def app(request, reference_outputs: dict, logs_dir: Path, tmp_path_factory) -> R
     once as installed and once with NIXL made unavailable. Every end-to-end test runs in both."""
     backend = request.param
     serve_config, config = _app_config()
-    serve_config["applications"][0]["args"]["transfer"]["backend"] = "auto"
+    args = serve_config["applications"][0]["args"]
+    args["transfer"]["backend"] = "auto"
+    for section, values in TEST_OVERRIDES.items():
+        args[section] = {**args.get(section, {}), **values}
     environment = _without_nixl(tmp_path_factory.mktemp("no-nixl")) if backend == "auto-without-nixl" else {}
+    if API_KEYS[backend]:
+        environment[config.router.api_key_env] = API_KEYS[backend]
     with processes.serve_run(serve_config, name=backend, logs_dir=logs_dir, env=environment) as served:
         yield RunningApp(backend=backend, base_url=served.base_url, ray_address=served.ray_address,
                          log_path=served.log_path, metrics_url=served.metrics_url, session_dir=served.session_dir,
-                         model_path=config.model.path, injected={"num_failed_loads": 0})
+                         model_path=config.model.path, injected={"num_failed_loads": 0, "num_expired": 0},
+                         api_key=API_KEYS[backend])
 
 
 @pytest.fixture(scope="session")
 def openai_client(app: RunningApp) -> Any:
     import openai
 
-    return openai.OpenAI(base_url=f"{app.base_url}/v1", api_key="unused", max_retries=0, timeout=300)
+    return openai.OpenAI(base_url=f"{app.base_url}/v1", api_key=app.api_key or "unused", max_retries=0, timeout=300)
 
 
 @pytest.fixture(scope="session")

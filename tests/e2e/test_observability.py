@@ -53,7 +53,7 @@ def _role_logs(session_dir: Path, role: str) -> str:
 
 def test_request_id_reaches_the_response_and_the_logs_of_every_role(app):
     request_id = f"trace-{uuid.uuid4().hex}"
-    response = httpx.post(f"{app.base_url}/v1/completions", headers={"X-Request-Id": request_id}, timeout=120,
+    response = httpx.post(f"{app.base_url}/v1/completions", headers={"X-Request-Id": request_id, **app.headers}, timeout=120,
                           json={"model": MODEL, "prompt": "The river", "max_tokens": 4, "temperature": 0})
     assert response.status_code == 200
     assert response.headers["x-request-id"] == request_id
@@ -74,7 +74,7 @@ def test_metrics_reach_rays_prometheus_endpoint_and_add_up(app, openai_client, r
     openai_client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0,
                                           messages=[{"role": "user", "content": "Hi"}])
     assert httpx.post(f"{app.base_url}/v1/completions", json={"model": "no-such-model", "prompt": "x"},
-                      timeout=30).status_code == 404
+                      headers=app.headers, timeout=30).status_code == 404
     decode = engines.counters("decode")
 
     # 2. The router's view.

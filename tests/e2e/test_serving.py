@@ -64,7 +64,7 @@ def test_sse_stream_ends_with_done(app):
     import httpx
 
     body = {"model": MODEL, "prompt": "Hello", "max_tokens": 3, "temperature": 0, "stream": True}
-    with httpx.stream("POST", f"{app.base_url}/v1/completions", json=body, timeout=120) as response:
+    with httpx.stream("POST", f"{app.base_url}/v1/completions", json=body, headers=app.headers, timeout=120) as response:
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/event-stream")
         events = [line for line in response.iter_lines() if line.startswith("data: ")]
@@ -101,5 +101,8 @@ def test_nothing_leaked_after_all_requests(ray_driver, app):
     assert decode.num_kv_expired_requests == 0
     if app.resolved_backend == "object_store":
         store = engines.store_counters()
-        assert (store.num_open, store.num_bytes_in_use, store.num_expired) == (0, 0, 0), store
-        assert store.num_opened == store.num_claimed == store.num_released > 0
+        assert (store.num_open, store.num_bytes_in_use) == (0, 0), store
+        assert store.num_expired == app.injected["num_expired"], store  # only what a fault test caused
+        assert store.num_opened == store.num_released + store.num_expired > 0, store
+        # Released without being claimed: only the KV of requests that fault tests left undecoded.
+        assert store.num_released - store.num_claimed == app.injected.get("num_released_unclaimed", 0), store

@@ -40,6 +40,8 @@ FAULT_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "completion_long_faults": ("completion", {"prompt": long_document(first_year=1800), "max_tokens": 24}),
     "completion_short_faults": ("completion", {"prompt": "The four seasons of the year, in order, are",
                                                "max_tokens": 16}),
+    "completion_prefill_killed": ("completion", {"prompt": long_document(first_year=1700), "max_tokens": 16}),
+    "completion_kv_timeout": ("completion", {"prompt": "The colours of the rainbow, in order, are", "max_tokens": 16}),
 }
 REFERENCE_REQUESTS = {**EXACTNESS_REQUESTS, **FAULT_REQUESTS}
 

@@ -1,0 +1,219 @@
+"""Replicas that die, KV that never arrives, clients that leave: every request completes correctly or fails cleanly
+within a bounded time, Serve replaces what died, and afterwards no engine or store holds KV for a dead request.
+
+Each fault that restarts a replica costs an engine start (about a minute here), so they are shared out:
+- first run (nixl): a decode engine process killed (the replica turns unhealthy and Serve replaces it), then a
+  decode replica killed mid-stream;
+- second run (object store): a prefill replica killed mid-request (decode computes the prompt itself), a KV
+  transfer that times out, and clients that disconnect during prefill and during streaming.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+
+import httpx
+import pytest
+from ray import serve
+
+from bench import engines
+from bench.engines import APP_NAME
+from tests.conftest import send
+from tests.e2e import replicas
+from tests.e2e.workload import MODEL, long_document, request_body
+
+BOUND_S = 60  # no request may hang longer than this on a fault
+
+
+def _only(app, resolved_backend: str) -> None:
+    if app.resolved_backend != resolved_backend:
+        pytest.skip(f"runs once, in the {resolved_backend} run (each replica restart costs an engine start)")
+
+
+def _serve_reports_healthy(ray_driver) -> bool:
+    status = serve.status().applications[APP_NAME]
+    return status.status == "RUNNING" and all(deployment.status == "HEALTHY"
+                                              for deployment in status.deployments.values())
+
+
+def _wait_idle(role: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counters = engines.counters(role)
+        idle = (counters.num_running_requests, counters.num_waiting_requests, counters.kv_cache_usage)
+        if idle == (0, 0, 0.0):
+            return
+        assert time.monotonic() < deadline, (role, counters)
+        time.sleep(1)
+
+
+def test_a_dead_decode_engine_makes_the_replica_unhealthy_and_serve_replaces_it(app, ray_driver, openai_client,
+                                                                                  reference_outputs):
+    _only(app, "nixl")
+    old_engine_id = replicas.engine_id(app.base_url, "decode")
+    assert _serve_reports_healthy(ray_driver)
+
+    # 1. Kill decode's engine process (not the replica): the replica lives on, with a dead engine.
+    replicas.engine_core_process("decode").kill()
+
+    # 2. The replica reports it: /health says decode is not ready, and Serve's health check marks it unhealthy.
+    deadline = time.monotonic() + 120
+    seen_unhealthy = False
+    while not seen_unhealthy and time.monotonic() < deadline:
+        report = replicas.health(app.base_url)
+        decode = report.get("roles", {}).get("decode", {})
+        seen_unhealthy = report.get("status") == "unavailable" or decode.get("ready") is False \
+            or not _serve_reports_healthy(ray_driver)
+        time.sleep(1)
+    assert seen_unhealthy, "the dead engine was never reported"
+
+    # 3. Serve replaces the replica: a new engine, HEALTHY in `serve status`, and exact answers again.
+    replicas.wait_for_replacement(app.base_url, "decode", old_engine_id)
+    processes_wait = time.monotonic() + 60
+    while not _serve_reports_healthy(ray_driver):
+        assert time.monotonic() < processes_wait, serve.status()
+        time.sleep(2)
+    app.injected["num_failed_loads"] = 0  # the new decode engine counts from zero
+    endpoint, body = request_body("completion_short")
+    assert send(openai_client, endpoint, body)["token_ids"] == reference_outputs["completion_short"]["token_ids"]
+
+
+def test_a_decode_replica_killed_mid_stream_ends_the_stream_cleanly(app, ray_driver, openai_client,
+                                                                      reference_outputs):
+    _only(app, "nixl")
+    old_engine_id = replicas.engine_id(app.base_url, "decode")
+    body = {"model": MODEL, "prompt": "Count from one to one hundred: one, two,", "max_tokens": 400,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    events: list[str] = []
+    started = time.monotonic()
+    # 1. A long stream; once tokens flow, the decode replica's process is killed.
+    with httpx.stream("POST", f"{app.base_url}/v1/completions", json=body, headers=app.headers,
+                      timeout=BOUND_S) as response:
+        assert response.status_code == 200
+        for line in response.iter_lines():
+            if line.startswith("data: "):
+                events.append(line)
+            if len(events) == 5:
+                replicas.replica_process("decode").kill()
+    # 2. The stream ended within the bound, with an error event and [DONE] after the tokens that went out.
+    assert time.monotonic() - started < BOUND_S
+    assert events[-1] == "data: [DONE]"
+    error = json.loads(events[-2][len("data: "):])["error"]
+    assert error["code"] == 503 and error["message"]
+    assert 5 <= len(events) < 400
+
+    # 3. Serve starts a new decode replica; requests are exact again; prefill holds nothing for the dead one.
+    replicas.wait_for_replacement(app.base_url, "decode", old_engine_id)
+    app.injected["num_failed_loads"] = 0
+    endpoint, request = request_body("chat_capital")
+    assert send(openai_client, endpoint, request)["token_ids"] == reference_outputs["chat_capital"]["token_ids"]
+    _wait_idle("prefill")
+
+
+def test_a_prefill_replica_killed_mid_request_is_recomputed_on_decode(app, ray_driver, openai_client,
+                                                                      reference_outputs):
+    _only(app, "object_store")
+    old_engine_id = replicas.engine_id(app.base_url, "prefill")
+    endpoint, body = request_body("completion_prefill_killed")
+    outcome: dict = {}
+
+    def request() -> None:
+        started = time.monotonic()
+        outcome["output"] = send(openai_client, endpoint, body)
+        outcome["seconds"] = time.monotonic() - started
+
+    # 1. A ~1,200-token prompt; while prefill computes it, its replica (engine, KV store and all) is killed.
+    worker = threading.Thread(target=request)
+    worker.start()
+    victim = replicas.replica_process("prefill")
+    deadline = time.monotonic() + 30
+    while engines.counters("prefill").num_running_requests == 0:
+        assert time.monotonic() < deadline, "prefill never started the request"
+        time.sleep(0.02)
+    victim.kill()
+    worker.join(BOUND_S)
+
+    # 2. The request still completed, exactly, within the bound: decode computed the prompt itself.
+    assert not worker.is_alive(), "the request hung"
+    assert outcome["output"]["token_ids"] == reference_outputs["completion_prefill_killed"]["token_ids"]
+    assert outcome["seconds"] < BOUND_S
+
+    # 3. Serve replaces prefill (with a new, empty KV store); the app is whole again.
+    replicas.wait_for_replacement(app.base_url, "prefill", old_engine_id)
+    endpoint, body = request_body("completion_short")
+    assert send(openai_client, endpoint, body)["token_ids"] == reference_outputs["completion_short"]["token_ids"]
+    _wait_idle("decode")
+    assert engines.store_counters().num_open == 0
+
+
+def test_a_kv_transfer_that_times_out_is_recomputed(app, ray_driver, reference_outputs):
+    _only(app, "object_store")
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    from kv_transfer.layout import KVLayout
+
+    _, body = request_body("completion_kv_timeout")
+    request = CompletionRequest(**body, return_token_ids=True)
+    prefill = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME)
+    decode = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
+    handle = prefill.prefill.remote(request).result(timeout_s=120)
+    prefill.release.remote(handle).result(timeout_s=30)  # its real KV is not the point here
+
+    # 1. A transfer that is opened in prefill's store and never completed: decode waits `load_timeout_s` (10 s
+    #    in the suite) for it, then recomputes the prompt.
+    role = prefill.role.remote().result(timeout_s=30)
+    store = ray_driver.get_actor(role["kv_store"], namespace="serve")
+    stalled_key = f"stalled-{uuid.uuid4().hex}"
+    ray_driver.get(store.open.remote(stalled_key, KVLayout(num_parts=1, part_shape=(1,), block_dim=0,
+                                                            dtype="float32")))
+    params = {**handle.connector_params, "splitserve": {**handle.connector_params["splitserve"],
+                                                        "transfer_key": stalled_key}}
+    stalled = handle.model_copy(update={"connector_params": params})
+    before = engines.counters("decode")
+    started = time.monotonic()
+    (response,) = list(decode.options(stream=True).decode.remote(request, stalled))
+
+    # 2. Exact output, after the timeout and well within the bound; the failure is counted, nothing is held.
+    assert 10 <= time.monotonic() - started < BOUND_S
+    assert list(response.choices[0].token_ids) == reference_outputs["completion_kv_timeout"]["token_ids"]
+    during = engines.delta(engines.counters("decode"), before)
+    assert during["num_kv_failed_transfers"] == 1
+    assert during["num_prompt_tokens_computed"] == response.usage.prompt_tokens
+    app.injected["num_failed_loads"] += 1
+    app.injected["num_released_unclaimed"] = app.injected.get("num_released_unclaimed", 0) + 2
+    deadline = time.monotonic() + 30
+    while ray_driver.get(store.counters.remote()).num_open:
+        assert time.monotonic() < deadline, ray_driver.get(store.counters.remote())
+        time.sleep(0.5)
+
+
+def test_clients_that_disconnect_during_prefill_and_streaming_leave_nothing_behind(app, ray_driver):
+    _only(app, "object_store")
+    store_before = engines.store_counters()
+    # 1. During prefill: a ~1,200-token prompt, and the client gives up after 0.3 s.
+    body = {"model": MODEL, "prompt": long_document(first_year=1600), "max_tokens": 8, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{app.base_url}/v1/completions", json=body, headers=app.headers, timeout=0.3)
+    # 2. During streaming: a long stream, and the client leaves after three events.
+    body = {"model": MODEL, "prompt": "Count from one to one hundred:", "max_tokens": 400, "temperature": 0,
+            "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{app.base_url}/v1/completions", json=body, headers=app.headers,
+                      timeout=60) as response:
+        for index, _ in enumerate(response.iter_lines()):
+            if index == 3:
+                break
+    # 3. Both engines go idle with no blocks held. The store holds nothing once the lease of a prompt whose
+    #    prefill had already finished when the client left (if any) has run out: bounded, never leaked.
+    _wait_idle("decode", timeout_s=30)
+    _wait_idle("prefill", timeout_s=30)
+    deadline = time.monotonic() + 30 + 15  # transfer.kv_lease_s + the store's reaper interval and slack
+    while (store := engines.store_counters()).num_open:
+        assert time.monotonic() < deadline, store
+        time.sleep(1)
+    assert store.num_bytes_in_use == 0, store
+    app.injected["num_expired"] += store.num_expired - store_before.num_expired
+    app.injected["num_released_unclaimed"] = app.injected.get("num_released_unclaimed", 0) + (
+        (store.num_released - store_before.num_released) - (store.num_claimed - store_before.num_claimed))
