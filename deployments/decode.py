@@ -18,7 +18,7 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine import Engine
+from deployments.engine import Engine, serve_log_files_kept
 from deployments.engine_counters import EngineCounters
 from deployments.pd_protocol import bad_request, to_decode_request
 from kv_transfer.handle import KVHandle, KVHandleError
@@ -34,14 +34,17 @@ class DecodeServer:
         self._config = config
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"decode-{rank}-{uuid.uuid4().hex[:8]}"
-        self._engine = await Engine.start(
-            config.model,
-            config.decode,
-            replica_rank=rank,
-            kv_transfer_config=engine_kv_transfer_config(config.transfer, is_producer=False, engine_id=self.engine_id),
-            role_name="decode",
-            transfer_backend=config.transfer.backend,
-        )
+        # Building the connector config imports vLLM's NIXL code, which (like vLLM's engine start) resets
+        # logging and would detach this replica's log file.
+        with serve_log_files_kept():
+            self._engine = await Engine.start(
+                config.model,
+                config.decode,
+                replica_rank=rank,
+                kv_transfer_config=engine_kv_transfer_config(config.transfer, is_producer=False, engine_id=self.engine_id),
+                role_name="decode",
+                transfer_backend=config.transfer.backend,
+            )
         logger.info("decode engine %s ready (KV in through %s)", self.engine_id, config.transfer.backend)
 
     async def decode(self, request: Any, handle: KVHandle | None) -> AsyncGenerator[Any, None]:
