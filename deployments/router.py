@@ -178,7 +178,7 @@ class Router:
         except StopAsyncIteration:
             return create_error_response("the engine returned nothing", "InternalServerError",
                                          HTTPStatus.INTERNAL_SERVER_ERROR)
-        except _REPLICA_FAILURES as exc:
+        except Exception as exc:  # the replica died or failed (whatever error Serve wraps that in)
             logger.warning("request %s: decode failed before its first token: %r", request.request_id, exc)
             self._release(handle)
             return _service_unavailable("the decode replica failed; retry later")
@@ -225,7 +225,7 @@ class Router:
             try:
                 async for chunk in stream:
                     yield chunk
-            except _REPLICA_FAILURES as exc:
+            except Exception as exc:  # a replica died or failed: Serve's errors for that vary with when it happened
                 # Tokens already went out; the stream ends with an error event, as vLLM ends a failed stream.
                 logger.warning("request %s: decode failed mid-stream: %r", request_id, exc)
                 yield f"data: {json.dumps(error_body(503, 'the decode replica failed mid-stream'))}\n\n"
