@@ -220,14 +220,19 @@ class Router:
 
     @staticmethod
     async def _pass_through(first: str, stream: Any, request_id: str) -> AsyncGenerator[str, None]:
+        last = first
         try:
             yield first
             try:
                 async for chunk in stream:
+                    last = chunk
                     yield chunk
+                failure = None if last.rstrip().endswith("data: [DONE]") else "ended without [DONE]"
             except Exception as exc:  # a replica died or failed: Serve's errors for that vary with when it happened
+                failure = repr(exc)
+            if failure is not None:
                 # Tokens already went out; the stream ends with an error event, as vLLM ends a failed stream.
-                logger.warning("request %s: decode failed mid-stream: %r", request_id, exc)
+                logger.warning("request %s: decode failed mid-stream: %s", request_id, failure)
                 yield f"data: {json.dumps(error_body(503, 'the decode replica failed mid-stream'))}\n\n"
                 yield "data: [DONE]\n\n"
         finally:
