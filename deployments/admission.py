@@ -26,7 +26,6 @@ class Admission:
     num_decode_admissible: int  # decode's bound (collocated: the engines' bound)
     num_in_prefill: int = field(default=0, init=False)
     num_in_flight: int = field(default=0, init=False)
-    num_refused: dict[str, int] = field(default_factory=dict, init=False)
 
     @classmethod
     def from_config(cls, config: AppConfig) -> Admission:
@@ -45,7 +44,6 @@ class Admission:
         elif self.num_prefill_admissible is not None and self.num_in_prefill >= self.num_prefill_admissible:
             full = "prefill"
         if full is not None:
-            self.num_refused[full] = self.num_refused.get(full, 0) + 1
             return full
         self.num_in_flight += 1
         if self.num_prefill_admissible is not None:

@@ -29,8 +29,7 @@ class CollocatedServer:
     async def __init__(self, config: AppConfig):
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"collocated-{rank}-{uuid.uuid4().hex[:8]}"
-        self._engine = await Engine.start(config.model, config.collocated, replica_rank=rank,
-                                          kv_transfer_config=None, role_name="collocated")
+        self._engine = await Engine.start(config.model, config.collocated, replica_rank=rank, role_name="collocated")
         logger.info("collocated engine %s ready", self.engine_id)
 
     async def generate(self, request: Any) -> AsyncGenerator[Any, None]:

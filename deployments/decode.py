@@ -18,11 +18,10 @@ from typing import Any
 
 from ray import serve
 
-from deployments.engine import Engine, serve_log_files_kept
+from deployments.engine import Engine
 from deployments.engine_counters import EngineCounters
 from deployments.pd_protocol import bad_request, to_decode_request
 from kv_transfer.handle import KVHandle, KVHandleError
-from kv_transfer.selection import engine_kv_transfer_config
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("ray.serve")
@@ -34,17 +33,8 @@ class DecodeServer:
         self._config = config
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"decode-{rank}-{uuid.uuid4().hex[:8]}"
-        # Building the connector config imports vLLM's NIXL code, which (like vLLM's engine start) resets
-        # logging and would detach this replica's log file.
-        with serve_log_files_kept():
-            self._engine = await Engine.start(
-                config.model,
-                config.decode,
-                replica_rank=rank,
-                kv_transfer_config=engine_kv_transfer_config(config.transfer, is_producer=False, engine_id=self.engine_id),
-                role_name="decode",
-                transfer_backend=config.transfer.backend,
-            )
+        self._engine = await Engine.start(config.model, config.decode, replica_rank=rank, role_name="decode",
+                                          transfer=config.transfer, engine_id=self.engine_id, is_kv_producer=False)
         logger.info("decode engine %s ready (KV in through %s)", self.engine_id, config.transfer.backend)
 
     async def decode(self, request: Any, handle: KVHandle | None) -> AsyncGenerator[Any, None]:

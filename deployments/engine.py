@@ -27,7 +27,7 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-from serve_app.config import EngineRoleConfig, ModelConfig
+from serve_app.config import EngineRoleConfig, ModelConfig, TransferConfig
 from deployments.engine_counters import EngineCounters, counting_stat_logger
 
 logger = logging.getLogger("splitserve.engine")
@@ -87,9 +87,10 @@ def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config
 
 @contextlib.contextmanager
 def serve_log_files_kept(logger_name: str = "ray.serve") -> Iterator[None]:
-    """vLLM configures logging when its engine starts (`logging.config.dictConfig`), and dictConfig closes every
-    handler of the process: Serve's replica log file among them, whose MemoryHandler then drops what it is given.
-    Every log line of the replica (request ids included) would go to stderr only. Re-attach the files afterwards."""
+    """vLLM configures logging (`logging.config.dictConfig`) when it builds an engine config and when its NIXL
+    connector module is imported, and dictConfig closes every handler of the process: Serve's replica log file
+    among them, whose MemoryHandler then drops what it is given. Every log line of the replica (request ids
+    included) would go to stderr only. Re-attach the files afterwards."""
     handlers = [handler for handler in logging.getLogger(logger_name).handlers
                 if isinstance(handler, logging.handlers.MemoryHandler)]
     targets = [handler.target for handler in handlers]
@@ -113,17 +114,20 @@ class Engine:
 
     @classmethod
     async def start(
-        cls, model: ModelConfig, role: EngineRoleConfig, *, replica_rank: int, kv_transfer_config: dict[str, Any] | None,
-        role_name: str = "engine", transfer_backend: str | None = None,
+        cls, model: ModelConfig, role: EngineRoleConfig, *, replica_rank: int, role_name: str = "engine",
+        transfer: TransferConfig | None = None, engine_id: str = "", is_kv_producer: bool = False,
     ) -> Engine:
+        """`transfer` None: a plain engine (collocated). Otherwise the engine gets the backend's KV connector, as
+        producer (prefill) or consumer (decode). Everything here runs with Serve's log files kept: vLLM's engine
+        start and the import of its NIXL connector both reset Python logging."""
         with serve_log_files_kept():
-            return await cls._start(model, role, replica_rank=replica_rank, kv_transfer_config=kv_transfer_config,
-                                    role_name=role_name, transfer_backend=transfer_backend)
+            return await cls._start(model, role, replica_rank=replica_rank, role_name=role_name, transfer=transfer,
+                                    engine_id=engine_id, is_kv_producer=is_kv_producer)
 
     @classmethod
     async def _start(
-        cls, model: ModelConfig, role: EngineRoleConfig, *, replica_rank: int, kv_transfer_config: dict[str, Any] | None,
-        role_name: str, transfer_backend: str | None,
+        cls, model: ModelConfig, role: EngineRoleConfig, *, replica_rank: int, role_name: str,
+        transfer: TransferConfig | None, engine_id: str, is_kv_producer: bool,
     ) -> Engine:
         from starlette.datastructures import State
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -135,18 +139,20 @@ class Engine:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         from deployments.metrics import KVTransferMetrics
+        from kv_transfer.selection import engine_kv_transfer_config
 
+        kv_transfer_config = None if transfer is None else engine_kv_transfer_config(
+            transfer, is_producer=is_kv_producer, engine_id=engine_id)
         environment = engine_environment(role, replica_rank)
         # vLLM reads these from the environment of the process that spawns its EngineCore: this one.
         os.environ.update(environment)
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(model, role, kv_transfer_config))
+        cli_args = vllm_cli_args(model, role, kv_transfer_config)
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(cli_args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        kv_metrics = (KVTransferMetrics(model.served_name, transfer_backend, role_name)
-                      if transfer_backend is not None else None)
+        kv_metrics = None if transfer is None else KVTransferMetrics(model.served_name, transfer.backend, role_name)
         stat_logger_factory, counters = counting_stat_logger(kv_metrics=kv_metrics)
-        logger.info("starting vLLM engine: %s, env %s", " ".join(vllm_cli_args(model, role, kv_transfer_config)),
-                    environment)
+        logger.info("starting vLLM engine: %s, env %s", " ".join(cli_args), environment)
         engine_client = AsyncLLM.from_vllm_config(
             vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
             stat_loggers=[stat_logger_factory, RayPrometheusStatLogger]

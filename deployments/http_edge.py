@@ -58,7 +58,7 @@ class HttpEdge:
         if scope["method"] != "POST":
             await self.app(scope, receive, send)
             return
-        body, refusal = await self._read_body(policy, headers, receive)
+        body, refusal = await self._read_body(policy, receive)
         if refusal is not None:
             await refusal(scope, receive, send)
             return
@@ -80,8 +80,7 @@ class HttpEdge:
         return None
 
     @staticmethod
-    async def _read_body(policy: EdgePolicy, headers: dict[str, str],
-                         receive: Receive) -> tuple[bytes, JSONResponse | None]:
+    async def _read_body(policy: EdgePolicy, receive: Receive) -> tuple[bytes, JSONResponse | None]:
         chunks, num_bytes = [], 0
         while True:
             message = await receive()

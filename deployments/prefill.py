@@ -20,11 +20,11 @@ from typing import Any
 from ray import serve
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-from deployments.engine import Engine, serve_log_files_kept
+from deployments.engine import Engine
 from deployments.engine_counters import EngineCounters
 from deployments.pd_protocol import to_prefill_request
 from kv_transfer.handle import KVHandle, KVHandleError
-from kv_transfer.selection import engine_kv_transfer_config, store_name
+from kv_transfer.selection import store_name
 from kv_transfer.store import StoreCounters, create_store
 from serve_app.config import AppConfig
 
@@ -42,17 +42,8 @@ class PrefillServer:
             self._store = create_store(name=store_name(self.engine_id), lease_s=config.transfer.kv_lease_s,
                                        capacity_bytes=int(config.transfer.store_capacity_gib * (1 << 30)))
             await self._store.counters.remote()  # the store is up (and publishing) before the engine starts
-        # Building the connector config imports vLLM's NIXL code, which (like vLLM's engine start) resets
-        # logging and would detach this replica's log file.
-        with serve_log_files_kept():
-            self._engine = await Engine.start(
-                config.model,
-                config.prefill,
-                replica_rank=rank,
-                kv_transfer_config=engine_kv_transfer_config(config.transfer, is_producer=True, engine_id=self.engine_id),
-                role_name="prefill",
-                transfer_backend=config.transfer.backend,
-            )
+        self._engine = await Engine.start(config.model, config.prefill, replica_rank=rank, role_name="prefill",
+                                          transfer=config.transfer, engine_id=self.engine_id, is_kv_producer=True)
         logger.info("prefill engine %s ready (KV out through %s)", self.engine_id, config.transfer.backend)
 
     async def prefill(self, request: Any) -> KVHandle | Any:

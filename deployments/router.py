@@ -31,14 +31,13 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import time
 import types
-from http import HTTPStatus
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
-
-import os
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -154,8 +153,7 @@ class Router:
             raise
         if not isinstance(result, AsyncGenerator):
             self._admission.finished()
-            return result
-        return self._released_when_done(result)
+        return result  # a stream leaves admission when it ends (_pass_through)
 
     async def _admitted(self, request: Any, timing: PhaseTiming) -> ErrorResponse | Any:
         started = time.perf_counter()
@@ -211,15 +209,7 @@ class Router:
         if handle is not None:
             self._prefill.release.remote(handle)  # fire and forget: the lease frees it anyway if this fails
 
-    async def _released_when_done(self, stream: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
-        try:
-            async for chunk in stream:
-                yield chunk
-        finally:
-            self._admission.finished()
-
-    @staticmethod
-    async def _pass_through(first: str, stream: Any, request_id: str) -> AsyncGenerator[str, None]:
+    async def _pass_through(self, first: str, stream: Any, request_id: str) -> AsyncGenerator[str, None]:
         last = first
         try:
             yield first
@@ -238,6 +228,7 @@ class Router:
         finally:
             # Client gone (or done): cancelling the handle's generator makes decode's vLLM request abort.
             stream.cancel()
+            self._admission.finished()
 
     @staticmethod
     def _with_request_id(request: Any) -> Any:

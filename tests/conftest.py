@@ -153,7 +153,8 @@ def app(request, reference_outputs: dict, logs_dir: Path, tmp_path_factory) -> R
     with processes.serve_run(serve_config, name=backend, logs_dir=logs_dir, env=environment) as served:
         yield RunningApp(backend=backend, base_url=served.base_url, ray_address=served.ray_address,
                          log_path=served.log_path, metrics_url=served.metrics_url, session_dir=served.session_dir,
-                         model_path=config.model.path, injected={"num_failed_loads": 0, "num_expired": 0},
+                         model_path=config.model.path,
+                         injected={"num_failed_loads": 0, "num_expired": 0, "num_released_unclaimed": 0},
                          api_key=API_KEYS[backend])
 
 

@@ -72,9 +72,9 @@ def test_a_dead_decode_engine_makes_the_replica_unhealthy_and_serve_replaces_it(
 
     # 3. Serve replaces the replica: a new engine, HEALTHY in `serve status`, and exact answers again.
     replicas.wait_for_replacement(app.base_url, "decode", old_engine_id)
-    processes_wait = time.monotonic() + 60
+    deadline = time.monotonic() + 60
     while not _serve_reports_healthy(ray_driver):
-        assert time.monotonic() < processes_wait, serve.status()
+        assert time.monotonic() < deadline, serve.status()
         time.sleep(2)
     app.injected["num_failed_loads"] = 0  # the new decode engine counts from zero
     endpoint, body = request_body("completion_short")
@@ -183,7 +183,7 @@ def test_a_kv_transfer_that_times_out_is_recomputed(app, ray_driver, reference_o
     assert during["num_kv_failed_transfers"] == 1
     assert during["num_prompt_tokens_computed"] == response.usage.prompt_tokens
     app.injected["num_failed_loads"] += 1
-    app.injected["num_released_unclaimed"] = app.injected.get("num_released_unclaimed", 0) + 2
+    app.injected["num_released_unclaimed"] += 2
     deadline = time.monotonic() + 30
     while ray_driver.get(store.counters.remote()).num_open:
         assert time.monotonic() < deadline, ray_driver.get(store.counters.remote())
@@ -215,5 +215,5 @@ def test_clients_that_disconnect_during_prefill_and_streaming_leave_nothing_behi
         time.sleep(1)
     assert store.num_bytes_in_use == 0, store
     app.injected["num_expired"] += store.num_expired - store_before.num_expired
-    app.injected["num_released_unclaimed"] = app.injected.get("num_released_unclaimed", 0) + (
+    app.injected["num_released_unclaimed"] += (
         (store.num_released - store_before.num_released) - (store.num_claimed - store_before.num_claimed))

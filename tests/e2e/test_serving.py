@@ -105,4 +105,4 @@ def test_nothing_leaked_after_all_requests(ray_driver, app):
         assert store.num_expired == app.injected["num_expired"], store  # only what a fault test caused
         assert store.num_opened == store.num_released + store.num_expired > 0, store
         # Released without being claimed: only the KV of requests that fault tests left undecoded.
-        assert store.num_released - store.num_claimed == app.injected.get("num_released_unclaimed", 0), store
+        assert store.num_released - store.num_claimed == app.injected["num_released_unclaimed"], store
