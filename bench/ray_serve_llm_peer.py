@@ -13,9 +13,9 @@ Two variants; `is_cpu_fixed` changes only the KV connector of both engines:
   core (both engines then compute on core 1) and NIXL's progress thread busy-polls a core per agent. The app is
   built through `build_cpu_fixed_pd_app`, which registers Ray's own `NixlConnectorBackend` under that connector
   name, so Ray sets up ports, host and engine ids exactly as for `NixlConnector`.
-Both variants keep vLLM's `mp` executor and its busy-polling EngineCore (FACTS.md): Ray Serve LLM overwrites
-`distributed_executor_backend` with "mp" for CPU deployments (VLLMEngineConfig.get_initialization_kwargs), so
-`uni` cannot be chosen through engine_kwargs. That cost stays in the peer.
+Both variants run vLLM's `mp` executor, as splitserve's own engines do: vLLM's CPU platform turns `uni` into `mp`
+for every CPU engine (vllm/platforms/cpu.py), and Ray Serve LLM also sets "mp" for CPU deployments
+(VLLMEngineConfig.get_initialization_kwargs).
 
     python -m bench.ray_serve_llm_peer --cpu-fixed | --as-shipped   # 3 streamed requests: TTFT, TPOT
 """
