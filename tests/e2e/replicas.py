@@ -10,21 +10,33 @@ import psutil
 ROLE_DEPLOYMENTS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
 
 
+def engine_core_process(role: str, timeout_s: float = 15) -> psutil.Process:
+    """vLLM's EngineCore process of the role's (one) live replica: the EngineCore whose parent is a Serve replica
+    of that deployment. Ray retitles replica processes as they run (`ray::ServeReplica:splitserve:<Deployment>`,
+    `ray::SERVE_REPLICA::splitserve#<Deployment>#<id>...`), so the parent is matched on the deployment's name."""
+    deployment = ROLE_DEPLOYMENTS[role]
+    deadline = time.monotonic() + timeout_s
+    while True:
+        cores, seen = [], []
+        for proc in psutil.process_iter(["name", "status"]):
+            if "EngineCore" not in (proc.info["name"] or "") or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            try:
+                parent = " ".join(proc.parent().cmdline())
+            except (psutil.Error, AttributeError):
+                continue
+            seen.append((proc.pid, parent[:120]))
+            if "splitserve" in parent and deployment in parent:
+                cores.append(proc)
+        if len(cores) == 1:
+            return cores[0]
+        assert time.monotonic() < deadline, (role, seen)
+        time.sleep(1)
+
+
 def replica_process(role: str) -> psutil.Process:
-    """The Ray worker process of the role's (one) live replica."""
-    title = f"ServeReplica:splitserve:{ROLE_DEPLOYMENTS[role]}"
-    found = [proc for proc in psutil.process_iter(["cmdline"])
-             if title in " ".join(proc.info["cmdline"] or []) and proc.status() != psutil.STATUS_ZOMBIE]
-    assert len(found) == 1, (role, found)
-    return found[0]
-
-
-def engine_core_process(role: str) -> psutil.Process:
-    """vLLM's EngineCore process under the role's replica: the engine itself."""
-    cores = [child for child in replica_process(role).children() if "EngineCore" in child.name()
-             or "EngineCore" in " ".join(child.cmdline())]
-    assert len(cores) == 1, cores
-    return cores[0]
+    """The Ray worker process of the role's (one) live replica: its engine's parent."""
+    return engine_core_process(role).parent()
 
 
 def health(base_url: str) -> dict:
