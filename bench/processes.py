@@ -156,6 +156,10 @@ def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: d
         if serve_proc is not None:
             stop(serve_proc, first_signal=signal.SIGINT, grace_s=90)
         stop(ray_head, first_signal=signal.SIGTERM, grace_s=60, known_children=seen_children)
+        # Serve's controller and replica logs outlive the run, beside the others, for a post-mortem.
+        serve_logs = workdir / "ray" / "session_latest" / "logs" / "serve"
+        if serve_logs.is_dir():
+            shutil.copytree(serve_logs, logs_dir / f"serve-logs-{name}", dirs_exist_ok=True)
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -18,8 +18,12 @@ def engine_core_process(role: str, timeout_s: float = 15) -> psutil.Process:
     deadline = time.monotonic() + timeout_s
     while True:
         cores, seen = [], []
-        for proc in psutil.process_iter(["name", "status"]):
-            if "EngineCore" not in (proc.info["name"] or "") or proc.info["status"] == psutil.STATUS_ZOMBIE:
+        # Fresh reads only: psutil keeps the name it first saw for a process, and an engine seen while it was
+        # being spawned is still called "python3.11" there. Command lines are read anew each time.
+        psutil.process_iter.cache_clear()
+        for proc in psutil.process_iter(["cmdline", "status"]):
+            if "VLLM::EngineCore" not in " ".join(proc.info["cmdline"] or []) \
+                    or proc.info["status"] == psutil.STATUS_ZOMBIE:
                 continue
             try:
                 parent = " ".join(proc.parent().cmdline())
@@ -30,8 +34,18 @@ def engine_core_process(role: str, timeout_s: float = 15) -> psutil.Process:
                 cores.append(proc)
         if len(cores) == 1:
             return cores[0]
-        assert time.monotonic() < deadline, (role, seen)
+        assert time.monotonic() < deadline, (role, seen, _processes())
         time.sleep(1)
+
+
+def _processes() -> list[tuple[int, int, str]]:
+    """Ray's and vLLM's processes on this host, for a failure message."""
+    found = []
+    for proc in psutil.process_iter(["cmdline", "ppid"]):
+        cmdline = " ".join(proc.info["cmdline"] or []).strip()
+        if any(word in cmdline for word in ("VLLM", "Serve", "SERVE", "spawn")):
+            found.append((proc.pid, proc.info["ppid"], cmdline[:100]))
+    return found
 
 
 def replica_process(role: str) -> psutil.Process:
