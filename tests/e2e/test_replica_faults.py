@@ -22,7 +22,7 @@ from ray import serve
 from bench import engines
 from bench.engines import APP_NAME
 from tests.conftest import send
-from tests.e2e import replicas
+from bench import replicas
 from tests.e2e.workload import MODEL, long_document, request_body
 
 BOUND_S = 60  # no request may hang longer than this on a fault
@@ -94,8 +94,9 @@ def test_a_decode_replica_killed_mid_stream_ends_the_stream_cleanly(app, ray_dri
                       timeout=BOUND_S) as response:
         assert response.status_code == 200
         for line in response.iter_lines():
-            if line.startswith("data: "):
-                events.append(line)
+            if not line.startswith("data: "):
+                continue  # the blank lines between events: kill once, on the fifth event itself
+            events.append(line)
             if len(events) == 5:
                 replicas.replica_process("decode").kill()
     # 2. The stream ended within the bound, with an error event and [DONE] after the tokens that went out.

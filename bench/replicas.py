@@ -1,4 +1,5 @@
-"""The app's replicas as processes on this host: find them, kill them, wait until Serve has replaced them."""
+"""The app's replicas as processes on this host: find them, kill them, wait until Serve has replaced them (for
+the fault tests and the soak)."""
 
 from __future__ import annotations
 
