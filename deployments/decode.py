@@ -1,6 +1,7 @@
 """Decode: continue from prefill's KV and stream the tokens.
 
-1. The router sends the user's original request and the `KVHandle` prefill returned.
+1. The router sends the user's original request and the `KVHandle` prefill returned. A handle without this
+   app's signature is never used (it could point at another request's KV): decode computes that prompt itself.
 2. `to_decode_request` puts the handle's `kv_transfer_params` on the request; nothing else changes, so vLLM's
    serving layer renders, validates and samples exactly as a single engine would.
 3. The engine's KV connector sees the params, reads the prompt's blocks from prefill (the request waits while
@@ -22,6 +23,7 @@ from deployments.engine import Engine
 from deployments.engine_counters import EngineCounters
 from deployments.pd_protocol import bad_request, to_decode_request
 from kv_transfer.handle import KVHandle, KVHandleError
+from kv_transfer.handle_signing import HandleSigner
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("ray.serve")
@@ -29,8 +31,9 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
 class DecodeServer:
-    async def __init__(self, config: AppConfig):
+    async def __init__(self, config: AppConfig, kv_handle_key: str):
         self._config = config
+        self._signer = HandleSigner(kv_handle_key)
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"decode-{rank}-{uuid.uuid4().hex[:8]}"
         self._engine = await Engine.start(config.model, config.decode, replica_rank=rank, role_name="decode",
@@ -40,6 +43,10 @@ class DecodeServer:
     async def decode(self, request: Any, handle: KVHandle | None) -> AsyncGenerator[Any, None]:
         """Yields vLLM's SSE strings when `request.stream`, else one response; or one ErrorResponse. Without a
         handle (prefill failed), this engine computes the prompt too, as a single engine would."""
+        if handle is not None and not self._signer.is_authentic(handle):
+            logger.warning("request %s: a KV handle this app did not sign (forged, or from another deploy): "
+                           "not used; computing the prompt here", request.request_id)
+            handle = None
         if handle is None:
             logger.info("request %s: no KV handle (prefill failed): computing the prompt here", request.request_id)
             decode_request = request

@@ -7,7 +7,8 @@
    prompt's blocks for a remote decoder.
 3. vLLM's serving layer validates it (model name, context length, sampling values) and the engine runs the
    prompt; the one sampled token is thrown away, decode samples its own.
-4. The connector parks the blocks on a lease and returns `kv_transfer_params`, which become a `KVHandle`.
+4. The connector parks the blocks on a lease and returns `kv_transfer_params`, which become a `KVHandle`, signed
+   with the app's key so that decode (and `release`) can tell it came from here.
    Any failure comes back as an `ErrorResponse` value, never as an exception that could take the replica down.
 """
 
@@ -24,6 +25,7 @@ from deployments.engine import Engine
 from deployments.engine_counters import EngineCounters
 from deployments.pd_protocol import to_prefill_request
 from kv_transfer.handle import KVHandle, KVHandleError
+from kv_transfer.handle_signing import HandleSigner
 from kv_transfer.selection import store_name
 from kv_transfer.store import StoreCounters, create_store
 from serve_app.config import AppConfig
@@ -33,8 +35,9 @@ logger = logging.getLogger("ray.serve")
 
 @serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
 class PrefillServer:
-    async def __init__(self, config: AppConfig):
+    async def __init__(self, config: AppConfig, kv_handle_key: str):
         self._config = config
+        self._signer = HandleSigner(kv_handle_key)
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"prefill-{rank}-{uuid.uuid4().hex[:8]}"
         self._store = None
@@ -66,7 +69,7 @@ class PrefillServer:
             return self._engine.server_error(str(exc))
         logger.info("request %s: prefilled %d tokens into %d blocks", request.request_id,
                     handle.num_prompt_tokens, handle.num_blocks)
-        return handle
+        return self._signer.sign(handle)
 
     def counters(self) -> EngineCounters:
         return self._engine.counters()
@@ -78,6 +81,9 @@ class PrefillServer:
     async def release(self, handle: KVHandle) -> None:
         """The router will not decode this handle (client gone, decode failed): drop its KV now. The object store
         drops it at once; vLLM's NIXL connector frees its blocks when their lease (`kv_lease_s`) runs out."""
+        if not self._signer.is_authentic(handle):
+            logger.warning("request %s: release of a KV handle this app did not sign: ignored", handle.request_id)
+            return
         if self._store is not None and handle.prefill_engine_id == self.engine_id and handle.object_store_key:
             is_released = await self._store.release.remote(handle.object_store_key)
             logger.info("request %s: KV released unread (%s)", handle.request_id,

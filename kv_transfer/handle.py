@@ -40,6 +40,8 @@ class KVHandle(BaseModel):
     prefill_engine_id: str = ""
     # vLLM's kv_transfer_params exactly as the prefill engine's connector returned them.
     connector_params: dict[str, Any]
+    # HMAC of everything above, by the prefill replica that made the handle (handle_signing.py).
+    signature: str = ""
 
     @classmethod
     def from_kv_transfer_params(

@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import os
+import secrets
 from typing import Any
 
 from ray.serve import Application
@@ -26,16 +28,20 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         collocated = _engines(CollocatedServer, config.collocated, config)
         return _router(config.router).bind(config, collocated=collocated)
 
-    # `auto` is decided here, once, so that every replica of both roles uses the same transport.
+    # `auto` is decided here, once, so that every replica of both roles uses the same transport; so is the key
+    # with which prefill signs KV handles and decode checks them: only this app's replicas have it.
     config = config.model_copy(update={"transfer": resolve_backend(config.transfer)})
-    prefill = _engines(PrefillServer, config.prefill, config)
-    decode = _engines(DecodeServer, config.decode, config)
+    kv_handle_key = os.environ.get(config.transfer.handle_key_env) or secrets.token_hex(32)
+    if len(kv_handle_key) < 32:
+        raise ValueError(f"{config.transfer.handle_key_env} must hold at least 32 characters (a KV handle key)")
+    prefill = _engines(PrefillServer, config.prefill, config, kv_handle_key)
+    decode = _engines(DecodeServer, config.decode, config, kv_handle_key)
     return _router(config.router).bind(config, prefill=prefill, decode=decode)
 
 
-def _engines(deployment: Any, role: EngineRoleConfig, config: AppConfig) -> Any:
+def _engines(deployment: Any, role: EngineRoleConfig, config: AppConfig, *args: Any) -> Any:
     return deployment.options(num_replicas=role.num_replicas, max_ongoing_requests=role.num_ongoing_per_replica,
-                              ray_actor_options={"num_cpus": role.num_cpus}).bind(config)
+                              ray_actor_options={"num_cpus": role.num_cpus}).bind(config, *args)
 
 
 def _router(router: RouterConfig) -> Any:

@@ -141,6 +141,10 @@ class TransferConfig(_Frozen):
     nixl_buffer_device: Literal["auto", "cuda", "cpu"] = "auto"
     # nixl: vLLM pins the NIXL worker's model thread to the last core on CPU (FACTS.md); keep our binding instead.
     keep_engine_affinity: bool = True
+    # KV handles are signed by prefill and verified by decode (kv_transfer/handle_signing.py). The key comes from
+    # this environment variable where the app is built, if set (one key across redeploys and apps), else it is
+    # made afresh for each deploy. The key itself never enters the config.
+    handle_key_env: str = "SPLITSERVE_KV_HANDLE_KEY"
 
 
 class AppConfig(_Frozen):

@@ -103,6 +103,9 @@ RESOLVED_BACKENDS = {"auto": "nixl", "auto-without-nixl": "object_store"}
 API_KEYS = {"auto": None, "auto-without-nixl": "splitserve-test-key"}
 # Where the suite's app differs from serve_config.yaml, beyond the HTTP port: a small overload bound, so that the
 # overload test reaches it in seconds, and a short KV load timeout, so that the timeout fault test is quick.
+# A KV handle key the suite knows (else each deploy makes its own), so that fault tests can sign the handles they
+# forge on purpose, as a prefill replica would.
+TEST_KV_HANDLE_KEY = "splitserve-test-kv-handle-key-0123456789abcdef"
 TEST_OVERRIDES = {"prefill": {"max_queued_requests": 4}, "decode": {"max_queued_requests": 4},
                   "transfer": {"load_timeout_s": 10}}
 
@@ -119,6 +122,7 @@ class RunningApp:
     # KV loads that tests failed on purpose (fault injection): the leak check expects exactly these.
     injected: dict[str, int]
     api_key: str | None = None
+    kv_handle_key: str = TEST_KV_HANDLE_KEY
 
     @property
     def resolved_backend(self) -> str:
@@ -150,6 +154,7 @@ def app(request, reference_outputs: dict, logs_dir: Path, tmp_path_factory) -> R
     environment = _without_nixl(tmp_path_factory.mktemp("no-nixl")) if backend == "auto-without-nixl" else {}
     if API_KEYS[backend]:
         environment[config.router.api_key_env] = API_KEYS[backend]
+    environment[config.transfer.handle_key_env] = TEST_KV_HANDLE_KEY
     with processes.serve_run(serve_config, name=backend, logs_dir=logs_dir, env=environment) as served:
         yield RunningApp(backend=backend, base_url=served.base_url, ray_address=served.ray_address,
                          log_path=served.log_path, metrics_url=served.metrics_url, session_dir=served.session_dir,

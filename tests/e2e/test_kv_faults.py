@@ -6,6 +6,8 @@ is counted.
   request's KV goes through the restarted store.
 - nixl: decode gets a KV handle whose prefill engine cannot be reached. The load fails, and vLLM's recompute
   policy computes the prompt on decode.
+- both: a KV handle that this app's prefill did not sign (altered after signing, or never signed) is never used:
+  decode computes the prompt, prefill's release ignores it, and the real KV is still there for the real handle.
 Each test records the failures it caused in `app.injected`; the leak check, which runs last, expects exactly those.
 """
 
@@ -19,6 +21,7 @@ from ray import serve
 
 from bench import engines, processes
 from bench.engines import APP_NAME
+from kv_transfer.handle_signing import HandleSigner
 from tests.conftest import send
 from tests.e2e.workload import request_body
 
@@ -83,8 +86,8 @@ def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs
     handle = prefill.prefill.remote(request).result(timeout_s=120)
     # The same blocks, said to be held by an engine decode has never met, where nothing listens: decode must
     # handshake with it first (it would reuse a known engine's connection), and that fails.
-    unreachable = handle.model_copy(update={"connector_params": {
-        **handle.connector_params, "remote_engine_id": "unreachable-prefill", "remote_port": processes.free_port()}})
+    unreachable = HandleSigner(app.kv_handle_key).sign(handle.model_copy(update={"connector_params": {
+        **handle.connector_params, "remote_engine_id": "unreachable-prefill", "remote_port": processes.free_port()}}))
     before = engines.counters("decode")
     (response,) = list(decode.options(stream=True).decode.remote(request, unreachable))
 
@@ -94,3 +97,45 @@ def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs
     assert during["num_kv_failed_transfers"] >= 1
     app.injected["num_failed_loads"] += during["num_kv_failed_transfers"]
 
+
+
+def test_a_kv_handle_the_app_did_not_sign_is_never_used(app, ray_driver, reference_outputs):
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    _, body = request_body("completion_forged_handle")
+    request = CompletionRequest(**body, return_token_ids=True)
+    expected = reference_outputs["completion_forged_handle"]["token_ids"]
+    prefill = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME)
+    decode = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
+    store_before = engines.store_counters()
+
+    # 1. Prefill makes a real, signed handle; a caller alters where it points (keeping the signature) or strips
+    #    the signature off.
+    handle = prefill.prefill.remote(request).result(timeout_s=120)
+    altered = handle.model_copy(update={"request_id": "someone-else", "prefill_engine_id": "another-prefill"})
+    unsigned = handle.model_copy(update={"signature": ""})
+
+    # 2. Prefill's release ignores both: the real KV is still held (the store still has the transfer).
+    for forged in (altered, unsigned):
+        prefill.release.remote(forged).result(timeout_s=30)
+    if app.resolved_backend == "object_store":
+        assert engines.store_counters().num_open == store_before.num_open + 1
+
+    # 3. Decode never uses them: each gets the exact answer with the prompt computed on decode, no load tried.
+    for forged in (altered, unsigned):
+        before = engines.counters("decode")
+        (response,) = list(decode.options(stream=True).decode.remote(request, forged))
+        assert list(response.choices[0].token_ids) == expected
+        during = engines.delta(engines.counters("decode"), before)
+        assert during["num_prompt_tokens_computed"] == response.usage.prompt_tokens, during
+        assert (during["num_kv_transfers"], during["num_kv_failed_transfers"]) == (0, 0), during
+
+    # 4. The real handle still works: decode loads the KV instead of computing the prompt, and nothing is left.
+    before = engines.counters("decode")
+    (response,) = list(decode.options(stream=True).decode.remote(request, handle))
+    assert list(response.choices[0].token_ids) == expected
+    during = engines.delta(engines.counters("decode"), before)
+    assert (during["num_prompt_tokens_computed"], during["num_kv_transfers"]) == (0, 1), during
+    if app.resolved_backend == "object_store":
+        store = engines.store_counters()
+        assert (store.num_open, store.num_opened - store_before.num_opened) == (store_before.num_open, 1), store

@@ -19,10 +19,10 @@ import httpx
 import pytest
 from ray import serve
 
-from bench import engines
+from bench import engines, replicas
 from bench.engines import APP_NAME
+from kv_transfer.handle_signing import HandleSigner
 from tests.conftest import send
-from bench import replicas
 from tests.e2e.workload import MODEL, long_document, request_body
 
 BOUND_S = 60  # no request may hang longer than this on a fault
@@ -175,7 +175,7 @@ def test_a_kv_transfer_that_times_out_is_recomputed(app, ray_driver, reference_o
                                                             dtype="float32")))
     params = {**handle.connector_params, "splitserve": {**handle.connector_params["splitserve"],
                                                         "transfer_key": stalled_key}}
-    stalled = handle.model_copy(update={"connector_params": params})
+    stalled = HandleSigner(app.kv_handle_key).sign(handle.model_copy(update={"connector_params": params}))
     before = engines.counters("decode")
     started = time.monotonic()
     (response,) = list(decode.options(stream=True).decode.remote(request, stalled))

@@ -42,6 +42,7 @@ FAULT_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
                                                "max_tokens": 16}),
     "completion_prefill_killed": ("completion", {"prompt": long_document(first_year=1700), "max_tokens": 16}),
     "completion_kv_timeout": ("completion", {"prompt": "The colours of the rainbow, in order, are", "max_tokens": 16}),
+    "completion_forged_handle": ("completion", {"prompt": "The five oceans of the world are", "max_tokens": 16}),
 }
 REFERENCE_REQUESTS = {**EXACTNESS_REQUESTS, **FAULT_REQUESTS}
 
