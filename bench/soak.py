@@ -315,6 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     args.out.mkdir(parents=True, exist_ok=True)
+    logs_dir = processes.PROJECT_ROOT / ".cache" / "soak-logs"  # the app's logs: large, kept out of the results
+    logs_dir.mkdir(parents=True, exist_ok=True)
 
     serve_config = yaml.safe_load((processes.PROJECT_ROOT / "serve_config.yaml").read_text())
     app_args = serve_config["applications"][0]["args"]
@@ -322,14 +324,15 @@ def main(argv: list[str] | None = None) -> None:
         app_args["transfer"]["backend"] = args.backend
     config = AppConfig.model_validate(app_args)
     duration_s = args.minutes * 60
+    started_at = datetime.now(timezone.utc).isoformat(timespec="seconds")
     logger.info("1. reference answers from a standalone engine")
-    golden = goldens(config, args.out)
+    golden = goldens(config, logs_dir)
     prompts = trace_prompts(config, num_prompts=200, seed=args.seed)
     api_key = os.environ.get(config.router.api_key_env)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
 
     logger.info("2. starting the app")
-    with processes.serve_run(serve_config, name="soak", logs_dir=args.out) as app:
+    with processes.serve_run(serve_config, name="soak", logs_dir=logs_dir) as app:
         import ray
 
         ray.init(address=app.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
@@ -367,7 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     outcomes = collections.Counter(outcome.outcome for outcome in soak.outcomes)
     report = {
         "minutes": args.minutes, "rate_per_s": args.rate, "fault_every_s": args.fault_every_s, "backend": backend,
-        "started_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "host": platform.node(),
+        "started_at": started_at, "host": platform.node(),
         "command": "python -m bench.soak " + " ".join(argv if argv is not None else sys.argv[1:]),
         "num_requests": len(soak.outcomes), "outcomes": dict(outcomes),
         "outcomes_by_kind": {kind: dict(collections.Counter(o.outcome for o in soak.outcomes if o.kind == kind))

@@ -1,7 +1,8 @@
 """Decode: continue from prefill's KV and stream the tokens.
 
 1. The router sends the user's original request and the `KVHandle` prefill returned. A handle without this
-   app's signature is never used (it could point at another request's KV): decode computes that prompt itself.
+   app's signature (it could point at another request's KV), or with less than half of its KV lease left (the
+   blocks may be freed and reused before they are read), is never used: decode computes that prompt itself.
 2. `to_decode_request` puts the handle's `kv_transfer_params` on the request; nothing else changes, so vLLM's
    serving layer renders, validates and samples exactly as a single engine would.
 3. The engine's KV connector sees the params, reads the prompt's blocks from prefill (the request waits while
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
@@ -46,6 +48,11 @@ class DecodeServer:
         if handle is not None and not self._signer.is_authentic(handle):
             logger.warning("request %s: a KV handle this app did not sign (forged, or from another deploy): "
                            "not used; computing the prompt here", request.request_id)
+            handle = None
+        if handle is not None and not handle.is_fresh(self._config.transfer.kv_lease_s):
+            logger.warning("request %s: its KV handle is %.0f s old, past half its %d s lease: not used; computing "
+                           "the prompt here", request.request_id, time.time() - handle.issued_at,
+                           self._config.transfer.kv_lease_s)
             handle = None
         if handle is None:
             logger.info("request %s: no KV handle (prefill failed): computing the prompt here", request.request_id)

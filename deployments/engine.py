@@ -169,10 +169,16 @@ class Engine:
             else self._completion.create_completion
         )
         try:
-            return await create(request, raw_request=None)
+            result = await create(request, raw_request=None)
         except Exception as exc:  # vLLM raises for some bad input instead of returning an ErrorResponse
             logger.info("request %s rejected: %s", getattr(request, "request_id", "?"), exc)
-            return create_error_response(exc)
+            result = create_error_response(exc)
+        if isinstance(result, ErrorResponse) and not self.is_alive:
+            # vLLM answers 500 once its engine has died; Serve is about to replace this replica: a 503 tells the
+            # client that a retry will be served.
+            return create_error_response("this replica's engine has stopped and is being replaced",
+                                         "ServiceUnavailableError", HTTPStatus.SERVICE_UNAVAILABLE)
+        return result
 
     @staticmethod
     def server_error(message: str) -> ErrorResponse:

@@ -9,6 +9,7 @@ owns them (held on a lease of `transfer.kv_lease_s` seconds, then freed even if 
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,6 +41,8 @@ class KVHandle(BaseModel):
     prefill_engine_id: str = ""
     # vLLM's kv_transfer_params exactly as the prefill engine's connector returned them.
     connector_params: dict[str, Any]
+    # When prefill made the handle (wall clock, seconds): its KV is held on a lease that starts then.
+    issued_at: float = 0.0
     # HMAC of everything above, by the prefill replica that made the handle (handle_signing.py).
     signature: str = ""
 
@@ -55,8 +58,15 @@ class KVHandle(BaseModel):
             raise KVHandleError(f"prefill of {request_id} returned kv_transfer_params without {missing}")
         return cls(
             backend=backend, request_id=request_id, num_prompt_tokens=num_prompt_tokens,
-            prefill_engine_id=prefill_engine_id, connector_params=dict(params),
+            prefill_engine_id=prefill_engine_id, connector_params=dict(params), issued_at=time.time(),
         )
+
+    def is_fresh(self, lease_s: float) -> bool:
+        """Whether at least half of the KV's lease is left. Decode must not start a load later: NIXL reads
+        prefill's blocks one-sidedly, and blocks whose lease ran out may already hold another request's KV (seen:
+        a request that waited 50 s for a replacement decode replica decoded garbage). Once decode's engine has the
+        request, its heartbeats renew the lease; half a lease leaves them ample time to start."""
+        return time.time() - self.issued_at < lease_s / 2
 
     def to_kv_transfer_params(self) -> dict[str, Any]:
         """The params that make decode's connector pull these blocks instead of recomputing the prompt."""

@@ -6,8 +6,9 @@ is counted.
   request's KV goes through the restarted store.
 - nixl: decode gets a KV handle whose prefill engine cannot be reached. The load fails, and vLLM's recompute
   policy computes the prompt on decode.
-- both: a KV handle that this app's prefill did not sign (altered after signing, or never signed) is never used:
-  decode computes the prompt, prefill's release ignores it, and the real KV is still there for the real handle.
+- both: a KV handle that this app's prefill did not sign (altered after signing, or never signed), or one past
+  half its KV lease, is never used: decode computes the prompt, prefill's release ignores an unsigned one, and the
+  real KV is still there for the real handle.
 Each test records the failures it caused in `app.injected`; the leak check, which runs last, expects exactly those.
 """
 
@@ -99,7 +100,7 @@ def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs
 
 
 
-def test_a_kv_handle_the_app_did_not_sign_is_never_used(app, ray_driver, reference_outputs):
+def test_a_kv_handle_the_app_did_not_sign_or_past_its_lease_is_never_used(app, ray_driver, reference_outputs):
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
     _, body = request_body("completion_forged_handle")
@@ -114,6 +115,8 @@ def test_a_kv_handle_the_app_did_not_sign_is_never_used(app, ray_driver, referen
     handle = prefill.prefill.remote(request).result(timeout_s=120)
     altered = handle.model_copy(update={"request_id": "someone-else", "prefill_engine_id": "another-prefill"})
     unsigned = handle.model_copy(update={"signature": ""})
+    # A genuine handle whose lease ran out: what a request that waited long for a decode replica would carry.
+    stale = HandleSigner(app.kv_handle_key).sign(handle.model_copy(update={"issued_at": handle.issued_at - 3600}))
 
     # 2. Prefill's release ignores both: the real KV is still held (the store still has the transfer).
     for forged in (altered, unsigned):
@@ -121,8 +124,9 @@ def test_a_kv_handle_the_app_did_not_sign_is_never_used(app, ray_driver, referen
     if app.resolved_backend == "object_store":
         assert engines.store_counters().num_open == store_before.num_open + 1
 
-    # 3. Decode never uses them: each gets the exact answer with the prompt computed on decode, no load tried.
-    for forged in (altered, unsigned):
+    # 3. Decode never uses them, nor the stale one: each gets the exact answer with the prompt computed on decode,
+    #    and no load is tried.
+    for forged in (altered, unsigned, stale):
         before = engines.counters("decode")
         (response,) = list(decode.options(stream=True).decode.remote(request, forged))
         assert list(response.choices[0].token_ids) == expected

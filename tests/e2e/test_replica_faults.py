@@ -56,8 +56,14 @@ def test_a_dead_decode_engine_makes_the_replica_unhealthy_and_serve_replaces_it(
     old_engine_id = replicas.engine_id(app.base_url, "decode")
     assert _serve_reports_healthy(ray_driver)
 
-    # 1. Kill decode's engine process (not the replica): the replica lives on, with a dead engine.
+    # 1. Kill decode's engine process (not the replica): the replica lives on, with a dead engine. Until Serve
+    #    stops it (three failed health checks, 10 s apart), it answers with a retryable 503, not vLLM's 500.
     replicas.engine_core_process("decode").kill()
+    time.sleep(2)
+    response = httpx.post(f"{app.base_url}/v1/completions", headers=app.headers, timeout=BOUND_S,
+                          json={"model": MODEL, "prompt": "Hello", "max_tokens": 4, "temperature": 0})
+    assert response.status_code == 503 and response.headers["retry-after"], response.text
+    assert "replaced" in response.json()["error"]["message"]
 
     # 2. The replica reports it: /health says decode is not ready, and Serve's health check marks it unhealthy.
     deadline = time.monotonic() + 120

@@ -4,6 +4,7 @@ or a garbled one is not, and a signed handle stays authentic after the trip thro
 from __future__ import annotations
 
 import pickle
+import time
 
 import pytest
 
@@ -46,6 +47,12 @@ def test_missing_or_garbled_signatures_are_not_authentic(signature):
 
 def test_another_key_does_not_verify():
     assert not HandleSigner("x" * 64).is_authentic(HandleSigner(KEY).sign(_handle()))
+
+
+def test_a_handle_is_fresh_for_half_its_lease():
+    handle = _handle().model_copy(update={"issued_at": time.time()})
+    assert handle.is_fresh(lease_s=30)
+    assert not handle.model_copy(update={"issued_at": time.time() - 16}).is_fresh(lease_s=30)
 
 
 def test_short_keys_are_refused():
