@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -40,10 +41,28 @@ def use_ray_token_auth() -> None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
 
+RAY_WORKER_PORTS = range(10002, 20000)  # Ray's default --min/max-worker-port
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A free TCP port below the kernel's ephemeral range (and above Ray's worker ports). A port the kernel picks
+    for us (bind to 0) is ephemeral, and Ray's own processes bind ephemeral ports while a cluster starts: in one CI
+    run one of them took the HTTP port picked for `serve run` before Serve's proxy could bind it."""
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
+        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
+    for _ in range(500):
+        port = random.randint(RAY_WORKER_PORTS.stop, max(RAY_WORKER_PORTS.stop, low - 1))
+        if port in _handed_out:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free TCP port found below the ephemeral range")
 
 
 def start(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
