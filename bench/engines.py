@@ -8,14 +8,14 @@ from pathlib import Path
 
 from ray import serve
 
+from bench.replicas import ROLE_DEPLOYMENTS
 from deployments.engine_counters import EngineCounters
 
 APP_NAME = "splitserve"
 
 
 def counters(role: str) -> EngineCounters:
-    deployment = {"prefill": "PrefillServer", "decode": "DecodeServer"}[role]
-    return serve.get_deployment_handle(deployment, app_name=APP_NAME).counters.remote().result(timeout_s=30)
+    return serve.get_deployment_handle(ROLE_DEPLOYMENTS[role], app_name=APP_NAME).counters.remote().result(timeout_s=30)
 
 
 def store_counters():

@@ -49,8 +49,8 @@ def free_port() -> int:
     """A free TCP port below the kernel's ephemeral range (and above Ray's worker ports). A port the kernel picks
     for us (bind to 0) is ephemeral, and Ray's own processes bind ephemeral ports while a cluster starts: in one CI
     run one of them took the HTTP port picked for `serve run` before Serve's proxy could bind it."""
-    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0]) \
-        if Path("/proc/sys/net/ipv4/ip_local_port_range").exists() else 32768
+    port_range = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(port_range.read_text().split()[0]) if port_range.exists() else 32768
     for _ in range(500):
         port = random.randint(RAY_WORKER_PORTS.stop, max(RAY_WORKER_PORTS.stop, low - 1))
         if port in _handed_out:

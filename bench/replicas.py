@@ -54,6 +54,13 @@ def replica_process(role: str) -> psutil.Process:
     return engine_core_process(role).parent()
 
 
+def router_process() -> psutil.Process:
+    """The Ray worker process of the router's (one) replica."""
+    title = "ServeReplica:splitserve:Router"
+    (router,) = [proc for proc in psutil.process_iter(["cmdline"]) if title in " ".join(proc.info["cmdline"] or [])]
+    return router
+
+
 def health(base_url: str) -> dict:
     try:
         return httpx.get(f"{base_url}/health", timeout=15).json()

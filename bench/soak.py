@@ -79,9 +79,8 @@ class Outcome:
 
 
 class Soak:
-    def __init__(self, base_url: str, model: str, headers: dict[str, str], goldens: dict[str, list[int]],
-                 prompts: list[tuple[str, int]], seed: int):
-        self._base_url, self._model, self._headers = base_url, model, headers
+    def __init__(self, model: str, goldens: dict[str, list[int]], prompts: list[tuple[str, int]], seed: int):
+        self._model = model
         self._goldens, self._prompts = goldens, prompts
         self._rng = random.Random(seed)
         self.outcomes: list[Outcome] = []
@@ -201,9 +200,7 @@ def memory_snapshot(backend: str) -> dict[str, Any]:
                           "kv_cache_usage": counters.kv_cache_usage,
                           "num_running_requests": counters.num_running_requests,
                           "num_waiting_requests": counters.num_waiting_requests}
-    router = [proc for proc in psutil.process_iter(["cmdline"])
-              if "ServeReplica:splitserve:Router" in " ".join(proc.info["cmdline"] or [])]
-    snapshot["router"] = {"rss_mib": sum(_tree_rss_mib(proc) for proc in router)}
+    snapshot["router"] = {"rss_mib": _tree_rss_mib(replicas.router_process())}
     if backend == "object_store":
         store = engines.store_counters()
         snapshot["kv_store"] = {"num_open": store.num_open, "num_bytes_in_use": store.num_bytes_in_use,
@@ -338,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         ray.init(address=app.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
         try:
             backend = httpx.get(f"{app.base_url}/health", timeout=15).json()["roles"]["prefill"]["transfer_backend"]
-            warmup = Soak(app.base_url, config.model.served_name, headers, golden, prompts, args.seed)
+            warmup = Soak(config.model.served_name, golden, prompts, args.seed)
             asyncio.run(drive(warmup, base_url=app.base_url, headers=headers, rate_per_s=1.0, duration_s=10,
                               seed=args.seed + 1))
             memory_start = memory_snapshot(backend)
@@ -346,7 +343,7 @@ def main(argv: list[str] | None = None) -> None:
 
             logger.info("3. %.0f minutes of traffic at %.2f/s, a fault every %.0f s", args.minutes, args.rate,
                         args.fault_every_s)
-            soak = Soak(app.base_url, config.model.served_name, headers, golden, prompts, args.seed)
+            soak = Soak(config.model.served_name, golden, prompts, args.seed)
             faults: list[dict[str, Any]] = []
             stop = threading.Event()
             injector = threading.Thread(target=inject_faults, args=(app, backend), daemon=True, kwargs={

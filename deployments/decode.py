@@ -44,18 +44,10 @@ class DecodeServer:
 
     async def decode(self, request: Any, handle: KVHandle | None) -> AsyncGenerator[Any, None]:
         """Yields vLLM's SSE strings when `request.stream`, else one response; or one ErrorResponse. Without a
-        handle (prefill failed), this engine computes the prompt too, as a single engine would."""
-        if handle is not None and not self._signer.is_authentic(handle):
-            logger.warning("request %s: a KV handle this app did not sign (forged, or from another deploy): "
-                           "not used; computing the prompt here", request.request_id)
-            handle = None
-        if handle is not None and not handle.is_fresh(self._config.transfer.kv_lease_s):
-            logger.warning("request %s: its KV handle is %.0f s old, past half its %d s lease: not used; computing "
-                           "the prompt here", request.request_id, time.time() - handle.issued_at,
-                           self._config.transfer.kv_lease_s)
-            handle = None
+        handle (prefill failed), or with one it must not use, this engine computes the prompt too, as a single
+        engine would."""
+        handle = self._usable(handle, request.request_id)
         if handle is None:
-            logger.info("request %s: no KV handle (prefill failed): computing the prompt here", request.request_id)
             decode_request = request
         else:
             try:
@@ -71,6 +63,21 @@ class DecodeServer:
                 yield chunk
         else:
             yield result
+
+    def _usable(self, handle: KVHandle | None, request_id: str) -> KVHandle | None:
+        """`handle` if it is this app's and fresh, else None: this engine computes the prompt (the log says why)."""
+        lease_s = self._config.transfer.kv_lease_s
+        if handle is None:
+            logger.info("request %s: no KV handle (prefill failed): computing the prompt here", request_id)
+        elif not self._signer.is_authentic(handle):
+            logger.warning("request %s: a KV handle this app did not sign (forged, or from another deploy): not "
+                           "used; computing the prompt here", request_id)
+        elif not handle.is_fresh(lease_s):
+            logger.warning("request %s: its KV handle is %.0f s old, past half its %d s lease: not used; computing "
+                           "the prompt here", request_id, time.time() - handle.issued_at, lease_s)
+        else:
+            return handle
+        return None
 
     def counters(self) -> EngineCounters:
         return self._engine.counters()

@@ -99,7 +99,6 @@ def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs
     app.injected["num_failed_loads"] += during["num_kv_failed_transfers"]
 
 
-
 def test_a_kv_handle_the_app_did_not_sign_or_past_its_lease_is_never_used(app, ray_driver, reference_outputs):
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 

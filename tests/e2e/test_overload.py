@@ -12,22 +12,14 @@ import statistics
 import time
 
 import httpx
-import psutil
 
-from bench import engines
-from bench import replicas
+from bench import engines, replicas
 from tests.e2e.workload import MODEL
 
 NUM_USERS = 16  # the engines' batch (max_num_seqs): what the app serves without queueing
 WARMUP_S = 4
 SUSTAINED_S = 10
 OVERLOAD_S = 15
-
-
-def _router_rss() -> int:
-    title = "ServeReplica:splitserve:Router"
-    (router,) = [proc for proc in psutil.process_iter(["cmdline"]) if title in " ".join(proc.info["cmdline"] or [])]
-    return router.memory_info().rss
 
 
 async def _one(client: httpx.AsyncClient, app, index: int) -> tuple[int, float, httpx.Response]:
@@ -68,7 +60,7 @@ async def _open_loop(app, rate: float) -> list[tuple[int, float, httpx.Response]
 
 
 def test_twice_the_sustainable_load_is_refused_cleanly_with_bounded_latency(app, ray_driver):
-    rss_before = _router_rss()
+    rss_before = replicas.router_process().memory_info().rss
 
     # 1. What the app sustains: a closed loop of as many users as the engines batch, once warm (a cold app's
     #    first batches are slower, and would understate it).
@@ -102,5 +94,5 @@ def test_twice_the_sustainable_load_is_refused_cleanly_with_bounded_latency(app,
     if app.resolved_backend == "object_store":
         store = engines.store_counters()
         assert (store.num_open, store.num_bytes_in_use) == (0, 0), store
-    assert _router_rss() - rss_before < 100 * 2**20
+    assert replicas.router_process().memory_info().rss - rss_before < 100 * 2**20
     assert replicas.health(app.base_url)["status"] == "ok"
