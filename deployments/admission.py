@@ -55,3 +55,10 @@ class Admission:
 
     def finished(self) -> None:
         self.num_in_flight -= 1
+
+    def counts(self) -> dict[str, int]:
+        """This router replica's requests between admission and their end (for /health and leak checks)."""
+        counts = {"num_in_flight": self.num_in_flight}
+        if self.num_prefill_admissible is not None:
+            counts["num_in_prefill"] = self.num_in_prefill
+        return counts

@@ -61,6 +61,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
 from deployments.admission import Admission
+from deployments.guarded_stream import guarded
 from deployments.http_edge import EdgePolicy, HttpEdge, error_body, framework_error
 from deployments.metrics import RouterMetrics
 from deployments.pd_protocol import check_disaggregable
@@ -108,6 +109,19 @@ class PhaseTiming:
         return ", ".join(metrics)
 
 
+@dataclass
+class _StreamTally:
+    num_token_chunks: int = 0
+    is_complete: bool = False
+
+    async def counted(self, stream: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+        async for chunk in stream:
+            if '"choices":[{' in chunk:
+                self.num_token_chunks += 1
+            yield chunk
+        self.is_complete = True
+
+
 def _error_json(error: ErrorResponse, headers: dict[str, str], retry_after_s: int) -> JSONResponse:
     if error.error.code == 503:  # overloaded or a replica restarting: tell the client when to come back
         headers = {**headers, "Retry-After": str(retry_after_s)}
@@ -153,7 +167,7 @@ class Router:
             raise
         if not isinstance(result, AsyncGenerator):
             self._admission.finished()
-        return result  # a stream leaves admission when it ends (_pass_through)
+        return result  # a stream leaves admission when it is over (_passed_through)
 
     async def _admitted(self, request: Any, timing: PhaseTiming) -> ErrorResponse | Any:
         started = time.perf_counter()
@@ -188,7 +202,7 @@ class Router:
         if not isinstance(first, str):  # one response object or an ErrorResponse
             stream.cancel()
             return first
-        return self._pass_through(first, stream, request.request_id)
+        return self._passed_through(first, stream, request.request_id)
 
     async def _prefilled(self, request: Any) -> KVHandle | ErrorResponse | None:
         """Prefill's KV handle, its client error, or None: prefill failed, and decode computes the prompt itself."""
@@ -209,26 +223,30 @@ class Router:
         if handle is not None:
             self._prefill.release.remote(handle)  # fire and forget: the lease frees it anyway if this fails
 
-    async def _pass_through(self, first: str, stream: Any, request_id: str) -> AsyncGenerator[str, None]:
-        last = first
-        try:
-            yield first
-            try:
-                async for chunk in stream:
-                    last = chunk
-                    yield chunk
-                failure = None if last.rstrip().endswith("data: [DONE]") else "ended without [DONE]"
-            except Exception as exc:  # a replica died or failed: Serve's errors for that vary with when it happened
-                failure = repr(exc)
-            if failure is not None:
-                # Tokens already went out; the stream ends with an error event, as vLLM ends a failed stream.
-                logger.warning("request %s: decode failed mid-stream: %s", request_id, failure)
-                yield f"data: {json.dumps(error_body(503, 'the decode replica failed mid-stream'))}\n\n"
-                yield "data: [DONE]\n\n"
-        finally:
+    def _passed_through(self, first: str, stream: Any, request_id: str) -> AsyncGenerator[str, None]:
+        def on_end() -> None:
             # Client gone (or done): cancelling the handle's generator makes decode's vLLM request abort.
             stream.cancel()
             self._admission.finished()
+
+        return guarded(self._pass_through(first, stream, request_id), on_end)
+
+    @staticmethod
+    async def _pass_through(first: str, stream: Any, request_id: str) -> AsyncGenerator[str, None]:
+        last = first
+        yield first
+        try:
+            async for chunk in stream:
+                last = chunk
+                yield chunk
+            failure = None if last.rstrip().endswith("data: [DONE]") else "ended without [DONE]"
+        except Exception as exc:  # a replica died or failed: Serve's errors for that vary with when it happened
+            failure = repr(exc)
+        if failure is not None:
+            # Tokens already went out; the stream ends with an error event, as vLLM ends a failed stream.
+            logger.warning("request %s: decode failed mid-stream: %s", request_id, failure)
+            yield f"data: {json.dumps(error_body(503, 'the decode replica failed mid-stream'))}\n\n"
+            yield "data: [DONE]\n\n"
 
     @staticmethod
     def _with_request_id(request: Any) -> Any:
@@ -270,19 +288,17 @@ class Router:
         self._metrics.finished(route=route, status_code=200, e2e_s=time.perf_counter() - started)
         return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
 
-    async def _measured(self, stream: AsyncGenerator[str, None], route: str, started: float,
-                        ttft_s: float) -> AsyncGenerator[str, None]:
+    def _measured(self, stream: AsyncGenerator[str, None], route: str, started: float,
+                  ttft_s: float) -> AsyncGenerator[str, None]:
         """Passes the SSE stream through, counting the chunks that carry tokens; 499 if the client went away."""
-        num_token_chunks, status_code = 0, 499
-        try:
-            async for chunk in stream:
-                if '"choices":[{' in chunk:
-                    num_token_chunks += 1
-                yield chunk
-            status_code = 200
-        finally:
-            self._metrics.finished(route=route, status_code=status_code, e2e_s=time.perf_counter() - started,
-                                   ttft_s=ttft_s, num_output_chunks=num_token_chunks)
+        tally = _StreamTally()
+
+        def on_end() -> None:
+            self._metrics.finished(route=route, status_code=200 if tally.is_complete else 499,
+                                   e2e_s=time.perf_counter() - started, ttft_s=ttft_s,
+                                   num_output_chunks=tally.num_token_chunks)
+
+        return guarded(tally.counted(stream), on_end)
 
     @app.get("/v1/models")
     async def http_models(self) -> JSONResponse:
@@ -310,7 +326,8 @@ class Router:
             except Exception as exc:  # a role that cannot answer is reported, not raised
                 roles[name] = {"ready": False, "error": repr(exc)}
         is_ready = all(role["ready"] for role in roles.values())
-        report = {"status": "ok" if is_ready else "unavailable", "mode": self._config.mode, "roles": roles}
+        report = {"status": "ok" if is_ready else "unavailable", "mode": self._config.mode, "roles": roles,
+                  "admission": self._admission.counts()}
         if self._config.is_disaggregated:
             report["transfer_backend"] = self._config.transfer.backend
         return report

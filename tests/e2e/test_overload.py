@@ -95,4 +95,6 @@ def test_twice_the_sustainable_load_is_refused_cleanly_with_bounded_latency(app,
         store = engines.store_counters()
         assert (store.num_open, store.num_bytes_in_use) == (0, 0), store
     assert replicas.router_process().memory_info().rss - rss_before < 100 * 2**20
-    assert replicas.health(app.base_url)["status"] == "ok"
+    health = replicas.health(app.base_url)
+    assert health["status"] == "ok"
+    assert health["admission"] == {"num_in_flight": 0, "num_in_prefill": 0}  # every admitted request left

@@ -227,3 +227,5 @@ def test_clients_that_disconnect_during_prefill_and_streaming_leave_nothing_behi
     app.injected["num_expired"] += store.num_expired - store_before.num_expired
     app.injected["num_released_unclaimed"] += (
         (store.num_released - store_before.num_released) - (store.num_claimed - store_before.num_claimed))
+    # 4. The router gave both clients' admission slots back: its capacity is whole again.
+    assert replicas.health(app.base_url)["admission"] == {"num_in_flight": 0, "num_in_prefill": 0}

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import send
-from bench import engines
+from bench import engines, replicas
 from tests.e2e.workload import EXACTNESS_REQUESTS, MODEL, request_body
 
 CPU_BLOCK_SIZE = 128  # vLLM's default block size on CPU (serve_config.yaml leaves block_size to vLLM)
@@ -97,6 +97,8 @@ def test_nothing_leaked_after_all_requests(ray_driver, app):
             break
         time.sleep(2)
     assert idle == [(0, 0, 0.0), (0, 0, 0.0)], (prefill, decode)
+    admission = replicas.health(app.base_url)["admission"]  # the router holds no slot for a finished request
+    assert set(admission.values()) == {0}, admission
     assert decode.num_kv_failed_transfers == app.injected["num_failed_loads"]  # none but the faults tests made
     assert decode.num_kv_expired_requests == 0
     if app.resolved_backend == "object_store":
