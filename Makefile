@@ -36,7 +36,7 @@ serve: setup
 	source $(BIN)/activate && serve run serve_config.yaml
 
 test: setup
-	$(BIN)/python -m pytest -v -rs tests
+	$(BIN)/python -m pytest -v -rfEs --durations=15 tests
 
 unit-test: setup
 	$(BIN)/python -m pytest -v -m "not e2e" tests

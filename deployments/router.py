@@ -8,8 +8,9 @@
    take no extra hop beyond the router; a non-streamed request gets decode's one response.
 4. If the client disconnects, the decode stream is cancelled, and vLLM aborts the request and frees its blocks.
 5. Every response carries its request id (the client's `X-Request-Id`, else Serve's own: Serve stamps it on every
-   log line of the router, prefill and decode) and a `Server-Timing` header: how long prefill took and on which
-   engine, and how long decode took to its first token (the KV hand-over plus one decode step).
+   log line of the router, prefill and decode) and a `Server-Timing` header: how long the router took to answer
+   (to its first chunk, streaming), how long prefill took and on which engine, and how long decode took to its
+   first token (the KV hand-over plus one decode step).
 6. Requests, status codes, TTFT, time per output token, E2E and requests in flight go to Ray's metrics.
 
 Before step 1, the HTTP edge (http_edge.py) checks the API key, content type and body size, and admission
@@ -99,9 +100,14 @@ class PhaseTiming:
     # Disaggregated: prefill's answer -> decode's first chunk (KV hand-over + one decode step).
     # Collocated: the whole time to the first chunk (queue, prompt and one decode step).
     first_chunk_s: float | None = None
+    # From the request reaching the router to its answer (or, streaming, its first chunk) leaving it: what the
+    # client waited beyond that was spent in the network, Serve's proxy or the client itself.
+    router_s: float | None = None
 
     def header(self) -> str:
         metrics = []
+        if self.router_s is not None:
+            metrics.append(f"router;dur={self.router_s * 1e3:.1f}")
         if self.prefill_s is not None:
             metrics.append(f'prefill;dur={self.prefill_s * 1e3:.1f};desc="{self.prefill_engine_id}"')
         if self.first_chunk_s is not None:
@@ -278,6 +284,7 @@ class Router:
             self._metrics.finished(route=route, status_code=500, e2e_s=time.perf_counter() - started)
             raise
         # Serve's proxy returns the request id in X-Request-Id itself (the same id: see _with_request_id).
+        timing.router_s = time.perf_counter() - started
         headers = {"Server-Timing": timing.header()}
         if isinstance(result, ErrorResponse):
             self._metrics.finished(route=route, status_code=result.error.code, e2e_s=time.perf_counter() - started)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,8 @@ CACHE_DIR = PROJECT_ROOT / ".cache"
 # Ray 2.60 starts new clusters with token auth; every process of the test session (the head, `serve run`, the
 # drivers) uses one token rather than turning authentication off. Set before Ray is first imported.
 processes.use_ray_token_auth()
+# httpx logs every request at INFO: thousands of lines in a failed test's captured output would hide its error.
+logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _app_config() -> tuple[dict[str, Any], Any]:

@@ -1,5 +1,10 @@
 """Overload: at twice the load the app sustains, admitted requests keep a bounded latency, the rest are refused
-at once with 503, Retry-After and OpenAI error JSON, and nothing grows: not the router's memory, not the KV held.
+at once (by the router, before any engine is asked) with 503, Retry-After and OpenAI error JSON, and nothing
+grows: not the router's memory, not the KV held.
+
+Latencies are the router's own (its Server-Timing header): what a client waits beyond it goes to Serve's proxy and
+to the client itself, which share two cores with two busy engines here; a client once waited 11 s for a refusal
+that the router and the proxy had answered in 0.1 s.
 
 The suite's app has a small bound (conftest.TEST_OVERRIDES: 4 queued per role beyond the engines' 16), so that
 it is reached within seconds.
@@ -8,6 +13,7 @@ it is reached within seconds.
 from __future__ import annotations
 
 import asyncio
+import re
 import statistics
 import time
 
@@ -22,12 +28,18 @@ SUSTAINED_S = 10
 OVERLOAD_S = 15
 
 
-async def _one(client: httpx.AsyncClient, app, index: int) -> tuple[int, float, httpx.Response]:
+async def _one(client: httpx.AsyncClient, app, index: int) -> tuple[int, httpx.Response]:
     body = {"model": MODEL, "prompt": f"Request {index}: write a sentence about the sea.", "max_tokens": 16,
             "temperature": 0, "ignore_eos": True}
-    started = time.perf_counter()
     response = await client.post(f"{app.base_url}/v1/completions", json=body, headers=app.headers, timeout=120)
-    return response.status_code, time.perf_counter() - started, response
+    return response.status_code, response
+
+
+def _router_s(response: httpx.Response) -> float:
+    """The router's own time for a request, from its Server-Timing header (`router;dur=<ms>, ...`)."""
+    match = re.search(r"(?:^|,\s*)router;dur=([0-9.]+)", response.headers["server-timing"])
+    assert match, response.headers["server-timing"]
+    return float(match.group(1)) / 1e3
 
 
 async def _closed_loop(app, seconds: float) -> tuple[float, float]:
@@ -40,9 +52,9 @@ async def _closed_loop(app, seconds: float) -> tuple[float, float]:
     async def user(client: httpx.AsyncClient, user_index: int) -> None:
         index = 0
         while time.perf_counter() < deadline:
-            status, latency, _ = await _one(client, app, 1000 * user_index + index)
-            assert status == 200
-            latencies.append(latency)
+            status, response = await _one(client, app, 1000 * user_index + index)
+            assert status == 200, response.text
+            latencies.append(_router_s(response))
             index += 1
 
     async with httpx.AsyncClient() as client:
@@ -50,13 +62,18 @@ async def _closed_loop(app, seconds: float) -> tuple[float, float]:
     return NUM_USERS / statistics.median(latencies), max(latencies)
 
 
-async def _open_loop(app, rate: float) -> list[tuple[int, float, httpx.Response]]:
+async def _open_loop(app, rate: float) -> tuple[list[tuple[int, httpx.Response]], float]:
+    """Requests sent at `rate` whatever happens to earlier ones: (their results, the rate actually offered).
+    Each is sent at its own time from the start, so that a busy client (two engines share its two cores) falls
+    behind by the time it is late, not by a little more at every request."""
     async with httpx.AsyncClient(limits=httpx.Limits(max_connections=500)) as client:
         tasks = []
+        started = time.perf_counter()
         for index in range(int(rate * OVERLOAD_S)):
+            await asyncio.sleep(max(0.0, started + index / rate - time.perf_counter()))
             tasks.append(asyncio.create_task(_one(client, app, 100_000 + index)))
-            await asyncio.sleep(1 / rate)
-        return await asyncio.gather(*tasks)
+        offered_rate = len(tasks) / max(time.perf_counter() - started, 1e-9) if len(tasks) > 1 else 0.0
+        return await asyncio.gather(*tasks), offered_rate
 
 
 def test_twice_the_sustainable_load_is_refused_cleanly_with_bounded_latency(app, ray_driver):
@@ -69,21 +86,25 @@ def test_twice_the_sustainable_load_is_refused_cleanly_with_bounded_latency(app,
     assert sustainable_rate > 0
 
     # 2. Twice that, open loop: requests keep arriving whether or not earlier ones were answered.
-    results = asyncio.run(_open_loop(app, 2 * sustainable_rate))
-    admitted = [latency for status, latency, _ in results if status == 200]
-    refused = [(latency, response) for status, latency, response in results if status == 503]
-    assert len(admitted) + len(refused) == len(results), {status for status, _, _ in results}
-    assert admitted and refused, (len(admitted), len(refused))
+    results, offered_rate = asyncio.run(_open_loop(app, 2 * sustainable_rate))
+    admitted = [_router_s(response) for status, response in results if status == 200]
+    refused = [response for status, response in results if status == 503]
+    outcome = {"sustainable_rate": sustainable_rate, "offered_rate": offered_rate, "num_admitted": len(admitted),
+               "num_refused": len(refused), "statuses": sorted({status for status, _ in results}),
+               "slowest_sustained_s": slowest_sustained_s, "slowest_admitted_s": max(admitted, default=None)}
+    print("overload:", outcome)  # shown with the test's output if anything below fails
+    assert len(admitted) + len(refused) == len(results), outcome
+    assert admitted and refused, outcome
 
     # 3. Refusals are immediate and say when to come back, as OpenAI errors.
-    for latency, response in refused:
-        assert latency < 5
+    for response in refused:
         assert response.headers["retry-after"] == "2"
         error = response.json()["error"]
         assert error["code"] == 503 and "capacity" in error["message"]
+        assert _router_s(response) < 1, (response.headers["server-timing"], outcome)
 
     # 4. Admitted requests wait at most for what the bound lets queue, not for the whole backlog.
-    assert max(admitted) < 3 * slowest_sustained_s + 10, (max(admitted), slowest_sustained_s)
+    assert max(admitted) < 3 * slowest_sustained_s + 10, outcome
 
     # 5. Nothing grows: the engines go idle holding no KV, the store holds nothing, the router's memory is flat.
     for role in ("prefill", "decode"):
