@@ -8,10 +8,8 @@ from pathlib import Path
 
 from ray import serve
 
-from bench.replicas import ROLE_DEPLOYMENTS
+from bench.replicas import APP_NAME, ROLE_DEPLOYMENTS
 from deployments.engine_counters import EngineCounters
-
-APP_NAME = "splitserve"
 
 
 def counters(role: str) -> EngineCounters:

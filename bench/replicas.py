@@ -8,35 +8,52 @@ import time
 import httpx
 import psutil
 
+APP_NAME = "splitserve"
 ROLE_DEPLOYMENTS = {"prefill": "PrefillServer", "decode": "DecodeServer"}
 
 
 def engine_core_process(role: str, timeout_s: float = 15) -> psutil.Process:
-    """vLLM's EngineCore process of the role's (one) live replica: the EngineCore whose parent is a Serve replica
-    of that deployment. Ray retitles replica processes as they run (`ray::ServeReplica:splitserve:<Deployment>`,
-    `ray::SERVE_REPLICA::splitserve#<Deployment>#<id>...`), so the parent is matched on the deployment's name."""
-    deployment = ROLE_DEPLOYMENTS[role]
+    """vLLM's EngineCore process of the role's (one) live replica: the replica's child that vLLM spawned.
+
+    Found by the process tree, not by the engine's title: vLLM titles it `VLLM::EngineCore`, but that title is not
+    always there to read (in a fault test the object-store run's engines, whose KV connector starts a Ray driver
+    in them, showed their original `multiprocessing.spawn` command lines)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        cores, seen = [], []
-        # Fresh reads only: psutil keeps the name it first saw for a process, and an engine seen while it was
-        # being spawned is still called "python3.11" there. Command lines are read anew each time.
-        psutil.process_iter.cache_clear()
-        for proc in psutil.process_iter(["cmdline", "status"]):
-            if "VLLM::EngineCore" not in " ".join(proc.info["cmdline"] or []) \
-                    or proc.info["status"] == psutil.STATUS_ZOMBIE:
-                continue
+        engines = []
+        for replica in _replicas(ROLE_DEPLOYMENTS[role]):
             try:
-                parent = " ".join(proc.parent().cmdline())
-            except (psutil.Error, AttributeError):
-                continue
-            seen.append((proc.pid, parent[:120]))
-            if "splitserve" in parent and deployment in parent:
-                cores.append(proc)
-        if len(cores) == 1:
-            return cores[0]
-        assert time.monotonic() < deadline, (role, seen, _processes())
+                engines += [child for child in replica.children() if _is_engine_core(child)]
+            except psutil.Error:
+                continue  # the replica went away while we looked
+        if len(engines) == 1:
+            return engines[0]
+        assert time.monotonic() < deadline, (role, [engine.pid for engine in engines], _processes())
         time.sleep(1)
+
+
+def _replicas(deployment: str) -> list[psutil.Process]:
+    """Live Ray worker processes of the deployment's replicas. Ray retitles a replica as it runs
+    (`ray::ServeReplica:splitserve:<Deployment>`, `ray::SERVE_REPLICA::splitserve#<Deployment>#<id>...`): the
+    title is matched on the app's and the deployment's names. Command lines are read afresh: psutil caches names."""
+    psutil.process_iter.cache_clear()
+    found = []
+    for proc in psutil.process_iter(["cmdline", "status"]):
+        title = " ".join(proc.info["cmdline"] or [])
+        if title.startswith("ray::") and APP_NAME in title and deployment in title \
+                and proc.info["status"] != psutil.STATUS_ZOMBIE:
+            found.append(proc)
+    return found
+
+
+def _is_engine_core(proc: psutil.Process) -> bool:
+    """vLLM's engine process: spawned by multiprocessing (`spawn` start method) or already titled by vLLM."""
+    try:
+        cmdline = " ".join(proc.cmdline())
+        return proc.status() != psutil.STATUS_ZOMBIE and ("VLLM::EngineCore" in cmdline
+                                                           or "multiprocessing.spawn" in cmdline)
+    except psutil.Error:
+        return False
 
 
 def _processes() -> list[tuple[int, int, str]]:
@@ -56,8 +73,7 @@ def replica_process(role: str) -> psutil.Process:
 
 def router_process() -> psutil.Process:
     """The Ray worker process of the router's (one) replica."""
-    title = "ServeReplica:splitserve:Router"
-    (router,) = [proc for proc in psutil.process_iter(["cmdline"]) if title in " ".join(proc.info["cmdline"] or [])]
+    (router,) = _replicas("Router")
     return router
 
 
