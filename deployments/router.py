@@ -118,14 +118,18 @@ class PhaseTiming:
 @dataclass
 class _StreamTally:
     num_token_chunks: int = 0
-    is_complete: bool = False
+    is_complete: bool = False  # `data: [DONE]` went out: the client got the whole stream
 
     async def counted(self, stream: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
         async for chunk in stream:
             if '"choices":[{' in chunk:
                 self.num_token_chunks += 1
             yield chunk
-        self.is_complete = True
+            # Complete once [DONE] was sent (Starlette asks for the next chunk only after sending this one), not
+            # once the stream ends: a client such as `openai` closes the connection on [DONE], which may cancel
+            # the stream before its end, and was counted as a 499 (seen on the dashboard under steady traffic).
+            if chunk.rstrip().endswith("data: [DONE]"):
+                self.is_complete = True
 
 
 def _error_json(error: ErrorResponse, headers: dict[str, str], retry_after_s: int) -> JSONResponse:
