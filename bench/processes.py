@@ -183,6 +183,34 @@ def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: d
 
 
 @contextlib.contextmanager
+def prometheus(scrape_targets: list[str], *, log_path: Path, scrape_interval_s: int = 2,
+               startup_timeout_s: float = 60) -> Iterator[str]:
+    """A Prometheus server (the `prometheus` binary on PATH, e.g. Debian's package) that scrapes `scrape_targets`
+    (`host:port` of Ray's metrics endpoints) into a throwaway database; yields its base URL and stops it on exit.
+    It evaluates PromQL exactly as the Prometheus behind a Grafana would."""
+    binary = shutil.which("prometheus")
+    if binary is None:
+        raise FileNotFoundError("no `prometheus` on PATH")
+    port = free_port()
+    workdir = Path(tempfile.mkdtemp(prefix="ss-prom-"))
+    config_path = workdir / "prometheus.yml"
+    config_path.write_text(yaml.safe_dump({
+        "global": {"scrape_interval": f"{scrape_interval_s}s", "evaluation_interval": f"{scrape_interval_s}s"},
+        "scrape_configs": [{"job_name": "ray", "static_configs": [{"targets": scrape_targets}]}],
+    }))
+    server = start([binary, f"--config.file={config_path}", f"--storage.tsdb.path={workdir / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}"], log_path)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        wait_until(lambda: httpx.get(f"{base_url}/-/ready", timeout=5).status_code == 200,
+                   timeout_s=startup_timeout_s, what="prometheus", proc=server, log_path=log_path, interval_s=0.5)
+        yield base_url
+    finally:
+        stop(server, first_signal=signal.SIGTERM, grace_s=30)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
 def vllm_api_server(config: Any, *, log_path: Path,
                     startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[str]:
     """One standalone vLLM OpenAI server with the app's model and prefill-engine settings, no KV connector, on

@@ -5,16 +5,20 @@ what the engines themselves counted."""
 from __future__ import annotations
 
 import json
+import math
 import re
+import shutil
 import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
 
 import httpx
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench import engines
+from bench import engines, processes
+from bench.engines import APP_NAME
 from serve_app.grafana import DASHBOARD_JSON
 from tests.e2e.workload import MODEL
 
@@ -51,6 +55,17 @@ def _role_logs(session_dir: Path, role: str) -> str:
                    for path in (session_dir / "logs" / "serve").glob(f"replica_splitserve_{role}_*.log"))
 
 
+def _some_traffic(app, openai_client) -> None:
+    """A streamed completion, a chat and an unknown model: every router, TTFT/TPOT and KV-transfer series moves."""
+    stream = openai_client.completions.create(model=MODEL, prompt="The lighthouse keeper", max_tokens=8,
+                                              temperature=0, stream=True)
+    assert len([chunk for chunk in stream if chunk.choices]) >= 2
+    openai_client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0,
+                                          messages=[{"role": "user", "content": "Name a colour."}])
+    assert httpx.post(f"{app.base_url}/v1/completions", json={"model": "no-such-model", "prompt": "x"},
+                      headers=app.headers, timeout=30).status_code == 404
+
+
 def test_request_id_reaches_the_response_and_the_logs_of_every_role(app):
     request_id = f"trace-{uuid.uuid4().hex}"
     response = httpx.post(f"{app.base_url}/v1/completions", headers={"X-Request-Id": request_id, **app.headers}, timeout=120,
@@ -68,13 +83,7 @@ def test_request_id_reaches_the_response_and_the_logs_of_every_role(app):
 
 def test_metrics_reach_rays_prometheus_endpoint_and_add_up(app, openai_client, ray_driver):
     # 1. A streamed completion, a chat and an unknown model: routes, status codes, token timings.
-    stream = openai_client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=8,
-                                              temperature=0, stream=True)
-    assert len([chunk for chunk in stream if chunk.choices]) >= 2
-    openai_client.chat.completions.create(model=MODEL, max_tokens=4, temperature=0,
-                                          messages=[{"role": "user", "content": "Hi"}])
-    assert httpx.post(f"{app.base_url}/v1/completions", json={"model": "no-such-model", "prompt": "x"},
-                      headers=app.headers, timeout=30).status_code == 404
+    _some_traffic(app, openai_client)
     decode = engines.counters("decode")
 
     # 2. The router's view.
@@ -130,3 +139,56 @@ def test_every_query_of_the_grafana_dashboard_names_an_exported_metric(app):
         named = {name for name in named if not name.startswith("ray_splitserve_kv_store_")}
     missing = sorted(name for name in named if name not in exported)
     assert not missing, missing
+
+
+def _panel_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every target, with Grafana's variables set as a user's Grafana would set them."""
+    dashboard = json.loads(DASHBOARD_JSON.read_text())
+    return [(panel["title"], target["expr"].replace("$application", APP_NAME).replace("$__rate_interval", "1m"))
+            for panel in dashboard["panels"] for target in panel.get("targets", [])]
+
+
+def _query(prometheus_url: str, promql: str) -> list[tuple[dict[str, str], float]]:
+    answer = httpx.get(f"{prometheus_url}/api/v1/query", params={"query": promql}, timeout=30).json()
+    assert answer["status"] == "success", (promql, answer)
+    return [(series["metric"], float(series["value"][1])) for series in answer["data"]["result"]]
+
+
+def test_every_panel_of_the_grafana_dashboard_shows_data_in_a_real_prometheus(app, openai_client, logs_dir):
+    """The dashboard's panels are PromQL that a Grafana hands to Prometheus: a real Prometheus scrapes the app and
+    evaluates each query as Grafana would. Each query is valid and returns series; the request path's panels show
+    non-zero values; the engine panels' join (vLLM's WorkerId to Serve's deployment) finds both engines."""
+    if shutil.which("prometheus") is None:
+        pytest.skip("no `prometheus` on PATH (`make test` installs Debian's package where it runs as root)")
+    target = app.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    with processes.prometheus([target], log_path=logs_dir / f"prometheus-{app.backend}.log") as prometheus_url:
+        # 1. Every series the panels read exists before the traffic that the rates are taken over.
+        _some_traffic(app, openai_client)
+        scraped = ("ray_splitserve_requests_total", "ray_splitserve_ttft_seconds_bucket",
+                   "ray_splitserve_kv_transfer_seconds_bucket", "ray_splitserve_kv_transferred_bytes_total")
+
+        def scraped_once() -> None:
+            for name in scraped:
+                assert _query(prometheus_url, name), name
+
+        _until(scraped_once, timeout_s=90)
+        # 2. Traffic inside the panels' rate window.
+        _some_traffic(app, openai_client)
+
+        # 3. Every query, as Grafana would send it.
+        def every_panel_shows_data() -> None:
+            values: dict[str, list[tuple[dict[str, str], float]]] = {}
+            for title, promql in _panel_queries():
+                result = _query(prometheus_url, promql)
+                if "kv_store_" in promql and app.resolved_backend != "object_store":
+                    continue  # the KV store's series: the object-store backend only
+                assert result, (title, promql)
+                values.setdefault(title, []).extend(result)
+            for title in ("Request rate by route and status", "Error ratio", "TTFT", "TPOT", "End-to-end latency",
+                          "KV bandwidth", "KV transfer time", "KV transfer share of latency"):
+                assert any(math.isfinite(value) and value > 0 for _, value in values[title]), (title, values[title])
+            for title in ("Waiting requests", "Running requests", "KV-cache usage"):
+                deployments = {labels.get("deployment") for labels, _ in values[title]}
+                assert {"PrefillServer", "DecodeServer"} <= deployments, (title, values[title])
+
+        _until(every_panel_shows_data, timeout_s=90)
