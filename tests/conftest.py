@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,3 +202,28 @@ def pytest_collection_modifyitems(items: list) -> None:
         return is_e2e, backend_rank, item.name.startswith("test_nothing_leaked")
 
     items.sort(key=order)
+
+
+_session_exit_status: list[int] = []
+
+
+def pytest_sessionfinish(session, exitstatus) -> None:
+    _session_exit_status.append(int(exitstatus))
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_unconfigure(config) -> None:
+    """Leave with pytest's own exit status once every result is reported, without the interpreter's final clean-up.
+
+    This process was a Ray driver several times over (unit tests' local clusters, then each app's cluster), and Ray's
+    core-worker threads can outlive `ray.shutdown()` (ray-project/ray#31145): once in a CI-like run, after
+    "237 passed", the clean-up crashed with a segmentation fault and `make test` failed. Nothing is left to run
+    here: every fixture has stopped what it started, and the summary is out."""
+    if not _session_exit_status:
+        return
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except (AttributeError, ValueError, OSError):
+            pass
+    os._exit(_session_exit_status[-1])
