@@ -115,6 +115,11 @@ class PhaseTiming:
         return ", ".join(metrics)
 
 
+def _ends_stream(chunk: str) -> bool:
+    """The SSE chunk that closes a stream: `data: [DONE]`."""
+    return chunk.rstrip().endswith("data: [DONE]")
+
+
 @dataclass
 class _StreamTally:
     num_token_chunks: int = 0
@@ -128,7 +133,7 @@ class _StreamTally:
             # Complete once [DONE] was sent (Starlette asks for the next chunk only after sending this one), not
             # once the stream ends: a client such as `openai` closes the connection on [DONE], which may cancel
             # the stream before its end, and was counted as a 499 (seen on the dashboard under steady traffic).
-            if chunk.rstrip().endswith("data: [DONE]"):
+            if _ends_stream(chunk):
                 self.is_complete = True
 
 
@@ -249,7 +254,7 @@ class Router:
             async for chunk in stream:
                 last = chunk
                 yield chunk
-            failure = None if last.rstrip().endswith("data: [DONE]") else "ended without [DONE]"
+            failure = None if _ends_stream(last) else "ended without [DONE]"
         except Exception as exc:  # a replica died or failed: Serve's errors for that vary with when it happened
             failure = repr(exc)
         if failure is not None:
@@ -288,15 +293,16 @@ class Router:
             self._metrics.finished(route=route, status_code=500, e2e_s=time.perf_counter() - started)
             raise
         # Serve's proxy returns the request id in X-Request-Id itself (the same id: see _with_request_id).
+        # The router's answer time: an error's or a plain response's E2E, a stream's TTFT.
         timing.router_s = time.perf_counter() - started
         headers = {"Server-Timing": timing.header()}
         if isinstance(result, ErrorResponse):
-            self._metrics.finished(route=route, status_code=result.error.code, e2e_s=time.perf_counter() - started)
+            self._metrics.finished(route=route, status_code=result.error.code, e2e_s=timing.router_s)
             return _error_json(result, headers, self._config.router.retry_after_s)
         if isinstance(result, AsyncGenerator):
-            measured = self._measured(result, route, started, ttft_s=time.perf_counter() - started)
+            measured = self._measured(result, route, started, ttft_s=timing.router_s)
             return StreamingResponse(measured, media_type="text/event-stream", headers=headers)
-        self._metrics.finished(route=route, status_code=200, e2e_s=time.perf_counter() - started)
+        self._metrics.finished(route=route, status_code=200, e2e_s=timing.router_s)
         return JSONResponse(result.model_dump(exclude_none=True), headers=headers)
 
     def _measured(self, stream: AsyncGenerator[str, None], route: str, started: float,
