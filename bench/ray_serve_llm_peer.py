@@ -44,21 +44,24 @@ import yaml
 
 from bench import processes
 from bench.processes import PROJECT_ROOT, VENV_BIN
+from kv_transfer.backend import CONNECTORS
+from kv_transfer.config import NixlExtraConfig, TransferConfig
 
 DEFAULT_MODEL_PATH = ".models/SmolLM2-135M-Instruct"
 RAY_LOGICAL_CPUS = 16
 APP_NAME = "ray-serve-llm-pd"
 NUM_PROMPT_TOKENS, NUM_OUTPUT_TOKENS = 300, 32  # the CLI's check
-FIXED_CONNECTOR = "SplitserveNixlConnector"  # == kv_transfer.nixl_handoff.CONNECTOR_CLASS (not imported: vLLM)
-FIXED_CONNECTOR_MODULE = "kv_transfer.nixl_handoff"
+FIXED_CONNECTOR, FIXED_CONNECTOR_MODULE = CONNECTORS["nixl"]
 RAY_NIXL_BACKEND = "ray.llm._internal.serve.engines.vllm.kv_transfer.nixl:NixlConnectorBackend"
 
 
 def kv_transfer_config(*, is_cpu_fixed: bool) -> dict[str, Any]:
     config = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
     if is_cpu_fixed:
+        # Our connector's defaults (no busy progress thread, the engine's own cores), as serve_config.yaml has them.
+        extra = NixlExtraConfig.from_transfer(TransferConfig())
         config |= {"kv_connector": FIXED_CONNECTOR, "kv_connector_module_path": FIXED_CONNECTOR_MODULE,
-                   "kv_connector_extra_config": {"keep_engine_affinity": True, "use_progress_thread": False}}
+                   "kv_connector_extra_config": extra.model_dump()}
     return config
 
 

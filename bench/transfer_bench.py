@@ -55,7 +55,7 @@ class Receiver:
 
     def __init__(self, source: str, part_shape: tuple[int, ...]):
         from kv_transfer.layout import KVLayout
-        from kv_transfer.transports.object_store import ObjectStoreTransport
+        from kv_transfer.object_store.transport import ObjectStoreTransport
 
         self._source = source
         self._transport = ObjectStoreTransport()
@@ -93,8 +93,8 @@ def warm_object_store() -> None:
 
 def measure_object_store(nbytes: int, repeats: int, is_layer_by_layer: bool = True) -> list[float]:
     from kv_transfer.layout import KVLayout
-    from kv_transfer.store import create_store
-    from kv_transfer.transports.object_store import ObjectStoreTransport
+    from kv_transfer.object_store.store import create_store
+    from kv_transfer.object_store.transport import ObjectStoreTransport
 
     part_shape = (nbytes // NUM_LAYERS,)
     layout = KVLayout(num_parts=NUM_LAYERS, part_shape=part_shape, dtype="uint8")
@@ -122,7 +122,7 @@ def measure_object_store(nbytes: int, repeats: int, is_layer_by_layer: bool = Tr
 
 
 def measure_nixl(nbytes: int, repeats: int) -> list[float]:
-    from kv_transfer.probe import loopback_reader
+    from kv_transfer.nixl.probe import loopback_reader
 
     seconds = []
     with loopback_reader(nbytes, "bench") as read:

@@ -27,7 +27,8 @@ from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionReque
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
-from serve_app.config import EngineRoleConfig, ModelConfig, TransferConfig
+from kv_transfer.config import TransferConfig
+from serve_app.config import EngineRoleConfig, ModelConfig
 from deployments.engine_counters import EngineCounters, counting_stat_logger
 
 logger = logging.getLogger("splitserve.engine")
@@ -139,14 +140,14 @@ class Engine:
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         from deployments.metrics import KVTransferMetrics
-        from kv_transfer.selection import engine_kv_transfer_config
+        from kv_transfer.backend import kv_transfer_config
 
-        kv_transfer_config = None if transfer is None else engine_kv_transfer_config(
+        connector_config = None if transfer is None else kv_transfer_config(
             transfer, is_producer=is_kv_producer, engine_id=engine_id)
         environment = engine_environment(role, replica_rank)
         # vLLM reads these from the environment of the process that spawns its EngineCore: this one.
         os.environ.update(environment)
-        cli_args = vllm_cli_args(model, role, kv_transfer_config)
+        cli_args = vllm_cli_args(model, role, connector_config)
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(cli_args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)

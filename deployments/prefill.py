@@ -26,8 +26,9 @@ from deployments.engine_counters import EngineCounters
 from deployments.pd_protocol import to_prefill_request
 from kv_transfer.handle import KVHandle, KVHandleError
 from kv_transfer.handle_signing import HandleSigner
-from kv_transfer.selection import store_name
-from kv_transfer.store import StoreCounters, create_store
+from kv_transfer.backend import store_name
+from kv_transfer.object_store.store import create_store
+from kv_transfer.object_store.store_state import StoreCounters
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("ray.serve")

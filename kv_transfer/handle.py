@@ -10,13 +10,13 @@ owns them (held on a lease of `transfer.kv_lease_s` seconds, then freed even if 
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-HANDLE_VERSION = 1
+from kv_transfer.config import Backend
 
-Backend = Literal["nixl", "object_store"]
+HANDLE_VERSION = 1
 # The keys each backend's connector needs on the decode side to find the prefill engine's KV.
 _REQUIRED_KEYS: dict[str, tuple[str, ...]] = {
     "nixl": ("remote_engine_id", "remote_request_id", "remote_host", "remote_port", "remote_block_ids"),

@@ -5,7 +5,8 @@ whose blocks sit together in the paged cache is one segment per layer, a plain v
 object store copies exactly once.
 
 Both sides describe their own KV-cache geometry with a `KVLayout`; the receiver refuses a payload whose layout is
-not the one it expects, so blocks of another model, dtype or block size never land in its cache.
+not the one it expects, so blocks of another model, dtype or block size never land in its cache. How blocks become
+arrays (and bfloat16 a 16-bit pattern) is wire.py's.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import math
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-# numpy has no bfloat16: such KV travels as its raw 16-bit pattern.
-_WIRE_DTYPES = {"bfloat16": "int16"}
+from kv_transfer.errors import KVPayloadError
+from kv_transfer.wire import wire_dtype
 
 
 class KVLayout(BaseModel):
@@ -29,7 +30,7 @@ class KVLayout(BaseModel):
 
     @property
     def wire_dtype(self) -> str:
-        return _WIRE_DTYPES.get(self.dtype, self.dtype)
+        return wire_dtype(self.dtype)
 
     @property
     def num_blocks(self) -> int:
@@ -45,8 +46,6 @@ class KVLayout(BaseModel):
 
     def check_part(self, index: int, part: object) -> list[np.ndarray]:
         """The part as a list of segments of this layout, or KVPayloadError naming what differs."""
-        from kv_transfer.errors import KVPayloadError
-
         if not 0 <= index < self.num_parts:
             raise KVPayloadError(f"part {index} is outside this layout's {self.num_parts} parts")
         segments = [part] if isinstance(part, np.ndarray) else part

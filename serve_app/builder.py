@@ -18,7 +18,7 @@ from deployments.collocated import CollocatedServer
 from deployments.decode import DecodeServer
 from deployments.prefill import PrefillServer
 from deployments.router import Router
-from kv_transfer.selection import resolve_backend
+from kv_transfer.backend import resolve_backend
 from serve_app.config import AppConfig, EngineRoleConfig, RouterConfig
 
 

@@ -2,6 +2,9 @@
 
 Every error names the bad value and what is allowed, e.g.
 `model.dtype: 'fp8' is not one of float32, bfloat16, float16`.
+
+A leaf module: it imports nothing of splitserve's but other config (the `transfer` section is kv_transfer's own,
+kv_transfer/config.py), so that every layer may import it.
 """
 
 from __future__ import annotations
@@ -11,7 +14,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from serve_app.model import DEFAULT_MODEL_DIR, PROJECT_ROOT
+from kv_transfer.config import TransferConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+# The embedded default model, converted by `make setup` (serve_app/model.py).
+DEFAULT_MODEL_DIR = PROJECT_ROOT / ".models" / "SmolLM2-135M-Instruct"
 
 
 class _Frozen(BaseModel):
@@ -111,40 +118,6 @@ class RouterConfig(_Frozen):
     # Optional API key: when this environment variable is set in the router's process, /v1 requests need
     # `Authorization: Bearer <key>` (401 otherwise). The key itself never enters the config.
     api_key_env: str = "SPLITSERVE_API_KEY"
-
-
-class TransferConfig(_Frozen):
-    """How KV moves from prefill to decode.
-
-    `object_store`: our own connector (kv_transfer/connector.py) through Ray's object store and the KV-store actor.
-    `nixl`: vLLM's NixlConnector over UCX (DRAM here, RDMA/GPU-direct where available).
-    `auto`: `nixl` if NIXL imports and a start-up probe moves bytes through it, else `object_store`; chosen once
-    by build_app, so every replica uses the same backend.
-    """
-
-    backend: Literal["auto", "nixl", "object_store"] = "auto"
-    # Seconds a finished prefill's KV waits for decode before it is dropped (renewed while decode reads it).
-    kv_lease_s: int = Field(30, ge=1)
-    # object_store: each prefill replica's KV-store memory bound; a transfer that would exceed it is refused and
-    # decode recomputes that prompt.
-    store_capacity_gib: float = Field(2.0, gt=0)
-    # object_store: how long decode waits for a prompt's KV before recomputing it.
-    load_timeout_s: float = Field(60.0, gt=0)
-    # object_store: send each layer's KV while later layers still compute (Splitwise's overlap). Off, the KV is
-    # handed over after the forward pass, as vLLM's disaggregation connectors do; for comparison.
-    is_layer_by_layer: bool = True
-    # nixl: NIXL's own progress thread busy-polls a core (FACTS.md); on small CPU hosts polling from the engine
-    # loop is enough. Turn it on for RDMA hosts with cores to spare.
-    use_progress_thread: bool = False
-    # nixl: where NIXL reads KV from. `auto`: the engine's own KV cache (GPU-direct on CUDA, DRAM on CPU). `cpu` on a
-    # GPU host stages KV through host memory, for networks or GPUs that cannot register device memory.
-    nixl_buffer_device: Literal["auto", "cuda", "cpu"] = "auto"
-    # nixl: vLLM pins the NIXL worker's model thread to the last core on CPU (FACTS.md); keep our binding instead.
-    keep_engine_affinity: bool = True
-    # KV handles are signed by prefill and verified by decode (kv_transfer/handle_signing.py). The key comes from
-    # this environment variable where the app is built, if set (one key across redeploys and apps), else it is
-    # made afresh for each deploy. The key itself never enters the config.
-    handle_key_env: str = "SPLITSERVE_KV_HANDLE_KEY"
 
 
 class AppConfig(_Frozen):

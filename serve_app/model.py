@@ -21,8 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL_DIR = PROJECT_ROOT / ".models" / "SmolLM2-135M-Instruct"
+from serve_app.config import DEFAULT_MODEL_DIR
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 MARKER_NAME = "splitserve-conversion.json"
 REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")

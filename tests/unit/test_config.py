@@ -6,8 +6,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from serve_app.config import AppConfig, EngineRoleConfig
-from serve_app.model import PROJECT_ROOT
+from serve_app.config import PROJECT_ROOT, AppConfig, EngineRoleConfig
 
 
 def _args() -> dict:

@@ -17,12 +17,12 @@ import pytest
 import ray
 import torch
 
-from kv_transfer.connector_metadata import LoadRequest, SaveRequest
+from kv_transfer.object_store.metadata import LoadRequest, SaveRequest
 from kv_transfer.handle import remote_kv_from_params
-from kv_transfer.scheduler_side import SchedulerSide
-from kv_transfer.store import create_store
-from kv_transfer.transports.object_store import ObjectStoreTransport
-from kv_transfer.worker_side import WorkerSide
+from kv_transfer.object_store.scheduler_side import SchedulerSide
+from kv_transfer.object_store.store import create_store
+from kv_transfer.object_store.transport import ObjectStoreTransport
+from kv_transfer.object_store.worker_side import WorkerSide
 
 BLOCK_SIZE = 4
 NUM_BLOCKS = 8

@@ -6,7 +6,7 @@ import pytest
 
 from kv_transfer.errors import KVExpiredError, KVNotFoundError, KVStoreFullError, KVTransferError
 from kv_transfer.layout import KVLayout
-from kv_transfer.store import KVStoreState
+from kv_transfer.object_store.store_state import KVStoreState
 
 LAYOUT = KVLayout(num_parts=3, part_shape=(2, 4, 8), dtype="float32")  # 256 bytes a part, 768 in all
 

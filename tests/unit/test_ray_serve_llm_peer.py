@@ -36,15 +36,17 @@ def test_as_shipped_is_ray_serve_llms_own_builder_with_vllms_nixl_connector_on_c
 
 
 def test_cpu_fixed_changes_only_the_connector():
-    from kv_transfer.nixl_handoff import CONNECTOR_CLASS, CONNECTOR_MODULE
+    from kv_transfer.nixl.connector import SplitserveNixlConnector
 
-    assert (FIXED_CONNECTOR, FIXED_CONNECTOR_MODULE) == (CONNECTOR_CLASS, CONNECTOR_MODULE)
+    assert (FIXED_CONNECTOR, FIXED_CONNECTOR_MODULE) == (SplitserveNixlConnector.__name__,
+                                                         SplitserveNixlConnector.__module__)
     shipped, fixed = _sides(_config(is_cpu_fixed=False)), _sides(_config(is_cpu_fixed=True))
     for name in ("prefill_config", "decode_config"):
         assert fixed[name]["engine_kwargs"]["kv_transfer_config"] == {
             "kv_connector": FIXED_CONNECTOR, "kv_connector_module_path": FIXED_CONNECTOR_MODULE,
             "kv_role": "kv_both", "kv_buffer_device": "cpu",
-            "kv_connector_extra_config": {"keep_engine_affinity": True, "use_progress_thread": False}}
+            "kv_connector_extra_config": {"keep_engine_affinity": True, "use_progress_thread": False,
+                                          "kv_lease_duration": 30}}
         rest = [copy.deepcopy(sides[name]) for sides in (shipped, fixed)]
         for side in rest:
             del side["engine_kwargs"]["kv_transfer_config"]

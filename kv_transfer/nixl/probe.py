@@ -2,7 +2,7 @@
 
 Two NIXL agents (UCX backend, no busy progress thread) in one short-lived process register 1 MiB of DRAM each;
 one READs the other's buffer and the bytes are compared. It runs as a subprocess (`python -m
-kv_transfer.probe`), so a UCX crash or hang costs the builder a clear "no", not the app.
+kv_transfer.nixl.probe`), so a UCX crash or hang costs the builder a clear "no", not the app.
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def _probe_in_process() -> None:
 def can_use_nixl() -> tuple[bool, str]:
     """(True, why) if NIXL imports and moved the probe's bytes correctly; (False, why) otherwise."""
     try:
-        result = subprocess.run([sys.executable, "-m", "kv_transfer.probe"], capture_output=True, text=True,
+        result = subprocess.run([sys.executable, "-m", "kv_transfer.nixl.probe"], capture_output=True, text=True,
                                 timeout=PROBE_TIMEOUT_S)
     except subprocess.TimeoutExpired:
         return False, f"the NIXL probe did not finish within {PROBE_TIMEOUT_S:.0f} s"

@@ -1,9 +1,9 @@
 """SplitserveConnector: our vLLM KV connector over the Ray object store. vLLM builds it twice per engine:
 once with the SCHEDULER role (scheduler_side.py) and once with the WORKER role (worker_side.py), in different
-processes; only `SplitserveConnectorMetadata` crosses between them.
+processes; only `SplitserveConnectorMetadata` (metadata.py) crosses between them.
 
-Named in vLLM's kv_transfer_config as `kv_connector: SplitserveConnector`,
-`kv_connector_module_path: kv_transfer.connector` (see `kv_transfer_config` below).
+Named in kv_transfer/backend.py, which builds its `kv_transfer_config`; it reads `ObjectStoreExtraConfig` back
+(kv_transfer/config.py). Its stats speak kv_transfer/stats.py's vocabulary.
 """
 
 from __future__ import annotations
@@ -15,23 +15,20 @@ from typing import Any
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1, KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from kv_transfer.connector_metadata import SplitserveConnectorMetadata
-from kv_transfer.scheduler_side import SchedulerSide
-from kv_transfer.worker_side import WorkerSide
-
-logger = logging.getLogger("splitserve.kv_transfer")
-
-CONNECTOR_CLASS = "SplitserveConnector"
-CONNECTOR_MODULE = __name__
+from kv_transfer.config import ObjectStoreExtraConfig
+from kv_transfer.object_store.metadata import SplitserveConnectorMetadata
+from kv_transfer.object_store.scheduler_side import SchedulerSide
+from kv_transfer.object_store.worker_side import WorkerSide
+from kv_transfer.stats import TransferStats, empty_connector_stats
+from kv_transfer.transport import KVTransport, TransportFactory
 
 
 @dataclass
 class SplitserveConnectorStats(KVConnectorStats):
-    """Per-interval transfer stats, in the same keys vLLM's NIXL stats use (engine_counters.py reads both)."""
+    """Per-interval transfer stats, in the keys vLLM's NIXL stats use (kv_transfer/stats.py reads both)."""
 
     def reset(self) -> None:
-        self.data = {"transfer_duration": [], "bytes_transferred": [], "num_failed_transfers": [],
-                     "send_wait_duration": []}
+        self.data = empty_connector_stats()
 
     def __post_init__(self) -> None:
         if not self.data:
@@ -43,31 +40,28 @@ class SplitserveConnectorStats(KVConnectorStats):
         return self
 
     def reduce(self) -> dict[str, int | float]:
-        return {"num_transfers": len(self.data["transfer_duration"]),
-                "bytes_transferred": sum(self.data["bytes_transferred"]),
-                "num_failed_transfers": len(self.data["num_failed_transfers"]),
-                "send_wait_seconds": sum(self.data["send_wait_duration"])}
+        return TransferStats.from_connector_stats(self.data).summary()
 
     def is_empty(self) -> bool:
-        return not any(self.data.values())
+        return TransferStats.from_connector_stats(self.data).is_empty
 
 
-def _object_store_transport_factory(extra: dict[str, Any]) -> Any:
-    def factory() -> Any:
+def _object_store_transport_factory(extra: ObjectStoreExtraConfig) -> TransportFactory:
+    def factory() -> KVTransport:
         import ray
 
-        from kv_transfer.transports.object_store import ObjectStoreTransport
+        from kv_transfer.object_store.transport import ObjectStoreTransport
 
         if not ray.is_initialized():
             # This is vLLM's worker process, not a Ray worker: join the app's cluster as a driver of its own.
-            ray.init(address=extra["ray_address"], namespace=extra["ray_namespace"], log_to_driver=False,
+            ray.init(address=extra.ray_address, namespace=extra.ray_namespace, log_to_driver=False,
                      logging_level="ERROR", configure_logging=False)
             # A driver's thread that prints cluster errors (`ray_listen_error_messages`) spins inside vLLM's worker
             # process: measured ~100 GCS polls a second, 20% of the engine's core and 60% of a core on the GCS,
             # at idle. This process has no console to print to; stop that thread (private API, Ray 2.60).
             ray._private.worker.global_worker.threads_stopped.set()
         # Prefill sends through the store its replica created; decode finds stores by the names in KV handles.
-        return ObjectStoreTransport(home_store=extra.get("store_name"), namespace=extra["ray_namespace"])
+        return ObjectStoreTransport(home_store=extra.store_name, namespace=extra.ray_namespace)
 
     return factory
 
@@ -75,16 +69,15 @@ def _object_store_transport_factory(extra: dict[str, Any]) -> Any:
 class SplitserveConnector(KVConnectorBase_V1):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any = None):
         super().__init__(vllm_config, role, kv_cache_config)
-        extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+        extra = ObjectStoreExtraConfig.model_validate(vllm_config.kv_transfer_config.kv_connector_extra_config)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(block_size=vllm_config.cache_config.block_size,
-                                            source=extra.get("store_name") or "")
+                                            source=extra.store_name or "")
         else:
             self._worker = WorkerSide(_object_store_transport_factory(extra), kv_cache_config.num_blocks,
-                                      load_timeout_s=float(extra.get("load_timeout_s", 60)),
-                                      is_layer_by_layer=bool(extra.get("is_layer_by_layer", True)))
+                                      load_timeout_s=extra.load_timeout_s, is_layer_by_layer=extra.is_layer_by_layer)
 
     # --- scheduler half -------------------------------------------------------------------------------------
 
@@ -138,22 +131,3 @@ class SplitserveConnector(KVConnectorBase_V1):
         stats = SplitserveConnectorStats(data=self._worker.take_stats())
         return None if stats.is_empty() else stats
 
-
-def kv_transfer_config(*, is_producer: bool, engine_id: str, ray_address: str, ray_namespace: str,
-                       store_name: str | None, load_timeout_s: float, is_layer_by_layer: bool) -> dict[str, Any]:
-    """`store_name`: the KV store prefill sends through (its replica created it); None on decode."""
-    return {
-        "kv_connector": CONNECTOR_CLASS,
-        "kv_connector_module_path": CONNECTOR_MODULE,
-        "kv_role": "kv_producer" if is_producer else "kv_consumer",
-        "engine_id": engine_id,
-        # A load that fails (store restarted, lease expired, timeout) makes decode compute those tokens itself.
-        "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {
-            "ray_address": ray_address,
-            "ray_namespace": ray_namespace,
-            "store_name": store_name,
-            "load_timeout_s": load_timeout_s,
-            "is_layer_by_layer": is_layer_by_layer,
-        },
-    }

@@ -1,7 +1,7 @@
-"""The connector's worker half: moves KV bytes between vLLM's paged cache and the transport.
+"""The connector's worker half: moves KV bytes between vLLM's paged cache and a `KVTransport`.
 
-It runs in vLLM's worker process, so it joins the Ray cluster itself (address and namespace come from the
-connector config) to reach the KV-store actors.
+It runs in vLLM's worker process and is given its transport as a factory, called on first use: the object store's
+(connector.py) joins the Ray cluster from that process; tests give it an in-process one.
 
 Prefill (KV out):
 1. `save_kv_layer`, called right after each attention layer wrote its KV: queue that layer's prompt blocks for
@@ -26,43 +26,21 @@ import logging
 import queue
 import threading
 import time
-import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 import torch
 
-from kv_transfer.connector_metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
+from kv_transfer import stats
 from kv_transfer.errors import KVTransferError
 from kv_transfer.layout import KVLayout
+from kv_transfer.object_store.metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
+from kv_transfer.transport import KVTicket, KVTransport, TransportFactory
+from kv_transfer.wire import block_runs, from_wire, to_wire
 
 logger = logging.getLogger("splitserve.kv_transfer")
 
 SAVE_TIMEOUT_S = 30.0
-
-
-def block_runs(block_ids: tuple[int, ...]) -> list[tuple[int, int]]:
-    """(first block, number of blocks) for each run of consecutive ids, in order."""
-    runs: list[tuple[int, int]] = []
-    for block_id in block_ids:
-        if runs and runs[-1][0] + runs[-1][1] == block_id:
-            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
-        else:
-            runs.append((block_id, 1))
-    return runs
-
-
-def to_wire(tensor: torch.Tensor) -> np.ndarray:
-    """A numpy view of a CPU tensor; bfloat16 travels as its 16-bit pattern (numpy has no bfloat16)."""
-    return (tensor.view(torch.int16) if tensor.dtype == torch.bfloat16 else tensor).numpy()
-
-
-def from_wire(array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-    with warnings.catch_warnings():  # the object store's arrays are read-only; we only read them
-        warnings.simplefilter("ignore", UserWarning)
-        tensor = torch.from_numpy(array)
-    return tensor.view(dtype) if dtype == torch.bfloat16 else tensor
 
 
 @dataclass
@@ -75,10 +53,10 @@ class _Send:
 
 
 class WorkerSide:
-    def __init__(self, transport_factory: Any, num_blocks: int, load_timeout_s: float,
+    def __init__(self, transport_factory: TransportFactory, num_blocks: int, load_timeout_s: float,
                  is_layer_by_layer: bool = True):
         self._transport_factory = transport_factory
-        self._transport: Any = None
+        self._transport: KVTransport | None = None
         self._num_blocks = num_blocks
         self._load_timeout_s = load_timeout_s
         self._is_layer_by_layer = is_layer_by_layer
@@ -89,8 +67,7 @@ class WorkerSide:
         self._finished_sends: set[str] = set()
         self._finished_loads: set[str] = set()
         self._failed_block_ids: set[int] = set()
-        self._stats: dict[str, list[float]] = {"transfer_duration": [], "bytes_transferred": [],
-                                               "num_failed_transfers": [], "send_wait_duration": []}
+        self._stats = stats.empty_connector_stats()
         self._sends: queue.SimpleQueue[_Send] = queue.SimpleQueue()
         self._opened: dict[str, threading.Event] = {}
         self._loads: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
@@ -109,7 +86,7 @@ class WorkerSide:
         return KVLayout(num_parts=len(self._layers), part_shape=tuple(shape), block_dim=self._block_dim,
                         dtype=str(self._layers[0].dtype).removeprefix("torch."))
 
-    def transport(self) -> Any:
+    def transport(self) -> KVTransport:
         if self._transport is None:
             self._transport = self._transport_factory()
         return self._transport
@@ -139,7 +116,7 @@ class WorkerSide:
         return [to_wire(layer.index_select(self._block_dim, ids).cpu())]  # device memory: gather, then stage
 
     def _send_loop(self) -> None:
-        tickets: dict[str, Any] = {}
+        tickets: dict[str, KVTicket] = {}
         while True:
             batch = [self._sends.get()]
             while True:  # whatever else is ready goes along: fewer objects and store calls
@@ -171,7 +148,7 @@ class WorkerSide:
                 runs.append(run)
         return runs
 
-    def _send(self, first: _Send, parts: list[list[np.ndarray]], tickets: dict[str, Any]) -> None:
+    def _send(self, first: _Send, parts: list[list[np.ndarray]], tickets: dict[str, KVTicket]) -> None:
         save = first.save
         try:
             if first.opened is not None:
@@ -200,7 +177,7 @@ class WorkerSide:
                 logger.warning("KV of %s: the store did not answer within %.0f s", save.request_id, timeout_s)
         if metadata.saves:  # the engine's step waited this long on KV hand-over instead of computing
             with self._lock:
-                self._stats["send_wait_duration"].append(time.perf_counter() - started)
+                self._stats[stats.SEND_WAIT_DURATION].append(time.perf_counter() - started)
 
     # --- decode: KV in --------------------------------------------------------------------------------------
 
@@ -215,13 +192,13 @@ class WorkerSide:
             try:
                 self._load(load)
                 with self._lock:
-                    self._stats["transfer_duration"].append(time.perf_counter() - started)
-                    self._stats["bytes_transferred"].append(self.layout(len(load.block_ids)).nbytes)
+                    self._stats[stats.TRANSFER_DURATION].append(time.perf_counter() - started)
+                    self._stats[stats.BYTES_TRANSFERRED].append(self.layout(len(load.block_ids)).nbytes)
             except Exception as exc:
                 logger.warning("KV of %s not loaded (recomputing): %s", load.request_id, exc)
                 with self._lock:
                     self._failed_block_ids.update(load.block_ids)
-                    self._stats["num_failed_transfers"].append(1)
+                    self._stats[stats.NUM_FAILED_TRANSFERS].append(1)
             with self._lock:
                 self._finished_loads.add(load.request_id)
             # After the request may go on: dropping the store's copy is bookkeeping, not on its path.
@@ -266,7 +243,7 @@ class WorkerSide:
         return failed
 
     def take_stats(self) -> dict[str, list[float]]:
+        """What was measured since the last call, in vLLM's connector-stats keys (kv_transfer/stats.py)."""
         with self._lock:
-            stats = self._stats
-            self._stats = {name: [] for name in stats}
-        return stats
+            taken, self._stats = self._stats, stats.empty_connector_stats()
+        return taken

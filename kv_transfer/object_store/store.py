@@ -13,151 +13,23 @@ Ownership: the store holds references, never the bytes; an object lives as long 
 (prefill's engine worker) and as long as the store references it. Each prefill replica creates its own store
 (`create_store`), so the store is owned by that replica: Ray restarts it (empty) if it crashes, and it goes away
 with the replica, whose engine made the KV. Decode finds it by the name that travels in the KV handle.
-`KVStoreState` is the bookkeeping (plain Python, tested with a fake clock); `KVStoreActor` is the actor, which
-also publishes its occupancy and lease expirations through Ray's metrics (`StoreMetrics`), tagged by store.
+`KVStoreState` (store_state.py) is the bookkeeping, plain Python, tested with a fake clock; `KVStoreActor` is the
+actor, which also publishes its occupancy and lease expirations through Ray's metrics (`StoreMetrics`), by store.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
-from collections import OrderedDict
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
-
-from kv_transfer.errors import KVExpiredError, KVNotFoundError, KVStoreFullError, KVTimeoutError, KVTransferError
+from kv_transfer.errors import KVTimeoutError
 from kv_transfer.layout import KVLayout
+from kv_transfer.object_store.store_state import KVStoreState, StoreCounters
+from kv_transfer.transport import KVTicket
 
-NUM_REMEMBERED_EXPIRED_KEYS = 10_000
 # Ray drops a gauge's series when it is not set again within two metric-export intervals (20 s by default): the
 # reaper republishes the store's gauges at least this often, also when no request comes.
 MAX_PUBLISH_INTERVAL_S = 5.0
-
-
-class KVTicket(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    source: str  # the name of the store that holds the transfer
-    key: str
-    layout: KVLayout
-    lease_s: float
-
-
-class StoreCounters(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-    num_open: int
-    num_opened: int
-    num_claimed: int
-    num_released: int
-    num_expired: int
-    num_rejected_full: int
-    num_bytes_in_use: int
-    peak_bytes_in_use: int
-    capacity_bytes: int
-
-
-@dataclass
-class _Entry:
-    ticket: KVTicket
-    expires_at: float
-    parts: dict[int, Any] = field(default_factory=dict)
-    is_claimed: bool = False
-
-    @property
-    def is_complete(self) -> bool:
-        return len(self.parts) == self.ticket.layout.num_parts
-
-
-class KVStoreState:
-    def __init__(self, capacity_bytes: int, lease_s: float, clock: Callable[[], float] = time.monotonic,
-                 name: str = "store"):
-        self.name = name
-        self.capacity_bytes = capacity_bytes
-        self.lease_s = lease_s
-        self._clock = clock
-        self._entries: dict[str, _Entry] = {}
-        self._expired_keys: OrderedDict[str, None] = OrderedDict()
-        self._counts = {"num_opened": 0, "num_claimed": 0, "num_released": 0, "num_expired": 0,
-                        "num_rejected_full": 0, "peak_bytes_in_use": 0}
-
-    @property
-    def num_bytes_in_use(self) -> int:
-        return sum(entry.ticket.layout.nbytes for entry in self._entries.values())
-
-    def open(self, key: str, layout: KVLayout) -> KVTicket:
-        self.expire()
-        if key in self._entries:
-            raise KVTransferError(f"a transfer for {key!r} is already open")
-        if self.num_bytes_in_use + layout.nbytes > self.capacity_bytes:
-            self._counts["num_rejected_full"] += 1
-            raise KVStoreFullError(
-                f"transfer {key!r} needs {layout.nbytes} bytes; {self.num_bytes_in_use} of "
-                f"{self.capacity_bytes} are in use (policy: refuse new transfers, decode recomputes)"
-            )
-        ticket = KVTicket(source=self.name, key=key, layout=layout, lease_s=self.lease_s)
-        self._entries[key] = _Entry(ticket=ticket, expires_at=self._clock() + self.lease_s)
-        self._counts["num_opened"] += 1
-        self._counts["peak_bytes_in_use"] = max(self._counts["peak_bytes_in_use"], self.num_bytes_in_use)
-        return ticket
-
-    def add_parts(self, key: str, first_index: int, parts: list[Any]) -> bool:
-        """Adds parts first_index, first_index+1, ...; returns whether the transfer is now complete."""
-        entry = self._entry(key)
-        for offset, part in enumerate(parts):
-            index = first_index + offset
-            if not 0 <= index < entry.ticket.layout.num_parts:
-                raise KVTransferError(f"{key!r} has {entry.ticket.layout.num_parts} parts; got part {index}")
-            entry.parts[index] = part
-        return entry.is_complete
-
-    def is_complete(self, key: str) -> bool:
-        return self._entry(key).is_complete
-
-    def claim(self, key: str) -> list[Any]:
-        entry = self._entry(key)
-        if not entry.is_complete:
-            raise KVTransferError(f"{key!r} is not complete: {len(entry.parts)} of "
-                                  f"{entry.ticket.layout.num_parts} parts")
-        if not entry.is_claimed:
-            self._counts["num_claimed"] += 1
-        entry.is_claimed = True
-        entry.expires_at = self._clock() + self.lease_s  # the claimer gets a full lease to copy the KV out
-        return [entry.parts[index] for index in range(entry.ticket.layout.num_parts)]
-
-    def release(self, key: str) -> bool:
-        """Drops the transfer; False if it was not there (released twice, or expired)."""
-        if self._entries.pop(key, None) is None:
-            return False
-        self._counts["num_released"] += 1
-        return True
-
-    def expire(self) -> list[str]:
-        now = self._clock()
-        expired = [key for key, entry in self._entries.items() if entry.expires_at <= now]
-        for key in expired:
-            del self._entries[key]
-            self._expired_keys[key] = None
-        while len(self._expired_keys) > NUM_REMEMBERED_EXPIRED_KEYS:
-            self._expired_keys.popitem(last=False)
-        self._counts["num_expired"] += len(expired)
-        return expired
-
-    def counters(self) -> StoreCounters:
-        return StoreCounters(num_open=len(self._entries), num_bytes_in_use=self.num_bytes_in_use,
-                             capacity_bytes=self.capacity_bytes, **self._counts)
-
-    def _entry(self, key: str) -> _Entry:
-        self.expire()
-        entry = self._entries.get(key)
-        if entry is not None:
-            return entry
-        if key in self._expired_keys:
-            raise KVExpiredError(f"the KV of {key!r} expired after its {self.lease_s:.0f} s lease")
-        raise KVNotFoundError(f"no KV transfer {key!r} in the store")
 
 
 class StoreMetrics:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from kv_transfer.connector_metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
+from kv_transfer.object_store.metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
 from kv_transfer.handle import RemoteKV, is_remote_decode_request, remote_kv_from_params, remote_kv_to_params
 
 

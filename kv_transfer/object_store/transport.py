@@ -1,4 +1,5 @@
-"""KV through Ray's object store, tracked by the KV-store actors. Works wherever Ray runs; CPU staging.
+"""The object-store `KVTransport` (kv_transfer/transport.py): KV through Ray's object store, tracked by the KV-store
+actors (store.py). Works wherever Ray runs; CPU staging.
 
 Sender (prefill's worker): `open` registers the transfer with this engine's own store; each `send` puts its batch
 of parts (layers) as one object (`ray.put`: the one copy into shared memory, straight from the KV cache's
@@ -17,7 +18,7 @@ import ray
 
 from kv_transfer.errors import KVNotFoundError, KVPayloadError
 from kv_transfer.layout import KVLayout
-from kv_transfer.store import KVTicket
+from kv_transfer.transport import KVTicket, Part
 
 STORE_CALL_TIMEOUT_S = 30.0
 
@@ -45,7 +46,7 @@ class ObjectStoreTransport:
             raise RuntimeError("this transport only receives: it has no store of its own")
         return ray.get(self._store(self._home_store).open.remote(key, layout), timeout=STORE_CALL_TIMEOUT_S)
 
-    def send(self, ticket: KVTicket, first_index: int, parts: list[Any]) -> None:
+    def send(self, ticket: KVTicket, first_index: int, parts: list[Part]) -> None:
         parts = [ticket.layout.check_part(first_index + offset, part) for offset, part in enumerate(parts)]
         chunk = ray.put(parts)
         # Fire and forget: the receiver's claim waits for the parts; a lost chunk surfaces there as a timeout.

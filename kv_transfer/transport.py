@@ -1,0 +1,55 @@
+"""The transport interface: how one request's KV parts leave prefill and arrive at decode.
+
+The object-store connector's worker half (kv_transfer/object_store/worker_side.py) moves bytes only through a
+`KVTransport`, which it is given as a `TransportFactory`. Every transport passes the same contract tests
+(tests/unit/test_transport_contract.py): the object store's (Ray, across processes and nodes) and an in-process
+one kept for tests (tests/unit/in_process_transport.py).
+1. `open(key, layout)` on the sender reserves the transfer (or refuses it: `KVStoreFullError`); the ticket's
+   `source` says where the receiver finds it, and travels in the KV handle;
+2. `send(ticket, first_index, parts)` hands over parts (layers) as they are computed, without waiting for them
+   to arrive; a part is an array or a list of segments (runs of blocks);
+3. `receive(source, key, expected, timeout_s)` on the receiver waits for every part and returns each as its
+   segments, in the expected layout (`KVPayloadError` otherwise), valid until `release`;
+4. `release(source, key)` frees everything the transfer held, on both sides.
+Failures are the types in errors.py, so that the caller picks its policy (decode recomputes) by kind.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict
+
+from kv_transfer.layout import KVLayout
+
+# A part as a sender hands it over: one array, or its segments (runs of consecutive blocks).
+Part = np.ndarray | list[np.ndarray]
+
+
+class KVTicket(BaseModel):
+    """A transfer the sender opened: where it is held, under which key, of what layout, for how long."""
+
+    model_config = ConfigDict(frozen=True)
+
+    source: str  # the name of the store that holds the transfer
+    key: str
+    layout: KVLayout
+    lease_s: float
+
+
+class KVTransport(Protocol):
+    name: str
+
+    def open(self, key: str, layout: KVLayout) -> KVTicket: ...
+
+    def send(self, ticket: KVTicket, first_index: int, parts: list[Part]) -> None: ...
+
+    def receive(self, source: str, key: str, expected: KVLayout, timeout_s: float) -> list[list[np.ndarray]]: ...
+
+    def release(self, source: str, key: str) -> None: ...
+
+
+# Made where it is first used (inside vLLM's worker process, after the engine started), not where it is configured.
+TransportFactory = Callable[[], KVTransport]
