@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--running", nargs="*", default=[], metavar="NAME=URL",
                         help="also measure servers already running on this host (not started or stopped here)")
     parser.add_argument("--traces", nargs="+", default=["conv", "code"],
-                        help="conv, code (Azure, ../shared/traces) or paths of SplitwiseSim / Azure trace CSVs")
+                        help="conv, code (the Azure traces in bench/data/azure_traces) or paths of SplitwiseSim / "
+                             "Azure trace CSVs")
     parser.add_argument("--arrivals", choices=["trace", "poisson"], default="trace",
                         help="replay the trace's own arrival times at each rate, or draw Poisson arrivals")
     parser.add_argument("--rates", nargs="+", metavar="TRACE=R1,R2",

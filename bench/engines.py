@@ -4,22 +4,70 @@ from __future__ import annotations
 
 import json
 import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ray import serve
 
 from bench.replicas import APP_NAME, ROLE_DEPLOYMENTS
 from deployments.engine_counters import EngineCounters
 
+if TYPE_CHECKING:
+    from kv_transfer.object_store.store_state import StoreCounters
+
 
 def counters(role: str) -> EngineCounters:
     return serve.get_deployment_handle(ROLE_DEPLOYMENTS[role], app_name=APP_NAME).counters.remote().result(timeout_s=30)
 
 
-def store_counters():
+def store_counters() -> StoreCounters | None:
     """The prefill replica's KV store (object_store backend): what it holds now and has seen; None on nixl."""
     return serve.get_deployment_handle("PrefillServer", app_name=APP_NAME).store_counters.remote().result(
         timeout_s=30)
+
+
+@dataclass(frozen=True)
+class IdleState:
+    """What `wait_idle` saw last: whether everything was idle, and the counters that say so (or what was busy)."""
+
+    is_idle: bool
+    counters: dict[str, EngineCounters]  # per role polled
+    store: StoreCounters | None  # None unless the KV store was polled
+
+    @property
+    def busy(self) -> list[str]:
+        """What was still busy, one line each; empty when idle."""
+        lines = [f"{role}: {c.num_running_requests} running, {c.num_waiting_requests} waiting, "
+                 f"kv_cache_usage {c.kv_cache_usage}" for role, c in self.counters.items() if not _is_engine_idle(c)]
+        if self.store is not None and not _is_store_empty(self.store):
+            lines.append(f"kv store: {self.store.num_open} open, {self.store.num_bytes_in_use} bytes in use")
+        return lines
+
+
+def wait_idle(roles: Sequence[str] = ("prefill", "decode"), *, is_object_store: bool, timeout_s: float = 60,
+              poll_s: float = 1) -> IdleState:
+    """Polls until every role's engine runs and queues no request and holds no KV block, and (`is_object_store`)
+    the prefill replica's KV store holds no transfer; or until `timeout_s`. Never raises on timeout: callers
+    assert on (or report) the returned state."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        per_role = {role: counters(role) for role in roles}
+        store = store_counters() if is_object_store else None
+        is_idle = all(_is_engine_idle(c) for c in per_role.values()) and (store is None or _is_store_empty(store))
+        if is_idle or time.monotonic() >= deadline:
+            return IdleState(is_idle=is_idle, counters=per_role, store=store)
+        time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
+
+
+def _is_engine_idle(c: EngineCounters) -> bool:
+    return (c.num_running_requests, c.num_waiting_requests, c.kv_cache_usage) == (0, 0, 0.0)
+
+
+def _is_store_empty(store: StoreCounters) -> bool:
+    return (store.num_open, store.num_bytes_in_use) == (0, 0)
 
 
 def delta(after: EngineCounters, before: EngineCounters) -> dict[str, float]:

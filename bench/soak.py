@@ -4,10 +4,11 @@ whether memory came back. Not part of the test suite (it runs for half an hour);
 1. A standalone vLLM engine answers the exactness prompts once (greedy): the answers the app must give all along.
 2. The app starts from serve_config.yaml (with `--backend`, if given) on a Ray head of its own; memory snapshot:
    each role's process tree RSS (replica, EngineCore, workers), the engines' KV usage, the KV store's contents.
-3. For `--minutes`: Poisson arrivals at `--rate` of a mix: streams sized from a real trace (../shared/traces),
-   exactness requests (compared token for token), streams the client abandons, and bad requests. Every
-   `--fault-every-s` one fault from the cycle (decode engine killed, prefill replica killed, decode replica killed,
-   KV store killed where there is one) and the time until Serve has a new engine answering.
+3. For `--minutes`: Poisson arrivals at `--rate` of a mix: streams sized from a real trace (the Azure conversation
+   trace vendored in bench/data/azure_traces), exactness requests (compared token for token), streams the client
+   abandons, and bad requests. Every `--fault-every-s` one fault from the cycle (decode engine killed, prefill
+   replica killed, decode replica killed, KV store killed where there is one) and the time until Serve has a new
+   engine answering.
 4. Arrivals stop; in-flight requests finish; the engines go idle; a second snapshot. The report (JSON and
    Markdown) and the per-request CSV go to `--out`.
 
@@ -264,19 +265,6 @@ def trace_prompts(config: Any, num_prompts: int, seed: int) -> list[tuple[str, i
     return [(builder.build(request.request_id, request.prompt_tokens), request.output_tokens) for request in picks]
 
 
-def wait_idle(backend: str, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        busy = [(role, counters.num_running_requests, counters.num_waiting_requests, counters.kv_cache_usage)
-                for role in ("prefill", "decode") for counters in [engines.counters(role)]
-                if (counters.num_running_requests, counters.num_waiting_requests, counters.kv_cache_usage) != (0, 0, 0)]
-        store_open = engines.store_counters().num_open if backend == "object_store" else 0
-        if not busy and not store_open:
-            return True
-        time.sleep(2)
-    return False
-
-
 def report_markdown(report: dict[str, Any]) -> str:
     lines = [f"# Soak: {report['minutes']} minutes, {report['backend']}, {report['rate_per_s']} requests/s",
              "", f"{report['started_at']} on {report['host']}; command: `{report['command']}`", "",
@@ -358,7 +346,12 @@ def main(argv: list[str] | None = None) -> None:
             injector.join(360)
 
             logger.info("4. draining")
-            is_idle = wait_idle(backend, timeout_s=config.transfer.kv_lease_s + 120)
+            # Up to a KV lease and then some: a transfer that a fault left unclaimed is held until its lease ends.
+            idle = engines.wait_idle(is_object_store=backend == "object_store",
+                                     timeout_s=config.transfer.kv_lease_s + 120, poll_s=2)
+            is_idle = idle.is_idle
+            if not is_idle:
+                logger.warning("not idle after draining: %s", "; ".join(idle.busy))
             memory_end = memory_snapshot(backend)
             logger.info("memory at end: %s", memory_end)
         finally:

@@ -5,7 +5,7 @@
 2. Per trace and rate, an **open-loop** cell: the real trace's arrival pattern replayed at that mean rate for a
    fixed time (or, with `arrivals="poisson"`, Poisson arrivals at that rate with the trace's token sizes), token
    counts scaled to this host (`TokenScaling`, recorded in the results). A trace is `conv` or `code` (the Azure
-   traces in ../shared/traces) or the path of any SplitwiseSim or Azure-format CSV.
+   traces vendored in bench/data/azure_traces) or the path of any SplitwiseSim or Azure-format CSV.
 3. The **anchor** cells of FACTS.md: 300-token prompts, 32 output tokens, closed loop at concurrency 1 and 4, so
    that figures stay comparable across runs and with the peer's published anchor.
 """
@@ -17,10 +17,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bench.processes import PROJECT_ROOT
 from bench.traces import Scaling, TraceRequest, poisson_trace, read_trace, scale_trace, scaling_for_rate
 
-TRACES_DIR = PROJECT_ROOT.parent / "shared" / "traces"
+# Vendored (see its README.md for the source and license), so that a fresh clone has them.
+TRACES_DIR = Path(__file__).resolve().parent / "data" / "azure_traces"
 TRACE_FILES = {"conv": "AzureLLMInferenceTrace_conv.csv", "code": "AzureLLMInferenceTrace_code.csv"}
 ANCHOR_PROMPT_TOKENS, ANCHOR_OUTPUT_TOKENS = 300, 32
 

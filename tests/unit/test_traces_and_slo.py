@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from bench.slo import RequestLatency, goodput, latency_percentiles, meets_slos, slo_attainment, slo_bounds
 from bench.traces import Scaling, TraceRequest, poisson_trace, read_trace, scale_trace, write_splitwise_csv
-
-SHARED_TRACES = Path(__file__).resolve().parents[2].parent / "shared" / "traces"
 
 AZURE_FIXTURE = """TIMESTAMP,ContextTokens,GeneratedTokens
 2023-11-16 18:15:46.6805900,374,44
@@ -69,13 +65,6 @@ def test_poisson_arrivals_have_the_asked_rate_and_sizes_from_the_source():
     assert len(trace) / trace[-1].arrival_s == pytest.approx(4.0, rel=0.1)
     assert {(r.prompt_tokens, r.output_tokens) for r in trace} == {(300, 32), (900, 8)}
     assert poisson_trace(rate_per_s=4.0, num_requests=2000, sizes_from=sizes, seed=1) == trace  # reproducible
-
-
-@pytest.mark.skipif(not SHARED_TRACES.exists(), reason="../shared/traces is not here")
-def test_the_shared_azure_traces_read_whole():
-    code, conv = (read_trace(SHARED_TRACES / f"AzureLLMInferenceTrace_{name}.csv") for name in ("code", "conv"))
-    assert (len(code), len(conv)) == (8819, 19366)  # as ../shared/traces/README.md lists them
-    assert sorted(r.prompt_tokens for r in conv)[len(conv) // 2] == 1020
 
 
 def _run(ttfts: list[float], gap: float, e2es: list[float]) -> list[RequestLatency]:
