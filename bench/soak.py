@@ -225,7 +225,7 @@ def inject_faults(app: processes.ServedApp, backend: str, *, started: float, eve
         try:
             if fault == "kv_store":
                 prefill = serve.get_deployment_handle("PrefillServer", app_name=engines.APP_NAME)
-                store_name = prefill.role.remote().result(timeout_s=30)["kv_store"]
+                store_name = prefill.role.remote().result(timeout_s=30).kv_store
                 ray.kill(ray.get_actor(store_name, namespace="serve"), no_restart=False)
             else:
                 old_engine_id = replicas.engine_id(app.base_url, role)

@@ -1,7 +1,7 @@
 """Decode: continue from prefill's KV and stream the tokens.
 
-1. The router sends the user's original request and the `KVHandle` prefill returned. A handle without this
-   app's signature (it could point at another request's KV), or with less than half of its KV lease left (the
+1. The router's hand-off sends the user's original request and the `KVHandle` prefill returned. A handle without
+   this app's signature (it could point at another request's KV), or with less than half of its KV lease left (the
    blocks may be freed and reused before they are read), is never used: decode computes that prompt itself.
 2. `to_decode_request` puts the handle's `kv_transfer_params` on the request; nothing else changes, so vLLM's
    serving layer renders, validates and samples exactly as a single engine would.
@@ -15,15 +15,15 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from ray import serve
 
-from deployments.engine import Engine
-from deployments.engine_counters import EngineCounters
-from deployments.pd_protocol import bad_request, to_decode_request
+from deployments.engine_server import HEALTH_CHECK, EngineServer
+from deployments.error_responses import bad_request
+from deployments.messages import OpenAIRequest
+from deployments.pd_protocol import to_decode_request
 from kv_transfer.handle import KVHandle, KVHandleError
 from kv_transfer.handle_signing import HandleSigner
 from serve_app.config import AppConfig
@@ -31,18 +31,19 @@ from serve_app.config import AppConfig
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
-class DecodeServer:
+@serve.deployment(**HEALTH_CHECK)
+class DecodeServer(EngineServer):
+    role_name = "decode"
+
     async def __init__(self, config: AppConfig, kv_handle_key: str):
         self._config = config
         self._signer = HandleSigner(kv_handle_key)
-        rank = serve.get_replica_context().rank.local_rank
-        self.engine_id = f"decode-{rank}-{uuid.uuid4().hex[:8]}"
-        self._engine = await Engine.start(config.model, config.decode, replica_rank=rank, role_name="decode",
-                                          transfer=config.transfer, engine_id=self.engine_id, is_kv_producer=False)
+        self.transfer_backend = config.transfer.backend
+        rank = self._name_engine()
+        await self._start_engine(config, config.decode, rank, transfer=config.transfer, is_kv_producer=False)
         logger.info("decode engine %s ready (KV in through %s)", self.engine_id, config.transfer.backend)
 
-    async def decode(self, request: Any, handle: KVHandle | None) -> AsyncGenerator[Any, None]:
+    async def decode(self, request: OpenAIRequest, handle: KVHandle | None) -> AsyncGenerator[Any, None]:
         """Yields vLLM's SSE strings when `request.stream`, else one response; or one ErrorResponse. Without a
         handle (prefill failed), or with one it must not use, this engine computes the prompt too, as a single
         engine would."""
@@ -57,12 +58,8 @@ class DecodeServer:
                 return
             logger.info("request %s: decoding from %d prompt tokens in %d blocks of %s", request.request_id,
                         handle.num_prompt_tokens, handle.num_blocks, handle.prefill_engine_id)
-        result = await self._engine.generate(decode_request)
-        if isinstance(result, AsyncGenerator):
-            async for chunk in result:
-                yield chunk
-        else:
-            yield result
+        async for answer in self._answers(await self._engine.generate(decode_request)):
+            yield answer
 
     def _usable(self, handle: KVHandle | None, request_id: str) -> KVHandle | None:
         """`handle` if it is this app's and fresh, else None: this engine computes the prompt (the log says why)."""
@@ -78,18 +75,3 @@ class DecodeServer:
         else:
             return handle
         return None
-
-    def counters(self) -> EngineCounters:
-        return self._engine.counters()
-
-    def role(self) -> dict[str, Any]:
-        return {"role": "decode", "engine_id": self.engine_id, "transfer_backend": self._config.transfer.backend,
-                "is_engine_alive": self._engine.is_alive}
-
-    async def check_health(self) -> None:
-        await self._engine.check_health()
-
-    def __del__(self) -> None:
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            engine.shutdown()

@@ -4,10 +4,11 @@
    the EngineCore subprocess inherits it when it is spawned.
 2. `Engine.start` parses our config into vLLM's own CLI arguments, so every default of `vllm serve` applies,
    starts `AsyncLLM` with a counting stat logger (which also publishes splitserve's KV-transfer metrics) and
-   vLLM's own metrics re-exported through Ray (`RayPrometheusStatLogger`), and builds vLLM's serving objects (`init_app_state`): chat
-   templates, request validation, sampling parameters, stop strings and response shapes all stay vLLM's.
-3. `chat` / `completion` run a typed vLLM request through those objects and return what vLLM returns: an SSE
-   string stream, a full response, or an `ErrorResponse`. Exceptions become `ErrorResponse` values here.
+   vLLM's own metrics re-exported through Ray (`RayPrometheusStatLogger`), and builds vLLM's serving objects
+   (`init_app_state`): chat templates, request validation, sampling parameters, stop strings and response shapes
+   all stay vLLM's.
+3. `generate` runs a typed vLLM request (chat or completion) through those objects and returns what vLLM returns:
+   an SSE string stream, a full response, or an `ErrorResponse`. Exceptions become `ErrorResponse` values here.
 """
 
 from __future__ import annotations
@@ -20,16 +21,17 @@ import os
 import random
 import socket
 from collections.abc import AsyncGenerator, Iterator
-from http import HTTPStatus
 from typing import Any
 
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
+from deployments.engine_counters import EngineCounters, counting_stat_logger
+from deployments.error_responses import service_unavailable
+from deployments.messages import OpenAIRequest
 from kv_transfer.config import TransferConfig
 from serve_app.config import EngineRoleConfig, ModelConfig
-from deployments.engine_counters import EngineCounters, counting_stat_logger
 
 logger = logging.getLogger("splitserve.engine")
 
@@ -139,7 +141,7 @@ class Engine:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        from deployments.metrics import KVTransferMetrics
+        from deployments.transfer_metrics import KVTransferMetrics
         from kv_transfer.backend import kv_transfer_config
 
         connector_config = None if transfer is None else kv_transfer_config(
@@ -151,8 +153,9 @@ class Engine:
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(cli_args)
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(usage_context=UsageContext.OPENAI_API_SERVER)
-        kv_metrics = None if transfer is None else KVTransferMetrics(model.served_name, transfer.backend, role_name)
-        stat_logger_factory, counters = counting_stat_logger(kv_metrics=kv_metrics)
+        on_transfer_stats = None if transfer is None else KVTransferMetrics(
+            model.served_name, transfer.backend, role_name).record
+        stat_logger_factory, counters = counting_stat_logger(on_transfer_stats=on_transfer_stats)
         logger.info("starting vLLM engine: %s, env %s", " ".join(cli_args), environment)
         engine_client = AsyncLLM.from_vllm_config(
             vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
@@ -162,7 +165,7 @@ class Engine:
         await init_app_state(engine_client, state, args, supported_tasks=("generate",))
         return cls(engine_client, state, counters)
 
-    async def generate(self, request: Any) -> AsyncGenerator[str, None] | Any:
+    async def generate(self, request: OpenAIRequest) -> AsyncGenerator[str, None] | Any:
         """Run a ChatCompletionRequest or CompletionRequest through vLLM's serving layer."""
         create = (
             self._chat.create_chat_completion
@@ -177,16 +180,8 @@ class Engine:
         if isinstance(result, ErrorResponse) and not self.is_alive:
             # vLLM answers 500 once its engine has died; Serve is about to replace this replica: a 503 tells the
             # client that a retry will be served.
-            return create_error_response("this replica's engine has stopped and is being replaced",
-                                         "ServiceUnavailableError", HTTPStatus.SERVICE_UNAVAILABLE)
+            return service_unavailable("this replica's engine has stopped and is being replaced")
         return result
-
-    @staticmethod
-    def server_error(message: str) -> ErrorResponse:
-        return create_error_response(message, "InternalServerError", HTTPStatus.INTERNAL_SERVER_ERROR)
-
-    async def abort(self, request_id: str) -> None:
-        await self.engine_client.abort(request_id)
 
     def counters(self) -> EngineCounters:
         return self._counters.snapshot()

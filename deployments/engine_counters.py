@@ -1,17 +1,22 @@
 """Counters read off a vLLM engine's own stats: the proof that decode loaded KV instead of recomputing it.
 
 vLLM reports, per engine step, where each prompt token's KV came from (computed here, local prefix cache, or an
-external KV transfer) and what its KV connector moved. `CountingStatLogger` is a vLLM stat logger that adds those
+external KV transfer) and what its KV connector moved (parsed once, kv_transfer/stats.py). `CountingStatLogger` is a vLLM stat logger that adds those
 up for the life of the engine; `EngineCounters` is the frozen snapshot a deployment hands out.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 from vllm.v1.metrics.loggers import StatLoggerBase
+
+from kv_transfer.stats import TransferStats
+
+TransferStatsSink = Callable[[TransferStats], None]
 
 
 class EngineCounters(BaseModel):
@@ -56,29 +61,14 @@ class _Accumulator:
             return EngineCounters(**self._counts)
 
 
-def _sum_connector_stats(stats: dict[str, Any]) -> dict[str, float]:
-    def total(key: str) -> int:
-        return int(sum(stats.get(key) or []))
-
-    return {
-        "num_kv_transfers": len(stats.get("transfer_duration") or []),
-        "num_kv_bytes_transferred": total("bytes_transferred"),
-        # As vLLM's own NIXL stats count them: a failed read, handshake or notification is a failed transfer.
-        "num_kv_failed_transfers": total("num_failed_transfers") + total("num_failed_handshakes")
-        + total("num_failed_notifications"),
-        "num_kv_expired_requests": total("num_kv_expired_reqs"),
-        "kv_load_seconds": float(sum(stats.get("transfer_duration") or [])),
-        "kv_send_wait_seconds": float(sum(stats.get("send_wait_duration") or [])),
-    }
-
-
 class CountingStatLogger(StatLoggerBase):
-    """Adds up the engine's stats; with `kv_metrics`, also publishes each KV transfer through Ray (metrics.py)."""
+    """Adds up the engine's stats; hands each step's KV-transfer stats to `on_transfer_stats` too (the replica
+    publishes them as Ray metrics: transfer_metrics.py)."""
 
     def __init__(self, vllm_config: Any, engine_index: int = 0, *, accumulator: _Accumulator,
-                 kv_metrics: Any = None):
+                 on_transfer_stats: TransferStatsSink | None = None):
         self._accumulator = accumulator
-        self._kv_metrics = kv_metrics
+        self._on_transfer_stats = on_transfer_stats
 
     def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None, engine_idx: int = 0):
         if iteration_stats is not None:
@@ -98,19 +88,28 @@ class CountingStatLogger(StatLoggerBase):
                 kv_cache_usage=scheduler_stats.kv_cache_usage,
             )
             if scheduler_stats.kv_connector_stats:
-                self._accumulator.add(**_sum_connector_stats(scheduler_stats.kv_connector_stats))
-                if self._kv_metrics is not None:
-                    self._kv_metrics.record(scheduler_stats.kv_connector_stats)
+                stats = TransferStats.from_connector_stats(scheduler_stats.kv_connector_stats)
+                self._accumulator.add(
+                    num_kv_transfers=stats.num_transfers,
+                    num_kv_bytes_transferred=stats.num_bytes,
+                    num_kv_failed_transfers=stats.num_failed,
+                    num_kv_expired_requests=stats.num_expired,
+                    kv_load_seconds=stats.total_transfer_seconds,
+                    kv_send_wait_seconds=stats.total_send_wait_seconds,
+                )
+                if self._on_transfer_stats is not None:
+                    self._on_transfer_stats(stats)
 
     def log_engine_initialized(self) -> None:
         pass
 
 
-def counting_stat_logger(*, kv_metrics: Any = None) -> tuple[Any, _Accumulator]:
+def counting_stat_logger(*, on_transfer_stats: TransferStatsSink | None = None) -> tuple[Any, _Accumulator]:
     """A vLLM stat-logger factory and the accumulator its logger writes into."""
     accumulator = _Accumulator()
 
     def factory(vllm_config: Any, engine_index: int = 0) -> CountingStatLogger:
-        return CountingStatLogger(vllm_config, engine_index, accumulator=accumulator, kv_metrics=kv_metrics)
+        return CountingStatLogger(vllm_config, engine_index, accumulator=accumulator,
+                                  on_transfer_stats=on_transfer_stats)
 
     return factory, accumulator

@@ -15,23 +15,19 @@ from __future__ import annotations
 import hmac
 import json
 from dataclasses import dataclass
-from http import HTTPStatus
-from typing import Any
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from deployments.error_responses import error_body
+
 
 @dataclass(frozen=True)
 class EdgePolicy:
     max_body_bytes: int
     api_key: str | None = None
-
-
-def error_body(status: int, message: str, param: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": HTTPStatus(status).phrase, "param": param, "code": status}}
 
 
 def _is_json(content_type: str) -> bool:

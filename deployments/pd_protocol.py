@@ -16,15 +16,13 @@ from typing import Any, TypeVar
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 
+from deployments.error_responses import bad_request
+from deployments.messages import OpenAIRequest
 from kv_transfer.handle import KVHandle, prefill_kv_transfer_params
 
+# The same request type in as out: a chat request stays a chat request.
 Request = TypeVar("Request", ChatCompletionRequest, CompletionRequest)
-
-
-def bad_request(message: str, param: str | None = None) -> ErrorResponse:
-    return create_error_response(message, param=param)
 
 
 def _num_prompts(request: CompletionRequest) -> int:
@@ -34,7 +32,7 @@ def _num_prompts(request: CompletionRequest) -> int:
     return 1
 
 
-def check_disaggregable(request: ChatCompletionRequest | CompletionRequest) -> ErrorResponse | None:
+def check_disaggregable(request: OpenAIRequest) -> ErrorResponse | None:
     if request.kv_transfer_params is not None:
         return bad_request("kv_transfer_params is set by the server and may not be sent by clients",
                            "kv_transfer_params")

@@ -2,7 +2,7 @@
 
 0. At start-up (object_store backend) the replica creates its KV store, so that the store belongs to it: Ray
    restarts a crashed store, and the store ends with the replica whose engine made the KV.
-1. The router sends the user's typed request (chat or completion), already checked by `check_disaggregable`.
+1. The router's hand-off (handoff.py) sends the user's typed request, already checked by `check_disaggregable`.
 2. `to_prefill_request` turns it into a one-token, non-streamed request that asks the KV connector to keep the
    prompt's blocks for a remote decoder.
 3. vLLM's serving layer validates it (model name, context length, sampling values) and the engine runs the
@@ -15,18 +15,17 @@
 from __future__ import annotations
 
 import logging
-import uuid
-from typing import Any
 
 from ray import serve
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
-from deployments.engine import Engine
-from deployments.engine_counters import EngineCounters
+from deployments.engine_server import HEALTH_CHECK, EngineServer
+from deployments.error_responses import server_error
+from deployments.messages import OpenAIRequest
 from deployments.pd_protocol import to_prefill_request
+from kv_transfer.backend import store_name
 from kv_transfer.handle import KVHandle, KVHandleError
 from kv_transfer.handle_signing import HandleSigner
-from kv_transfer.backend import store_name
 from kv_transfer.object_store.store import create_store
 from kv_transfer.object_store.store_state import StoreCounters
 from serve_app.config import AppConfig
@@ -34,26 +33,26 @@ from serve_app.config import AppConfig
 logger = logging.getLogger("ray.serve")
 
 
-@serve.deployment(health_check_period_s=10, health_check_timeout_s=30)
-class PrefillServer:
+@serve.deployment(**HEALTH_CHECK)
+class PrefillServer(EngineServer):
+    role_name = "prefill"
+
     async def __init__(self, config: AppConfig, kv_handle_key: str):
         self._config = config
         self._signer = HandleSigner(kv_handle_key)
-        rank = serve.get_replica_context().rank.local_rank
-        self.engine_id = f"prefill-{rank}-{uuid.uuid4().hex[:8]}"
+        self.transfer_backend = config.transfer.backend
+        rank = self._name_engine()
         self._store = None
         if config.transfer.backend == "object_store":
-            self._store = create_store(name=store_name(self.engine_id), lease_s=config.transfer.kv_lease_s,
-                                       capacity_bytes=int(config.transfer.store_capacity_gib * (1 << 30)))
+            self.kv_store = store_name(self.engine_id)
+            self._store = create_store(name=self.kv_store, lease_s=config.transfer.kv_lease_s,
+                                       capacity_bytes=config.transfer.store_capacity_bytes)
             await self._store.counters.remote()  # the store is up (and publishing) before the engine starts
-        self._engine = await Engine.start(config.model, config.prefill, replica_rank=rank, role_name="prefill",
-                                          transfer=config.transfer, engine_id=self.engine_id, is_kv_producer=True)
+        await self._start_engine(config, config.prefill, rank, transfer=config.transfer, is_kv_producer=True)
         logger.info("prefill engine %s ready (KV out through %s)", self.engine_id, config.transfer.backend)
 
-    async def prefill(self, request: Any) -> KVHandle | Any:
-        """`request` is a vLLM ChatCompletionRequest or CompletionRequest; returns a KVHandle or ErrorResponse."""
-        prefill_request = to_prefill_request(request)
-        response = await self._engine.generate(prefill_request)
+    async def prefill(self, request: OpenAIRequest) -> KVHandle | ErrorResponse:
+        response = await self._engine.generate(to_prefill_request(request))
         if isinstance(response, ErrorResponse):
             logger.info("request %s: prefill refused: %s", request.request_id, response.error.message)
             return response
@@ -67,13 +66,10 @@ class PrefillServer:
             )
         except KVHandleError as exc:
             logger.error("request %s: %s", request.request_id, exc)
-            return self._engine.server_error(str(exc))
+            return server_error(str(exc))
         logger.info("request %s: prefilled %d tokens into %d blocks", request.request_id,
                     handle.num_prompt_tokens, handle.num_blocks)
         return self._signer.sign(handle)
-
-    def counters(self) -> EngineCounters:
-        return self._engine.counters()
 
     async def store_counters(self) -> StoreCounters | None:
         """What this replica's KV store holds now and has seen (object_store backend), else None."""
@@ -89,16 +85,3 @@ class PrefillServer:
             is_released = await self._store.release.remote(handle.object_store_key)
             logger.info("request %s: KV released unread (%s)", handle.request_id,
                         "dropped" if is_released else "already gone")
-
-    def role(self) -> dict[str, Any]:
-        return {"role": "prefill", "engine_id": self.engine_id, "transfer_backend": self._config.transfer.backend,
-                "is_engine_alive": self._engine.is_alive,
-                **({"kv_store": store_name(self.engine_id)} if self._store is not None else {})}
-
-    async def check_health(self) -> None:
-        await self._engine.check_health()
-
-    def __del__(self) -> None:
-        engine = getattr(self, "_engine", None)
-        if engine is not None:
-            engine.shutdown()

@@ -32,8 +32,8 @@ NUM_CONCURRENT_REQUESTS = 3
 def _kv_store():
     import ray
 
-    role = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME).role.remote().result(timeout_s=30)
-    return ray.get_actor(role["kv_store"], namespace="serve")
+    status = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME).role.remote().result(timeout_s=30)
+    return ray.get_actor(status.kv_store, namespace="serve")
 
 
 def test_killing_the_kv_store_mid_transfer(app, ray_driver, openai_client, reference_outputs):

@@ -166,8 +166,8 @@ def test_a_kv_transfer_that_times_out_is_recomputed(app, ray_driver, reference_o
 
     # 1. A transfer that is opened in prefill's store and never completed: decode waits `load_timeout_s` (10 s
     #    in the suite) for it, then recomputes the prompt.
-    role = prefill.role.remote().result(timeout_s=30)
-    store = ray_driver.get_actor(role["kv_store"], namespace="serve")
+    status = prefill.role.remote().result(timeout_s=30)
+    store = ray_driver.get_actor(status.kv_store, namespace="serve")
     stalled_key = f"stalled-{uuid.uuid4().hex}"
     ray_driver.get(store.open.remote(stalled_key, KVLayout(num_parts=1, part_shape=(1,), block_dim=0,
                                                             dtype="float32")))

@@ -31,3 +31,20 @@ def test_counts_prompt_tokens_by_source_and_connector_transfers():
     assert counters.num_kv_bytes_transferred == 5898240
     # gauges follow the latest step
     assert counters.num_running_requests == 0 and counters.kv_cache_usage == 0.0
+
+
+def test_nixl_failures_and_expiries_count_as_vllm_counts_them_and_reach_the_metrics_sink():
+    seen = []
+    factory, accumulator = counting_stat_logger(on_transfer_stats=seen.append)
+    logger = factory(vllm_config=None)
+    nixl_step = {"transfer_duration": [0.01, 0.02], "bytes_transferred": [100, 200], "num_failed_transfers": [1],
+                 "num_failed_handshakes": [1], "num_failed_notifications": [], "num_kv_expired_reqs": [1],
+                 "post_duration": [0.001, 0.001], "num_descriptors": [3, 3]}
+    logger.record(SchedulerStats(kv_connector_stats=nixl_step), None)
+
+    counters = accumulator.snapshot()
+    assert (counters.num_kv_transfers, counters.num_kv_bytes_transferred) == (2, 300)
+    assert counters.num_kv_failed_transfers == 2  # a failed read or handshake is a failed transfer
+    assert counters.num_kv_expired_requests == 1
+    assert abs(counters.kv_load_seconds - 0.03) < 1e-9
+    assert len(seen) == 1 and seen[0].num_bytes == 300

@@ -1,0 +1,70 @@
+"""What every engine replica shares (prefill, decode, collocated): one vLLM engine per replica, its counters, its
+health, its status, and the way its answers go back to the router.
+
+1. `_start_engine` names the engine (`<role>-<replica rank>-<random>`, also in KV handles and logs) and starts it
+   on this replica's cores (deployments/engine.py).
+2. `_answers` yields what vLLM returned: its SSE strings one by one when the request streams, else the one
+   response object or `ErrorResponse`. The router always calls a replica as a stream and reads the first item.
+3. Serve calls `check_health` every 10 s: a dead engine fails it, and Serve replaces the replica.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import AsyncGenerator
+from typing import Any
+
+from ray import serve
+
+from deployments.engine import Engine
+from deployments.engine_counters import EngineCounters
+from deployments.messages import RoleStatus
+from kv_transfer.config import TransferConfig
+from serve_app.config import AppConfig, EngineRoleConfig
+
+logger = logging.getLogger("ray.serve")
+
+# Serve's health check of an engine replica: every 10 s, 30 s to answer (an engine step can take seconds on CPU).
+HEALTH_CHECK = {"health_check_period_s": 10, "health_check_timeout_s": 30}
+
+
+class EngineServer:
+    role_name = "engine"
+    engine_id = ""
+    transfer_backend: str | None = None  # how KV leaves or arrives (prefill, decode)
+    kv_store: str | None = None  # the KV store's actor name (prefill on the object store)
+    _engine: Engine | None = None
+
+    def _name_engine(self) -> int:
+        """Names this replica's engine; returns the replica's rank (which picks its cores)."""
+        rank = serve.get_replica_context().rank.local_rank
+        self.engine_id = f"{self.role_name}-{rank}-{uuid.uuid4().hex[:8]}"
+        return rank
+
+    async def _start_engine(self, config: AppConfig, role: EngineRoleConfig, rank: int, *,
+                            transfer: TransferConfig | None = None, is_kv_producer: bool = False) -> None:
+        self._engine = await Engine.start(config.model, role, replica_rank=rank, role_name=self.role_name,
+                                          transfer=transfer, engine_id=self.engine_id, is_kv_producer=is_kv_producer)
+
+    @staticmethod
+    async def _answers(result: Any) -> AsyncGenerator[Any, None]:
+        if isinstance(result, AsyncGenerator):
+            async for chunk in result:
+                yield chunk
+        else:
+            yield result
+
+    def counters(self) -> EngineCounters:
+        return self._engine.counters()
+
+    def role(self) -> RoleStatus:
+        return RoleStatus(role=self.role_name, engine_id=self.engine_id, is_engine_alive=self._engine.is_alive,
+                          transfer_backend=self.transfer_backend, kv_store=self.kv_store)
+
+    async def check_health(self) -> None:
+        await self._engine.check_health()
+
+    def __del__(self) -> None:
+        if self._engine is not None:
+            self._engine.shutdown()

@@ -1,0 +1,231 @@
+"""The hand-off (deployments/handoff.py), step by step, with fake deployment handles: prefill → KV handle → decode,
+and every way a request can leave it. Each story ends with admission holding nothing and no KV left unreleased.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+from typing import Any
+
+import pytest
+from ray.exceptions import RayActorError
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+from deployments.admission import Admission
+from deployments.error_responses import bad_request, server_error
+from deployments.handoff import CollocatedHandoff, PDHandoff
+from deployments.phase_timing import PhaseTiming
+from kv_transfer.handle import KVHandle
+
+CHUNKS = ['data: {"choices":[{"text":"a"}]}\n\n', 'data: {"choices":[{"text":"b"}]}\n\n', "data: [DONE]\n\n"]
+HANDLE = KVHandle(backend="nixl", request_id="r1", num_prompt_tokens=3, prefill_engine_id="prefill-0-x",
+                  connector_params={"remote_engine_id": "e", "remote_request_id": "r1", "remote_host": "h",
+                                    "remote_port": 1, "remote_block_ids": [[0]]})
+
+
+class Answer:
+    """What `handle.method.remote(...)` returns when not streamed: awaitable, raising a failure if given one."""
+
+    def __init__(self, value: Any):
+        self._value = value
+
+    def __await__(self):
+        if isinstance(self._value, BaseException):
+            raise self._value
+        return self._value
+        yield  # a generator, as __await__ must be
+
+
+class Stream:
+    """What `handle.options(stream=True).method.remote(...)` returns: an async iterator that can be cancelled."""
+
+    def __init__(self, items: list[Any]):
+        self._items = list(items)
+        self.is_cancelled = False
+
+    def __aiter__(self) -> Stream:
+        return self
+
+    async def __anext__(self) -> Any:
+        if not self._items:
+            raise StopAsyncIteration
+        item = self._items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def cancel(self) -> None:
+        self.is_cancelled = True
+
+
+class FakePrefill:
+    def __init__(self, answer: Any = HANDLE):
+        self._answer = answer
+        self.requests: list[Any] = []
+        self.released: list[KVHandle] = []
+
+    @property
+    def prefill(self):
+        def remote(request):
+            self.requests.append(request)
+            return Answer(self._answer)
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+    @property
+    def release(self):
+        return type("Method", (), {"remote": staticmethod(lambda handle: self.released.append(handle))})
+
+
+class FakeEngine:
+    """Decode (`decode(request, handle)`) or a collocated engine (`generate(request)`), always called as a stream."""
+
+    def __init__(self, items: list[Any] = CHUNKS):
+        self._items = items
+        self.calls: list[tuple] = []
+        self.streams: list[Stream] = []
+
+    def options(self, stream: bool) -> FakeEngine:
+        assert stream, "the hand-off always reads an engine as a stream"
+        return self
+
+    def _call(self, *args: Any) -> Stream:
+        self.calls.append(args)
+        self.streams.append(Stream(self._items))
+        return self.streams[-1]
+
+    @property
+    def decode(self):
+        return type("Method", (), {"remote": staticmethod(self._call)})
+
+    @property
+    def generate(self):
+        return type("Method", (), {"remote": staticmethod(self._call)})
+
+
+def _request(**update: Any) -> CompletionRequest:
+    return CompletionRequest(**{"model": "m", "prompt": "hi", "max_tokens": 4, "stream": True, "request_id": "r1",
+                                **update})
+
+
+def _pd(prefill: FakePrefill, decode: FakeEngine, num_admissible: int = 4) -> tuple[PDHandoff, list[int]]:
+    fallbacks: list[int] = []
+    handoff = PDHandoff(Admission(num_admissible, num_admissible), prefill=prefill, decode=decode,
+                        on_prefill_fallback=lambda: fallbacks.append(1))
+    return handoff, fallbacks
+
+
+def _serve(handoff, request: CompletionRequest, timing: PhaseTiming | None = None) -> Any:
+    return asyncio.run(_serve_and_read(handoff, request, timing or PhaseTiming()))
+
+
+async def _serve_and_read(handoff, request, timing) -> Any:
+    result = await handoff.serve(request, timing)
+    if hasattr(result, "__aiter__"):
+        return [chunk async for chunk in result]
+    return result
+
+
+def _assert_nothing_held(handoff) -> None:
+    assert set(handoff.admission.counts().values()) == {0}, handoff.admission.counts()
+
+
+def test_a_stream_goes_prefill_then_decode_with_the_kv_handle():
+    prefill, decode = FakePrefill(), FakeEngine()
+    handoff, fallbacks = _pd(prefill, decode)
+    timing = PhaseTiming()
+
+    # 1. Prefill gets the user's request; decode gets the same request and prefill's handle.
+    chunks = _serve(handoff, _request(), timing)
+    assert [request.request_id for request in prefill.requests] == ["r1"]
+    assert decode.calls == [(prefill.requests[0], HANDLE)]
+    # 2. Decode's chunks pass through untouched; the phases are timed.
+    assert chunks == CHUNKS
+    assert timing.prefill_engine_id == "prefill-0-x" and timing.prefill_s is not None
+    assert timing.first_chunk_s is not None
+    # 3. Over: decode's request is let go, admission holds nothing, no fallback, no KV released (decode read it).
+    assert decode.streams[0].is_cancelled
+    assert not fallbacks and not prefill.released
+    _assert_nothing_held(handoff)
+
+
+def test_a_plain_response_comes_back_as_the_object_decode_returned():
+    response = CompletionResponse(model="m", choices=[], usage={"prompt_tokens": 1, "total_tokens": 2,
+                                                                "completion_tokens": 1})
+    handoff, _ = _pd(FakePrefill(), FakeEngine([response]))
+    assert _serve(handoff, _request(stream=False)) is response
+    _assert_nothing_held(handoff)
+
+
+def test_a_client_error_from_prefill_is_the_answer_and_decode_is_never_asked():
+    refusal = bad_request("This model's maximum context length is 2048 tokens")
+    decode = FakeEngine()
+    handoff, fallbacks = _pd(FakePrefill(refusal), decode)
+    assert _serve(handoff, _request()) is refusal
+    assert not decode.calls and not fallbacks
+    _assert_nothing_held(handoff)
+
+
+@pytest.mark.parametrize("failure", [server_error("engine broke"), RayActorError()], ids=["5xx", "replica-died"])
+def test_a_failed_prefill_makes_decode_compute_the_prompt(failure):
+    decode = FakeEngine()
+    handoff, fallbacks = _pd(FakePrefill(failure), decode)
+    assert _serve(handoff, _request()) == CHUNKS
+    assert decode.calls[0][1] is None  # no handle: decode computes the prompt itself
+    assert fallbacks == [1]
+    _assert_nothing_held(handoff)
+
+
+def test_decode_failing_before_its_first_token_is_a_503_and_the_kv_is_released():
+    prefill = FakePrefill()
+    handoff, _ = _pd(prefill, FakeEngine([RayActorError()]))
+    answer = _serve(handoff, _request())
+    assert isinstance(answer, ErrorResponse) and answer.error.code == 503
+    assert prefill.released == [HANDLE]  # not left to its lease
+    _assert_nothing_held(handoff)
+
+
+def test_a_full_role_is_refused_before_any_engine_is_asked():
+    prefill, decode = FakePrefill(), FakeEngine()
+    handoff, _ = _pd(prefill, decode, num_admissible=1)
+    assert handoff.admission.try_admit() is None  # one request already in
+    answer = _serve(handoff, _request())
+    assert isinstance(answer, ErrorResponse) and answer.error.code == 503 and "capacity" in answer.error.message
+    assert not prefill.requests and not decode.calls
+    handoff.admission.prefill_done()
+    handoff.admission.finished()
+    _assert_nothing_held(handoff)
+
+
+def test_what_a_split_cannot_honour_is_refused_and_nothing_is_admitted():
+    prefill = FakePrefill()
+    handoff, _ = _pd(prefill, FakeEngine())
+    answer = _serve(handoff, _request(n=2))
+    assert isinstance(answer, ErrorResponse) and answer.error.code == 400 and answer.error.param == "n"
+    assert not prefill.requests
+    _assert_nothing_held(handoff)
+
+
+def test_a_client_that_leaves_before_the_body_starts_frees_its_slot_and_decode():
+    decode = FakeEngine()
+    handoff, _ = _pd(FakePrefill(), decode)
+
+    async def leave() -> None:
+        stream = await handoff.serve(_request(), PhaseTiming())
+        assert handoff.admission.counts()["num_in_flight"] == 1
+        del stream  # Starlette drops a body it never started when the client is gone
+        gc.collect()
+
+    asyncio.run(leave())
+    assert decode.streams[0].is_cancelled
+    _assert_nothing_held(handoff)
+
+
+def test_collocated_runs_the_request_on_one_engine_as_it_is():
+    engine = FakeEngine()
+    handoff = CollocatedHandoff(Admission(None, 4), collocated=engine)
+    request = _request(n=2)  # a plain engine may honour what a split cannot
+    assert _serve(handoff, request) == CHUNKS
+    assert engine.calls == [(request,)]
+    _assert_nothing_held(handoff)
