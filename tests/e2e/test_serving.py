@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import send
 from bench import engines, replicas
+from tests.conftest import _app_config, send
 from tests.e2e.workload import EXACTNESS_REQUESTS, MODEL, request_body
 
 CPU_BLOCK_SIZE = 128  # vLLM's default block size on CPU (serve_config.yaml leaves block_size to vLLM)
@@ -83,6 +83,29 @@ def test_models_and_health(openai_client, app):
     assert health["roles"]["prefill"]["transfer_backend"] == app.resolved_backend
     assert health["roles"]["decode"]["transfer_backend"] == app.resolved_backend
     assert health["roles"]["prefill"]["ready"] and health["roles"]["decode"]["ready"]
+
+
+def _cores(binding: str) -> set[int]:
+    """vLLM's VLLM_CPU_OMP_THREADS_BIND syntax ("0", "0-3", "1,3") as a set of cores."""
+    cores: set[int] = set()
+    for part in binding.split(","):
+        first, _, last = part.partition("-")
+        cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
+def test_each_engine_computes_on_its_own_cores(app, ray_driver):
+    """The thread that runs each engine's model stays on its role's `cpu_binding`. On CPU, vLLM's NIXL connector
+    moves it to the last core of the NUMA node, so that both engines of a 2-core host would compute on core 1;
+    kv_transfer/nixl/connector.py moves it back (`transfer.keep_engine_affinity`)."""
+    _, config = _app_config()
+    for role, role_config in (("prefill", config.prefill), ("decode", config.decode)):
+        # vLLM's mp executor: the replica spawns the EngineCore, which spawns the worker that runs the model on
+        # its main thread.
+        workers = [child for child in replicas.engine_core_process(role).children()
+                   if "resource_tracker" not in " ".join(child.cmdline())]
+        assert len(workers) == 1, (role, [worker.cmdline() for worker in workers])
+        assert set(workers[0].cpu_affinity()) == _cores(role_config.cpu_binding_for(0)), role
 
 
 def test_nothing_leaked_after_all_requests(ray_driver, app):
