@@ -25,7 +25,6 @@ from deployments.error_responses import bad_request
 from deployments.messages import OpenAIRequest
 from deployments.pd_protocol import to_decode_request
 from kv_transfer.handle import KVHandle, KVHandleError
-from kv_transfer.handle_signing import HandleSigner
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("ray.serve")
@@ -36,10 +35,7 @@ class DecodeServer(EngineServer):
     role_name = "decode"
 
     async def __init__(self, config: AppConfig, kv_handle_key: str):
-        self._config = config
-        self._signer = HandleSigner(kv_handle_key)
-        self.transfer_backend = config.transfer.backend
-        rank = self._name_engine()
+        rank = self._name_kv_engine(config, kv_handle_key)
         await self._start_engine(config, config.decode, rank, transfer=config.transfer, is_kv_producer=False)
         logger.info("decode engine %s ready (KV in through %s)", self.engine_id, config.transfer.backend)
 

@@ -21,6 +21,7 @@ from deployments.engine import Engine
 from deployments.engine_counters import EngineCounters
 from deployments.messages import RoleStatus
 from kv_transfer.config import TransferConfig
+from kv_transfer.handle_signing import HandleSigner
 from serve_app.config import AppConfig, EngineRoleConfig
 
 logger = logging.getLogger("ray.serve")
@@ -41,6 +42,14 @@ class EngineServer:
         rank = serve.get_replica_context().rank.local_rank
         self.engine_id = f"{self.role_name}-{rank}-{uuid.uuid4().hex[:8]}"
         return rank
+
+    def _name_kv_engine(self, config: AppConfig, kv_handle_key: str) -> int:
+        """Prefill and decode: `_name_engine`, plus the app's transfer settings and the key that signs and checks
+        KV handles (only the app's replicas have it)."""
+        self._config = config
+        self._signer = HandleSigner(kv_handle_key)
+        self.transfer_backend = config.transfer.backend
+        return self._name_engine()
 
     async def _start_engine(self, config: AppConfig, role: EngineRoleConfig, rank: int, *,
                             transfer: TransferConfig | None = None, is_kv_producer: bool = False) -> None:

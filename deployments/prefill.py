@@ -25,7 +25,6 @@ from deployments.messages import OpenAIRequest
 from deployments.pd_protocol import to_prefill_request
 from kv_transfer.backend import store_name
 from kv_transfer.handle import KVHandle, KVHandleError
-from kv_transfer.handle_signing import HandleSigner
 from kv_transfer.object_store.store import create_store
 from kv_transfer.object_store.store_state import StoreCounters
 from serve_app.config import AppConfig
@@ -38,10 +37,7 @@ class PrefillServer(EngineServer):
     role_name = "prefill"
 
     async def __init__(self, config: AppConfig, kv_handle_key: str):
-        self._config = config
-        self._signer = HandleSigner(kv_handle_key)
-        self.transfer_backend = config.transfer.backend
-        rank = self._name_engine()
+        rank = self._name_kv_engine(config, kv_handle_key)
         self._store = None
         if config.transfer.backend == "object_store":
             self.kv_store = store_name(self.engine_id)
