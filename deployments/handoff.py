@@ -26,6 +26,7 @@ from typing import Any
 
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from deployments.admission import Admission
@@ -72,7 +73,7 @@ class Handoff:
     async def _admitted(self, request: OpenAIRequest, timing: PhaseTiming) -> Outcome:
         raise NotImplementedError
 
-    async def _first_chunk(self, stream: Any, request_id: str, timing: PhaseTiming,
+    async def _first_chunk(self, stream: DeploymentResponseGenerator, request_id: str, timing: PhaseTiming,
                            on_unread: Callable[[], None] = lambda: None) -> Outcome:
         """Awaits the engine's first chunk; `on_unread` runs when the KV handed over will never be read."""
         started = time.perf_counter()
@@ -102,7 +103,7 @@ class Handoff:
 
 
 class PDHandoff(Handoff):
-    def __init__(self, admission: Admission, *, prefill: Any, decode: Any,
+    def __init__(self, admission: Admission, *, prefill: DeploymentHandle, decode: DeploymentHandle,
                  on_prefill_fallback: Callable[[], None] = lambda: None):
         super().__init__(admission)
         self._prefill = prefill
@@ -146,7 +147,7 @@ class PDHandoff(Handoff):
 
 
 class CollocatedHandoff(Handoff):
-    def __init__(self, admission: Admission, *, collocated: Any):
+    def __init__(self, admission: Admission, *, collocated: DeploymentHandle):
         super().__init__(admission)
         self._collocated = collocated
 

@@ -28,7 +28,7 @@ from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -98,14 +98,14 @@ class Router:
     # --- HTTP ---------------------------------------------------------------------------------------------------
 
     @app.post("/v1/chat/completions")
-    async def http_chat_completions(self, request: ChatCompletionRequest, raw_request: Request) -> Any:
+    async def http_chat_completions(self, request: ChatCompletionRequest, raw_request: Request) -> Response:
         return await self._http(request, raw_request)
 
     @app.post("/v1/completions")
-    async def http_completions(self, request: CompletionRequest, raw_request: Request) -> Any:
+    async def http_completions(self, request: CompletionRequest, raw_request: Request) -> Response:
         return await self._http(request, raw_request)
 
-    async def _http(self, request: OpenAIRequest, raw_request: Request) -> Any:
+    async def _http(self, request: OpenAIRequest, raw_request: Request) -> Response:
         request = self._with_request_id(request)
         route = raw_request.url.path
         logger.info("request %s: %s %s", request.request_id, raw_request.method, route)
