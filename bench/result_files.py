@@ -7,6 +7,7 @@ Per-request CSV: every inter-token gap is kept (space-separated in `tbt_s`), so 
 from __future__ import annotations
 
 import csv
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,19 @@ from bench.slo import PERCENTILES, RequestLatency, latency_percentiles, meets_sl
 
 REQUEST_FIELDS = ["workload", "request_id", "arrival_s", "start_s", "prompt_tokens", "output_tokens", "ttft_s", "e2e_s",
                   "tbt_s", "error", "prefill_s", "prefill_engine_id", "first_chunk_s"]
+
+
+def measured_commit() -> str:
+    """The commit a result measured, `-dirty` when the working tree had uncommitted changes; `unknown` outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        is_dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                       capture_output=True, text=True, check=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if is_dirty else "")
 
 
 def write_requests_csv(records: list[RequestRecord], path: Path) -> None:

@@ -10,9 +10,11 @@ Systems, one after another on this host: `collocated` (one vLLM engine, no disag
 `nixl`. In splitserve the router streams decode's tokens, so the transfer lands before the first token: expect
 it in TTFT, not between the first and the second token.
 
-    python -m bench.served_transfer_bench [--num-requests 8] [--prompt-tokens 1000] [--systems ...] [--out DIR]
+    python -m bench.served_transfer_bench [--num-requests 8] [--prompt-tokens 1000] [--systems ...]
+                                          [--out bench/results/served_transfer]
 
-Writes served_transfer_requests.csv (every request) and served_transfer.{csv,md} (medians per system).
+Writes, under --out: requests.csv (every measured request), summary.csv (medians per system) and report.md (the
+command, then the summary as a table).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ from bench.load_generator import PromptBuilder, filler_document, run_trace
 from bench.traces import TraceRequest
 from bench import processes
 from bench.processes import PROJECT_ROOT
+from bench.result_files import measured_commit
 
 # Ray 2.60 starts clusters with token auth; its clients read the mode when Ray is first imported.
 os.environ["RAY_AUTH_MODE"] = "token"
@@ -141,7 +145,7 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "served_transfer")
     parser.add_argument("--one-system", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--prompts-json", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows-json", type=Path, help=argparse.SUPPRESS)
@@ -165,7 +169,7 @@ def main() -> None:
         rows_by_system[system] = json.loads(rows_path.read_text())
 
     args.out.mkdir(parents=True, exist_ok=True)
-    with open(args.out / "served_transfer_requests.csv", "w", newline="") as handle:
+    with open(args.out / "requests.csv", "w", newline="") as handle:
         fields = ["system", "prompt_tokens", "ttft_s", "second_token_s", "e2e_s", "transfer_s", "num_kv_bytes",
                   "num_prompt_tokens_recomputed"]
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
@@ -174,13 +178,19 @@ def main() -> None:
             writer.writerows({"system": system, **row} for row in rows)
     summary = _summary(rows_by_system)
     fields = list(dict.fromkeys(key for entry in summary for key in entry))
-    with open(args.out / "served_transfer.csv", "w", newline="") as handle:
+    with open(args.out / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(summary)
     table = ["| " + " | ".join(fields) + " |", "|" + " --- |" * len(fields)]
     table += ["| " + " | ".join(str(entry.get(field, "")) for field in fields) + " |" for entry in summary]
-    (args.out / "served_transfer.md").write_text("\n".join(table) + "\n")
+    command = " ".join(["python -m bench.served_transfer_bench", *sys.argv[1:]])
+    header = ["# What the KV transfer costs a request", "",
+              f"`{command}`, {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {measured_commit()}, on this host: "
+              f"per system, the medians of "
+              f"{args.num_requests} requests sent one at a time (after {NUM_WARM_UP_REQUESTS} warm-up requests), "
+              f"prompts of about {args.prompt_tokens} tokens, {NUM_OUTPUT_TOKENS} streamed output tokens.", ""]
+    (args.out / "report.md").write_text("\n".join(header + table) + "\n")
     print("\n".join(table))
 
 

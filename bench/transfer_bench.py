@@ -12,9 +12,10 @@ Paths:
 - nixl: two NIXL agents (UCX, no progress thread) in this process, one READing the other's registered DRAM
   straight into its own buffer: a single copy.
 
-    python -m bench.transfer_bench [--sizes-mb 1 2 4 8 16 32 64] [--repeats 5] [--out bench/results]
+    python -m bench.transfer_bench [--sizes-mb 1 2 4 8 16 32 64] [--repeats 5] [--out bench/results/transfer]
 
-Writes transfer.csv and transfer.md under --out and prints the table.
+Writes transfer.csv (every size and path) and report.md (the command, then the table) under --out, and prints
+the table.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import statistics
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -29,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import ray
 from tqdm import tqdm
+
+from bench.result_files import measured_commit
 
 NUM_LAYERS = 30
 POOL_BYTES = 256 << 20
@@ -145,7 +149,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transfer")
     parser.add_argument("--cold-object-store", action="store_true", help="do not warm the object store first")
     args = parser.parse_args()
 
@@ -176,7 +180,13 @@ def main() -> None:
     table = ["| size | path | median ms | GB/s | ratio to memcpy |", "| --- | --- | --- | --- | --- |"]
     table += [f"| {r['size_mb']} MB | {r['path']} | {r['median_ms']} | {r['gb_per_s']} | {r['ratio_to_memcpy']} |"
               for r in rows]
-    (args.out / "transfer.md").write_text("\n".join(table) + "\n")
+    command = " ".join(["python -m bench.transfer_bench", *sys.argv[1:]])
+    warmth = "cold" if args.cold_object_store else "warmed first"
+    header = ["# KV transfer paths", "",
+              f"`{command}`, {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {measured_commit()}, on this host: "
+              f"each KV path's median over "
+              f"{args.repeats} repeats, as a ratio to a memory copy in the same run (object store {warmth}).", ""]
+    (args.out / "report.md").write_text("\n".join(header + table) + "\n")
     print("\n".join(table))
 
 

@@ -1,4 +1,5 @@
-"""The transfer microbenchmark runs every path and writes its files (a 1 MB smoke run, not a measurement)."""
+"""The transfer microbenchmark runs every path and writes its files, transfer.csv and report.md (a 1 MB smoke run,
+not a measurement)."""
 
 from __future__ import annotations
 
@@ -19,4 +20,4 @@ def test_transfer_bench_writes_csv_and_table(tmp_path):
     assert [row["path"] for row in rows] == ["memcpy", "object_store", "object_store_one_send", "nixl"]
     assert all(float(row["gb_per_s"]) > 0 for row in rows)
     assert float(rows[0]["ratio_to_memcpy"]) == 1.0
-    assert "| 1 MB | object_store |" in (tmp_path / "transfer.md").read_text()
+    assert "| 1 MB | object_store |" in (tmp_path / "report.md").read_text()
