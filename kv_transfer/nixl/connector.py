@@ -4,7 +4,7 @@ kv_transfer/backend.py; it runs inside vLLM's engine process and reads `NixlExtr
 Prefill keeps a finished prompt's blocks on a lease; decode's connector READs them straight from prefill's KV
 cache over UCX (DRAM here, RDMA/GPU-direct where available) and renews the lease while it has the request.
 
-`SplitserveNixlConnector` is vLLM's pull-mode NixlConnector with two CPU pathologies removed (FACTS.md):
+`SplitserveNixlConnector` is vLLM's pull-mode NixlConnector with two CPU pathologies removed (docs/kv-transfer.md):
 1. On the CPU platform, vLLM moves the model thread onto the last core of each NUMA node when the connector's
    worker half is built; on a 2-core host both engines would then compute on core 1. We restore the affinity
    the engine had (vLLM's VLLM_CPU_OMP_THREADS_BIND) once the worker half is built.
