@@ -6,8 +6,9 @@
    the official `openai` client with streaming, and records TTFT, every inter-token gap, E2E, tokens in and out,
    and the error if any. Servers may put several tokens in one chunk (Ray Serve LLM sends a chunk every 50 ms):
    the token ids each chunk carries (vLLM's `return_token_ids`) say how many, and a chunk of k tokens that came
-   g seconds after the previous one counts as k gaps of g/k, so TBT means the same for every server. A progress bar counts finished requests. It stops sending at `max_duration_s` and
-   gives up on requests still running `request_timeout_s` after they started: a run is bounded in count and time.
+   g seconds after the previous one counts as k gaps of g/k, so TBT means the same for every server. A progress
+   bar counts finished requests. It stops sending at `max_duration_s` and gives up on requests still running
+   `request_timeout_s` after they started: a run is bounded in count and time.
 3. `run_closed_loop` instead keeps a fixed number of requests in flight (the anchor cells: docs/benchmarks.md).
 4. Where the server says how the time to first token split (splitserve's `Server-Timing` header: prefill, and
    decode's first chunk), that is recorded too, for the per-replica timeline.

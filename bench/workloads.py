@@ -6,8 +6,8 @@
    fixed time (or, with `arrivals="poisson"`, Poisson arrivals at that rate with the trace's token sizes), token
    counts scaled to this host (`TokenScaling`, recorded in the results). A trace is `conv` or `code` (the Azure
    traces vendored in bench/data/azure_traces) or the path of any SplitwiseSim or Azure-format CSV.
-3. The **anchor** cells (docs/benchmarks.md): 300-token prompts, 32 output tokens, closed loop at concurrency 1 and 4, so
-   that figures stay comparable across runs and with the peer's published anchor.
+3. The **anchor** cells (docs/benchmarks.md): 300-token prompts, 32 output tokens, closed loop at concurrency 1
+   and 4, so that figures stay comparable across runs and with the peer's published anchor.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """Counters read off a vLLM engine's own stats: the proof that decode loaded KV instead of recomputing it.
 
 vLLM reports, per engine step, where each prompt token's KV came from (computed here, local prefix cache, or an
-external KV transfer) and what its KV connector moved (parsed once, kv_transfer/stats.py). `CountingStatLogger` is a vLLM stat logger that adds those
-up for the life of the engine; `EngineCounters` is the frozen snapshot a deployment hands out.
+external KV transfer) and what its KV connector moved (parsed once, kv_transfer/stats.py). `CountingStatLogger` is
+a vLLM stat logger that adds those up for the life of the engine; `EngineCounters` is the frozen snapshot a deployment hands out.
 """
 
 from __future__ import annotations

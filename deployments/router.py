@@ -76,7 +76,8 @@ class Router:
         admission = Admission.from_config(config)
         self._handoff: Handoff = (
             CollocatedHandoff(admission, collocated=collocated) if collocated is not None
-            else PDHandoff(admission, prefill=prefill, decode=decode, on_prefill_fallback=self._metrics.prefill_fallback)
+            else PDHandoff(admission, prefill=prefill, decode=decode,
+                           on_prefill_fallback=self._metrics.prefill_fallback)
         )
         api_key = os.environ.get(config.router.api_key_env) or None
         app.state.edge_policy = EdgePolicy(max_body_bytes=config.router.max_request_body_bytes, api_key=api_key)

@@ -40,13 +40,14 @@ class TransferConfig(BaseModel):
     # object_store: send each layer's KV while later layers still compute (Splitwise's overlap). Off, the KV is
     # handed over after the forward pass, as vLLM's disaggregation connectors do; for comparison.
     is_layer_by_layer: bool = True
-    # nixl: NIXL's own progress thread busy-polls a core (docs/kv-transfer.md); on small CPU hosts polling from the engine
-    # loop is enough. Turn it on for RDMA hosts with cores to spare.
+    # nixl: NIXL's own progress thread busy-polls a core (docs/kv-transfer.md); on small CPU hosts polling from the
+    # engine loop is enough. Turn it on for RDMA hosts with cores to spare.
     use_progress_thread: bool = False
     # nixl: where NIXL reads KV from. `auto`: the engine's own KV cache (GPU-direct on CUDA, DRAM on CPU). `cpu` on a
     # GPU host stages KV through host memory, for networks or GPUs that cannot register device memory.
     nixl_buffer_device: Literal["auto", "cuda", "cpu"] = "auto"
-    # nixl: vLLM pins the NIXL worker's model thread to the last core on CPU (docs/kv-transfer.md); keep our binding instead.
+    # nixl: vLLM pins the NIXL worker's model thread to the last core on CPU (docs/kv-transfer.md); keep our binding
+    # instead.
     keep_engine_affinity: bool = True
     # KV handles are signed by prefill and verified by decode (kv_transfer/handle_signing.py). The key comes from
     # this environment variable where the app is built, if set (one key across redeploys and apps), else it is
