@@ -1,56 +1,110 @@
-"""Open-loop load: send a trace's requests at their arrival times, streamed, and time every token.
+"""Open-loop load: send a trace's requests at their scheduled arrival times, streamed, and time every token from
+the moment each request was due.
 
 1. `PromptBuilder` makes a prompt of exactly the requested number of tokens with the served model's tokenizer;
    each prompt starts with its own request number, so no prefix cache serves one request from another's KV.
-2. `run_trace` starts each request at its arrival time whether or not earlier ones finished (open loop), through
-   the official `openai` client with streaming, and records TTFT, every inter-token gap, E2E, tokens in and out,
-   and the error if any. Servers may put several tokens in one chunk (Ray Serve LLM sends a chunk every 50 ms):
-   the token ids each chunk carries (vLLM's `return_token_ids`) say how many, and a chunk of k tokens that came
-   g seconds after the previous one counts as k gaps of g/k, so TBT means the same for every server. A progress
-   bar counts finished requests. It stops sending at `max_duration_s` and gives up on requests still running
-   `request_timeout_s` after they started: a run is bounded in count and time.
-3. `run_closed_loop` instead keeps a fixed number of requests in flight (the anchor cells: docs/benchmarks.md).
-4. Where the server says how the time to first token split (splitserve's `Server-Timing` header: prefill, and
+2. `run_trace` is open loop: one dispatcher sleeps until each request's arrival and starts it there, however many
+   are still in flight. A request's clock starts at its **scheduled arrival**: TTFT and E2E are timed from it, so a
+   late send counts against the latency a user would have seen (the send-time view is kept as `ttft_send_s` and
+   `e2e_send_s`). Each record keeps its send lag; `GeneratorStats` keeps the generator's own CPU time.
+3. Requests go through the official `openai` client with streaming. Servers may put several tokens in one chunk
+   (Ray Serve LLM sends a chunk every 50 ms): the token ids each chunk carries (vLLM's `return_token_ids`) say how
+   many, and a chunk of k tokens that came g seconds after the previous one counts as k gaps of g/k, so TBT means
+   the same for every server. It stops sending at `max_duration_s` and gives up on a request `request_timeout_s`
+   after it was due: a run is bounded in count and time.
+4. `run_closed_loop` instead keeps a fixed number of requests in flight (the anchor and uncontended cells); a
+   request is due the moment its user is free.
+5. `CellRunner` runs cells in a process of its own at a raised scheduling priority where the OS allows it: on a
+   small host the engines take every core, and a generator that waits for CPU sends late (the lag it measured on
+   two cores before it had its own process reached seconds). A real client runs on another machine; this is
+   the nearest a one-host benchmark gets.
+6. Where the server says how the time to first token split (splitserve's `Server-Timing` header: prefill, and
    decode's first chunk), that is recorded too, for the per-replica timeline.
-5. Only loopback targets are accepted: a benchmark must not load someone else's server by mistake.
+7. Only loopback targets are accepted: a benchmark must not load someone else's server by mistake.
 """
 
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import os
-import time
 import re
+import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 from urllib.parse import urlparse
 
+import numpy as np
 from tqdm import tqdm
 
 from bench.traces import TraceRequest
 
 LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+# The generator's own process asks for this nice value (lower runs first); without the permission it stays at 0,
+# and run.json says so.
+GENERATOR_NICE = -10
+# A cell whose p99 send lag is above this is flagged: its latencies are not what the schedule asked for.
+MAX_SEND_LAG_P99_S = 0.050
 
 
 @dataclass
 class RequestRecord:
     request_id: int
-    arrival_s: float  # scheduled, relative to the run's start
+    arrival_s: float  # scheduled, relative to the cell's start
     prompt_tokens: int  # as the server counted them (0 if it never said)
     output_tokens: int
-    start_s: float | None = None  # when it was actually sent, relative to the run's start
-    ttft_s: float | None = None
+    start_s: float | None = None  # when it was actually sent, relative to the cell's start
+    ttft_s: float | None = None  # first token, from the scheduled arrival
     tbt_s: list[float] = field(default_factory=list)
-    e2e_s: float | None = None
+    e2e_s: float | None = None  # last token, from the scheduled arrival
     error: str | None = None
     # From the server's Server-Timing header, where it sends one (splitserve does).
     prefill_s: float | None = None
     prefill_engine_id: str = ""
     first_chunk_s: float | None = None
     workload: str = ""  # which cell of a comparison it belongs to, set by the runner
+    repeat: int = 0  # which run of the cell (`--repeats`)
 
     @property
     def is_ok(self) -> bool:
         return self.error is None and self.ttft_s is not None
+
+    @property
+    def send_lag_s(self) -> float | None:
+        return None if self.start_s is None else max(0.0, self.start_s - self.arrival_s)
+
+    @property
+    def ttft_send_s(self) -> float | None:
+        """TTFT from the actual send: what a server-side view reports."""
+        return None if self.ttft_s is None or self.send_lag_s is None else self.ttft_s - self.send_lag_s
+
+    @property
+    def e2e_send_s(self) -> float | None:
+        return None if self.e2e_s is None or self.send_lag_s is None else self.e2e_s - self.send_lag_s
+
+    @property
+    def tpot_s(self) -> float | None:
+        """Splitwise's TBT of a request: its mean time between tokens."""
+        return float(np.mean(self.tbt_s)) if self.tbt_s else None
+
+
+@dataclass(frozen=True)
+class GeneratorStats:
+    """What the generator itself cost while it ran a cell, to tell a late client from a slow server."""
+
+    wall_s: float
+    cpu_s: float  # the generator process's CPU time over the cell
+    nice: int  # the generator process's nice value (GENERATOR_NICE if the OS allowed it)
+
+
+def send_lag_summary(records: list[RequestRecord]) -> dict[str, float]:
+    lags = [record.send_lag_s for record in records if record.send_lag_s is not None]
+    if not lags:
+        return {"send_lag_p50_ms": 0.0, "send_lag_p99_ms": 0.0, "send_lag_max_ms": 0.0}
+    return {"send_lag_p50_ms": round(float(np.percentile(lags, 50)) * 1e3, 2),
+            "send_lag_p99_ms": round(float(np.percentile(lags, 99)) * 1e3, 2),
+            "send_lag_max_ms": round(max(lags) * 1e3, 2)}
 
 
 def filler_document(first_year: int = 1900) -> str:
@@ -98,16 +152,16 @@ def check_loopback(base_url: str) -> None:
         raise ValueError(f"the load generator only targets this host (loopback), not {host!r}")
 
 
-async def _one(client, model: str, request: TraceRequest, prompt: str, started_at: float,
+async def _one(client, model: str, request: TraceRequest, prompt: str, due_at: float, cell_started_at: float,
                timeout_s: float) -> RequestRecord:
+    """One streamed request, due at `due_at` (perf_counter): every latency is timed from then."""
     record = RequestRecord(request_id=request.request_id, arrival_s=request.arrival_s, prompt_tokens=0,
                            output_tokens=0)
-    await asyncio.sleep(max(0.0, started_at + request.arrival_s - time.perf_counter()))
-    sent = time.perf_counter()
-    record.start_s = sent - started_at
+    record.start_s = time.perf_counter() - cell_started_at
     last = None
     try:
-        async with asyncio.timeout(timeout_s):
+        # The budget runs from when the request was due: a request that left late has less of it.
+        async with asyncio.timeout(max(0.0, due_at + timeout_s - time.perf_counter())):
             raw = await client.completions.with_raw_response.create(
                 model=model, prompt=prompt, max_tokens=request.output_tokens, temperature=0, stream=True,
                 stream_options={"include_usage": True}, extra_body={"ignore_eos": True, "return_token_ids": True})
@@ -120,11 +174,11 @@ async def _one(client, model: str, request: TraceRequest, prompt: str, started_a
                     now = time.perf_counter()
                     num_tokens = len(getattr(chunk.choices[0], "token_ids", None) or ()) or 1
                     if last is None:
-                        record.ttft_s = now - sent
+                        record.ttft_s = now - due_at
                     else:
                         record.tbt_s += [(now - last) / num_tokens] * num_tokens
                     last = now
-        record.e2e_s = time.perf_counter() - sent
+        record.e2e_s = time.perf_counter() - due_at
     except TimeoutError:
         record.error = f"timeout after {timeout_s:.0f} s"
     except Exception as exc:  # the server's error, as the client saw it
@@ -144,16 +198,19 @@ async def run_trace(*, base_url: str, model: str, requests: list[TraceRequest], 
                     max_duration_s: float = 600.0, request_timeout_s: float = 300.0,
                     description: str = "requests", is_progress_shown: bool = True) -> list[RequestRecord]:
     client = _client(base_url, request_timeout_s)
-    due = [(request, prompt) for request, prompt in zip(requests, prompts, strict=True)
-           if request.arrival_s <= max_duration_s]
-    started_at = time.perf_counter()
-    tasks = [asyncio.create_task(_one(client, model, request, prompt, started_at, request_timeout_s))
-             for request, prompt in due]
-    records = []
-    with tqdm(total=len(tasks), desc=description, unit="req", disable=not is_progress_shown) as progress:
-        for finished in asyncio.as_completed(tasks):
-            records.append(await finished)
-            progress.update()
+    due = sorted(((request, prompt) for request, prompt in zip(requests, prompts, strict=True)
+                  if request.arrival_s <= max_duration_s), key=lambda pair: pair[0].arrival_s)
+    tasks: list[asyncio.Task] = []
+    with tqdm(total=len(due), desc=description, unit="req", disable=not is_progress_shown) as progress:
+        started_at = time.perf_counter()
+        # One dispatcher, asleep until the next arrival: a request's start never waits on an earlier one.
+        for request, prompt in due:
+            due_at = started_at + request.arrival_s
+            await asyncio.sleep(max(0.0, due_at - time.perf_counter()))
+            task = asyncio.create_task(_one(client, model, request, prompt, due_at, started_at, request_timeout_s))
+            task.add_done_callback(lambda _: progress.update())
+            tasks.append(task)
+        records = list(await asyncio.gather(*tasks))
     await client.close()
     return sorted(records, key=lambda record: record.request_id)
 
@@ -173,11 +230,49 @@ async def run_closed_loop(*, base_url: str, model: str, requests: list[TraceRequ
         while not queue.empty():
             request, prompt = queue.get_nowait()
             # Arrival = now: the request is due the moment its user is free.
-            due = request.model_copy(update={"arrival_s": time.perf_counter() - started_at})
-            records.append(await _one(client, model, due, prompt, started_at, request_timeout_s))
+            due_at = time.perf_counter()
+            due = request.model_copy(update={"arrival_s": due_at - started_at})
+            records.append(await _one(client, model, due, prompt, due_at, started_at, request_timeout_s))
             progress.update()
 
     with tqdm(total=len(requests), desc=description, unit="req", disable=not is_progress_shown) as progress:
         await asyncio.gather(*(user(progress) for _ in range(concurrency)))
     await client.close()
     return sorted(records, key=lambda record: record.request_id)
+
+
+def _raise_priority() -> None:
+    try:
+        os.setpriority(os.PRIO_PROCESS, 0, GENERATOR_NICE)
+    except OSError:
+        pass  # not permitted: the generator runs at the default priority, and its stats say so
+
+
+def _run_cell(kind: Literal["open", "closed"], arguments: dict) -> tuple[list[RequestRecord], GeneratorStats]:
+    began_wall, began_cpu = time.perf_counter(), time.process_time()
+    if kind == "open":
+        records = asyncio.run(run_trace(**arguments))
+    else:
+        records = asyncio.run(run_closed_loop(**arguments))
+    return records, GeneratorStats(wall_s=time.perf_counter() - began_wall, cpu_s=time.process_time() - began_cpu,
+                                   nice=os.getpriority(os.PRIO_PROCESS, 0))
+
+
+class CellRunner:
+    """The load generator's own process (spawned once, reused for every cell), at a raised priority if allowed."""
+
+    def __init__(self) -> None:
+        self._pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_raise_priority)
+
+    def run(self, kind: Literal["open", "closed"], **arguments) -> tuple[list[RequestRecord], GeneratorStats]:
+        return self._pool.submit(_run_cell, kind, arguments).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> CellRunner:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

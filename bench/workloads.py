@@ -1,11 +1,13 @@
 """What a comparison sends to every system: the same cells, in the same order, with the same prompts.
 
-1. Per trace (Azure `conv` and `code` by default), an **uncontended** cell: requests picked evenly from the
-   loaded cells' own mix, sent one at a time; it sets that system's SLO bounds (Splitwise's definition).
-2. Per trace and rate, an **open-loop** cell: the real trace's arrival pattern replayed at that mean rate for a
-   fixed time (or, with `arrivals="poisson"`, Poisson arrivals at that rate with the trace's token sizes), token
-   counts scaled to this host (`TokenScaling`, recorded in the results). A trace is `conv` or `code` (the Azure
-   traces vendored in bench/data/azure_traces) or the path of any SplitwiseSim or Azure-format CSV.
+1. Per trace (Azure `conv` and `code` by default), an **uncontended** cell: ≥ 30 requests sent one at a time,
+   picked at evenly spaced quantiles of the loaded cells' request sizes, so that they span the sizes the loaded
+   cells send. The reference system's (collocated) uncontended cells fit the one SLO reference (bench/slo.py).
+2. Per trace, a **rate sweep** of open-loop cells (≥ 5 rates, from light load to past saturation): the real trace's
+   arrival pattern replayed at each mean rate (or, with `arrivals="poisson"`, Poisson arrivals at that rate with the
+   trace's token sizes) for at least `min_duration_s` and `min_requests`, token counts scaled to this host
+   (`TokenScaling`, recorded in the results). A trace is `conv` or `code` (the Azure traces vendored in
+   bench/data/azure_traces) or the path of any SplitwiseSim or Azure-format CSV.
 3. The **anchor** cells (docs/benchmarks.md): 300-token prompts, 32 output tokens, closed loop at concurrency 1
    and 4, so that figures stay comparable across runs and with the peer's published anchor.
 """
@@ -66,11 +68,15 @@ class Plan(BaseModel):
 
     traces: tuple[str, ...] = ("conv", "code")  # names in TRACE_FILES, or paths of trace CSVs
     arrivals: Literal["trace", "poisson"] = "trace"
-    rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.25, 1.0), "code": (0.2, 0.6)}
-    duration_s: float = Field(30.0, gt=0)
-    num_uncontended: int = Field(8, ge=1)
+    # From light load to past every system's saturation on a 2-core host (collocated saturates near 1 conv and
+    # 0.6 code requests/s); the lightest rate is what makes a run long (≥ 50 requests), so it is not lower.
+    rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.3, 0.55, 0.8, 1.05, 1.3),
+                                                 "code": (0.25, 0.4, 0.55, 0.7, 0.85)}
+    min_duration_s: float = Field(60.0, gt=0)  # of arrivals, per open-loop cell
+    min_requests: int = Field(50, ge=1)  # per open-loop cell: a cell lasts max(min_duration_s, min_requests / rate)
+    num_uncontended: int = Field(30, ge=1)
     anchor_concurrencies: tuple[int, ...] = (1, 4)
-    num_anchor_requests_per_user: int = Field(3, ge=1)
+    num_anchor_requests_per_user: int = Field(10, ge=1)
     token_scaling: dict[str, TokenScaling] = DEFAULT_TOKEN_SCALING
     traces_dir: Path = TRACES_DIR
 
@@ -80,10 +86,12 @@ class Plan(BaseModel):
             trace, source = self._source(trace_spec)
             tokens = self.token_scaling.get(trace, OWN_TRACE_TOKEN_SCALING).model_dump()
             loaded = [self._open_loop(trace, source, rate, tokens) for rate in self.rates_per_s.get(trace, ())]
-            mix = max((cell.requests for cell in loaded), key=len, default=tuple(scale_trace(
-                source, Scaling(max_requests=self.num_uncontended, **tokens))))
-            picks = [mix[round(i * (len(mix) - 1) / max(1, self.num_uncontended - 1))]
-                     for i in range(min(self.num_uncontended, len(mix)))]
+            # Every loaded cell's requests (or the trace's first ones, without a sweep): the sizes they send.
+            mix = [request for cell in loaded for request in cell.requests] or scale_trace(
+                source, Scaling(max_requests=self.num_uncontended, **tokens))
+            by_size = sorted(mix, key=lambda request: (request.prompt_tokens, request.output_tokens))
+            picks = [by_size[round(i * (len(by_size) - 1) / max(1, self.num_uncontended - 1))]
+                     for i in range(min(self.num_uncontended, len(by_size)))]
             cells.append(Workload(name=f"uncontended-{trace}", trace=trace, kind="uncontended", concurrency=1,
                                   requests=tuple(request.model_copy(update={"request_id": index, "arrival_s": 0.0})
                                                  for index, request in enumerate(picks))))
@@ -104,13 +112,17 @@ class Plan(BaseModel):
             raise ValueError(f"trace {trace_spec!r} is neither one of {', '.join(TRACE_FILES)} nor a CSV file")
         return path.stem, read_trace(path)
 
+    def duration_s(self, rate_per_s: float) -> float:
+        return max(self.min_duration_s, self.min_requests / rate_per_s)
+
     def _open_loop(self, trace: str, source: list[TraceRequest], rate: float, tokens: dict) -> Workload:
+        duration_s = self.duration_s(rate)
         if self.arrivals == "poisson":
             scaling = Scaling(**tokens)
-            requests = poisson_trace(rate_per_s=rate, num_requests=max(1, round(rate * self.duration_s)),
+            requests = poisson_trace(rate_per_s=rate, num_requests=max(1, round(rate * duration_s)),
                                      sizes_from=scale_trace(source, scaling))
         else:
-            scaling = scaling_for_rate(source, rate_per_s=rate, duration_s=self.duration_s, **tokens)
+            scaling = scaling_for_rate(source, rate_per_s=rate, duration_s=duration_s, **tokens)
             requests = scale_trace(source, scaling)
         return Workload(name=f"{trace}@{rate:g}/s", trace=trace, kind="open", rate_per_s=rate, scaling=scaling,
                         requests=tuple(requests))

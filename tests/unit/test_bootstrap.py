@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from bench.bootstrap import ratio_interval
+from bench.bootstrap import RatioInterval, ratio_interval
 from serve_app.config import PROJECT_ROOT
 
 
@@ -28,3 +28,31 @@ def test_the_command_reads_a_committed_per_request_file():
                              "--baseline", "collocated", "--columns", "ttft_s"], cwd=PROJECT_ROOT,
                             capture_output=True, text=True, timeout=120, check=True)
     assert "| nixl | ttft_s | 8 |" in result.stdout
+
+
+def test_a_paired_interval_covers_a_known_ratio_and_pairing_removes_the_requests_own_spread():
+    import numpy as np
+
+    from bench.bootstrap import paired_ratio_interval
+
+    rng = np.random.default_rng(1)
+    # Requests whose sizes spread latencies over 10×; the system is 1.2× the baseline on every request, ± 5% noise.
+    sizes = rng.uniform(0.1, 1.0, 200)
+    baseline = [[size * rng.lognormal(0, 0.05)] for size in sizes]
+    system = [[1.2 * size * rng.lognormal(0, 0.05)] for size in sizes]
+    found = paired_ratio_interval(system, baseline, 50)
+    assert found.low < 1.2 < found.high and found.is_separable
+    assert found.high - found.low < 0.15  # the same requests on both sides: most of the sizes' spread cancels
+    unpaired = ratio_interval([v[0] for v in system], [v[0] for v in baseline])
+    assert unpaired.high - unpaired.low > 2 * (found.high - found.low)
+    # No difference: the interval holds 1.
+    same = paired_ratio_interval(baseline, [[v[0] * rng.lognormal(0, 0.05)] for v in baseline], 90)
+    assert same.low <= 1 <= same.high and not same.is_separable
+
+
+def test_a_paired_interval_over_every_gap_of_the_drawn_requests():
+    from bench.bootstrap import paired_ratio_interval
+
+    baseline = [[0.05] * 10 for _ in range(20)]
+    system = [[0.1] * 10 for _ in range(20)]
+    assert paired_ratio_interval(system, baseline, 90) == RatioInterval(2.0, 2.0, 2.0)

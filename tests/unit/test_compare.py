@@ -1,23 +1,26 @@
-"""The comparison's arithmetic and outputs on small fixtures: workload cells from a trace, summary rows with SLO
-attainment against each system's own uncontended cell, goodput, the report's ratios, and every figure file."""
+"""The comparison's arithmetic and outputs on small fixtures: cells from a trace (a rate sweep sized by time and
+count), summary rows judged against one reference, goodput from the sweep, the report's ratios with intervals,
+raw cells that resume, and every figure file."""
 
 from __future__ import annotations
 
+import math
+import re
 from pathlib import Path
 
 import pytest
 
 from bench import plots, report
-from bench.compare import SystemRun, summarize
-from bench.load_generator import RequestRecord
+from bench.compare import RawCells, SystemRun, _commit_of, fit_reference_from, summarize
+from bench.load_generator import GeneratorStats, RequestRecord
 from bench.traces import TraceRequest, scale_trace, scaling_for_rate, write_splitwise_csv
 from bench.workloads import TRACE_FILES, Plan, TokenScaling
 
 
 def _trace(tmp_path: Path) -> Path:
-    # 40 requests, one every 0.5 s: a mean rate of 2 requests/s.
+    # 400 requests, one every 0.5 s: a mean rate of 2 requests/s; prompts of 100 to 4,090 tokens.
     requests = [TraceRequest(request_id=i, arrival_s=0.5 * i, prompt_tokens=100 + 10 * i, output_tokens=20)
-                for i in range(40)]
+                for i in range(400)]
     write_splitwise_csv(requests, tmp_path / TRACE_FILES["conv"])
     return tmp_path
 
@@ -34,92 +37,145 @@ def test_scaling_for_rate_replays_the_trace_at_the_asked_mean_rate():
         scaling_for_rate(requests, rate_per_s=5, duration_s=10)
 
 
-def test_plan_expands_into_uncontended_open_loop_and_anchor_cells(tmp_path):
-    plan = Plan(traces=("conv",), rates_per_s={"conv": (0.5, 1.0)}, duration_s=8, num_uncontended=3,
-                anchor_concurrencies=(1, 2), num_anchor_requests_per_user=2, traces_dir=_trace(tmp_path),
-                token_scaling={"conv": TokenScaling(prompt_scale=0.5, max_prompt_tokens=60, output_scale=1.0,
-                                                    max_output_tokens=10)})
-    cells = {cell.name: cell for cell in plan.workloads()}
-    assert list(cells) == ["uncontended-conv", "conv@0.5/s", "conv@1/s", "anchor-c1", "anchor-c2"]
-    assert [len(cells[name].requests) for name in cells] == [3, 4, 8, 2, 4]
-    assert cells["conv@1/s"].scaling.rate_factor == pytest.approx(0.5)
-    assert {r.prompt_tokens for r in cells["conv@1/s"].requests} <= set(range(50, 61))
-    assert {r.output_tokens for r in cells["conv@1/s"].requests} == {10}
-    # The uncontended cell is drawn from the loaded cells' own mix: first, middle and last of the busiest one.
-    loaded = cells["conv@1/s"].requests
-    assert [r.prompt_tokens for r in cells["uncontended-conv"].requests] == [
-        loaded[0].prompt_tokens, loaded[4].prompt_tokens, loaded[7].prompt_tokens]
+def _plan(tmp_path: Path, **update) -> Plan:
+    return Plan(**{"traces": ("conv",), "rates_per_s": {"conv": (0.5, 1.0, 2.0)}, "min_duration_s": 10,
+                   "min_requests": 10, "num_uncontended": 30, "anchor_concurrencies": (1, 2),
+                   "num_anchor_requests_per_user": 2, "traces_dir": _trace(tmp_path),
+                   "token_scaling": {"conv": TokenScaling(prompt_scale=0.5, max_prompt_tokens=600, output_scale=1.0,
+                                                          max_output_tokens=10)}, **update})
+
+
+def test_the_plan_sizes_each_rate_by_time_and_count_and_spans_sizes_in_the_uncontended_cell(tmp_path):
+    cells = {cell.name: cell for cell in _plan(tmp_path).workloads()}
+    assert list(cells) == ["uncontended-conv", "conv@0.5/s", "conv@1/s", "conv@2/s", "anchor-c1", "anchor-c2"]
+    # A cell lasts max(10 s, 10 requests / rate): 20 s at 0.5/s, 10 s at 1/s and at 2/s.
+    assert [len(cells[name].requests) for name in cells] == [30, 10, 10, 20, 2, 4]
+    assert cells["conv@2/s"].requests[-1].arrival_s < 10
+    # The uncontended requests are spread over the loaded cells' sizes, smallest to largest.
+    uncontended = [r.prompt_tokens for r in cells["uncontended-conv"].requests]
+    loaded = sorted(r.prompt_tokens for name in ("conv@0.5/s", "conv@1/s", "conv@2/s") for r in cells[name].requests)
+    assert uncontended == sorted(uncontended) and (uncontended[0], uncontended[-1]) == (loaded[0], loaded[-1])
     assert {(r.prompt_tokens, r.output_tokens) for r in cells["anchor-c2"].requests} == {(300, 32)}
 
 
-def _records(ttft_s: float, num: int, *, gap_s: float = 0.05, num_failed: int = 0) -> list[RequestRecord]:
-    records = [RequestRecord(request_id=i, arrival_s=float(i), start_s=float(i), prompt_tokens=100,
-                             output_tokens=5, ttft_s=ttft_s, tbt_s=[gap_s] * 4, e2e_s=ttft_s + 4 * gap_s)
-               for i in range(num)]
-    return records + [RequestRecord(request_id=num + i, arrival_s=0.0, start_s=0.0, prompt_tokens=0,
-                                    output_tokens=0, error="timeout") for i in range(num_failed)]
+def _records(cell, *, slowdown: float, num_failed: int = 0, gap_s: float = 0.02) -> list[RequestRecord]:
+    """Every request `slowdown` × a reference of 100 ms + 0.5 ms per prompt token to the first token."""
+    records = []
+    for request in cell.requests:
+        ttft = slowdown * (0.1 + 0.0005 * request.prompt_tokens)
+        gaps = [gap_s] * (request.output_tokens - 1)
+        records.append(RequestRecord(request_id=request.request_id, arrival_s=request.arrival_s,
+                                     start_s=request.arrival_s + 0.001, prompt_tokens=request.prompt_tokens,
+                                     output_tokens=request.output_tokens, ttft_s=ttft, tbt_s=gaps,
+                                     e2e_s=ttft + sum(gaps), workload=cell.name))
+    for record in records[:num_failed]:
+        record.error, record.ttft_s, record.e2e_s, record.tbt_s = "APIStatusError: 503", None, None, []
+    return records
 
 
 def _runs_and_cells(tmp_path):
-    cells = Plan(traces=("conv",), rates_per_s={"conv": (0.5, 1.0)}, duration_s=8, num_uncontended=3,
-                 anchor_concurrencies=(1, 2), traces_dir=_trace(tmp_path)).workloads()
-    baseline = SystemRun(name="collocated", description="", records={
-        "uncontended-conv": _records(0.2, 3), "conv@0.5/s": _records(0.3, 4), "conv@1/s": _records(0.35, 8),
-        "anchor-c1": _records(0.2, 3), "anchor-c2": _records(0.3, 6)})
-    split = SystemRun(name="splitserve", description="", records={
-        "uncontended-conv": _records(0.2, 3), "conv@0.5/s": _records(0.3, 4),
-        "conv@1/s": _records(1.0, 8, num_failed=2),  # TTFT 5× its uncontended P90: beyond 3×
-        "anchor-c1": _records(0.2, 3), "anchor-c2": _records(0.25, 6, gap_s=0.04)})
-    return [baseline, split], cells
+    cells = _plan(tmp_path).workloads()
+    by_name = {cell.name: cell for cell in cells}
+    slowdowns = {"collocated": {"conv@0.5/s": 1.1, "conv@1/s": 1.3, "conv@2/s": 4.0, "anchor-c2": 1.5},
+                 "splitserve": {"conv@0.5/s": 1.2, "conv@1/s": 2.2, "conv@2/s": 2.5, "anchor-c2": 1.2}}
+    runs = []
+    for system, by_cell in slowdowns.items():
+        run = SystemRun(name=system, description="")
+        for name, cell in by_name.items():
+            run.records[name] = _records(cell, slowdown=by_cell.get(name, 1.0), gap_s=0.02 if system ==
+                                         "collocated" else 0.016)
+        runs.append(run)
+    runs[1].records["conv@2/s"] = _records(by_name["conv@2/s"], slowdown=2.5, num_failed=4)
+    return runs, cells
 
 
-def test_summary_has_slo_attainment_against_each_systems_own_uncontended_cell_and_goodput(tmp_path):
+def test_every_system_is_judged_against_the_one_reference_and_goodput_is_interpolated(tmp_path):
     runs, cells = _runs_and_cells(tmp_path)
-    rows = {(row["system"], row["workload"]): row for row in summarize(runs, cells)}
-    assert rows["collocated", "conv@1/s"]["slo_attainment"] == 1.0
-    assert rows["collocated", "conv@1/s"]["goodput_req_s"] == 1.0
-    assert rows["splitserve", "conv@0.5/s"]["slo_attainment"] == 1.0
-    assert rows["splitserve", "conv@1/s"]["slo_attainment"] == 0.0
-    assert rows["splitserve", "conv@1/s"]["num_errors"] == 2
-    assert rows["splitserve", "conv@1/s"]["goodput_req_s"] == 0.5
+    reference = fit_reference_from(runs[0], cells, "abc")
+    assert reference.system == "collocated" and set(reference.fits) == {"conv", "all"}
+    assert reference.fits["conv"].ttft_s(300) == pytest.approx(0.25)
+    rows = {(row["system"], row["workload"]): row for row in summarize(runs, cells, reference)}
+    # TTFT slowdowns are the fixture's factors; TTFT bounds 2×/3×/6× and E2E 1.25×/1.5×/5× decide.
+    assert rows["collocated", "conv@0.5/s"]["slowdown_ttft_p50"] == pytest.approx(1.1)
+    assert rows["collocated", "conv@0.5/s"]["meets_slos"] is True
+    assert rows["collocated", "conv@1/s"]["meets_slos"] is True
+    assert rows["collocated", "conv@2/s"]["meets_slos"] is False
+    # splitserve: gaps 0.8× the reference's; at 1/s TTFT 2.2× misses P50's 2× (1.1), and E2E P50 1.4× misses
+    # its 1.25× by more (1.12), which is the margin; 4 failures of 20 miss every P90.
+    assert rows["splitserve", "conv@0.5/s"]["meets_slos"] is True
+    assert rows["splitserve", "conv@1/s"]["slowdown_ttft_p50"] == pytest.approx(2.2)
+    assert rows["splitserve", "conv@1/s"]["slo_margin"] == pytest.approx(1.4 / 1.25, rel=0.01)
+    assert math.isinf(rows["splitserve", "conv@2/s"]["slo_margin"])
+    assert rows["splitserve", "conv@2/s"]["num_errors"] == 4
+    # Goodput: collocated meets 0.5 and 1, misses 2: interpolated between them; splitserve between 0.5 and 1.
+    collocated = rows["collocated", "conv@1/s"]
+    assert collocated["goodput_kind"] == "interpolated" and 1.0 < collocated["goodput_req_s"] < 2.0
+    assert rows["splitserve", "conv@1/s"]["goodput_kind"] == "interpolated"
+    assert 0.5 < rows["splitserve", "conv@1/s"]["goodput_req_s"] < 1.0
     assert "goodput_req_s" not in rows["splitserve", "anchor-c2"]  # closed loop: no rate
-    assert rows["splitserve", "anchor-c2"]["tbt_p50_ms"] == 40.0
 
 
-def test_report_puts_ratios_against_the_baseline_side_by_side(tmp_path):
+def test_the_report_gives_every_ratio_an_interval_and_claims_only_separable_ones(tmp_path):
     runs, cells = _runs_and_cells(tmp_path)
-    rows = summarize(runs, cells)
-    table = report.main_table(rows, "collocated")
-    assert "| anchor-c2 | splitserve | 250 (0.83×) |" in table
-    assert "| conv@1/s | splitserve | 1,000 (2.86×) |" in table
-    goodput = report.goodput_table(rows)
-    assert "| collocated | 1 |" in goodput and "| splitserve | 0.5 |" in goodput
-    (finding,) = report.ahead_and_behind(rows, "collocated")
-    assert "TTFT p50 ms: better in 1/4" in finding
+    rows = summarize(runs, cells, fit_reference_from(runs[0], cells, "abc"))
+    table, ratios = report.latency_table(runs, cells, "collocated")
+    # 1.2 / 1.5 of the baseline's TTFT on the same requests: 0.8×, with nothing to spread it.
+    assert "| anchor-c2 | splitserve | 4 | 300 (0.80× [0.80–0.80]) |" in table
+    # The uncontended cells are the same on both sides: not separable.
+    assert "(1.00× [1.00–1.00], n.s.)" in table
+    assert "| conv@2/s | splitserve | 16 |" in table  # the failures are counted, not timed
+    margins = "\n".join(report.slo_section(rows))
+    assert re.search(r"\| collocated \| 0\.\d\d ✓ \| 0\.\d\d ✓ \| 2\.00 ✗ \| 1\.\d+ \|", margins), margins
+    assert re.search(r"\| splitserve \| 0\.\d\d ✓ \| 1\.12 ✗ \| ∞ ✗ \| 0\.\d+ \|", margins), margins
+    (finding, *per_cell) = report.findings(ratios)
+    assert finding.startswith("- **splitserve**: of ") and "not separable" in finding
+    assert any(line.startswith("  - anchor-c2: better TTFT p50 0.80×") for line in per_cell)
+
+
+def test_a_late_generator_is_flagged(tmp_path):
+    runs, cells = _runs_and_cells(tmp_path)
+    runs[1].records["conv@1/s"][3].start_s += 0.4  # left 400 ms after it was due
+    rows = summarize(runs, cells, None)
+    late = [row for row in rows if row["is_generator_late"]]
+    assert [(row["system"], row["workload"]) for row in late] == [("splitserve", "conv@1/s")]
+    assert "| conv@1/s | splitserve |" in "\n".join(report.generator_section(rows))
+
+
+def test_raw_cells_resume_at_the_same_commit_only(tmp_path):
+    runs, cells = _runs_and_cells(tmp_path)
+    raw = RawCells(tmp_path / "raw")
+    stats = GeneratorStats(wall_s=20.0, cpu_s=1.5, nice=-10)
+    raw.save("splitserve", "conv@1/s", 0, runs[1].records["conv@1/s"], stats, "abc")
+    assert raw.is_done("splitserve", "conv@1/s", 0, "abc")
+    assert not raw.is_done("splitserve", "conv@1/s", 0, "def") and not raw.is_done("splitserve", "conv@1/s", 1, "abc")
+    records, loaded_stats = raw.load("splitserve", "conv@1/s", 0)
+    assert records == runs[1].records["conv@1/s"] and loaded_stats == stats
+    assert _commit_of(raw, ["splitserve"], cells, 1) == "abc"
+    raw.save("collocated", "conv@1/s", 0, runs[0].records["conv@1/s"], stats, "def")
+    with pytest.raises(SystemExit, match="one commit"):
+        _commit_of(raw, ["splitserve", "collocated"], cells, 1)
 
 
 def test_every_figure_is_written(tmp_path):
     runs, cells = _runs_and_cells(tmp_path)
-    runs[1].records["conv@1/s"][0].prefill_s = 0.6
-    runs[1].records["conv@1/s"][0].first_chunk_s = 0.3
-    runs[1].records["conv@1/s"][0].prefill_engine_id = "prefill-0-ab"
-    figures = plots.draw_all(runs, cells, summarize(runs, cells), tmp_path)
+    record = runs[1].records["conv@2/s"][-1]
+    record.prefill_s, record.first_chunk_s, record.prefill_engine_id = 0.6, 0.3, "prefill-0-ab"
+    figures = plots.draw_all(runs, cells, summarize(runs, cells, fit_reference_from(runs[0], cells, "abc")), tmp_path)
     names = [name for _, name in figures]
-    assert names == ["latency_vs_load_conv.png", "cdf_conv_0_5rps.png", "cdf_conv_1rps.png",
-                     "cdf_anchor-c1.png", "cdf_anchor-c2.png", "timeline_conv_1rps.png",
-                     "timeline_anchor-c2.png"]
+    assert names == ["latency_vs_load_conv.png", "cdf_conv_0_5rps.png", "cdf_conv_1rps.png", "cdf_conv_2rps.png",
+                     "cdf_anchor-c1.png", "cdf_anchor-c2.png", "timeline_conv_2rps.png", "timeline_anchor-c2.png"]
     for name in names:
         assert (tmp_path / name).stat().st_size > 5000
 
 
 def test_poisson_arrivals_and_a_trace_file_of_ones_own(tmp_path):
     own = _trace(tmp_path) / TRACE_FILES["conv"]
-    plan = Plan(traces=(str(own),), arrivals="poisson", rates_per_s={own.stem: (2.0,)}, duration_s=10,
-                anchor_concurrencies=())
+    plan = Plan(traces=(str(own),), arrivals="poisson", rates_per_s={own.stem: (2.0,)}, min_duration_s=10,
+                min_requests=5, anchor_concurrencies=())
     uncontended, loaded = plan.workloads()
     assert (uncontended.trace, loaded.name, len(loaded.requests)) == (own.stem, f"{own.stem}@2/s", 20)
     gaps = [b.arrival_s - a.arrival_s for a, b in zip(loaded.requests, loaded.requests[1:])]
     assert len(set(round(gap, 6) for gap in gaps)) > 10  # exponential gaps, not the trace's even 0.5 s
-    assert {r.prompt_tokens for r in loaded.requests} <= {100 + 10 * i for i in range(40)}  # sizes kept
+    assert {r.prompt_tokens for r in loaded.requests} <= {min(1536, 100 + 10 * i) for i in range(400)}  # sizes kept
     with pytest.raises(ValueError, match="neither"):
         Plan(traces=("no-such-trace",)).workloads()

@@ -1,5 +1,6 @@
 """The load generator against a tiny OpenAI-style streaming server (a fake for this one piece): open-loop
-arrivals, token timing, errors recorded, runs bounded, loopback only."""
+arrivals that leave on schedule while the server stalls, latencies counted from the scheduled arrival, token
+timing, errors recorded, runs bounded, its own process, loopback only."""
 
 from __future__ import annotations
 
@@ -12,11 +13,24 @@ import pytest
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from bench.load_generator import RequestRecord, check_loopback, read_server_timing, run_closed_loop, run_trace
+from bench.load_generator import (
+    GENERATOR_NICE,
+    MAX_SEND_LAG_P99_S,
+    CellRunner,
+    RequestRecord,
+    _client,
+    _one,
+    check_loopback,
+    read_server_timing,
+    run_closed_loop,
+    run_trace,
+    send_lag_summary,
+)
 from bench.processes import free_port
 from bench.traces import TraceRequest
 
 TOKEN_GAP_S = 0.05
+STALL_S = 1.0
 
 
 def _fake_server(port: int):
@@ -27,6 +41,8 @@ def _fake_server(port: int):
     @app.post("/v1/completions")
     async def completions(request: Request):
         body = await request.json()
+        if body["prompt"].startswith("stall"):  # a server that holds the request before it answers at all
+            await asyncio.sleep(STALL_S)
         if body["model"] != "fake":
             return JSONResponse({"error": {"message": "no such model", "type": "NotFoundError", "param": None,
                                            "code": 404}}, status_code=404)
@@ -116,13 +132,13 @@ def test_closed_loop_keeps_exactly_concurrency_requests_in_flight(base_url):
     assert [record.request_id for record in records] == list(range(6))
     assert all(record.is_ok for record in records)
     # Each user sends its next request when its last one ends: at any instant at most two are running.
-    events = sorted([(r.start_s, 1) for r in records] + [(r.start_s + r.e2e_s, -1) for r in records])
+    events = sorted([(r.start_s, 1) for r in records] + [(r.arrival_s + r.e2e_s, -1) for r in records])
     running, most = 0, 0
     for _, change in events:
         running += change
         most = max(most, running)
     assert most == 2
-    span = max(r.start_s + r.e2e_s for r in records)
+    span = max(r.arrival_s + r.e2e_s for r in records)
     assert span == pytest.approx(3 * records[0].e2e_s, rel=0.5)  # 6 requests, 2 at a time: 3 rounds
 
 
@@ -147,3 +163,43 @@ def test_a_chunk_of_several_tokens_counts_as_that_many_gaps(base_url):
     assert record.is_ok and record.output_tokens == 8
     assert len(record.tbt_s) == 6
     assert record.tbt_s == pytest.approx([TOKEN_GAP_S] * 6, abs=0.02)
+
+
+def test_requests_leave_on_schedule_while_the_server_stalls_and_latency_counts_from_arrival(base_url):
+    # Twelve requests 50 ms apart; the first six find a server that holds them for a second.
+    arrivals = [0.05 * i for i in range(12)]
+    prompts = ["stall"] * 6 + ["go"] * 6
+    records = asyncio.run(run_trace(base_url=base_url, model="fake", requests=_requests(arrivals), prompts=prompts))
+    assert all(record.is_ok for record in records), [record.error for record in records]
+    assert send_lag_summary(records)["send_lag_p99_ms"] <= MAX_SEND_LAG_P99_S * 1e3
+    for record in records[:6]:
+        assert record.ttft_s >= STALL_S
+    for record in records[6:]:
+        assert record.ttft_s < STALL_S / 2  # not queued behind the stalled ones on the client side
+
+
+def test_a_request_that_leaves_late_is_timed_from_when_it_was_due(base_url):
+    async def late() -> RequestRecord:
+        client = _client(base_url, 30)
+        now = time.perf_counter()
+        # Due half a second ago (as if the generator had been starved): the user has waited that long already.
+        record = await _one(client, "fake", _requests([0.0])[0], "go", now - 0.5, now - 0.5, 30)
+        await client.close()
+        return record
+
+    record = asyncio.run(late())
+    assert record.send_lag_s == pytest.approx(0.5, abs=0.05)
+    assert record.ttft_s == pytest.approx(record.ttft_send_s + record.send_lag_s)
+    assert record.ttft_s >= 0.5 + TOKEN_GAP_S * 0.8
+    assert record.e2e_s - record.e2e_send_s == pytest.approx(0.5, abs=0.05)
+
+
+def test_cells_run_in_the_generators_own_process(base_url):
+    with CellRunner() as runner:
+        records, stats = runner.run("open", base_url=base_url, model="fake", requests=_requests([0.0, 0.1]),
+                                    prompts=["go", "go"], is_progress_shown=False)
+        again, _ = runner.run("closed", base_url=base_url, model="fake", requests=_requests([0.0, 0.0]),
+                              prompts=["go", "go"], concurrency=1, is_progress_shown=False)
+    assert [record.is_ok for record in records + again] == [True] * 4
+    assert stats.cpu_s > 0 and stats.wall_s >= 0.1
+    assert stats.nice in (GENERATOR_NICE, 0)  # raised where the OS allowed it

@@ -1,4 +1,5 @@
-"""The benchmark's CSV formats: per-request rows round-trip; summary.csv has the percentiles, throughput and SLOs."""
+"""The benchmark's CSV formats: per-request rows round-trip; summary.csv has the percentiles, the send lag,
+throughput, and the slowdowns against the reference with the SLO verdict."""
 
 from __future__ import annotations
 
@@ -7,20 +8,15 @@ import csv
 import pytest
 
 from bench.load_generator import RequestRecord
-from bench.result_files import (
-    REQUEST_FIELDS,
-    latencies,
-    read_requests_csv,
-    summary_row,
-    write_requests_csv,
-    write_summary_csv,
-)
-from bench.slo import slo_bounds
+from bench.load_generator import GeneratorStats
+from bench.result_files import REQUEST_FIELDS, read_requests_csv, summary_row, write_requests_csv, write_summary_csv
+from bench.slo import LinearFit, ReferenceFit
 
 
 def _records() -> list[RequestRecord]:
-    ok = [RequestRecord(request_id=i, arrival_s=0.5 * i, start_s=0.5 * i + 0.001, prompt_tokens=300,
-                        output_tokens=3, ttft_s=0.1 * (i + 1), tbt_s=[0.02, 0.03], e2e_s=0.1 * (i + 1) + 0.05)
+    ok = [RequestRecord(request_id=i, arrival_s=0.5 * i, start_s=0.5 * i + 0.001 * (i + 1), prompt_tokens=300,
+                        output_tokens=3, ttft_s=0.1 * (i + 1), tbt_s=[0.02, 0.03], e2e_s=0.1 * (i + 1) + 0.05,
+                        repeat=1)
           for i in range(4)]
     failed = RequestRecord(request_id=4, arrival_s=2.0, start_s=2.0, prompt_tokens=0, output_tokens=0,
                            error="APIStatusError: 503")
@@ -34,21 +30,30 @@ def test_per_request_rows_round_trip_with_every_token_gap(tmp_path):
     assert read_requests_csv(path) == _records()
 
 
-def test_summary_has_percentiles_throughput_and_slos(tmp_path):
+def _fit() -> ReferenceFit:
+    # The reference: 100 ms to the first token and 20 ms between tokens, whatever the size.
+    return ReferenceFit(num_requests=30, ttft=LinearFit(intercept_s=0.1, slope_s=0, floor_s=0.1, median_abs_error=0),
+                        tpot=LinearFit(intercept_s=0.02, slope_s=0, floor_s=0.02, median_abs_error=0))
+
+
+def test_summary_has_percentiles_send_lag_throughput_and_slowdowns(tmp_path):
     records = _records()
-    bounds = slo_bounds(latencies(records[:1]))  # as if request 0 had been the uncontended run
-    row = summary_row("splitserve-object_store", records, duration_s=2.0, bounds=bounds)
+    row = summary_row("splitserve-object_store", records, duration_s=2.0, fit=_fit(),
+                      generator=[GeneratorStats(wall_s=3.0, cpu_s=0.25, nice=-10)])
     assert (row["num_requests"], row["num_errors"]) == (5, 1)
     assert row["throughput_req_s"] == 2.0 and row["throughput_tok_s"] == 6.0
     assert row["ttft_p50_ms"] == pytest.approx(250.0)
+    assert row["ttft_send_p50_ms"] == pytest.approx(250.0 - 2.5)  # lags of 1-4 ms, from the arrival
     assert row["tbt_p50_ms"] == pytest.approx(25.0)
     assert row["tpot_p50_ms"] == pytest.approx(25.0)
-    # P90 bounds: TTFT 3 × 100 ms holds for requests 0-2, and each one's TPOT (25 ms) is within 1.5 × its P90 gap;
-    # request 3 is too slow to its first token; the failed request never attains.
-    assert row["slo_attainment"] == pytest.approx(3 / 5)
-    assert row["meets_slos"] is False
+    assert (row["send_lag_max_ms"], row["is_generator_late"]) == (4.0, False)
+    assert (row["generator_cpu_s"], row["generator_nice"]) == (0.25, -10)
+    # TTFT slowdowns 1, 2, 3, 4 and a miss: P50 3 (within 2×? no). TBT 1.25 each (25 ms over 20 ms).
+    assert (row["slowdown_ttft_p50"], row["slowdown_ttft_p90"]) == (3.0, float("inf"))
+    assert row["slowdown_tbt_p50"] == 1.25
+    assert row["slo_margin"] == float("inf") and row["meets_slos"] is False
 
     write_summary_csv([row, summary_row("collocated", records[:2], duration_s=1.0)], tmp_path / "summary.csv")
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
     assert [r["system"] for r in rows] == ["splitserve-object_store", "collocated"]
-    assert rows[1]["slo_attainment"] == ""  # no uncontended run given: no SLO columns for it
+    assert rows[1]["slo_margin"] == ""  # no reference given: no SLO columns for it

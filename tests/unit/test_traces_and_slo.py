@@ -1,10 +1,9 @@
-"""Trace reading, scaling and synthesis, and the percentile/SLO/goodput arithmetic, on small fixtures."""
+"""Trace reading, scaling and synthesis, on small fixtures (the SLO arithmetic: tests/unit/test_slo.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from bench.slo import RequestLatency, goodput, latency_percentiles, meets_slos, slo_attainment, slo_bounds
 from bench.traces import Scaling, TraceRequest, poisson_trace, read_trace, scale_trace, write_splitwise_csv
 
 AZURE_FIXTURE = """TIMESTAMP,ContextTokens,GeneratedTokens
@@ -65,32 +64,3 @@ def test_poisson_arrivals_have_the_asked_rate_and_sizes_from_the_source():
     assert len(trace) / trace[-1].arrival_s == pytest.approx(4.0, rel=0.1)
     assert {(r.prompt_tokens, r.output_tokens) for r in trace} == {(300, 32), (900, 8)}
     assert poisson_trace(rate_per_s=4.0, num_requests=2000, sizes_from=sizes, seed=1) == trace  # reproducible
-
-
-def _run(ttfts: list[float], gap: float, e2es: list[float]) -> list[RequestLatency]:
-    return [RequestLatency(ttft_s=t, tbt_s=(gap, gap), e2e_s=e) for t, e in zip(ttfts, e2es, strict=True)]
-
-
-def test_percentiles_and_splitwise_bounds():
-    uncontended = _run([1.0] * 10, 0.05, [2.0] * 10)
-    bounds = slo_bounds(uncontended)
-    assert bounds["ttft"] == {50: 2.0, 90: 3.0, 99: 6.0}
-    assert bounds["tbt"] == {50: pytest.approx(0.0625), 90: pytest.approx(0.075), 99: pytest.approx(0.25)}
-    assert bounds["e2e"] == {50: 2.5, 90: 3.0, 99: 10.0}
-    assert latency_percentiles(_run([1, 2, 3, 4, 5], 0.05, [1] * 5))["ttft"][50] == 3.0
-
-
-def test_slo_attainment_meets_and_goodput():
-    bounds = slo_bounds(_run([1.0] * 10, 0.05, [2.0] * 10))
-    light = _run([1.5] * 10, 0.06, [2.4] * 10)
-    heavy = _run([1.5] * 8 + [4.0, 9.0], 0.06, [2.4] * 8 + [5.0, 11.0])  # 2 of 10 miss the P90 bounds
-    assert meets_slos(light, bounds) and slo_attainment(light, bounds) == 1.0
-    assert not meets_slos(heavy, bounds) and slo_attainment(heavy, bounds) == 0.8
-    # A long answer at a good pace attains, though its E2E is beyond the bound taken from shorter ones.
-    long_answer = [RequestLatency(ttft_s=1.0, tbt_s=(0.05,) * 200, e2e_s=11.0)]
-    assert slo_attainment(long_answer, bounds) == 1.0
-    # Tokens delivered in bursts: gaps of 0 and 0.2 s average to 0.1 s per token, beyond 1.5 × 0.05.
-    bursty = [RequestLatency(ttft_s=1.0, tbt_s=(0.0, 0.2) * 5, e2e_s=2.0)]
-    assert slo_attainment(bursty, bounds) == 0.0
-    assert goodput({0.5: 1.0, 1.0: 0.95, 2.0: 0.8}) == 1.0
-    assert goodput({2.0: 0.5}) is None

