@@ -274,6 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         write_requests_csv([record for records in run.records.values() for record in records],
                            args.out / f"requests_{name}.csv")
 
+    finished = sorted(meta["finished_at"] for name in systems for cell in cells for repeat in range(args.repeats)
+                      if (meta := raw.meta(name, cell.name, repeat)) is not None and meta["commit"] == commit)
     reference = _reference(runs, cells, commit, args)
     if reference is not None:
         (args.out / "reference.json").write_text(reference.model_dump_json(indent=1))
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> None:
     write_summary_csv(rows, args.out / "summary.csv")
     meta = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(began)),
             "wall_s": round(time.time() - began, 1), **origin, "measured_commit": commit,
+            "cells_finished_between": [finished[0], finished[-1]] if finished else None,
             "model": config.model.served_name, "baseline": BASELINE, "repeats": args.repeats,
             "request_timeout_s": REQUEST_TIMEOUT_S, "is_report_only": args.report_only,
             "plan": json.loads(plan.model_dump_json(exclude={"traces_dir"})),

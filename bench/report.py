@@ -225,11 +225,13 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
     else:
         freshness = "No measured file (app, config, pins, the benchmark's client and arithmetic) changed since."
     dirty = " with uncommitted changes" if meta["is_dirty"] else ""
+    window = meta.get("cells_finished_between")
+    when = f" Its cells finished between {window[0]} and {window[1]}." if window else ""
     lines = [f"# Comparison, {meta['started_at']}", "",
-             f"Measured at commit `{meta['commit']}`{dirty}. {freshness}", "",
+             f"Measured at commit `{meta['commit']}`{dirty}.{when} {freshness}", "",
              f"Model {meta['model']} on {host['num_cores']} cores ({host['cpu']}, {host['memory_gib']} GiB); "
              + ", ".join(f"{package} {found}" for package, found in versions.items())
-             + f". Wall clock {meta['wall_s'] / 60:.1f} min; {meta['repeats']} run(s) of every cell. Latencies count "
+             + f". This invocation took {meta['wall_s'] / 60:.1f} min; {meta['repeats']} run(s) of every cell. Latencies count "
              "from each request's scheduled arrival (the send-time view is in summary.csv). Ratios are against "
              f"**{meta['baseline']}** in the same cell, on the same requests, with paired bootstrap 95% intervals; "
              "below 1 is better.", "", "## Systems", "", "| system | what | start-up s | status |",
