@@ -1,56 +1,106 @@
-"""Transfer microbenchmark: bytes/s of each KV path for KV sizes of 1 to 64 MB, as ratios to a memory copy
-measured in the same run (the ceiling for any CPU-staged path).
+"""Transfer microbenchmark: bytes/s of each KV path for KV sizes of 1 to 64 MB, as ratios to a memory copy of the
+same size measured in the same run (the ceiling for any CPU-staged path).
+
+Life cycle of one run:
+1. Start a 2-CPU Ray instance and warm its object store (unless `--cold-object-store`).
+2. For each size, measure memcpy `--memcpy-repeats` times, then every other path `--repeats` times. Every timed
+   repeat starts from a flushed cache (`CacheFlusher`): KV that crosses between engines is not cache-resident, and
+   this host's last-level cache (260 MiB here) would otherwise hold every size measured.
+3. Per path and size: the median and p10-p90 over the repeats, and the ratio of memcpy's median to the path's with
+   a 95% bootstrap interval (`bench.bootstrap.ratio_interval`), so a ratio's noise is visible next to it.
+4. Write transfer.csv and report.md (command, date, measured commit, then the table) under --out; print the table.
+5. Shut Ray down: the actors (and their NIXL agents) end with it.
 
 Paths:
-- memcpy: one numpy copy between preallocated buffers, rotated through a 256 MB pool so caches do not flatter it;
+- memcpy: one numpy copy between two preallocated buffers;
 - object_store: our transport as the connector uses it. This process plays prefill (open, then one `ray.put`
   per layer, 30 layers; object_store_one_send: all layers in one object); a Ray actor in another process plays
   decode (claim, map, copy into its own preallocated blocks, release). Timed from open to the receiver's copy
   being done. The object store is warm, as in a server that has run for a while: its pages were written and
-  read once before timing, since a first touch of shared memory costs more than the copy
-  (`--cold-object-store` skips that);
-- nixl: two NIXL agents (UCX, no progress thread) in this process, one READing the other's registered DRAM
-  straight into its own buffer: a single copy.
+  read once before timing, since a first touch of shared memory costs more than the copy;
+- nixl (only where NIXL is installed): the app's shape. A Ray actor in another process plays prefill: its NIXL
+  agent (UCX, no progress thread) owns 30 registered DRAM layers and polls its notifications, as prefill's engine
+  loop does. This process plays decode: it loads prefill's agent metadata and layer addresses (the handshake
+  vLLM's NixlConnector does over its side channel), prepares both descriptor lists once (one descriptor per
+  128-token block of K or V of a layer), and per transfer makes and posts one READ of every block straight into
+  its own registered layers, then polls until it sees the READ done. Timed from making the READ to seeing it
+  done. Prefill's polling is not optional: with no progress thread, a READ between two processes stays in
+  progress until prefill's agent is polled;
+- nixl_one_process: the same two agents and descriptors in this one process (the reader also polls the source's
+  notifications). Not how the app runs; kept because UCX may pick another transport within a process, so the gap
+  between the two rows shows how much the process boundary costs.
 
-    python -m bench.transfer_bench [--sizes-mb 1 2 4 8 16 32 64] [--repeats 5] [--out bench/results/transfer]
-
-Writes transfer.csv (every size and path) and report.md (the command, then the table) under --out, and prints
-the table.
+    python -m bench.transfer_bench [--sizes-mb 1 2 4 8 16 32 64] [--repeats 15] [--memcpy-repeats 51]
+                                   [--out bench/results/transfer] [--cold-object-store]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
-import statistics
+import importlib.util
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray
 from tqdm import tqdm
 
+from bench.bootstrap import ratio_interval
 from bench.result_files import measured_commit
 
 NUM_LAYERS = 30
-POOL_BYTES = 256 << 20
 OBJECT_STORE_BYTES = 1 << 30
 WARM_UP_OBJECT_BYTES = 64 << 20
+# The default model's KV block of one layer, K or V apart: 128 tokens (vLLM's CPU block size) x 3 KV heads x 64
+# dims x 4 bytes (float32). vLLM's NixlConnector posts one descriptor per such block.
+NIXL_BLOCK_BYTES = 128 * 3 * 64 * 4
+NIXL_TIMEOUT_S = 60.0
+FALLBACK_LAST_LEVEL_CACHE_BYTES = 256 << 20
+CACHE_LINE_BYTES = 64
+PERCENTILES = (10, 50, 90)
+
+Measure = Callable[[int, int, Callable[[], None]], list[float]]
 
 
-def measure_memcpy(nbytes: int, repeats: int) -> list[float]:
-    count = max(2, POOL_BYTES // nbytes)
-    sources = [np.random.default_rng(i).integers(0, 255, nbytes, dtype=np.uint8) for i in range(count)]
-    targets = [np.ones(nbytes, dtype=np.uint8) for _ in range(count)]  # written once: no page faults timed
+class CacheFlusher:
+    """Evicts the caches before a timed repeat by reading a buffer twice the size of the last-level cache.
+    It reads one byte per cache line of memory written once at start: reads leave clean lines, so the timed copy
+    never pays for writing the flush buffer back."""
+
+    def __init__(self, cache_bytes: int | None = None):
+        size = 2 * (cache_bytes or last_level_cache_bytes())
+        self._lines = np.ones(size, dtype=np.uint8)[::CACHE_LINE_BYTES]  # ones, not zeros: zeros map one shared page
+
+    def __call__(self) -> None:
+        self._lines.max()
+
+
+def last_level_cache_bytes() -> int:
+    """The largest cache that CPU 0 reports (Linux sysfs), or 256 MiB where none is reported."""
+    sizes = []
+    for size_file in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = size_file.read_text().strip()
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text))
+    return max(sizes, default=FALLBACK_LAST_LEVEL_CACHE_BYTES)
+
+
+def measure_memcpy(nbytes: int, repeats: int, flush: Callable[[], None]) -> list[float]:
+    source = np.ones(nbytes, dtype=np.uint8)
+    target = np.ones(nbytes, dtype=np.uint8)  # written once: no page faults timed
     seconds = []
-    for repeat in range(repeats + 1):
-        index = repeat % count
+    for _ in range(repeats):
+        flush()
         started = time.perf_counter()
-        np.copyto(targets[index], sources[index])
+        np.copyto(target, source)
         seconds.append(time.perf_counter() - started)
-    return seconds[1:]  # the first copy pays page faults on fresh memory
+    return seconds
 
 
 @ray.remote(num_cpus=0)
@@ -95,7 +145,8 @@ def warm_object_store() -> None:
     ray.kill(reader)
 
 
-def measure_object_store(nbytes: int, repeats: int, is_layer_by_layer: bool = True) -> list[float]:
+def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None],
+                         is_layer_by_layer: bool = True) -> list[float]:
     from kv_transfer.layout import KVLayout
     from kv_transfer.object_store.store import create_store
     from kv_transfer.object_store.transport import ObjectStoreTransport
@@ -110,6 +161,7 @@ def measure_object_store(nbytes: int, repeats: int, is_layer_by_layer: bool = Tr
     seconds = []
     for repeat in range(repeats + 1):
         key = f"bench-{repeat}"
+        flush()
         started = time.perf_counter()
         ticket = transport.open(key, layout)
         done = receiver.receive.remote(key)  # decode asks while prefill is still sending, as in the app
@@ -122,70 +174,234 @@ def measure_object_store(nbytes: int, repeats: int, is_layer_by_layer: bool = Tr
         seconds.append(finished - started)
     ray.kill(receiver)
     ray.kill(store)
+    return seconds[1:]  # the first transfer pays the actors' first calls
+
+
+def new_nixl_agent(role: str) -> Any:
+    """A NIXL agent as the app builds one: UCX, no progress thread (it would busy-poll a core per agent)."""
+    from nixl._api import nixl_agent, nixl_agent_config
+
+    return nixl_agent(f"bench-{role}-{uuid.uuid4().hex[:8]}",
+                      nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+
+
+def layer_pattern(layer: int, layer_bytes: int) -> np.ndarray:
+    """The bytes prefill's layer `layer` holds: distinct per layer, so a READ of the wrong block is caught."""
+    return np.random.default_rng(layer).integers(0, 255, layer_bytes, dtype=np.uint8)
+
+
+def block_descriptors(layer_addresses: Sequence[int], layer_bytes: int) -> np.ndarray:
+    """NIXL's (address, length, device) rows: every layer cut into NIXL_BLOCK_BYTES blocks (the last one shorter)."""
+    offsets = np.arange(0, layer_bytes, NIXL_BLOCK_BYTES, dtype=np.uint64)
+    lengths = np.minimum(NIXL_BLOCK_BYTES, layer_bytes - offsets)
+    rows = [np.stack([address + offsets, lengths, np.zeros_like(offsets)], axis=1) for address in layer_addresses]
+    return np.concatenate(rows).astype(np.uint64)
+
+
+@dataclass(frozen=True)
+class NixlHandshake:
+    """What prefill hands decode before any READ: its agent's metadata (taken after registering, so it carries the
+    memory keys) and where its layers are. vLLM's NixlAgentMetadata, reduced to what this READ needs."""
+
+    agent_metadata: bytes
+    layer_addresses: list[int]
+    layer_bytes: int
+
+
+class NixlSource:
+    """Prefill's side: 30 registered DRAM layers holding `layer_pattern` bytes, and the notifications decode's READs
+    send when done (what lets prefill free its blocks in the app)."""
+
+    def __init__(self, layer_bytes: int):
+        self._agent = new_nixl_agent("prefill")
+        self._layers = [layer_pattern(layer, layer_bytes) for layer in range(NUM_LAYERS)]
+        self._registration = self._agent.register_memory(
+            [(layer.ctypes.data, layer.nbytes, 0, "") for layer in self._layers], "DRAM")
+        self._layer_bytes = layer_bytes
+
+    def handshake(self) -> NixlHandshake:
+        return NixlHandshake(self._agent.get_agent_metadata(), [layer.ctypes.data for layer in self._layers],
+                             self._layer_bytes)
+
+    def poll_notifications(self) -> int:
+        return sum(len(messages) for messages in self._agent.get_new_notifs().values())
+
+    def serve_reads(self, count: int, timeout_s: float) -> int:
+        """Poll notifications until `count` READs have reported done (or the deadline), as prefill's engine loop
+        polls every step; here nothing runs between polls, the best case. Returns the number seen."""
+        seen, deadline = 0, time.monotonic() + timeout_s
+        while seen < count and time.monotonic() < deadline:
+            seen += self.poll_notifications()
+        return seen
+
+    def close(self) -> None:
+        self._agent.deregister_memory(self._registration)
+
+
+NixlSourceActor = ray.remote(num_cpus=0)(NixlSource)
+
+
+class NixlReader:
+    """Decode's side: its own registered layers, prefill's agent loaded from the handshake, and both descriptor
+    lists prepared once (vLLM does this at the handshake too), so a transfer only makes and posts the READ."""
+
+    def __init__(self, handshake: NixlHandshake):
+        self._agent = new_nixl_agent("decode")
+        self._layer_bytes = handshake.layer_bytes
+        self.layers = [np.zeros(handshake.layer_bytes, dtype=np.uint8) for _ in range(NUM_LAYERS)]
+        addresses = [layer.ctypes.data for layer in self.layers]
+        self._registration = self._agent.register_memory(
+            [(address, handshake.layer_bytes, 0, "") for address in addresses], "DRAM")
+        self._remote = self._agent.add_remote_agent(handshake.agent_metadata)
+        local = block_descriptors(addresses, handshake.layer_bytes)
+        self._local_side = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, "DRAM")
+        self._remote_side = self._agent.prep_xfer_dlist(
+            self._remote, block_descriptors(handshake.layer_addresses, handshake.layer_bytes), "DRAM")
+        self._indices = np.arange(len(local), dtype=np.int32)
+
+    def read(self, notification: bytes, poll_source: Callable[[], Any] | None = None) -> float:
+        """READ every block of prefill's layers into ours and poll until done; returns the seconds from making the
+        READ to seeing it done. `poll_source` progresses a source agent in this same process (it has no thread)."""
+        started = time.perf_counter()
+        handle = self._agent.make_prepped_xfer("READ", self._local_side, self._indices, self._remote_side,
+                                               self._indices, notif_msg=notification)
+        try:
+            state, deadline = self._agent.transfer(handle), time.monotonic() + NIXL_TIMEOUT_S
+            while state == "PROC" and time.monotonic() < deadline:
+                state = self._agent.check_xfer_state(handle)
+                if poll_source is not None:
+                    poll_source()
+            elapsed = time.perf_counter() - started
+        finally:
+            self._agent.release_xfer_handle(handle)
+        if state != "DONE":
+            raise RuntimeError(f"NIXL READ ended in state {state}")
+        return elapsed
+
+    def check_layers(self) -> None:
+        for layer, received in enumerate(self.layers):
+            if not np.array_equal(received, layer_pattern(layer, self._layer_bytes)):
+                raise RuntimeError(f"NIXL READ completed but layer {layer}'s bytes differ")
+
+    def close(self) -> None:
+        self._local_side.release()
+        self._remote_side.release()
+        self._agent.remove_remote_agent(self._remote)
+        self._agent.deregister_memory(self._registration)
+
+
+def measure_nixl(nbytes: int, repeats: int, flush: Callable[[], None]) -> list[float]:
+    """Prefill's agent in a Ray actor (another process), decode's here: the app's shape."""
+    source = NixlSourceActor.remote(nbytes // NUM_LAYERS)
+    try:
+        reader = NixlReader(ray.get(source.handshake.remote()))
+        try:
+            served = source.serve_reads.remote(repeats + 1, NIXL_TIMEOUT_S * (repeats + 1))
+            seconds = []
+            for repeat in range(repeats + 1):
+                flush()
+                seconds.append(reader.read(f"bench-{repeat}".encode()))
+            if (seen := ray.get(served)) != repeats + 1:
+                raise RuntimeError(f"prefill saw {seen} of {repeats + 1} READs' notifications")
+            reader.check_layers()
+        finally:
+            reader.close()
+        ray.get(source.close.remote())
+    finally:
+        ray.kill(source)
+    return seconds[1:]  # the first READ pays UCX's connection set-up
+
+
+def measure_nixl_one_process(nbytes: int, repeats: int, flush: Callable[[], None]) -> list[float]:
+    source = NixlSource(nbytes // NUM_LAYERS)
+    reader = NixlReader(source.handshake())
+    try:
+        seconds = []
+        for repeat in range(repeats + 1):
+            flush()
+            seconds.append(reader.read(f"bench-{repeat}".encode(), poll_source=source.poll_notifications))
+        reader.check_layers()
+    finally:
+        reader.close()
+        source.close()
     return seconds[1:]
 
 
-def measure_nixl(nbytes: int, repeats: int) -> list[float]:
-    from kv_transfer.nixl.probe import loopback_reader
+def paths() -> dict[str, Measure]:
+    """The KV paths to measure after memcpy; the NIXL ones only where NIXL is installed (it is optional)."""
+    measures: dict[str, Measure] = {
+        "object_store": measure_object_store,
+        "object_store_one_send": lambda nbytes, repeats, flush: measure_object_store(nbytes, repeats, flush,
+                                                                                   is_layer_by_layer=False),
+    }
+    if importlib.util.find_spec("nixl") is not None:
+        measures |= {"nixl": measure_nixl, "nixl_one_process": measure_nixl_one_process}
+    return measures
 
-    seconds = []
-    with loopback_reader(nbytes, "bench") as read:
-        for _ in range(repeats + 1):
-            started = time.perf_counter()
-            read(30)
-            seconds.append(time.perf_counter() - started)
-    return seconds[1:]
+
+def summarize(size_mb: int, path: str, nbytes: int, seconds: list[float], memcpy_seconds: list[float]) -> dict:
+    """One CSV row: the path's median and p10-p90 over repeats, and memcpy's median over the path's with its 95%
+    bootstrap interval (1 for memcpy itself)."""
+    p10, median, p90 = np.percentile(seconds, PERCENTILES)
+    ratio = ratio_interval(memcpy_seconds, seconds)
+    return {"size_mb": size_mb, "path": path, "repeats": len(seconds), "median_ms": round(median * 1e3, 3),
+            "p10_ms": round(p10 * 1e3, 3), "p90_ms": round(p90 * 1e3, 3), "gb_per_s": round(nbytes / median / 1e9, 3),
+            "ratio_to_memcpy": round(ratio.ratio, 3), "ratio_low": round(ratio.low, 3),
+            "ratio_high": round(ratio.high, 3)}
 
 
-PATHS = {
-    "memcpy": measure_memcpy,
-    "object_store": measure_object_store,
-    "object_store_one_send": lambda nbytes, repeats: measure_object_store(nbytes, repeats, is_layer_by_layer=False),
-    "nixl": measure_nixl,
-}
+def markdown_table(rows: list[dict]) -> list[str]:
+    table = ["| size | path | repeats | median ms (p10-p90) | GB/s | ratio to memcpy (95% interval) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    table += [f"| {r['size_mb']} MB | {r['path']} | {r['repeats']} | {r['median_ms']} ({r['p10_ms']}-{r['p90_ms']}) "
+              f"| {r['gb_per_s']} | {r['ratio_to_memcpy']} ({r['ratio_low']}-{r['ratio_high']}) |" for r in rows]
+    return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-mb", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=15, help="timed transfers per KV path and size")
+    parser.add_argument("--memcpy-repeats", type=int, default=51, help="timed copies per size (the denominator)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transfer")
     parser.add_argument("--cold-object-store", action="store_true", help="do not warm the object store first")
     args = parser.parse_args()
 
+    flush, measures = CacheFlusher(), paths()
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
              object_store_memory=OBJECT_STORE_BYTES, namespace=f"transfer-bench-{uuid.uuid4().hex[:6]}")
-    if not args.cold_object_store:
-        warm_object_store()
-    rows = []
-    with tqdm(total=len(args.sizes_mb) * len(PATHS), desc="transfer bench", unit="cell") as progress:
-        for size_mb in args.sizes_mb:
-            nbytes = (size_mb << 20) // NUM_LAYERS * NUM_LAYERS
-            medians = {}
-            for path, measure in PATHS.items():
-                progress.set_postfix_str(f"{size_mb} MB {path}")
-                medians[path] = statistics.median(measure(nbytes, args.repeats))
+    try:
+        if not args.cold_object_store:
+            warm_object_store()
+        rows = []
+        with tqdm(total=len(args.sizes_mb) * (len(measures) + 1), desc="transfer bench", unit="cell") as progress:
+            for size_mb in args.sizes_mb:
+                nbytes = (size_mb << 20) // NUM_LAYERS * NUM_LAYERS
+                progress.set_postfix_str(f"{size_mb} MB memcpy")
+                memcpy_seconds = measure_memcpy(nbytes, args.memcpy_repeats, flush)
+                rows.append(summarize(size_mb, "memcpy", nbytes, memcpy_seconds, memcpy_seconds))
                 progress.update()
-            for path, seconds in medians.items():
-                rows.append({"size_mb": size_mb, "path": path, "median_ms": round(seconds * 1e3, 3),
-                             "gb_per_s": round(nbytes / seconds / 1e9, 3),
-                             "ratio_to_memcpy": round(medians["memcpy"] / seconds, 3)})
-    ray.shutdown()
+                for path, measure in measures.items():
+                    progress.set_postfix_str(f"{size_mb} MB {path}")
+                    rows.append(summarize(size_mb, path, nbytes, measure(nbytes, args.repeats, flush), memcpy_seconds))
+                    progress.update()
+    finally:
+        ray.shutdown()
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "transfer.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = ["| size | path | median ms | GB/s | ratio to memcpy |", "| --- | --- | --- | --- | --- |"]
-    table += [f"| {r['size_mb']} MB | {r['path']} | {r['median_ms']} | {r['gb_per_s']} | {r['ratio_to_memcpy']} |"
-              for r in rows]
+    table = markdown_table(rows)
     command = " ".join(["python -m bench.transfer_bench", *sys.argv[1:]])
     warmth = "cold" if args.cold_object_store else "warmed first"
     header = ["# KV transfer paths", "",
               f"`{command}`, {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {measured_commit()}, on this host: "
-              f"each KV path's median over "
-              f"{args.repeats} repeats, as a ratio to a memory copy in the same run (object store {warmth}).", ""]
+              f"each KV path's median and p10-p90 over its repeats, each repeat from a flushed cache; its ratio to "
+              f"memcpy is memcpy's median over the path's at the same size in the same run, with a 95% bootstrap "
+              f"interval (object store {warmth}; nixl: prefill's agent in another process, nixl_one_process: both "
+              f"agents in this one). Every row is in [transfer.csv](transfer.csv).", ""]
     (args.out / "report.md").write_text("\n".join(header + table) + "\n")
     print("\n".join(table))
 

@@ -1,23 +1,93 @@
-"""The transfer microbenchmark runs every path and writes its files, transfer.csv and report.md (a 1 MB smoke run,
-not a measurement)."""
+"""The transfer microbenchmark: its pieces (cache flush, NIXL descriptors, the two NIXL sides, the row statistics
+and the table), and a 1 MB smoke run of every path that writes transfer.csv and report.md (not a measurement)."""
 
 from __future__ import annotations
 
 import csv
+import importlib.util
 import subprocess
 import sys
 
+import numpy as np
+import pytest
+
+from bench import transfer_bench
 from bench.processes import PROJECT_ROOT
+
+HAS_NIXL = importlib.util.find_spec("nixl") is not None
+needs_nixl = pytest.mark.skipif(not HAS_NIXL, reason="NIXL is not installed")
+
+
+def test_last_level_cache_is_found_and_the_flusher_reads_twice_its_size():
+    assert transfer_bench.last_level_cache_bytes() >= 1 << 20
+    flush = transfer_bench.CacheFlusher(cache_bytes=4 << 20)
+    assert flush._lines.size == (8 << 20) // transfer_bench.CACHE_LINE_BYTES
+    flush()
+
+
+def test_memcpy_times_every_repeat_and_flushes_before_each():
+    flushes = []
+    seconds = transfer_bench.measure_memcpy(1 << 20, 7, lambda: flushes.append(1))
+    assert len(seconds) == 7 and len(flushes) == 7 and all(s > 0 for s in seconds)
+
+
+def test_block_descriptors_cut_each_layer_into_blocks_with_a_shorter_last_one():
+    block = transfer_bench.NIXL_BLOCK_BYTES
+    rows = transfer_bench.block_descriptors([1_000_000, 9_000_000], 2 * block + 10)
+    assert rows.dtype == np.uint64 and rows.shape == (6, 3)
+    assert rows[:, 0].tolist() == [1_000_000, 1_000_000 + block, 1_000_000 + 2 * block,
+                                   9_000_000, 9_000_000 + block, 9_000_000 + 2 * block]
+    assert rows[:, 1].tolist() == [block, block, 10] * 2
+    assert rows[:, 2].tolist() == [0] * 6  # DRAM is device 0
+
+
+def test_summary_row_has_percentiles_and_a_ratio_interval_around_it():
+    memcpy = [0.001 * (1 + i / 100) for i in range(51)]
+    row = transfer_bench.summarize(1, "slow", 1 << 20, [0.004, 0.002, 0.003, 0.005, 0.001], memcpy)
+    assert (row["p10_ms"], row["median_ms"], row["p90_ms"]) == (1.4, 3.0, 4.6)
+    assert row["ratio_low"] <= row["ratio_to_memcpy"] <= row["ratio_high"]
+    assert row["ratio_to_memcpy"] == round(np.median(memcpy) / 0.003, 3)
+    assert transfer_bench.summarize(1, "memcpy", 1 << 20, memcpy, memcpy)["ratio_to_memcpy"] == 1.0
+    line = transfer_bench.markdown_table([row])[2]
+    assert line.startswith("| 1 MB | slow | 5 | 3.0 (1.4-4.6) |") and f"({row['ratio_low']}-" in line
+
+
+@needs_nixl
+def test_nixl_reader_reads_the_source_layers_and_the_source_sees_each_read():
+    """Both sides in this process (the smoke run below has prefill's in another)."""
+    source = transfer_bench.NixlSource(transfer_bench.NIXL_BLOCK_BYTES + 100)
+    reader = transfer_bench.NixlReader(source.handshake())
+    seen = []
+    try:
+        assert reader.read(b"one", poll_source=lambda: seen.append(source.poll_notifications())) > 0
+        reader.check_layers()
+        deadline_polls = 1000
+        while sum(seen) < 1 and deadline_polls:
+            seen.append(source.poll_notifications())
+            deadline_polls -= 1
+        assert sum(seen) == 1
+        reader.layers[3][0] ^= 0xFF
+        with pytest.raises(RuntimeError, match="layer 3"):
+            reader.check_layers()
+    finally:
+        reader.close()
+        source.close()
 
 
 def test_transfer_bench_writes_csv_and_table(tmp_path):
     result = subprocess.run(
-        [sys.executable, "-m", "bench.transfer_bench", "--sizes-mb", "1", "--repeats", "1", "--cold-object-store", "--out", str(tmp_path)],
+        [sys.executable, "-m", "bench.transfer_bench", "--sizes-mb", "1", "--repeats", "2", "--memcpy-repeats", "3",
+         "--cold-object-store", "--out", str(tmp_path)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "transfer.csv")))
-    assert [row["path"] for row in rows] == ["memcpy", "object_store", "object_store_one_send", "nixl"]
+    nixl_paths = ["nixl", "nixl_one_process"] if HAS_NIXL else []
+    assert [row["path"] for row in rows] == ["memcpy", "object_store", "object_store_one_send", *nixl_paths]
+    assert [row["repeats"] for row in rows] == ["3"] + ["2"] * (len(rows) - 1)
     assert all(float(row["gb_per_s"]) > 0 for row in rows)
+    assert all(float(row["p10_ms"]) <= float(row["median_ms"]) <= float(row["p90_ms"]) for row in rows)
     assert float(rows[0]["ratio_to_memcpy"]) == 1.0
-    assert "| 1 MB | object_store |" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert "| 1 MB | object_store | 2 |" in report
+    assert "python -m bench.transfer_bench" in report and "commit " in report
