@@ -30,12 +30,15 @@ REQUEST_FIELDS = ["workload", "repeat", "request_id", "arrival_s", "start_s", "p
 
 
 def measured_commit() -> str:
-    """The commit a result measured, `-dirty` when the working tree had uncommitted changes; `unknown` outside git."""
+    """The commit a result measured, `-dirty` when the working tree had uncommitted changes outside bench/results/;
+    `unknown` outside git."""
     root = Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        is_dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        # Results being written (or cleared for a new run) do not change the code they measure.
+        is_dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                        ":(exclude)bench/results"], cwd=root,
                                        capture_output=True, text=True, check=True).stdout.strip())
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
