@@ -96,6 +96,9 @@ class GeneratorStats:
     wall_s: float
     cpu_s: float  # the generator process's CPU time over the cell
     nice: int  # the generator process's nice value (GENERATOR_NICE if the OS allowed it)
+    # CPU time the hypervisor took from this virtual machine over the cell, all cores together (Linux's `steal`;
+    # None elsewhere). A paused virtual CPU delays whatever it was running, the generator included, at any priority.
+    steal_s: float | None = None
 
 
 def send_lag_summary(records: list[RequestRecord]) -> dict[str, float]:
@@ -248,14 +251,26 @@ def _raise_priority() -> None:
         pass  # not permitted: the generator runs at the default priority, and its stats say so
 
 
+def host_steal_s() -> float | None:
+    """Seconds of CPU the hypervisor has taken from this machine since boot (the 8th field of /proc/stat's `cpu`)."""
+    try:
+        with open("/proc/stat") as stat:
+            return int(stat.readline().split()[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _run_cell(kind: Literal["open", "closed"], arguments: dict) -> tuple[list[RequestRecord], GeneratorStats]:
-    began_wall, began_cpu = time.perf_counter(), time.process_time()
+    began_wall, began_cpu, began_steal = time.perf_counter(), time.process_time(), host_steal_s()
     if kind == "open":
         records = asyncio.run(run_trace(**arguments))
     else:
         records = asyncio.run(run_closed_loop(**arguments))
+    ended_steal = host_steal_s()
     return records, GeneratorStats(wall_s=time.perf_counter() - began_wall, cpu_s=time.process_time() - began_cpu,
-                                   nice=os.getpriority(os.PRIO_PROCESS, 0))
+                                   nice=os.getpriority(os.PRIO_PROCESS, 0),
+                                   steal_s=None if began_steal is None or ended_steal is None
+                                   else ended_steal - began_steal)
 
 
 class CellRunner:

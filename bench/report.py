@@ -181,16 +181,24 @@ def generator_section(rows: list[dict[str, Any]]) -> list[str]:
     late = [row for row in rows if row.get("is_generator_late") in (True, "True")]
     worst = max((float(row["send_lag_p99_ms"]) for row in rows if row.get("send_lag_p99_ms") != ""), default=0.0)
     nice = {row.get("generator_nice") for row in rows if row.get("generator_nice") not in (None, "")}
+    steals = [float(row["host_steal_share"]) for row in rows if row.get("host_steal_share") not in (None, "")]
+    stolen = (f" The hypervisor took {min(steals):.1%}-{max(steals):.1%} of this machine's CPU while the cells ran "
+              "(Linux's steal time): a paused virtual CPU delays whatever it runs, at any priority, the generator "
+              "and the servers alike." if steals else "")
     lines = [f"The load generator ran in its own process (nice {', '.join(map(str, sorted(nice))) or '?'}); its worst "
-             f"p99 send lag over all cells was {worst:.1f} ms (limit {MAX_SEND_LAG_P99_S * 1e3:.0f} ms)."]
+             f"p99 send lag over all cells was {worst:.1f} ms (limit {MAX_SEND_LAG_P99_S * 1e3:.0f} ms).{stolen}"]
     if late:
         lines += ["", "Cells whose generator fell behind (their latencies include the lag):", "",
-                  "| cell | system | send lag p50 / p99 / max ms |", "| --- | --- | --- |"]
+                  "| cell | system | send lag p50 / p99 / max ms | host steal |", "| --- | --- | --- | --- |"]
         lines += [f"| {row['workload']} | {row['system']} | {row['send_lag_p50_ms']} / {row['send_lag_p99_ms']} / "
-                  f"{row['send_lag_max_ms']} |" for row in late]
+                  f"{row['send_lag_max_ms']} | {_share(row.get('host_steal_share'))} |" for row in late]
     else:
         lines.append("No cell was flagged.")
     return lines
+
+
+def _share(value: Any) -> str:
+    return "–" if value in (None, "") else f"{float(value):.1%}"
 
 
 def findings(ratios: list[dict[str, Any]]) -> list[str]:

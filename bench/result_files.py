@@ -8,6 +8,7 @@ Per-request CSV: every inter-token gap is kept (space-separated in `tbt_s`), so 
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,11 @@ def summary_row(system: str, records: list[RequestRecord], duration_s: float, fi
     if generator:
         row["generator_cpu_s"] = round(sum(stats.cpu_s for stats in generator), 2)
         row["generator_nice"] = max(stats.nice for stats in generator)
+        steals = [stats.steal_s for stats in generator if stats.steal_s is not None]
+        if steals:
+            # The share of the machine's CPU the hypervisor took while the cell ran: stalls no priority avoids.
+            row["host_steal_share"] = round(sum(steals) / (sum(stats.wall_s for stats in generator)
+                                                           * (os.cpu_count() or 1)), 4)
     if fit is not None:
         percentiles = slowdown_percentiles(slowdowns([request_sample(r) for r in records], fit))
         for metric, by_q in percentiles.items():

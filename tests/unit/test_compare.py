@@ -5,6 +5,7 @@ raw cells that resume, and every figure file."""
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
@@ -135,10 +136,13 @@ def test_the_report_gives_every_ratio_an_interval_and_claims_only_separable_ones
 def test_a_late_generator_is_flagged(tmp_path):
     runs, cells = _runs_and_cells(tmp_path)
     runs[1].records["conv@1/s"][3].start_s += 0.4  # left 400 ms after it was due
+    runs[1].generator["conv@1/s"] = [GeneratorStats(wall_s=10.0, cpu_s=0.1, nice=-10, steal_s=2.0)]
     rows = summarize(runs, cells, None)
     late = [row for row in rows if row["is_generator_late"]]
     assert [(row["system"], row["workload"]) for row in late] == [("splitserve", "conv@1/s")]
-    assert "| conv@1/s | splitserve |" in "\n".join(report.generator_section(rows))
+    section = "\n".join(report.generator_section(rows))
+    assert f"| conv@1/s | splitserve | 1.0 / " in section and f"{2.0 / (10.0 * os.cpu_count()):.1%} |" in section
+    assert "steal time" in section
 
 
 def test_raw_cells_resume_at_the_same_commit_only(tmp_path):

@@ -203,3 +203,4 @@ def test_cells_run_in_the_generators_own_process(base_url):
     assert [record.is_ok for record in records + again] == [True] * 4
     assert stats.cpu_s > 0 and stats.wall_s >= 0.1
     assert stats.nice in (GENERATOR_NICE, 0)  # raised where the OS allowed it
+    assert stats.steal_s is None or stats.steal_s >= 0

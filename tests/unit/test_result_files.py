@@ -4,6 +4,7 @@ throughput, and the slowdowns against the reference with the SLO verdict."""
 from __future__ import annotations
 
 import csv
+import os
 
 import pytest
 
@@ -39,7 +40,7 @@ def _fit() -> ReferenceFit:
 def test_summary_has_percentiles_send_lag_throughput_and_slowdowns(tmp_path):
     records = _records()
     row = summary_row("splitserve-object_store", records, duration_s=2.0, fit=_fit(),
-                      generator=[GeneratorStats(wall_s=3.0, cpu_s=0.25, nice=-10)])
+                      generator=[GeneratorStats(wall_s=3.0, cpu_s=0.25, nice=-10, steal_s=0.6)])
     assert (row["num_requests"], row["num_errors"]) == (5, 1)
     assert row["throughput_req_s"] == 2.0 and row["throughput_tok_s"] == 6.0
     assert row["ttft_p50_ms"] == pytest.approx(250.0)
@@ -48,6 +49,7 @@ def test_summary_has_percentiles_send_lag_throughput_and_slowdowns(tmp_path):
     assert row["tpot_p50_ms"] == pytest.approx(25.0)
     assert (row["send_lag_max_ms"], row["is_generator_late"]) == (4.0, False)
     assert (row["generator_cpu_s"], row["generator_nice"]) == (0.25, -10)
+    assert row["host_steal_share"] == pytest.approx(0.6 / (3.0 * os.cpu_count()), abs=1e-4)
     # TTFT slowdowns 1, 2, 3, 4 and a miss: P50 3 (within 2×? no). TBT 1.25 each (25 ms over 20 ms).
     assert (row["slowdown_ttft_p50"], row["slowdown_ttft_p90"]) == (3.0, float("inf"))
     assert row["slowdown_tbt_p50"] == 1.25
