@@ -181,12 +181,16 @@ def generator_section(rows: list[dict[str, Any]]) -> list[str]:
     late = [row for row in rows if row.get("is_generator_late") in (True, "True")]
     worst = max((float(row["send_lag_p99_ms"]) for row in rows if row.get("send_lag_p99_ms") != ""), default=0.0)
     nice = {row.get("generator_nice") for row in rows if row.get("generator_nice") not in (None, "")}
+    group = {row.get("generator_autogroup_nice") for row in rows
+             if row.get("generator_autogroup_nice") not in (None, "")}
     steals = [float(row["host_steal_share"]) for row in rows if row.get("host_steal_share") not in (None, "")]
     stolen = (f" The hypervisor took {min(steals):.1%}-{max(steals):.1%} of this machine's CPU while the cells ran "
               "(Linux's steal time): a paused virtual CPU delays whatever it runs, at any priority, the generator "
               "and the servers alike." if steals else "")
-    lines = [f"The load generator ran in its own process (nice {', '.join(map(str, sorted(nice))) or '?'}); its worst "
-             f"p99 send lag over all cells was {worst:.1f} ms (limit {MAX_SEND_LAG_P99_S * 1e3:.0f} ms).{stolen}"]
+    session = f", its session's group nice {', '.join(map(str, sorted(group)))}" if group else ""
+    lines = [f"The load generator ran in its own process (nice {', '.join(map(str, sorted(nice))) or '?'}{session}); "
+             f"its worst p99 send lag over all cells was {worst:.1f} ms (limit {MAX_SEND_LAG_P99_S * 1e3:.0f} ms)."
+             + stolen]
     if late:
         lines += ["", "Cells whose generator fell behind (their latencies include the lag):", "",
                   "| cell | system | send lag p50 / p99 / max ms | host steal |", "| --- | --- | --- | --- |"]

@@ -113,6 +113,8 @@ def summary_row(system: str, records: list[RequestRecord], duration_s: float, fi
     if generator:
         row["generator_cpu_s"] = round(sum(stats.cpu_s for stats in generator), 2)
         row["generator_nice"] = max(stats.nice for stats in generator)
+        groups = [stats.autogroup_nice for stats in generator if stats.autogroup_nice is not None]
+        row["generator_autogroup_nice"] = max(groups) if groups else ""
         steals = [stats.steal_s for stats in generator if stats.steal_s is not None]
         if steals:
             # The share of the machine's CPU the hypervisor took while the cell ran: stalls no priority avoids.

@@ -204,3 +204,5 @@ def test_cells_run_in_the_generators_own_process(base_url):
     assert stats.cpu_s > 0 and stats.wall_s >= 0.1
     assert stats.nice in (GENERATOR_NICE, 0)  # raised where the OS allowed it
     assert stats.steal_s is None or stats.steal_s >= 0
+    # Its own session, so that where Linux's autogroup is on its group's nice can be raised too.
+    assert stats.autogroup_nice in (None, GENERATOR_NICE, 0)
