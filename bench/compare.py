@@ -38,7 +38,14 @@ from bench import plots, report
 from bench.load_generator import CellRunner, GeneratorStats, PromptBuilder, RequestRecord, filler_document
 from bench.load_generator import run_closed_loop
 from bench.provenance import provenance
-from bench.result_files import read_requests_csv, request_sample, summary_row, write_requests_csv, write_summary_csv
+from bench.result_files import (
+    read_requests_csv,
+    request_sample,
+    span_s,
+    summary_row,
+    write_requests_csv,
+    write_summary_csv,
+)
 from bench.slo import Goodput, Reference, fit_reference, goodput
 from bench.systems import BASELINE, DEFAULT_SYSTEMS, SYSTEMS, app_config
 from bench.traces import TraceRequest
@@ -135,16 +142,6 @@ def _measure(run: SystemRun, start: Any, todo: list[tuple[Workload, int]], promp
         print(f"{run.name}: FAILED: {run.error}", flush=True)
 
 
-def _span_s(records: list[RequestRecord]) -> float:
-    """From the first arrival to the last answer, summed over repeats: the time the cell's tokens took."""
-    total = 0.0
-    for repeat in {record.repeat for record in records}:
-        runs = [record for record in records if record.repeat == repeat]
-        ends = [record.arrival_s + record.e2e_s for record in runs if record.is_ok]
-        total += max(ends) - min(record.arrival_s for record in runs) if ends else 0.0
-    return total
-
-
 def fit_reference_from(run: SystemRun, cells: list[Workload], commit: str, *, min_requests: int = 30) -> Reference:
     """The baseline's uncontended cells, one fit per trace and one over all of them (for the anchors)."""
     samples: dict[str, list] = {}
@@ -170,7 +167,7 @@ def summarize(runs: list[SystemRun], cells: list[Workload], reference: Reference
             fit = reference.for_trace(cell.trace) if reference is not None else None
             row = {"workload": cell.name, "trace": cell.trace, "kind": cell.kind, "rate_per_s": cell.rate_per_s,
                    "concurrency": cell.concurrency, "num_repeats": len({record.repeat for record in records}),
-                   **summary_row(run.name, records, _span_s(records), fit, run.generator.get(cell.name))}
+                   **summary_row(run.name, records, span_s(records), fit, run.generator.get(cell.name))}
             system_rows.append(row)
         for trace in dict.fromkeys(cell.trace for cell in cells if cell.kind == "open"):
             sweep = {row["rate_per_s"]: row["slo_margin"] for row in system_rows

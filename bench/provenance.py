@@ -17,9 +17,9 @@ from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from bench.processes import PROJECT_ROOT
 from bench.result_files import measured_commit
 
-PROJECT_ROOT = Path(__file__).resolve().parents[1]
 # What decides a comparison's numbers: the app, its config, its pins, and the benchmark's own client and arithmetic.
 MEASURED_PATHS = ("serve_app", "deployments", "kv_transfer", "serve_config.yaml", "pyproject.toml",
                   "bench/load_generator.py", "bench/systems.py", "bench/workloads.py", "bench/traces.py",

@@ -24,6 +24,7 @@ import numpy as np
 from bench.bootstrap import RatioInterval, paired_ratio_interval
 from bench.load_generator import MAX_SEND_LAG_P99_S, RequestRecord
 from bench.provenance import changed_since
+from bench.result_files import span_s
 from bench.slo import SLO_FACTORS, Reference
 
 MIN_REQUESTS_FOR_P99 = 200
@@ -112,17 +113,8 @@ def latency_table(runs: list[Any], cells: list[Any], baseline_system: str) -> tu
             num_ok = sum(record.is_ok for record in records)
             tokens = sum(record.output_tokens for record in records if record.is_ok)
             lines.append(f"| {cell.name} | {run.name} | {num_ok} | " + " | ".join(texts)
-                         + f" | {tokens / max(1e-9, _cell_span(records)):.3g} | {len(records) - num_ok} |")
+                         + f" | {tokens / max(1e-9, span_s(records)):.3g} | {len(records) - num_ok} |")
     return "\n".join(lines), ratios
-
-
-def _cell_span(records: list[RequestRecord]) -> float:
-    total = 0.0
-    for repeat in {record.repeat for record in records}:
-        ok = [record for record in records if record.repeat == repeat and record.is_ok]
-        if ok:
-            total += max(r.arrival_s + r.e2e_s for r in ok) - min(r.arrival_s for r in records if r.repeat == repeat)
-    return total
 
 
 def reference_section(reference: Reference | None) -> list[str]:

@@ -95,6 +95,16 @@ def latency_samples(records: list[RequestRecord]) -> dict[str, list[float]]:
             "e2e_send": [r.e2e_send_s for r in ok if r.e2e_send_s is not None]}
 
 
+def span_s(records: list[RequestRecord]) -> float:
+    """From the first arrival to the last answer, summed over repeats: the time the cell's tokens took."""
+    total = 0.0
+    for repeat in {record.repeat for record in records}:
+        runs = [record for record in records if record.repeat == repeat]
+        ends = [record.arrival_s + record.e2e_s for record in runs if record.is_ok]
+        total += max(ends) - min(record.arrival_s for record in runs) if ends else 0.0
+    return total
+
+
 def summary_row(system: str, records: list[RequestRecord], duration_s: float, fit: ReferenceFit | None = None,
                 generator: list[GeneratorStats] | None = None) -> dict[str, Any]:
     """One system's line of summary.csv for one cell; `fit` (the reference) adds the slowdowns and the SLO verdict."""
