@@ -46,7 +46,7 @@ from bench.result_files import (
     write_requests_csv,
     write_summary_csv,
 )
-from bench.slo import Goodput, Reference, fit_reference, goodput
+from bench.slo import Goodput, Reference, attainment_goodput, fit_reference, goodput
 from bench.systems import BASELINE, DEFAULT_SYSTEMS, SYSTEMS, app_config
 from bench.traces import TraceRequest
 from bench.workloads import TRACE_FILES, Plan, Workload
@@ -172,11 +172,18 @@ def summarize(runs: list[SystemRun], cells: list[Workload], reference: Reference
         for trace in dict.fromkeys(cell.trace for cell in cells if cell.kind == "open"):
             sweep = {row["rate_per_s"]: row["slo_margin"] for row in system_rows
                      if row["trace"] == trace and row["kind"] == "open" and "slo_margin" in row}
+            shares = {row["rate_per_s"]: row["slo_attainment"] for row in system_rows
+                      if row["trace"] == trace and row["kind"] == "open" and "slo_attainment" in row}
             found: Goodput | None = goodput(sweep) if sweep else None
+            found_share: Goodput | None = attainment_goodput(shares) if shares else None
             for row in system_rows:
                 if row["trace"] == trace and row["kind"] == "open" and found is not None:
                     row["goodput_req_s"] = "" if found.rate_per_s is None else round(found.rate_per_s, 3)
                     row["goodput_kind"] = found.kind
+                if row["trace"] == trace and row["kind"] == "open" and found_share is not None:
+                    row["attainment_goodput_req_s"] = ("" if found_share.rate_per_s is None
+                                                       else round(found_share.rate_per_s, 3))
+                    row["attainment_goodput_kind"] = found_share.kind
         rows += [{"system": row.pop("system"), **row} for row in system_rows]
     return rows
 

@@ -20,6 +20,7 @@ from bench.slo import (
     PERCENTILES,
     ReferenceFit,
     RequestSample,
+    attainment,
     slo_margin,
     slowdown_percentiles,
     slowdowns,
@@ -137,6 +138,7 @@ def summary_row(system: str, records: list[RequestRecord], duration_s: float, fi
                 row[f"slowdown_{metric}_p{q}"] = round(value, 3)
         row["slo_margin"] = round(slo_margin(percentiles), 3)
         row["meets_slos"] = row["slo_margin"] <= 1
+        row["slo_attainment"] = round(attainment([request_sample(r) for r in records], fit), 4)
     return row
 
 

@@ -126,8 +126,12 @@ def test_the_report_gives_every_ratio_an_interval_and_claims_only_separable_ones
     assert "(1.00× [1.00–1.00], n.s.)" in table
     assert "| conv@2/s | splitserve | 16 |" in table  # the failures are counted, not timed
     margins = "\n".join(report.slo_section(rows))
-    assert re.search(r"\| collocated \| 0\.\d\d ✓ \| 0\.\d\d ✓ \| 2\.00 ✗ \| 1\.\d+ \|", margins), margins
-    assert re.search(r"\| splitserve \| 0\.\d\d ✓ \| 1\.12 ✗ \| ∞ ✗ \| 0\.\d+ \|", margins), margins
+    # Each rate's margin, then the share of requests within the P90 bounds; then both goodputs: all of the
+    # requests at 1/s are within (100%), none at 2/s, so 90% is crossed a tenth of the way (1.1/s).
+    assert re.search(r"\| collocated \| 0\.\d\d ✓ · 100% \| 0\.\d\d ✓ · 100% \| 2\.00 ✗ · 0% \| 1\.\d+ \| 1\.1 \|",
+                     margins), margins
+    assert re.search(r"\| splitserve \| 0\.\d\d ✓ · 100% \| 1\.12 ✗ · 100% \| ∞ ✗ · 0% \| 0\.\d+ \| 1\.1 \|",
+                     margins), margins
     (finding, *per_cell) = report.findings(ratios)
     assert finding.startswith("- **splitserve**: of ") and "not separable" in finding
     assert any(line.startswith("  - anchor-c2: better TTFT p50 0.80×") for line in per_cell)

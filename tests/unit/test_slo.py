@@ -10,6 +10,8 @@ from bench.slo import (
     Goodput,
     LinearFit,
     RequestSample,
+    attainment,
+    attainment_goodput,
     fit_reference,
     goodput,
     slo_margin,
@@ -91,3 +93,26 @@ def test_goodput_is_interpolated_where_the_margin_crosses_one():
     # Failures at the next rate: no slope to interpolate along; the last rate that met them.
     assert goodput({0.5: 0.5, 1.0: math.inf}) == Goodput(rate_per_s=0.5, kind="interpolated")
     assert str(goodput({0.5: 0.6, 1.0: 0.9})) == "≥ 1" and str(goodput({0.5: 2.0})) == "below the lowest rate"
+
+
+def test_attainment_counts_requests_within_all_three_p90_bounds_worked_by_hand():
+    fit = _reference()
+    # Against a reference of TTFT 0.5 s, TBT 0.05 s, E2E 1.0 s (400 prompt, 11 output tokens), bounds 3×, 1.5×, 1.5×:
+    within = _sample(400, 11, 0.9, 0.06)  # TTFT 1.8×, TBT 1.2×, E2E 1.5× exactly: within all three
+    slow_first = _sample(400, 11, 1.6, 0.06)  # TTFT 3.2×: out
+    slow_gaps = _sample(400, 11, 0.5, 0.08)  # TBT 1.6×: out (E2E 1.3× is within)
+    slow_whole = _sample(400, 11, 1.4, 0.011)  # TTFT 2.8×, TBT 0.22×, E2E 1.51×: out on E2E alone
+    one_token = RequestSample(prompt_tokens=400, output_tokens=1, ttft_s=1.0, tpot_s=None, e2e_s=1.0)  # no gaps
+    samples = [within, within, slow_first, slow_gaps, slow_whole, one_token, None, within, within, within]
+    # The one-token answer has no gaps to judge, but its E2E is its TTFT, 2× a reference E2E of 0.5 s: out.
+    assert fit.e2e_s(400, 1) == pytest.approx(0.5)
+    assert attainment(samples, fit) == pytest.approx(5 / 10)  # the failed request (None) counts as a miss
+    assert attainment([], fit) == 0.0
+
+
+def test_attainment_goodput_is_interpolated_where_the_share_crosses_ninety_percent():
+    # 95% at 0.5/s, 85% at 1.0/s: 90% is crossed halfway.
+    found = attainment_goodput({0.5: 0.95, 1.0: 0.85})
+    assert (found.rate_per_s, found.kind) == (pytest.approx(0.75), "interpolated")
+    assert attainment_goodput({0.5: 0.99, 1.0: 0.9}) == Goodput(rate_per_s=1.0, kind="at_least")
+    assert attainment_goodput({0.5: 0.89, 1.0: 0.5}) == Goodput(rate_per_s=None, kind="below_lowest")
