@@ -77,6 +77,15 @@ def router_process() -> psutil.Process:
     return router
 
 
+def proxy_process() -> psutil.Process:
+    """Ray Serve's HTTP proxy on this node (`ray::ProxyActor`): its pid changes when the controller restarts it."""
+    psutil.process_iter.cache_clear()
+    (proxy,) = [proc for proc in psutil.process_iter(["cmdline", "status"])
+                if " ".join(proc.info["cmdline"] or []).startswith("ray::ProxyActor")
+                and proc.info["status"] != psutil.STATUS_ZOMBIE]
+    return proxy
+
+
 def health(base_url: str) -> dict:
     try:
         return httpx.get(f"{base_url}/health", timeout=15).json()
