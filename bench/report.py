@@ -24,7 +24,7 @@ import numpy as np
 from bench.bootstrap import RatioInterval, paired_ratio_interval
 from bench.load_generator import MAX_SEND_LAG_P99_S, RequestRecord
 from bench.provenance import changed_since
-from bench.result_files import span_s
+from bench.result_files import request_values, span_s
 from bench.slo import SLO_FACTORS, Reference
 
 MIN_REQUESTS_FOR_P99 = 200
@@ -48,18 +48,11 @@ def is_shown(metric: Metric, num_requests: int) -> bool:
     return metric.q < 99 or num_requests >= MIN_REQUESTS_FOR_P99
 
 
-def _values(record: RequestRecord, key: str) -> list[float]:
-    if key == "tbt":
-        return list(record.tbt_s)
-    value = {"ttft": record.ttft_s, "tpot": record.tpot_s, "e2e": record.e2e_s}[key]
-    return [] if value is None else [value]
-
-
 def paired(system: list[RequestRecord], baseline: list[RequestRecord], key: str) -> tuple[list, list]:
     """The values of the requests both systems served (matched by run and request id)."""
-    theirs = {(r.repeat, r.request_id): _values(r, key) for r in baseline if r.is_ok}
+    theirs = {(r.repeat, r.request_id): request_values(r, key) for r in baseline if r.is_ok}
     pairs = [(values, theirs[(r.repeat, r.request_id)]) for r in system if r.is_ok
-             if (values := _values(r, key)) and theirs.get((r.repeat, r.request_id))]
+             if (values := request_values(r, key)) and theirs.get((r.repeat, r.request_id))]
     return [ours for ours, _ in pairs], [base for _, base in pairs]
 
 
@@ -75,7 +68,7 @@ def _format_ms(value: float) -> str:
 
 
 def _cell_value(records: list[RequestRecord], metric: Metric) -> float | None:
-    values = [value for record in records if record.is_ok for value in _values(record, metric.key)]
+    values = [value for record in records if record.is_ok for value in request_values(record, metric.key)]
     return float(np.percentile(values, metric.q)) * 1e3 if values else None
 
 

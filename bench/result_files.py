@@ -86,14 +86,24 @@ def request_sample(record: RequestRecord) -> RequestSample | None:
                          ttft_s=record.ttft_s, tpot_s=record.tpot_s, e2e_s=record.e2e_s)
 
 
+LATENCY_KEYS = ("ttft", "ttft_send", "tbt", "tpot", "e2e", "e2e_send")
+
+
+def request_values(record: RequestRecord, key: str) -> list[float]:
+    """One request's values of a latency (`LATENCY_KEYS`): every token gap for `tbt`, else its one value, none
+    when it has none (a one-token answer has no `tpot`). The one reader of a record's latencies, for summary.csv
+    and for the report's paired intervals alike."""
+    if key == "tbt":
+        return list(record.tbt_s)
+    value = getattr(record, f"{key}_s")
+    return [] if value is None else [value]
+
+
 def latency_samples(records: list[RequestRecord]) -> dict[str, list[float]]:
     """Of the served requests: TTFT and E2E from arrival and from the send, every token gap (`tbt`), and each
     request's mean gap (`tpot`, Splitwise's TBT)."""
     ok = [record for record in records if record.is_ok]
-    return {"ttft": [r.ttft_s for r in ok], "ttft_send": [r.ttft_send_s for r in ok if r.ttft_send_s is not None],
-            "tbt": [gap for r in ok for gap in r.tbt_s], "tpot": [r.tpot_s for r in ok if r.tpot_s is not None],
-            "e2e": [r.e2e_s for r in ok if r.e2e_s is not None],
-            "e2e_send": [r.e2e_send_s for r in ok if r.e2e_send_s is not None]}
+    return {key: [value for record in ok for value in request_values(record, key)] for key in LATENCY_KEYS}
 
 
 def span_s(records: list[RequestRecord]) -> float:
