@@ -104,7 +104,7 @@ class RawCells:
         return read_requests_csv(self._path(system, cell, repeat, ".csv")), GeneratorStats(**meta["generator"])
 
 
-def _prompts(cells: list[Workload], model_path: str) -> dict[str, list[str]]:
+def cell_prompts(cells: list[Workload], model_path: str) -> dict[str, list[str]]:
     builder = PromptBuilder(model_path, filler_document())
     return {cell.name: [builder.build(index * PROMPT_IDS_PER_CELL + request.request_id, request.prompt_tokens)
                         for request in cell.requests]
@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> None:
                          lambda _logs, url=url: contextlib.nullcontext(url), {"base_url": url})
     if args.report_only:
         commit = _commit_of(raw, list(systems), cells, args.repeats)
-    prompts = None if args.report_only else _prompts(cells, config.model.path)
+    prompts = None if args.report_only else cell_prompts(cells, config.model.path)
     runs = []
     for index, (name, (description, start, system_config)) in enumerate(systems.items()):
         run = SystemRun(name=name, description=description, config=system_config)
