@@ -155,6 +155,11 @@ def slo_section(rows: list[dict[str, Any]]) -> list[str]:
                             None)
             lines.append(f"| {system} | " + " | ".join(margins)
                          + f" | {_goodput_text(goodput)} | {_goodput_text(by_share, prefix='attainment_')} |")
+        in_flight = {row["rate_per_s"]: row["mean_in_flight"] for row in sweep
+                     if row["system"] == sweep[0]["system"] and row.get("mean_in_flight") not in (None, "")}
+        if in_flight:
+            lines += ["", f"Requests in flight on average ({sweep[0]['system']}, Little's law): "
+                      + ", ".join(f"{float(in_flight[rate]):.2g} at {rate:g}/s" for rate in sorted(in_flight)) + "."]
         lines.append("")
     return lines
 

@@ -124,6 +124,9 @@ def summary_row(system: str, records: list[RequestRecord], duration_s: float, fi
                            "duration_s": round(duration_s, 3),
                            "throughput_req_s": round(len(ok) / duration_s, 4) if duration_s > 0 else 0.0,
                            "throughput_tok_s": round(sum(r.output_tokens for r in ok) / duration_s, 2)
+                           if duration_s > 0 else 0.0,
+                           # Little's law: how loaded the cell really was (1 = one request at a time on average)
+                           "mean_in_flight": round(sum(r.e2e_s for r in ok if r.e2e_s is not None) / duration_s, 3)
                            if duration_s > 0 else 0.0}
     for metric, values in latency_samples(records).items():
         for q in PERCENTILES:

@@ -43,6 +43,8 @@ def test_summary_has_percentiles_send_lag_throughput_and_slowdowns(tmp_path):
                       generator=[GeneratorStats(wall_s=3.0, cpu_s=0.25, nice=-10, steal_s=0.6)])
     assert (row["num_requests"], row["num_errors"]) == (5, 1)
     assert row["throughput_req_s"] == 2.0 and row["throughput_tok_s"] == 6.0
+    # E2Es of 0.15 + 0.25 + 0.35 + 0.45 s over 2 s: 0.6 requests in flight on average (Little's law).
+    assert row["mean_in_flight"] == pytest.approx(0.6)
     assert row["ttft_p50_ms"] == pytest.approx(250.0)
     assert row["ttft_send_p50_ms"] == pytest.approx(250.0 - 2.5)  # lags of 1-4 ms, from the arrival
     assert row["tbt_p50_ms"] == pytest.approx(25.0)
@@ -54,6 +56,9 @@ def test_summary_has_percentiles_send_lag_throughput_and_slowdowns(tmp_path):
     assert (row["slowdown_ttft_p50"], row["slowdown_ttft_p90"]) == (3.0, float("inf"))
     assert row["slowdown_tbt_p50"] == 1.25
     assert row["slo_margin"] == float("inf") and row["meets_slos"] is False
+    # Within the P90 bounds (TTFT 3×, TBT and E2E 1.5×): only the first request (E2E 0.15 s over 0.14 s); the
+    # second's TTFT is 2× but its E2E 0.25 s is 1.79× the reference's 0.14 s; the failure is a miss.
+    assert row["slo_attainment"] == pytest.approx(1 / 5)
 
     write_summary_csv([row, summary_row("collocated", records[:2], duration_s=1.0)], tmp_path / "summary.csv")
     rows = list(csv.DictReader(open(tmp_path / "summary.csv")))
