@@ -232,11 +232,15 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
                      f"(`{'`, `'.join(changed[:8])}`{', …' if len(changed) > 8 else ''}).")
     else:
         freshness = "No measured file (app, config, pins, the benchmark's client and arithmetic) changed since."
-    dirty = " with uncommitted changes" if meta["is_dirty"] else ""
+    dirty = " with uncommitted changes" if meta["is_dirty"] and not meta.get("is_report_only") else ""
     window = meta.get("cells_finished_between")
     when = f" Its cells finished between {window[0]} and {window[1]}." if window else ""
+    # The raw cells' commit, which a report rebuilt later (`--report-only`) at another commit must still name.
+    measured = meta.get("measured_commit") or meta["commit"]
+    rebuilt = (f" This report was rebuilt from its raw files at commit `{meta['commit']}`."
+               if meta.get("is_report_only") and not measured.startswith(meta["commit"]) else "")
     lines = [f"# Comparison, {meta['started_at']}", "",
-             f"Measured at commit `{meta['commit']}`{dirty}.{when} {freshness}", "",
+             f"Measured at commit `{measured}`{dirty}.{when}{rebuilt} {freshness}", "",
              f"Model {meta['model']} on {host['num_cores']} cores ({host['cpu']}, {host['memory_gib']} GiB); "
              + ", ".join(f"{package} {found}" for package, found in versions.items())
              + f". This invocation took {meta['wall_s'] / 60:.1f} min; {meta['repeats']} run(s) of every cell. Latencies count "

@@ -187,3 +187,21 @@ def test_poisson_arrivals_and_a_trace_file_of_ones_own(tmp_path):
     assert {r.prompt_tokens for r in loaded.requests} <= {min(1536, 100 + 10 * i) for i in range(400)}  # sizes kept
     with pytest.raises(ValueError, match="neither"):
         Plan(traces=("no-such-trace",)).workloads()
+
+
+def test_a_report_rebuilt_later_names_the_commit_its_cells_measured(tmp_path):
+    runs, cells = _runs_and_cells(tmp_path)
+    rows = summarize(runs, cells, None)
+    meta = {"started_at": "2026-12-03 08:00:00", "commit": "headcommit12", "is_dirty": True,
+            "measured_commit": "abc123def456", "is_report_only": True, "cells_finished_between": None,
+            "host": {"num_cores": 2, "cpu": "test cpu", "memory_gib": 1.0}, "versions": {}, "wall_s": 0.0,
+            "repeats": 1, "baseline": "collocated", "model": "m",
+            "systems": [{"name": run.name, "description": "", "startup_s": None, "error": None} for run in runs],
+            "cells": [{"name": cell.name, "kind": cell.kind, "rate_per_s": cell.rate_per_s,
+                       "concurrency": cell.concurrency, "num_requests": len(cell.requests), "scaling": None}
+                      for cell in cells]}
+    report.write(runs, cells, rows, meta, None, [], tmp_path / "report.md")
+    header = (tmp_path / "report.md").read_text().splitlines()[2]
+    # The raw files' commit, not the one the report was rebuilt at; HEAD's dirty tree is not the cells'.
+    assert header.startswith("Measured at commit `abc123def456`.")
+    assert "rebuilt from its raw files at commit `headcommit12`" in header and "uncommitted" not in header
