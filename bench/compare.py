@@ -177,13 +177,13 @@ def summarize(runs: list[SystemRun], cells: list[Workload], reference: Reference
             found: Goodput | None = goodput(sweep) if sweep else None
             found_share: Goodput | None = attainment_goodput(shares) if shares else None
             for row in system_rows:
-                if row["trace"] == trace and row["kind"] == "open" and found is not None:
-                    row["goodput_req_s"] = "" if found.rate_per_s is None else round(found.rate_per_s, 3)
-                    row["goodput_kind"] = found.kind
-                if row["trace"] == trace and row["kind"] == "open" and found_share is not None:
-                    row["attainment_goodput_req_s"] = ("" if found_share.rate_per_s is None
-                                                       else round(found_share.rate_per_s, 3))
-                    row["attainment_goodput_kind"] = found_share.kind
+                if row["trace"] != trace or row["kind"] != "open":
+                    continue
+                for prefix, found_here in (("", found), ("attainment_", found_share)):
+                    if found_here is not None:
+                        rate = found_here.rate_per_s
+                        row[f"{prefix}goodput_req_s"] = "" if rate is None else round(rate, 3)
+                        row[f"{prefix}goodput_kind"] = found_here.kind
         rows += [{"system": row.pop("system"), **row} for row in system_rows]
     return rows
 

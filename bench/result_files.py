@@ -145,13 +145,14 @@ def summary_row(system: str, records: list[RequestRecord], duration_s: float, fi
             row["host_steal_share"] = round(sum(steals) / (sum(stats.wall_s for stats in generator)
                                                            * (os.cpu_count() or 1)), 4)
     if fit is not None:
-        percentiles = slowdown_percentiles(slowdowns([request_sample(r) for r in records], fit))
+        samples = [request_sample(r) for r in records]
+        percentiles = slowdown_percentiles(slowdowns(samples, fit))
         for metric, by_q in percentiles.items():
             for q, value in by_q.items():
                 row[f"slowdown_{metric}_p{q}"] = round(value, 3)
         row["slo_margin"] = round(slo_margin(percentiles), 3)
         row["meets_slos"] = row["slo_margin"] <= 1
-        row["slo_attainment"] = round(attainment([request_sample(r) for r in records], fit), 4)
+        row["slo_attainment"] = round(attainment(samples, fit), 4)
     return row
 
 
