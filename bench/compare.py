@@ -1,6 +1,7 @@
 """The comparison: every system, one after another on this host, through the same cells, judged by one reference.
 
     python -m bench.compare                         # the default: collocated, splitserve-nixl, Ray Serve LLM PD
+    python -m bench.compare --light-rates none      # the same without the light end: about 75 min instead of 2 h
     python -m bench.compare --systems all           # adds the rest; cells already measured at this commit are kept
     python -m bench.compare --systems collocated splitserve-nixl --traces code --rates code=0.2,0.4,0.6,0.8,1.0
     python -m bench.compare --running mine=http://127.0.0.1:8000 --systems collocated   # add a running server
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import hashlib
 import json
 import signal
 import sys
@@ -73,8 +75,19 @@ class SystemRun:
     generator: dict[str, list[GeneratorStats]] = field(default_factory=dict)  # cell name -> one per repeat
 
 
+def cell_digest(cell: Workload) -> str:
+    """What a cell sends (kind, concurrency, every request's arrival and sizes), in 16 hex digits."""
+    sent = cell.model_dump_json(include={"kind", "rate_per_s", "concurrency", "requests"})
+    return hashlib.sha256(sent.encode()).hexdigest()[:16]
+
+
 class RawCells:
-    """raw/<system>/<cell>.r<repeat>.csv and .json: one cell's requests and how they were measured."""
+    """raw/<system>/<cell>.r<repeat>.csv and .json: one cell's requests and how they were measured.
+
+    A cell is done when its files were measured at this commit and sent what the plan's cell of that name sends
+    (its digest): a plan changed under the same name (a rate's scaling, `--min-requests`) is measured again, not
+    resumed. Files written before digests were recorded are taken by name.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -86,17 +99,21 @@ class RawCells:
         path = self._path(system, cell, repeat, ".json")
         return json.loads(path.read_text()) if path.exists() else None
 
-    def is_done(self, system: str, cell: str, repeat: int, commit: str) -> bool:
-        meta = self.meta(system, cell, repeat)
-        return meta is not None and meta["commit"] == commit
+    def is_done(self, system: str, cell: Workload, repeat: int, commit: str) -> bool:
+        meta = self.meta(system, cell.name, repeat)
+        return meta is not None and meta["commit"] == commit and self.is_same_cell(meta, cell)
 
-    def save(self, system: str, cell: str, repeat: int, records: list[RequestRecord], stats: GeneratorStats,
+    @staticmethod
+    def is_same_cell(meta: dict[str, Any], cell: Workload) -> bool:
+        return meta.get("cell_digest", cell_digest(cell)) == cell_digest(cell)
+
+    def save(self, system: str, cell: Workload, repeat: int, records: list[RequestRecord], stats: GeneratorStats,
              commit: str) -> None:
-        csv_path = self._path(system, cell, repeat, ".csv")
+        csv_path = self._path(system, cell.name, repeat, ".csv")
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         write_requests_csv(records, csv_path)
-        self._path(system, cell, repeat, ".json").write_text(json.dumps(
-            {"system": system, "cell": cell, "repeat": repeat, "commit": commit,
+        self._path(system, cell.name, repeat, ".json").write_text(json.dumps(
+            {"system": system, "cell": cell.name, "repeat": repeat, "commit": commit, "cell_digest": cell_digest(cell),
              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "generator": stats.__dict__}, indent=1))
 
     def load(self, system: str, cell: str, repeat: int) -> tuple[list[RequestRecord], GeneratorStats]:
@@ -136,7 +153,7 @@ def _measure(run: SystemRun, start: Any, todo: list[tuple[Workload, int]], promp
             for index, (cell, repeat) in enumerate(todo):
                 print(f"{run.name}: cell {index + 1}/{len(todo)}", flush=True)
                 records, stats = _run_cell(runner, base_url, model, cell, prompts[cell.name], repeat)
-                raw.save(run.name, cell.name, repeat, records, stats, commit)
+                raw.save(run.name, cell, repeat, records, stats, commit)
     except Exception as exc:  # one system failing must not lose the others' results
         run.error = f"{type(exc).__name__}: {exc}"[:2000]
         print(f"{run.name}: FAILED: {run.error}", flush=True)
@@ -188,15 +205,21 @@ def summarize(runs: list[SystemRun], cells: list[Workload], reference: Reference
     return rows
 
 
-def _parse_rates(entries: list[str] | None, traces: tuple[str, ...]) -> dict[str, tuple[float, ...]]:
-    """`conv=0.5,1.5 code=1` -> rates per trace name; traces not named keep the default rates."""
+def _parse_rates(entries: list[str] | None, traces: tuple[str, ...], *, is_light: bool = False
+                 ) -> dict[str, tuple[float, ...]]:
+    """`conv=0.5,1.5 code=1` -> rates per trace name; traces not named keep the default rates; `none` clears all."""
     names = [trace if trace in TRACE_FILES else Path(trace).stem for trace in traces]
-    rates = {name: Plan().rates_per_s.get(name, (0.5, 1.0, 1.5, 2.0, 2.5)) for name in names}
+    defaults, own = (Plan().light_rates_per_s, ()) if is_light else (Plan().rates_per_s, (0.5, 1.0, 1.5, 2.0, 2.5))
+    rates = {name: defaults.get(name, own) for name in names}
     for entry in entries or []:
+        if entry == "none":
+            rates = {name: () for name in names}
+            continue
         name, _, values = entry.partition("=")
         if name not in rates:
-            raise SystemExit(f"--rates names {name!r}, which is not among the traces {names}")
-        rates[name] = tuple(float(value) for value in values.split(","))
+            option = "--light-rates" if is_light else "--rates"
+            raise SystemExit(f"{option} names {name!r}, which is not among the traces {names}")
+        rates[name] = tuple(float(value) for value in values.split(",") if value)
     return rates
 
 
@@ -212,6 +235,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="replay the trace's own arrival times at each rate, or draw Poisson arrivals")
     parser.add_argument("--rates", nargs="+", metavar="TRACE=R1,R2",
                         help="open-loop mean rates, requests/s, per trace (its name, or its file's stem)")
+    parser.add_argument("--light-rates", nargs="+", metavar="TRACE=R",
+                        help="the sweep's light end, kept apart because ≥ 50 requests at it take longest "
+                             "(default conv=0.15 code=0.1; `none` for a run of about 75 minutes)")
     parser.add_argument("--min-duration-s", type=float, default=Plan().min_duration_s)
     parser.add_argument("--min-requests", type=int, default=Plan().min_requests)
     parser.add_argument("--num-uncontended", type=int, default=Plan().num_uncontended)
@@ -238,6 +264,7 @@ def main(argv: list[str] | None = None) -> None:
 
     traces = tuple(args.traces)
     plan = Plan(traces=traces, arrivals=args.arrivals, rates_per_s=_parse_rates(args.rates, traces),
+                light_rates_per_s=_parse_rates(args.light_rates, traces, is_light=True),
                 min_duration_s=args.min_duration_s, min_requests=args.min_requests,
                 num_uncontended=args.num_uncontended, anchor_concurrencies=tuple(args.anchor_concurrencies),
                 num_anchor_requests_per_user=args.anchor_requests_per_user)
@@ -264,13 +291,16 @@ def main(argv: list[str] | None = None) -> None:
     for index, (name, (description, start, system_config)) in enumerate(systems.items()):
         run = SystemRun(name=name, description=description, config=system_config)
         todo = [(cell, repeat) for repeat in range(args.repeats) for cell in cells
-                if not raw.is_done(name, cell.name, repeat, commit)]
+                if not raw.is_done(name, cell, repeat, commit)]
+        for cell, repeat in todo:
+            if (meta := raw.meta(name, cell.name, repeat)) is not None and meta["commit"] == commit:
+                print(f"{name}/{cell.name}: measured at this commit with other requests; measuring it again")
         if todo and not args.report_only:
             print(f"[{index + 1}/{len(systems)}] {name}: {description}", flush=True)
             _measure(run, start, todo, prompts, config.model.served_name, logs_dir, raw, commit)
         for cell in cells:
             for repeat in range(args.repeats):
-                if raw.is_done(name, cell.name, repeat, commit):
+                if raw.is_done(name, cell, repeat, commit):
                     records, stats = raw.load(name, cell.name, repeat)
                     run.records.setdefault(cell.name, []).extend(records)
                     run.generator.setdefault(cell.name, []).append(stats)
@@ -279,7 +309,7 @@ def main(argv: list[str] | None = None) -> None:
                            args.out / f"requests_{name}.csv")
 
     finished = sorted(meta["finished_at"] for name in systems for cell in cells for repeat in range(args.repeats)
-                      if (meta := raw.meta(name, cell.name, repeat)) is not None and meta["commit"] == commit)
+                      if raw.is_done(name, cell, repeat, commit) and (meta := raw.meta(name, cell.name, repeat)))
     reference = _reference(runs, cells, commit, args)
     if reference is not None:
         (args.out / "reference.json").write_text(reference.model_dump_json(indent=1))
@@ -303,11 +333,16 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _commit_of(raw: RawCells, systems: list[str], cells: list[Workload], repeats: int) -> str:
-    """The one commit the raw files of a report measured; a report never mixes commits."""
-    found = {meta["commit"] for system in systems for cell in cells for repeat in range(repeats)
-             if (meta := raw.meta(system, cell.name, repeat)) is not None}
+    """The one commit the raw files of a report measured; a report never mixes commits, nor other plans' cells."""
+    metas = {(system, cell.name, repeat): (meta, cell) for system in systems for cell in cells
+             for repeat in range(repeats) if (meta := raw.meta(system, cell.name, repeat)) is not None}
+    found = {meta["commit"] for meta, _ in metas.values()}
     if len(found) != 1:
         raise SystemExit(f"--report-only needs raw files of one commit; found {sorted(found) or 'none'}")
+    other = [f"{system}/{name}" for (system, name, _), (meta, cell) in metas.items() if not raw.is_same_cell(meta, cell)]
+    if other:
+        raise SystemExit(f"--report-only: these raw cells sent other requests than this plan's cells of the same "
+                         f"name (pass the options they were run with): {', '.join(other)}")
     return found.pop()
 
 

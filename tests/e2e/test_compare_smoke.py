@@ -33,7 +33,7 @@ def test_a_small_comparison_writes_every_result_file(app, tmp_path):
     result = subprocess.run(
         [str(VENV_BIN / "python"), "-m", "bench.compare", "--systems", "collocated",
          "--running", f"splitserve={app.base_url}", "--traces", "conv", "--rates", "conv=0.5",
-         "--min-duration-s", "6", "--min-requests", "3", "--num-uncontended", "2", "--min-reference-requests", "2",
+         "--light-rates", "none", "--min-duration-s", "6", "--min-requests", "3", "--num-uncontended", "2", "--min-reference-requests", "2",
          "--anchor-concurrencies", "1", "2", "--anchor-requests-per-user", "1", "--out", str(tmp_path)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -82,7 +82,7 @@ def test_a_small_comparison_writes_every_result_file(app, tmp_path):
     # 4. At the same commit, a second run has nothing left to measure: it starts no system and rebuilds the report.
     again = subprocess.run(
         [str(VENV_BIN / "python"), "-m", "bench.compare", "--systems", "collocated", "--traces", "conv",
-         "--rates", "conv=0.5", "--min-duration-s", "6", "--min-requests", "3", "--num-uncontended", "2",
+         "--rates", "conv=0.5", "--light-rates", "none", "--min-duration-s", "6", "--min-requests", "3", "--num-uncontended", "2",
          "--min-reference-requests", "2", "--anchor-concurrencies", "1", "2", "--anchor-requests-per-user", "1",
          "--out", str(tmp_path)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)

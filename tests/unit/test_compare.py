@@ -4,6 +4,7 @@ raw cells that resume, and every figure file."""
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench import plots, report
-from bench.compare import RawCells, SystemRun, _commit_of, fit_reference_from, summarize
+from bench.compare import RawCells, SystemRun, _commit_of, _parse_rates, cell_digest, fit_reference_from, summarize
 from bench.load_generator import GeneratorStats, RequestRecord
 from bench.traces import TraceRequest, scale_trace, scaling_for_rate, write_splitwise_csv
 from bench.workloads import TRACE_FILES, Plan, TokenScaling
@@ -39,7 +40,8 @@ def test_scaling_for_rate_replays_the_trace_at_the_asked_mean_rate():
 
 
 def _plan(tmp_path: Path, **update) -> Plan:
-    return Plan(**{"traces": ("conv",), "rates_per_s": {"conv": (0.5, 1.0, 2.0)}, "min_duration_s": 10,
+    return Plan(**{"traces": ("conv",), "rates_per_s": {"conv": (0.5, 1.0, 2.0)}, "light_rates_per_s": {},
+                   "min_duration_s": 10,
                    "min_requests": 10, "num_uncontended": 30, "anchor_concurrencies": (1, 2),
                    "num_anchor_requests_per_user": 2, "traces_dir": _trace(tmp_path),
                    "token_scaling": {"conv": TokenScaling(prompt_scale=0.5, max_prompt_tokens=600, output_scale=1.0,
@@ -149,19 +151,55 @@ def test_a_late_generator_is_flagged(tmp_path):
     assert "steal time" in section
 
 
-def test_raw_cells_resume_at_the_same_commit_only(tmp_path):
+def test_raw_cells_resume_at_the_same_commit_and_the_same_requests_only(tmp_path):
     runs, cells = _runs_and_cells(tmp_path)
+    cell = next(cell for cell in cells if cell.name == "conv@1/s")
     raw = RawCells(tmp_path / "raw")
     stats = GeneratorStats(wall_s=20.0, cpu_s=1.5, nice=-10)
-    raw.save("splitserve", "conv@1/s", 0, runs[1].records["conv@1/s"], stats, "abc")
-    assert raw.is_done("splitserve", "conv@1/s", 0, "abc")
-    assert not raw.is_done("splitserve", "conv@1/s", 0, "def") and not raw.is_done("splitserve", "conv@1/s", 1, "abc")
+    # 1. A saved cell is done at its commit, for its repeat, and loads back as it was.
+    raw.save("splitserve", cell, 0, runs[1].records["conv@1/s"], stats, "abc")
+    assert raw.is_done("splitserve", cell, 0, "abc")
+    assert not raw.is_done("splitserve", cell, 0, "def") and not raw.is_done("splitserve", cell, 1, "abc")
     records, loaded_stats = raw.load("splitserve", "conv@1/s", 0)
     assert records == runs[1].records["conv@1/s"] and loaded_stats == stats
     assert _commit_of(raw, ["splitserve"], cells, 1) == "abc"
-    raw.save("collocated", "conv@1/s", 0, runs[0].records["conv@1/s"], stats, "def")
+    # 2. The same name sending other requests (here: more of them) is not done, and no report mixes it in.
+    longer = _plan(tmp_path, min_requests=15).workloads()
+    changed = next(other for other in longer if other.name == "conv@1/s")
+    assert cell_digest(changed) != cell_digest(cell) and not raw.is_done("splitserve", changed, 0, "abc")
+    with pytest.raises(SystemExit, match="splitserve/conv@1/s"):
+        _commit_of(raw, ["splitserve"], longer, 1)
+    # 3. Files from before digests were recorded are taken by name.
+    meta_path = tmp_path / "raw" / "splitserve" / "conv_1rps.r0.json"
+    meta_path.write_text(json.dumps({key: value for key, value in json.loads(meta_path.read_text()).items()
+                                     if key != "cell_digest"}))
+    assert raw.is_done("splitserve", changed, 0, "abc")
+    # 4. A report never mixes commits.
+    raw.save("collocated", cell, 0, runs[0].records["conv@1/s"], stats, "def")
     with pytest.raises(SystemExit, match="one commit"):
         _commit_of(raw, ["splitserve", "collocated"], cells, 1)
+
+
+def test_the_light_end_joins_the_sweep_without_changing_the_uncontended_picks(tmp_path):
+    plain = {cell.name: cell for cell in _plan(tmp_path).workloads()}
+    lit = {cell.name: cell for cell in _plan(tmp_path, light_rates_per_s={"conv": (0.2, 1.0)}).workloads()}
+    # In rate order, and a light rate the sweep already has is one cell, not two.
+    assert list(lit) == ["uncontended-conv", "conv@0.2/s", "conv@0.5/s", "conv@1/s", "conv@2/s", "anchor-c1",
+                         "anchor-c2"]
+    assert len(lit["conv@0.2/s"].requests) == 10 and lit["conv@0.2/s"].requests[-1].arrival_s > 40  # 10 / 0.2 s
+    assert lit["uncontended-conv"] == plain["uncontended-conv"]
+    assert Plan().light_rates_per_s == {"conv": (0.15,), "code": (0.1,)}
+
+
+def test_rates_on_the_command_line():
+    traces = ("conv", "code")
+    assert _parse_rates(None, traces) == Plan().rates_per_s
+    assert _parse_rates(["code=0.2,0.4"], traces) == {"conv": Plan().rates_per_s["conv"], "code": (0.2, 0.4)}
+    assert _parse_rates(None, traces, is_light=True) == {"conv": (0.15,), "code": (0.1,)}
+    assert _parse_rates(["none"], traces, is_light=True) == {"conv": (), "code": ()}
+    assert _parse_rates(["none", "code=0.05"], traces, is_light=True) == {"conv": (), "code": (0.05,)}
+    with pytest.raises(SystemExit, match="--light-rates names 'chat'"):
+        _parse_rates(["chat=0.1"], traces, is_light=True)
 
 
 def test_every_figure_is_written(tmp_path):
