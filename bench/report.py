@@ -23,7 +23,7 @@ import numpy as np
 
 from bench.bootstrap import RatioInterval, paired_ratio_interval
 from bench.load_generator import MAX_SEND_LAG_P99_S, RequestRecord
-from bench.provenance import changed_since
+from bench.provenance import MEASURED_PATHS, PLAN_PATHS, changed_since
 from bench.result_files import request_values, span_s
 from bench.slo import SLO_FACTORS, Reference
 
@@ -224,7 +224,10 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
           reference: Reference | None, figures: list[tuple[str, str]], path: Path) -> str:
     table, ratios = latency_table(runs, cells, meta["baseline"])
     host, versions = meta["host"], meta["versions"]
-    changed = changed_since(meta["measured_commit"])
+    are_cells_checked = bool(meta.get("are_cells_digested"))
+    changed = changed_since(meta["measured_commit"], paths=tuple(
+        path for path in MEASURED_PATHS if not (are_cells_checked and path in PLAN_PATHS)))
+    checked = " Every cell sent what this plan's cell of its name sends (a digest per cell)." if are_cells_checked else ""
     if changed is None:
         freshness = "Whether the code changed since cannot be told here (no git history of that commit)."
     elif changed:
@@ -240,7 +243,7 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
     rebuilt = (f" This report was rebuilt from its raw files at commit `{meta['commit']}`."
                if meta.get("is_report_only") and not measured.startswith(meta["commit"]) else "")
     lines = [f"# Comparison, {meta['started_at']}", "",
-             f"Measured at commit `{measured}`{dirty}.{when}{rebuilt} {freshness}", "",
+             f"Measured at commit `{measured}`{dirty}.{when}{rebuilt} {freshness}{checked}", "",
              f"Model {meta['model']} on {host['num_cores']} cores ({host['cpu']}, {host['memory_gib']} GiB); "
              + ", ".join(f"{package} {found}" for package, found in versions.items())
              + f". This invocation took {meta['wall_s'] / 60:.1f} min; {meta['repeats']} run(s) of every cell. Latencies count "

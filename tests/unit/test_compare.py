@@ -243,3 +243,7 @@ def test_a_report_rebuilt_later_names_the_commit_its_cells_measured(tmp_path):
     # The raw files' commit, not the one the report was rebuilt at; HEAD's dirty tree is not the cells'.
     assert header.startswith("Measured at commit `abc123def456`.")
     assert "rebuilt from its raw files at commit `headcommit12`" in header and "uncommitted" not in header
+    assert "a digest per cell" not in header
+    # Raw cells that carry what they sent are checked against the plan; the header says so.
+    report.write(runs, cells, rows, meta | {"are_cells_digested": True}, None, [], tmp_path / "report.md")
+    assert "Every cell sent what this plan's cell of its name sends" in (tmp_path / "report.md").read_text()
