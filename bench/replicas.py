@@ -32,18 +32,23 @@ def engine_core_process(role: str, timeout_s: float = 15) -> psutil.Process:
         time.sleep(1)
 
 
-def _replicas(deployment: str) -> list[psutil.Process]:
-    """Live Ray worker processes of the deployment's replicas. Ray retitles a replica as it runs
-    (`ray::ServeReplica:splitserve:<Deployment>`, `ray::SERVE_REPLICA::splitserve#<Deployment>#<id>...`): the
-    title is matched on the app's and the deployment's names. Command lines are read afresh: psutil caches names."""
+def _live_ray_processes(is_wanted) -> list[psutil.Process]:
+    """Live processes whose title (`ray::...`, which Ray changes as a worker runs) passes `is_wanted`. Command lines
+    are read afresh: psutil caches names."""
     psutil.process_iter.cache_clear()
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         title = " ".join(proc.info["cmdline"] or [])
-        if title.startswith("ray::") and APP_NAME in title and deployment in title \
-                and proc.info["status"] != psutil.STATUS_ZOMBIE:
+        if title.startswith("ray::") and is_wanted(title) and proc.info["status"] != psutil.STATUS_ZOMBIE:
             found.append(proc)
     return found
+
+
+def _replicas(deployment: str) -> list[psutil.Process]:
+    """Live Ray worker processes of the deployment's replicas. Ray retitles a replica as it runs
+    (`ray::ServeReplica:splitserve:<Deployment>`, `ray::SERVE_REPLICA::splitserve#<Deployment>#<id>...`): the
+    title is matched on the app's and the deployment's names."""
+    return _live_ray_processes(lambda title: APP_NAME in title and deployment in title)
 
 
 def _is_engine_core(proc: psutil.Process) -> bool:
@@ -79,10 +84,7 @@ def router_process() -> psutil.Process:
 
 def proxy_process() -> psutil.Process:
     """Ray Serve's HTTP proxy on this node (`ray::ProxyActor`): its pid changes when the controller restarts it."""
-    psutil.process_iter.cache_clear()
-    (proxy,) = [proc for proc in psutil.process_iter(["cmdline", "status"])
-                if " ".join(proc.info["cmdline"] or []).startswith("ray::ProxyActor")
-                and proc.info["status"] != psutil.STATUS_ZOMBIE]
+    (proxy,) = _live_ray_processes(lambda title: title.startswith("ray::ProxyActor"))
     return proxy
 
 
