@@ -3,8 +3,8 @@ the moment each request was due.
 
 1. `PromptBuilder` makes a prompt of exactly the requested number of tokens with the served model's tokenizer;
    each prompt starts with its own request number, so no prefix cache serves one request from another's KV.
-2. `run_trace` is open loop: one dispatcher sleeps until each request's arrival and starts it there, however many
-   are still in flight. A request's clock starts at its **scheduled arrival**: TTFT and E2E are timed from it, so a
+2. `run_trace` is open loop: one dispatcher sleeps until each request's arrival (in short steps: the kernel lets a
+   long sleep end late) and starts it there, however many are still in flight. A request's clock starts at its **scheduled arrival**: TTFT and E2E are timed from it, so a
    late send counts against the latency a user would have seen (the send-time view is kept as `ttft_send_s` and
    `e2e_send_s`). Each record keeps its send lag; `GeneratorStats` keeps the generator's own CPU time.
 3. Requests go through the official `openai` client with streaming. Servers may put several tokens in one chunk
@@ -46,6 +46,11 @@ LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
 # The generator's own process asks for this nice value (lower runs first); without the permission it stays at 0,
 # and run.json says so.
 GENERATOR_NICE = -10
+# Linux lets a poll/epoll wait (asyncio's sleep) end late by 0.1% of its timeout, up to 100 ms (the kernel's
+# `select_estimate_accuracy`; 0.5% for a niced process): measured here, a 30 s sleep ended 30.4 ms late, and in the
+# code trace, whose arrivals have idle gaps of minutes at low rates, the request after each gap left 100 ms late.
+# The dispatcher never sleeps longer than this at once, so the kernel's slack stays under half a millisecond.
+MAX_SLEEP_S = 0.5
 AUTOGROUP = Path("/proc/self/autogroup")
 # A cell whose p99 send lag is above this is flagged: its latencies are not what the schedule asked for.
 MAX_SEND_LAG_P99_S = 0.050
@@ -193,6 +198,12 @@ async def _one(client, model: str, request: TraceRequest, prompt: str, due_at: f
     return record
 
 
+async def sleep_until(due_at: float, *, clock=time.perf_counter, sleep=asyncio.sleep) -> None:
+    """Sleeps until `due_at` (on `clock`) in steps of at most MAX_SLEEP_S, each of which the kernel ends on time."""
+    while (remaining := due_at - clock()) > 0:
+        await sleep(min(remaining, MAX_SLEEP_S))
+
+
 def _client(base_url: str, request_timeout_s: float):
     import openai
 
@@ -213,7 +224,7 @@ async def run_trace(*, base_url: str, model: str, requests: list[TraceRequest], 
         # One dispatcher, asleep until the next arrival: a request's start never waits on an earlier one.
         for request, prompt in due:
             due_at = started_at + request.arrival_s
-            await asyncio.sleep(max(0.0, due_at - time.perf_counter()))
+            await sleep_until(due_at)
             task = asyncio.create_task(_one(client, model, request, prompt, due_at, started_at, request_timeout_s))
             task.add_done_callback(lambda _: progress.update())
             tasks.append(task)

@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from bench.load_generator import (
     GENERATOR_NICE,
     MAX_SEND_LAG_P99_S,
+    MAX_SLEEP_S,
     CellRunner,
     RequestRecord,
     _client,
@@ -25,6 +26,7 @@ from bench.load_generator import (
     run_closed_loop,
     run_trace,
     send_lag_summary,
+    sleep_until,
 )
 from bench.processes import free_port
 from bench.traces import TraceRequest
@@ -176,6 +178,23 @@ def test_requests_leave_on_schedule_while_the_server_stalls_and_latency_counts_f
         assert record.ttft_s >= STALL_S
     for record in records[6:]:
         assert record.ttft_s < STALL_S / 2  # not queued behind the stalled ones on the client side
+
+
+def test_a_long_wait_for_the_next_arrival_is_slept_in_short_steps():
+    # The kernel may end a sleep late by 0.1% of it (100 ms after a 100 s gap in a trace): no step is that long.
+    now = [0.0]
+    steps: list[float] = []
+
+    async def fake_sleep(seconds: float) -> None:
+        steps.append(seconds)
+        now[0] += seconds
+
+    asyncio.run(sleep_until(100.2, clock=lambda: now[0], sleep=fake_sleep))
+    assert now[0] == pytest.approx(100.2) and max(steps) <= MAX_SLEEP_S
+    assert len(steps) == 201  # 200 steps of 0.5 s, then the 0.2 s left
+    steps.clear()
+    asyncio.run(sleep_until(50.0, clock=lambda: now[0], sleep=fake_sleep))  # already due: no sleep at all
+    assert steps == []
 
 
 def test_a_request_that_leaves_late_is_timed_from_when_it_was_due(base_url):
