@@ -21,6 +21,9 @@ from deployments.router import Router
 from kv_transfer.backend import resolve_backend
 from serve_app.config import AppConfig, EngineRoleConfig, RouterConfig
 
+# The scheduling policies the router carries out today (deployments/scheduling/ decides them all).
+ROUTED_POLICIES = ("always_split",)
+
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
@@ -28,6 +31,9 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         collocated = _engines(CollocatedServer, config.collocated, config)
         return _router(config.router).bind(config, collocated=collocated)
 
+    if config.scheduling.policy not in ROUTED_POLICIES:
+        raise ValueError(f"scheduling.policy {config.scheduling.policy!r} is not wired into the router yet; "
+                         f"it runs {', '.join(ROUTED_POLICIES)}")
     # `auto` is decided here, once, so that every replica of both roles uses the same transport; so is the key
     # with which prefill signs KV handles and decode checks them: only this app's replicas have it.
     config = config.model_copy(update={"transfer": resolve_backend(config.transfer)})

@@ -120,6 +120,51 @@ class RouterConfig(_Frozen):
     api_key_env: str = "SPLITSERVE_API_KEY"
 
 
+class SchedulingConfig(_Frozen):
+    """Which path each request takes (split, decode-local, prefill-local) and which engines serve it
+    (deployments/scheduling/). Every threshold is in tokens or requests, or a slowdown against what the engines
+    were measured to do: none is a time that fits one host."""
+
+    # always_split: prefill then decode for every request, replicas picked by Serve (the behaviour before a
+    # scheduler). token_jsq: split, each pool joined at its shortest queue of pending tokens (SplitwiseSim).
+    # mixed_pool: Splitwise's cluster scheduler: engines of one pool borrowed into a mixed pool, running both
+    # phases, while the other pool's queue is over a threshold. conditional: Dynamo's rule, split only a long
+    # prompt while prefill's queue is short. predictive: the path with the lowest predicted time to first token
+    # whose predicted TBT stays within bounds, from rates learned online.
+    # The router runs always_split until the scheduler is wired into it (build_app refuses the others until then).
+    policy: Literal["always_split", "token_jsq", "mixed_pool", "conditional", "predictive"] = "always_split"
+    # conditional: prompts up to this many tokens run on decode; longer ones are split while prefill has fewer
+    # than `max_prefill_queue_requests` waiting (Dynamo's max_local_prefill_length and max_prefill_queue_size).
+    max_local_prompt_tokens: int = Field(1000, ge=0)
+    max_prefill_queue_requests: int = Field(2, ge=1)
+    # mixed_pool: a decode engine joins the mixed pool when every prefill engine has more than `borrow_tokens`
+    # pending, and goes back when one has fewer than `return_tokens`; a prefill engine joins when every decode
+    # engine holds more than `borrow_requests`, back under `return_requests`.
+    borrow_tokens: int = Field(2048, ge=1)
+    return_tokens: int = Field(512, ge=0)
+    borrow_requests: int = Field(12, ge=1)
+    return_requests: int = Field(6, ge=0)
+    # predictive: the bounds a decode-local prompt must keep decode's streams within, as slowdowns of the decode
+    # engine's own measured step time (Splitwise's TBT SLOs: a request's mean gap 1.25x, any one gap 5x).
+    tbt_mean_slowdown: float = Field(1.25, gt=1)
+    tbt_gap_slowdown: float = Field(5.0, gt=1)
+    # Observations of each rate before it is trusted; until then predictive acts as token_jsq.
+    min_observations: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def returns_below_borrows(self) -> SchedulingConfig:
+        if self.return_tokens >= self.borrow_tokens:
+            raise ValueError(f"scheduling.return_tokens ({self.return_tokens}) must be below borrow_tokens "
+                             f"({self.borrow_tokens}): an engine must be able to go back")
+        if self.return_requests >= self.borrow_requests:
+            raise ValueError(f"scheduling.return_requests ({self.return_requests}) must be below borrow_requests "
+                             f"({self.borrow_requests}): an engine must be able to go back")
+        if self.tbt_gap_slowdown < self.tbt_mean_slowdown:
+            raise ValueError(f"scheduling.tbt_gap_slowdown ({self.tbt_gap_slowdown}) is below tbt_mean_slowdown "
+                             f"({self.tbt_mean_slowdown}): one gap may not be held tighter than their mean")
+        return self
+
+
 class AppConfig(_Frozen):
     # `disaggregated`: prefill and decode engines with the KV handed over between them (the product).
     # `collocated`: the same router in front of plain vLLM replicas that run both phases (the baseline to beat);
@@ -131,6 +176,14 @@ class AppConfig(_Frozen):
     collocated: EngineRoleConfig = EngineRoleConfig(num_replicas=2, cpu_binding=["0", "1"])
     router: RouterConfig = RouterConfig()
     transfer: TransferConfig = TransferConfig()
+    scheduling: SchedulingConfig = SchedulingConfig()
+
+    @model_validator(mode="after")
+    def scheduling_needs_two_pools(self) -> AppConfig:
+        if not self.is_disaggregated and self.scheduling.policy != "always_split":
+            raise ValueError(f"scheduling.policy {self.scheduling.policy!r} chooses between prefill and decode "
+                             "engines, and mode 'collocated' has one pool")
+        return self
 
     @property
     def is_disaggregated(self) -> bool:

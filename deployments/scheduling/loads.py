@@ -1,0 +1,156 @@
+"""What the scheduler knows of each engine's load: the engine's own reports plus the router's in-flight accounting.
+
+1. An engine replica reports an `EngineLoad` (prompt tokens not yet computed, requests running and waiting, KV in
+   use), from vLLM's scheduler stats, every few hundred milliseconds.
+2. Between reports, the router counts what it sent and what came back itself (`dispatched`, `prompt_done`,
+   `decode_done`). A report replaces the engine's numbers and clears those counts: what the router sent before the
+   report is in it (or done), so with several router replicas each adds only its own traffic since the last report
+   to the engines' shared truth.
+3. `least_loaded(role)` gives the engine whose queue drains first, in O(log engines): each role keeps a heap keyed
+   on (drain time of its pending prompt tokens, requests it holds), refreshed lazily (an engine whose load changed
+   is pushed again; stale entries are skipped when they reach the top). Drain time comes from the learned rates
+   (rates.py); until they are known it is the pending tokens themselves, which is token join-the-shortest-queue.
+
+Plain state, no I/O and no clock of its own: the router (or a simulator) drives it.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["prefill", "decode"]
+
+
+@dataclass(frozen=True)
+class EngineLoad:
+    """One engine's report. `engine_id` is the replica's; counts are the engine's own, across all routers."""
+
+    engine_id: str
+    role: Role
+    num_pending_prompt_tokens: int = 0  # prompt tokens queued or being prefilled
+    num_running: int = 0  # requests decoding (or prefilling) now
+    num_waiting: int = 0  # requests not yet scheduled
+    kv_usage: float = 0.0  # share of the KV cache in use, 0 to 1
+
+
+@dataclass
+class _Engine:
+    reported: EngineLoad
+    # The router's own traffic since the last report.
+    delta_prompt_tokens: int = 0
+    delta_requests: int = 0
+    version: int = 0
+
+    @property
+    def num_pending_prompt_tokens(self) -> int:
+        return max(0, self.reported.num_pending_prompt_tokens + self.delta_prompt_tokens)
+
+    @property
+    def num_requests(self) -> int:
+        return max(0, self.reported.num_running + self.reported.num_waiting + self.delta_requests)
+
+
+@dataclass
+class LoadBook:
+    """Every engine's estimated load, by role. `drain_s(engine_id, tokens)` turns pending tokens into seconds."""
+
+    drain_time: Callable[[str, int], float] = field(default=lambda engine_id, num_tokens: float(num_tokens))
+    _engines: dict[str, _Engine] = field(default_factory=dict)
+    _heaps: dict[str, list[tuple[float, int, int, str, int]]] = field(default_factory=lambda: {"prefill": [], "decode": []})
+    _tie: int = 0  # insertion order breaks ties: of two equal queues, the one that has waited longer goes first
+    _num_engines: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+
+    # 1. Reports.
+    def report(self, load: EngineLoad) -> None:
+        engine = self._engines.get(load.engine_id)
+        if engine is None or engine.reported.role != load.role:
+            self.remove(load.engine_id)
+            engine = self._engines[load.engine_id] = _Engine(reported=load)
+            self._num_engines[load.role] += 1
+        else:
+            engine.reported, engine.delta_prompt_tokens, engine.delta_requests = load, 0, 0
+        self._push(engine)
+
+    def remove(self, engine_id: str) -> None:
+        """An engine that is gone (its replica died or was scaled down): its heap entries go stale."""
+        engine = self._engines.pop(engine_id, None)
+        if engine is not None:
+            self._num_engines[engine.reported.role] -= 1
+
+    # 2. The router's own traffic between reports.
+    def dispatched(self, engine_id: str, num_prompt_tokens: int) -> None:
+        """A request was sent to the engine; it will compute `num_prompt_tokens` of prompt (0 when KV arrives)."""
+        self._change(engine_id, num_prompt_tokens, +1)
+
+    def prompt_done(self, engine_id: str, num_prompt_tokens: int) -> None:
+        """The engine's first token came back: its prompt tokens are computed."""
+        self._change(engine_id, -num_prompt_tokens, 0)
+
+    def request_done(self, engine_id: str) -> None:
+        self._change(engine_id, 0, -1)
+
+    def _change(self, engine_id: str, prompt_tokens: int, requests: int) -> None:
+        engine = self._engines.get(engine_id)
+        if engine is None:
+            return  # removed meanwhile
+        engine.delta_prompt_tokens += prompt_tokens
+        engine.delta_requests += requests
+        self._push(engine)
+
+    # 3. Queries.
+    def least_loaded(self, role: Role, *, skip: frozenset[str] = frozenset()) -> str | None:
+        """The `role` engine whose pending prompts drain first, ties to the longest unchanged; None if none."""
+        found = self.first_loaded(role, 1, skip=skip)
+        return found[0] if found else None
+
+    def first_loaded(self, role: Role, count: int, *, skip: frozenset[str] = frozenset()) -> list[str]:
+        """Up to `count` engines of `role` in drain-time order: O(count · log engines) amortised."""
+        heap, found, popped = self._heaps[role], [], []
+        while heap and len(found) < count:
+            entry = heapq.heappop(heap)
+            *_, engine_id, version = entry
+            engine = self._engines.get(engine_id)
+            if engine is None or engine.version != version or engine.reported.role != role:
+                continue  # stale: the engine changed since (a fresher entry exists) or is gone
+            popped.append(entry)
+            if engine_id not in skip:
+                found.append(engine_id)
+        for entry in popped:
+            heapq.heappush(heap, entry)
+        return found
+
+    def engine(self, engine_id: str) -> _Engine | None:
+        return self._engines.get(engine_id)
+
+    def engine_ids(self, role: Role) -> list[str]:
+        """O(engines): for dashboards and tests, never on a decision's path."""
+        return [engine_id for engine_id, engine in self._engines.items() if engine.reported.role == role]
+
+    def num_engines(self, role: Role) -> int:
+        return self._num_engines[role]
+
+    def drain_s(self, engine_id: str) -> float:
+        """Seconds until the engine has computed every prompt it holds (0 with none pending)."""
+        pending = self._engines[engine_id].num_pending_prompt_tokens
+        return self.drain_time(engine_id, pending) if pending > 0 else 0.0
+
+    def rekey(self) -> None:
+        """The rates changed: every engine's drain time is computed afresh (O(engines), once per rate update)."""
+        for engine in self._engines.values():
+            self._push(engine)
+
+    def _push(self, engine: _Engine) -> None:
+        engine.version += 1
+        self._tie += 1
+        role = engine.reported.role
+        heapq.heappush(self._heaps[role], (self.drain_s(engine.reported.engine_id), engine.num_requests, self._tie,
+                                           engine.reported.engine_id, engine.version))
+        # Stale entries are dropped when they surface; a heap far larger than its engines is rebuilt, so memory
+        # stays O(engines) however many updates arrive.
+        if len(self._heaps[role]) > 4 * max(16, len(self._engines)):
+            self._heaps[role] = [entry for entry in self._heaps[role]
+                                 if (live := self._engines.get(entry[-2])) is not None and live.version == entry[-1]]
+            heapq.heapify(self._heaps[role])

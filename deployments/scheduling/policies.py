@@ -1,0 +1,237 @@
+"""Per request: which path (split, decode-local, prefill-local) and which engines. Pure: no Ray, no vLLM, no clock.
+
+1. The router knows a request's prompt length and nothing of its output (`RequestFacts`); the load book knows
+   every engine's pending prompt tokens and requests (loads.py); the rates say how fast each engine works
+   (rates.py).
+2. A policy's `decide` returns a `Decision`: the path, the engines (None: Serve's own router picks), the TTFT it
+   predicts where it predicts one, and why, in words a log line and a dashboard can carry.
+3. The router then dispatches (and tells the book), and reports what it observed back into the rates.
+Every decision looks at a bounded number of engines per pool through the book's heaps: O(log engines).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Protocol
+
+from deployments.scheduling.loads import LoadBook
+from deployments.scheduling.rates import Rates
+from serve_app.config import SchedulingConfig
+
+# Decode-local candidates whose TBT guard is checked before giving up on decode-local: bounded, so a decision
+# stays O(log engines) with thousands of engines.
+NUM_GUARDED_CANDIDATES = 4
+
+
+class Path(StrEnum):
+    SPLIT = "split"  # prefill engine runs the prompt, KV moves, decode engine streams
+    DECODE_LOCAL = "decode_local"  # a decode engine runs the prompt and streams
+    PREFILL_LOCAL = "prefill_local"  # a prefill engine runs the whole request
+
+
+@dataclass(frozen=True)
+class RequestFacts:
+    """What a live router knows of a request before it runs: never its output length."""
+
+    request_id: str
+    num_prompt_tokens: int
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    path: Path
+    prefill_engine: str | None  # None: Serve's router picks (always_split), or the path has no prefill engine
+    decode_engine: str | None
+    reason: str
+    predicted_ttft_s: float | None = None
+
+
+class Policy(Protocol):
+    name: str
+
+    def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision: ...
+
+
+def _split_jsq(request: RequestFacts, book: LoadBook, reason: str) -> Decision:
+    return Decision(Path.SPLIT, book.least_loaded("prefill"), book.least_loaded("decode"), reason)
+
+
+@dataclass
+class AlwaysSplit:
+    """Prefill then decode for every request; Serve's router picks the replicas (power of two choices)."""
+
+    name: str = "always_split"
+
+    def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision:
+        return Decision(Path.SPLIT, None, None, "always split")
+
+
+@dataclass
+class TokenJSQ:
+    """SplitwiseSim's join-the-shortest-queue: split, each pool's engine with the fewest pending tokens."""
+
+    name: str = "token_jsq"
+
+    def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision:
+        return _split_jsq(request, book, "shortest queues")
+
+
+@dataclass
+class Conditional:
+    """Dynamo's rule: a short prompt, or any prompt while prefill's queue is long, runs on decode."""
+
+    config: SchedulingConfig
+    name: str = "conditional"
+
+    def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision:
+        if request.num_prompt_tokens <= self.config.max_local_prompt_tokens:
+            return Decision(Path.DECODE_LOCAL, None, book.least_loaded("decode"),
+                            f"prompt of {request.num_prompt_tokens} tokens is short")
+        prefill = book.least_loaded("prefill")
+        queue = book.engine(prefill).num_requests if prefill is not None else 0
+        if queue >= self.config.max_prefill_queue_requests:
+            return Decision(Path.DECODE_LOCAL, None, book.least_loaded("decode"),
+                            f"prefill's shortest queue holds {queue} requests")
+        return Decision(Path.SPLIT, prefill, book.least_loaded("decode"), "long prompt, prefill free")
+
+
+@dataclass
+class MixedPool:
+    """Splitwise's cluster scheduler. While every prefill engine has more than `borrow_tokens` pending, decode
+    engines are borrowed, one per decision, into a mixed pool where they run whole requests; they go back once a
+    prefill engine is under `return_tokens`. Symmetrically, prefill engines join while every decode engine holds
+    more than `borrow_requests`. A request goes to the mixed pool when a mixed engine's queue is the shortest."""
+
+    config: SchedulingConfig
+    name: str = "mixed_pool"
+    borrowed_decode: set[str] | None = None  # decode engines running prompts too
+    borrowed_prefill: set[str] | None = None  # prefill engines decoding too
+
+    def __post_init__(self) -> None:
+        self.borrowed_decode, self.borrowed_prefill = set(), set()
+
+    def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision:
+        self._rebalance(book)
+        prefill = book.least_loaded("prefill", skip=frozenset(self.borrowed_prefill))
+        decode = book.least_loaded("decode", skip=frozenset(self.borrowed_decode))
+        mixed_decode = _least_of(book, "decode", self.borrowed_decode)
+        if mixed_decode is not None and (prefill is None or book.drain_s(mixed_decode) < book.drain_s(prefill)):
+            return Decision(Path.DECODE_LOCAL, None, mixed_decode, "prefill pool over its threshold: mixed pool")
+        mixed_prefill = _least_of(book, "prefill", self.borrowed_prefill)
+        if mixed_prefill is not None and (decode is None or book.engine(mixed_prefill).num_requests
+                                          < book.engine(decode).num_requests):
+            return Decision(Path.PREFILL_LOCAL, mixed_prefill, None, "decode pool over its threshold: mixed pool")
+        return Decision(Path.SPLIT, prefill, decode, "pools under their thresholds")
+
+    def _rebalance(self, book: LoadBook) -> None:
+        # Engines that are gone leave the mixed pool (O(borrowed), never O(engines)).
+        self.borrowed_decode = {engine_id for engine_id in self.borrowed_decode if book.engine(engine_id)}
+        self.borrowed_prefill = {engine_id for engine_id in self.borrowed_prefill if book.engine(engine_id)}
+        # The shortest queue of a pool says whether all of it is over the threshold: O(log engines).
+        prefill = book.least_loaded("prefill", skip=frozenset(self.borrowed_prefill))
+        shortest_tokens = book.engine(prefill).num_pending_prompt_tokens if prefill is not None else 0
+        if prefill is not None and shortest_tokens > self.config.borrow_tokens:
+            lender = book.least_loaded("decode", skip=frozenset(self.borrowed_decode))
+            if lender is not None and book.num_engines("decode") - len(self.borrowed_decode) > 1:
+                self.borrowed_decode.add(lender)  # one pool never lends its last engine
+        elif shortest_tokens < self.config.return_tokens:
+            self.borrowed_decode.clear()
+        decode = book.least_loaded("decode", skip=frozenset(self.borrowed_decode))
+        shortest_requests = book.engine(decode).num_requests if decode is not None else 0
+        if decode is not None and shortest_requests > self.config.borrow_requests:
+            lender = book.least_loaded("prefill", skip=frozenset(self.borrowed_prefill))
+            if lender is not None and book.num_engines("prefill") - len(self.borrowed_prefill) > 1:
+                self.borrowed_prefill.add(lender)
+        elif shortest_requests < self.config.return_requests:
+            self.borrowed_prefill.clear()
+
+
+def _least_of(book: LoadBook, role: str, members: set[str]) -> str | None:
+    """The least-loaded engine among a (small) borrowed set."""
+    live = [engine_id for engine_id in members if book.engine(engine_id) is not None]
+    return min(live, key=lambda engine_id: (book.drain_s(engine_id), book.engine(engine_id).num_requests),
+               default=None)
+
+
+@dataclass
+class Predictive:
+    """Ours: the path with the lowest predicted TTFT whose decode streams stay within the TBT bounds.
+
+    split:         drain(P) + prefill(P, n) + transfer(n) + one decode step on D
+    decode-local:  drain(D) + prefill(D, n), allowed only if the steps that carry its prompt chunks keep D's
+                   gaps within `tbt_gap_slowdown` of D's own step and its running requests' mean gap within
+                   `tbt_mean_slowdown`
+    prefill-local: prefill(P, n), only when decode's least-loaded engine cannot take one more stream within
+                   the mean bound, and P is idle (its decode steps would otherwise wait behind other prompts)
+    Until the rates are known it acts as token_jsq, which is how it learns them."""
+
+    config: SchedulingConfig
+    chunk_tokens: int = 256  # the decode engines' chunked-prefill budget per step (vLLM's max_num_batched_tokens)
+    expected_output_tokens: float = 128.0  # learned from finished requests (`observe_output`)
+    name: str = "predictive"
+
+    def observe_output(self, num_output_tokens: int) -> None:
+        self.expected_output_tokens += (num_output_tokens - self.expected_output_tokens) / 32
+
+    def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision:
+        if not rates.is_known():
+            return _split_jsq(request, book, "learning the rates (token JSQ)")
+        n = request.num_prompt_tokens
+        options: list[tuple[float, Decision]] = []
+        prefill, decode = book.least_loaded("prefill"), book.least_loaded("decode")
+        if prefill is not None and decode is not None:
+            ttft = (book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.transfer_s(n)
+                    + rates.decode_step_s(decode, book.engine(decode).num_requests + 1))
+            options.append((ttft, Decision(Path.SPLIT, prefill, decode, "lowest predicted TTFT", ttft)))
+        for candidate in book.first_loaded("decode", NUM_GUARDED_CANDIDATES):
+            if self._decode_can_take(candidate, n, book, rates):
+                ttft = book.drain_s(candidate) + rates.prefill_s(candidate, n)
+                options.append((ttft, Decision(Path.DECODE_LOCAL, None, candidate, "lowest predicted TTFT", ttft)))
+                break  # candidates come in drain order: the first that passes has the lowest TTFT of them
+        if prefill is not None and decode is not None and not self._decode_can_stream(decode, book, rates) \
+                and self._prefill_can_decode(prefill, book, rates):
+            ttft = rates.prefill_s(prefill, n)
+            options.append((ttft, Decision(Path.PREFILL_LOCAL, prefill, None, "lowest predicted TTFT", ttft)))
+        if not options:
+            return _split_jsq(request, book, "no path predicted")
+        # Ties go to the split, then decode-local: the order they were added in.
+        return min(options, key=lambda option: option[0])[1]
+
+    def _decode_can_take(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates) -> bool:
+        running = book.engine(engine_id).num_requests
+        base = rates.decode_step_s(engine_id, 1)
+        if base <= 0:
+            return False
+        chunk = min(num_tokens, self.chunk_tokens)
+        step_with_chunk = rates.decode_step_s(engine_id, running + 1) + rates.prefill_s(engine_id, chunk)
+        if step_with_chunk > self.config.tbt_gap_slowdown * base:
+            return False
+        # The prompt's chunks (and those already pending) spread over a running request's expected output.
+        num_chunks = math.ceil((num_tokens + book.engine(engine_id).num_pending_prompt_tokens) / self.chunk_tokens)
+        extra_per_token = num_chunks * rates.prefill_s(engine_id, self.chunk_tokens) / max(
+            1.0, self.expected_output_tokens)
+        return rates.decode_step_s(engine_id, running + 1) + extra_per_token <= self.config.tbt_mean_slowdown * base
+
+    def _decode_can_stream(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
+        """One more stream keeps the decode engine's step within the mean bound of its own single-stream step."""
+        base = rates.decode_step_s(engine_id, 1)
+        running = book.engine(engine_id).num_requests
+        return rates.decode_step_s(engine_id, running + 1) <= self.config.tbt_mean_slowdown * base
+
+    def _prefill_can_decode(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
+        engine = book.engine(engine_id)
+        if engine.num_pending_prompt_tokens > 0 or engine.num_requests > 0:
+            return False
+        base = rates.decode_step_s(engine_id, 1) or max(
+            (rates.decode_step_s(other, 1) for other in book.first_loaded("decode", 1)), default=0.0)
+        return base > 0
+
+
+def make_policy(config: SchedulingConfig) -> Policy:
+    policies = {"always_split": lambda: AlwaysSplit(), "token_jsq": lambda: TokenJSQ(),
+                "conditional": lambda: Conditional(config), "mixed_pool": lambda: MixedPool(config),
+                "predictive": lambda: Predictive(config)}
+    return policies[config.policy]()

@@ -1,0 +1,115 @@
+"""How fast each engine works, learned online from what the router observes, so that no constant fits one host.
+
+1. `observe_prefill(engine, tokens, seconds)`: a prompt of `tokens` took `seconds` from dispatch to its first token
+   on an engine that had nothing queued ahead of it: the engine's prefill rate, tokens/s.
+2. `observe_transfer(tokens, seconds)`: a split request's hand-over (prefill's answer to decode's first token, less
+   one decode step): a line, seconds = a + b · tokens.
+3. `observe_decode_step(engine, num_running, seconds)`: a decode step with `num_running` requests in the batch: a
+   line, seconds = c + d · num_running.
+Each is an exponentially weighted estimate (recent observations count more; `half_life` observations halve an old
+one's weight), per engine where engines differ (prefill rate, step time) and per pool where they share a path (the
+transfer). Until an estimate has `min_observations`, `is_known` is False and a policy falls back to what needs none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class WeightedLine:
+    """y = intercept + slope · x, fitted by exponentially weighted least squares (one observation at a time)."""
+
+    half_life: float = 32.0
+    _weight: float = 0.0
+    _sx: float = 0.0
+    _sy: float = 0.0
+    _sxx: float = 0.0
+    _sxy: float = 0.0
+    num_observations: int = 0
+
+    def observe(self, x: float, y: float) -> None:
+        keep = 0.5 ** (1.0 / self.half_life)
+        self._weight = keep * self._weight + 1.0
+        self._sx = keep * self._sx + x
+        self._sy = keep * self._sy + y
+        self._sxx = keep * self._sxx + x * x
+        self._sxy = keep * self._sxy + x * y
+        self.num_observations += 1
+
+    @property
+    def slope(self) -> float:
+        if self._weight == 0:
+            return 0.0
+        mean_x, mean_y = self._sx / self._weight, self._sy / self._weight
+        spread = self._sxx / self._weight - mean_x * mean_x
+        if spread <= 1e-12 * max(1.0, mean_x * mean_x):
+            return 0.0  # every x alike: no slope to tell; the mean is the estimate
+        return max(0.0, (self._sxy / self._weight - mean_x * mean_y) / spread)  # work never gets cheaper with size
+
+    @property
+    def intercept(self) -> float:
+        if self._weight == 0:
+            return 0.0
+        return max(0.0, self._sy / self._weight - self.slope * self._sx / self._weight)
+
+    def predict(self, x: float) -> float:
+        return self.intercept + self.slope * x
+
+
+@dataclass
+class Rates:
+    """The learned rates the predictive policy needs. `min_observations` before an estimate is trusted."""
+
+    min_observations: int = 4
+    half_life: float = 32.0
+    _prefill: dict[str, WeightedLine] = field(default_factory=dict)  # engine -> seconds against prompt tokens
+    _decode_step: dict[str, WeightedLine] = field(default_factory=dict)  # engine -> seconds against batch size
+    _transfer: WeightedLine | None = None
+
+    def _line(self, lines: dict[str, WeightedLine], engine_id: str) -> WeightedLine:
+        return lines.setdefault(engine_id, WeightedLine(half_life=self.half_life))
+
+    # 1-3. Observations.
+    def observe_prefill(self, engine_id: str, num_tokens: int, seconds: float) -> None:
+        self._line(self._prefill, engine_id).observe(num_tokens, seconds)
+
+    def observe_decode_step(self, engine_id: str, num_running: int, seconds: float) -> None:
+        self._line(self._decode_step, engine_id).observe(num_running, seconds)
+
+    def observe_transfer(self, num_tokens: int, seconds: float) -> None:
+        if self._transfer is None:
+            self._transfer = WeightedLine(half_life=self.half_life)
+        self._transfer.observe(num_tokens, seconds)
+
+    # Estimates.
+    def is_known(self) -> bool:
+        """Enough of each kind to predict: some prefill, some decode step, and (for a split) the transfer."""
+        return (any(line.num_observations >= self.min_observations for line in self._prefill.values())
+                and any(line.num_observations >= self.min_observations for line in self._decode_step.values())
+                and self._transfer is not None and self._transfer.num_observations >= self.min_observations)
+
+    def prefill_s(self, engine_id: str, num_tokens: int) -> float:
+        """Seconds the engine takes to compute `num_tokens` of prompt; an engine not yet seen gets its pool's mean."""
+        line = self._prefill.get(engine_id)
+        if line is not None and line.num_observations >= self.min_observations:
+            return line.predict(num_tokens)
+        known = [line.predict(num_tokens) for line in self._prefill.values()
+                 if line.num_observations >= self.min_observations]
+        return sum(known) / len(known) if known else 0.0
+
+    def prefill_rate(self, engine_id: str) -> float:
+        """Prompt tokens per second at a typical size (1,000 tokens): what turns pending tokens into drain time."""
+        seconds = self.prefill_s(engine_id, 1000)
+        return 1000 / seconds if seconds > 0 else 1.0
+
+    def decode_step_s(self, engine_id: str, num_running: int) -> float:
+        line = self._decode_step.get(engine_id)
+        if line is not None and line.num_observations >= self.min_observations:
+            return line.predict(num_running)
+        known = [line.predict(num_running) for line in self._decode_step.values()
+                 if line.num_observations >= self.min_observations]
+        return sum(known) / len(known) if known else 0.0
+
+    def transfer_s(self, num_tokens: int) -> float:
+        return self._transfer.predict(num_tokens) if self._transfer is not None else 0.0

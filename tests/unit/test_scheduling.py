@@ -1,0 +1,276 @@
+"""The scheduler (deployments/scheduling/) with fake loads: reports and the router's own accounting, the learned
+rates, each policy's choice where it should make it, and a decision's cost with a thousand engines."""
+
+from __future__ import annotations
+
+import heapq
+
+import pytest
+from pydantic import ValidationError
+
+from deployments.scheduling import loads
+from deployments.scheduling.loads import EngineLoad, LoadBook
+from deployments.scheduling.policies import (
+    Conditional,
+    MixedPool,
+    Path,
+    Predictive,
+    RequestFacts,
+    TokenJSQ,
+    make_policy,
+)
+from deployments.scheduling.rates import Rates, WeightedLine
+from serve_app.config import AppConfig, SchedulingConfig
+
+
+def _book(prefill: dict[str, int], decode: dict[str, int], *, decode_requests: dict[str, int] | None = None,
+          rates: Rates | None = None) -> LoadBook:
+    """Engines with the given pending prompt tokens (and decode engines' running requests)."""
+    book = LoadBook(drain_time=(lambda engine_id, tokens: rates.prefill_s(engine_id, tokens)) if rates else
+                    LoadBook().drain_time)
+    for engine_id, tokens in prefill.items():
+        book.report(EngineLoad(engine_id, "prefill", num_pending_prompt_tokens=tokens, num_waiting=int(tokens > 0)))
+    for engine_id, tokens in decode.items():
+        book.report(EngineLoad(engine_id, "decode", num_pending_prompt_tokens=tokens,
+                               num_running=(decode_requests or {}).get(engine_id, 0)))
+    return book
+
+
+def _request(num_prompt_tokens: int = 500) -> RequestFacts:
+    return RequestFacts(request_id="r1", num_prompt_tokens=num_prompt_tokens)
+
+
+def _learned(*, prefill_ms_per_token: float = 2.5, step_ms: float = 75.0, step_ms_per_stream: float = 2.0,
+             transfer_ms: float = 15.0, engines: tuple[str, ...] = ("p0", "d0")) -> Rates:
+    """Rates that have seen enough of every kind: prefill 2.5 ms/token, a decode step 75 ms + 2 ms per stream."""
+    rates = Rates(min_observations=4)
+    for engine_id in engines:
+        for tokens in (100, 400, 800, 1600):
+            rates.observe_prefill(engine_id, tokens, 0.010 + prefill_ms_per_token * tokens / 1000)
+        for streams in (1, 4, 8, 16):
+            rates.observe_decode_step(engine_id, streams, (step_ms + step_ms_per_stream * streams) / 1000)
+    for tokens in (100, 400, 800, 1600):
+        rates.observe_transfer(tokens, transfer_ms / 1000)
+    return rates
+
+
+# The book: reports, the router's own traffic, shortest queues.
+
+def test_reports_and_the_routers_own_traffic_make_the_estimate():
+    book = _book({"p0": 0, "p1": 0}, {"d0": 0})
+    # 1. The router sends 500 prompt tokens to p0: p0's queue is longer until the prompt is done.
+    book.dispatched("p0", 500)
+    assert book.engine("p0").num_pending_prompt_tokens == 500 and book.least_loaded("prefill") == "p1"
+    # 2. A report from p0 replaces what the router counted before it (another router sent it 300 more).
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=800, num_waiting=2))
+    assert book.engine("p0").num_pending_prompt_tokens == 800 and book.engine("p0").num_requests == 2
+    # 3. Our prompt finishes after the report: it leaves the estimate, which never goes negative.
+    book.prompt_done("p0", 500)
+    book.request_done("p0")
+    assert (book.engine("p0").num_pending_prompt_tokens, book.engine("p0").num_requests) == (300, 1)
+    book.prompt_done("p0", 5000)
+    assert book.engine("p0").num_pending_prompt_tokens == 0
+    # 4. An engine that is gone is never chosen, and the count of engines follows.
+    book.remove("p1")
+    assert book.least_loaded("prefill") == "p0" and book.num_engines("prefill") == 1
+    book.dispatched("p1", 10)  # a late answer from the removed engine changes nothing
+    assert book.engine("p1") is None and book.least_loaded("prefill", skip=frozenset({"p0"})) is None
+
+
+def test_jsq_ties_go_to_the_engine_unchanged_longest_and_rotate():
+    book = _book({"p0": 0, "p1": 0, "p2": 0}, {"d0": 0})
+    chosen = []
+    for _ in range(6):
+        engine_id = book.least_loaded("prefill")
+        chosen.append(engine_id)
+        book.dispatched(engine_id, 100)
+    assert chosen == ["p0", "p1", "p2", "p0", "p1", "p2"]
+    # Equal pending tokens: fewer requests held wins.
+    book = _book({}, {"d0": 0, "d1": 0}, decode_requests={"d0": 3, "d1": 1})
+    assert book.least_loaded("decode") == "d1"
+
+
+def test_a_decision_costs_o_log_engines_with_a_thousand_engines(monkeypatch):
+    heap_operations = []
+
+    class CountingHeapq:
+        @staticmethod
+        def heappush(heap, item):
+            heap_operations.append("push")
+            heapq.heappush(heap, item)
+
+        @staticmethod
+        def heappop(heap):
+            heap_operations.append("pop")
+            return heapq.heappop(heap)
+
+        heapify = staticmethod(heapq.heapify)
+
+    config = SchedulingConfig(policy="mixed_pool")
+    for num_engines in (100, 1000):
+        book = _book({f"p{i}": (i * 37) % 1000 for i in range(num_engines)},
+                     {f"d{i}": 0 for i in range(num_engines)})
+        policies = [make_policy(config.model_copy(update={"policy": name})) for name in
+                    ("token_jsq", "conditional", "mixed_pool", "predictive")]
+        rates = _learned(engines=("p0", "d0"))
+        monkeypatch.setattr(loads, "heapq", CountingHeapq)
+        heap_operations.clear()
+        num_decisions = 400
+        for index in range(num_decisions):
+            decision = policies[index % len(policies)].decide(_request(300 + index % 700), book, rates)
+            if decision.prefill_engine is not None:
+                book.dispatched(decision.prefill_engine, 300)
+            if decision.decode_engine is not None:
+                book.dispatched(decision.decode_engine, 0)
+        monkeypatch.setattr(loads, "heapq", heapq)
+        # Each heap operation is O(log engines); their number per decision does not grow with the engines.
+        assert len(heap_operations) / num_decisions < 40, (num_engines, len(heap_operations))
+
+
+# The rates.
+
+def test_a_weighted_line_learns_a_line_and_follows_a_change():
+    line = WeightedLine(half_life=8)
+    for x in (100, 200, 400, 800) * 4:
+        line.observe(x, 0.01 + 0.002 * x)
+    assert line.intercept == pytest.approx(0.01, rel=1e-6) and line.slope == pytest.approx(0.002, rel=1e-6)
+    for x in (100, 200, 400, 800) * 16:  # the engine got twice as slow: recent observations win
+        line.observe(x, 0.01 + 0.004 * x)
+    assert line.slope == pytest.approx(0.004, rel=0.05)
+    same_x = WeightedLine()
+    for _ in range(5):
+        same_x.observe(3, 0.5)
+    assert (same_x.slope, same_x.predict(3)) == (0.0, pytest.approx(0.5))
+
+
+def test_rates_are_not_trusted_until_each_kind_was_seen_enough():
+    rates = Rates(min_observations=4)
+    assert not rates.is_known() and rates.prefill_s("p0", 100) == 0.0
+    for tokens in (100, 200, 300, 400):
+        rates.observe_prefill("p0", tokens, tokens / 1000)
+    assert rates.prefill_s("p0", 500) == pytest.approx(0.5) and not rates.is_known()
+    # An engine never seen prefilling (a decode engine) gets its peers' estimate.
+    assert rates.prefill_s("d0", 500) == pytest.approx(0.5)
+    assert _learned().is_known()
+
+
+# The policies.
+
+def test_token_jsq_splits_to_each_pools_shortest_queue():
+    book = _book({"p0": 900, "p1": 100}, {"d0": 0, "d1": 0}, decode_requests={"d0": 5, "d1": 2})
+    decision = TokenJSQ().decide(_request(), book, Rates())
+    assert (decision.path, decision.prefill_engine, decision.decode_engine) == (Path.SPLIT, "p1", "d1")
+    assert make_policy(SchedulingConfig()).decide(_request(), book, Rates()).prefill_engine is None  # Serve's pick
+
+
+def test_conditional_runs_short_prompts_and_any_prompt_behind_a_long_queue_on_decode():
+    policy = Conditional(SchedulingConfig(policy="conditional", max_local_prompt_tokens=256,
+                                          max_prefill_queue_requests=2))
+    idle = _book({"p0": 0}, {"d0": 0})
+    assert policy.decide(_request(200), idle, Rates()).path == Path.DECODE_LOCAL
+    assert policy.decide(_request(1000), idle, Rates()).path == Path.SPLIT
+    busy = _book({"p0": 0}, {"d0": 0})
+    busy.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=3000, num_running=1, num_waiting=1))
+    decision = policy.decide(_request(1000), busy, Rates())
+    assert (decision.path, decision.decode_engine) == (Path.DECODE_LOCAL, "d0") and "2 requests" in decision.reason
+
+
+def test_mixed_pool_borrows_a_decode_engine_while_prefill_is_over_its_threshold_and_returns_it():
+    policy = MixedPool(SchedulingConfig(policy="mixed_pool", borrow_tokens=1000, return_tokens=200))
+    book = _book({"p0": 0}, {"d0": 0, "d1": 0}, decode_requests={"d0": 1, "d1": 4})
+    # 1. Under the threshold: split.
+    assert policy.decide(_request(), book, Rates()).path == Path.SPLIT and not policy.borrowed_decode
+    # 2. Prefill's queue passes the threshold: the least-loaded decode engine joins the mixed pool and runs prompts.
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=1500, num_waiting=3))
+    decision = policy.decide(_request(), book, Rates())
+    assert policy.borrowed_decode == {"d0"}
+    assert (decision.path, decision.decode_engine) == (Path.DECODE_LOCAL, "d0")
+    # 3. The last decode engine is never lent, however long prefill's queue.
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=5000, num_waiting=9))
+    policy.decide(_request(), book, Rates())
+    assert policy.borrowed_decode == {"d0"}
+    # 4. Between the thresholds it stays (hysteresis); under return_tokens it goes back.
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=600, num_waiting=1))
+    policy.decide(_request(), book, Rates())
+    assert policy.borrowed_decode == {"d0"}
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=100, num_waiting=1))
+    assert policy.decide(_request(), book, Rates()).path == Path.SPLIT and not policy.borrowed_decode
+
+
+def test_mixed_pool_lends_a_prefill_engine_to_an_overloaded_decode_pool():
+    policy = MixedPool(SchedulingConfig(policy="mixed_pool", borrow_requests=8, return_requests=3))
+    book = _book({"p0": 0, "p1": 0}, {"d0": 0}, decode_requests={"d0": 12})
+    decision = policy.decide(_request(), book, Rates())
+    assert (decision.path, decision.prefill_engine) == (Path.PREFILL_LOCAL, "p0")
+    book.report(EngineLoad("d0", "decode", num_running=2))
+    assert policy.decide(_request(), book, Rates()).path == Path.SPLIT and not policy.borrowed_prefill
+
+
+def test_predictive_learns_first_then_takes_the_lowest_predicted_ttft():
+    policy = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=256, expected_output_tokens=128)
+    book = _book({"p0": 0}, {"d0": 0})
+    # 1. Nothing learned yet: token JSQ, which is how the rates get observed.
+    assert policy.decide(_request(), book, Rates()).reason.startswith("learning")
+    rates = _learned()
+    book = _book({"p0": 0}, {"d0": 0}, rates=rates)
+    # 2. Both idle, a short prompt: decode-local saves the transfer and its chunks barely touch decode's streams.
+    decision = policy.decide(_request(64), book, rates)
+    assert decision.path == Path.DECODE_LOCAL and decision.predicted_ttft_s == pytest.approx(0.17, abs=0.01)
+    # 3. Prefill has 4,000 tokens queued: a short prompt still goes to decode, now by a wide margin.
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=4000, num_waiting=4))
+    assert policy.decide(_request(64), book, rates).path == Path.DECODE_LOCAL
+
+
+def test_the_tbt_guard_refuses_decode_local_when_its_chunks_would_slow_decodes_streams():
+    config = SchedulingConfig(policy="predictive", tbt_mean_slowdown=1.25, tbt_gap_slowdown=5.0)
+    rates = _learned()  # one stream's step 77 ms; with 9 streams 93 ms; a 256-token chunk 0.65 s, 64 tokens 0.17 s
+    book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 8}, rates=rates)
+    # 1. The gap bound: a step carrying a 256-token chunk takes 0.74 s, over 5x 77 ms: split.
+    decision = Predictive(config, chunk_tokens=256, expected_output_tokens=4000).decide(_request(1500), book, rates)
+    assert (decision.path, decision.prefill_engine, decision.decode_engine) == (Path.SPLIT, "p0", "d0")
+    # 2. The mean bound: 64-token chunks pass the gap bound (0.26 s), but 24 of them spread over a running
+    #    request's 32 tokens add 127 ms to its mean gap, over 1.25x 77 ms: split.
+    short_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=32)
+    assert short_outputs.decide(_request(1500), book, rates).path == Path.SPLIT
+    # 3. Spread over 4,000 tokens they add 1 ms: decode-local, which saves the transfer and a decode step.
+    long_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=4000)
+    assert long_outputs.decide(_request(1500), book, rates).path == Path.DECODE_LOCAL
+
+
+def test_predictive_lets_an_idle_prefill_engine_decode_when_decode_is_saturated():
+    policy = Predictive(SchedulingConfig(policy="predictive"), expected_output_tokens=32)
+    rates = _learned(step_ms_per_stream=10.0)  # each stream adds 10 ms to a 75 ms step
+    book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 12}, rates=rates)
+    decision = policy.decide(_request(1500), book, rates)
+    assert (decision.path, decision.prefill_engine) == (Path.PREFILL_LOCAL, "p0")
+    book.report(EngineLoad("p0", "prefill", num_running=1))  # busy now: not again
+    assert policy.decide(_request(1500), book, rates).path == Path.SPLIT
+
+
+# The config, validated at the edge.
+
+@pytest.mark.parametrize(("section", "message"), [
+    ({"policy": "fastest"}, "always_split"),
+    ({"borrow_tokens": -1}, "borrow_tokens"),
+    ({"borrow_tokens": 100, "return_tokens": 100}, "return_tokens (100) must be below borrow_tokens (100)"),
+    ({"return_requests": 20}, "return_requests (20) must be below borrow_requests (12)"),
+    ({"tbt_mean_slowdown": 0.9}, "tbt_mean_slowdown"),
+    ({"tbt_mean_slowdown": 3, "tbt_gap_slowdown": 2}, "tbt_gap_slowdown (2.0) is below tbt_mean_slowdown (3.0)"),
+])
+def test_bad_scheduling_config_is_refused_with_the_value_named(section, message):
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        AppConfig.model_validate({"scheduling": section})
+
+
+def test_a_pool_policy_in_collocated_mode_is_refused():
+    with pytest.raises(ValidationError, match="mode 'collocated' has one pool"):
+        AppConfig.model_validate({"mode": "collocated", "scheduling": {"policy": "token_jsq"}})
+    assert AppConfig.model_validate({"mode": "collocated"}).scheduling.policy == "always_split"
+
+
+def test_the_app_refuses_a_policy_its_router_does_not_carry_out_yet():
+    from serve_app.builder import ROUTED_POLICIES, build_app
+
+    assert ROUTED_POLICIES == ("always_split",)
+    with pytest.raises(ValueError, match="scheduling.policy 'token_jsq' is not wired into the router yet"):
+        build_app({"scheduling": {"policy": "token_jsq"}})
