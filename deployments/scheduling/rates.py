@@ -89,14 +89,17 @@ class Rates:
                 and any(line.num_observations >= self.min_observations for line in self._decode_step.values())
                 and self._transfer is not None and self._transfer.num_observations >= self.min_observations)
 
-    def prefill_s(self, engine_id: str, num_tokens: int) -> float:
-        """Seconds the engine takes to compute `num_tokens` of prompt; an engine not yet seen gets its pool's mean."""
-        line = self._prefill.get(engine_id)
+    def _estimate(self, lines: dict[str, WeightedLine], engine_id: str, x: float) -> float:
+        """The engine's own line once trusted; before that, the mean of the engines that have one (0: none yet)."""
+        line = lines.get(engine_id)
         if line is not None and line.num_observations >= self.min_observations:
-            return line.predict(num_tokens)
-        known = [line.predict(num_tokens) for line in self._prefill.values()
-                 if line.num_observations >= self.min_observations]
+            return line.predict(x)
+        known = [line.predict(x) for line in lines.values() if line.num_observations >= self.min_observations]
         return sum(known) / len(known) if known else 0.0
+
+    def prefill_s(self, engine_id: str, num_tokens: int) -> float:
+        """Seconds the engine takes to compute `num_tokens` of prompt."""
+        return self._estimate(self._prefill, engine_id, num_tokens)
 
     def prefill_rate(self, engine_id: str) -> float:
         """Prompt tokens per second at a typical size (1,000 tokens): what turns pending tokens into drain time."""
@@ -104,12 +107,8 @@ class Rates:
         return 1000 / seconds if seconds > 0 else 1.0
 
     def decode_step_s(self, engine_id: str, num_running: int) -> float:
-        line = self._decode_step.get(engine_id)
-        if line is not None and line.num_observations >= self.min_observations:
-            return line.predict(num_running)
-        known = [line.predict(num_running) for line in self._decode_step.values()
-                 if line.num_observations >= self.min_observations]
-        return sum(known) / len(known) if known else 0.0
+        """Seconds of one decode step with `num_running` requests in the engine's batch."""
+        return self._estimate(self._decode_step, engine_id, num_running)
 
     def transfer_s(self, num_tokens: int) -> float:
         return self._transfer.predict(num_tokens) if self._transfer is not None else 0.0
