@@ -342,7 +342,8 @@ def _commit_of(raw: RawCells, systems: list[str], cells: list[Workload], repeats
     found = {meta["commit"] for meta, _ in metas.values()}
     if len(found) != 1:
         raise SystemExit(f"--report-only needs raw files of one commit; found {sorted(found) or 'none'}")
-    other = [f"{system}/{name}" for (system, name, _), (meta, cell) in metas.items() if not raw.is_same_cell(meta, cell)]
+    other = [f"{system}/{name}" for (system, name, _), (meta, cell) in metas.items()
+             if not raw.is_same_cell(meta, cell)]
     if other:
         raise SystemExit(f"--report-only: these raw cells sent other requests than this plan's cells of the same "
                          f"name (pass the options they were run with): {', '.join(other)}")

@@ -4,8 +4,8 @@ the moment each request was due.
 1. `PromptBuilder` makes a prompt of exactly the requested number of tokens with the served model's tokenizer;
    each prompt starts with its own request number, so no prefix cache serves one request from another's KV.
 2. `run_trace` is open loop: one dispatcher sleeps until each request's arrival (in short steps: the kernel lets a
-   long sleep end late) and starts it there, however many are still in flight. A request's clock starts at its **scheduled arrival**: TTFT and E2E are timed from it, so a
-   late send counts against the latency a user would have seen (the send-time view is kept as `ttft_send_s` and
+   long sleep end late) and starts it there, however many are still in flight. A request's clock starts at its
+   **scheduled arrival**: TTFT and E2E are timed from it, so a late send counts against the latency a user would have seen (the send-time view is kept as `ttft_send_s` and
    `e2e_send_s`). Each record keeps its send lag; `GeneratorStats` keeps the generator's own CPU time.
 3. Requests go through the official `openai` client with streaming. Servers may put several tokens in one chunk
    (Ray Serve LLM sends a chunk every 50 ms): the token ids each chunk carries (vLLM's `return_token_ids`) say how

@@ -227,7 +227,8 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
     are_cells_checked = bool(meta.get("are_cells_digested"))
     changed = changed_since(meta["measured_commit"], paths=tuple(
         path for path in MEASURED_PATHS if not (are_cells_checked and path in PLAN_PATHS)))
-    checked = " Every cell sent what this plan's cell of its name sends (a digest per cell)." if are_cells_checked else ""
+    checked = (" Every cell sent what this plan's cell of its name sends (a digest per cell)."
+               if are_cells_checked else "")
     if changed is None:
         freshness = "Whether the code changed since cannot be told here (no git history of that commit)."
     elif changed:

@@ -5,8 +5,8 @@
    cells send. The reference system's (collocated) uncontended cells fit the one SLO reference (bench/slo.py).
 2. Per trace, a **rate sweep** of open-loop cells (≥ 5 rates, from light load to past saturation; the light end is
    its own option, since it decides how long a run takes): the real trace's arrival pattern replayed at each mean
-   rate (or, with `arrivals="poisson"`, Poisson arrivals at that rate with the trace's token sizes) for at least `min_duration_s` and `min_requests`, token counts scaled to this host
-   (`TokenScaling`, recorded in the results). A trace is `conv` or `code` (the Azure traces vendored in
+   rate (or, with `arrivals="poisson"`, Poisson arrivals at that rate with the trace's token sizes) for at least
+   `min_duration_s` and `min_requests`, token counts scaled to this host (`TokenScaling`, recorded in the results). A trace is `conv` or `code` (the Azure traces vendored in
    bench/data/azure_traces) or the path of any SplitwiseSim or Azure-format CSV.
 3. The **anchor** cells (docs/benchmarks.md): 300-token prompts, 32 output tokens, closed loop at concurrency 1
    and 4, so that figures stay comparable across runs and with the peer's published anchor.

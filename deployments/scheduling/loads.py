@@ -59,7 +59,9 @@ class LoadBook:
 
     drain_time: Callable[[str, int], float] = field(default=lambda engine_id, num_tokens: float(num_tokens))
     _engines: dict[str, _Engine] = field(default_factory=dict)
-    _heaps: dict[str, list[tuple[float, int, int, str, int]]] = field(default_factory=lambda: {"prefill": [], "decode": []})
+    # Per role, entries (drain seconds, requests held, tie, engine id, version): the smallest is the shortest queue.
+    _heaps: dict[str, list[tuple[float, int, int, str, int]]] = field(
+        default_factory=lambda: {"prefill": [], "decode": []})
     _tie: int = 0  # insertion order breaks ties: of two equal queues, the one that has waited longer goes first
     _num_engines: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
 
