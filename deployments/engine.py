@@ -79,6 +79,10 @@ def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config
         # usage.prompt_tokens_details.cached_tokens: clients see how much of the prompt was not recomputed.
         "--enable-prompt-tokens-details",
     ]
+    if role.long_prefill_token_threshold:
+        args += ["--long-prefill-token-threshold", str(role.long_prefill_token_threshold)]
+    if role.scheduling_policy != "fcfs":
+        args += ["--scheduling-policy", role.scheduling_policy]
     if model.block_size is not None:
         args += ["--block-size", str(model.block_size)]
     if model.enforce_eager:

@@ -63,6 +63,12 @@ class EngineRoleConfig(_Frozen):
     kv_cache_gib: int = Field(1, ge=1)  # vLLM on CPU takes whole GiB (VLLM_CPU_KVCACHE_SPACE)
     max_num_seqs: int = Field(16, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
+    # vLLM's long_prefill_token_threshold: a prompt longer than this is computed at most this many tokens per step
+    # when other requests share the batch, so that a prompt run on a decode engine does not stall its streams.
+    # 0: no cap (vLLM's default).
+    long_prefill_token_threshold: int = Field(0, ge=0)
+    # vLLM's scheduling policy: `fcfs`, or `priority` (requests carry a priority; lower runs first, ties by arrival).
+    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
     # Ray's logical CPUs per replica; the engine's real cores are set by cpu_binding.
     num_cpus: float = Field(0.0, ge=0)
     # Requests one replica works on at once (Serve's max_ongoing_requests); None: max_num_seqs, the engine's batch.

@@ -1,0 +1,39 @@
+"""Each engine role's settings become vLLM's own command-line arguments, which vLLM's parser turns into the engine's
+config: a key of ours that vLLM would refuse or read differently fails here, not at start-up."""
+
+from __future__ import annotations
+
+import pytest
+
+from deployments.engine import vllm_cli_args
+from serve_app.config import AppConfig, EngineRoleConfig
+
+
+def _vllm_config(role: EngineRoleConfig):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(AppConfig().model, role, None))
+    return AsyncEngineArgs.from_cli_args(args)
+
+
+def test_the_shipped_roles_keep_vllms_scheduler_defaults():
+    engine_args = _vllm_config(AppConfig().decode)
+    assert (engine_args.max_num_seqs, engine_args.max_num_batched_tokens) == (16, 2048)
+    assert engine_args.long_prefill_token_threshold == 0 and engine_args.scheduling_policy == "fcfs"
+
+
+def test_a_decode_role_that_runs_prompts_caps_their_chunks_and_may_order_by_priority():
+    role = EngineRoleConfig(max_num_batched_tokens=256, long_prefill_token_threshold=64,
+                            scheduling_policy="priority")
+    engine_args = _vllm_config(role)
+    assert (engine_args.max_num_batched_tokens, engine_args.long_prefill_token_threshold) == (256, 64)
+    assert engine_args.scheduling_policy == "priority"
+
+
+def test_bad_engine_scheduling_values_are_refused_with_their_name():
+    with pytest.raises(ValueError, match="long_prefill_token_threshold"):
+        EngineRoleConfig(long_prefill_token_threshold=-1)
+    with pytest.raises(ValueError, match="scheduling_policy"):
+        EngineRoleConfig(scheduling_policy="sjf")
