@@ -1,0 +1,50 @@
+"""Serve's request router for the engine deployments, with fake replicas: a request that names a replica is offered
+that replica only; one that names none, or a replica that is gone, gets two at random (power of two choices)."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from types import SimpleNamespace
+
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID
+
+from deployments.replica_choice import CHOSEN_REPLICA_KWARG, ChosenReplicaRouter, replicas_to_offer
+
+
+def _replica(unique_id: str) -> SimpleNamespace:
+    return SimpleNamespace(replica_id=SimpleNamespace(unique_id=unique_id))
+
+
+def _router(replicas: list[SimpleNamespace]) -> ChosenReplicaRouter:
+    router = ChosenReplicaRouter(deployment_id=DeploymentID(name="PrefillServer", app_name="splitserve"),
+                                 handle_source=DeploymentHandleSource.UNKNOWN)
+    router.initialize_state()
+    router._by_unique_id = {replica.replica_id.unique_id: replica for replica in replicas}  # what update_replicas keeps
+    return router
+
+
+def _choose(router: ChosenReplicaRouter, candidates: list, **kwargs) -> list[list]:
+    return asyncio.run(router.choose_replicas(candidates, SimpleNamespace(kwargs=kwargs)))
+
+
+def test_the_chosen_replica_is_the_only_one_offered():
+    replicas = [_replica(f"r{index}") for index in range(5)]
+    router = _router(replicas)
+    assert _choose(router, replicas, **{CHOSEN_REPLICA_KWARG: "r3"}) == [[replicas[3]]]
+
+
+def test_no_choice_or_a_gone_replica_gets_two_at_random():
+    replicas = [_replica(f"r{index}") for index in range(5)]
+    router = _router(replicas)
+    for ranks in (_choose(router, replicas), _choose(router, replicas, **{CHOSEN_REPLICA_KWARG: "r9"})):
+        assert len(ranks) == 1 and len(ranks[0]) == 2 and set(map(id, ranks[0])) <= set(map(id, replicas))
+    # A replica Serve left out of the candidates (draining) is not offered either.
+    assert replicas[3] not in _choose(router, replicas[:3], **{CHOSEN_REPLICA_KWARG: "r3"})[0]
+
+
+def test_power_of_two_on_small_sets():
+    rng = random.Random(0)
+    assert replicas_to_offer([], None, rng=rng) == []
+    only = _replica("r0")
+    assert replicas_to_offer([only], None, rng=rng) == [[only]]
