@@ -117,10 +117,10 @@ class MixedPool:
         self._rebalance(book)
         prefill = book.least_loaded("prefill", skip=frozenset(self.borrowed_prefill))
         decode = book.least_loaded("decode", skip=frozenset(self.borrowed_decode))
-        mixed_decode = _least_of(book, "decode", self.borrowed_decode)
+        mixed_decode = _least_of(book, self.borrowed_decode)
         if mixed_decode is not None and (prefill is None or book.drain_s(mixed_decode) < book.drain_s(prefill)):
             return Decision(Path.DECODE_LOCAL, None, mixed_decode, "prefill pool over its threshold: mixed pool")
-        mixed_prefill = _least_of(book, "prefill", self.borrowed_prefill)
+        mixed_prefill = _least_of(book, self.borrowed_prefill)
         if mixed_prefill is not None and (decode is None or book.engine(mixed_prefill).num_requests
                                           < book.engine(decode).num_requests):
             return Decision(Path.PREFILL_LOCAL, mixed_prefill, None, "decode pool over its threshold: mixed pool")
@@ -149,7 +149,7 @@ class MixedPool:
             self.borrowed_prefill.clear()
 
 
-def _least_of(book: LoadBook, role: str, members: set[str]) -> str | None:
+def _least_of(book: LoadBook, members: set[str]) -> str | None:
     """The least-loaded engine among a (small) borrowed set."""
     live = [engine_id for engine_id in members if book.engine(engine_id) is not None]
     return min(live, key=lambda engine_id: (book.drain_s(engine_id), book.engine(engine_id).num_requests),

@@ -101,11 +101,6 @@ class Rates:
         """Seconds the engine takes to compute `num_tokens` of prompt."""
         return self._estimate(self._prefill, engine_id, num_tokens)
 
-    def prefill_rate(self, engine_id: str) -> float:
-        """Prompt tokens per second at a typical size (1,000 tokens): what turns pending tokens into drain time."""
-        seconds = self.prefill_s(engine_id, 1000)
-        return 1000 / seconds if seconds > 0 else 1.0
-
     def decode_step_s(self, engine_id: str, num_running: int) -> float:
         """Seconds of one decode step with `num_running` requests in the engine's batch."""
         return self._estimate(self._decode_step, engine_id, num_running)
