@@ -1,7 +1,7 @@
 """The comparison: every system, one after another on this host, through the same cells, judged by one reference.
 
     python -m bench.compare                         # the default: collocated, splitserve-nixl, Ray Serve LLM PD
-    python -m bench.compare --light-rates none      # the same without the light end: about 75 min instead of 2 h
+    python -m bench.compare --light-rates none      # the same without the light end: 78 min instead of 2 h
     python -m bench.compare --systems all           # adds the rest; cells already measured at this commit are kept
     python -m bench.compare --systems collocated splitserve-nixl --traces code --rates code=0.2,0.4,0.6,0.8,1.0
     python -m bench.compare --running mine=http://127.0.0.1:8000 --systems collocated   # add a running server
@@ -105,7 +105,7 @@ class RawCells:
 
     @staticmethod
     def is_same_cell(meta: dict[str, Any], cell: Workload) -> bool:
-        return meta.get("cell_digest", cell_digest(cell)) == cell_digest(cell)
+        return meta.get("cell_digest") in (None, cell_digest(cell))
 
     def save(self, system: str, cell: Workload, repeat: int, records: list[RequestRecord], stats: GeneratorStats,
              commit: str) -> None:
@@ -237,7 +237,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="open-loop mean rates, requests/s, per trace (its name, or its file's stem)")
     parser.add_argument("--light-rates", nargs="+", metavar="TRACE=R",
                         help="the sweep's light end, kept apart because ≥ 50 requests at it take longest "
-                             "(default conv=0.15 code=0.1; `none` for a run of about 75 minutes)")
+                             "(default conv=0.15 code=0.1; `none` for a run of 78 minutes instead of 2 hours)")
     parser.add_argument("--min-duration-s", type=float, default=Plan().min_duration_s)
     parser.add_argument("--min-requests", type=int, default=Plan().min_requests)
     parser.add_argument("--num-uncontended", type=int, default=Plan().num_uncontended)
@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         commit = _commit_of(raw, list(systems), cells, args.repeats)
     prompts = None if args.report_only else cell_prompts(cells, config.model.path)
     runs = []
+    done_metas: list[dict[str, Any]] = []  # every raw cell this report reads
     for index, (name, (description, start, system_config)) in enumerate(systems.items()):
         run = SystemRun(name=name, description=description, config=system_config)
         todo = [(cell, repeat) for repeat in range(args.repeats) for cell in cells
@@ -301,6 +302,7 @@ def main(argv: list[str] | None = None) -> None:
         for cell in cells:
             for repeat in range(args.repeats):
                 if raw.is_done(name, cell, repeat, commit):
+                    done_metas.append(raw.meta(name, cell.name, repeat))
                     records, stats = raw.load(name, cell.name, repeat)
                     run.records.setdefault(cell.name, []).extend(records)
                     run.generator.setdefault(cell.name, []).append(stats)
@@ -308,8 +310,7 @@ def main(argv: list[str] | None = None) -> None:
         write_requests_csv([record for records in run.records.values() for record in records],
                            args.out / f"requests_{name}.csv")
 
-    finished = sorted(meta["finished_at"] for name in systems for cell in cells for repeat in range(args.repeats)
-                      if raw.is_done(name, cell, repeat, commit) and (meta := raw.meta(name, cell.name, repeat)))
+    finished = sorted(meta["finished_at"] for meta in done_metas)
     reference = _reference(runs, cells, commit, args)
     if reference is not None:
         (args.out / "reference.json").write_text(reference.model_dump_json(indent=1))
@@ -318,9 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(began)),
             "wall_s": round(time.time() - began, 1), **origin, "measured_commit": commit,
             "cells_finished_between": [finished[0], finished[-1]] if finished else None,
-            "are_cells_digested": bool(finished) and all(
-                "cell_digest" in meta for name in systems for cell in cells for repeat in range(args.repeats)
-                if (meta := raw.meta(name, cell.name, repeat)) is not None and raw.is_done(name, cell, repeat, commit)),
+            "are_cells_digested": bool(done_metas) and all("cell_digest" in meta for meta in done_metas),
             "model": config.model.served_name, "baseline": BASELINE, "repeats": args.repeats,
             "request_timeout_s": REQUEST_TIMEOUT_S, "is_report_only": args.report_only,
             "plan": json.loads(plan.model_dump_json(exclude={"traces_dir"})),

@@ -127,10 +127,6 @@ class LoadBook:
     def engine(self, engine_id: str) -> _Engine | None:
         return self._engines.get(engine_id)
 
-    def engine_ids(self, role: Role) -> list[str]:
-        """O(engines): for dashboards and tests, never on a decision's path."""
-        return [engine_id for engine_id, engine in self._engines.items() if engine.reported.role == role]
-
     def num_engines(self, role: Role) -> int:
         return self._num_engines[role]
 
@@ -138,11 +134,6 @@ class LoadBook:
         """Seconds until the engine has computed every prompt it holds (0 with none pending)."""
         pending = self._engines[engine_id].num_pending_prompt_tokens
         return self.drain_time(engine_id, pending) if pending > 0 else 0.0
-
-    def rekey(self) -> None:
-        """The rates changed: every engine's drain time is computed afresh (O(engines), once per rate update)."""
-        for engine in self._engines.values():
-            self._push(engine)
 
     def _push(self, engine: _Engine) -> None:
         engine.version += 1

@@ -12,7 +12,7 @@ Every decision looks at a bounded number of engines per pool through the book's 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
@@ -55,7 +55,7 @@ class Policy(Protocol):
     def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision: ...
 
 
-def _split_jsq(request: RequestFacts, book: LoadBook, reason: str) -> Decision:
+def _split_jsq(book: LoadBook, reason: str) -> Decision:
     return Decision(Path.SPLIT, book.least_loaded("prefill"), book.least_loaded("decode"), reason)
 
 
@@ -76,7 +76,7 @@ class TokenJSQ:
     name: str = "token_jsq"
 
     def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision:
-        return _split_jsq(request, book, "shortest queues")
+        return _split_jsq(book, "shortest queues")
 
 
 @dataclass
@@ -107,11 +107,8 @@ class MixedPool:
 
     config: SchedulingConfig
     name: str = "mixed_pool"
-    borrowed_decode: set[str] | None = None  # decode engines running prompts too
-    borrowed_prefill: set[str] | None = None  # prefill engines decoding too
-
-    def __post_init__(self) -> None:
-        self.borrowed_decode, self.borrowed_prefill = set(), set()
+    borrowed_decode: set[str] = field(default_factory=set)  # decode engines running prompts too
+    borrowed_prefill: set[str] = field(default_factory=set)  # prefill engines decoding too
 
     def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision:
         self._rebalance(book)
@@ -178,7 +175,7 @@ class Predictive:
 
     def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision:
         if not rates.is_known():
-            return _split_jsq(request, book, "learning the rates (token JSQ)")
+            return _split_jsq(book, "learning the rates (token JSQ)")
         n = request.num_prompt_tokens
         options: list[tuple[float, Decision]] = []
         prefill, decode = book.least_loaded("prefill"), book.least_loaded("decode")
@@ -196,7 +193,7 @@ class Predictive:
             ttft = rates.prefill_s(prefill, n)
             options.append((ttft, Decision(Path.PREFILL_LOCAL, prefill, None, "lowest predicted TTFT", ttft)))
         if not options:
-            return _split_jsq(request, book, "no path predicted")
+            return _split_jsq(book, "no path predicted")
         # Ties go to the split, then decode-local: the order they were added in.
         return min(options, key=lambda option: option[0])[1]
 
@@ -225,9 +222,7 @@ class Predictive:
         engine = book.engine(engine_id)
         if engine.num_pending_prompt_tokens > 0 or engine.num_requests > 0:
             return False
-        base = rates.decode_step_s(engine_id, 1) or max(
-            (rates.decode_step_s(other, 1) for other in book.first_loaded("decode", 1)), default=0.0)
-        return base > 0
+        return rates.decode_step_s(engine_id, 1) > 0  # its own step, or its peers' until it has one
 
 
 def make_policy(config: SchedulingConfig) -> Policy:
