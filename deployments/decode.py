@@ -22,7 +22,7 @@ from ray import serve
 
 from deployments.engine_server import HEALTH_CHECK, EngineServer
 from deployments.error_responses import bad_request
-from deployments.messages import OpenAIRequest
+from deployments.messages import Dispatch, OpenAIRequest
 from deployments.pd_protocol import to_decode_request
 from kv_transfer.handle import KVHandle, KVHandleError
 from serve_app.config import AppConfig
@@ -39,10 +39,11 @@ class DecodeServer(EngineServer):
         await self._start_engine(config, config.decode, rank, transfer=config.transfer, is_kv_producer=False)
         logger.info("decode engine %s ready (KV in through %s)", self.engine_id, config.transfer.backend)
 
-    async def decode(self, request: OpenAIRequest, handle: KVHandle | None) -> AsyncGenerator[Any, None]:
+    async def decode(self, request: OpenAIRequest, handle: KVHandle | None,
+                     dispatch: Dispatch | None = None) -> AsyncGenerator[Any, None]:
         """Yields vLLM's SSE strings when `request.stream`, else one response; or one ErrorResponse. Without a
-        handle (prefill failed), or with one it must not use, this engine computes the prompt too, as a single
-        engine would."""
+        handle (the scheduler chose decode-local, or prefill failed), or with one it must not use, this engine
+        computes the prompt too, as a single engine would. `dispatch`: the router's (replica and load)."""
         handle = self._usable(handle, request.request_id)
         if handle is None:
             decode_request = request
@@ -54,14 +55,15 @@ class DecodeServer(EngineServer):
                 return
             logger.info("request %s: decoding from %d prompt tokens in %d blocks of %s", request.request_id,
                         handle.num_prompt_tokens, handle.num_blocks, handle.prefill_engine_id)
-        async for answer in self._answers(await self._engine.generate(decode_request)):
+        async for answer in self._counted_answers(decode_request, dispatch):
             yield answer
 
     def _usable(self, handle: KVHandle | None, request_id: str) -> KVHandle | None:
         """`handle` if it is this app's and fresh, else None: this engine computes the prompt (the log says why)."""
         lease_s = self._config.transfer.kv_lease_s
         if handle is None:
-            logger.info("request %s: no KV handle (prefill failed): computing the prompt here", request_id)
+            logger.info("request %s: no KV handle (decode-local, or prefill failed): computing the prompt here",
+                        request_id)
         elif not self._signer.is_authentic(handle):
             logger.warning("request %s: a KV handle this app did not sign (forged, or from another deploy): not "
                            "used; computing the prompt here", request_id)

@@ -190,6 +190,10 @@ class Engine:
     def counters(self) -> EngineCounters:
         return self._counters.snapshot()
 
+    def take_decode_steps(self) -> list[tuple[int, float, int]]:
+        """The pure decode steps timed since the last call: (batch size, mean seconds, steps)."""
+        return self._counters.take_decode_steps()
+
     @property
     def is_alive(self) -> bool:
         return not self.engine_client.errored

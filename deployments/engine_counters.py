@@ -3,6 +3,8 @@
 vLLM reports, per engine step, where each prompt token's KV came from (computed here, local prefix cache, or an
 external KV transfer) and what its KV connector moved (parsed once, kv_transfer/stats.py). `CountingStatLogger` is
 a vLLM stat logger that adds those up for the life of the engine; `EngineCounters` is the frozen snapshot a deployment hands out.
+It also times the engine's pure decode steps (steps in which no prompt finished), by batch size, for the
+scheduler's load reports (engine_load.py): the gap vLLM measured between each request's tokens in that step.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class _Accumulator:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._counts: dict[str, Any] = EngineCounters().model_dump()
+        self._decode_steps: dict[int, list[float]] = {}  # batch size -> [seconds summed, steps]
 
     def add(self, **deltas: float) -> None:
         with self._lock:
@@ -55,6 +58,18 @@ class _Accumulator:
     def set(self, **values: Any) -> None:
         with self._lock:
             self._counts.update(values)
+
+    def add_decode_step(self, batch_size: int, seconds: float) -> None:
+        with self._lock:
+            total = self._decode_steps.setdefault(batch_size, [0.0, 0])
+            total[0] += seconds
+            total[1] += 1
+
+    def take_decode_steps(self) -> list[tuple[int, float, int]]:
+        """(batch size, mean seconds, steps) of the pure decode steps since the last call."""
+        with self._lock:
+            steps, self._decode_steps = self._decode_steps, {}
+        return [(batch, total / count, count) for batch, (total, count) in sorted(steps.items())]
 
     def snapshot(self) -> EngineCounters:
         with self._lock:
@@ -81,6 +96,9 @@ class CountingStatLogger(StatLoggerBase):
                 num_generation_tokens=iteration_stats.num_generation_tokens,
                 num_finished_requests=len(iteration_stats.finished_requests),
             )
+            gaps = iteration_stats.inter_token_latencies_iter
+            if gaps and not iteration_stats.time_to_first_tokens_iter:  # no prompt finished in this step
+                self._accumulator.add_decode_step(len(gaps), sum(gaps) / len(gaps))
         if scheduler_stats is not None:
             self._accumulator.set(
                 num_running_requests=scheduler_stats.num_running_reqs,

@@ -6,6 +6,9 @@ health, its status, and the way its answers go back to the router.
 2. `_answers` yields what vLLM returned: its SSE strings one by one when the request streams, else the one
    response object or `ErrorResponse`. The router always calls a replica as a stream and reads the first item.
 3. Serve calls `check_health` every 10 s: a dead engine fails it, and Serve replaces the replica.
+4. Prefill and decode replicas keep their load (engine_load.py): `_admit` when a request arrives with the
+   router's `Dispatch`, `_prompt_done` once its prompt is computed, `_finished` at its end. Serve's controller
+   calls `record_routing_stats` every few hundred milliseconds and hands the `LoadReport` to every router.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from ray import serve
 
 from deployments.engine import Engine
 from deployments.engine_counters import EngineCounters
-from deployments.messages import RoleStatus
+from deployments.engine_load import LoadTracker
+from deployments.messages import Dispatch, RoleStatus
 from kv_transfer.config import TransferConfig
 from kv_transfer.handle_signing import HandleSigner
 from serve_app.config import AppConfig, EngineRoleConfig
@@ -36,6 +40,7 @@ class EngineServer:
     transfer_backend: str | None = None  # how KV leaves or arrives (prefill, decode)
     kv_store: str | None = None  # the KV store's actor name (prefill on the object store)
     _engine: Engine | None = None
+    _load: LoadTracker | None = None
 
     def _name_engine(self) -> int:
         """Names this replica's engine; returns the replica's rank (which picks its cores)."""
@@ -55,6 +60,27 @@ class EngineServer:
                             transfer: TransferConfig | None = None, is_kv_producer: bool = False) -> None:
         self._engine = await Engine.start(config.model, role, replica_rank=rank, role_name=self.role_name,
                                           transfer=transfer, engine_id=self.engine_id, is_kv_producer=is_kv_producer)
+        if transfer is not None:  # prefill and decode are scheduled; collocated engines are Serve's to pick
+            self._load = LoadTracker(self.engine_id, self.role_name)
+
+    # 4. Load.
+    def _admit(self, dispatch: Dispatch | None) -> int:
+        """Counts a request in; returns the prompt tokens it holds pending (to pass to `_prompt_done`)."""
+        num_prompt_tokens = dispatch.num_prompt_tokens if dispatch is not None else 0
+        self._load.admitted(dispatch, num_prompt_tokens)
+        return num_prompt_tokens
+
+    def _prompt_done(self, num_prompt_tokens: int) -> None:
+        self._load.prompt_done(num_prompt_tokens)
+
+    def _finished(self) -> None:
+        self._load.finished()
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's routing-stats hook: this replica's `LoadReport`, for the routers' schedulers."""
+        if self._load is None:  # the engine is still starting, or not scheduled (collocated)
+            return {}
+        return self._load.report(self._engine.counters(), self._engine.take_decode_steps()).to_routing_stats()
 
     @staticmethod
     async def _answers(result: Any) -> AsyncGenerator[Any, None]:
@@ -63,6 +89,22 @@ class EngineServer:
                 yield chunk
         else:
             yield result
+
+    async def _counted_answers(self, request: Any, dispatch: Dispatch | None) -> AsyncGenerator[Any, None]:
+        """`_answers` of one request run on this engine, with its load counted: its prompt is done at the first
+        chunk, and it is finished however the stream ends (done, failed, cancelled by the router)."""
+        num_pending = self._admit(dispatch)
+        try:
+            result = await self._engine.generate(request)
+            async for answer in self._answers(result):
+                if num_pending:
+                    self._prompt_done(num_pending)
+                    num_pending = 0
+                yield answer
+        finally:
+            if num_pending:
+                self._prompt_done(num_pending)
+            self._finished()
 
     def counters(self) -> EngineCounters:
         return self._engine.counters()

@@ -10,18 +10,23 @@
 4. The connector parks the blocks on a lease and returns `kv_transfer_params`, which become a `KVHandle`, signed
    with the app's key so that decode (and `release`) can tell it came from here.
    Any failure comes back as an `ErrorResponse` value, never as an exception that could take the replica down.
+5. When the scheduler chose prefill-local (decode's engines are saturated, this one idle), `generate` runs the
+   whole request here instead, as a single engine would: no KV is kept for anyone.
+The router's `Dispatch` names this replica (Serve's request router sends it here) and counts its load.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncGenerator
+from typing import Any
 
 from ray import serve
 from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
 from deployments.engine_server import HEALTH_CHECK, EngineServer
 from deployments.error_responses import server_error
-from deployments.messages import OpenAIRequest
+from deployments.messages import Dispatch, OpenAIRequest
 from deployments.pd_protocol import to_prefill_request
 from kv_transfer.backend import store_name
 from kv_transfer.handle import KVHandle, KVHandleError
@@ -47,8 +52,13 @@ class PrefillServer(EngineServer):
         await self._start_engine(config, config.prefill, rank, transfer=config.transfer, is_kv_producer=True)
         logger.info("prefill engine %s ready (KV out through %s)", self.engine_id, config.transfer.backend)
 
-    async def prefill(self, request: OpenAIRequest) -> KVHandle | ErrorResponse:
-        response = await self._engine.generate(to_prefill_request(request))
+    async def prefill(self, request: OpenAIRequest, dispatch: Dispatch | None = None) -> KVHandle | ErrorResponse:
+        num_pending = self._admit(dispatch)
+        try:
+            response = await self._engine.generate(to_prefill_request(request))
+        finally:
+            self._prompt_done(num_pending)
+            self._finished()
         if isinstance(response, ErrorResponse):
             logger.info("request %s: prefill refused: %s", request.request_id, response.error.message)
             return response
@@ -67,13 +77,20 @@ class PrefillServer(EngineServer):
                     handle.num_prompt_tokens, handle.num_blocks)
         return self._signer.sign(handle)
 
+    async def generate(self, request: OpenAIRequest, dispatch: Dispatch | None = None) -> AsyncGenerator[Any, None]:
+        """Prefill-local: the whole request on this engine (its SSE strings, one response, or an ErrorResponse)."""
+        logger.info("request %s: prefill-local: prompt and decode on %s", request.request_id, self.engine_id)
+        async for answer in self._counted_answers(request, dispatch):
+            yield answer
+
     async def store_counters(self) -> StoreCounters | None:
         """What this replica's KV store holds now and has seen (object_store backend), else None."""
         return None if self._store is None else await self._store.counters.remote()
 
-    async def release(self, handle: KVHandle) -> None:
+    async def release(self, handle: KVHandle, dispatch: Dispatch | None = None) -> None:
         """The router will not decode this handle (client gone, decode failed): drop its KV now. The object store
-        drops it at once; vLLM's NIXL connector frees its blocks when their lease (`kv_lease_s`) runs out."""
+        drops it at once; vLLM's NIXL connector frees its blocks when their lease (`kv_lease_s`) runs out.
+        `dispatch` names the replica that owns the handle, so that the release reaches it with several replicas."""
         if not self._signer.is_authentic(handle):
             logger.warning("request %s: release of a KV handle this app did not sign: ignored", handle.request_id)
             return

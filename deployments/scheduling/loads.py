@@ -1,15 +1,16 @@
 """What the scheduler knows of each engine's load: the engine's own reports plus the router's in-flight accounting.
 
-1. An engine replica reports an `EngineLoad` (prompt tokens not yet computed, requests running and waiting, KV in
-   use), from vLLM's scheduler stats, every few hundred milliseconds.
-2. Between reports, the router counts what it sent and what came back itself (`dispatched`, `prompt_done`,
-   `decode_done`). A report replaces the engine's numbers and clears those counts: what the router sent before the
-   report is in it (or done), so with several router replicas each adds only its own traffic since the last report
-   to the engines' shared truth.
+1. An engine replica reports an `EngineLoad` (prompt tokens not yet computed, requests it holds, KV in use) every
+   few hundred milliseconds, with the highest dispatch number of this router it had received when it made it.
+2. Between reports, the router counts its own traffic (`dispatched`, `prompt_done`, `request_done`, each with the
+   dispatch number). A dispatch the report has not seen is added on top of it; one it has seen is in it, and only
+   what finished since the report arrived is taken off. With several router replicas each adds only its own
+   unseen traffic to the engines' shared truth; another router's traffic is as fresh as the last report.
 3. `least_loaded(role)` gives the engine whose queue drains first, in O(log engines): each role keeps a heap keyed
    on (drain time of its pending prompt tokens, requests it holds), refreshed lazily (an engine whose load changed
    is pushed again; stale entries are skipped when they reach the top). Drain time comes from the learned rates
    (rates.py); until they are known it is the pending tokens themselves, which is token join-the-shortest-queue.
+   `refresh_keys` re-keys every engine when the rates have changed (the router does it between reports).
 
 Plain state, no I/O and no clock of its own: the router (or a simulator) drives it.
 """
@@ -34,23 +35,26 @@ class EngineLoad:
     num_running: int = 0  # requests decoding (or prefilling) now
     num_waiting: int = 0  # requests not yet scheduled
     kv_usage: float = 0.0  # share of the KV cache in use, 0 to 1
+    seen_dispatch: int = -1  # this router's highest dispatch number the report counts
 
 
 @dataclass
 class _Engine:
     reported: EngineLoad
-    # The router's own traffic since the last report.
-    delta_prompt_tokens: int = 0
-    delta_requests: int = 0
+    # This router's dispatches the report has not seen: dispatch number -> prompt tokens still pending.
+    unseen: dict[int, int] = field(default_factory=dict)
+    # This router's requests the report counts whose prompt, or whole request, finished since it arrived.
+    done_prompt_tokens: int = 0
+    done_requests: int = 0
     version: int = 0
 
     @property
     def num_pending_prompt_tokens(self) -> int:
-        return max(0, self.reported.num_pending_prompt_tokens + self.delta_prompt_tokens)
+        return max(0, self.reported.num_pending_prompt_tokens + sum(self.unseen.values()) - self.done_prompt_tokens)
 
     @property
     def num_requests(self) -> int:
-        return max(0, self.reported.num_running + self.reported.num_waiting + self.delta_requests)
+        return max(0, self.reported.num_running + self.reported.num_waiting + len(self.unseen) - self.done_requests)
 
 
 @dataclass
@@ -73,7 +77,9 @@ class LoadBook:
             engine = self._engines[load.engine_id] = _Engine(reported=load)
             self._num_engines[load.role] += 1
         else:
-            engine.reported, engine.delta_prompt_tokens, engine.delta_requests = load, 0, 0
+            engine.reported, engine.done_prompt_tokens, engine.done_requests = load, 0, 0
+            for seq in [seq for seq in engine.unseen if seq <= load.seen_dispatch]:
+                del engine.unseen[seq]  # counted in the report now
         self._push(engine)
 
     def remove(self, engine_id: str) -> None:
@@ -83,23 +89,30 @@ class LoadBook:
             self._num_engines[engine.reported.role] -= 1
 
     # 2. The router's own traffic between reports.
-    def dispatched(self, engine_id: str, num_prompt_tokens: int) -> None:
-        """A request was sent to the engine; it will compute `num_prompt_tokens` of prompt (0 when KV arrives)."""
-        self._change(engine_id, num_prompt_tokens, +1)
+    def dispatched(self, engine_id: str, seq: int, num_prompt_tokens: int) -> None:
+        """Dispatch `seq` was sent to the engine; it will compute `num_prompt_tokens` of prompt (0: KV arrives)."""
+        engine = self._engines.get(engine_id)
+        if engine is not None:
+            engine.unseen[seq] = num_prompt_tokens
+            self._push(engine)
 
-    def prompt_done(self, engine_id: str, num_prompt_tokens: int) -> None:
-        """The engine's first token came back: its prompt tokens are computed."""
-        self._change(engine_id, -num_prompt_tokens, 0)
+    def prompt_done(self, engine_id: str, seq: int, num_prompt_tokens: int) -> None:
+        """The engine's first token (or KV handle) came back: its prompt tokens are computed."""
+        engine = self._engines.get(engine_id)
+        if engine is None or num_prompt_tokens == 0:
+            return
+        if seq in engine.unseen:
+            engine.unseen[seq] = 0
+        elif seq <= engine.reported.seen_dispatch:
+            engine.done_prompt_tokens += num_prompt_tokens
+        self._push(engine)
 
-    def request_done(self, engine_id: str) -> None:
-        self._change(engine_id, 0, -1)
-
-    def _change(self, engine_id: str, prompt_tokens: int, requests: int) -> None:
+    def request_done(self, engine_id: str, seq: int) -> None:
         engine = self._engines.get(engine_id)
         if engine is None:
             return  # removed meanwhile
-        engine.delta_prompt_tokens += prompt_tokens
-        engine.delta_requests += requests
+        if engine.unseen.pop(seq, None) is None and seq <= engine.reported.seen_dispatch:
+            engine.done_requests += 1
         self._push(engine)
 
     # 3. Queries.
@@ -129,6 +142,15 @@ class LoadBook:
 
     def num_engines(self, role: Role) -> int:
         return self._num_engines[role]
+
+    def refresh_keys(self) -> None:
+        """Every engine pushed again with its drain time under the current rates: O(engines), for the router to
+        run when the rates changed, not per decision."""
+        for engine in self._engines.values():
+            self._push(engine)
+
+    def engine_ids(self, role: Role) -> list[str]:
+        return [engine_id for engine_id, engine in self._engines.items() if engine.reported.role == role]
 
     def drain_s(self, engine_id: str) -> float:
         """Seconds until the engine has computed every prompt it holds (0 with none pending)."""

@@ -9,7 +9,8 @@ from types import SimpleNamespace
 
 from ray.serve._private.common import DeploymentHandleSource, DeploymentID
 
-from deployments.replica_choice import CHOSEN_REPLICA_KWARG, ChosenReplicaRouter, replicas_to_offer
+from deployments.messages import Dispatch
+from deployments.replica_choice import ChosenReplicaRouter, replicas_to_offer
 
 
 def _replica(unique_id: str) -> SimpleNamespace:
@@ -24,6 +25,10 @@ def _router(replicas: list[SimpleNamespace]) -> ChosenReplicaRouter:
     return router
 
 
+def _to(unique_id: str) -> Dispatch:
+    return Dispatch(router_id="router-replica", seq=0, replica_id=unique_id)
+
+
 def _choose(router: ChosenReplicaRouter, candidates: list, **kwargs) -> list[list]:
     return asyncio.run(router.choose_replicas(candidates, SimpleNamespace(kwargs=kwargs)))
 
@@ -31,16 +36,16 @@ def _choose(router: ChosenReplicaRouter, candidates: list, **kwargs) -> list[lis
 def test_the_chosen_replica_is_the_only_one_offered():
     replicas = [_replica(f"r{index}") for index in range(5)]
     router = _router(replicas)
-    assert _choose(router, replicas, **{CHOSEN_REPLICA_KWARG: "r3"}) == [[replicas[3]]]
+    assert _choose(router, replicas, dispatch=_to("r3")) == [[replicas[3]]]
 
 
 def test_no_choice_or_a_gone_replica_gets_two_at_random():
     replicas = [_replica(f"r{index}") for index in range(5)]
     router = _router(replicas)
-    for ranks in (_choose(router, replicas), _choose(router, replicas, **{CHOSEN_REPLICA_KWARG: "r9"})):
+    for ranks in (_choose(router, replicas), _choose(router, replicas, dispatch=_to("r9"))):
         assert len(ranks) == 1 and len(ranks[0]) == 2 and set(map(id, ranks[0])) <= set(map(id, replicas))
     # A replica Serve left out of the candidates (draining) is not offered either.
-    assert replicas[3] not in _choose(router, replicas[:3], **{CHOSEN_REPLICA_KWARG: "r3"})[0]
+    assert replicas[3] not in _choose(router, replicas[:3], dispatch=_to("r3"))[0]
 
 
 def test_power_of_two_on_small_sets():

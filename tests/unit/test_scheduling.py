@@ -58,23 +58,43 @@ def _learned(*, prefill_ms_per_token: float = 2.5, step_ms: float = 75.0, step_m
 
 def test_reports_and_the_routers_own_traffic_make_the_estimate():
     book = _book({"p0": 0, "p1": 0}, {"d0": 0})
-    # 1. The router sends 500 prompt tokens to p0: p0's queue is longer until the prompt is done.
-    book.dispatched("p0", 500)
-    assert book.engine("p0").num_pending_prompt_tokens == 500 and book.least_loaded("prefill") == "p1"
-    # 2. A report from p0 replaces what the router counted before it (another router sent it 300 more).
-    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=800, num_waiting=2))
-    assert book.engine("p0").num_pending_prompt_tokens == 800 and book.engine("p0").num_requests == 2
-    # 3. Our prompt finishes after the report: it leaves the estimate, which never goes negative.
-    book.prompt_done("p0", 500)
-    book.request_done("p0")
+    # 1. The router sends dispatches 1 and 2 (500 and 200 prompt tokens) to p0: its queue is longer.
+    book.dispatched("p0", 1, 500)
+    book.dispatched("p0", 2, 200)
+    assert book.engine("p0").num_pending_prompt_tokens == 700 and book.least_loaded("prefill") == "p1"
+    # 2. A report from p0 made after it had received dispatch 1, not 2 (and 300 tokens from another router):
+    #    dispatch 1 is in the report, dispatch 2 is added on top of it.
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=800, num_waiting=2, seen_dispatch=1))
+    assert book.engine("p0").num_pending_prompt_tokens == 1000 and book.engine("p0").num_requests == 3
+    # 3. Dispatch 1's prompt finishes after the report arrived: it leaves the estimate; dispatch 2 finishing
+    #    before any report saw it leaves no trace of it.
+    book.prompt_done("p0", 1, 500)
+    book.request_done("p0", 1)
+    assert (book.engine("p0").num_pending_prompt_tokens, book.engine("p0").num_requests) == (500, 2)
+    book.prompt_done("p0", 2, 200)
+    book.request_done("p0", 2)
     assert (book.engine("p0").num_pending_prompt_tokens, book.engine("p0").num_requests) == (300, 1)
-    book.prompt_done("p0", 5000)
+    # 4. The next report counts everything itself: what the router took off is forgotten; never negative.
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=300, num_waiting=1, seen_dispatch=2))
+    assert (book.engine("p0").num_pending_prompt_tokens, book.engine("p0").num_requests) == (300, 1)
+    book.dispatched("p0", 3, 50)
+    book.prompt_done("p0", 3, 50)
+    book.prompt_done("p0", 2, 5000)  # a late, wrong answer: clamped, not negative
     assert book.engine("p0").num_pending_prompt_tokens == 0
-    # 4. An engine that is gone is never chosen, and the count of engines follows.
+    # 5. An engine that is gone is never chosen, and the count of engines follows.
     book.remove("p1")
     assert book.least_loaded("prefill") == "p0" and book.num_engines("prefill") == 1
-    book.dispatched("p1", 10)  # a late answer from the removed engine changes nothing
+    book.dispatched("p1", 4, 10)  # a late answer from the removed engine changes nothing
     assert book.engine("p1") is None and book.least_loaded("prefill", skip=frozenset({"p0"})) is None
+
+
+def test_rekeying_follows_new_rates():
+    book = _book({"p0": 1000, "p1": 600}, {"d0": 0})
+    assert book.least_loaded("prefill") == "p1"
+    seconds_per_token = {"p0": 0.001, "p1": 0.01}  # p1 turns out ten times slower
+    book.drain_time = lambda engine_id, num_tokens: num_tokens * seconds_per_token[engine_id]
+    book.refresh_keys()
+    assert book.least_loaded("prefill") == "p0"
 
 
 def test_jsq_ties_go_to_the_engine_unchanged_longest_and_rotate():
@@ -83,7 +103,7 @@ def test_jsq_ties_go_to_the_engine_unchanged_longest_and_rotate():
     for _ in range(6):
         engine_id = book.least_loaded("prefill")
         chosen.append(engine_id)
-        book.dispatched(engine_id, 100)
+        book.dispatched(engine_id, len(chosen), 100)
     assert chosen == ["p0", "p1", "p2", "p0", "p1", "p2"]
     # Equal pending tokens: fewer requests held wins.
     book = _book({}, {"d0": 0, "d1": 0}, decode_requests={"d0": 3, "d1": 1})
@@ -119,9 +139,9 @@ def test_a_decision_costs_o_log_engines_with_a_thousand_engines(monkeypatch):
         for index in range(num_decisions):
             decision = policies[index % len(policies)].decide(_request(300 + index % 700), book, rates)
             if decision.prefill_engine is not None:
-                book.dispatched(decision.prefill_engine, 300)
+                book.dispatched(decision.prefill_engine, index, 300)
             if decision.decode_engine is not None:
-                book.dispatched(decision.decode_engine, 0)
+                book.dispatched(decision.decode_engine, index, 0)
         monkeypatch.setattr(loads, "heapq", heapq)
         # Each heap operation is O(log engines); their number per decision does not grow with the engines.
         assert len(heap_operations) / num_decisions < 40, (num_engines, len(heap_operations))
