@@ -8,7 +8,9 @@ those `ray_vllm_*` series carry the replica's `WorkerId`, which the Grafana dash
 so prefill's and decode's queues show side by side.
 
 1. `RouterMetrics` (router_metrics.py): what the client sees — requests by route and status code, TTFT and time
-   per output token of streams, end-to-end latency, requests in flight, prefill fallbacks.
+   per output token of streams, end-to-end latency, requests in flight, prefill fallbacks; and what the
+   scheduler did — decisions by policy and path, measured TTFT over its prediction, each engine's estimated
+   pending prompt tokens and requests.
 2. `KVTransferMetrics` (transfer_metrics.py): every KV transfer an engine's connector reports — bytes, duration
    and bandwidth, by backend and role; failed transfers (each makes decode recompute the prompt); leases expired.
 3. The KV store's own gauges (kv_transfer/object_store/store.py): memory held against its bound, open transfers.

@@ -5,12 +5,15 @@ through the engines is the hand-off's (handoff.py).
    own request types, and a malformed body becomes a 400 through vLLM's exception handlers.
 2. The request gets its id: the client's `X-Request-Id`, else Serve's own. Serve stamps it on every log line of the
    router, prefill and decode, and returns it in the response.
-3. The hand-off serves it (check, admission, prefill → KV → decode, or one collocated engine) and returns an
-   `ErrorResponse`, one response, or decode's stream of vLLM SSE strings, which goes out without re-wrapping.
+3. The hand-off serves it (check, admission, the scheduler's path: prefill → KV → decode, decode-local or
+   prefill-local; or one collocated engine) and returns an `ErrorResponse`, one response, or the engine's stream
+   of vLLM SSE strings, which goes out without re-wrapping. Where the operator allows it
+   (`scheduling.allow_path_override`), an `X-Splitserve-Path` header forces the path (tests, debugging).
 4. Errors become OpenAI-style JSON with their status (503s with `Retry-After`); every response carries a
    `Server-Timing` header (phase_timing.py).
 5. Requests, status codes, TTFT, time per output token, E2E and requests in flight go to Ray's metrics
-   (router_metrics.py); a stream counts as complete once `[DONE]` went out (sse.py).
+   (router_metrics.py), with the scheduler's decisions and each engine's estimated load; a stream counts as
+   complete once `[DONE]` went out (sse.py). `/health` reports the scheduler's state too.
 
 The same life cycle is offered to Python callers through the deployment handle: `chat`, `completion` (one
 response object) and `chat_stream`, `completion_stream` (typed chunk objects), each taking vLLM's request types.
@@ -38,16 +41,23 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse, ModelCard, Mod
 from vllm.entrypoints.serve.exception_handling.register import init_exception_handler
 
 from deployments.admission import Admission
+from deployments.error_responses import bad_request
 from deployments.handoff import CollocatedHandoff, Handoff, Outcome, PDHandoff
 from deployments.http_edge import EdgePolicy, HttpEdge, framework_error
 from deployments.messages import STREAM_CHUNK_TYPES, OpenAIRequest
 from deployments.phase_timing import PhaseTiming
+from deployments.prompt_size import PromptSizer
+from deployments.replica_choice import latest_routing_stats
 from deployments.router_metrics import RouterMetrics
+from deployments.scheduler import Scheduler
+from deployments.scheduling.policies import Decision, Path
 from deployments.sse import StreamTally, guarded, typed_chunks
 from serve_app.config import AppConfig
 from serve_app.grafana import install_dashboard
 
 logger = logging.getLogger("ray.serve")
+
+PATH_OVERRIDE_HEADER = "x-splitserve-path"
 
 app = FastAPI(title="splitserve", description="OpenAI-compatible, prefill/decode-disaggregated LLM serving")
 # vLLM's own handlers: validation errors are 400 with OpenAI-style error JSON, like `vllm serve`.
@@ -74,20 +84,43 @@ class Router:
         self._config = config
         self._metrics = RouterMetrics(config.model.served_name)
         admission = Admission.from_config(config)
-        self._handoff: Handoff = (
-            CollocatedHandoff(admission, collocated=collocated) if collocated is not None
-            else PDHandoff(admission, prefill=prefill, decode=decode,
-                           on_prefill_fallback=self._metrics.prefill_fallback)
-        )
+        self._scheduler: Scheduler | None = None
+        if collocated is not None:
+            self._handoff: Handoff = CollocatedHandoff(admission, collocated=collocated)
+        else:
+            self._scheduler = Scheduler(
+                config.scheduling, router_id=serve.get_replica_context().replica_id.unique_id,
+                prefill_deployment=prefill.deployment_name, decode_deployment=decode.deployment_name,
+                prompt_size=PromptSizer(config.model.path).num_tokens, routing_stats=latest_routing_stats)
+            self._handoff = PDHandoff(admission, prefill=prefill, decode=decode, scheduler=self._scheduler,
+                                      on_prefill_fallback=self._metrics.prefill_fallback,
+                                      on_decision=self._decided)
         api_key = os.environ.get(config.router.api_key_env) or None
         app.state.edge_policy = EdgePolicy(max_body_bytes=config.router.max_request_body_bytes, api_key=api_key)
         logger.info("HTTP edge: API key %s, bodies up to %d bytes, admission %s",
                     f"required (from ${config.router.api_key_env})" if api_key else "not required",
                     config.router.max_request_body_bytes, admission)
-        self._gauge_refresher = asyncio.get_running_loop().create_task(self._metrics.refresh_gauges())
+        engine_loads = (lambda: self._scheduler.summary()["engines"]) if self._scheduler is not None else dict
+        self._gauge_refresher = asyncio.get_running_loop().create_task(self._metrics.refresh_gauges(engine_loads))
         install_dashboard()
         self._engines = {name: handle for name, handle in
                          (("prefill", prefill), ("decode", decode), ("collocated", collocated)) if handle is not None}
+
+    def _decided(self, decision: Decision, ttft_s: float) -> None:
+        self._metrics.decided(self._scheduler.policy.name, decision.path.value, ttft_s, decision.predicted_ttft_s)
+
+    def _forced_path(self, raw_request: Request) -> Path | ErrorResponse | None:
+        value = raw_request.headers.get(PATH_OVERRIDE_HEADER)
+        if value is None:
+            return None
+        if not (self._config.is_disaggregated and self._config.scheduling.allow_path_override):
+            return bad_request(f"the {PATH_OVERRIDE_HEADER} header is not allowed here "
+                               "(scheduling.allow_path_override is off)", PATH_OVERRIDE_HEADER)
+        try:
+            return Path(value)
+        except ValueError:
+            return bad_request(f"{PATH_OVERRIDE_HEADER} must be one of {', '.join(p.value for p in Path)}, "
+                               f"got {value!r}", PATH_OVERRIDE_HEADER)
 
     @staticmethod
     def _with_request_id(request: OpenAIRequest, **update: Any) -> OpenAIRequest:
@@ -113,8 +146,9 @@ class Router:
         started = time.perf_counter()
         self._metrics.started()
         timing = PhaseTiming()
+        path = self._forced_path(raw_request)
         try:
-            result = await self._handoff.serve(request, timing)
+            result = path if isinstance(path, ErrorResponse) else await self._handoff.serve(request, timing, path)
         except BaseException:
             self._metrics.finished(route=route, status_code=500, e2e_s=time.perf_counter() - started)
             raise
@@ -173,6 +207,9 @@ class Router:
                   "admission": self._handoff.admission.counts()}
         if self._config.is_disaggregated:
             report["transfer_backend"] = self._config.transfer.backend
+        if self._scheduler is not None:
+            self._scheduler.refresh()
+            report["scheduling"] = self._scheduler.summary()
         return report
 
     async def chat(self, request: ChatCompletionRequest) -> ChatCompletionResponse | ErrorResponse:

@@ -137,7 +137,6 @@ class SchedulingConfig(_Frozen):
     # phases, while the other pool's queue is over a threshold. conditional: Dynamo's rule, split only a long
     # prompt while prefill's queue is short. predictive: the path with the lowest predicted time to first token
     # whose predicted TBT stays within bounds, from rates learned online.
-    # The router runs always_split until the scheduler is wired into it (build_app refuses the others until then).
     policy: Literal["always_split", "token_jsq", "mixed_pool", "conditional", "predictive"] = "always_split"
     # conditional: prompts up to this many tokens run on decode; longer ones are split while prefill has fewer
     # than `max_prefill_queue_requests` waiting (Dynamo's max_local_prefill_length and max_prefill_queue_size).
@@ -156,6 +155,12 @@ class SchedulingConfig(_Frozen):
     tbt_gap_slowdown: float = Field(5.0, gt=1)
     # Observations of each rate before it is trusted; until then predictive acts as token_jsq.
     min_observations: int = Field(4, ge=1)
+    # How often each engine replica reports its load (Serve's routing stats, through its controller); between
+    # reports every router counts its own traffic.
+    load_report_period_s: float = Field(0.5, gt=0, le=60)
+    # Lets a request force its path with an `X-Splitserve-Path: split|decode_local|prefill_local` header (tests,
+    # debugging). Off in production: a client must not choose where its prompt runs.
+    allow_path_override: bool = False
 
     @model_validator(mode="after")
     def returns_below_borrows(self) -> SchedulingConfig:

@@ -1,5 +1,6 @@
 """The hand-off (deployments/handoff.py), step by step, with fake deployment handles: prefill → KV handle → decode,
-and every way a request can leave it. Each story ends with admission holding nothing and no KV left unreleased.
+the scheduler's other paths (decode-local, prefill-local), and every way a request can leave it. Each story ends
+with admission holding nothing, every dispatch closed, and no KV left unreleased.
 """
 
 from __future__ import annotations
@@ -16,7 +17,11 @@ from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 from deployments.admission import Admission
 from deployments.error_responses import bad_request, server_error
 from deployments.handoff import CollocatedHandoff, PDHandoff
+from deployments.messages import LoadReport
 from deployments.phase_timing import PhaseTiming
+from deployments.scheduler import Scheduler
+from deployments.scheduling.policies import Path
+from serve_app.config import SchedulingConfig
 from kv_transfer.handle import KVHandle
 
 CHUNKS = ['data: {"choices":[{"text":"a"}]}\n\n', 'data: {"choices":[{"text":"b"}]}\n\n', "data: [DONE]\n\n"]
@@ -60,38 +65,23 @@ class Stream:
         self.is_cancelled = True
 
 
-class FakePrefill:
-    def __init__(self, answer: Any = HANDLE):
-        self._answer = answer
-        self.requests: list[Any] = []
-        self.released: list[KVHandle] = []
-
-    @property
-    def prefill(self):
-        def remote(request):
-            self.requests.append(request)
-            return Answer(self._answer)
-        return type("Method", (), {"remote": staticmethod(remote)})
-
-    @property
-    def release(self):
-        return type("Method", (), {"remote": staticmethod(lambda handle: self.released.append(handle))})
-
-
 class FakeEngine:
-    """Decode (`decode(request, handle)`) or a collocated engine (`generate(request)`), always called as a stream."""
+    """Decode (`decode(request, handle)`), a collocated engine or a prefill-local one (`generate(request)`), always
+    called as a stream; `dispatches` keeps the scheduler's `Dispatch` of each call."""
 
     def __init__(self, items: list[Any] = CHUNKS):
         self._items = items
         self.calls: list[tuple] = []
+        self.dispatches: list[Any] = []
         self.streams: list[Stream] = []
 
     def options(self, stream: bool) -> FakeEngine:
         assert stream, "the hand-off always reads an engine as a stream"
         return self
 
-    def _call(self, *args: Any) -> Stream:
+    def _call(self, *args: Any, dispatch: Any = None) -> Stream:
         self.calls.append(args)
+        self.dispatches.append(dispatch)
         self.streams.append(Stream(self._items))
         return self.streams[-1]
 
@@ -104,24 +94,65 @@ class FakeEngine:
         return type("Method", (), {"remote": staticmethod(self._call)})
 
 
+class FakePrefill(FakeEngine):
+    def __init__(self, answer: Any = HANDLE):
+        super().__init__()
+        self._answer = answer
+        self.requests: list[Any] = []
+        self.released: list[tuple[KVHandle, Any]] = []
+
+    @property
+    def prefill(self):
+        def remote(request, dispatch=None):
+            self.requests.append(request)
+            self.dispatches.append(dispatch)
+            return Answer(self._answer)
+        return type("Method", (), {"remote": staticmethod(remote)})
+
+    @property
+    def release(self):
+        return type("Method", (), {"remote": staticmethod(
+            lambda handle, dispatch=None: self.released.append((handle, dispatch)))})
+
+
+def _stats(*reports: LoadReport) -> dict[str, dict]:
+    """What Serve's request router publishes: each replica's routing stats by its Serve replica id."""
+    return {f"replica-of-{report.engine_id}": report.to_routing_stats() for report in reports}
+
+
+ENGINE_STATS = {"PrefillServer": _stats(LoadReport(engine_id="prefill-0-x", role="prefill"),
+                                        LoadReport(engine_id="prefill-1-y", role="prefill",
+                                                   num_pending_prompt_tokens=900, num_requests=1)),
+                "DecodeServer": _stats(LoadReport(engine_id="decode-0-z", role="decode"))}
+
+
+def _scheduler(policy: str = "token_jsq", stats: dict | None = None) -> Scheduler:
+    stats = ENGINE_STATS if stats is None else stats
+    return Scheduler(SchedulingConfig(policy=policy), router_id="router-0", prefill_deployment="PrefillServer",
+                     decode_deployment="DecodeServer", prompt_size=lambda request: 3,
+                     routing_stats=lambda deployment: (1, stats.get(deployment, {})))
+
+
 def _request(**update: Any) -> CompletionRequest:
     return CompletionRequest(**{"model": "m", "prompt": "hi", "max_tokens": 4, "stream": True, "request_id": "r1",
                                 **update})
 
 
-def _pd(prefill: FakePrefill, decode: FakeEngine, num_admissible: int = 4) -> tuple[PDHandoff, list[int]]:
+def _pd(prefill: FakePrefill, decode: FakeEngine, num_admissible: int = 4,
+        scheduler: Scheduler | None = None) -> tuple[PDHandoff, list[int]]:
     fallbacks: list[int] = []
     handoff = PDHandoff(Admission(num_admissible, num_admissible), prefill=prefill, decode=decode,
+                        scheduler=scheduler or _scheduler("always_split", stats={}),
                         on_prefill_fallback=lambda: fallbacks.append(1))
     return handoff, fallbacks
 
 
-def _serve(handoff, request: CompletionRequest, timing: PhaseTiming | None = None) -> Any:
-    return asyncio.run(_serve_and_read(handoff, request, timing or PhaseTiming()))
+def _serve(handoff, request: CompletionRequest, timing: PhaseTiming | None = None, path: Path | None = None) -> Any:
+    return asyncio.run(_serve_and_read(handoff, request, timing or PhaseTiming(), path))
 
 
-async def _serve_and_read(handoff, request, timing) -> Any:
-    result = await handoff.serve(request, timing)
+async def _serve_and_read(handoff, request, timing, path=None) -> Any:
+    result = await handoff.serve(request, timing, path)
     if hasattr(result, "__aiter__"):
         return [chunk async for chunk in result]
     return result
@@ -129,6 +160,11 @@ async def _serve_and_read(handoff, request, timing) -> Any:
 
 def _assert_nothing_held(handoff) -> None:
     assert set(handoff.admission.counts().values()) == {0}, handoff.admission.counts()
+    scheduler = getattr(handoff, "_scheduler", None)
+    if scheduler is not None:  # every dispatch closed: the book counts nothing of this router's
+        for role in ("prefill", "decode"):
+            for engine_id in scheduler.book.engine_ids(role):
+                assert not scheduler.book.engine(engine_id).unseen, engine_id
 
 
 def test_a_stream_goes_prefill_then_decode_with_the_kv_handle():
@@ -140,6 +176,7 @@ def test_a_stream_goes_prefill_then_decode_with_the_kv_handle():
     chunks = _serve(handoff, _request(), timing)
     assert [request.request_id for request in prefill.requests] == ["r1"]
     assert decode.calls == [(prefill.requests[0], HANDLE)]
+    assert timing.path == "split" and 'path;desc="split"' in timing.header()
     # 2. Decode's chunks pass through untouched; the phases are timed.
     assert chunks == CHUNKS
     assert timing.prefill_engine_id == "prefill-0-x" and timing.prefill_s is not None
@@ -182,7 +219,7 @@ def test_decode_failing_before_its_first_token_is_a_503_and_the_kv_is_released()
     handoff, _ = _pd(prefill, FakeEngine([RayActorError()]))
     answer = _serve(handoff, _request())
     assert isinstance(answer, ErrorResponse) and answer.error.code == 503
-    assert prefill.released == [HANDLE]  # not left to its lease
+    assert [handle for handle, _ in prefill.released] == [HANDLE]  # not left to its lease
     _assert_nothing_held(handoff)
 
 
@@ -219,6 +256,40 @@ def test_a_client_that_leaves_before_the_body_starts_frees_its_slot_and_decode()
 
     asyncio.run(leave())
     assert decode.streams[0].is_cancelled
+    _assert_nothing_held(handoff)
+
+
+def test_token_jsq_sends_each_call_to_the_chosen_replicas_and_the_release_to_the_owner():
+    prefill, decode = FakePrefill(), FakeEngine([RayActorError()])
+    handoff, _ = _pd(prefill, decode, scheduler=_scheduler("token_jsq"))
+    # 1. The scheduler picks the prefill replica with the shorter queue and the only decode replica; each call's
+    #    Dispatch names them (Serve's request router reads it) with the prompt tokens it will compute.
+    answer = _serve(handoff, _request())
+    (prefill_dispatch,), (decode_dispatch,) = prefill.dispatches, decode.dispatches
+    assert (prefill_dispatch.replica_id, prefill_dispatch.num_prompt_tokens) == ("replica-of-prefill-0-x", 3)
+    assert (decode_dispatch.replica_id, decode_dispatch.num_prompt_tokens) == ("replica-of-decode-0-z", 0)
+    assert prefill_dispatch.seq < decode_dispatch.seq and prefill_dispatch.router_id == "router-0"
+    # 2. Decode failed before its first token: the release goes to the replica that owns the handle's KV.
+    assert isinstance(answer, ErrorResponse) and answer.error.code == 503
+    ((handle, release),) = prefill.released
+    assert handle == HANDLE and release.replica_id == "replica-of-prefill-0-x"
+    _assert_nothing_held(handoff)
+
+
+@pytest.mark.parametrize(("path", "engine"), [(Path.DECODE_LOCAL, "decode"), (Path.PREFILL_LOCAL, "prefill")])
+def test_a_local_path_runs_the_whole_request_on_one_engine(path, engine):
+    prefill, decode = FakePrefill(), FakeEngine()
+    handoff, _ = _pd(prefill, decode, scheduler=_scheduler("token_jsq"))
+    timing = PhaseTiming()
+    assert _serve(handoff, _request(), timing, path=path) == CHUNKS
+    assert not prefill.requests and not prefill.released  # no prefill stage, no KV
+    ran, idle = (decode, prefill) if engine == "decode" else (prefill, decode)
+    assert len(ran.calls) == 1 and not idle.calls
+    if engine == "decode":
+        assert ran.calls[0][1] is None  # no KV handle: decode computes the prompt
+    assert ran.dispatches[0].num_prompt_tokens == 3 and ran.dispatches[0].replica_id.startswith(f"replica-of-{engine}")
+    assert ran.streams[0].is_cancelled and timing.path == path.value and timing.prefill_s is None
+    assert handoff._scheduler.decisions == {path.value: 1}
     _assert_nothing_held(handoff)
 
 

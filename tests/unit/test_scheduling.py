@@ -288,9 +288,15 @@ def test_a_pool_policy_in_collocated_mode_is_refused():
     assert AppConfig.model_validate({"mode": "collocated"}).scheduling.policy == "always_split"
 
 
-def test_the_app_refuses_a_policy_its_router_does_not_carry_out_yet():
-    from serve_app.builder import ROUTED_POLICIES, build_app
+@pytest.mark.parametrize("policy", ["always_split", "token_jsq", "mixed_pool", "conditional", "predictive"])
+def test_every_policy_builds_an_app_whose_engines_route_by_the_chosen_replica(policy):
+    from serve_app.builder import build_app
 
-    assert ROUTED_POLICIES == ("always_split",)
-    with pytest.raises(ValueError, match="scheduling.policy 'token_jsq' is not wired into the router yet"):
-        build_app({"scheduling": {"policy": "token_jsq"}})
+    app = build_app({"scheduling": {"policy": policy, "load_report_period_s": 0.25},
+                     "transfer": {"backend": "object_store"}})
+    router = app._bound_deployment
+    assert router.init_args[0].scheduling.policy == policy
+    for role in ("prefill", "decode"):
+        config = router.init_kwargs[role]._bound_deployment._deployment_config.request_router_config
+        assert config.request_router_class == "deployments.replica_choice.ChosenReplicaRouter"
+        assert config.request_routing_stats_period_s == 0.25
