@@ -14,19 +14,27 @@ from ray import serve
 
 from bench.replicas import APP_NAME, ROLE_DEPLOYMENTS
 from deployments.engine_counters import EngineCounters
+from deployments.messages import Dispatch
 
 if TYPE_CHECKING:
     from kv_transfer.object_store.store_state import StoreCounters
 
 
-def counters(role: str) -> EngineCounters:
-    return serve.get_deployment_handle(ROLE_DEPLOYMENTS[role], app_name=APP_NAME).counters.remote().result(timeout_s=30)
+def _to(replica_id: str | None) -> dict:
+    """The call's `dispatch` that sends it to one replica (its Serve replica id); none: Serve's choice."""
+    return {} if replica_id is None else {"dispatch": Dispatch(router_id="driver", seq=0, replica_id=replica_id)}
 
 
-def store_counters() -> StoreCounters | None:
-    """The prefill replica's KV store (object_store backend): what it holds now and has seen; None on nixl."""
-    return serve.get_deployment_handle("PrefillServer", app_name=APP_NAME).store_counters.remote().result(
-        timeout_s=30)
+def counters(role: str, replica_id: str | None = None) -> EngineCounters:
+    """The role's engine counters: of the replica `replica_id`, or of the one replica the role has."""
+    handle = serve.get_deployment_handle(ROLE_DEPLOYMENTS[role], app_name=APP_NAME)
+    return handle.counters.remote(**_to(replica_id)).result(timeout_s=30)
+
+
+def store_counters(replica_id: str | None = None) -> StoreCounters | None:
+    """A prefill replica's KV store (object_store backend): what it holds now and has seen; None on nixl."""
+    return serve.get_deployment_handle("PrefillServer", app_name=APP_NAME).store_counters.remote(
+        **_to(replica_id)).result(timeout_s=30)
 
 
 @dataclass(frozen=True)

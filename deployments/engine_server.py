@@ -106,10 +106,11 @@ class EngineServer:
                 self._prompt_done(num_pending)
             self._finished()
 
-    def counters(self) -> EngineCounters:
+    # Every method takes the optional `dispatch` by which a caller addresses one replica (replica_choice.py).
+    def counters(self, dispatch: Dispatch | None = None) -> EngineCounters:
         return self._engine.counters()
 
-    def role(self) -> RoleStatus:
+    def role(self, dispatch: Dispatch | None = None) -> RoleStatus:
         return RoleStatus(role=self.role_name, engine_id=self.engine_id, is_engine_alive=self._engine.is_alive,
                           transfer_backend=self.transfer_backend, kv_store=self.kv_store)
 

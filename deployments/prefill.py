@@ -83,7 +83,7 @@ class PrefillServer(EngineServer):
         async for answer in self._counted_answers(request, dispatch):
             yield answer
 
-    async def store_counters(self) -> StoreCounters | None:
+    async def store_counters(self, dispatch: Dispatch | None = None) -> StoreCounters | None:
         """What this replica's KV store holds now and has seen (object_store backend), else None."""
         return None if self._store is None else await self._store.counters.remote()
 

@@ -105,6 +105,17 @@ class Router:
         install_dashboard()
         self._engines = {name: handle for name, handle in
                          (("prefill", prefill), ("decode", decode), ("collocated", collocated)) if handle is not None}
+        if self._scheduler is not None:
+            # A handle's request router (and with it the engines' load reports) starts with its first call: make
+            # one now, so that the first request is already scheduled on reported loads.
+            self._warm_up = asyncio.get_running_loop().create_task(self._first_calls())
+
+    async def _first_calls(self) -> None:
+        for name, deployment in self._engines.items():
+            try:
+                await deployment.role.remote()
+            except Exception as exc:  # the engines may still be starting; a request will start the router then
+                logger.info("first call to %s failed: %r", name, exc)
 
     def _decided(self, decision: Decision, ttft_s: float) -> None:
         self._metrics.decided(self._scheduler.policy.name, decision.path.value, ttft_s, decision.predicted_ttft_s)

@@ -44,7 +44,16 @@ FAULT_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "completion_kv_timeout": ("completion", {"prompt": "The colours of the rainbow, in order, are", "max_tokens": 16}),
     "completion_forged_handle": ("completion", {"prompt": "The five oceans of the world are", "max_tokens": 16}),
 }
-REFERENCE_REQUESTS = {**EXACTNESS_REQUESTS, **FAULT_REQUESTS}
+# Requests of the scheduling tests (test_scheduling_paths.py): each path must answer them exactly like the reference,
+# greedy and with a fixed sampling seed.
+SCHEDULING_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "chat_paths": ("chat", {"messages": [{"role": "user", "content": "Name three rivers of Europe."}],
+                            "max_tokens": 24}),
+    "completion_long_paths": ("completion", {"prompt": long_document(first_year=1500), "max_tokens": 24}),
+    "completion_seeded_paths": ("completion", {"prompt": "A short story about a lighthouse keeper:",
+                                               "max_tokens": 24, "temperature": 0.9, "seed": 1234}),
+}
+REFERENCE_REQUESTS = {**EXACTNESS_REQUESTS, **FAULT_REQUESTS, **SCHEDULING_REQUESTS}
 
 
 def request_body(name: str) -> tuple[str, dict[str, Any]]:
