@@ -15,6 +15,7 @@ No FIFO mixin: with it, a replica found for one request may serve an older one, 
 
 from __future__ import annotations
 
+import importlib
 import random
 from typing import Any
 
@@ -26,16 +27,23 @@ DISPATCH_KWARG = "dispatch"
 _latest: dict[str, tuple[int, dict[str, dict[str, Any]]]] = {}
 
 
+def _board() -> dict[str, tuple[int, dict[str, dict[str, Any]]]]:
+    """`_latest` of this module as imported. Serve ships a request-router class by value (cloudpickle), with a
+    copy of this module's globals: a plain `_latest` there would be a second board nobody reads."""
+    return importlib.import_module(__name__)._latest
+
+
 def latest_routing_stats(deployment_name: str) -> tuple[int, dict[str, dict[str, Any]]]:
     """The newest routing stats of the deployment's replicas seen by any request router in this process; version
     0 and nothing before the first update (a handle's router starts with its first request)."""
-    return _latest.get(deployment_name, (0, {}))
+    return _board().get(deployment_name, (0, {}))
 
 
 def _publish(deployment_name: str, replicas: list[Any]) -> None:
-    version = _latest.get(deployment_name, (0, {}))[0] + 1
-    _latest[deployment_name] = (version, {replica.replica_id.unique_id: dict(replica.routing_stats or {})
-                                          for replica in replicas})
+    board = _board()
+    version = board.get(deployment_name, (0, {}))[0] + 1
+    board[deployment_name] = (version, {replica.replica_id.unique_id: dict(replica.routing_stats or {})
+                                        for replica in replicas})
 
 
 def replicas_to_offer(candidates: list[Any], chosen: Any | None, *, rng: random.Random = random) -> list[list[Any]]:
