@@ -119,7 +119,7 @@ class Handoff:
 class PDHandoff(Handoff):
     def __init__(self, admission: Admission, *, prefill: DeploymentHandle, decode: DeploymentHandle,
                  scheduler: Scheduler, on_prefill_fallback: Callable[[], None] = lambda: None,
-                 on_decision: Callable[[Decision, float], None] = lambda decision, ttft_s: None):
+                 on_decision: Callable[[Decision, float | None], None] = lambda decision, ttft_s: None):
         super().__init__(admission)
         self._prefill = prefill
         self._decode = decode
@@ -151,9 +151,9 @@ class PDHandoff(Handoff):
 
         def on_first() -> None:
             seconds = flight.prompt_done()
-            if is_idle:  # nothing ahead of it: its time is the engine's prefill rate (plus one step)
+            if is_idle and request.stream:  # nothing ahead of it: the engine's prefill rate (plus one step)
                 self._scheduler.observed_prefill(engine_id, num_prompt_tokens, seconds)
-            self._decided(decision, seconds)
+            self._decided(decision, seconds if request.stream else None, request.request_id)
 
         return await self._first_chunk(stream, request.request_id, timing, on_first=on_first,
                                        on_end=flight.request_done,
@@ -183,16 +183,19 @@ class PDHandoff(Handoff):
 
         def on_first() -> None:
             seconds = decode_flight.prompt_done()
-            if handle is not None:
+            if handle is not None and request.stream:
                 self._scheduler.observed_handover(decision.decode_engine, handle.num_prompt_tokens, seconds,
                                                   batch_size)
-            self._decided(decision, time.perf_counter() - started)
+            self._decided(decision, time.perf_counter() - started if request.stream else None, request.request_id)
 
         return await self._first_chunk(stream, request.request_id, timing, on_unread=lambda: self._release(handle),
                                        on_first=on_first, on_end=decode_flight.request_done)
 
-    def _decided(self, decision: Decision, ttft_s: float) -> None:
-        self._scheduler.observed_ttft(decision, ttft_s)
+    def _decided(self, decision: Decision, ttft_s: float | None, request_id: str) -> None:
+        """`ttft_s`: the decision to the first token, for a stream; None for a response sent whole (its first chunk
+        is the whole answer, so it times no first token and teaches the rates nothing)."""
+        if ttft_s is not None:
+            self._scheduler.observed_ttft(decision, ttft_s, request_id)
         self._on_decision(decision, ttft_s)
 
     async def _prefilled(self, request: OpenAIRequest, flight: Flight) -> KVHandle | ErrorResponse | None:

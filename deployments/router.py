@@ -117,7 +117,7 @@ class Router:
             except Exception as exc:  # the engines may still be starting; a request will start the router then
                 logger.info("first call to %s failed: %r", name, exc)
 
-    def _decided(self, decision: Decision, ttft_s: float) -> None:
+    def _decided(self, decision: Decision, ttft_s: float | None) -> None:
         self._metrics.decided(self._scheduler.policy.name, decision.path.value, ttft_s, decision.predicted_ttft_s)
 
     def _forced_path(self, raw_request: Request) -> Path | ErrorResponse | None:

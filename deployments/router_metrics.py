@@ -55,11 +55,11 @@ class RouterMetrics:
     def prefill_fallback(self) -> None:
         self.prefill_fallbacks.inc()
 
-    def decided(self, policy: str, path: str, ttft_s: float, predicted_ttft_s: float | None) -> None:
-        """A scheduled request got its first token `ttft_s` after its decision."""
+    def decided(self, policy: str, path: str, ttft_s: float | None, predicted_ttft_s: float | None) -> None:
+        """A scheduled request got its first token (streams: `ttft_s` after its decision)."""
         tags = {"policy": policy, "path": path}
         self.decisions.inc(tags=tags)
-        if predicted_ttft_s:
+        if predicted_ttft_s and ttft_s is not None:
             self.ttft_prediction_ratio.observe(ttft_s / predicted_ttft_s, tags=tags)
 
     async def refresh_gauges(self, engine_loads: Callable[[], dict[str, dict[str, Any]]] = dict) -> None:

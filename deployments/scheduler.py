@@ -167,9 +167,11 @@ class Scheduler:
         step_s = self.rates.decode_step_s(decode_engine, batch_size) if decode_engine is not None else 0.0
         self.rates.observe_transfer(num_prompt_tokens, max(0.0, seconds - step_s))
 
-    def observed_ttft(self, decision: Decision, seconds: float) -> None:
+    def observed_ttft(self, decision: Decision, seconds: float, request_id: str = "") -> None:
         if decision.predicted_ttft_s is not None and decision.predicted_ttft_s > 0:
             self.recent_predictions.append((decision.path.value, decision.predicted_ttft_s, seconds))
+            logger.info("request %s: first token %.0f ms after its decision (predicted %.0f ms)", request_id,
+                        seconds * 1e3, decision.predicted_ttft_s * 1e3)
 
     def summary(self) -> dict[str, Any]:
         """For /health: the policy, its decisions, each engine's estimated load, the prediction error."""

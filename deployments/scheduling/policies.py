@@ -199,6 +199,8 @@ class Predictive:
 
     def _decode_can_take(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates) -> bool:
         running = book.engine(engine_id).num_requests
+        if running == 0:
+            return True  # no stream to slow down: only this request's own TTFT, which the prediction weighs
         base = rates.decode_step_s(engine_id, 1)
         if base <= 0:
             return False

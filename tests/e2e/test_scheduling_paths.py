@@ -179,12 +179,15 @@ def test_a_call_addressed_to_one_prefill_replica_reaches_it(npmd):
 def test_predictive_learns_the_rates_and_predicts_ttft(npmd):
     scheduling = replicas.health(npmd.base_url)["scheduling"]
     assert scheduling["policy"] == "predictive"
-    # Unforced requests, one at a time, until the rates are learned; then its decisions carry predictions.
+    # Unforced streams, one at a time, until the rates are learned (a response sent whole times no first token,
+    # so only streams teach them); then its decisions carry predictions.
     for index in range(16):
         body = {"model": MODEL, "prompt": filler_document(first_year=1000 + 10 * index)[: 600 + 150 * (index % 6)],
-                "max_tokens": 8, "temperature": 0}
-        response = httpx.post(f"{npmd.base_url}/v1/completions", json=body, timeout=300)
-        assert response.status_code == 200, response.text
+                "max_tokens": 8, "temperature": 0, "stream": True}
+        with httpx.stream("POST", f"{npmd.base_url}/v1/completions", json=body, timeout=300) as response:
+            assert response.status_code == 200
+            events = [line for line in response.iter_lines() if line.startswith("data: ")]
+        assert events[-1] == "data: [DONE]"
         scheduling = replicas.health(npmd.base_url)["scheduling"]
         if scheduling["rates_known"] and scheduling["num_recent_predictions"] >= 3:
             break

@@ -255,6 +255,11 @@ def test_the_tbt_guard_refuses_decode_local_when_its_chunks_would_slow_decodes_s
     # 3. Spread over 4,000 tokens they add 1 ms: decode-local, which saves the transfer and a decode step.
     long_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=4000)
     assert long_outputs.decide(_request(1500), book, rates).path == Path.DECODE_LOCAL
+    # 4. An idle decode engine has no stream to slow down: the guard that refused 1. lets the prompt run there,
+    #    which saves the transfer and a step.
+    idle = _book({"p0": 0}, {"d0": 0}, rates=rates)
+    assert Predictive(config, chunk_tokens=256, expected_output_tokens=4000).decide(
+        _request(1500), idle, rates).path == Path.DECODE_LOCAL
 
 
 def test_predictive_lets_an_idle_prefill_engine_decode_when_decode_is_saturated():
