@@ -20,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bench import engines, processes
 from bench.engines import APP_NAME
 from serve_app.grafana import DASHBOARD_JSON
+from tests.conftest import _app_config
 from tests.e2e.workload import MODEL
 
 ROLES = ("Router", "PrefillServer", "DecodeServer")
@@ -97,6 +98,12 @@ def test_metrics_reach_rays_prometheus_endpoint_and_add_up(app, openai_client, r
         assert _total(samples, "ray_splitserve_tpot_seconds_count") >= 1
         assert _total(samples, "ray_splitserve_e2e_seconds_count") >= 2
         assert samples["ray_splitserve_requests_in_flight"], "no in-flight gauge"
+        # The scheduler: every answered request was decided (the 404 too: an unknown model is prefill's answer),
+        # and each engine's estimated load is published.
+        policy = _app_config()[1].scheduling.policy
+        assert _total(samples, "ray_splitserve_scheduling_decisions_total", policy=policy) >= 2
+        roles = {labels["role"] for labels, _ in samples["ray_splitserve_engine_pending_prompt_tokens"]}
+        assert roles == {"prefill", "decode"}, roles
         return samples
 
     samples = _until(router_metrics_arrived)
@@ -143,8 +150,16 @@ def test_every_query_of_the_grafana_dashboard_names_an_exported_metric(app):
     named = {name for query in queries for name in re.findall(r"\b(ray_[a-z0-9_]+)", query)}
     if app.resolved_backend != "object_store":  # the KV store's panel: the object-store backend only
         named = {name for name in named if not name.startswith("ray_splitserve_kv_store_")}
+    if not _is_predicting():  # the prediction panel: policies that predict a TTFT only
+        named = {name for name in named if "ttft_prediction" not in name}
     missing = sorted(name for name in named if name not in exported)
     assert not missing, missing
+
+
+def _is_predicting() -> bool:
+    """Whether the suite's app runs a policy that predicts TTFTs (its decisions carry a prediction)."""
+    _, config = _app_config()
+    return config.scheduling.policy == "predictive"
 
 
 def _panel_queries() -> list[tuple[str, str]]:
@@ -188,13 +203,18 @@ def test_every_panel_of_the_grafana_dashboard_shows_data_in_a_real_prometheus(ap
                 result = _query(prometheus_url, promql)
                 if "kv_store_" in promql and app.resolved_backend != "object_store":
                     continue  # the KV store's series: the object-store backend only
+                if "ttft_prediction" in promql and not _is_predicting():
+                    continue
                 assert result, (title, promql)
                 values.setdefault(title, []).extend(result)
             for title in ("Request rate by route and status", "Error ratio", "TTFT", "TPOT", "End-to-end latency",
-                          "KV bandwidth", "KV transfer time", "KV transfer share of latency"):
+                          "KV bandwidth", "KV transfer time", "KV transfer share of latency",
+                          "Scheduling decisions by path"):
                 assert any(math.isfinite(value) and value > 0 for _, value in values[title]), (title, values[title])
             for title in ("Waiting requests", "Running requests", "KV-cache usage"):
                 deployments = {labels.get("deployment") for labels, _ in values[title]}
                 assert {"PrefillServer", "DecodeServer"} <= deployments, (title, values[title])
+            roles = {labels.get("role") for labels, _ in values["Pending prompt tokens per engine"]}
+            assert roles == {"prefill", "decode"}, values["Pending prompt tokens per engine"]
 
         _until(every_panel_shows_data, timeout_s=90)
