@@ -3,6 +3,7 @@
     python -m bench.compare                         # the default: collocated, splitserve-nixl, Ray Serve LLM PD
     python -m bench.compare --light-rates none      # the same without the light end: 78 min instead of 2 h
     python -m bench.compare --systems all           # adds the rest; cells already measured at this commit are kept
+    python -m bench.compare --systems policies      # every scheduling policy as its own row
     python -m bench.compare --systems collocated splitserve-nixl --traces code --rates code=0.2,0.4,0.6,0.8,1.0
     python -m bench.compare --running mine=http://127.0.0.1:8000 --systems collocated   # add a running server
     python -m bench.compare --report-only           # rebuild summary, report and figures from the raw files
@@ -49,7 +50,7 @@ from bench.result_files import (
     write_summary_csv,
 )
 from bench.slo import Goodput, Reference, attainment_goodput, fit_reference, goodput
-from bench.systems import BASELINE, DEFAULT_SYSTEMS, SYSTEMS, app_config
+from bench.systems import BASELINE, DEFAULT_SYSTEMS, POLICY_COMPARISON, SYSTEMS, app_config
 from bench.traces import TraceRequest
 from bench.workloads import TRACE_FILES, Plan, Workload
 
@@ -225,7 +226,8 @@ def _parse_rates(entries: list[str] | None, traces: tuple[str, ...], *, is_light
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--systems", nargs="+", choices=[*SYSTEMS, "all"], default=list(DEFAULT_SYSTEMS))
+    parser.add_argument("--systems", nargs="+", choices=[*SYSTEMS, "all", "policies"],
+                        default=list(DEFAULT_SYSTEMS))
     parser.add_argument("--running", nargs="*", default=[], metavar="NAME=URL",
                         help="also measure servers already running on this host (not started or stopped here)")
     parser.add_argument("--traces", nargs="+", default=["conv", "code"],
@@ -252,6 +254,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if "all" in args.systems:
         args.systems = list(SYSTEMS)
+    elif "policies" in args.systems:
+        args.systems = list(dict.fromkeys([*POLICY_COMPARISON, *(name for name in args.systems
+                                                                  if name != "policies")]))
     return args
 
 

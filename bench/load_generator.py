@@ -71,6 +71,8 @@ class RequestRecord:
     prefill_s: float | None = None
     prefill_engine_id: str = ""
     first_chunk_s: float | None = None
+    path: str = ""  # the scheduler's path for it (split, decode_local, prefill_local); empty where none is said
+    predicted_ttft_s: float | None = None  # the scheduler's prediction, from its decision to the first token
     workload: str = ""  # which cell of a comparison it belongs to, set by the runner
     repeat: int = 0  # which run of the cell (`--repeats`)
 
@@ -133,7 +135,8 @@ def filler_document(first_year: int = 1900) -> str:
 
 
 def read_server_timing(header: str | None, record: RequestRecord) -> None:
-    """`prefill;dur=812.3;desc="prefill-0-ab12", first_chunk;dur=95.1` (W3C Server-Timing, durations in ms)."""
+    """`prefill;dur=812.3;desc="prefill-0-ab12", first_chunk;dur=95.1, path;desc="split", predicted_ttft;dur=880`
+    (W3C Server-Timing, durations in ms)."""
     for metric in (header or "").split(","):
         name, _, params = metric.strip().partition(";")
         duration = re.search(r"dur=([0-9.]+)", params)
@@ -143,6 +146,10 @@ def read_server_timing(header: str | None, record: RequestRecord) -> None:
             record.prefill_engine_id = description.group(1) if description else ""
         elif name == "first_chunk" and duration:
             record.first_chunk_s = float(duration.group(1)) / 1e3
+        elif name == "path" and description:
+            record.path = description.group(1)
+        elif name == "predicted_ttft" and duration:
+            record.predicted_ttft_s = float(duration.group(1)) / 1e3
 
 
 class PromptBuilder:

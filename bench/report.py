@@ -197,6 +197,23 @@ def generator_section(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def decisions_section(rows: list[dict[str, Any]]) -> list[str]:
+    """Per cell and scheduled system: the mix of paths its scheduler chose, and its TTFT predictions' error."""
+    scheduled = [row for row in rows if row.get("share_split") not in (None, "")]
+    if not scheduled:
+        return ["No system said which path its requests took."]
+    lines = ["The path splitserve's scheduler chose for each answered request (its `Server-Timing`), and, where the "
+             "policy predicts, the median of |measured TTFT from the send / predicted - 1|.", "",
+             "| cell | system | split | decode-local | prefill-local | TTFT prediction error p50 (n) |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for row in scheduled:
+        error = (f"{float(row['ttft_prediction_error_p50']):.0%} ({row.get('num_ttft_predictions')})"
+                 if row.get("ttft_prediction_error_p50") not in (None, "") else "–")
+        lines.append(f"| {row['workload']} | {row['system']} | {_share(row['share_split'])} | "
+                     f"{_share(row['share_decode_local'])} | {_share(row['share_prefill_local'])} | {error} |")
+    return lines
+
+
 def _share(value: Any) -> str:
     return "–" if value in (None, "") else f"{float(value):.1%}"
 
@@ -271,6 +288,7 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
               "within the P90 bounds on TTFT, TBT and E2E at once; its goodput is the highest rate at which at least "
               "90% are.", "", *slo_section(rows),
               "## Latency and throughput", "", table, "", "## What the intervals support", "", *findings(ratios),
+              "", "## The scheduler's decisions", "", *decisions_section(rows),
               "", "## The load generator", "", *generator_section(rows), "", "## Figures", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in figures]
     path.write_text("\n".join(lines) + "\n")

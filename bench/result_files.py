@@ -28,7 +28,9 @@ from bench.slo import (
 
 REQUEST_FIELDS = ["workload", "repeat", "request_id", "arrival_s", "start_s", "prompt_tokens", "output_tokens",
                   "ttft_s", "e2e_s", "ttft_send_s", "e2e_send_s", "tbt_s", "error", "prefill_s", "prefill_engine_id",
-                  "first_chunk_s"]
+                  "first_chunk_s", "path", "predicted_ttft_s"]
+# The scheduler's paths, as splitserve's Server-Timing names them (a request without one has none).
+PATHS = ("split", "decode_local", "prefill_local")
 
 
 def measured_commit() -> str:
@@ -59,7 +61,8 @@ def write_requests_csv(records: list[RequestRecord], path: Path) -> None:
                              "e2e_send_s": record.e2e_send_s,
                              "tbt_s": " ".join(f"{gap:.6f}" for gap in record.tbt_s), "error": record.error or "",
                              "prefill_s": record.prefill_s, "prefill_engine_id": record.prefill_engine_id,
-                             "first_chunk_s": record.first_chunk_s})
+                             "first_chunk_s": record.first_chunk_s, "path": record.path,
+                             "predicted_ttft_s": record.predicted_ttft_s})
 
 
 def read_requests_csv(path: Path) -> list[RequestRecord]:
@@ -73,7 +76,9 @@ def read_requests_csv(path: Path) -> list[RequestRecord]:
                               e2e_s=number(row["e2e_s"]), tbt_s=[float(gap) for gap in row["tbt_s"].split()],
                               error=row["error"] or None, prefill_s=number(row.get("prefill_s", "")),
                               prefill_engine_id=row.get("prefill_engine_id", ""),
-                              first_chunk_s=number(row.get("first_chunk_s", "")), workload=row.get("workload", ""),
+                              first_chunk_s=number(row.get("first_chunk_s", "")), path=row.get("path", ""),
+                              predicted_ttft_s=number(row.get("predicted_ttft_s", "")),
+                              workload=row.get("workload", ""),
                               repeat=int(row.get("repeat") or 0))
                 for row in csv.DictReader(handle)]
 
@@ -116,6 +121,21 @@ def span_s(records: list[RequestRecord]) -> float:
     return total
 
 
+def decision_summary(records: list[RequestRecord]) -> dict[str, Any]:
+    """The cell's mix of the scheduler's paths (shares of its answered requests), and how far its TTFT predictions
+    were off: the median of |measured / predicted - 1|, with the TTFT measured from the send (the router's
+    prediction starts at its decision, moments after the send). Empty where the server said nothing of either."""
+    row: dict[str, Any] = {f"share_{path}": "" for path in PATHS}
+    if any(record.path for record in records):
+        for path in PATHS:
+            row[f"share_{path}"] = round(sum(record.path == path for record in records) / len(records), 4)
+    errors = [abs(record.ttft_send_s / record.predicted_ttft_s - 1) for record in records
+              if record.predicted_ttft_s and record.ttft_send_s is not None]
+    row["ttft_prediction_error_p50"] = round(float(np.median(errors)), 4) if errors else ""
+    row["num_ttft_predictions"] = len(errors)
+    return row
+
+
 def summary_row(system: str, records: list[RequestRecord], duration_s: float, fit: ReferenceFit | None = None,
                 generator: list[GeneratorStats] | None = None) -> dict[str, Any]:
     """One system's line of summary.csv for one cell; `fit` (the reference) adds the slowdowns and the SLO verdict."""
@@ -131,6 +151,7 @@ def summary_row(system: str, records: list[RequestRecord], duration_s: float, fi
     for metric, values in latency_samples(records).items():
         for q in PERCENTILES:
             row[f"{metric}_p{q}_ms"] = round(float(np.percentile(values, q)) * 1e3, 2) if values else ""
+    row.update(decision_summary(ok))
     lag = send_lag_summary(records)
     row.update(lag)
     row["is_generator_late"] = lag["send_lag_p99_ms"] > MAX_SEND_LAG_P99_S * 1e3

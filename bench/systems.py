@@ -3,7 +3,10 @@
 - `collocated`: splitserve's router in front of two plain vLLM replicas (one per core) that run both phases:
   `build_app` in `mode: collocated`. The baseline every ratio is taken against.
 - `splitserve-object-store`, `splitserve-nixl`: splitserve PD (prefill on core 0, decode on core 1), with each
-  KV transfer backend.
+  KV transfer backend, every request split (`always_split`, the shipped default).
+- `splitserve-token-jsq`, `splitserve-conditional`, `splitserve-mixed-pool`, `splitserve-predictive`: the same
+  engines on NIXL, each scheduling policy as its own row (`--systems policies` runs them all beside the baseline,
+  splitserve-nixl and the CPU-fixed peer).
 - `ray-serve-llm-pd-cpu-fixed`: Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector, the two CPU
   pathologies removed (docs/kv-transfer.md): the peer at its best on this host (labelled as such).
 - `ray-serve-llm-pd`: the same, as its users get it.
@@ -89,6 +92,18 @@ SPLITSERVE_UPDATES: dict[str, dict[str, Any]] = {
     "splitserve-object-store": {"transfer": {"backend": "object_store"}},
     "splitserve-nixl": {"transfer": {"backend": "nixl"}},
 }
+POLICY_SYSTEMS = {"splitserve-token-jsq": "token_jsq", "splitserve-conditional": "conditional",
+                  "splitserve-mixed-pool": "mixed_pool", "splitserve-predictive": "predictive"}
+for _name, _policy in POLICY_SYSTEMS.items():
+    SPLITSERVE_UPDATES[_name] = {"transfer": {"backend": "nixl"}, "scheduling": {"policy": _policy}}
+
+
+def _policy_system(name: str) -> System:
+    return System(name, f"splitserve PD on NIXL, scheduling policy {POLICY_SYSTEMS[name]}",
+                  _splitserve(name, **SPLITSERVE_UPDATES[name]),
+                  lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[name])))
+
+
 SYSTEMS: dict[str, System] = {system.name: system for system in [
     System("collocated", "splitserve router + 2 plain vLLM replicas (cores 0 and 1), both phases on each",
            _splitserve("collocated", **SPLITSERVE_UPDATES["collocated"]),
@@ -105,7 +120,10 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
     System("ray-serve-llm-pd", "Ray Serve LLM build_pd_openai_app + NixlConnector, as shipped",
            _ray_serve_llm("ray-serve-llm-pd", is_cpu_fixed=False),
            lambda: _ray_serve_llm_config(is_cpu_fixed=False)),
+    *[_policy_system(name) for name in POLICY_SYSTEMS],
 ]}
 BASELINE = "collocated"
 # The default comparison (≤ 75 min on a 2-core host); `--systems all` adds the rest.
 DEFAULT_SYSTEMS = ("collocated", "splitserve-nixl", "ray-serve-llm-pd-cpu-fixed")
+# `--systems policies`: every scheduling policy as its own row, beside the baseline and the peer.
+POLICY_COMPARISON = ("collocated", "splitserve-nixl", *POLICY_SYSTEMS, "ray-serve-llm-pd-cpu-fixed")

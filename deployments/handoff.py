@@ -136,7 +136,7 @@ class PDHandoff(Handoff):
         except BaseException:
             self.admission.prefill_done()
             raise
-        timing.path = decision.path.value
+        timing.path, timing.predicted_ttft_s = decision.path.value, decision.predicted_ttft_s
         if decision.path is Path.SPLIT:
             return await self._split(request, timing, decision, num_prompt_tokens)
         self.admission.prefill_done()  # no prefill stage: the whole request is one engine's

@@ -2,7 +2,8 @@
 
 The hand-off (handoff.py) fills in the phases and the path the scheduler chose, the router its own answer time; the
 benchmark draws its timelines and each cell's mix of decisions from the header, e.g.
-`router;dur=910.2, prefill;dur=812.3;desc="prefill-0-1a2b3c4d", first_chunk;dur=95.1, path;desc="split"`.
+`router;dur=910.2, prefill;dur=812.3;desc="prefill-0-1a2b3c4d", first_chunk;dur=95.1, path;desc="split",
+predicted_ttft;dur=880.0` (the scheduler's prediction, where its policy makes one).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class PhaseTiming:
     # client waited beyond that was spent in the network, Serve's proxy or the client itself.
     router_s: float | None = None
     path: str = ""  # the scheduler's path: split, decode_local, prefill_local (empty: collocated)
+    predicted_ttft_s: float | None = None  # the scheduler's prediction, where its policy makes one
 
     def header(self) -> str:
         metrics = []
@@ -32,4 +34,6 @@ class PhaseTiming:
             metrics.append(f"first_chunk;dur={self.first_chunk_s * 1e3:.1f}")
         if self.path:
             metrics.append(f'path;desc="{self.path}"')
+        if self.predicted_ttft_s is not None:
+            metrics.append(f"predicted_ttft;dur={self.predicted_ttft_s * 1e3:.1f}")
         return ", ".join(metrics)

@@ -202,6 +202,20 @@ def test_rates_on_the_command_line():
         _parse_rates(["chat=0.1"], traces, is_light=True)
 
 
+def test_every_scheduling_policy_is_a_system_of_its_own():
+    from bench.compare import _arguments as parse_args
+    from bench.systems import POLICY_SYSTEMS, SYSTEMS, app_config
+
+    assert parse_args([]).systems == ["collocated", "splitserve-nixl", "ray-serve-llm-pd-cpu-fixed"]
+    chosen = parse_args(["--systems", "policies"]).systems
+    assert chosen[:2] == ["collocated", "splitserve-nixl"] and chosen[-1] == "ray-serve-llm-pd-cpu-fixed"
+    assert set(POLICY_SYSTEMS) <= set(chosen) and len(chosen) == len(set(chosen))
+    policies = {app_config(SYSTEMS[name].config()).scheduling.policy for name in POLICY_SYSTEMS}
+    assert policies == {"token_jsq", "conditional", "mixed_pool", "predictive"}
+    assert app_config(SYSTEMS["splitserve-nixl"].config()).scheduling.policy == "always_split"
+    assert {app_config(SYSTEMS[name].config()).transfer.backend for name in POLICY_SYSTEMS} == {"nixl"}
+
+
 def test_every_figure_is_written(tmp_path):
     runs, cells = _runs_and_cells(tmp_path)
     record = runs[1].records["conv@2/s"][-1]

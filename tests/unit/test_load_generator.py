@@ -158,6 +158,13 @@ def test_server_timing_parser_ignores_what_it_does_not_know():
     assert record.first_chunk_s == 0.04
 
 
+def test_server_timing_carries_the_schedulers_path_and_prediction():
+    record = RequestRecord(request_id=0, arrival_s=0, prompt_tokens=0, output_tokens=0)
+    read_server_timing('router;dur=910.2, first_chunk;dur=95.1, path;desc="decode_local", predicted_ttft;dur=880.0',
+                       record)
+    assert (record.path, record.predicted_ttft_s, record.first_chunk_s) == ("decode_local", 0.88, 0.0951)
+
+
 def test_a_chunk_of_several_tokens_counts_as_that_many_gaps(base_url):
     # 8 tokens in chunks of 2, each chunk 2 × 50 ms after the last: 3 chunks after the first, 6 gaps of ~50 ms.
     (record,) = asyncio.run(run_trace(base_url=base_url, model="fake", requests=_requests([0.0], output_tokens=8),

@@ -10,14 +10,22 @@ import pytest
 
 from bench.load_generator import RequestRecord
 from bench.load_generator import GeneratorStats
-from bench.result_files import REQUEST_FIELDS, read_requests_csv, summary_row, write_requests_csv, write_summary_csv
+from bench.result_files import (
+    REQUEST_FIELDS,
+    decision_summary,
+    read_requests_csv,
+    summary_row,
+    write_requests_csv,
+    write_summary_csv,
+)
 from bench.slo import LinearFit, ReferenceFit
 
 
 def _records() -> list[RequestRecord]:
     ok = [RequestRecord(request_id=i, arrival_s=0.5 * i, start_s=0.5 * i + 0.001 * (i + 1), prompt_tokens=300,
                         output_tokens=3, ttft_s=0.1 * (i + 1), tbt_s=[0.02, 0.03], e2e_s=0.1 * (i + 1) + 0.05,
-                        repeat=1)
+                        repeat=1, path="split" if i % 2 else "decode_local",
+                        predicted_ttft_s=0.1 * (i + 1) if i else None)
           for i in range(4)]
     failed = RequestRecord(request_id=4, arrival_s=2.0, start_s=2.0, prompt_tokens=0, output_tokens=0,
                            error="APIStatusError: 503")
@@ -29,6 +37,20 @@ def test_per_request_rows_round_trip_with_every_token_gap(tmp_path):
     write_requests_csv(_records(), path)
     assert next(csv.reader(open(path))) == REQUEST_FIELDS
     assert read_requests_csv(path) == _records()
+
+
+def test_a_cells_mix_of_paths_and_its_prediction_error():
+    records = [RequestRecord(request_id=i, arrival_s=0.0, start_s=0.0, prompt_tokens=100, output_tokens=2,
+                             ttft_s=ttft, e2e_s=ttft + 0.1, path=path, predicted_ttft_s=predicted)
+               for i, (path, ttft, predicted) in enumerate([("split", 1.0, 0.8), ("split", 0.5, 0.5),
+                                                            ("decode_local", 0.3, 0.2), ("split", 0.4, None)])]
+    row = decision_summary(records)
+    assert (row["share_split"], row["share_decode_local"], row["share_prefill_local"]) == (0.75, 0.25, 0.0)
+    # |1.0/0.8 - 1| = 0.25, |0.5/0.5 - 1| = 0, |0.3/0.2 - 1| = 0.5: median 0.25 of 3 predictions.
+    assert (row["ttft_prediction_error_p50"], row["num_ttft_predictions"]) == (0.25, 3)
+    # The baseline and the peer say nothing of paths: empty, not zero.
+    unscheduled = decision_summary([RequestRecord(request_id=0, arrival_s=0, prompt_tokens=1, output_tokens=1)])
+    assert unscheduled["share_split"] == "" and unscheduled["ttft_prediction_error_p50"] == ""
 
 
 def _fit() -> ReferenceFit:
