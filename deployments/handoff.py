@@ -39,7 +39,7 @@ from deployments.pd_protocol import check_disaggregable
 from deployments.phase_timing import PhaseTiming
 from deployments.scheduler import Flight, Scheduler
 from deployments.scheduling.policies import Decision, Path
-from deployments.sse import guarded, passed_through
+from deployments.sse import StreamTally, guarded, passed_through
 from kv_transfer.handle import KVHandle
 
 logger = logging.getLogger("ray.serve")
@@ -81,9 +81,11 @@ class Handoff:
 
     async def _first_chunk(self, stream: DeploymentResponseGenerator, request_id: str, timing: PhaseTiming,
                            on_unread: Callable[[], None] = lambda: None, on_first: Callable[[], None] = lambda: None,
-                           on_end: Callable[[], None] = lambda: None, role: str = "decode") -> Outcome:
+                           on_end: Callable[[], None] = lambda: None, role: str = "decode",
+                           on_output: Callable[[int], None] = lambda num_tokens: None) -> Outcome:
         """Awaits the engine's first chunk; `on_unread` runs when the KV handed over will never be read, `on_first`
-        when the first chunk came, `on_end` once when the engine's part is over (whatever way)."""
+        when the first chunk came, `on_end` once when the engine's part is over (whatever way), `on_output` with
+        the tokens a whole answer had (a stream's token chunks; a response's usage)."""
         started = time.perf_counter()
         try:
             first = await stream.__anext__()
@@ -105,15 +107,21 @@ class Handoff:
         if not isinstance(first, str):  # one response object or an ErrorResponse
             stream.cancel()
             on_end()
+            usage = getattr(first, "usage", None)
+            if usage is not None and usage.completion_tokens:
+                on_output(usage.completion_tokens)
             return first
+        tally = StreamTally()
 
         def on_stream_end() -> None:
             # Client gone (or done): cancelling the handle's generator makes the engine's vLLM request abort.
             stream.cancel()
             on_end()
             self.admission.finished()
+            if tally.is_complete:
+                on_output(tally.num_token_chunks)
 
-        return guarded(passed_through(first, stream, request_id), on_stream_end)
+        return guarded(tally.counted(passed_through(first, stream, request_id)), on_stream_end)
 
 
 class PDHandoff(Handoff):
@@ -156,7 +164,7 @@ class PDHandoff(Handoff):
             self._decided(decision, seconds if request.stream else None, request.request_id)
 
         return await self._first_chunk(stream, request.request_id, timing, on_first=on_first,
-                                       on_end=flight.request_done,
+                                       on_end=flight.request_done, on_output=self._scheduler.observed_output,
                                        role="decode" if is_decode_local else "prefill")
 
     async def _split(self, request: OpenAIRequest, timing: PhaseTiming, decision: Decision,
@@ -189,7 +197,8 @@ class PDHandoff(Handoff):
             self._decided(decision, time.perf_counter() - started if request.stream else None, request.request_id)
 
         return await self._first_chunk(stream, request.request_id, timing, on_unread=lambda: self._release(handle),
-                                       on_first=on_first, on_end=decode_flight.request_done)
+                                       on_first=on_first, on_end=decode_flight.request_done,
+                                       on_output=self._scheduler.observed_output)
 
     def _decided(self, decision: Decision, ttft_s: float | None, request_id: str) -> None:
         """`ttft_s`: the decision to the first token, for a stream; None for a response sent whole (its first chunk

@@ -9,8 +9,8 @@
 3. `dispatch(engine, tokens)`: the `Dispatch` the call carries (Serve's request router sends it to that replica;
    the replica counts it in its reports) and the book's own accounting until a report has seen it. Its
    `Flight` closes it: `prompt_done` at the first token or KV handle, `request_done` at the end, both once.
-4. What the router observes feeds the rates (a prompt on an engine that had nothing ahead, a split's hand-over)
-   and the metrics (decisions per path, measured TTFT against the prediction).
+4. What the router observes feeds the rates (a prompt on an engine that had nothing ahead, a split's hand-over),
+   the policy (how long answers are), and the metrics (decisions per path, measured TTFT against the prediction).
 """
 
 from __future__ import annotations
@@ -107,10 +107,10 @@ class Scheduler:
             self._replica_of_engine[report.engine_id] = replica_id
             for batch_size, seconds, _ in report.decode_steps:
                 self.rates.observe_decode_step(replica_id, batch_size, seconds)
+            load = self._engine_load(replica_id, role, report)
             previous = self.book.engine(replica_id)
-            if previous is not None and previous.reported == self._engine_load(replica_id, role, report):
-                continue
-            self.book.report(self._engine_load(replica_id, role, report))
+            if previous is None or previous.reported != load:  # an unchanged engine keeps its heap entry
+                self.book.report(load)
 
     def _engine_load(self, replica_id: str, role: Role, report: LoadReport) -> EngineLoad:
         return EngineLoad(engine_id=replica_id, role=role, num_pending_prompt_tokens=report.num_pending_prompt_tokens,
@@ -166,6 +166,12 @@ class Scheduler:
         """A split's decode call to its first token: the KV hand-over plus one decode step of `batch_size`."""
         step_s = self.rates.decode_step_s(decode_engine, batch_size) if decode_engine is not None else 0.0
         self.rates.observe_transfer(num_prompt_tokens, max(0.0, seconds - step_s))
+
+    def observed_output(self, num_tokens: int) -> None:
+        """A request answered in full had `num_tokens` output tokens: policies that weigh output length learn it."""
+        observe = getattr(self.policy, "observe_output", None)
+        if observe is not None and num_tokens > 0:
+            observe(num_tokens)
 
     def observed_ttft(self, decision: Decision, seconds: float, request_id: str = "") -> None:
         if decision.predicted_ttft_s is not None and decision.predicted_ttft_s > 0:

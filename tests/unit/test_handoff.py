@@ -300,3 +300,12 @@ def test_collocated_runs_the_request_on_one_engine_as_it_is():
     assert _serve(handoff, request) == CHUNKS
     assert engine.calls == [(request,)]
     _assert_nothing_held(handoff)
+
+
+def test_a_whole_answer_teaches_the_policy_how_long_answers_are():
+    scheduler = _scheduler("predictive")
+    handoff, _ = _pd(FakePrefill(), FakeEngine(), scheduler=scheduler)
+    before = scheduler.policy.expected_output_tokens
+    assert _serve(handoff, _request()) == CHUNKS  # two token chunks, then [DONE]
+    assert scheduler.policy.expected_output_tokens == pytest.approx(before + (2 - before) / 32)
+    _assert_nothing_held(handoff)
