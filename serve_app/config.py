@@ -108,6 +108,11 @@ class EngineRoleConfig(_Frozen):
         return self.max_ongoing_requests or self.max_num_seqs
 
     @property
+    def num_prefill_chunk_tokens(self) -> int:
+        """The most prompt tokens of one request this role's engine computes per step beside other requests."""
+        return self.long_prefill_token_threshold or self.max_num_batched_tokens
+
+    @property
     def num_admissible(self) -> int:
         """Requests this role may hold in all, working and waiting, before new ones are refused."""
         return self.num_replicas * self.num_ongoing_per_replica + self.max_queued_requests

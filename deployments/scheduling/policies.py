@@ -166,7 +166,9 @@ class Predictive:
     Until the rates are known it acts as token_jsq, which is how it learns them."""
 
     config: SchedulingConfig
-    chunk_tokens: int = 256  # the decode engines' chunked-prefill budget per step (vLLM's max_num_batched_tokens)
+    # What a decode engine computes of one prompt per step beside its streams (vLLM's long_prefill_token_threshold,
+    # else its max_num_batched_tokens): the chunk whose step the TBT guard weighs.
+    chunk_tokens: int = 256
     expected_output_tokens: float = 128.0  # learned from finished requests (`observe_output`)
     name: str = "predictive"
 
@@ -227,8 +229,9 @@ class Predictive:
         return rates.decode_step_s(engine_id, 1) > 0  # its own step, or its peers' until it has one
 
 
-def make_policy(config: SchedulingConfig) -> Policy:
+def make_policy(config: SchedulingConfig, *, decode_chunk_tokens: int = 256) -> Policy:
+    """`decode_chunk_tokens`: what the decode engines compute of one prompt per step beside their streams."""
     policies = {"always_split": lambda: AlwaysSplit(), "token_jsq": lambda: TokenJSQ(),
                 "conditional": lambda: Conditional(config), "mixed_pool": lambda: MixedPool(config),
-                "predictive": lambda: Predictive(config)}
+                "predictive": lambda: Predictive(config, chunk_tokens=decode_chunk_tokens)}
     return policies[config.policy]()
