@@ -11,7 +11,6 @@ Every decision looks at a bounded number of engines per pool through the book's 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
@@ -210,10 +209,10 @@ class Predictive:
         step_with_chunk = rates.decode_step_s(engine_id, running + 1) + rates.prefill_s(engine_id, chunk)
         if step_with_chunk > self.config.tbt_gap_slowdown * base:
             return False
-        # The prompt's chunks (and those already pending) spread over a running request's expected output.
-        num_chunks = math.ceil((num_tokens + book.engine(engine_id).num_pending_prompt_tokens) / self.chunk_tokens)
-        extra_per_token = num_chunks * rates.prefill_s(engine_id, self.chunk_tokens) / max(
-            1.0, self.expected_output_tokens)
+        # The prompt's compute (and that of the prompts already pending there), spread over a running request's
+        # expected output: what each of its tokens waits longer on average.
+        pending = num_tokens + book.engine(engine_id).num_pending_prompt_tokens
+        extra_per_token = rates.prefill_s(engine_id, pending) / max(1.0, self.expected_output_tokens)
         return rates.decode_step_s(engine_id, running + 1) + extra_per_token <= self.config.tbt_mean_slowdown * base
 
     def _decode_can_stream(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:

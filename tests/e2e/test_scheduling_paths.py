@@ -1,5 +1,6 @@
 """The scheduler on the real app: two prefill engines and one decode engine (nPmD with small KV caches, on two
-cores), the `predictive` policy, and the operator's path override so that each path is driven on purpose.
+cores), the `predictive` policy, and the operator's path override so that each path is driven on purpose; once
+per KV backend (NIXL: decode reads from two prefill agents; the object store: each prefill replica's own store).
 
 1. Each path (split, decode-local, prefill-local) answers exactly like the reference engine, greedy and with a
    fixed sampling seed, and the engine counters show which engine computed the prompt (none on decode for a
@@ -7,11 +8,11 @@ cores), the `predictive` policy, and the operator's path override so that each p
 2. Concurrent prompts are spread over both prefill engines (token JSQ on the reported loads plus the router's own
    dispatches); `Server-Timing` names the engine that ran each.
 3. A call addressed to one prefill replica (how the router sends a KV release to the handle's owner) reaches that
-   replica's KV store and no other.
+   replica and no other (its KV store's counters show it, on the object store).
 4. The predictive policy learns its rates from the engines' reports and the router's observations, and then
    predicts each request's TTFT (/health shows the error).
-5. Nothing leaked: every engine idle with no KV block held, both KV stores empty, the router holding no admission
-   slot, and the scheduler's estimate of every engine back to zero.
+5. Nothing leaked: every engine idle with no KV block held, both KV stores empty (object store), the router
+   holding no admission slot, and the scheduler's estimate of every engine back to zero.
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ NUM_PREFILL_REPLICAS = 2
 
 @dataclass
 class NPMDApp:
+    backend: str
     base_url: str
     log_path: Path
     prefill_replicas: list[str]  # Serve replica ids
@@ -48,14 +50,14 @@ class NPMDApp:
     released_unclaimed: dict[str, int] = field(default_factory=dict)
 
 
-def _config() -> dict[str, Any]:
+def _config(backend: str) -> dict[str, Any]:
     serve_config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     args = serve_config["applications"][0]["args"]
     # Two prefill engines share core 0, decode has core 1; KV caches of 1 GiB each (vLLM's CPU minimum).
     args["prefill"].update({"num_replicas": NUM_PREFILL_REPLICAS, "cpu_binding": ["0"], "kv_cache_gib": 1})
     args["decode"].update({"kv_cache_gib": 1})
     args["scheduling"] = {"policy": "predictive", "allow_path_override": True, "load_report_period_s": 0.25}
-    args["transfer"]["backend"] = "object_store"  # each prefill replica's own store shows where releases went
+    args["transfer"]["backend"] = backend
     return serve_config
 
 
@@ -65,19 +67,20 @@ def _engines_reported(base_url: str) -> dict[str, str]:
     return {replica_id: load["role"] for replica_id, load in scheduling.get("engines", {}).items()}
 
 
-@pytest.fixture(scope="module")
-def npmd(reference_outputs, logs_dir) -> Iterator[NPMDApp]:
+@pytest.fixture(scope="module", params=["nixl", "object_store"])
+def npmd(request, reference_outputs, logs_dir) -> Iterator[NPMDApp]:
     import ray
 
     env = {"SPLITSERVE_KV_HANDLE_KEY": TEST_KV_HANDLE_KEY}
-    with processes.serve_run(_config(), name="npmd", logs_dir=logs_dir, env=env) as served:
+    backend = request.param
+    with processes.serve_run(_config(backend), name=f"npmd-{backend}", logs_dir=logs_dir, env=env) as served:
         deadline = time.monotonic() + 60
         while len(reported := _engines_reported(served.base_url)) < NUM_PREFILL_REPLICAS + 1:
             assert time.monotonic() < deadline, f"load reports from {reported} only"
             time.sleep(0.5)
         ray.init(address=served.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
         try:
-            yield NPMDApp(base_url=served.base_url, log_path=served.log_path,
+            yield NPMDApp(backend=backend, base_url=served.base_url, log_path=served.log_path,
                           prefill_replicas=sorted(r for r, role in reported.items() if role == "prefill"),
                           decode_replica=next(r for r, role in reported.items() if role == "decode"))
         finally:
@@ -162,11 +165,13 @@ def test_a_call_addressed_to_one_prefill_replica_reaches_it(npmd):
     for owner in npmd.prefill_replicas:
         to_owner = Dispatch(router_id="test", seq=0, replica_id=owner)
         owner_engine = prefill.role.remote(dispatch=to_owner).result(timeout_s=30).engine_id
-        before = {replica: engines.store_counters(replica) for replica in npmd.prefill_replicas}
         request = CompletionRequest(model=MODEL, prompt=f"Release test for {owner}:", max_tokens=4,
                                     request_id=f"release-{owner}")
         handle = prefill.prefill.remote(request, dispatch=to_owner).result(timeout_s=120)
         assert handle.prefill_engine_id == owner_engine
+        if npmd.backend != "object_store":
+            continue  # NIXL's blocks are freed by their lease; only the object store shows a release
+        before = {replica: engines.store_counters(replica) for replica in npmd.prefill_replicas}
         prefill.release.remote(handle, dispatch=to_owner).result(timeout_s=30)
         after = {replica: engines.store_counters(replica) for replica in npmd.prefill_replicas}
         for replica in npmd.prefill_replicas:
@@ -201,7 +206,8 @@ def test_nothing_leaked_in_the_npmd_app(npmd):
     deadline = time.monotonic() + 60
     while True:
         counters = _all_counters(npmd)
-        stores = {replica: engines.store_counters(replica) for replica in npmd.prefill_replicas}
+        stores = ({replica: engines.store_counters(replica) for replica in npmd.prefill_replicas}
+                  if npmd.backend == "object_store" else {})
         health = replicas.health(npmd.base_url)
         estimates = health["scheduling"]["engines"]
         is_idle = (all((c.num_running_requests, c.num_waiting_requests, c.kv_cache_usage) == (0, 0, 0.0)
@@ -219,3 +225,4 @@ def test_nothing_leaked_in_the_npmd_app(npmd):
         assert store.num_opened == store.num_released, store
         assert store.num_released - store.num_claimed == npmd.released_unclaimed.get(replica, 0), store
     assert sum(counter.num_kv_failed_transfers for counter in counters.values()) == 0
+    assert counters[npmd.decode_replica].num_kv_expired_requests == 0

@@ -248,11 +248,11 @@ def test_the_tbt_guard_refuses_decode_local_when_its_chunks_would_slow_decodes_s
     # 1. The gap bound: a step carrying a 256-token chunk takes 0.74 s, over 5x 77 ms: split.
     decision = Predictive(config, chunk_tokens=256, expected_output_tokens=4000).decide(_request(1500), book, rates)
     assert (decision.path, decision.prefill_engine, decision.decode_engine) == (Path.SPLIT, "p0", "d0")
-    # 2. The mean bound: 64-token chunks pass the gap bound (0.26 s), but 24 of them spread over a running
-    #    request's 32 tokens add 127 ms to its mean gap, over 1.25x 77 ms: split.
+    # 2. The mean bound: 64-token chunks pass the gap bound (0.26 s), but the prompt's 3.76 s of compute spread
+    #    over a running request's 32 tokens adds 117 ms to its mean gap, over 1.25x 77 ms: split.
     short_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=32)
     assert short_outputs.decide(_request(1500), book, rates).path == Path.SPLIT
-    # 3. Spread over 4,000 tokens they add 1 ms: decode-local, which saves the transfer and a decode step.
+    # 3. Spread over 4,000 tokens it adds 1 ms: decode-local, which saves the transfer and a decode step.
     long_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=4000)
     assert long_outputs.decide(_request(1500), book, rates).path == Path.DECODE_LOCAL
     # 4. An idle decode engine has no stream to slow down: the guard that refused 1. lets the prompt run there,
@@ -260,6 +260,19 @@ def test_the_tbt_guard_refuses_decode_local_when_its_chunks_would_slow_decodes_s
     idle = _book({"p0": 0}, {"d0": 0}, rates=rates)
     assert Predictive(config, chunk_tokens=256, expected_output_tokens=4000).decide(
         _request(1500), idle, rates).path == Path.DECODE_LOCAL
+
+
+def test_predictive_sends_a_short_prompt_to_busy_decode_when_prefill_is_queued():
+    """The TBT guard weighs the prompt's own compute, not a whole chunk's: 23 tokens beside 4 streams cost their
+    tokens 2 ms each, within the bound, while prefill has 4,000 tokens ahead of it."""
+    config = SchedulingConfig(policy="predictive")
+    rates = _learned()
+    book = _book({"p0": 4000}, {"d0": 0}, decode_requests={"d0": 4}, rates=rates)
+    decision = Predictive(config, chunk_tokens=2048, expected_output_tokens=32).decide(_request(23), book, rates)
+    assert (decision.path, decision.decode_engine) == (Path.DECODE_LOCAL, "d0")
+    # A long prompt there would cost every running token far more: it is split, however long prefill's queue.
+    assert Predictive(config, chunk_tokens=2048, expected_output_tokens=32).decide(
+        _request(1500), book, rates).path == Path.SPLIT
 
 
 def test_predictive_lets_an_idle_prefill_engine_decode_when_decode_is_saturated():
