@@ -4,7 +4,7 @@
    prompt tokens as pending and remembers the dispatch number, per router replica.
 2. When the engine has computed the prompt (prefill's answer, or the first chunk of a stream), `prompt_done`
    takes its tokens off; `finished` when the request is over, however it ended.
-3. Serve's controller calls the replica's `record_routing_stats` every `stats_period_s`; `report` answers with a
+3. Serve's controller calls the replica's `record_routing_stats` every `scheduling.load_report_period_s`; `report` answers with a
    `LoadReport`: these counts, vLLM's own running requests and KV usage (from the engine's stat
    logger), the pure decode steps timed since the last report, and the dispatch numbers already counted, so that
    each router adds only what it sent since (scheduling/loads.py).
@@ -28,12 +28,14 @@ class LoadTracker:
     seen_dispatches: dict[str, int] = field(default_factory=dict)
 
     # 1.
-    def admitted(self, dispatch: Dispatch | None, num_prompt_tokens: int) -> None:
+    def admitted(self, dispatch: Dispatch | None) -> int:
+        """Counts a request in; returns the prompt tokens it holds pending (to pass to `prompt_done`)."""
         self.num_requests += 1
-        self.num_pending_prompt_tokens += num_prompt_tokens
-        if dispatch is not None:
-            self.seen_dispatches[dispatch.router_id] = max(dispatch.seq,
-                                                           self.seen_dispatches.get(dispatch.router_id, -1))
+        if dispatch is None:
+            return 0
+        self.num_pending_prompt_tokens += dispatch.num_prompt_tokens
+        self.seen_dispatches[dispatch.router_id] = max(dispatch.seq, self.seen_dispatches.get(dispatch.router_id, -1))
+        return dispatch.num_prompt_tokens
 
     # 2.
     def prompt_done(self, num_prompt_tokens: int) -> None:

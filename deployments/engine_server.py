@@ -6,8 +6,8 @@ health, its status, and the way its answers go back to the router.
 2. `_answers` yields what vLLM returned: its SSE strings one by one when the request streams, else the one
    response object or `ErrorResponse`. The router always calls a replica as a stream and reads the first item.
 3. Serve calls `check_health` every 10 s: a dead engine fails it, and Serve replaces the replica.
-4. Prefill and decode replicas keep their load (engine_load.py): `_admit` when a request arrives with the
-   router's `Dispatch`, `_prompt_done` once its prompt is computed, `_finished` at its end. Serve's controller
+4. Prefill and decode replicas keep their load (engine_load.py, `self._load`): `admitted` when a request arrives
+   with the router's `Dispatch`, `prompt_done` once its prompt is computed, `finished` at its end. Serve's controller
    calls `record_routing_stats` every few hundred milliseconds and hands the `LoadReport` to every router.
 """
 
@@ -64,18 +64,6 @@ class EngineServer:
             self._load = LoadTracker(self.engine_id, self.role_name)
 
     # 4. Load.
-    def _admit(self, dispatch: Dispatch | None) -> int:
-        """Counts a request in; returns the prompt tokens it holds pending (to pass to `_prompt_done`)."""
-        num_prompt_tokens = dispatch.num_prompt_tokens if dispatch is not None else 0
-        self._load.admitted(dispatch, num_prompt_tokens)
-        return num_prompt_tokens
-
-    def _prompt_done(self, num_prompt_tokens: int) -> None:
-        self._load.prompt_done(num_prompt_tokens)
-
-    def _finished(self) -> None:
-        self._load.finished()
-
     def record_routing_stats(self) -> dict[str, Any]:
         """Serve's routing-stats hook: this replica's `LoadReport`, for the routers' schedulers."""
         if self._load is None:  # the engine is still starting, or not scheduled (collocated)
@@ -93,18 +81,18 @@ class EngineServer:
     async def _counted_answers(self, request: Any, dispatch: Dispatch | None) -> AsyncGenerator[Any, None]:
         """`_answers` of one request run on this engine, with its load counted: its prompt is done at the first
         chunk, and it is finished however the stream ends (done, failed, cancelled by the router)."""
-        num_pending = self._admit(dispatch)
+        num_pending = self._load.admitted(dispatch)
         try:
             result = await self._engine.generate(request)
             async for answer in self._answers(result):
                 if num_pending:
-                    self._prompt_done(num_pending)
+                    self._load.prompt_done(num_pending)
                     num_pending = 0
                 yield answer
         finally:
             if num_pending:
-                self._prompt_done(num_pending)
-            self._finished()
+                self._load.prompt_done(num_pending)
+            self._load.finished()
 
     # Every method takes the optional `dispatch` by which a caller addresses one replica (replica_choice.py).
     def counters(self, dispatch: Dispatch | None = None) -> EngineCounters:
