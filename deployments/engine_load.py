@@ -4,10 +4,10 @@
    prompt tokens as pending and remembers the dispatch number, per router replica.
 2. When the engine has computed the prompt (prefill's answer, or the first chunk of a stream), `prompt_done`
    takes its tokens off; `finished` when the request is over, however it ended.
-3. Serve's controller calls the replica's `record_routing_stats` every `scheduling.load_report_period_s`; `report` answers with a
-   `LoadReport`: these counts, vLLM's own running requests and KV usage (from the engine's stat
-   logger), the pure decode steps timed since the last report, and the dispatch numbers already counted, so that
-   each router adds only what it sent since (scheduling/loads.py).
+3. Serve's controller calls the replica's `record_routing_stats` every `scheduling.load_report_period_s`;
+   `report` answers with a `LoadReport`: these counts, vLLM's own running requests and KV usage (from the engine's
+   stat logger), the pure decode steps timed since the last report, and the dispatch numbers already counted, so
+   that each router adds only what it sent since (scheduling/loads.py).
 Plain state; the replica's event loop is its only writer.
 """
 
