@@ -6,8 +6,8 @@ health, its status, and the way its answers go back to the router.
 2. `_answers` yields what vLLM returned: its SSE strings one by one when the request streams, else the one
    response object or `ErrorResponse`. The router always calls a replica as a stream and reads the first item.
 3. Serve calls `check_health` every 10 s: a dead engine fails it, and Serve replaces the replica.
-4. Prefill and decode replicas keep their load (engine_load.py, `self._load`): `admitted` when a request arrives
-   with the router's `Dispatch`, `prompt_done` once its prompt is computed, `finished` at its end. Serve's controller
+4. Prefill and decode replicas keep their load (engine_load.py, `self._load`): a request is `counted` with the
+   router's `Dispatch` while the replica works on it, its prompt pending until computed. Serve's controller
    calls `record_routing_stats` every few hundred milliseconds and hands the `LoadReport` to every router.
 """
 
@@ -81,18 +81,11 @@ class EngineServer:
     async def _counted_answers(self, request: Any, dispatch: Dispatch | None) -> AsyncGenerator[Any, None]:
         """`_answers` of one request run on this engine, with its load counted: its prompt is done at the first
         chunk, and it is finished however the stream ends (done, failed, cancelled by the router)."""
-        num_pending = self._load.admitted(dispatch)
-        try:
+        with self._load.counted(dispatch) as counted:
             result = await self._engine.generate(request)
             async for answer in self._answers(result):
-                if num_pending:
-                    self._load.prompt_done(num_pending)
-                    num_pending = 0
+                counted.prompt_done()
                 yield answer
-        finally:
-            if num_pending:
-                self._load.prompt_done(num_pending)
-            self._load.finished()
 
     # Every method takes the optional `dispatch` by which a caller addresses one replica (replica_choice.py).
     def counters(self, dispatch: Dispatch | None = None) -> EngineCounters:

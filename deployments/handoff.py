@@ -39,7 +39,7 @@ from deployments.pd_protocol import check_disaggregable
 from deployments.phase_timing import PhaseTiming
 from deployments.scheduler import Flight, Scheduler
 from deployments.scheduling.policies import Decision, Path
-from deployments.sse import StreamTally, guarded, passed_through
+from deployments.sse import StreamTally, called_at_done, guarded, passed_through
 from kv_transfer.handle import KVHandle
 
 logger = logging.getLogger("ray.serve")
@@ -84,7 +84,8 @@ class Handoff:
                            on_end: Callable[[], None] = lambda: None, role: str = "decode",
                            on_output: Callable[[int], None] = lambda num_tokens: None) -> Outcome:
         """Awaits the engine's first chunk; `on_unread` runs when the KV handed over will never be read, `on_first`
-        when the first chunk came, `on_end` once when the engine's part is over (whatever way), `on_output` with
+        when the first chunk came, `on_end` when the engine's part is over (whatever way; it may run twice: at
+        a stream's [DONE], before the client reads it, and when the stream closes), `on_output` with
         the tokens a whole answer had (a stream's token chunks; a response's usage)."""
         started = time.perf_counter()
         try:
@@ -121,7 +122,7 @@ class Handoff:
             if tally.is_complete:
                 on_output(tally.num_token_chunks)
 
-        return guarded(tally.counted(passed_through(first, stream, request_id)), on_stream_end)
+        return guarded(tally.counted(called_at_done(passed_through(first, stream, request_id), on_end)), on_stream_end)
 
 
 class PDHandoff(Handoff):
@@ -184,16 +185,16 @@ class PDHandoff(Handoff):
             if is_prefill_idle:
                 self._scheduler.observed_prefill(decision.prefill_engine, handle.num_prompt_tokens, timing.prefill_s)
         # Without a handle (prefill failed) decode computes the prompt: its load says so.
-        decode_flight = self._scheduler.dispatch(decision.decode_engine, 0 if handle is not None else num_prompt_tokens)
         decode_engine = self._scheduler.book.engine(decision.decode_engine) if decision.decode_engine else None
-        batch_size = decode_engine.num_requests if decode_engine is not None else 1
+        num_ahead = decode_engine.num_requests if decode_engine is not None else 0
+        decode_flight = self._scheduler.dispatch(decision.decode_engine, 0 if handle is not None else num_prompt_tokens)
         stream = self._decode.options(stream=True).decode.remote(request, handle, dispatch=decode_flight.dispatch)
 
         def on_first() -> None:
             seconds = decode_flight.prompt_done()
             if handle is not None and request.stream:
                 self._scheduler.observed_handover(decision.decode_engine, handle.num_prompt_tokens, seconds,
-                                                  batch_size)
+                                                  num_ahead)
             self._decided(decision, time.perf_counter() - started if request.stream else None, request.request_id)
 
         return await self._first_chunk(stream, request.request_id, timing, on_unread=lambda: self._release(handle),

@@ -4,8 +4,9 @@ decode, is kv_transfer/handle.py's `KVHandle`.)
 1. `OpenAIRequest`: the request the router parsed, as vLLM's own pydantic type; prefill, decode and collocated
    replicas take it as it is and answer with vLLM's own response types or an `ErrorResponse`.
 2. `Dispatch`: what the router's scheduler adds to a call to an engine replica: the replica it chose (Serve's
-   request router reads it: replica_choice.py), the prompt tokens that replica will compute, and the router's
-   dispatch number, by which the replica's load reports say what they already contain.
+   request router reads it: replica_choice.py), the prompt tokens that replica will compute, and the router's id
+   and dispatch number: the replica's load reports give each router its own share, which that router replaces
+   with what it knows now.
 3. `LoadReport`: an engine replica's load, published through Serve's routing stats (`record_routing_stats`) and
    read by every router replica's scheduler (deployments/scheduler.py converts it, in that one place).
 4. `RoleStatus`: what an engine replica says about itself, for `/health` and for tests and benchmarks.
@@ -27,7 +28,7 @@ class Dispatch(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     router_id: str  # the router replica that sent it (its Serve replica id)
-    seq: int  # that router's dispatch number, rising
+    seq: int  # that router's dispatch number, rising: its key for the request in its load book
     replica_id: str | None = None  # the engine replica chosen for it; None: Serve's own choice
     num_prompt_tokens: int = 0  # prompt tokens this engine will compute (0 when the KV arrives from prefill)
 
@@ -44,9 +45,9 @@ class LoadReport(BaseModel):
     num_requests: int = 0  # requests accepted and not finished (running, waiting, or waiting for KV)
     num_running: int = 0  # of those, vLLM's running requests (its last step)
     kv_usage: float = 0.0  # vLLM's KV-cache usage, 0 to 1
-    # Per router replica, the highest dispatch number this replica had received when the report was made: what
-    # that router sent up to it is counted here, what it sent after is not.
-    seen_dispatches: dict[str, int] = {}
+    # Per router replica, its share of the counts above: (requests it sent that are held here, their prompt tokens
+    # pending). A router replaces its own share with what it knows now of its requests (scheduling/loads.py).
+    by_router: dict[str, tuple[int, int]] = {}
     # Pure decode steps (no prompt computed in them) since the previous report: [batch size, mean seconds, count].
     decode_steps: list[tuple[int, float, int]] = []
 

@@ -53,12 +53,8 @@ class PrefillServer(EngineServer):
         logger.info("prefill engine %s ready (KV out through %s)", self.engine_id, config.transfer.backend)
 
     async def prefill(self, request: OpenAIRequest, dispatch: Dispatch | None = None) -> KVHandle | ErrorResponse:
-        num_pending = self._load.admitted(dispatch)
-        try:
+        with self._load.counted(dispatch):
             response = await self._engine.generate(to_prefill_request(request))
-        finally:
-            self._load.prompt_done(num_pending)
-            self._load.finished()
         if isinstance(response, ErrorResponse):
             logger.info("request %s: prefill refused: %s", request.request_id, response.error.message)
             return response

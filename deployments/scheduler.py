@@ -7,8 +7,9 @@
 2. `decide(request, path)`: the prompt's size (prompt_size.py), then the policy (scheduling/policies.py). A path
    forced by the operator (`scheduling.allow_path_override`) takes its engines from the same book.
 3. `dispatch(engine, tokens)`: the `Dispatch` the call carries (Serve's request router sends it to that replica;
-   the replica counts it in its reports) and the book's own accounting until a report has seen it. Its
-   `Flight` closes it: `prompt_done` at the first token or KV handle, `request_done` at the end, both once.
+   the replica counts it in its reports as this router's) and the book's live count of this router's own requests.
+   Its `Flight` closes it: `prompt_done` at the first token or KV handle, `request_done` when the engine's part
+   ends (a stream's [DONE] before the client reads it), both once.
 4. What the router observes feeds the rates (a prompt on an engine that had nothing ahead, a split's hand-over),
    the policy (how long answers are), and the metrics (decisions per path, measured TTFT against the prediction).
 """
@@ -52,7 +53,7 @@ class Flight:
         if not self.is_prompt_done:
             self.is_prompt_done = True
             if self.engine_id is not None:
-                self.scheduler.book.prompt_done(self.engine_id, self.dispatch.seq, self.dispatch.num_prompt_tokens)
+                self.scheduler.book.prompt_done(self.engine_id, self.dispatch.seq)
         return seconds
 
     def request_done(self) -> None:
@@ -113,9 +114,11 @@ class Scheduler:
                 self.book.report(load)
 
     def _engine_load(self, replica_id: str, role: Role, report: LoadReport) -> EngineLoad:
+        num_own_requests, num_own_pending_prompt_tokens = report.by_router.get(self._router_id, (0, 0))
         return EngineLoad(engine_id=replica_id, role=role, num_pending_prompt_tokens=report.num_pending_prompt_tokens,
                           num_running=report.num_running, num_waiting=report.num_requests - report.num_running,
-                          kv_usage=report.kv_usage, seen_dispatch=report.seen_dispatches.get(self._router_id, -1))
+                          kv_usage=report.kv_usage, num_own_requests=num_own_requests,
+                          num_own_pending_prompt_tokens=num_own_pending_prompt_tokens)
 
     def addressed_to(self, engine_id: str) -> Dispatch:
         """A call for the replica that runs the engine named in a KV handle (a release), no load: Serve's own
@@ -162,10 +165,13 @@ class Scheduler:
             self.rates.observe_prefill(engine_id, num_prompt_tokens, seconds)
 
     def observed_handover(self, decode_engine: str | None, num_prompt_tokens: int, seconds: float,
-                          batch_size: int) -> None:
-        """A split's decode call to its first token: the KV hand-over plus one decode step of `batch_size`."""
-        step_s = self.rates.decode_step_s(decode_engine, batch_size) if decode_engine is not None else 0.0
-        self.rates.observe_transfer(num_prompt_tokens, max(0.0, seconds - step_s))
+                          num_ahead: int) -> None:
+        """A split's decode call to its first token, sent with `num_ahead` requests already on the decode engine:
+        the KV hand-over (and the engine's wait when busy) plus one decode step of the batch it joined."""
+        if decode_engine is None:
+            return  # Serve's own pick: which engine waited is unknown
+        step_s = self.rates.decode_step_s(decode_engine, num_ahead + 1)
+        self.rates.observe_handover(decode_engine, num_prompt_tokens, num_ahead, max(0.0, seconds - step_s))
 
     def observed_output(self, num_tokens: int) -> None:
         """A request answered in full had `num_tokens` output tokens: policies that weigh output length learn it."""
@@ -189,5 +195,6 @@ class Scheduler:
                                        "num_requests": engine.num_requests, "kv_usage": engine.reported.kv_usage}
         errors = [abs(measured / predicted - 1) for _, predicted, measured in self.recent_predictions]
         return {"policy": self.policy.name, "decisions": dict(self.decisions), "rates_known": self.rates.is_known(),
+                "rates": self.rates.summary(),
                 "engines": engines, "num_recent_predictions": len(errors),
                 "ttft_prediction_median_abs_error": sorted(errors)[len(errors) // 2] if errors else None}

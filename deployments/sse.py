@@ -60,6 +60,15 @@ async def passed_through(first: str, stream: AsyncIterator[str], request_id: str
         yield f"{DONE}\n\n"
 
 
+async def called_at_done(stream: AsyncIterator[str], callback: Callable[[], None]) -> AsyncGenerator[str, None]:
+    """`stream`, with `callback` run as its [DONE] event passes, before the client can read it: a client that sends
+    its next request on [DONE] must find this one's engine work already counted as over."""
+    async for chunk in stream:
+        if ends_stream(chunk):
+            callback()
+        yield chunk
+
+
 class _Once:
     def __init__(self, callback: Callable[[], None]):
         self._callback: Callable[[], None] | None = callback

@@ -1,11 +1,12 @@
 """What the scheduler knows of each engine's load: the engine's own reports plus the router's in-flight accounting.
 
 1. An engine replica reports an `EngineLoad` (prompt tokens not yet computed, requests it holds, KV in use) every
-   few hundred milliseconds, with the highest dispatch number of this router it had received when it made it.
-2. Between reports, the router counts its own traffic (`dispatched`, `prompt_done`, `request_done`, each with the
-   dispatch number). A dispatch the report has not seen is added on top of it; one it has seen is in it, and only
-   what finished since the report arrived is taken off. With several router replicas each adds only its own
-   unseen traffic to the engines' shared truth; another router's traffic is as fresh as the last report.
+   few hundred milliseconds, with this router's share of those counts.
+2. The router knows its own requests exactly and at once (`dispatched`, `prompt_done`, `request_done`, each with
+   the dispatch number): an engine's load is its report, less this router's share in it, plus this router's live
+   dispatches now. A report made before a request finished, arriving after, never brings it back; one made before a
+   dispatch arrived never misses it. With several router replicas, another router's traffic is as fresh as the
+   last report.
 3. `least_loaded(role)` gives the engine whose queue drains first, in O(log engines): each role keeps a heap keyed
    on (drain time of its pending prompt tokens, requests it holds), refreshed lazily (an engine whose load changed
    is pushed again; stale entries are skipped when they reach the top). Drain time comes from the learned rates
@@ -35,26 +36,26 @@ class EngineLoad:
     num_running: int = 0  # requests decoding (or prefilling) now
     num_waiting: int = 0  # requests not yet scheduled
     kv_usage: float = 0.0  # share of the KV cache in use, 0 to 1
-    seen_dispatch: int = -1  # this router's highest dispatch number the report counts
+    num_own_requests: int = 0  # of num_running + num_waiting, this router's
+    num_own_pending_prompt_tokens: int = 0  # of num_pending_prompt_tokens, this router's
 
 
 @dataclass
 class _Engine:
     reported: EngineLoad
-    # This router's dispatches the report has not seen: dispatch number -> prompt tokens still pending.
-    unseen: dict[int, int] = field(default_factory=dict)
-    # This router's requests the report counts whose prompt, or whole request, finished since it arrived.
-    done_prompt_tokens: int = 0
-    done_requests: int = 0
+    # This router's dispatches to the engine not yet done: dispatch number -> prompt tokens still pending.
+    live: dict[int, int] = field(default_factory=dict)
     version: int = 0
 
     @property
     def num_pending_prompt_tokens(self) -> int:
-        return max(0, self.reported.num_pending_prompt_tokens + sum(self.unseen.values()) - self.done_prompt_tokens)
+        others = self.reported.num_pending_prompt_tokens - self.reported.num_own_pending_prompt_tokens
+        return max(0, others) + sum(self.live.values())
 
     @property
     def num_requests(self) -> int:
-        return max(0, self.reported.num_running + self.reported.num_waiting + len(self.unseen) - self.done_requests)
+        others = self.reported.num_running + self.reported.num_waiting - self.reported.num_own_requests
+        return max(0, others) + len(self.live)
 
 
 @dataclass
@@ -77,9 +78,7 @@ class LoadBook:
             engine = self._engines[load.engine_id] = _Engine(reported=load)
             self._num_engines[load.role] += 1
         else:
-            engine.reported, engine.done_prompt_tokens, engine.done_requests = load, 0, 0
-            for seq in [seq for seq in engine.unseen if seq <= load.seen_dispatch]:
-                del engine.unseen[seq]  # counted in the report now
+            engine.reported = load
         self._push(engine)
 
     def remove(self, engine_id: str) -> None:
@@ -93,27 +92,20 @@ class LoadBook:
         """Dispatch `seq` was sent to the engine; it will compute `num_prompt_tokens` of prompt (0: KV arrives)."""
         engine = self._engines.get(engine_id)
         if engine is not None:
-            engine.unseen[seq] = num_prompt_tokens
+            engine.live[seq] = num_prompt_tokens
             self._push(engine)
 
-    def prompt_done(self, engine_id: str, seq: int, num_prompt_tokens: int) -> None:
+    def prompt_done(self, engine_id: str, seq: int) -> None:
         """The engine's first token (or KV handle) came back: its prompt tokens are computed."""
         engine = self._engines.get(engine_id)
-        if engine is None or num_prompt_tokens == 0:
-            return
-        if seq in engine.unseen:
-            engine.unseen[seq] = 0
-        elif seq <= engine.reported.seen_dispatch:
-            engine.done_prompt_tokens += num_prompt_tokens
-        self._push(engine)
+        if engine is not None and engine.live.get(seq):
+            engine.live[seq] = 0
+            self._push(engine)
 
     def request_done(self, engine_id: str, seq: int) -> None:
         engine = self._engines.get(engine_id)
-        if engine is None:
-            return  # removed meanwhile
-        if engine.unseen.pop(seq, None) is None and seq <= engine.reported.seen_dispatch:
-            engine.done_requests += 1
-        self._push(engine)
+        if engine is not None and engine.live.pop(seq, None) is not None:
+            self._push(engine)
 
     # 3. Queries.
     def least_loaded(self, role: Role, *, skip: frozenset[str] = frozenset()) -> str | None:

@@ -156,10 +156,10 @@ def _least_of(book: LoadBook, members: set[str]) -> str | None:
 class Predictive:
     """Ours: the path with the lowest predicted TTFT whose decode streams stay within the TBT bounds.
 
-    split:         drain(P) + prefill(P, n) + transfer(n) + one decode step on D
-    decode-local:  drain(D) + prefill(D, n), allowed only if the steps that carry its prompt chunks keep D's
-                   gaps within `tbt_gap_slowdown` of D's own step and its running requests' mean gap within
-                   `tbt_mean_slowdown`
+    split:         drain(P) + prefill(P, n) + hand-over(D, n, requests ahead on D) + one decode step on D
+    decode-local:  drain(D) + prefill(D, n) + D's decode steps that carry the prompt's chunks, allowed only if
+                   those steps keep D's gaps within `tbt_gap_slowdown` of D's own step and its running requests'
+                   mean gap within `tbt_mean_slowdown`
     prefill-local: prefill(P, n), only when decode's least-loaded engine cannot take one more stream within
                    the mean bound, and P is idle (its decode steps would otherwise wait behind other prompts)
     Until the rates are known it acts as token_jsq, which is how it learns them."""
@@ -181,12 +181,14 @@ class Predictive:
         options: list[tuple[float, Decision]] = []
         prefill, decode = book.least_loaded("prefill"), book.least_loaded("decode")
         if prefill is not None and decode is not None:
-            ttft = (book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.transfer_s(n)
-                    + rates.decode_step_s(decode, book.engine(decode).num_requests + 1))
+            num_ahead = book.engine(decode).num_requests
+            ttft = (book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.handover_s(decode, n, num_ahead)
+                    + rates.decode_step_s(decode, num_ahead + 1))
             options.append((ttft, Decision(Path.SPLIT, prefill, decode, "lowest predicted TTFT", ttft)))
         for candidate in book.first_loaded("decode", NUM_GUARDED_CANDIDATES):
             if self._decode_can_take(candidate, n, book, rates):
-                ttft = book.drain_s(candidate) + rates.prefill_s(candidate, n)
+                ttft = book.drain_s(candidate) + rates.prefill_s(candidate, n) + self._chunk_steps_s(candidate, n,
+                                                                                                  book, rates)
                 options.append((ttft, Decision(Path.DECODE_LOCAL, None, candidate, "lowest predicted TTFT", ttft)))
                 break  # candidates come in drain order: the first that passes has the lowest TTFT of them
         if prefill is not None and decode is not None and not self._decode_can_stream(decode, book, rates) \
@@ -197,6 +199,11 @@ class Predictive:
             return _split_jsq(book, "no path predicted")
         # Ties go to the split, then decode-local: the order they were added in.
         return min(options, key=lambda option: option[0])[1]
+
+    def _chunk_steps_s(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates) -> float:
+        """What running streams add to a local prompt: each step that carries one of its chunks decodes them too."""
+        running = book.engine(engine_id).num_requests
+        return 0.0 if running == 0 else -(-num_tokens // self.chunk_tokens) * rates.decode_step_s(engine_id, running)
 
     def _decode_can_take(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates) -> bool:
         running = book.engine(engine_id).num_requests

@@ -2,8 +2,11 @@
 
 1. `observe_prefill(engine, tokens, seconds)`: a prompt of `tokens` took `seconds` from dispatch to its first token
    on an engine that had nothing queued ahead of it: the engine's prefill rate, tokens/s.
-2. `observe_transfer(tokens, seconds)`: a split request's hand-over (prefill's answer to decode's first token, less
-   one decode step): a line, seconds = a + b · tokens.
+2. `observe_handover(engine, tokens, num_ahead, seconds)`: a split request's hand-over (prefill's answer to decode's
+   first token, less one decode step). On an idle decode engine (`num_ahead` 0) it is the transfer itself, a line
+   seconds = a + b · tokens, shared by the pool; on a busy one, what it took beyond that is the engine's wait, a
+   line against the requests ahead (the KV moves only as the engine's loop polls it, between steps). Kept apart,
+   so that hand-overs timed under load never pass for the transfer of an idle engine, and the other way round.
 3. `observe_decode_step(engine, num_running, seconds)`: a decode step with `num_running` requests in the batch: a
    line, seconds = c + d · num_running.
 Each is an exponentially weighted estimate (recent observations count more; `half_life` observations halve an old
@@ -56,6 +59,10 @@ class WeightedLine:
     def predict(self, x: float) -> float:
         return self.intercept + self.slope * x
 
+    def summary(self) -> dict[str, float]:
+        return {"intercept": round(self.intercept, 6), "slope": round(self.slope, 9),
+                "num_observations": self.num_observations}
+
 
 @dataclass
 class Rates:
@@ -65,7 +72,9 @@ class Rates:
     half_life: float = 32.0
     _prefill: dict[str, WeightedLine] = field(default_factory=dict)  # engine -> seconds against prompt tokens
     _decode_step: dict[str, WeightedLine] = field(default_factory=dict)  # engine -> seconds against batch size
-    _transfer: WeightedLine | None = None
+    _transfer: WeightedLine | None = None  # seconds against prompt tokens, decode idle
+    _handover_wait: dict[str, WeightedLine] = field(default_factory=dict)  # decode engine -> seconds against ahead
+    num_handovers: int = 0
 
     def _line(self, lines: dict[str, WeightedLine], engine_id: str) -> WeightedLine:
         return lines.setdefault(engine_id, WeightedLine(half_life=self.half_life))
@@ -77,17 +86,22 @@ class Rates:
     def observe_decode_step(self, engine_id: str, num_running: int, seconds: float) -> None:
         self._line(self._decode_step, engine_id).observe(num_running, seconds)
 
-    def observe_transfer(self, num_tokens: int, seconds: float) -> None:
-        if self._transfer is None:
-            self._transfer = WeightedLine(half_life=self.half_life)
-        self._transfer.observe(num_tokens, seconds)
+    def observe_handover(self, engine_id: str, num_tokens: int, num_ahead: int, seconds: float) -> None:
+        self.num_handovers += 1
+        if num_ahead == 0:
+            if self._transfer is None:
+                self._transfer = WeightedLine(half_life=self.half_life)
+            self._transfer.observe(num_tokens, seconds)
+        else:
+            wait = max(0.0, seconds - self.transfer_s(num_tokens))
+            self._line(self._handover_wait, engine_id).observe(num_ahead, wait)
 
     # Estimates.
     def is_known(self) -> bool:
         """Enough of each kind to predict: some prefill, some decode step, and (for a split) the transfer."""
         return (any(line.num_observations >= self.min_observations for line in self._prefill.values())
                 and any(line.num_observations >= self.min_observations for line in self._decode_step.values())
-                and self._transfer is not None and self._transfer.num_observations >= self.min_observations)
+                and self.num_handovers >= self.min_observations)
 
     def _estimate(self, lines: dict[str, WeightedLine], engine_id: str, x: float) -> float:
         """The engine's own line once trusted; before that, the mean of the engines that have one (0: none yet)."""
@@ -106,4 +120,23 @@ class Rates:
         return self._estimate(self._decode_step, engine_id, num_running)
 
     def transfer_s(self, num_tokens: int) -> float:
-        return self._transfer.predict(num_tokens) if self._transfer is not None else 0.0
+        """The hand-over of `num_tokens` of KV to an idle decode engine (0 until one was timed)."""
+        is_known = self._transfer is not None and self._transfer.num_observations >= self.min_observations
+        return self._transfer.predict(num_tokens) if is_known else 0.0
+
+    def handover_s(self, engine_id: str, num_tokens: int, num_ahead: int) -> float:
+        """The hand-over to a decode engine with `num_ahead` requests: the transfer, plus the engine's wait when
+        busy. Until an idle engine was timed, the busy engines' line (at `num_ahead`, or at 0) stands for both."""
+        wait = self._estimate(self._handover_wait, engine_id, num_ahead)
+        is_transfer_known = self._transfer is not None and self._transfer.num_observations >= self.min_observations
+        if num_ahead == 0 and is_transfer_known:
+            return self.transfer_s(num_tokens)
+        return self.transfer_s(num_tokens) + wait
+
+    def summary(self) -> dict[str, dict[str, dict[str, float]]]:
+        """Every learned line (intercept s, slope s per unit, observations), for /health."""
+        def lines(by_engine: dict[str, WeightedLine]) -> dict[str, dict[str, float]]:
+            return {engine_id: line.summary() for engine_id, line in by_engine.items()}
+        return {"prefill_s_per_token": lines(self._prefill), "decode_step_s_per_stream": lines(self._decode_step),
+                "transfer_s_per_token": {} if self._transfer is None else {"pool": self._transfer.summary()},
+                "handover_wait_s_per_request_ahead": lines(self._handover_wait)}

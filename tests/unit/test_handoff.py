@@ -164,7 +164,7 @@ def _assert_nothing_held(handoff) -> None:
     if scheduler is not None:  # every dispatch closed: the book counts nothing of this router's
         for role in ("prefill", "decode"):
             for engine_id in scheduler.book.engine_ids(role):
-                assert not scheduler.book.engine(engine_id).unseen, engine_id
+                assert not scheduler.book.engine(engine_id).live, engine_id
 
 
 def test_a_stream_goes_prefill_then_decode_with_the_kv_handle():
@@ -290,6 +290,25 @@ def test_a_local_path_runs_the_whole_request_on_one_engine(path, engine):
     assert ran.dispatches[0].num_prompt_tokens == 3 and ran.dispatches[0].replica_id.startswith(f"replica-of-{engine}")
     assert ran.streams[0].is_cancelled and timing.path == path.value and timing.prefill_s is None
     assert handoff._scheduler.decisions == {path.value: 1}
+    _assert_nothing_held(handoff)
+
+
+@pytest.mark.parametrize("path", [Path.SPLIT, Path.DECODE_LOCAL, Path.PREFILL_LOCAL])
+def test_a_streams_engine_work_is_counted_over_before_the_client_reads_done(path):
+    """A client that sends its next request on [DONE] (one user at a time) must find the last one gone from the
+    book: anchor-c1 in the probe at 6f4b016 saw decode still busy with it and never ran a prompt there."""
+    handoff, _ = _pd(FakePrefill(), FakeEngine(), scheduler=_scheduler("token_jsq"))
+
+    async def read_to_done() -> list[int]:
+        held_at_done = []
+        async for chunk in await handoff.serve(_request(), PhaseTiming(), path):
+            if chunk == "data: [DONE]\n\n":
+                book = handoff._scheduler.book
+                held_at_done = [len(book.engine(engine_id).live) for role in ("prefill", "decode")
+                                for engine_id in book.engine_ids(role)]
+        return held_at_done
+
+    assert set(asyncio.run(read_to_done())) == {0}
     _assert_nothing_held(handoff)
 
 

@@ -50,7 +50,7 @@ def _learned(*, prefill_ms_per_token: float = 2.5, step_ms: float = 75.0, step_m
         for streams in (1, 4, 8, 16):
             rates.observe_decode_step(engine_id, streams, (step_ms + step_ms_per_stream * streams) / 1000)
     for tokens in (100, 400, 800, 1600):
-        rates.observe_transfer(tokens, transfer_ms / 1000)
+        rates.observe_handover("d0", tokens, 0, transfer_ms / 1000)  # on an idle decode engine: the transfer
     return rates
 
 
@@ -62,30 +62,59 @@ def test_reports_and_the_routers_own_traffic_make_the_estimate():
     book.dispatched("p0", 1, 500)
     book.dispatched("p0", 2, 200)
     assert book.engine("p0").num_pending_prompt_tokens == 700 and book.least_loaded("prefill") == "p1"
-    # 2. A report from p0 made after it had received dispatch 1, not 2 (and 300 tokens from another router):
-    #    dispatch 1 is in the report, dispatch 2 is added on top of it.
-    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=800, num_waiting=2, seen_dispatch=1))
+    # 2. A report from p0 made after it had received dispatch 1, not 2, with 300 tokens of another router's:
+    #    this router's share in it (dispatch 1) gives way to what the router knows now (dispatches 1 and 2).
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=800, num_waiting=2, num_own_requests=1,
+                           num_own_pending_prompt_tokens=500))
     assert book.engine("p0").num_pending_prompt_tokens == 1000 and book.engine("p0").num_requests == 3
-    # 3. Dispatch 1's prompt finishes after the report arrived: it leaves the estimate; dispatch 2 finishing
-    #    before any report saw it leaves no trace of it.
-    book.prompt_done("p0", 1, 500)
+    # 3. Dispatch 1's prompt finishes, then the request: it leaves the estimate at once, report or not.
+    book.prompt_done("p0", 1)
+    assert (book.engine("p0").num_pending_prompt_tokens, book.engine("p0").num_requests) == (500, 3)
     book.request_done("p0", 1)
-    assert (book.engine("p0").num_pending_prompt_tokens, book.engine("p0").num_requests) == (500, 2)
-    book.prompt_done("p0", 2, 200)
     book.request_done("p0", 2)
     assert (book.engine("p0").num_pending_prompt_tokens, book.engine("p0").num_requests) == (300, 1)
-    # 4. The next report counts everything itself: what the router took off is forgotten; never negative.
-    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=300, num_waiting=1, seen_dispatch=2))
+    # 4. A report made before they finished, arriving after, brings neither back: it is still only the other
+    #    router's 300 tokens (the race a one-at-a-time client ran into: its next request saw the last one).
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=1000, num_waiting=3, num_own_requests=2,
+                           num_own_pending_prompt_tokens=700))
     assert (book.engine("p0").num_pending_prompt_tokens, book.engine("p0").num_requests) == (300, 1)
-    book.dispatched("p0", 3, 50)
-    book.prompt_done("p0", 3, 50)
-    book.prompt_done("p0", 2, 5000)  # a late, wrong answer: clamped, not negative
-    assert book.engine("p0").num_pending_prompt_tokens == 0
-    # 5. An engine that is gone is never chosen, and the count of engines follows.
+    # 5. Late or repeated answers change nothing; nothing goes negative.
+    book.prompt_done("p0", 2)
+    book.request_done("p0", 1)
+    book.report(EngineLoad("p0", "prefill", num_own_requests=1, num_own_pending_prompt_tokens=50))
+    assert (book.engine("p0").num_pending_prompt_tokens, book.engine("p0").num_requests) == (0, 0)
+    # 6. An engine that is gone is never chosen, and the count of engines follows.
     book.remove("p1")
     assert book.least_loaded("prefill") == "p0" and book.num_engines("prefill") == 1
     book.dispatched("p1", 4, 10)  # a late answer from the removed engine changes nothing
     assert book.engine("p1") is None and book.least_loaded("prefill", skip=frozenset({"p0"})) is None
+
+
+def test_an_engines_load_tracker_counts_each_routers_share_until_the_request_ends():
+    from deployments.engine_counters import EngineCounters
+    from deployments.engine_load import LoadTracker
+    from deployments.messages import Dispatch
+
+    tracker = LoadTracker("prefill-0-x", "prefill")
+    counters = EngineCounters(num_running_requests=2)
+    # 1. Two routers' requests and one without a dispatch (a Python caller) are held.
+    with tracker.counted(Dispatch(router_id="r1", seq=1, num_prompt_tokens=500)) as first, \
+            tracker.counted(Dispatch(router_id="r2", seq=1, num_prompt_tokens=200)), tracker.counted(None):
+        report = tracker.report(counters, [])
+        assert (report.num_requests, report.num_pending_prompt_tokens, report.num_running) == (3, 700, 2)
+        assert report.by_router == {"r1": (1, 500), "r2": (1, 200)}
+        # 2. r1's prompt is computed: its tokens leave, once.
+        first.prompt_done()
+        first.prompt_done()
+        assert tracker.report(counters, []).by_router["r1"] == (1, 0)
+    # 3. However the block ends, everything is released and no router is left behind.
+    assert (tracker.num_requests, tracker.num_pending_prompt_tokens, tracker.by_router) == (0, 0, {})
+    with pytest.raises(RuntimeError), tracker.counted(Dispatch(router_id="r1", seq=2, num_prompt_tokens=9)):
+        raise RuntimeError("the engine failed")
+    assert (tracker.num_requests, tracker.num_pending_prompt_tokens, tracker.by_router) == (0, 0, {})
+    # 4. A report survives Serve's routing-stats round trip.
+    from deployments.messages import LoadReport
+    assert LoadReport.from_routing_stats(report.to_routing_stats()) == report
 
 
 def test_rekeying_follows_new_rates():
@@ -174,6 +203,29 @@ def test_rates_are_not_trusted_until_each_kind_was_seen_enough():
     assert _learned().is_known()
 
 
+def test_hand_overs_timed_under_load_never_pass_for_an_idle_engines_transfer():
+    """What a probe measured: after a loaded cell, one hand-over line predicted an idle engine's 0.1 s transfer at
+    5-6 s and forgot it at 2% a request. The transfer is learned from idle decode engines, the wait from busy ones."""
+    rates = Rates(min_observations=4)
+    # 1. Before any idle hand-over, busy ones stand for both (a start under load still learns).
+    for num_ahead in (2, 4, 6, 8):
+        rates.observe_handover("d0", 300, num_ahead, 0.5 * num_ahead)
+    assert rates.num_handovers == 4 and rates.handover_s("d0", 300, 4) == pytest.approx(2.0)
+    assert rates.transfer_s(300) == 0.0 and rates.handover_s("d0", 300, 0) == pytest.approx(0.0, abs=1e-9)
+    # 2. Idle hand-overs teach the transfer; the loaded ones, however many, stay in the wait.
+    for tokens in (100, 200, 300, 400):
+        rates.observe_handover("d0", tokens, 0, 0.1 + tokens / 10_000)
+    for _ in range(200):
+        rates.observe_handover("d0", 300, 8, 4.0)
+    assert rates.handover_s("d0", 300, 0) == pytest.approx(0.13) == rates.transfer_s(300)
+    assert rates.handover_s("d0", 300, 8) == pytest.approx(4.0, rel=0.02)
+    # 3. Another decode engine not yet seen busy waits as its peers do.
+    assert rates.handover_s("d1", 300, 8) == pytest.approx(rates.handover_s("d0", 300, 8))
+    assert set(rates.summary()) == {"prefill_s_per_token", "decode_step_s_per_stream", "transfer_s_per_token",
+                                    "handover_wait_s_per_request_ahead"}
+    assert rates.summary()["transfer_s_per_token"]["pool"]["num_observations"] == 4
+
+
 # The policies.
 
 def test_token_jsq_splits_to_each_pools_shortest_queue():
@@ -252,14 +304,34 @@ def test_the_tbt_guard_refuses_decode_local_when_its_chunks_would_slow_decodes_s
     #    over a running request's 32 tokens adds 117 ms to its mean gap, over 1.25x 77 ms: split.
     short_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=32)
     assert short_outputs.decide(_request(1500), book, rates).path == Path.SPLIT
-    # 3. Spread over 4,000 tokens it adds 1 ms: decode-local, which saves the transfer and a decode step.
+    # 3. Spread over 4,000 tokens it adds 1 ms: the guard lets it pass. Its 24 chunks ride 24 steps of the 8
+    #    streams (2.2 s more than on an idle engine), so it runs there only while prefill's queue costs more.
     long_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=4000)
-    assert long_outputs.decide(_request(1500), book, rates).path == Path.DECODE_LOCAL
+    assert long_outputs.decide(_request(1500), book, rates).path == Path.SPLIT
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=1000, num_waiting=1))
+    decision = long_outputs.decide(_request(1500), book, rates)
+    assert decision.path == Path.DECODE_LOCAL and decision.predicted_ttft_s == pytest.approx(3.76 + 24 * 0.091, 0.01)
     # 4. An idle decode engine has no stream to slow down: the guard that refused 1. lets the prompt run there,
     #    which saves the transfer and a step.
     idle = _book({"p0": 0}, {"d0": 0}, rates=rates)
     assert Predictive(config, chunk_tokens=256, expected_output_tokens=4000).decide(
         _request(1500), idle, rates).path == Path.DECODE_LOCAL
+
+
+def test_predictive_runs_a_prompt_on_an_idle_decode_engine_after_a_loaded_spell():
+    """anchor-c1 in the probe at 6f4b016: after the code cells every request was split, predicted at 5-6 s."""
+    policy = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=2048, expected_output_tokens=32)
+    rates = _learned()
+    for _ in range(100):  # 1. A loaded spell: hand-overs to a busy decode engine took seconds.
+        rates.observe_handover("d0", 1500, 12, 4.0)
+    book = _book({"p0": 0}, {"d0": 0}, rates=rates)
+    # 2. One request at a time again: decode is idle, so its prompt runs there at the cost of its own prefill.
+    decision = policy.decide(_request(300), book, rates)
+    assert decision.path == Path.DECODE_LOCAL and decision.predicted_ttft_s == pytest.approx(0.76, abs=0.01)
+    # 3. Had decode been busy, the split's predicted wait would count: 12 ahead cost 4 s more than idle.
+    book.report(EngineLoad("d0", "decode", num_running=12))
+    split = policy.decide(_request(300), book, rates)
+    assert split.path != Path.SPLIT or split.predicted_ttft_s > 4.0
 
 
 def test_predictive_sends_a_short_prompt_to_busy_decode_when_prefill_is_queued():
