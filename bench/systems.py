@@ -6,7 +6,8 @@
   KV transfer backend, every request split (`always_split`, the shipped default).
 - `splitserve-token-jsq`, `splitserve-conditional`, `splitserve-mixed-pool`, `splitserve-predictive`: the same
   engines on NIXL, each scheduling policy as its own row (`--systems policies` runs them all beside the baseline,
-  splitserve-nixl and the CPU-fixed peer).
+  splitserve-nixl and the CPU-fixed peer); `splitserve-predictive-chunked`: predictive with decode computing a
+  local prompt in small chunks (vLLM's long_prefill_token_threshold).
 - `ray-serve-llm-pd-cpu-fixed`: Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector, the two CPU
   pathologies removed (docs/kv-transfer.md): the peer at its best on this host (labelled as such).
 - `ray-serve-llm-pd`: the same, as its users get it.
@@ -96,6 +97,11 @@ POLICY_SYSTEMS = {"splitserve-token-jsq": "token_jsq", "splitserve-conditional":
                   "splitserve-mixed-pool": "mixed_pool", "splitserve-predictive": "predictive"}
 for _name, _policy in POLICY_SYSTEMS.items():
     SPLITSERVE_UPDATES[_name] = {"transfer": {"backend": "nixl"}, "scheduling": {"policy": _policy}}
+# The predictive policy with a small chunk budget on decode (vLLM's long_prefill_token_threshold): a local prompt
+# there rides many short steps beside the streams instead of one long one, which its TBT guard weighs.
+DECODE_CHUNK_TOKENS = 64
+SPLITSERVE_UPDATES["splitserve-predictive-chunked"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive"], "decode": {"long_prefill_token_threshold": DECODE_CHUNK_TOKENS}}
 
 
 def _policy_system(name: str) -> System:
@@ -121,9 +127,14 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
            _ray_serve_llm("ray-serve-llm-pd", is_cpu_fixed=False),
            lambda: _ray_serve_llm_config(is_cpu_fixed=False)),
     *[_policy_system(name) for name in POLICY_SYSTEMS],
+    System("splitserve-predictive-chunked",
+           f"splitserve PD on NIXL, predictive, decode prompts in chunks of {DECODE_CHUNK_TOKENS} tokens",
+           _splitserve("splitserve-predictive-chunked", **SPLITSERVE_UPDATES["splitserve-predictive-chunked"]),
+           lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-predictive-chunked"]))),
 ]}
 BASELINE = "collocated"
 # The default comparison (≤ 75 min on a 2-core host); `--systems all` adds the rest.
 DEFAULT_SYSTEMS = ("collocated", "splitserve-nixl", "ray-serve-llm-pd-cpu-fixed")
 # `--systems policies`: every scheduling policy as its own row, beside the baseline and the peer.
-POLICY_COMPARISON = ("collocated", "splitserve-nixl", *POLICY_SYSTEMS, "ray-serve-llm-pd-cpu-fixed")
+POLICY_COMPARISON = ("collocated", "splitserve-nixl", *POLICY_SYSTEMS, "splitserve-predictive-chunked",
+                     "ray-serve-llm-pd-cpu-fixed")

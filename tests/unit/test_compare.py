@@ -214,6 +214,10 @@ def test_every_scheduling_policy_is_a_system_of_its_own():
     assert policies == {"token_jsq", "conditional", "mixed_pool", "predictive"}
     assert app_config(SYSTEMS["splitserve-nixl"].config()).scheduling.policy == "always_split"
     assert {app_config(SYSTEMS[name].config()).transfer.backend for name in POLICY_SYSTEMS} == {"nixl"}
+    # The chunked variant differs from predictive only in decode's chunk budget.
+    chunked = app_config(SYSTEMS["splitserve-predictive-chunked"].config())
+    assert "splitserve-predictive-chunked" in chosen and chunked.scheduling.policy == "predictive"
+    assert chunked.decode.num_prefill_chunk_tokens == 64 and chunked.prefill.long_prefill_token_threshold == 0
 
 
 def test_every_figure_is_written(tmp_path):
