@@ -76,6 +76,9 @@ class Rates:
     _handover_wait: dict[str, WeightedLine] = field(default_factory=dict)  # decode engine -> seconds against ahead
     num_handovers: int = 0
 
+    def _is_trusted(self, line: WeightedLine | None) -> bool:
+        return line is not None and line.num_observations >= self.min_observations
+
     def _line(self, lines: dict[str, WeightedLine], engine_id: str) -> WeightedLine:
         return lines.setdefault(engine_id, WeightedLine(half_life=self.half_life))
 
@@ -98,17 +101,17 @@ class Rates:
 
     # Estimates.
     def is_known(self) -> bool:
-        """Enough of each kind to predict: some prefill, some decode step, and (for a split) the transfer."""
-        return (any(line.num_observations >= self.min_observations for line in self._prefill.values())
-                and any(line.num_observations >= self.min_observations for line in self._decode_step.values())
+        """Enough of each kind to predict: some prefill, some decode step, and (for a split) some hand-overs."""
+        return (any(self._is_trusted(line) for line in self._prefill.values())
+                and any(self._is_trusted(line) for line in self._decode_step.values())
                 and self.num_handovers >= self.min_observations)
 
     def _estimate(self, lines: dict[str, WeightedLine], engine_id: str, x: float) -> float:
         """The engine's own line once trusted; before that, the mean of the engines that have one (0: none yet)."""
         line = lines.get(engine_id)
-        if line is not None and line.num_observations >= self.min_observations:
+        if self._is_trusted(line):
             return line.predict(x)
-        known = [line.predict(x) for line in lines.values() if line.num_observations >= self.min_observations]
+        known = [line.predict(x) for line in lines.values() if self._is_trusted(line)]
         return sum(known) / len(known) if known else 0.0
 
     def prefill_s(self, engine_id: str, num_tokens: int) -> float:
@@ -121,17 +124,14 @@ class Rates:
 
     def transfer_s(self, num_tokens: int) -> float:
         """The hand-over of `num_tokens` of KV to an idle decode engine (0 until one was timed)."""
-        is_known = self._transfer is not None and self._transfer.num_observations >= self.min_observations
-        return self._transfer.predict(num_tokens) if is_known else 0.0
+        return self._transfer.predict(num_tokens) if self._is_trusted(self._transfer) else 0.0
 
     def handover_s(self, engine_id: str, num_tokens: int, num_ahead: int) -> float:
         """The hand-over to a decode engine with `num_ahead` requests: the transfer, plus the engine's wait when
         busy. Until an idle engine was timed, the busy engines' line (at `num_ahead`, or at 0) stands for both."""
-        wait = self._estimate(self._handover_wait, engine_id, num_ahead)
-        is_transfer_known = self._transfer is not None and self._transfer.num_observations >= self.min_observations
-        if num_ahead == 0 and is_transfer_known:
+        if num_ahead == 0 and self._is_trusted(self._transfer):
             return self.transfer_s(num_tokens)
-        return self.transfer_s(num_tokens) + wait
+        return self.transfer_s(num_tokens) + self._estimate(self._handover_wait, engine_id, num_ahead)
 
     def summary(self) -> dict[str, dict[str, dict[str, float]]]:
         """Every learned line (intercept s, slope s per unit, observations), for /health."""

@@ -8,6 +8,7 @@ import heapq
 import pytest
 from pydantic import ValidationError
 
+from deployments.messages import LoadReport
 from deployments.scheduling import loads
 from deployments.scheduling.loads import EngineLoad, LoadBook
 from deployments.scheduling.policies import (
@@ -115,6 +116,96 @@ def test_an_engines_load_tracker_counts_each_routers_share_until_the_request_end
     # 4. A report survives Serve's routing-stats round trip.
     from deployments.messages import LoadReport
     assert LoadReport.from_routing_stats(report.to_routing_stats()) == report
+
+
+def test_two_routers_each_know_their_own_requests_exactly_whatever_the_order_of_messages():
+    """Two router replicas send to one engine; dispatches, the engine's answers and its reports arrive in a random
+    order. At every step each router's estimate is what it has not yet heard the end of, of its own requests (never
+    less than the truth), plus the other router's share as of the last report it got (all it can know of that)."""
+    import contextlib
+    import random
+
+    from deployments.engine_counters import EngineCounters
+    from deployments.engine_load import LoadTracker
+    from deployments.scheduler import Scheduler
+
+    tracker = LoadTracker("engine-e", "prefill")
+    delivered: dict[str, tuple[int, dict]] = {}  # router -> (version, stats) it has
+
+    def report_now() -> dict:
+        return {"e": tracker.report(EngineCounters(), []).to_routing_stats()}
+
+    def deliver(name: str, stats: dict) -> None:
+        delivered[name] = (delivered.get(name, (0, {}))[0] + 1, stats)
+        routers[name].refresh()
+
+    routers = {name: Scheduler(SchedulingConfig(policy="token_jsq"), router_id=name, prefill_deployment="P",
+                               decode_deployment="D", prompt_size=lambda request: 0,
+                               routing_stats=lambda deployment, name=name: delivered[name] if deployment == "P"
+                               else (0, {}))
+               for name in ("A", "B")}
+    for name in routers:
+        deliver(name, report_now())
+    rng = random.Random(7)
+    flights: dict[str, list] = {"A": [], "B": []}
+    in_transit: list = []  # (router, flight): sent, not yet at the engine
+    held: list = []  # (router, flight, exit stack, counted): at the engine
+    news: list = []  # (flight, "prompt" or "end"): the engine's answers, not yet at the router
+    reports: dict[str, list[dict]] = {"A": [], "B": []}  # made, not yet delivered (Serve keeps their order)
+    for _ in range(3000):
+        move = rng.choice(["send", "arrive", "compute", "finish", "answer", "report", "deliver"])
+        if move == "send":
+            name = rng.choice("AB")
+            flights[name].append(flight := routers[name].dispatch("e", rng.randint(1, 500)))
+            in_transit.append((name, flight))
+        elif move == "arrive" and in_transit:
+            name, flight = in_transit.pop(rng.randrange(len(in_transit)))
+            stack = contextlib.ExitStack()
+            held.append((name, flight, stack, stack.enter_context(tracker.counted(flight.dispatch))))
+        elif move == "compute" and held:
+            _, flight, _, counted = rng.choice(held)
+            if counted.num_pending_prompt_tokens:
+                counted.prompt_done()
+                news.append((flight, "prompt"))
+        elif move == "finish" and held:
+            _, flight, stack, _ = held.pop(rng.randrange(len(held)))
+            stack.close()
+            news.append((flight, "end"))
+        elif move == "answer" and news:
+            flight, what = news.pop(rng.randrange(len(news)))
+            flight.prompt_done() if what == "prompt" else flight.request_done()
+        elif move == "report":
+            stats = report_now()
+            for name in routers:
+                reports[name].append(stats)
+        elif move == "deliver":
+            name = rng.choice("AB")
+            if reports[name]:
+                deliver(name, reports[name].pop(0))
+        for name, other in (("A", "B"), ("B", "A")):
+            estimate = routers[name].book.engine("e")
+            reported_other = LoadReport.from_routing_stats(delivered[name][1]["e"]).by_router.get(other, (0, 0))
+            unheard_requests = [flight for flight in flights[name] if not flight.is_done]
+            unheard_tokens = sum(flight.dispatch.num_prompt_tokens for flight in flights[name]
+                                 if not flight.is_prompt_done)
+            true_requests, true_tokens = tracker.by_router.get(name, [0, 0])
+            assert estimate.num_requests == len(unheard_requests) + reported_other[0]
+            assert estimate.num_pending_prompt_tokens == unheard_tokens + reported_other[1]
+            assert len(unheard_requests) >= true_requests and unheard_tokens >= true_tokens
+    # Every message delivered and a fresh report at both routers: both know the truth, which is nothing.
+    for _, flight in in_transit:
+        flight.request_done()  # never reached the engine: the router hears of the failure
+    for _, flight, stack, _ in held:
+        stack.close()
+        flight.request_done()
+    for flight, _ in news:
+        flight.request_done()
+    final = report_now()
+    for name in routers:
+        deliver(name, final)
+        engine = routers[name].book.engine("e")
+        assert (engine.num_requests, engine.num_pending_prompt_tokens, tracker.num_requests) == (0, 0, 0)
+    assert tracker.by_router == {}
 
 
 def test_rekeying_follows_new_rates():
