@@ -50,7 +50,7 @@ from bench.result_files import (
     write_summary_csv,
 )
 from bench.slo import Goodput, Reference, attainment_goodput, fit_reference, goodput
-from bench.systems import BASELINE, DEFAULT_SYSTEMS, POLICY_COMPARISON, SYSTEMS, app_config
+from bench.systems import BASELINE, DEFAULT_SYSTEMS, POLICY_COMPARISON, SPLIT_BASELINE, SYSTEMS, app_config
 from bench.traces import TraceRequest
 from bench.workloads import TRACE_FILES, Plan, Workload
 
@@ -334,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
                          "error": run.error, "config": run.config} for run in runs]}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
     figures = plots.draw_all(runs, cells, rows, args.out)
-    table = report.write(runs, cells, rows, meta, reference, figures, args.out / "report.md")
+    table = report.write(runs, cells, rows, meta, reference, figures, args.out / "report.md",
+                         split_baseline=SPLIT_BASELINE)
     print(table)
     print(f"results in {args.out} ({meta['wall_s'] / 60:.1f} min)")
 

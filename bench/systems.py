@@ -133,6 +133,7 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
            lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-predictive-chunked"]))),
 ]}
 BASELINE = "collocated"
+SPLIT_BASELINE = "splitserve-nixl"  # always_split on the policies' backend: what every policy is also held against
 # The default comparison (≤ 75 min on a 2-core host); `--systems all` adds the rest.
 DEFAULT_SYSTEMS = ("collocated", "splitserve-nixl", "ray-serve-llm-pd-cpu-fixed")
 # `--systems policies`: every scheduling policy as its own row, beside the baseline and the peer.

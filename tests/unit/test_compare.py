@@ -4,6 +4,8 @@ raw cells that resume, and every figure file."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import math
 import os
@@ -243,6 +245,25 @@ def test_poisson_arrivals_and_a_trace_file_of_ones_own(tmp_path):
     assert {r.prompt_tokens for r in loaded.requests} <= {min(1536, 100 + 10 * i) for i in range(400)}  # sizes kept
     with pytest.raises(ValueError, match="neither"):
         Plan(traces=("no-such-trace",)).workloads()
+
+
+def test_scheduled_systems_are_also_held_against_always_split(tmp_path):
+    runs, cells = _runs_and_cells(tmp_path)
+    split = SystemRun(name="splitserve-nixl", description="")
+    split.records = {name: [dataclasses.replace(record, path="split") for record in records]
+                     for name, records in runs[1].records.items()}
+    policy = SystemRun(name="splitserve-predictive", description="")
+    policy.records = {name: [dataclasses.replace(record, path="decode_local", ttft_s=record.ttft_s and record.ttft_s / 2)
+                             for record in records] for name, records in runs[1].records.items()}
+    # 1. Without the always_split system, or without a scheduled one, there is no such section.
+    assert report.against_split_section([runs[0], policy], cells, "splitserve-nixl") == []
+    assert report.against_split_section([runs[0], split], cells, "splitserve-nixl") == []
+    # 2. With both: the policy's TTFT is half of always_split's on the same requests; collocated is not in it.
+    lines = report.against_split_section([runs[0], split, policy], cells, "splitserve-nixl")
+    text = "\n".join(lines)
+    assert "## The scheduling policies against splitserve-nixl (always_split)" in text
+    assert "| anchor-c2 | splitserve-predictive | 4 | 150 (0.50× [0.50–0.50]) |" in text
+    assert "| collocated |" not in text and "**splitserve-predictive**" in text
 
 
 def test_a_report_rebuilt_later_names_the_commit_its_cells_measured(tmp_path):
