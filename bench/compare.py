@@ -224,6 +224,21 @@ def _parse_rates(entries: list[str] | None, traces: tuple[str, ...], *, is_light
     return rates
 
 
+def carried_over(previous_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """A report rebuilt from raw files (`--report-only`) keeps what only the measuring invocation knew, when the
+    run.json it replaces measured the same commit: when it started, how long it took, each system's start-up."""
+    try:
+        previous = json.loads(previous_path.read_text())
+    except (OSError, ValueError):
+        return meta
+    if previous.get("measured_commit") != meta["measured_commit"]:
+        return meta
+    startups = {system["name"]: system.get("startup_s") for system in previous.get("systems", [])}
+    return meta | {"started_at": previous["started_at"], "wall_s": previous["wall_s"],
+                   "systems": [system | {"startup_s": startups.get(system["name"], system["startup_s"])}
+                               for system in meta["systems"]]}
+
+
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--systems", nargs="+", choices=[*SYSTEMS, "all", "policies"],
@@ -332,6 +347,8 @@ def main(argv: list[str] | None = None) -> None:
                       for cell in cells],
             "systems": [{"name": run.name, "description": run.description, "startup_s": run.startup_s,
                          "error": run.error, "config": run.config} for run in runs]}
+    if args.report_only:
+        meta = carried_over(args.out / "run.json", meta)
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
     figures = plots.draw_all(runs, cells, rows, args.out)
     table = report.write(runs, cells, rows, meta, reference, figures, args.out / "report.md",

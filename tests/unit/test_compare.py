@@ -266,6 +266,22 @@ def test_scheduled_systems_are_also_held_against_always_split(tmp_path):
     assert "| collocated |" not in text and "**splitserve-predictive**" in text
 
 
+def test_a_rebuilt_report_keeps_what_only_the_measuring_run_knew(tmp_path):
+    from bench.compare import carried_over
+
+    measured = {"started_at": "2026-12-03 15:56:12", "wall_s": 3275.0, "measured_commit": "abc",
+                "is_report_only": False, "systems": [{"name": "collocated", "startup_s": 64.9}]}
+    (tmp_path / "run.json").write_text(json.dumps(measured))
+    rebuilt = {"started_at": "2026-12-03 17:00:00", "wall_s": 0.6, "measured_commit": "abc", "is_report_only": True,
+               "systems": [{"name": "collocated", "startup_s": None}, {"name": "new", "startup_s": None}]}
+    kept = carried_over(tmp_path / "run.json", rebuilt)
+    assert (kept["started_at"], kept["wall_s"], kept["is_report_only"]) == ("2026-12-03 15:56:12", 3275.0, True)
+    assert [system["startup_s"] for system in kept["systems"]] == [64.9, None]
+    # Another commit's run.json, or none, carries nothing over.
+    assert carried_over(tmp_path / "run.json", rebuilt | {"measured_commit": "def"})["wall_s"] == 0.6
+    assert carried_over(tmp_path / "missing.json", rebuilt) == rebuilt
+
+
 def test_a_report_rebuilt_later_names_the_commit_its_cells_measured(tmp_path):
     runs, cells = _runs_and_cells(tmp_path)
     rows = summarize(runs, cells, None)
