@@ -7,7 +7,8 @@
 - `splitserve-token-jsq`, `splitserve-conditional`, `splitserve-mixed-pool`, `splitserve-predictive`: the same
   engines on NIXL, each scheduling policy as its own row (`--systems policies` runs them all beside the baseline,
   splitserve-nixl and the CPU-fixed peer); `splitserve-predictive-chunked`: predictive with decode computing a
-  local prompt in small chunks (vLLM's long_prefill_token_threshold).
+  local prompt in small chunks (vLLM's long_prefill_token_threshold); `splitserve-predictive-short-steps`:
+  predictive with prefill steps of at most 512 tokens (vLLM's max_num_batched_tokens).
 - `ray-serve-llm-pd-cpu-fixed`: Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector, the two CPU
   pathologies removed (docs/kv-transfer.md): the peer at its best on this host (labelled as such).
 - `ray-serve-llm-pd`: the same, as its users get it.
@@ -102,6 +103,11 @@ for _name, _policy in POLICY_SYSTEMS.items():
 DECODE_CHUNK_TOKENS = 64
 SPLITSERVE_UPDATES["splitserve-predictive-chunked"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive"], "decode": {"long_prefill_token_threshold": DECODE_CHUNK_TOKENS}}
+# The predictive policy with short prefill steps: on a CPU, prefill is compute-bound, so a 2,048-token step (several
+# prompts batched) makes each of them wait for all of them; a smaller step budget lets a short prompt finish early.
+PREFILL_STEP_TOKENS = 512
+SPLITSERVE_UPDATES["splitserve-predictive-short-steps"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive"], "prefill": {"max_num_batched_tokens": PREFILL_STEP_TOKENS}}
 
 
 def _policy_system(name: str) -> System:
@@ -131,6 +137,10 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
            f"splitserve PD on NIXL, predictive, decode prompts in chunks of {DECODE_CHUNK_TOKENS} tokens",
            _splitserve("splitserve-predictive-chunked", **SPLITSERVE_UPDATES["splitserve-predictive-chunked"]),
            lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-predictive-chunked"]))),
+    System("splitserve-predictive-short-steps",
+           f"splitserve PD on NIXL, predictive, prefill steps of at most {PREFILL_STEP_TOKENS} tokens",
+           _splitserve("splitserve-predictive-short-steps", **SPLITSERVE_UPDATES["splitserve-predictive-short-steps"]),
+           lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-predictive-short-steps"]))),
 ]}
 BASELINE = "collocated"
 SPLIT_BASELINE = "splitserve-nixl"  # always_split on the policies' backend: what every policy is also held against
