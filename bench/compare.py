@@ -265,6 +265,9 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-reference-requests", type=int, default=30,
                         help="uncontended requests the reference's fit needs per trace (lower only for smoke runs)")
     parser.add_argument("--report-only", action="store_true", help="measure nothing; rebuild from raw/")
+    parser.add_argument("--second-baseline", default=SPLIT_BASELINE, metavar="SYSTEM",
+                        help="report.md also holds every scheduled splitserve system against this one "
+                             f"(default {SPLIT_BASELINE}: always_split)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     if "all" in args.systems:
@@ -352,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
     figures = plots.draw_all(runs, cells, rows, args.out)
     table = report.write(runs, cells, rows, meta, reference, figures, args.out / "report.md",
-                         split_baseline=SPLIT_BASELINE)
+                         second_baseline=args.second_baseline)
     print(table)
     print(f"results in {args.out} ({meta['wall_s'] / 60:.1f} min)")
 

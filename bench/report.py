@@ -11,8 +11,8 @@
 4. The generator's send lag per cell; a cell whose p99 lag passed 50 ms is flagged (its latencies include a
    client that fell behind its schedule).
 5. The summary counts, per system, only the separable differences.
-6. Where the run has the always_split system and scheduled ones, the same table against always_split: what each
-   policy buys over splitting every request, and what it costs.
+6. Where the run has a second baseline (`--second-baseline`, always_split by default) and scheduled systems, the
+   same table against it: what each policy or setting buys over it, and what it costs.
 """
 
 from __future__ import annotations
@@ -239,24 +239,24 @@ def findings(ratios: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def against_split_section(runs: list[Any], cells: list[Any], split_baseline: str | None) -> list[str]:
-    """Every scheduled system against the one that splits every request, in the same run: what a policy buys over
-    always_split (and what it costs), with the same paired intervals."""
-    scheduled = [run for run in runs if run.name != split_baseline
+def second_baseline_section(runs: list[Any], cells: list[Any], second_baseline: str | None) -> list[str]:
+    """Every scheduled system against a second baseline in the same run (by default the one that splits every
+    request): what a policy or setting buys over it, and what it costs, with the same paired intervals."""
+    scheduled = [run for run in runs if run.name != second_baseline
                  and any(record.path for records in run.records.values() for record in records)]
-    split = next((run for run in runs if run.name == split_baseline), None)
-    if split is None or not scheduled:
+    baseline = next((run for run in runs if run.name == second_baseline), None)
+    if baseline is None or not scheduled:
         return []
-    table, ratios = latency_table([split, *scheduled], cells, split_baseline)
-    return ["", f"## The scheduling policies against {split_baseline} (always_split)", "",
-            f"The same cells, each ratio against **{split_baseline}** on the same requests.", "", table, "",
-            *findings(ratios)]
+    table, ratios = latency_table([baseline, *scheduled], cells, second_baseline)
+    return ["", f"## Against {second_baseline}", "",
+            f"The same cells, each splitserve system's ratio against **{second_baseline}** on the same requests.", "",
+            table, "", *findings(ratios)]
 
 
 def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: dict[str, Any],
           reference: Reference | None, figures: list[tuple[str, str]], path: Path,
-          split_baseline: str | None = None) -> str:
-    """`split_baseline`: the system that splits every request, against which scheduled systems get a table too."""
+          second_baseline: str | None = None) -> str:
+    """`second_baseline`: a system (always_split by default) against which scheduled systems get a table too."""
     table, ratios = latency_table(runs, cells, meta["baseline"])
     host, versions = meta["host"], meta["versions"]
     are_cells_checked = bool(meta.get("are_cells_digested"))
@@ -307,7 +307,7 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
               "90% are.", "", *slo_section(rows),
               "## Latency and throughput", "", table, "", "## What the intervals support", "", *findings(ratios),
               "", "## The scheduler's decisions", "", *decisions_section(rows),
-              *against_split_section(runs, cells, split_baseline),
+              *second_baseline_section(runs, cells, second_baseline),
               "", "## The load generator", "", *generator_section(rows), "", "## Figures", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in figures]
     path.write_text("\n".join(lines) + "\n")
