@@ -110,9 +110,9 @@ SPLITSERVE_UPDATES["splitserve-predictive-short-steps"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive"], "prefill": {"max_num_batched_tokens": PREFILL_STEP_TOKENS}}
 
 
-def _policy_system(name: str) -> System:
-    return System(name, f"splitserve PD on NIXL, scheduling policy {POLICY_SYSTEMS[name]}",
-                  _splitserve(name, **SPLITSERVE_UPDATES[name]),
+def _variant(name: str, description: str) -> System:
+    """A splitserve system that differs from serve_config.yaml by `SPLITSERVE_UPDATES[name]`."""
+    return System(name, description, _splitserve(name, **SPLITSERVE_UPDATES[name]),
                   lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[name])))
 
 
@@ -132,15 +132,11 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
     System("ray-serve-llm-pd", "Ray Serve LLM build_pd_openai_app + NixlConnector, as shipped",
            _ray_serve_llm("ray-serve-llm-pd", is_cpu_fixed=False),
            lambda: _ray_serve_llm_config(is_cpu_fixed=False)),
-    *[_policy_system(name) for name in POLICY_SYSTEMS],
-    System("splitserve-predictive-chunked",
-           f"splitserve PD on NIXL, predictive, decode prompts in chunks of {DECODE_CHUNK_TOKENS} tokens",
-           _splitserve("splitserve-predictive-chunked", **SPLITSERVE_UPDATES["splitserve-predictive-chunked"]),
-           lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-predictive-chunked"]))),
-    System("splitserve-predictive-short-steps",
-           f"splitserve PD on NIXL, predictive, prefill steps of at most {PREFILL_STEP_TOKENS} tokens",
-           _splitserve("splitserve-predictive-short-steps", **SPLITSERVE_UPDATES["splitserve-predictive-short-steps"]),
-           lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-predictive-short-steps"]))),
+    *[_variant(name, f"splitserve PD on NIXL, scheduling policy {policy}") for name, policy in POLICY_SYSTEMS.items()],
+    _variant("splitserve-predictive-chunked",
+             f"splitserve PD on NIXL, predictive, decode prompts in chunks of {DECODE_CHUNK_TOKENS} tokens"),
+    _variant("splitserve-predictive-short-steps",
+             f"splitserve PD on NIXL, predictive, prefill steps of at most {PREFILL_STEP_TOKENS} tokens"),
 ]}
 BASELINE = "collocated"
 SPLIT_BASELINE = "splitserve-nixl"  # always_split on the policies' backend: what every policy is also held against

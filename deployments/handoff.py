@@ -39,7 +39,7 @@ from deployments.pd_protocol import check_disaggregable
 from deployments.phase_timing import PhaseTiming
 from deployments.scheduler import Flight, Scheduler
 from deployments.scheduling.policies import Decision, Path
-from deployments.sse import StreamTally, called_at_done, guarded, passed_through
+from deployments.sse import StreamTally, guarded, passed_through
 from kv_transfer.handle import KVHandle
 
 logger = logging.getLogger("ray.serve")
@@ -122,7 +122,7 @@ class Handoff:
             if tally.is_complete:
                 on_output(tally.num_token_chunks)
 
-        return guarded(tally.counted(called_at_done(passed_through(first, stream, request_id), on_end)), on_stream_end)
+        return guarded(tally.counted(passed_through(first, stream, request_id), on_done=on_end), on_stream_end)
 
 
 class PDHandoff(Handoff):

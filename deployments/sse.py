@@ -60,15 +60,6 @@ async def passed_through(first: str, stream: AsyncIterator[str], request_id: str
         yield f"{DONE}\n\n"
 
 
-async def called_at_done(stream: AsyncIterator[str], callback: Callable[[], None]) -> AsyncGenerator[str, None]:
-    """`stream`, with `callback` run as its [DONE] event passes, before the client can read it: a client that sends
-    its next request on [DONE] must find this one's engine work already counted as over."""
-    async for chunk in stream:
-        if ends_stream(chunk):
-            callback()
-        yield chunk
-
-
 class _Once:
     def __init__(self, callback: Callable[[], None]):
         self._callback: Callable[[], None] | None = callback
@@ -103,15 +94,21 @@ class StreamTally:
     num_token_chunks: int = 0
     is_complete: bool = False  # `data: [DONE]` went out: the client got the whole stream
 
-    async def counted(self, stream: AsyncGenerator[str, None]) -> AsyncGenerator[str, None]:
+    async def counted(self, stream: AsyncGenerator[str, None],
+                      on_done: Callable[[], None] = lambda: None) -> AsyncGenerator[str, None]:
+        """`stream`, counted; `on_done` runs as its [DONE] event passes, before the client can read it: a client that
+        sends its next request on [DONE] must find this one's engine work already counted as over."""
         async for chunk in stream:
             if '"choices":[{' in chunk:
                 self.num_token_chunks += 1
+            is_done = ends_stream(chunk)
+            if is_done:
+                on_done()
             yield chunk
             # Complete once [DONE] was sent (Starlette asks for the next chunk only after sending this one), not
             # once the stream ends: a client such as `openai` closes the connection on [DONE], which may cancel
             # the stream before its end, and was counted as a 499 (seen on the dashboard under steady traffic).
-            if ends_stream(chunk):
+            if is_done:
                 self.is_complete = True
 
 

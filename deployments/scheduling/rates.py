@@ -74,7 +74,11 @@ class Rates:
     _decode_step: dict[str, WeightedLine] = field(default_factory=dict)  # engine -> seconds against batch size
     _transfer: WeightedLine | None = None  # seconds against prompt tokens, decode idle
     _handover_wait: dict[str, WeightedLine] = field(default_factory=dict)  # decode engine -> seconds against ahead
-    num_handovers: int = 0
+
+    @property
+    def num_handovers(self) -> int:
+        return ((self._transfer.num_observations if self._transfer is not None else 0)
+                + sum(line.num_observations for line in self._handover_wait.values()))
 
     def _is_trusted(self, line: WeightedLine | None) -> bool:
         return line is not None and line.num_observations >= self.min_observations
@@ -90,7 +94,6 @@ class Rates:
         self._line(self._decode_step, engine_id).observe(num_running, seconds)
 
     def observe_handover(self, engine_id: str, num_tokens: int, num_ahead: int, seconds: float) -> None:
-        self.num_handovers += 1
         if num_ahead == 0:
             if self._transfer is None:
                 self._transfer = WeightedLine(half_life=self.half_life)
