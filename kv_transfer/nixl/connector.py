@@ -8,15 +8,19 @@ cache over UCX (DRAM here, RDMA/GPU-direct where available) and renews the lease
 1. On the CPU platform, vLLM moves the model thread onto the last core of each NUMA node when the connector's
    worker half is built; on a 2-core host both engines would then compute on core 1. We restore the affinity
    the engine had (vLLM's VLLM_CPU_OMP_THREADS_BIND) once the worker half is built.
-2. NIXL's default progress thread busy-polls a whole core per agent. vLLM's connector already polls transfers
-   and notifications from the engine loop every step, so we build the agent without that thread.
-Both are opt-out through `transfer.keep_engine_affinity` / `transfer.use_progress_thread`.
+2. NIXL's default progress thread busy-polls a whole core per agent (its Python API hard-codes a zero delay), and
+   without a thread a READ moves only when the source's engine loop polls, between steps: under load every
+   hand-over waited out one of prefill's forward passes (seconds on a CPU). We build the agent with a progress
+   thread that waits `transfer.nixl_progress_interval_us` between passes: transfers move during the forward pass
+   at ~3% of a core per agent.
+Both are configurable (`transfer.keep_engine_affinity`, `transfer.nixl_progress_interval_us`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,21 +32,31 @@ from kv_transfer.config import NixlExtraConfig
 
 
 @contextlib.contextmanager
-def _agent_without_progress_thread() -> Iterator[None]:
-    original = _nixl_base_worker.nixl_agent_config
-    if original is None:  # NIXL not importable: let vLLM raise its own clear error
+def _agent_progress(interval_us: int | None) -> Iterator[None]:
+    """Agents built inside get NIXL's progress thread waiting `interval_us` between passes (None: no thread).
+    vLLM builds its agent from `nixl_agent_config(...)` and NIXL's Python agent then sets the thread's delay to 0
+    on the C++ config; neither exposes it, so both calls are wrapped for as long as vLLM builds its worker."""
+    original_config = _nixl_base_worker.nixl_agent_config
+    if original_config is None:  # NIXL not importable: let vLLM raise its own clear error
         yield
         return
+    bindings = sys.modules[original_config.__module__].nixlBind  # the nixl_cu12/nixl_cu13 build vLLM imported
+    original_agent = bindings.nixlAgent
 
-    def config_without_progress_thread(*args: Any, **kwargs: Any) -> Any:
-        kwargs["enable_prog_thread"] = False
-        return original(*args, **kwargs)
+    def config_with_progress(*args: Any, **kwargs: Any) -> Any:
+        kwargs["enable_prog_thread"] = interval_us is not None
+        return original_config(*args, **kwargs)
 
-    _nixl_base_worker.nixl_agent_config = config_without_progress_thread
+    def agent_with_delay(name: str, agent_config: Any) -> Any:
+        if interval_us is not None:
+            agent_config.pthrDelay = interval_us
+        return original_agent(name, agent_config)
+
+    _nixl_base_worker.nixl_agent_config, bindings.nixlAgent = config_with_progress, agent_with_delay
     try:
         yield
     finally:
-        _nixl_base_worker.nixl_agent_config = original
+        _nixl_base_worker.nixl_agent_config, bindings.nixlAgent = original_config, original_agent
 
 
 class SplitserveNixlConnector(NixlPullConnector):
@@ -52,8 +66,7 @@ class SplitserveNixlConnector(NixlPullConnector):
             return
         extra = NixlExtraConfig.model_validate(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
         affinity = os.sched_getaffinity(0)
-        quiet = contextlib.nullcontext() if extra.use_progress_thread else _agent_without_progress_thread()
-        with quiet:
+        with _agent_progress(extra.progress_interval_us):
             super().__init__(vllm_config, role, kv_cache_config)
         if extra.keep_engine_affinity:
             os.sched_setaffinity(0, affinity)

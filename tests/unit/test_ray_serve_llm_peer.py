@@ -45,7 +45,7 @@ def test_cpu_fixed_changes_only_the_connector():
         assert fixed[name]["engine_kwargs"]["kv_transfer_config"] == {
             "kv_connector": FIXED_CONNECTOR, "kv_connector_module_path": FIXED_CONNECTOR_MODULE,
             "kv_role": "kv_both", "kv_buffer_device": "cpu",
-            "kv_connector_extra_config": {"keep_engine_affinity": True, "use_progress_thread": False,
+            "kv_connector_extra_config": {"keep_engine_affinity": True, "progress_interval_us": 5000,
                                           "kv_lease_duration": 30}}
         rest = [copy.deepcopy(sides[name]) for sides in (shipped, fixed)]
         for side in rest:
