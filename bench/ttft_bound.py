@@ -1,0 +1,111 @@
+"""The least TTFT a cell allows, from the reference's own prompt rate: why a TTFT target can or cannot be reached.
+
+1. Each request of an open-loop cell (its scheduled arrival and prompt tokens, from a comparison's
+   requests_<system>.csv) needs `slope × prompt tokens` of prompt compute, the slope of reference.json's TTFT fit
+   (one engine, uncontended). The fit's intercept, which prompts packed into one step share, is left out, so every
+   figure here is a lower bound.
+2. With k engines that compute prompts and nothing else (no decode step beside them, no transfer, prompts packed
+   perfectly), the earliest each prompt can finish is a first-come-first-served queue over k servers, each prompt
+   going to the one free first. Its TTFT is that finish less its arrival.
+3. k = 1 is every prompt on one prefill engine (any policy that never computes a prompt on decode, on this two-core
+   split); k = 2 is both cores computing prompts (collocated, or the split with decode taking prompts too). Their
+   ratio is what a split-only policy pays at least, against the best that two cores allow.
+Usage: python -m bench.ttft_bound bench/results/<run>   (writes bound.md there and prints it)
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import heapq
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from bench.slo import Reference
+
+
+def finish_times(arrivals_s: list[float], work_s: list[float], num_servers: int) -> list[float]:
+    """FCFS over `num_servers` identical servers: when each job finishes, in the order given (sorted by arrival)."""
+    free_at = [0.0] * num_servers
+    heapq.heapify(free_at)
+    finished = []
+    for arrival, work in zip(arrivals_s, work_s, strict=True):
+        start = max(arrival, heapq.heappop(free_at))
+        heapq.heappush(free_at, start + work)
+        finished.append(start + work)
+    return finished
+
+
+def quantile(values: list[float], q: float) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
+
+
+def cell_bounds(arrivals_s: list[float], prompt_tokens: list[int], slope_s: float) -> dict[int, tuple[float, float]]:
+    """Per number of prompt engines (1, 2): the least TTFT p50 and p90, seconds."""
+    order = sorted(range(len(arrivals_s)), key=arrivals_s.__getitem__)
+    arrivals = [arrivals_s[i] for i in order]
+    work = [slope_s * prompt_tokens[i] for i in order]
+    bounds = {}
+    for num_servers in (1, 2):
+        ttfts = [end - start for end, start in zip(finish_times(arrivals, work, num_servers), arrivals, strict=True)]
+        bounds[num_servers] = (quantile(ttfts, 0.5), quantile(ttfts, 0.9))
+    return bounds
+
+
+def open_cells(results: Path) -> dict[str, tuple[list[float], list[int]]]:
+    """Each open-loop cell's requests (every system sends the same ones: the first system's file is enough)."""
+    first = sorted(results.glob("requests_*.csv"))[0]
+    cells: dict[str, tuple[list[float], list[int]]] = defaultdict(lambda: ([], []))
+    with first.open() as handle:
+        for row in csv.DictReader(handle):
+            if "@" in row["workload"] and row["repeat"] == "0":
+                cells[row["workload"]][0].append(float(row["arrival_s"]))
+                cells[row["workload"]][1].append(int(row["prompt_tokens"]))
+    return dict(cells)
+
+
+def measured_ttft(results: Path) -> dict[tuple[str, str], tuple[float, float]]:
+    with (results / "summary.csv").open() as handle:
+        return {(row["workload"], row["system"]): (float(row["ttft_p50_ms"]) / 1e3, float(row["ttft_p90_ms"]) / 1e3)
+                for row in csv.DictReader(handle) if row["ttft_p50_ms"]}
+
+
+def report(results: Path) -> str:
+    reference = Reference.model_validate_json((results / "reference.json").read_text())
+    measured = measured_ttft(results)
+    systems = sorted({system for _, system in measured})
+    lines = [
+        f"# Least TTFT each cell allows ({results.name})", "",
+        "From `python -m bench.ttft_bound` (bench/ttft_bound.py): prompts computed at the reference's uncontended "
+        "rate (reference.json's TTFT slope, without its intercept), first come first served, on one or two engines "
+        "that do nothing else. Lower bounds, seconds; measured TTFT beside them.", "",
+        "| cell | prompt tokens/s | reference s/token | 1 engine p50 / p90 | 2 engines p50 / p90 | 1 / 2 at p50 | "
+        + " | ".join(f"{system} p50 / p90" for system in systems) + " |",
+        "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in systems) + " |",
+    ]
+    for cell, (arrivals, tokens) in sorted(open_cells(results).items()):
+        slope = reference.for_trace(cell.split("@")[0]).ttft.slope_s
+        bounds = cell_bounds(arrivals, tokens, slope)
+        span = max(arrivals) - min(arrivals)
+        ratio = bounds[1][0] / bounds[2][0] if bounds[2][0] > 0 else float("inf")
+        cells = [f"{measured[(cell, s)][0]:.2f} / {measured[(cell, s)][1]:.2f}" if (cell, s) in measured else "–"
+                 for s in systems]
+        demand = f"{sum(tokens) / span:.0f}" if span > 0 else "all at once"
+        lines.append(f"| {cell} | {demand} | {slope * 1e3:.2f} ms | {bounds[1][0]:.2f} / "
+                     f"{bounds[1][1]:.2f} | {bounds[2][0]:.2f} / {bounds[2][1]:.2f} | {ratio:.1f}× | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, help="a bench.compare output folder")
+    args = parser.parse_args(argv)
+    text = report(args.results)
+    (args.results / "bound.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""bench/ttft_bound.py: the least TTFT a cell allows on one or two prompt engines."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from bench.slo import LinearFit, Reference, ReferenceFit
+from bench.ttft_bound import cell_bounds, finish_times, report
+
+
+def test_one_server_queues_what_two_servers_run_side_by_side():
+    # Three 1 s jobs at t=0: one server ends them at 1, 2, 3; two at 1, 1, 2; a job after a gap starts on arrival.
+    assert finish_times([0.0, 0.0, 0.0, 10.0], [1.0, 1.0, 1.0, 1.0], 1) == [1.0, 2.0, 3.0, 11.0]
+    assert finish_times([0.0, 0.0, 0.0, 10.0], [1.0, 1.0, 1.0, 1.0], 2) == [1.0, 1.0, 2.0, 11.0]
+
+
+def test_a_burst_costs_one_engine_more_than_two_and_a_trickle_costs_neither():
+    burst = cell_bounds([0.0] * 10, [1000] * 10, slope_s=0.001)  # ten 1 s prompts at once
+    assert burst[1][0] == pytest.approx(5.5)  # p50 of 1..10 s
+    assert burst[2][0] == pytest.approx(3.0)  # p50 of 1,1,2,2,...,5,5 s
+    trickle = cell_bounds([10.0 * i for i in range(10)], [1000] * 10, slope_s=0.001)
+    assert trickle[1] == trickle[2] == (pytest.approx(1.0), pytest.approx(1.0))
+
+
+def test_the_report_reads_a_comparison_folder(tmp_path):
+    fit = ReferenceFit(num_requests=30, ttft=LinearFit(intercept_s=0.05, slope_s=0.002, floor_s=0.05, median_abs_error=0.1),
+                       tpot=LinearFit(intercept_s=0.08, slope_s=0.0, floor_s=0.08, median_abs_error=0.1))
+    (tmp_path / "reference.json").write_text(
+        Reference(system="collocated", commit="abc", fits={"code": fit, "all": fit}).model_dump_json())
+    with (tmp_path / "requests_collocated.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["workload", "repeat", "arrival_s", "prompt_tokens"])
+        writer.writeheader()
+        for i in range(4):
+            writer.writerow({"workload": "code@0.4/s", "repeat": 0, "arrival_s": 0.0, "prompt_tokens": 500})
+            writer.writerow({"workload": "anchor-c1", "repeat": 0, "arrival_s": 0.0, "prompt_tokens": 300})
+    with (tmp_path / "summary.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["system", "workload", "ttft_p50_ms", "ttft_p90_ms"])
+        writer.writeheader()
+        writer.writerow({"system": "collocated", "workload": "code@0.4/s", "ttft_p50_ms": 2500, "ttft_p90_ms": 4000})
+    text = report(tmp_path)
+    assert "anchor-c1" not in text  # closed-loop cells have no arrivals to queue
+    # Four 1 s prompts at once: one engine p50 2.5 s / p90 3.7 s, two engines 1.5 s / 2.0 s.
+    assert "| code@0.4/s |" in text and "2.50 / 3.70 | 1.50 / 2.00 | 1.7× | 2.50 / 4.00 |" in text
