@@ -5,5 +5,5 @@
 3. policies.py: always_split, token_jsq, mixed_pool, conditional and predictive, chosen by serve_config.yaml's
    `scheduling.policy` (serve_app/config.py validates it).
 Pure Python: no Ray, vLLM or other deployment module (an import-linter contract), so that a simulator runs the same
-decisions. The router carries out `always_split` today; build_app refuses the others until it carries them out.
+decisions. The router carries the decisions out (deployments/scheduler.py, deployments/handoff.py).
 """
