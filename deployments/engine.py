@@ -30,6 +30,7 @@ from vllm.entrypoints.serve.exception_handling.error_response import create_erro
 from deployments.engine_counters import EngineCounters, counting_stat_logger
 from deployments.error_responses import service_unavailable
 from deployments.messages import OpenAIRequest
+from deployments.step_trace import step_trace_logger, step_trace_path
 from kv_transfer.config import TransferConfig
 from serve_app.config import EngineRoleConfig, ModelConfig
 
@@ -160,10 +161,14 @@ class Engine:
         on_transfer_stats = None if transfer is None else KVTransferMetrics(
             model.served_name, transfer.backend, role_name).record
         stat_logger_factory, counters = counting_stat_logger(on_transfer_stats=on_transfer_stats)
+        stat_loggers = [stat_logger_factory, RayPrometheusStatLogger]
+        trace_path = step_trace_path(role_name, engine_id)
+        if trace_path is not None:
+            stat_loggers.append(step_trace_logger(trace_path))
         logger.info("starting vLLM engine: %s, env %s", " ".join(cli_args), environment)
         engine_client = AsyncLLM.from_vllm_config(
             vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
-            stat_loggers=[stat_logger_factory, RayPrometheusStatLogger]
+            stat_loggers=stat_loggers
         )
         state = State()
         await init_app_state(engine_client, state, args, supported_tasks=("generate",))
