@@ -18,10 +18,12 @@ from __future__ import annotations
 import argparse
 import csv
 import heapq
-import statistics
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
+from bench.result_files import read_requests_csv
 from bench.slo import Reference
 
 
@@ -37,10 +39,6 @@ def finish_times(arrivals_s: list[float], work_s: list[float], num_servers: int)
     return finished
 
 
-def quantile(values: list[float], q: float) -> float:
-    return statistics.quantiles(values, n=100, method="inclusive")[round(q * 100) - 1]
-
-
 def cell_bounds(arrivals_s: list[float], prompt_tokens: list[int], slope_s: float) -> dict[int, tuple[float, float]]:
     """Per number of prompt engines (1, 2): the least TTFT p50 and p90, seconds."""
     order = sorted(range(len(arrivals_s)), key=arrivals_s.__getitem__)
@@ -49,31 +47,31 @@ def cell_bounds(arrivals_s: list[float], prompt_tokens: list[int], slope_s: floa
     bounds = {}
     for num_servers in (1, 2):
         ttfts = [end - start for end, start in zip(finish_times(arrivals, work, num_servers), arrivals, strict=True)]
-        bounds[num_servers] = (quantile(ttfts, 0.5), quantile(ttfts, 0.9))
+        bounds[num_servers] = (float(np.percentile(ttfts, 50)), float(np.percentile(ttfts, 90)))
     return bounds
 
 
 def open_cells(results: Path) -> dict[str, tuple[list[float], list[int]]]:
-    """Each open-loop cell's requests (every system sends the same ones: the first system's file is enough)."""
-    first = sorted(results.glob("requests_*.csv"))[0]
+    """Each cell's requests, first repeat (every system sends the same ones: the first system's file is enough)."""
     cells: dict[str, tuple[list[float], list[int]]] = defaultdict(lambda: ([], []))
-    with first.open() as handle:
-        for row in csv.DictReader(handle):
-            if "@" in row["workload"] and row["repeat"] == "0":
-                cells[row["workload"]][0].append(float(row["arrival_s"]))
-                cells[row["workload"]][1].append(int(row["prompt_tokens"]))
+    for record in read_requests_csv(sorted(results.glob("requests_*.csv"))[0]):
+        if record.repeat == 0:
+            cells[record.workload][0].append(record.arrival_s)
+            cells[record.workload][1].append(record.prompt_tokens)
     return dict(cells)
 
 
-def measured_ttft(results: Path) -> dict[tuple[str, str], tuple[float, float]]:
+def summary_rows(results: Path) -> list[dict[str, str]]:
     with (results / "summary.csv").open() as handle:
-        return {(row["workload"], row["system"]): (float(row["ttft_p50_ms"]) / 1e3, float(row["ttft_p90_ms"]) / 1e3)
-                for row in csv.DictReader(handle) if row["ttft_p50_ms"]}
+        return list(csv.DictReader(handle))
 
 
 def report(results: Path) -> str:
     reference = Reference.model_validate_json((results / "reference.json").read_text())
-    measured = measured_ttft(results)
+    rows = [row for row in summary_rows(results) if row["kind"] == "open"]  # closed cells have no arrivals to queue
+    measured = {(row["workload"], row["system"]): (float(row["ttft_p50_ms"]) / 1e3, float(row["ttft_p90_ms"]) / 1e3)
+                for row in rows if row["ttft_p50_ms"]}
+    trace_of = {row["workload"]: row["trace"] for row in rows}
     systems = sorted({system for _, system in measured})
     lines = [
         f"# Least TTFT each cell allows ({results.name})", "",
@@ -84,8 +82,10 @@ def report(results: Path) -> str:
         + " | ".join(f"{system} p50 / p90" for system in systems) + " |",
         "| --- | --- | --- | --- | --- | --- | " + " | ".join("---" for _ in systems) + " |",
     ]
-    for cell, (arrivals, tokens) in sorted(open_cells(results).items()):
-        slope = reference.for_trace(cell.split("@")[0]).ttft.slope_s
+    requests = open_cells(results)
+    for cell in sorted(trace_of):
+        arrivals, tokens = requests[cell]
+        slope = reference.for_trace(trace_of[cell]).ttft.slope_s
         bounds = cell_bounds(arrivals, tokens, slope)
         span = max(arrivals) - min(arrivals)
         ratio = bounds[1][0] / bounds[2][0] if bounds[2][0] > 0 else float("inf")

@@ -6,6 +6,8 @@ import csv
 
 import pytest
 
+from bench.load_generator import RequestRecord
+from bench.result_files import write_requests_csv
 from bench.slo import LinearFit, Reference, ReferenceFit
 from bench.ttft_bound import cell_bounds, finish_times, report
 
@@ -29,16 +31,18 @@ def test_the_report_reads_a_comparison_folder(tmp_path):
                        tpot=LinearFit(intercept_s=0.08, slope_s=0.0, floor_s=0.08, median_abs_error=0.1))
     (tmp_path / "reference.json").write_text(
         Reference(system="collocated", commit="abc", fits={"code": fit, "all": fit}).model_dump_json())
-    with (tmp_path / "requests_collocated.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["workload", "repeat", "arrival_s", "prompt_tokens"])
-        writer.writeheader()
-        for i in range(4):
-            writer.writerow({"workload": "code@0.4/s", "repeat": 0, "arrival_s": 0.0, "prompt_tokens": 500})
-            writer.writerow({"workload": "anchor-c1", "repeat": 0, "arrival_s": 0.0, "prompt_tokens": 300})
+    write_requests_csv([RequestRecord(request_id=i, arrival_s=0.0, prompt_tokens=tokens, output_tokens=8,
+                                      workload=cell)
+                        for cell, tokens in (("code@0.4/s", 500), ("anchor-c1", 300)) for i in range(4)],
+                       tmp_path / "requests_collocated.csv")
     with (tmp_path / "summary.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["system", "workload", "ttft_p50_ms", "ttft_p90_ms"])
+        writer = csv.DictWriter(handle, fieldnames=["system", "workload", "trace", "kind", "ttft_p50_ms",
+                                                    "ttft_p90_ms"])
         writer.writeheader()
-        writer.writerow({"system": "collocated", "workload": "code@0.4/s", "ttft_p50_ms": 2500, "ttft_p90_ms": 4000})
+        writer.writerow({"system": "collocated", "workload": "code@0.4/s", "trace": "code", "kind": "open",
+                         "ttft_p50_ms": 2500, "ttft_p90_ms": 4000})
+        writer.writerow({"system": "collocated", "workload": "anchor-c1", "trace": "all", "kind": "closed",
+                         "ttft_p50_ms": 700, "ttft_p90_ms": 800})
     text = report(tmp_path)
     assert "anchor-c1" not in text  # closed-loop cells have no arrivals to queue
     # Four 1 s prompts at once: one engine p50 2.5 s / p90 3.7 s, two engines 1.5 s / 2.0 s.
