@@ -1,6 +1,6 @@
 """The comparison: every system, one after another on this host, through the same cells, judged by one reference.
 
-    python -m bench.compare                         # the default: collocated, splitserve-nixl, Ray Serve LLM PD
+    python -m bench.compare                         # the default: collocated, splitserve-predictive, Ray Serve LLM PD
     python -m bench.compare --light-rates none      # the same without the light end: 78 min instead of 2 h
     python -m bench.compare --systems all           # adds the rest; cells already measured at this commit are kept
     python -m bench.compare --systems policies      # every scheduling policy as its own row

@@ -59,6 +59,9 @@ def _serve_config(transfer: dict[str, Any]) -> tuple[dict[str, Any], Any]:
 
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     config["applications"][0]["args"]["transfer"].update(transfer)
+    # Every request takes the split path, the one whose transfer this measures (the default policy would run
+    # one-at-a-time prompts on the idle decode engine).
+    config["applications"][0]["args"]["scheduling"]["policy"] = "always_split"
     return config, AppConfig.model_validate(config["applications"][0]["args"])
 
 

@@ -89,10 +89,13 @@ def _ray_serve_llm(name: str, *, is_cpu_fixed: bool) -> Callable[[Path], context
     return start
 
 
+# The two transfer systems split every request (always_split): they measure the hand-over path itself, whatever
+# the shipped default policy; collocated's policy is its mode's (serve_config.yaml leaves it null).
+ALWAYS_SPLIT = {"policy": "always_split"}
 SPLITSERVE_UPDATES: dict[str, dict[str, Any]] = {
     "collocated": {"mode": "collocated"},
-    "splitserve-object-store": {"transfer": {"backend": "object_store"}},
-    "splitserve-nixl": {"transfer": {"backend": "nixl"}},
+    "splitserve-object-store": {"transfer": {"backend": "object_store"}, "scheduling": ALWAYS_SPLIT},
+    "splitserve-nixl": {"transfer": {"backend": "nixl"}, "scheduling": ALWAYS_SPLIT},
 }
 POLICY_SYSTEMS = {"splitserve-token-jsq": "token_jsq", "splitserve-conditional": "conditional",
                   "splitserve-mixed-pool": "mixed_pool", "splitserve-predictive": "predictive"}
@@ -140,8 +143,9 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
 ]}
 BASELINE = "collocated"
 SPLIT_BASELINE = "splitserve-nixl"  # always_split on the policies' backend: what every policy is also held against
-# The default comparison (≤ 75 min on a 2-core host); `--systems all` adds the rest.
-DEFAULT_SYSTEMS = ("collocated", "splitserve-nixl", "ray-serve-llm-pd-cpu-fixed")
+# The default comparison: splitserve as shipped (serve_config.yaml's default policy, predictive, on NIXL) against
+# the two baselines; `--systems policies` adds always_split and the other policies, `--systems all` the rest.
+DEFAULT_SYSTEMS = ("collocated", "splitserve-predictive", "ray-serve-llm-pd-cpu-fixed")
 # `--systems policies`: every scheduling policy as its own row, beside the baseline and the peer.
 POLICY_COMPARISON = ("collocated", "splitserve-nixl", *POLICY_SYSTEMS, "splitserve-predictive-chunked",
                      "ray-serve-llm-pd-cpu-fixed")

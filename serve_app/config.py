@@ -10,7 +10,7 @@ kv_transfer/config.py), so that every layer may import it.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -141,8 +141,9 @@ class SchedulingConfig(_Frozen):
     # mixed_pool: Splitwise's cluster scheduler: engines of one pool borrowed into a mixed pool, running both
     # phases, while the other pool's queue is over a threshold. conditional: Dynamo's rule, split only a long
     # prompt while prefill's queue is short. predictive: the path with the lowest predicted time to first token
-    # whose predicted TBT stays within bounds, from rates learned online.
-    policy: Literal["always_split", "token_jsq", "mixed_pool", "conditional", "predictive"] = "always_split"
+    # whose predicted TBT stays within bounds, from rates learned online. Unset or null in serve_config.yaml: the
+    # mode's own (AppConfig), predictive where there are two pools, always_split in collocated mode.
+    policy: Literal["always_split", "token_jsq", "mixed_pool", "conditional", "predictive"] = "predictive"
     # conditional: prompts up to this many tokens run on decode; longer ones are split while prefill has fewer
     # than `max_prefill_queue_requests` waiting (Dynamo's max_local_prefill_length and max_prefill_queue_size).
     max_local_prompt_tokens: int = Field(1000, ge=0)
@@ -194,11 +195,29 @@ class AppConfig(_Frozen):
     transfer: TransferConfig = TransferConfig()
     scheduling: SchedulingConfig = SchedulingConfig()
 
+    @model_validator(mode="before")
+    @classmethod
+    def policy_defaults_by_mode(cls, data: Any) -> Any:
+        """An unset (or null) `scheduling.policy` is the mode's own: collocated mode has one pool, so always_split
+        (no choice to make); disaggregated mode gets `predictive`. A user who flips `mode` in serve_config.yaml
+        need not touch the scheduling section; a policy set on purpose is checked against the mode below."""
+        if not isinstance(data, dict):
+            return data
+        policy = "always_split" if data.get("mode") == "collocated" else "predictive"
+        scheduling = data.get("scheduling")
+        if scheduling is None:
+            return {**data, "scheduling": {"policy": policy}}
+        if isinstance(scheduling, dict) and scheduling.get("policy") is None:
+            return {**data, "scheduling": {**scheduling, "policy": policy}}
+        if isinstance(scheduling, SchedulingConfig) and "policy" not in scheduling.model_fields_set:
+            return {**data, "scheduling": scheduling.model_copy(update={"policy": policy})}
+        return data
+
     @model_validator(mode="after")
     def scheduling_needs_two_pools(self) -> AppConfig:
         if not self.is_disaggregated and self.scheduling.policy != "always_split":
             raise ValueError(f"scheduling.policy {self.scheduling.policy!r} chooses between prefill and decode "
-                             "engines, and mode 'collocated' has one pool")
+                             "engines, and mode 'collocated' has one pool: leave it unset (null) or set always_split")
         return self
 
     @property

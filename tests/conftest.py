@@ -31,10 +31,14 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _app_config() -> tuple[dict[str, Any], Any]:
+    """The suite's app: serve_config.yaml with TEST_OVERRIDES, as a `serve run` config and as the app validates it."""
     from serve_app.config import AppConfig
 
     serve_config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-    return serve_config, AppConfig.model_validate(serve_config["applications"][0]["args"])
+    args = serve_config["applications"][0]["args"]
+    for section, values in TEST_OVERRIDES.items():
+        args[section] = {**(args.get(section) or {}), **values}
+    return serve_config, AppConfig.model_validate(args)
 
 
 @pytest.fixture(scope="session")
@@ -106,12 +110,16 @@ RESOLVED_BACKENDS = {"auto": "nixl", "auto-without-nixl": "object_store"}
 # The second run also requires an API key (router.api_key_env), so that every test there goes through the auth path.
 API_KEYS = {"auto": None, "auto-without-nixl": "splitserve-test-key"}
 # Where the suite's app differs from serve_config.yaml, beyond the HTTP port: a small overload bound, so that the
-# overload test reaches it in seconds, and a short KV load timeout, so that the timeout fault test is quick.
+# overload test reaches it in seconds, and a short KV load timeout, so that the timeout fault test is quick. Its
+# requests all take the split path (`always_split`), the one that moves KV, which every transfer, fault and leak
+# test here is about: the default policy (`predictive`) would run most of these one-at-a-time prompts on an idle
+# decode engine. The default policy and each of its paths are tested on an app of their own
+# (test_scheduling_paths.py).
 # A KV handle key the suite knows (else each deploy makes its own), so that fault tests can sign the handles they
 # forge on purpose, as a prefill replica would.
 TEST_KV_HANDLE_KEY = "splitserve-test-kv-handle-key-0123456789abcdef"
 TEST_OVERRIDES = {"prefill": {"max_queued_requests": 4}, "decode": {"max_queued_requests": 4},
-                  "transfer": {"load_timeout_s": 10}}
+                  "transfer": {"load_timeout_s": 10}, "scheduling": {"policy": "always_split"}}
 
 
 @dataclass(frozen=True)
@@ -147,14 +155,12 @@ def _without_nixl(workdir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session", params=TRANSFER_BACKENDS)
 def app(request, reference_outputs: dict, logs_dir: Path, tmp_path_factory) -> RunningApp:
-    """`serve run` on a copy of serve_config.yaml that differs only in its HTTP port, on a Ray head of our own;
+    """`serve run` on a copy of serve_config.yaml that differs only by TEST_OVERRIDES and its HTTP port, on a Ray head of our own;
     once as installed and once with NIXL made unavailable. Every end-to-end test runs in both."""
     backend = request.param
     serve_config, config = _app_config()
     args = serve_config["applications"][0]["args"]
     args["transfer"]["backend"] = "auto"
-    for section, values in TEST_OVERRIDES.items():
-        args[section] = {**args.get(section, {}), **values}
     environment = _without_nixl(tmp_path_factory.mktemp("no-nixl")) if backend == "auto-without-nixl" else {}
     if API_KEYS[backend]:
         environment[config.router.api_key_env] = API_KEYS[backend]

@@ -1,5 +1,5 @@
 """The scheduler on the real app: two prefill engines and one decode engine (nPmD with small KV caches, on two
-cores), the `predictive` policy, and the operator's path override so that each path is driven on purpose; once
+cores), the shipped default policy (`predictive`), and the operator's path override so that each path is driven on purpose; once
 per KV backend (NIXL: decode reads from two prefill agents; the object store: each prefill replica's own store).
 
 1. Each path (split, decode-local, prefill-local) answers exactly like the reference engine, greedy and with a
@@ -56,7 +56,8 @@ def _config(backend: str) -> dict[str, Any]:
     # Two prefill engines share core 0, decode has core 1; KV caches of 1 GiB each (vLLM's CPU minimum).
     args["prefill"].update({"num_replicas": NUM_PREFILL_REPLICAS, "cpu_binding": ["0"], "kv_cache_gib": 1})
     args["decode"].update({"kv_cache_gib": 1})
-    args["scheduling"] = {"policy": "predictive", "allow_path_override": True, "load_report_period_s": 0.25}
+    # serve_config.yaml's own policy (null: the mode's default), which step 4 checks is predictive.
+    args["scheduling"].update({"allow_path_override": True, "load_report_period_s": 0.25})
     args["transfer"]["backend"] = backend
     return serve_config
 
@@ -183,7 +184,7 @@ def test_a_call_addressed_to_one_prefill_replica_reaches_it(npmd):
 
 def test_predictive_learns_the_rates_and_predicts_ttft(npmd):
     scheduling = replicas.health(npmd.base_url)["scheduling"]
-    assert scheduling["policy"] == "predictive"
+    assert scheduling["policy"] == "predictive"  # the default: serve_config.yaml leaves it to the mode
     # Unforced streams, one at a time, until the rates are learned (a response sent whole times no first token,
     # so only streams teach them); then its decisions carry predictions.
     for index in range(16):

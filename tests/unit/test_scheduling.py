@@ -323,7 +323,7 @@ def test_token_jsq_splits_to_each_pools_shortest_queue():
     book = _book({"p0": 900, "p1": 100}, {"d0": 0, "d1": 0}, decode_requests={"d0": 5, "d1": 2})
     decision = TokenJSQ().decide(_request(), book, Rates())
     assert (decision.path, decision.prefill_engine, decision.decode_engine) == (Path.SPLIT, "p1", "d1")
-    assert make_policy(SchedulingConfig()).decide(_request(), book, Rates()).prefill_engine is None  # Serve's pick
+    assert make_policy(SchedulingConfig(policy="always_split")).decide(_request(), book, Rates()).prefill_engine is None  # Serve's pick
 
 
 def test_conditional_runs_short_prompts_and_any_prompt_behind_a_long_queue_on_decode():
@@ -464,9 +464,37 @@ def test_bad_scheduling_config_is_refused_with_the_value_named(section, message)
 
 
 def test_a_pool_policy_in_collocated_mode_is_refused():
-    with pytest.raises(ValidationError, match="mode 'collocated' has one pool"):
+    with pytest.raises(ValidationError, match="'token_jsq' .* mode 'collocated' has one pool: leave it unset"):
         AppConfig.model_validate({"mode": "collocated", "scheduling": {"policy": "token_jsq"}})
-    assert AppConfig.model_validate({"mode": "collocated"}).scheduling.policy == "always_split"
+    with pytest.raises(ValidationError, match="'predictive' .* mode 'collocated' has one pool"):
+        AppConfig(mode="collocated", scheduling=SchedulingConfig(policy="predictive"))
+
+
+@pytest.mark.parametrize("scheduling", [None, {}, {"policy": None}, {"policy": None, "borrow_tokens": 4096}])
+def test_an_unset_policy_is_the_modes_own(scheduling):
+    """Predictive where there are two pools; always_split in collocated mode, so that flipping `mode` in
+    serve_config.yaml (which leaves the policy null) needs no other change."""
+    args = {} if scheduling is None else {"scheduling": scheduling}
+    assert AppConfig.model_validate(args).scheduling.policy == "predictive"
+    collocated = AppConfig.model_validate({"mode": "collocated", **args})
+    assert collocated.scheduling.policy == "always_split"
+    if scheduling and "borrow_tokens" in scheduling:  # the rest of the section is kept
+        assert collocated.scheduling.borrow_tokens == 4096
+    assert AppConfig().scheduling.policy == "predictive"
+    assert AppConfig(mode="collocated").scheduling.policy == "always_split"
+    kept = AppConfig(mode="collocated", scheduling=SchedulingConfig(return_tokens=7)).scheduling
+    assert (kept.policy, kept.return_tokens) == ("always_split", 7)
+
+
+def test_the_shipped_config_runs_predictive_and_flips_to_collocated_as_it_is():
+    import yaml
+
+    from serve_app.config import PROJECT_ROOT
+
+    args = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())["applications"][0]["args"]
+    assert args["scheduling"]["policy"] is None
+    assert AppConfig.model_validate(args).scheduling.policy == "predictive"
+    assert AppConfig.model_validate({**args, "mode": "collocated"}).scheduling.policy == "always_split"
 
 
 @pytest.mark.parametrize("policy", ["always_split", "token_jsq", "mixed_pool", "conditional", "predictive"])
