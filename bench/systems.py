@@ -112,6 +112,11 @@ PREFILL_STEP_TOKENS = 512
 SPLITSERVE_UPDATES["splitserve-predictive-short-steps"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive"], "prefill": {"max_num_batched_tokens": PREFILL_STEP_TOKENS}}
 
+# The predictive policy with prefill engines running the shortest waiting prompt first, aged (a role's
+# `scheduling_policy: shortest_first`): in a burst, short prompts stop waiting behind long ones.
+SPLITSERVE_UPDATES["splitserve-predictive-shortest-first"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive"], "prefill": {"scheduling_policy": "shortest_first"}}
+
 
 def _variant(name: str, description: str) -> System:
     """A splitserve system that differs from serve_config.yaml by `SPLITSERVE_UPDATES[name]`."""
@@ -140,6 +145,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              f"splitserve PD on NIXL, predictive, decode prompts in chunks of {DECODE_CHUNK_TOKENS} tokens"),
     _variant("splitserve-predictive-short-steps",
              f"splitserve PD on NIXL, predictive, prefill steps of at most {PREFILL_STEP_TOKENS} tokens"),
+    _variant("splitserve-predictive-shortest-first",
+             "splitserve PD on NIXL, predictive, prefill engines run the shortest waiting prompt first (aged)"),
 ]}
 BASELINE = "collocated"
 SPLIT_BASELINE = "splitserve-nixl"  # always_split on the policies' backend: what every policy is also held against

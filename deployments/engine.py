@@ -82,8 +82,8 @@ def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config
     ]
     if role.long_prefill_token_threshold:
         args += ["--long-prefill-token-threshold", str(role.long_prefill_token_threshold)]
-    if role.scheduling_policy != "fcfs":
-        args += ["--scheduling-policy", role.scheduling_policy]
+    if role.scheduling_policy != "fcfs":  # shortest_first is vLLM's priority policy, its priorities set by the replica
+        args += ["--scheduling-policy", "priority"]
     if model.block_size is not None:
         args += ["--block-size", str(model.block_size)]
     if model.enforce_eager:

@@ -9,6 +9,9 @@ health, its status, and the way its answers go back to the router.
 4. Prefill and decode replicas keep their load (engine_load.py, `self._load`): a request is `counted` with the
    router's `Dispatch` while the replica works on it, its prompt pending until computed. Serve's controller
    calls `record_routing_stats` every few hundred milliseconds and hands the `LoadReport` to every router.
+5. Under `scheduling_policy: shortest_first` every request gets its place in the engine's queue here
+   (`_in_order`, scheduling/prompt_order.py), from the prompt size its `Dispatch` carries and the tokens the
+   engine has computed so far.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from deployments.engine import Engine
 from deployments.engine_counters import EngineCounters
 from deployments.engine_load import LoadTracker
 from deployments.messages import Dispatch, RoleStatus
+from deployments.scheduling.prompt_order import shortest_first_priority
 from kv_transfer.config import TransferConfig
 from kv_transfer.handle_signing import HandleSigner
 from serve_app.config import AppConfig, EngineRoleConfig
@@ -41,6 +45,7 @@ class EngineServer:
     kv_store: str | None = None  # the KV store's actor name (prefill on the object store)
     _engine: Engine | None = None
     _load: LoadTracker | None = None
+    _shortest_first_aging: float | None = None  # None: the engine orders prompts itself (fcfs, or their priority)
 
     def _name_engine(self) -> int:
         """Names this replica's engine; returns the replica's rank (which picks its cores)."""
@@ -62,6 +67,18 @@ class EngineServer:
                                           transfer=transfer, engine_id=self.engine_id, is_kv_producer=is_kv_producer)
         if transfer is not None:  # prefill and decode are scheduled; collocated engines are Serve's to pick
             self._load = LoadTracker(self.engine_id, self.role_name)
+        if role.scheduling_policy == "shortest_first":
+            self._shortest_first_aging = role.shortest_first_aging
+
+    def _in_order(self, request: Any, dispatch: Dispatch | None) -> Any:
+        """`request` with its place in the engine's queue (shortest_first), else unchanged. A client's own
+        `priority` is replaced: the order is the operator's choice. Without a dispatch, no size: the clock."""
+        if self._shortest_first_aging is None:
+            return request
+        num_prompt_tokens = dispatch.num_prompt_tokens if dispatch is not None else 0
+        priority = shortest_first_priority(num_prompt_tokens, self._engine.counters().num_prompt_tokens_computed,
+                                           self._shortest_first_aging)
+        return request.model_copy(update={"priority": priority})
 
     # 4. Load.
     def record_routing_stats(self) -> dict[str, Any]:
@@ -82,7 +99,7 @@ class EngineServer:
         """`_answers` of one request run on this engine, with its load counted: its prompt is done at the first
         chunk, and it is finished however the stream ends (done, failed, cancelled by the router)."""
         with self._load.counted(dispatch) as counted:
-            result = await self._engine.generate(request)
+            result = await self._engine.generate(self._in_order(request, dispatch))
             async for answer in self._answers(result):
                 counted.prompt_done()
                 yield answer

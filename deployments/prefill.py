@@ -54,7 +54,7 @@ class PrefillServer(EngineServer):
 
     async def prefill(self, request: OpenAIRequest, dispatch: Dispatch | None = None) -> KVHandle | ErrorResponse:
         with self._load.counted(dispatch):
-            response = await self._engine.generate(to_prefill_request(request))
+            response = await self._engine.generate(self._in_order(to_prefill_request(request), dispatch))
         if isinstance(response, ErrorResponse):
             logger.info("request %s: prefill refused: %s", request.request_id, response.error.message)
             return response

@@ -67,8 +67,13 @@ class EngineRoleConfig(_Frozen):
     # when other requests share the batch, so that a prompt run on a decode engine does not stall its streams.
     # 0: no cap (vLLM's default).
     long_prefill_token_threshold: int = Field(0, ge=0)
-    # vLLM's scheduling policy: `fcfs`, or `priority` (requests carry a priority; lower runs first, ties by arrival).
-    scheduling_policy: Literal["fcfs", "priority"] = "fcfs"
+    # The order in which waiting prompts run: `fcfs` (vLLM's default); `priority` (vLLM's: each request's own
+    # `priority`, lower first, ties by arrival); `shortest_first` (vLLM's priority scheduling with the priority
+    # set by the replica, deployments/scheduling/prompt_order.py: shorter prompts first, aged so that nothing
+    # arriving after the engine has computed `shortest_first_aging` times a prompt's tokens since it came passes
+    # it; prefill and decode roles, whose prompt sizes the router sends).
+    scheduling_policy: Literal["fcfs", "priority", "shortest_first"] = "fcfs"
+    shortest_first_aging: float = Field(1.0, ge=0)
     # Ray's logical CPUs per replica; the engine's real cores are set by cpu_binding.
     num_cpus: float = Field(0.0, ge=0)
     # Requests one replica works on at once (Serve's max_ongoing_requests); None: max_num_seqs, the engine's batch.
@@ -212,6 +217,13 @@ class AppConfig(_Frozen):
         if isinstance(scheduling, SchedulingConfig) and "policy" not in scheduling.model_fields_set:
             return {**data, "scheduling": scheduling.model_copy(update={"policy": policy})}
         return data
+
+    @model_validator(mode="after")
+    def collocated_engines_order_by_arrival_or_priority(self) -> AppConfig:
+        if self.collocated.scheduling_policy == "shortest_first" and not self.is_disaggregated:
+            raise ValueError("collocated.scheduling_policy 'shortest_first' needs each prompt's size from the "
+                             "router's scheduler, which collocated mode does not run: use fcfs or priority")
+        return self
 
     @model_validator(mode="after")
     def scheduling_needs_two_pools(self) -> AppConfig:

@@ -1,6 +1,7 @@
 """The scheduler on the real app: two prefill engines and one decode engine (nPmD with small KV caches, on two
-cores), the shipped default policy (`predictive`), and the operator's path override so that each path is driven on purpose; once
-per KV backend (NIXL: decode reads from two prefill agents; the object store: each prefill replica's own store).
+cores, prefill ordering prompts shortest first), the shipped default policy (`predictive`), and the operator's
+path override so that each path is driven on purpose; once per KV backend (NIXL: decode reads from two prefill
+agents; the object store: each prefill replica's own store).
 
 1. Each path (split, decode-local, prefill-local) answers exactly like the reference engine, greedy and with a
    fixed sampling seed, and the engine counters show which engine computed the prompt (none on decode for a
@@ -53,8 +54,11 @@ class NPMDApp:
 def _config(backend: str) -> dict[str, Any]:
     serve_config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     args = serve_config["applications"][0]["args"]
-    # Two prefill engines share core 0, decode has core 1; KV caches of 1 GiB each (vLLM's CPU minimum).
-    args["prefill"].update({"num_replicas": NUM_PREFILL_REPLICAS, "cpu_binding": ["0"], "kv_cache_gib": 1})
+    # Two prefill engines share core 0, decode has core 1; KV caches of 1 GiB each (vLLM's CPU minimum). The
+    # prefill engines order their prompts shortest first (vLLM's priority scheduling, each request's priority set by
+    # its replica), so that every path and the leak check below run through it on the real engine.
+    args["prefill"].update({"num_replicas": NUM_PREFILL_REPLICAS, "cpu_binding": ["0"], "kv_cache_gib": 1,
+                            "scheduling_policy": "shortest_first"})
     args["decode"].update({"kv_cache_gib": 1})
     # serve_config.yaml's own policy (null: the mode's default), which step 4 checks is predictive.
     args["scheduling"].update({"allow_path_override": True, "load_report_period_s": 0.25})

@@ -224,6 +224,10 @@ def test_every_scheduling_policy_is_a_system_of_its_own():
     chunked = app_config(SYSTEMS["splitserve-predictive-chunked"].config())
     assert "splitserve-predictive-chunked" in chosen and chunked.scheduling.policy == "predictive"
     assert chunked.decode.num_prefill_chunk_tokens == 64 and chunked.prefill.long_prefill_token_threshold == 0
+    shortest_first = app_config(SYSTEMS["splitserve-predictive-shortest-first"].config())
+    assert (shortest_first.scheduling.policy, shortest_first.prefill.scheduling_policy) == ("predictive",
+                                                                                          "shortest_first")
+    assert shortest_first.decode.scheduling_policy == "fcfs"
 
 
 def test_every_figure_is_written(tmp_path):

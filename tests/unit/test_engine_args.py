@@ -37,3 +37,14 @@ def test_bad_engine_scheduling_values_are_refused_with_their_name():
         EngineRoleConfig(long_prefill_token_threshold=-1)
     with pytest.raises(ValueError, match="scheduling_policy"):
         EngineRoleConfig(scheduling_policy="sjf")
+
+
+def test_shortest_first_runs_vllms_priority_scheduling_and_needs_the_routers_sizes():
+    engine_args = _vllm_config(EngineRoleConfig(scheduling_policy="shortest_first", shortest_first_aging=2))
+    assert engine_args.scheduling_policy == "priority"  # the replica sets each request's priority
+    with pytest.raises(ValueError, match="shortest_first_aging"):
+        EngineRoleConfig(scheduling_policy="shortest_first", shortest_first_aging=-1)
+    shortest_first = {"scheduling_policy": "shortest_first"}
+    AppConfig.model_validate({"prefill": shortest_first, "decode": shortest_first})
+    with pytest.raises(ValueError, match="collocated.scheduling_policy 'shortest_first' needs each prompt's size"):
+        AppConfig.model_validate({"mode": "collocated", "collocated": shortest_first})
