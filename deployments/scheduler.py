@@ -186,15 +186,18 @@ class Scheduler:
                         seconds * 1e3, decision.predicted_ttft_s * 1e3)
 
     def summary(self) -> dict[str, Any]:
-        """For /health: the policy, its decisions, each engine's estimated load, the prediction error."""
+        """For /health: this router (of several), the policy, its decisions, each engine's estimated load (its own
+        requests there among them), the prediction error."""
         engines = {}
         for role in ("prefill", "decode"):
             for replica_id in self.book.engine_ids(role):
                 engine = self.book.engine(replica_id)
                 engines[replica_id] = {"role": role, "num_pending_prompt_tokens": engine.num_pending_prompt_tokens,
-                                       "num_requests": engine.num_requests, "kv_usage": engine.reported.kv_usage}
+                                       "num_requests": engine.num_requests, "num_own_requests": engine.num_own_requests,
+                                       "kv_usage": engine.reported.kv_usage}
         errors = [abs(measured / predicted - 1) for _, predicted, measured in self.recent_predictions]
-        return {"policy": self.policy.name, "decisions": dict(self.decisions), "rates_known": self.rates.is_known(),
+        return {"router_id": self._router_id, "policy": self.policy.name, "decisions": dict(self.decisions),
+                "rates_known": self.rates.is_known(),
                 "rates": self.rates.summary(),
                 "engines": engines, "num_recent_predictions": len(errors),
                 "ttft_prediction_median_abs_error": sorted(errors)[len(errors) // 2] if errors else None}

@@ -57,6 +57,11 @@ class _Engine:
         others = self.reported.num_running + self.reported.num_waiting - self.reported.num_own_requests
         return max(0, others) + len(self.live)
 
+    @property
+    def num_own_requests(self) -> int:
+        """This router's requests on the engine now (the rest of `num_requests` is other routers', as reported)."""
+        return len(self.live)
+
 
 @dataclass
 class LoadBook:

@@ -1,0 +1,140 @@
+"""Several router replicas in front of one prefill and one decode engine (serve_config.yaml with
+`router.num_replicas: 2`, its default policy, NIXL): each router schedules on the engines' load reports plus its
+own requests, and must count the other router's requests from those reports alone.
+
+1. Both routers are up: /health, answered by either (Serve's proxy picks one per request), names each.
+2. One long stream goes through one of them. While it runs, that router holds it as its own request on the engine
+   that runs it, and the other router, which holds no request of its own there, still counts it, from the
+   engine's report.
+3. Concurrent requests spread over both routers answer exactly like the reference engine.
+4. Nothing leaked: both engines idle with no KV blocks, and each router's estimate of every engine, its own
+   requests and its admission slots back to zero.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from bench import engines, processes, replicas
+from bench.processes import PROJECT_ROOT
+from tests.conftest import TEST_KV_HANDLE_KEY, send
+from tests.e2e.workload import MODEL, request_body
+
+NUM_ROUTERS = 2
+EXACT_REQUESTS = ("chat_capital", "completion_short", "completion_long")
+
+
+def _config() -> dict[str, Any]:
+    serve_config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    args = serve_config["applications"][0]["args"]
+    args["router"]["num_replicas"] = NUM_ROUTERS
+    args["scheduling"]["load_report_period_s"] = 0.25
+    args["transfer"]["backend"] = "nixl"
+    return serve_config
+
+
+def _health_by_router(base_url: str, *, until: Any = None, timeout_s: float = 60) -> dict[str, dict]:
+    """/health as each router answers it, polled until `until(health_by_router)` holds (or every router answered,
+    without `until`); returns the newest answer of each."""
+    seen: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        health = replicas.health(base_url)
+        router_id = health.get("scheduling", {}).get("router_id")
+        if router_id is not None:
+            seen[router_id] = health
+        if len(seen) == NUM_ROUTERS and (until is None or until(seen)):
+            return seen
+        time.sleep(0.05)
+    raise AssertionError(f"timed out; last /health per router: {seen}")
+
+
+@pytest.fixture(scope="module")
+def routers(reference_outputs, logs_dir) -> Iterator[str]:
+    import ray
+
+    env = {"SPLITSERVE_KV_HANDLE_KEY": TEST_KV_HANDLE_KEY}
+    with processes.serve_run(_config(), name="several-routers", logs_dir=logs_dir, env=env) as served:
+        ray.init(address=served.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+        try:
+            yield served.base_url
+        finally:
+            ray.shutdown()
+
+
+def test_both_routers_answer_and_name_themselves(routers):
+    by_router = _health_by_router(routers, until=lambda seen: all(
+        len(health["scheduling"]["engines"]) == 2 for health in seen.values()))  # both have load reports
+    assert len(by_router) == NUM_ROUTERS
+    for health in by_router.values():
+        assert health["status"] == "ok" and health["scheduling"]["policy"] == "predictive"
+
+
+def test_a_router_counts_the_other_routers_request_from_the_engines_report(routers):
+    body = {"model": MODEL, "prompt": "Count slowly from one to one hundred:", "max_tokens": 160,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    started, finished = threading.Event(), threading.Event()
+    events: list[str] = []
+
+    def stream() -> None:
+        try:
+            with httpx.stream("POST", f"{routers}/v1/completions", json=body, timeout=300) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data: "):
+                        events.append(line)
+                        started.set()
+        finally:
+            finished.set()
+
+    worker = threading.Thread(target=stream, daemon=True)
+    worker.start()
+    assert started.wait(120), "the stream never started"
+
+    def owner_and_other_count_it(seen: dict[str, dict]) -> bool:
+        if finished.is_set():
+            raise AssertionError("the stream ended before both routers were seen counting it")
+        loads = [health["scheduling"]["engines"] for health in seen.values()]
+        owns = [any(load["num_own_requests"] == 1 for load in engines_.values()) for engines_ in loads]
+        # The other router: no request of its own anywhere, and yet one request on an engine, from its report.
+        counts_others = [all(load["num_own_requests"] == 0 for load in engines_.values())
+                         and any(load["num_requests"] == 1 for load in engines_.values()) for engines_ in loads]
+        return any(owns) and any(counts_others)
+
+    by_router = _health_by_router(routers, until=owner_and_other_count_it, timeout_s=60)
+    worker.join(timeout=300)
+    assert events and events[-1] == "data: [DONE]", events[-3:]
+    assert len(by_router) == NUM_ROUTERS
+
+
+def test_requests_through_both_routers_answer_exactly(routers, reference_outputs):
+    import openai
+
+    client = openai.OpenAI(base_url=f"{routers}/v1", api_key="unused", max_retries=0, timeout=300)
+    jobs = [name for name in EXACT_REQUESTS for _ in range(3)]
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda name: send(client, *request_body(name), stream=True), jobs))
+    for name, answer in zip(jobs, answers, strict=True):
+        assert answer["token_ids"] == reference_outputs[name]["token_ids"], name
+        assert answer["text"] == reference_outputs[name]["text"], name
+
+
+def test_nothing_leaked_with_several_routers(routers):
+    def all_idle(seen: dict[str, dict]) -> bool:
+        return all(set(health["admission"].values()) == {0}
+                   and all((load["num_pending_prompt_tokens"], load["num_requests"], load["num_own_requests"])
+                           == (0, 0, 0) for load in health["scheduling"]["engines"].values())
+                   for health in seen.values())
+
+    _health_by_router(routers, until=all_idle, timeout_s=60)
+    idle = engines.wait_idle(is_object_store=False)
+    assert idle.is_idle, idle.busy
+    decode = idle.counters["decode"]
+    assert decode.num_kv_failed_transfers == 0 and decode.num_kv_expired_requests == 0
