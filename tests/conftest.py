@@ -198,14 +198,17 @@ def pytest_itemcollected(item) -> None:
 
 @pytest.hookimpl(trylast=True)  # after pytest grouped the items by the app fixture's parameter
 def pytest_collection_modifyitems(items: list) -> None:
-    """Unit tests first (a broken piece fails fast); then, per transfer backend, every end-to-end test with the
-    leak check last, since it walks the end of the whole life cycle."""
+    """Unit tests first (a broken piece fails fast); then the end-to-end modules with apps of their own, in pytest's
+    order (grouped by their own fixtures' parameters, each module's leak check last in its file); then, per
+    transfer backend of the shared app, every end-to-end test with the leak check last, since it walks the end of
+    the whole life cycle. Moving a module's own leak check out of its group would start its app again."""
     def order(item) -> tuple:
         is_e2e = "tests/e2e" in str(item.fspath)
         callspec = getattr(item, "callspec", None)
         backend = callspec.params.get("app", "") if callspec else ""
-        backend_rank = TRANSFER_BACKENDS.index(backend) if backend in TRANSFER_BACKENDS else -1
-        return is_e2e, backend_rank, item.name.startswith("test_nothing_leaked")
+        if backend not in TRANSFER_BACKENDS:
+            return is_e2e, -1, False
+        return is_e2e, TRANSFER_BACKENDS.index(backend), item.name.startswith("test_nothing_leaked")
 
     items.sort(key=order)
 
