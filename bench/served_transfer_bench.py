@@ -32,7 +32,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
 
 from bench.load_generator import PromptBuilder, filler_document, run_trace
@@ -40,6 +39,7 @@ from bench.traces import TraceRequest
 from bench import processes
 from bench.processes import PROJECT_ROOT
 from bench.result_files import measured_commit
+from bench.systems import app_config, serve_config
 
 # Ray 2.60 starts clusters with token auth; its clients read the mode when Ray is first imported.
 os.environ["RAY_AUTH_MODE"] = "token"
@@ -55,14 +55,10 @@ NUM_OUTPUT_TOKENS = 16
 
 
 def _serve_config(transfer: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    from serve_app.config import AppConfig
-
-    config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-    config["applications"][0]["args"]["transfer"].update(transfer)
     # Every request takes the split path, the one whose transfer this measures (the default policy would run
     # one-at-a-time prompts on the idle decode engine).
-    config["applications"][0]["args"]["scheduling"]["policy"] = "always_split"
-    return config, AppConfig.model_validate(config["applications"][0]["args"])
+    config = serve_config(transfer=transfer, scheduling={"policy": "always_split"})
+    return config, app_config(config)
 
 
 def _prompts(model_path: str, num_tokens: int, count: int) -> list[str]:

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
 from bench import processes
 from bench.processes import PROJECT_ROOT
@@ -32,13 +31,10 @@ logging.getLogger("httpx").setLevel(logging.WARNING)
 
 def _app_config() -> tuple[dict[str, Any], Any]:
     """The suite's app: serve_config.yaml with TEST_OVERRIDES, as a `serve run` config and as the app validates it."""
-    from serve_app.config import AppConfig
+    from bench.systems import app_config, serve_config
 
-    serve_config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-    args = serve_config["applications"][0]["args"]
-    for section, values in TEST_OVERRIDES.items():
-        args[section] = {**(args.get(section) or {}), **values}
-    return serve_config, AppConfig.model_validate(args)
+    config = serve_config(**TEST_OVERRIDES)
+    return config, app_config(config)
 
 
 @pytest.fixture(scope="session")
@@ -155,8 +151,8 @@ def _without_nixl(workdir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="session", params=TRANSFER_BACKENDS)
 def app(request, reference_outputs: dict, logs_dir: Path, tmp_path_factory) -> RunningApp:
-    """`serve run` on a copy of serve_config.yaml that differs only by TEST_OVERRIDES and its HTTP port, on a Ray head of our own;
-    once as installed and once with NIXL made unavailable. Every end-to-end test runs in both."""
+    """`serve run` on a copy of serve_config.yaml that differs only by TEST_OVERRIDES and its HTTP port, on a Ray
+    head of our own; once as installed and once with NIXL made unavailable. Every end-to-end test runs in both."""
     backend = request.param
     serve_config, config = _app_config()
     args = serve_config["applications"][0]["args"]

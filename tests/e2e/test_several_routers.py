@@ -21,10 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from bench import engines, processes, replicas
-from bench.processes import PROJECT_ROOT
+from bench.systems import serve_config
 from tests.conftest import TEST_KV_HANDLE_KEY, send
 from tests.e2e.workload import MODEL, request_body
 
@@ -33,12 +32,8 @@ EXACT_REQUESTS = ("chat_capital", "completion_short", "completion_long")
 
 
 def _config() -> dict[str, Any]:
-    serve_config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
-    args = serve_config["applications"][0]["args"]
-    args["router"]["num_replicas"] = NUM_ROUTERS
-    args["scheduling"]["load_report_period_s"] = 0.25
-    args["transfer"]["backend"] = "nixl"
-    return serve_config
+    return serve_config(router={"num_replicas": NUM_ROUTERS}, scheduling={"load_report_period_s": 0.25},
+                        transfer={"backend": "nixl"})
 
 
 def _health_by_router(base_url: str, *, until: Any = None, timeout_s: float = 60) -> dict[str, dict]:
