@@ -4,12 +4,14 @@ The object-store connector's worker half (kv_transfer/object_store/worker_side.p
 `KVTransport`, which it is given as a `TransportFactory`. Every transport passes the same contract tests
 (tests/unit/test_transport_contract.py): the object store's (Ray, across processes and nodes) and an in-process
 one kept for tests (tests/unit/in_process_transport.py).
-1. `open(key, layout)` on the sender reserves the transfer (or refuses it: `KVStoreFullError`); the ticket's
-   `source` says where the receiver finds it, and travels in the KV handle;
+1. `open(key, layout)` on the sender announces the transfer without waiting for the store; the ticket's `source`
+   says where the receiver finds it, and travels in the KV handle. A store that is full refuses it, and the
+   receiver gets `KVStoreFullError` (the sender may skip sending once it knows);
 2. `send(ticket, first_index, parts)` hands over parts (layers) as they are computed, without waiting for them
    to arrive; a part is an array or a list of segments (runs of blocks);
-3. `receive(source, key, expected, timeout_s)` on the receiver waits for every part and returns each as its
-   segments, in the expected layout (`KVPayloadError` otherwise), valid until `release`;
+3. `receive(source, key, expected, timeout_s)` on the receiver waits for every part (and, briefly, for an `open`
+   still on its way) and returns each as its segments, in the expected layout (`KVPayloadError` otherwise), valid
+   until `release`;
 4. `release(source, key)` frees everything the transfer held, on both sides.
 Failures are the types in errors.py, so that the caller picks its policy (decode recomputes) by kind.
 """
@@ -29,14 +31,13 @@ Part = np.ndarray | list[np.ndarray]
 
 
 class KVTicket(BaseModel):
-    """A transfer the sender opened: where it is held, under which key, of what layout, for how long."""
+    """A transfer the sender opened: where it is held, under which key, of what layout."""
 
     model_config = ConfigDict(frozen=True)
 
     source: str  # the name of the store that holds the transfer
     key: str
     layout: KVLayout
-    lease_s: float
 
 
 class KVTransport(Protocol):

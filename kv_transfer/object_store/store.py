@@ -1,11 +1,14 @@
 """The KV store: who holds which request's KV blocks, for how long, and how much memory that takes.
 
 Life cycle of one transfer (key = the request's id):
-1. `open(key, layout)`: prefill announces a transfer. The store reserves `layout.nbytes` against its bound, or
-   refuses (`KVStoreFullError`: prefill keeps nothing and decode will recompute). A lease starts.
-2. `add_chunk(key, first_index, num_parts, ref)`: prefill hands over one object reference per batch of parts
-   (layers), as they are staged.
-3. `claim(key)`: decode waits until every part has arrived, then gets the references and a renewed lease.
+1. `open(key, layout)`: prefill announces a transfer, at its first layer, and does not wait for the answer. The
+   store reserves `layout.nbytes` against its bound, or refuses (decode's claim then gets `KVStoreFullError` and
+   recomputes). A lease starts.
+2. `add_parts(key, layout, first_index, located)`: prefill hands over the object references of every part (layer)
+   in one message once the last layer is staged, again without waiting. It carries the layout too: Ray does not
+   order an async actor's calls, so it may arrive first and open the transfer itself.
+3. `claim(key)`: decode waits until every part has arrived (and, for `OPEN_GRACE_S`, for an `open` still on its
+   way), then gets the references and a renewed lease: the only store call on a request's path.
 4. `release(key)`: decode has copied the KV into its own blocks; the store drops the references, so Ray frees
    the objects. A lease that runs out first drops them the same way (`KVExpiredError` for a late claim).
 
@@ -20,13 +23,19 @@ actor, which also publishes its occupancy and lease expirations through Ray's me
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from typing import Any
 
-from kv_transfer.errors import KVTimeoutError
+from kv_transfer.errors import KVStoreFullError, KVTimeoutError, KVTransferError
 from kv_transfer.layout import KVLayout
 from kv_transfer.object_store.store_state import KVStoreState, StoreCounters
-from kv_transfer.transport import KVTicket
 
+logger = logging.getLogger("splitserve.kv_transfer")
+
+# How long a claim waits for a transfer the store has not heard of. Prefill announces a transfer before its answer
+# leaves the engine, but another caller's message can overtake it; past this, the key is not coming.
+OPEN_GRACE_S = 2.0
 # Ray drops a gauge's series when it is not set again within two metric-export intervals (20 s by default): the
 # reaper republishes the store's gauges at least this often, also when no request comes.
 MAX_PUBLISH_INTERVAL_S = 5.0
@@ -74,55 +83,78 @@ class KVStoreActor:
 
     def __init__(self, capacity_bytes: int, lease_s: float, name: str):
         self._state = KVStoreState(capacity_bytes, lease_s, name=name)
-        self._arrivals: dict[str, asyncio.Event] = {}
+        self._changed: asyncio.Condition | None = None  # made on the actor's event loop, at first use
         self._reaper: asyncio.Task | None = None
         self._metrics = StoreMetrics(name, capacity_bytes)
 
-    def _ensure_reaper(self) -> None:
-        if self._reaper is None:
+    def _condition(self) -> asyncio.Condition:
+        if self._changed is None:
+            self._changed = asyncio.Condition()
             self._reaper = asyncio.get_running_loop().create_task(self._reap())
+        return self._changed
 
     async def _reap(self) -> None:
         while True:
             await asyncio.sleep(min(MAX_PUBLISH_INTERVAL_S, max(0.05, self._state.lease_s / 4)))
-            for key in self._state.expire():
-                self._arrivals.pop(key, None)
+            if self._state.expire():
+                async with self._condition():
+                    self._condition().notify_all()  # claims waiting on an expired transfer end now
             self._metrics.publish(self._state.counters())
 
-    async def open(self, key: str, layout: KVLayout) -> KVTicket:
-        self._ensure_reaper()
-        try:
-            ticket = self._state.open(key, layout)
-        finally:
-            self._metrics.publish(self._state.counters())
-        self._arrivals[key] = asyncio.Event()
-        return ticket
+    async def open(self, key: str, layout: KVLayout) -> bool:
+        """Whether the transfer is (now) open; False when the store is full. Never raises for a refusal: prefill
+        does not wait for this answer, and an error nobody reads would only be logged by Ray."""
+        async with self._condition():
+            try:
+                self._state.open(key, layout)
+                return True
+            except KVStoreFullError as exc:
+                logger.info("%s", exc)
+                return False
+            except KVTransferError as exc:  # released or expired before its announcement arrived
+                logger.info("%s", exc)
+                return False
+            finally:
+                self._condition().notify_all()
+                self._metrics.publish(self._state.counters())
 
-    async def add_chunk(self, key: str, first_index: int, num_parts: int, wrapped_ref: list[Any]) -> None:
-        """Parts first_index.. first_index+num_parts-1 are the items of one object; `wrapped_ref` holds its
-        ObjectRef in a list, so that Ray passes the reference unresolved instead of fetching the bytes."""
-        located = [(wrapped_ref, position) for position in range(num_parts)]
-        if self._state.add_parts(key, first_index, located):
-            self._arrivals[key].set()
+    async def add_parts(self, key: str, layout: KVLayout, first_index: int,
+                        located: list[tuple[list[Any], int]]) -> None:
+        """Parts first_index.. as (their chunk's ObjectRef wrapped in a list, so that Ray passes it unresolved
+        instead of fetching the bytes; the part's position in that chunk). Opens the transfer if its `open` has
+        not arrived yet; parts of a refused, expired or released transfer are dropped, and Ray frees them."""
+        async with self._condition():
+            try:
+                self._state.add_parts(key, first_index, located, layout=layout)
+            except KVTransferError as exc:
+                logger.warning("parts of %s dropped: %s", key, exc)
+            self._condition().notify_all()
 
     async def claim(self, key: str, timeout_s: float) -> list[tuple[list[Any], int]]:
         """For each part in order: ([the chunk's ObjectRef], the part's position in that chunk)."""
-        self._ensure_reaper()
-        if not self._state.is_complete(key):
-            try:
-                await asyncio.wait_for(self._arrivals[key].wait(), timeout=timeout_s)
+        deadline = time.monotonic() + timeout_s
+        async with self._condition():
+            try:  # an `open` may still be on its way: give it a moment before the key counts as unknown
+                await asyncio.wait_for(self._condition().wait_for(lambda: self._state.phase(key) != "unknown"),
+                                       timeout=min(OPEN_GRACE_S, timeout_s))
             except asyncio.TimeoutError:
-                raise KVTimeoutError(f"the KV of {key!r} did not fully arrive within {timeout_s} s") from None
-        return self._state.claim(key)
+                pass
+            if self._state.phase(key) == "waiting":
+                try:
+                    await asyncio.wait_for(self._condition().wait_for(lambda: self._state.phase(key) != "waiting"),
+                                           timeout=max(0.0, deadline - time.monotonic()))
+                except asyncio.TimeoutError:
+                    raise KVTimeoutError(f"the KV of {key!r} did not fully arrive within {timeout_s} s") from None
+            return self._state.claim(key)  # raises the reason for an unknown or closed key
 
     async def release(self, key: str) -> bool:
-        self._arrivals.pop(key, None)
+        self._condition()
         is_released = self._state.release(key)
         self._metrics.publish(self._state.counters())
         return is_released
 
     async def counters(self) -> StoreCounters:
-        self._ensure_reaper()  # the owner asks once at start-up: from then on the gauges are published
+        self._condition()  # the owner asks once at start-up: from then on the reaper publishes the gauges
         return self._state.counters()
 
 

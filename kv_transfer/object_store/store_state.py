@@ -2,6 +2,11 @@
 
 The actor in store.py wraps one `KVStoreState` for the object-store backend (and the in-process test transport wraps
 another); tests drive it with a fake clock. Its life cycle for one transfer is store.py's, steps 1-4.
+
+Prefill's messages are not waited for, and Ray does not order an async actor's calls, so a transfer's `open` and
+its parts may arrive in either order: both carry the layout, whichever comes first opens the transfer, and a
+second `open` of the same layout is a no-op. A closed key (released, expired or refused for memory) is remembered
+for a while, so a late message cannot open it again and a late claim gets the reason.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict
 
@@ -18,7 +23,10 @@ from kv_transfer.errors import KVExpiredError, KVNotFoundError, KVStoreFullError
 from kv_transfer.layout import KVLayout
 from kv_transfer.transport import KVTicket
 
-NUM_REMEMBERED_EXPIRED_KEYS = 10_000
+NUM_REMEMBERED_CLOSED_KEYS = 10_000
+
+ClosedReason = Literal["released", "expired", "refused"]
+Phase = Literal["unknown", "waiting", "complete", "closed"]
 
 
 class StoreCounters(BaseModel):
@@ -55,7 +63,7 @@ class KVStoreState:
         self.lease_s = lease_s
         self._clock = clock
         self._entries: dict[str, _Entry] = {}
-        self._expired_keys: OrderedDict[str, None] = OrderedDict()
+        self._closed_keys: OrderedDict[str, ClosedReason] = OrderedDict()
         self._counts = {"num_opened": 0, "num_claimed": 0, "num_released": 0, "num_expired": 0,
                         "num_rejected_full": 0, "peak_bytes_in_use": 0}
 
@@ -64,23 +72,40 @@ class KVStoreState:
         return sum(entry.ticket.layout.nbytes for entry in self._entries.values())
 
     def open(self, key: str, layout: KVLayout) -> KVTicket:
+        """Reserves `layout.nbytes` for the transfer; again with the same layout, the ticket it already has."""
         self.expire()
-        if key in self._entries:
-            raise KVTransferError(f"a transfer for {key!r} is already open")
+        entry = self._entries.get(key)
+        if entry is not None:
+            if entry.ticket.layout != layout:
+                raise KVTransferError(f"a transfer for {key!r} is already open with another layout")
+            return entry.ticket
+        if self._closed_keys.get(key) == "refused":
+            raise KVStoreFullError(f"transfer {key!r} was refused: the store was full")
+        if key in self._closed_keys:
+            raise KVTransferError(f"transfer {key!r} was already {self._closed_keys[key]}")
         if self.num_bytes_in_use + layout.nbytes > self.capacity_bytes:
             self._counts["num_rejected_full"] += 1
+            self._close(key, "refused")
             raise KVStoreFullError(
                 f"transfer {key!r} needs {layout.nbytes} bytes; {self.num_bytes_in_use} of "
                 f"{self.capacity_bytes} are in use (policy: refuse new transfers, decode recomputes)"
             )
-        ticket = KVTicket(source=self.name, key=key, layout=layout, lease_s=self.lease_s)
+        ticket = KVTicket(source=self.name, key=key, layout=layout)
         self._entries[key] = _Entry(ticket=ticket, expires_at=self._clock() + self.lease_s)
         self._counts["num_opened"] += 1
         self._counts["peak_bytes_in_use"] = max(self._counts["peak_bytes_in_use"], self.num_bytes_in_use)
         return ticket
 
-    def add_parts(self, key: str, first_index: int, parts: list[Any]) -> bool:
-        """Adds parts first_index, first_index+1, ...; returns whether the transfer is now complete."""
+    def add_parts(self, key: str, first_index: int, parts: list[Any], layout: KVLayout | None = None) -> bool:
+        """Adds parts first_index, first_index+1, ...; returns whether the transfer is now complete. With its
+        `layout`, a transfer not yet open is opened first; parts of a closed transfer are dropped (False)."""
+        if key not in self._entries and key in self._closed_keys:
+            return False
+        if layout is not None and key not in self._entries:
+            try:
+                self.open(key, layout)
+            except KVStoreFullError:
+                return False
         entry = self._entry(key)
         for offset, part in enumerate(parts):
             index = first_index + offset
@@ -88,6 +113,14 @@ class KVStoreState:
                 raise KVTransferError(f"{key!r} has {entry.ticket.layout.num_parts} parts; got part {index}")
             entry.parts[index] = part
         return entry.is_complete
+
+    def phase(self, key: str) -> Phase:
+        """Where a transfer stands, without raising: what a claim waits on."""
+        self.expire()
+        entry = self._entries.get(key)
+        if entry is not None:
+            return "complete" if entry.is_complete else "waiting"
+        return "closed" if key in self._closed_keys else "unknown"
 
     def is_complete(self, key: str) -> bool:
         return self._entry(key).is_complete
@@ -104,9 +137,13 @@ class KVStoreState:
         return [entry.parts[index] for index in range(entry.ticket.layout.num_parts)]
 
     def release(self, key: str) -> bool:
-        """Drops the transfer; False if it was not there (released twice, or expired)."""
+        """Drops the transfer; False if it was not there (released twice, expired, or not yet opened: a release
+        can overtake prefill's messages, which then find the key closed)."""
         if self._entries.pop(key, None) is None:
+            if key not in self._closed_keys:
+                self._close(key, "released")
             return False
+        self._close(key, "released")
         self._counts["num_released"] += 1
         return True
 
@@ -115,11 +152,15 @@ class KVStoreState:
         expired = [key for key, entry in self._entries.items() if entry.expires_at <= now]
         for key in expired:
             del self._entries[key]
-            self._expired_keys[key] = None
-        while len(self._expired_keys) > NUM_REMEMBERED_EXPIRED_KEYS:
-            self._expired_keys.popitem(last=False)
+            self._close(key, "expired")
         self._counts["num_expired"] += len(expired)
         return expired
+
+    def _close(self, key: str, reason: ClosedReason) -> None:
+        self._closed_keys[key] = reason
+        self._closed_keys.move_to_end(key)
+        while len(self._closed_keys) > NUM_REMEMBERED_CLOSED_KEYS:
+            self._closed_keys.popitem(last=False)
 
     def counters(self) -> StoreCounters:
         return StoreCounters(num_open=len(self._entries), num_bytes_in_use=self.num_bytes_in_use,
@@ -130,6 +171,9 @@ class KVStoreState:
         entry = self._entries.get(key)
         if entry is not None:
             return entry
-        if key in self._expired_keys:
+        reason = self._closed_keys.get(key)
+        if reason == "expired":
             raise KVExpiredError(f"the KV of {key!r} expired after its {self.lease_s:.0f} s lease")
-        raise KVNotFoundError(f"no KV transfer {key!r} in the store")
+        if reason == "refused":
+            raise KVStoreFullError(f"the KV of {key!r} was refused: the store was full (decode recomputes)")
+        raise KVNotFoundError(f"no KV transfer {key!r} in the store" + (" (released)" if reason else ""))

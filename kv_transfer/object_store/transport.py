@@ -1,16 +1,22 @@
 """The object-store `KVTransport` (kv_transfer/transport.py): KV through Ray's object store, tracked by the KV-store
 actors (store.py). Works wherever Ray runs; CPU staging.
 
-Sender (prefill's worker): `open` registers the transfer with this engine's own store; each `send` puts its batch
-of parts (layers) as one object (`ray.put`: the one copy into shared memory, straight from the KV cache's
-blocks) and hands the reference to the store without waiting.
-Receiver (decode's worker): `receive` asks the store named in the KV handle for the references once every part
-is in; `ray.get` maps them without a copy (same node) or pulls them (other node), and the caller copies them
-into its own blocks. `release` drops the store's references, so Ray frees the objects.
+Sender (prefill's worker), with no store call it waits for:
+1. `open` announces the transfer to this engine's own store and returns at once;
+2. each `send` puts its batch of parts (layers) as one object (`ray.put`: the one copy into shared memory, straight
+   from the KV cache's blocks) and keeps the reference;
+3. the send that completes the transfer hands every reference to the store in one message. Once the store's
+   answer to `open` is known to be a refusal (full), later sends of that transfer put nothing.
+Receiver (decode's worker): `receive` asks the store named in the KV handle for the references once every part is
+in (the one store call on the request's path); `ray.get` maps them without a copy (same node) or pulls them (other
+node), and the caller copies them into its own blocks. `release` drops the store's references, so Ray frees the
+objects.
 """
 
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,6 +27,18 @@ from kv_transfer.layout import KVLayout
 from kv_transfer.transport import KVTicket, Part
 
 STORE_CALL_TIMEOUT_S = 30.0
+# Every layer of a transfer is sent within one engine step; parts still unsent after this never will be (the
+# sender gave up on the transfer): their references are dropped, and the store's lease ends the transfer.
+PENDING_TIMEOUT_S = 60.0
+
+
+@dataclass
+class _Pending:
+    """A transfer this sender opened and has not yet handed over whole."""
+
+    opened: Any  # the ObjectRef of the store's answer to `open`: True, or False when it refused the transfer
+    started: float
+    located: dict[int, tuple[list[Any], int]] = field(default_factory=dict)  # part -> ([chunk ref], position)
 
 
 class ObjectStoreTransport:
@@ -31,6 +49,7 @@ class ObjectStoreTransport:
         self._home_store = home_store
         self._namespace = namespace
         self._stores: dict[str, Any] = {}
+        self._pending: dict[str, _Pending] = {}
 
     def _store(self, name: str) -> Any:
         # Found once by name; a restarted store keeps its name and its handle stays valid.
@@ -44,13 +63,37 @@ class ObjectStoreTransport:
     def open(self, key: str, layout: KVLayout) -> KVTicket:
         if self._home_store is None:
             raise RuntimeError("this transport only receives: it has no store of its own")
-        return ray.get(self._store(self._home_store).open.remote(key, layout), timeout=STORE_CALL_TIMEOUT_S)
+        now = time.monotonic()
+        for stale in [k for k, pending in self._pending.items() if now - pending.started > PENDING_TIMEOUT_S]:
+            del self._pending[stale]
+        self._pending[key] = _Pending(self._store(self._home_store).open.remote(key, layout), now)
+        return KVTicket(source=self._home_store, key=key, layout=layout)
 
     def send(self, ticket: KVTicket, first_index: int, parts: list[Part]) -> None:
-        parts = [ticket.layout.check_part(first_index + offset, part) for offset, part in enumerate(parts)]
-        chunk = ray.put(parts)
-        # Fire and forget: the receiver's claim waits for the parts; a lost chunk surfaces there as a timeout.
-        self._store(ticket.source).add_chunk.remote(ticket.key, first_index, len(parts), [chunk])
+        pending = self._pending.get(ticket.key)
+        if pending is None:
+            raise KVNotFoundError(f"{ticket.key!r} is not open on this sender")
+        try:
+            parts = [ticket.layout.check_part(first_index + offset, part) for offset, part in enumerate(parts)]
+            if self._is_refused(pending):
+                del self._pending[ticket.key]  # the store is full: decode recomputes, nothing to copy
+                return
+            chunk = [ray.put(parts)]
+        except Exception:
+            self._pending.pop(ticket.key, None)
+            raise
+        pending.located.update((first_index + position, (chunk, position)) for position in range(len(parts)))
+        if len(pending.located) == ticket.layout.num_parts:
+            del self._pending[ticket.key]
+            located = [pending.located[index] for index in range(ticket.layout.num_parts)]
+            # Fire and forget: the receiver's claim waits for the parts; a lost message surfaces there as a timeout.
+            self._store(ticket.source).add_parts.remote(ticket.key, ticket.layout, 0, located)
+
+    @staticmethod
+    def _is_refused(pending: _Pending) -> bool:
+        """Whether the store's answer to `open` has come back as a refusal; never waits for it."""
+        ready, _ = ray.wait([pending.opened], timeout=0)
+        return bool(ready) and ray.get(ready[0]) is False
 
     def receive(self, source: str, key: str, expected: KVLayout, timeout_s: float) -> list[list[np.ndarray]]:
         """Every part as its list of segments, read-only and valid until `release`."""

@@ -6,16 +6,17 @@ It runs in vLLM's worker process and is given its transport as a factory, called
 Prefill (KV out):
 1. `save_kv_layer`, called right after each attention layer wrote its KV: queue that layer's prompt blocks for
    the sender thread, as views of the cache (runs of consecutive blocks), not copies;
-2. the sender thread opens the transfer and puts the layers into the object store while later layers still
-   compute; layers that are ready together go as one object. `ray.put` is the only copy on this side;
-3. `wait_for_save`, at the end of the step, waits until this step's transfers are open (issued at layer 0, so
-   normally done by then): prefill's answer can never reach decode before the store knows the transfer.
-   Without layer-by-layer overlap (`is_layer_by_layer: false`), all layers are queued here and sent before
-   the step ends, as a connector that hands over KV only after prefill would;
+2. the sender thread announces the transfer and puts the layers into the object store while later layers still
+   compute; layers that are ready together go as one object. `ray.put` is the only copy on this side, and the
+   transport hands all references to the store in one message after the last layer;
+3. `wait_for_save`, at the end of the step, waits until this step's transfers are announced to the store (at
+   layer 0, without waiting for the store's answer, so normally done by then): prefill's answer never leaves
+   before the announcement. Without layer-by-layer overlap (`is_layer_by_layer: false`), all layers are queued
+   here and sent before the step ends, as a connector that hands over KV only after prefill would;
 4. once a request's last layer is in the store, `get_finished` reports it as sent, and vLLM frees its blocks.
 Decode (KV in):
-1. `start_load_kv`: a loader thread receives each requested transfer (waiting for parts still in flight),
-   writes the blocks into this engine's cache, and releases the transfer;
+1. `start_load_kv`: a loader thread receives each requested transfer (waiting for parts still in flight) and
+   writes the blocks into this engine's cache; a third thread releases the transfer in the store afterwards;
 2. `get_finished` reports loaded requests to the scheduler; failed loads report their blocks through
    `get_block_ids_with_load_errors`, and vLLM recomputes them.
 """
@@ -48,7 +49,7 @@ class _Send:
     save: SaveRequest
     first_index: int
     parts: list[list[np.ndarray]]
-    opened: threading.Event | None = None  # set once the transfer is registered (first layer only)
+    opened: threading.Event | None = None  # set once the transfer is announced (first layer only)
     sent: threading.Event | None = None  # set once the last layer is in the store (no overlap only)
 
 
@@ -71,8 +72,9 @@ class WorkerSide:
         self._sends: queue.SimpleQueue[_Send] = queue.SimpleQueue()
         self._opened: dict[str, threading.Event] = {}
         self._loads: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
-        threading.Thread(target=self._send_loop, name="splitserve-kv-send", daemon=True).start()
-        threading.Thread(target=self._load_loop, name="splitserve-kv-load", daemon=True).start()
+        self._releases: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
+        for loop, name in ((self._send_loop, "send"), (self._load_loop, "load"), (self._release_loop, "release")):
+            threading.Thread(target=loop, name=f"splitserve-kv-{name}", daemon=True).start()
 
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         self._layers = list(kv_caches.values())
@@ -174,7 +176,7 @@ class WorkerSide:
                     logger.warning("KV of %s: not sent within %.0f s", save.request_id, timeout_s)
             opened = self._opened.pop(save.transfer_key, None)
             if opened is not None and not opened.wait(timeout_s):
-                logger.warning("KV of %s: the store did not answer within %.0f s", save.request_id, timeout_s)
+                logger.warning("KV of %s: not announced to the store within %.0f s", save.request_id, timeout_s)
         if metadata.saves:  # the engine's step waited this long on KV hand-over instead of computing
             with self._lock:
                 self._stats[stats.SEND_WAIT_DURATION].append(time.perf_counter() - started)
@@ -201,7 +203,13 @@ class WorkerSide:
                     self._stats[stats.NUM_FAILED_TRANSFERS].append(1)
             with self._lock:
                 self._finished_loads.add(load.request_id)
-            # After the request may go on: dropping the store's copy is bookkeeping, not on its path.
+            # Dropping the store's copy is bookkeeping, not on any request's path: its own thread, so that the
+            # next load never waits for a store call.
+            self._releases.put(load)
+
+    def _release_loop(self) -> None:
+        while True:
+            load = self._releases.get()
             try:
                 self.transport().release(load.source, load.transfer_key)
             except Exception as exc:  # the store drops it when its lease runs out

@@ -9,12 +9,14 @@ object store's sides share a Ray cluster.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from kv_transfer.errors import KVNotFoundError, KVPayloadError, KVTimeoutError
+from kv_transfer.errors import KVNotFoundError, KVPayloadError, KVStoreFullError, KVTimeoutError
 from kv_transfer.layout import KVLayout
+from kv_transfer.object_store.store import OPEN_GRACE_S
 from kv_transfer.object_store.store_state import KVStoreState, StoreCounters
 from kv_transfer.transport import KVTicket, Part
 
@@ -57,7 +59,11 @@ class InProcessTransport:
             raise RuntimeError("this transport only receives: it has no store of its own")
         store = self._stores.get(self._home_store)
         with store.changed:
-            return store.state.open(key, layout)
+            try:  # as the object store's sender: a refusal is not raised here, the receiver gets it
+                store.state.open(key, layout)
+            except KVStoreFullError:
+                pass
+        return KVTicket(source=self._home_store, key=key, layout=layout)
 
     def send(self, ticket: KVTicket, first_index: int, parts: list[Part]) -> None:
         checked = [ticket.layout.check_part(first_index + offset, part) for offset, part in enumerate(parts)]
@@ -65,13 +71,17 @@ class InProcessTransport:
         copies = [[np.array(segment) for segment in segments] for segments in checked]
         store = self._stores.get(ticket.source)
         with store.changed:
-            store.state.add_parts(ticket.key, first_index, copies)
+            store.state.add_parts(ticket.key, first_index, copies, layout=ticket.layout)
             store.changed.notify_all()
 
     def receive(self, source: str, key: str, expected: KVLayout, timeout_s: float) -> list[list[np.ndarray]]:
         store = self._stores.get(source)
+        deadline = time.monotonic() + timeout_s
         with store.changed:
-            if not store.changed.wait_for(lambda: store.state.is_complete(key), timeout=timeout_s):
+            # As the object store's claim: an `open` on its way gets a moment before the key counts as unknown.
+            store.changed.wait_for(lambda: store.state.phase(key) != "unknown", timeout=min(OPEN_GRACE_S, timeout_s))
+            if not store.changed.wait_for(lambda: store.state.phase(key) != "waiting",
+                                          timeout=max(0.0, deadline - time.monotonic())):
                 raise KVTimeoutError(f"the KV of {key!r} did not fully arrive within {timeout_s} s")
             parts = store.state.claim(key)
         if len(parts) != expected.num_parts:

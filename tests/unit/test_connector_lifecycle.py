@@ -80,23 +80,25 @@ def _prefill(prompt_len: int, block_ids: list[int], dtype: torch.dtype = torch.f
     kv = {name: torch.randn(LAYER_SHAPE).to(dtype) for name in LAYER_NAMES}
     scheduler = SchedulerSide(BLOCK_SIZE, source=STORE)
     worker = _worker(kv, is_prefill=True, is_layer_by_layer=is_layer_by_layer)
-    request = SimpleNamespace(request_id="p1", prompt_token_ids=list(range(prompt_len)),
+    # vLLM's request ids are unique (it appends a random suffix); the store remembers closed keys, so reuse none.
+    request_id = f"p1-{uuid.uuid4().hex[:8]}"
+    request = SimpleNamespace(request_id=request_id, prompt_token_ids=list(range(prompt_len)),
                               kv_transfer_params={"do_remote_decode": True})
 
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)
     scheduler.update_state_after_alloc(request, FakeBlocks(block_ids), 0)
     output = FakeSchedulerOutput(
-        scheduled_new_reqs=[SimpleNamespace(req_id="p1", block_ids=(block_ids,), num_computed_tokens=0)],
-        num_scheduled_tokens={"p1": prompt_len})
+        scheduled_new_reqs=[SimpleNamespace(req_id=request_id, block_ids=(block_ids,), num_computed_tokens=0)],
+        num_scheduled_tokens={request_id: prompt_len})
     metadata = scheduler.build_connector_meta(output)
-    assert metadata.saves == [SaveRequest("p1", transfer_key="p1", block_ids=tuple(block_ids))]
+    assert metadata.saves == [SaveRequest(request_id, transfer_key=request_id, block_ids=tuple(block_ids))]
     for name in LAYER_NAMES:  # as the attention layers finish, in order
         worker.save_kv_layer(metadata, name, kv[name])
-    worker.wait_for_save(metadata)  # end of the step: the transfer is registered before anyone hears of it
+    worker.wait_for_save(metadata)  # end of the step: the transfer is announced before anyone hears of it
     delay_free, params = scheduler.request_finished(request, block_ids)
 
     assert delay_free is True  # the worker reads the blocks in place: vLLM keeps them until the send is done
-    assert _wait_finished(worker) == ({"p1"}, set())  # now vLLM frees them
+    assert _wait_finished(worker) == ({request_id}, set())  # now vLLM frees them
     assert scheduler.num_tracked_requests == 0
     return kv, params
 
@@ -128,7 +130,8 @@ def _assert_store_empty(store, timeout_s: float = 5) -> None:
 def test_prefill_save_then_decode_load_moves_exactly_the_prompt_blocks(store):
     prefill_kv, params = _prefill(prompt_len=10, block_ids=[5, 2, 7])
     remote = remote_kv_from_params(params)
-    assert (remote.source, remote.transfer_key, remote.num_tokens, remote.num_blocks) == (STORE, "p1", 10, 3)
+    assert (remote.source, remote.transfer_key, remote.num_tokens, remote.num_blocks) == (STORE, remote.transfer_key, 10, 3)
+    assert remote.transfer_key.startswith("p1-")
 
     decode_kv, scheduler, worker, request = _decode_load(params, [1, 6, 3])
     for name in LAYER_NAMES:

@@ -72,7 +72,8 @@ def _object_store_sides(name: str, capacity_bytes: int, lease_s: float, cleanups
     cleanups.append(lambda: ray.kill(store))
 
     def inject(key: str, raw_parts: list[Any]) -> None:
-        ray.get(store.add_chunk.remote(key, 0, len(raw_parts), [ray.put(raw_parts)]))
+        chunk = [ray.put(raw_parts)]
+        ray.get(store.add_parts.remote(key, LAYOUT, 0, [(chunk, index) for index in range(len(raw_parts))]))
 
     return Sides(ObjectStoreTransport(home_store=name), ObjectStoreTransport(), name,
                  counters=lambda: ray.get(store.counters.remote()), inject_raw_parts=inject)
@@ -205,11 +206,35 @@ def test_a_corrupted_payload_is_rejected(make_transport):
 def test_a_full_store_refuses_new_transfers(make_transport):
     transport = make_transport(capacity_bytes=LAYOUT.nbytes)
     transport.send(transport.open("r1", LAYOUT), 0, _parts())
+    transport.receive("r1", LAYOUT, timeout_s=10)  # r1 holds the whole bound
+    # 1. The sender does not wait for the store's answer; the receiver learns of the refusal at once, no timeout.
+    transport.send(transport.open("r2", LAYOUT), 0, _parts())
+    started = time.monotonic()
     with pytest.raises(KVStoreFullError, match="r2"):
-        transport.open("r2", LAYOUT)
+        transport.receive("r2", LAYOUT, timeout_s=30)
+    assert time.monotonic() - started < 10
+    # 2. Memory comes back with the release; a new transfer fits again.
     transport.release("r1")
-    transport.release(transport.open("r2", LAYOUT).key)
+    transport.send(transport.open("r3", LAYOUT), 0, _parts(3))
+    assert all(np.array_equal(got, sent) for got, sent in zip(transport.receive("r3", LAYOUT, timeout_s=10), _parts(3)))
+    transport.release("r3")
     assert transport.counters().num_rejected_full == 1
+
+
+def test_a_claim_waits_for_an_open_still_on_its_way(make_transport):
+    transport = make_transport()
+    parts = _parts(4)
+
+    def open_and_send_late():
+        time.sleep(0.5)  # decode asks before prefill's announcement reached the store
+        transport.send(transport.open("r1", LAYOUT), 0, parts)
+
+    sender = threading.Thread(target=open_and_send_late)
+    sender.start()
+    received = transport.receive("r1", LAYOUT, timeout_s=10)
+    sender.join()
+    assert all(np.array_equal(got, sent) for got, sent in zip(received, parts, strict=True))
+    transport.release("r1")
 
 
 def test_a_part_may_travel_as_runs_of_blocks(make_transport):
