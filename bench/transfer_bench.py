@@ -14,21 +14,25 @@ Life cycle of one run:
 Paths:
 - memcpy: one numpy copy between two preallocated buffers;
 - object_store: our transport as the connector uses it. This process plays prefill (open, then one `ray.put`
-  per layer, 30 layers; object_store_one_send: all layers in one object); a Ray actor in another process plays
-  decode (claim, map, copy into its own preallocated blocks, release). Timed from open to the receiver's copy
-  being done. The object store is warm, as in a server that has run for a while: its pages were written and
-  read once before timing, since a first touch of shared memory costs more than the copy;
+  per layer, 30 layers, the references handed to the store in one message after the last; object_store_one_send:
+  all layers in one object); a Ray actor in another process plays decode (claim, map, copy into its own
+  preallocated blocks, release). Timed from open to the receiver's copy being done. The per-layer row puts back to
+  back, with no compute between layers to hide the per-put cost, so it is a floor on what the app's overlap
+  gives. The object store is warm, as in a server that has run for a while: its pages were written and read once
+  before timing, since a first touch of shared memory costs more than the copy;
 - nixl (only where NIXL is installed): the app's shape. A Ray actor in another process plays prefill: its NIXL
-  agent (UCX, no progress thread) owns 30 registered DRAM layers and polls its notifications, as prefill's engine
-  loop does. This process plays decode: it loads prefill's agent metadata and layer addresses (the handshake
-  vLLM's NixlConnector does over its side channel), prepares both descriptor lists once (one descriptor per
-  128-token block of K or V of a layer), and per transfer makes and posts one READ of every block straight into
-  its own registered layers, then polls until it sees the READ done. Timed from making the READ to seeing it
-  done. Prefill's polling is not optional: with no progress thread, a READ between two processes stays in
-  progress until prefill's agent is polled;
-- nixl_one_process: the same two agents and descriptors in this one process (the reader also polls the source's
+  agent (UCX) owns 30 registered DRAM layers. Both agents run NIXL's progress thread with the app's delay
+  (`transfer.nixl_progress_interval_us`), and prefill's agent makes no NIXL call while decode reads, as an engine
+  busy with a forward pass. This process plays decode: it loads prefill's agent metadata and layer addresses (the
+  handshake vLLM's NixlConnector does over its side channel), prepares both descriptor lists once (one descriptor
+  per 128-token block of K or V of a layer), and per transfer makes and posts one READ of every block straight
+  into its own registered layers, then polls until it sees the READ done. Timed from making the READ to seeing it
+  done;
+- nixl_polled_source: the same with no progress thread and prefill's agent polled back to back (an idle engine
+  loop): the best case without the thread; under load a READ waits for prefill's next poll instead;
+- nixl_one_process: both agents in this one process, no thread (the reader also polls the source's
   notifications). Not how the app runs; kept because UCX may pick another transport within a process, so the gap
-  between the two rows shows how much the process boundary costs.
+  between the rows shows how much the process boundary costs.
 
     python -m bench.transfer_bench [--sizes-mb 1 2 4 8 16 32 64] [--repeats 15] [--memcpy-repeats 51]
                                    [--out bench/results/transfer] [--cold-object-store]
@@ -53,6 +57,7 @@ from tqdm import tqdm
 
 from bench.bootstrap import ratio_interval
 from bench.result_files import measured_commit
+from kv_transfer.config import TransferConfig
 
 NUM_LAYERS = 30
 OBJECT_STORE_BYTES = 1 << 30
@@ -61,6 +66,8 @@ WARM_UP_OBJECT_BYTES = 64 << 20
 # dims x 4 bytes (float32). vLLM's NixlConnector posts one descriptor per such block.
 NIXL_BLOCK_BYTES = 128 * 3 * 64 * 4
 NIXL_TIMEOUT_S = 60.0
+# The app's progress-thread delay: transfer.nixl_progress_interval_us as shipped.
+APP_PROGRESS_INTERVAL_US = TransferConfig.model_fields["nixl_progress_interval_us"].default
 FALLBACK_LAST_LEVEL_CACHE_BYTES = 256 << 20
 CACHE_LINE_BYTES = 64
 PERCENTILES = (10, 50, 90)
@@ -177,12 +184,21 @@ def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None],
     return seconds[1:]  # the first transfer pays the actors' first calls
 
 
-def new_nixl_agent(role: str) -> Any:
-    """A NIXL agent as the app builds one: UCX, no progress thread (it would busy-poll a core per agent)."""
+def new_nixl_agent(role: str, progress_interval_us: int | None = None) -> Any:
+    """A NIXL agent (UCX) as the app builds one: with `progress_interval_us`, NIXL's progress thread waiting that
+    long between passes (the app's `transfer.nixl_progress_interval_us`, set through the connector's own guard);
+    None: no thread, so someone must poll the agent for a READ from it to move."""
     from nixl._api import nixl_agent, nixl_agent_config
 
-    return nixl_agent(f"bench-{role}-{uuid.uuid4().hex[:8]}",
-                      nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    name = f"bench-{role}-{uuid.uuid4().hex[:8]}"
+    if progress_interval_us is None:
+        return nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
+    from kv_transfer.nixl.connector import _agent_progress
+
+    with _agent_progress(progress_interval_us):
+        from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+
+        return nixl_agent(name, base_worker.nixl_agent_config(backends=["UCX"]))
 
 
 def layer_pattern(layer: int, layer_bytes: int) -> np.ndarray:
@@ -210,14 +226,16 @@ class NixlHandshake:
 
 class NixlSource:
     """Prefill's side: 30 registered DRAM layers holding `layer_pattern` bytes, and the notifications decode's READs
-    send when done (what lets prefill free its blocks in the app)."""
+    send when done (what lets prefill free its blocks in the app). With a progress thread it makes no NIXL call
+    while decode reads, as an engine busy with a forward pass; without one it must poll."""
 
-    def __init__(self, layer_bytes: int):
-        self._agent = new_nixl_agent("prefill")
+    def __init__(self, layer_bytes: int, progress_interval_us: int | None = None):
+        self._agent = new_nixl_agent("prefill", progress_interval_us)
         self._layers = [layer_pattern(layer, layer_bytes) for layer in range(NUM_LAYERS)]
         self._registration = self._agent.register_memory(
             [(layer.ctypes.data, layer.nbytes, 0, "") for layer in self._layers], "DRAM")
         self._layer_bytes = layer_bytes
+        self._is_polled = progress_interval_us is None
 
     def handshake(self) -> NixlHandshake:
         return NixlHandshake(self._agent.get_agent_metadata(), [layer.ctypes.data for layer in self._layers],
@@ -227,11 +245,15 @@ class NixlSource:
         return sum(len(messages) for messages in self._agent.get_new_notifs().values())
 
     def serve_reads(self, count: int, timeout_s: float) -> int:
-        """Poll notifications until `count` READs have reported done (or the deadline), as prefill's engine loop
-        polls every step; here nothing runs between polls, the best case. Returns the number seen."""
+        """Until `count` READs have reported done (or the deadline): polls notifications back to back when the agent
+        has no progress thread (prefill's engine loop between steps, nothing computed: the best case), or checks
+        them every 50 ms when it has one (the thread moves the READs; the check only counts them). Returns the
+        number seen."""
         seen, deadline = 0, time.monotonic() + timeout_s
         while seen < count and time.monotonic() < deadline:
             seen += self.poll_notifications()
+            if not self._is_polled:
+                time.sleep(0.05)
         return seen
 
     def close(self) -> None:
@@ -245,8 +267,8 @@ class NixlReader:
     """Decode's side: its own registered layers, prefill's agent loaded from the handshake, and both descriptor
     lists prepared once (vLLM does this at the handshake too), so a transfer only makes and posts the READ."""
 
-    def __init__(self, handshake: NixlHandshake):
-        self._agent = new_nixl_agent("decode")
+    def __init__(self, handshake: NixlHandshake, progress_interval_us: int | None = None):
+        self._agent = new_nixl_agent("decode", progress_interval_us)
         self._layer_bytes = handshake.layer_bytes
         self.layers = [np.zeros(handshake.layer_bytes, dtype=np.uint8) for _ in range(NUM_LAYERS)]
         addresses = [layer.ctypes.data for layer in self.layers]
@@ -290,11 +312,13 @@ class NixlReader:
         self._agent.deregister_memory(self._registration)
 
 
-def measure_nixl(nbytes: int, repeats: int, flush: Callable[[], None]) -> list[float]:
-    """Prefill's agent in a Ray actor (another process), decode's here: the app's shape."""
-    source = NixlSourceActor.remote(nbytes // NUM_LAYERS)
+def measure_nixl(nbytes: int, repeats: int, flush: Callable[[], None],
+                 progress_interval_us: int | None = APP_PROGRESS_INTERVAL_US) -> list[float]:
+    """Prefill's agent in a Ray actor (another process), decode's here: the app's shape. Both agents get the app's
+    progress thread unless `progress_interval_us` is None (then prefill's agent is polled back to back)."""
+    source = NixlSourceActor.remote(nbytes // NUM_LAYERS, progress_interval_us)
     try:
-        reader = NixlReader(ray.get(source.handshake.remote()))
+        reader = NixlReader(ray.get(source.handshake.remote()), progress_interval_us)
         try:
             served = source.serve_reads.remote(repeats + 1, NIXL_TIMEOUT_S * (repeats + 1))
             seconds = []
@@ -335,7 +359,9 @@ def paths() -> dict[str, Measure]:
                                                                                    is_layer_by_layer=False),
     }
     if importlib.util.find_spec("nixl") is not None:
-        measures |= {"nixl": measure_nixl, "nixl_one_process": measure_nixl_one_process}
+        measures |= {"nixl": measure_nixl,
+                     "nixl_polled_source": lambda nbytes, repeats, flush: measure_nixl(nbytes, repeats, flush, None),
+                     "nixl_one_process": measure_nixl_one_process}
     return measures
 
 
@@ -400,8 +426,9 @@ def main() -> None:
               f"`{command}`, {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {measured_commit()}, on this host: "
               f"each KV path's median and p10-p90 over its repeats, each repeat from a flushed cache; its ratio to "
               f"memcpy is memcpy's median over the path's at the same size in the same run, with a 95% bootstrap "
-              f"interval (object store {warmth}; nixl: prefill's agent in another process, nixl_one_process: both "
-              f"agents in this one). Every row is in [transfer.csv](transfer.csv).", ""]
+              f"interval (object store {warmth}; nixl: prefill's agent in another process, both with the app's "
+              f"progress thread ({APP_PROGRESS_INTERVAL_US} us), prefill's never polled; nixl_polled_source: no "
+              f"thread, prefill's agent polled back to back; nixl_one_process: both agents in this one). Every row is in [transfer.csv](transfer.csv).", ""]
     (args.out / "report.md").write_text("\n".join(header + table) + "\n")
     print("\n".join(table))
 
