@@ -37,6 +37,7 @@ from tqdm import tqdm
 from bench.load_generator import PromptBuilder, filler_document, run_trace
 from bench.traces import TraceRequest
 from bench import processes
+from bench.bootstrap import ratio_interval
 from bench.processes import PROJECT_ROOT
 from bench.result_files import measured_commit
 from bench.systems import app_config, serve_config
@@ -117,8 +118,10 @@ def _summary(rows_by_system: dict[str, list[dict[str, float]]]) -> list[dict[str
                                  "prompt_tokens": int(median(system, "prompt_tokens"))}
         for key in ("ttft_s", "second_token_s", "e2e_s"):
             entry[f"{key[:-2]}_ms"] = round(median(system, key) * 1e3, 1)
-            if baseline:
-                entry[f"{key[:-2]}_vs_collocated"] = round(median(system, key) / median(baseline, key), 3)
+            if baseline:  # the ratio of medians, with a 95% bootstrap interval over the requests of each side
+                ratio = ratio_interval([row[key] for row in rows], [row[key] for row in rows_by_system[baseline]])
+                entry[f"{key[:-2]}_vs_collocated"] = round(ratio.ratio, 3)
+                entry[f"{key[:-2]}_vs_collocated_95"] = f"{ratio.low:.3f}-{ratio.high:.3f}"
         if "transfer_s" in rows[0]:
             entry["transfer_ms"] = round(median(system, "transfer_s") * 1e3, 1)
             entry["transfer_share_of_e2e"] = round(
@@ -188,7 +191,9 @@ def main() -> None:
               f"`{command}`, {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {measured_commit()}, on this host: "
               f"per system, the medians of "
               f"{args.num_requests} requests sent one at a time (after {NUM_WARM_UP_REQUESTS} warm-up requests), "
-              f"prompts of about {args.prompt_tokens} tokens, {NUM_OUTPUT_TOKENS} streamed output tokens.", ""]
+              f"prompts of about {args.prompt_tokens} tokens, {NUM_OUTPUT_TOKENS} streamed output tokens; each "
+              f"ratio to collocated is of medians, with a 95% bootstrap interval (`_95`); one whose interval "
+              f"crosses 1 is not separable.", ""]
     (args.out / "report.md").write_text("\n".join(header + table) + "\n")
     print("\n".join(table))
 

@@ -15,10 +15,14 @@ def test_summary_puts_each_system_next_to_the_collocated_baseline():
                           "transfer_s": 0.05, "num_kv_bytes": 40e6}],
     }
     baseline, split = _summary(rows)
+    intervals = {key: baseline.pop(key) for key in list(baseline) if key.endswith("_95")}
     assert baseline == {"system": "collocated", "num_requests": 2, "prompt_tokens": 1000, "ttft_ms": 2000.0,
                         "ttft_vs_collocated": 1.0, "second_token_ms": 30.0, "second_token_vs_collocated": 1.0,
                         "e2e_ms": 2300.0, "e2e_vs_collocated": 1.0}
+    assert set(intervals) == {"ttft_vs_collocated_95", "second_token_vs_collocated_95", "e2e_vs_collocated_95"}
     assert split["ttft_vs_collocated"] == 1.1 and split["second_token_vs_collocated"] == 1.0
+    # Two baseline requests of 1 s and 3 s: a resampled median is 1, 2 or 3 s, so the interval spans 2.2/3-2.2/1.
+    assert split["ttft_vs_collocated_95"] == "0.733-2.200"
     assert split["transfer_ms"] == 37.5
     assert split["transfer_share_of_e2e"] == 0.015  # median of 0.01 and 0.02
     assert split["kv_mb"] == 40.0
