@@ -31,6 +31,12 @@ def counters(role: str, replica_id: str | None = None) -> EngineCounters:
     return handle.counters.remote(**_to(replica_id)).result(timeout_s=30)
 
 
+def recent_transfer_seconds(role: str, replica_id: str | None = None) -> list[float]:
+    """Each of the role's latest KV transfers' seconds (decode: its loads), oldest first."""
+    handle = serve.get_deployment_handle(ROLE_DEPLOYMENTS[role], app_name=APP_NAME)
+    return handle.recent_transfer_seconds.remote(**_to(replica_id)).result(timeout_s=30)
+
+
 def store_counters(replica_id: str | None = None) -> StoreCounters | None:
     """A prefill replica's KV store (object_store backend): what it holds now and has seen; None on nixl."""
     return serve.get_deployment_handle("PrefillServer", app_name=APP_NAME).store_counters.remote(

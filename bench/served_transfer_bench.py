@@ -1,20 +1,26 @@
 """What the KV hand-over costs a request in the served app: Splitwise's two figures, measured here.
 
-For prompts of about 1,000 tokens, one request at a time (no queueing), streamed through the openai client:
+For prompts of about 1,000 tokens, streamed through the openai client, either one request at a time (no queueing,
+the default) or under load (`--rate`: open-loop Poisson arrivals at that many requests a second):
 - transfer share of E2E: the transfer time a request waits for, from the engines' own connector stats (prefill's
-  step blocked on sending + decode waiting for and loading the KV), over its end-to-end latency;
-- TTFT and second-token latency against a collocated vLLM engine with the same settings, measured in the same run.
+  step blocked on sending + decode waiting for and loading the KV), over its end-to-end latency. One at a time,
+  per request (the median of the shares); under load, requests overlap, so each transfer's own time comes from
+  decode's engine (its p50 and p90 are reported) and the share is the mean transfer over the mean E2E;
+- TTFT and second-token latency against a collocated vLLM engine with the same settings, measured in the same run,
+  each as a ratio of medians with a 95% bootstrap interval;
+- the hand-over as the router sees it (splitserve's `Server-Timing`: prefill's answer -> decode's first chunk, so
+  the transfer plus decode's first step), p50 and p90.
 
 Systems, one after another on this host: `collocated` (one vLLM engine, no disaggregation: the baseline),
 `object_store` (layer-by-layer overlap), `object_store_no_overlap` (KV handed over after the forward pass) and
 `nixl`. In splitserve the router streams decode's tokens, so the transfer lands before the first token: expect
 it in TTFT, not between the first and the second token.
 
-    python -m bench.served_transfer_bench [--num-requests 8] [--prompt-tokens 1000] [--systems ...]
+    python -m bench.served_transfer_bench [--num-requests 8] [--prompt-tokens 1000] [--rate R] [--systems ...]
                                           [--out bench/results/served_transfer]
 
-Writes, under --out: requests.csv (every measured request), summary.csv (medians per system) and report.md (the
-command, then the summary as a table).
+Writes, under --out: requests.csv (every measured request), transfers.csv (each KV load's own seconds, as decode's
+engine timed it), summary.csv (per system) and report.md (the command, then the summary as a table).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import asyncio
 import csv
 import json
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -32,6 +39,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm import tqdm
 
 from bench.load_generator import PromptBuilder, filler_document, run_trace
@@ -68,46 +76,99 @@ def _prompts(model_path: str, num_tokens: int, count: int) -> list[str]:
     return [builder.build(index, num_tokens) for index in range(count)]
 
 
-def _timed_request(base_url: str, model: str, prompt: str) -> dict[str, float]:
-    request = TraceRequest(request_id=0, arrival_s=0.0, prompt_tokens=1, output_tokens=NUM_OUTPUT_TOKENS)
-    (record,) = asyncio.run(run_trace(base_url=base_url, model=model, requests=[request], prompts=[prompt],
-                                      is_progress_shown=False))
+def _arrivals(num_requests: int, rate_per_s: float | None, seed: int = 0) -> list[float]:
+    """Each request's send time after the first: Poisson at `rate_per_s`; None: one at a time (each after the last)."""
+    if rate_per_s is None:
+        return []
+    rng = random.Random(seed)
+    times, now = [], 0.0
+    for _ in range(num_requests):
+        times.append(now)
+        now += rng.expovariate(rate_per_s)
+    return times
+
+
+def _row(record: Any) -> dict[str, float]:
     if not record.is_ok:
         raise RuntimeError(f"a benchmark request failed: {record.error}")
-    return {"prompt_tokens": record.prompt_tokens, "ttft_s": record.ttft_s, "second_token_s": record.tbt_s[0],
-            "e2e_s": record.e2e_s}
+    row = {"prompt_tokens": record.prompt_tokens, "ttft_s": record.ttft_s, "second_token_s": record.tbt_s[0],
+           "e2e_s": record.e2e_s}
+    if record.first_chunk_s is not None:
+        row["first_chunk_s"] = record.first_chunk_s
+    return row
 
 
-def _run_collocated(config_args: Any, prompts: list[str], logs: Path) -> list[dict[str, float]]:
+def _timed_requests(base_url: str, model: str, prompts: list[str], arrivals: list[float]) -> list[dict[str, float]]:
+    """One request at a time (no `arrivals`), or all of them open-loop at their arrival times."""
+    def trace(times: list[float]) -> list[TraceRequest]:
+        return [TraceRequest(request_id=index, arrival_s=at, prompt_tokens=1, output_tokens=NUM_OUTPUT_TOKENS)
+                for index, at in enumerate(times)]
+
+    if not arrivals:
+        return [_row(record) for prompt in prompts
+                for record in asyncio.run(run_trace(base_url=base_url, model=model, requests=trace([0.0]),
+                                                    prompts=[prompt], is_progress_shown=False))]
+    records = asyncio.run(run_trace(base_url=base_url, model=model, requests=trace(arrivals), prompts=prompts,
+                                    description="requests under load"))
+    return [_row(record) for record in records]
+
+
+def _run_collocated(config_args: Any, prompts: list[str], arrivals: list[float],
+                    logs: Path) -> tuple[list[dict[str, float]], list[float]]:
     with processes.vllm_api_server(config_args, log_path=logs / "served-bench-collocated.log") as base_url:
-        return [_timed_request(base_url, config_args.model.served_name, prompt) for prompt in prompts]
+        model = config_args.model.served_name
+        warm_up = _timed_requests(base_url, model, prompts[:NUM_WARM_UP_REQUESTS], [])
+        return warm_up + _timed_requests(base_url, model, prompts[NUM_WARM_UP_REQUESTS:], arrivals), []
 
 
-def _run_splitserve(name: str, transfer: dict[str, Any], prompts: list[str], logs: Path) -> list[dict[str, float]]:
+def _run_splitserve(name: str, transfer: dict[str, Any], prompts: list[str], arrivals: list[float],
+                    logs: Path) -> tuple[list[dict[str, float]], list[float]]:
     import ray
 
     from bench import engines
 
     serve_config, config_args = _serve_config(transfer)
+    model = config_args.model.served_name
     with processes.serve_run(serve_config, name=f"served-bench-{name}", logs_dir=logs) as served:
         ray.init(address=served.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
         try:
-            rows = []
-            for prompt in prompts:
-                before = engines.counters("prefill"), engines.counters("decode")
-                row = _timed_request(served.base_url, config_args.model.served_name, prompt)
+            def measured(batch: list[str], times: list[float]) -> list[dict[str, float]]:
+                """The batch's rows; one at a time, each with its own transfer from the engines' counters."""
+                if times:
+                    return _timed_requests(served.base_url, model, batch, times)
+                rows = []
+                for prompt in batch:
+                    before = engines.counters("prefill"), engines.counters("decode")
+                    (row,) = _timed_requests(served.base_url, model, [prompt], [])
+                    prefill = engines.delta(engines.counters("prefill"), before[0])
+                    decode = engines.delta(engines.counters("decode"), before[1])
+                    row["transfer_s"] = prefill["kv_send_wait_seconds"] + decode["kv_load_seconds"]
+                    row["num_kv_bytes"] = decode["num_kv_bytes_transferred"]
+                    row["num_prompt_tokens_recomputed"] = decode["num_prompt_tokens_computed"]
+                    rows.append(row)
+                return rows
+
+            rows = measured(prompts[:NUM_WARM_UP_REQUESTS], [])
+            before = engines.counters("prefill"), engines.counters("decode")
+            rows += measured(prompts[NUM_WARM_UP_REQUESTS:], arrivals)
+            decode_after = engines.counters("decode")
+            num_loads = decode_after.num_kv_transfers - before[1].num_kv_transfers
+            transfers = engines.recent_transfer_seconds("decode")[-num_loads:] if num_loads else []
+            if arrivals:  # under load: the run's totals, spread evenly over its requests
                 prefill = engines.delta(engines.counters("prefill"), before[0])
-                decode = engines.delta(engines.counters("decode"), before[1])
-                row["transfer_s"] = prefill["kv_send_wait_seconds"] + decode["kv_load_seconds"]
-                row["num_kv_bytes"] = decode["num_kv_bytes_transferred"]
-                row["num_prompt_tokens_recomputed"] = decode["num_prompt_tokens_computed"]
-                rows.append(row)
-            return rows
+                decode = engines.delta(decode_after, before[1])
+                for row in rows[NUM_WARM_UP_REQUESTS:]:
+                    row["transfer_s"] = (prefill["kv_send_wait_seconds"] + decode["kv_load_seconds"]) / len(arrivals)
+                    row["num_kv_bytes"] = decode["num_kv_bytes_transferred"] / len(arrivals)
+                    row["num_prompt_tokens_recomputed"] = decode["num_prompt_tokens_computed"] / len(arrivals)
+            return rows, transfers
         finally:
             ray.shutdown()
 
 
-def _summary(rows_by_system: dict[str, list[dict[str, float]]]) -> list[dict[str, Any]]:
+def _summary(rows_by_system: dict[str, list[dict[str, float]]],
+             transfers_by_system: dict[str, list[float]] | None = None,
+             is_loaded: bool = False) -> list[dict[str, Any]]:
     def median(system: str, key: str) -> float:
         return statistics.median(row[key] for row in rows_by_system[system])
 
@@ -122,38 +183,56 @@ def _summary(rows_by_system: dict[str, list[dict[str, float]]]) -> list[dict[str
                 ratio = ratio_interval([row[key] for row in rows], [row[key] for row in rows_by_system[baseline]])
                 entry[f"{key[:-2]}_vs_collocated"] = round(ratio.ratio, 3)
                 entry[f"{key[:-2]}_vs_collocated_95"] = f"{ratio.low:.3f}-{ratio.high:.3f}"
+        if "first_chunk_s" in rows[0]:
+            first_chunks = [row["first_chunk_s"] for row in rows]
+            entry["first_chunk_p50_ms"] = round(_percentile(first_chunks, 50) * 1e3, 1)
+            entry["first_chunk_p90_ms"] = round(_percentile(first_chunks, 90) * 1e3, 1)
         if "transfer_s" in rows[0]:
             entry["transfer_ms"] = round(median(system, "transfer_s") * 1e3, 1)
-            entry["transfer_share_of_e2e"] = round(
-                statistics.median(row["transfer_s"] / row["e2e_s"] for row in rows), 4)
+            if is_loaded:  # requests overlap: the mean transfer over the mean end-to-end latency
+                entry["transfer_share_of_e2e"] = round(statistics.fmean(row["transfer_s"] for row in rows)
+                                                       / statistics.fmean(row["e2e_s"] for row in rows), 4)
+            else:
+                entry["transfer_share_of_e2e"] = round(
+                    statistics.median(row["transfer_s"] / row["e2e_s"] for row in rows), 4)
             entry["kv_mb"] = round(median(system, "num_kv_bytes") / 1e6, 1)
+        transfers = (transfers_by_system or {}).get(system)
+        if transfers:
+            entry["load_p50_ms"] = round(_percentile(transfers, 50) * 1e3, 1)
+            entry["load_p90_ms"] = round(_percentile(transfers, 90) * 1e3, 1)
         summary.append(entry)
     return summary
 
 
-def _measure_one_system(system: str, prompts: list[str], rows_path: Path) -> None:
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q))
+
+
+def _measure_one_system(system: str, prompts: list[str], arrivals: list[float], rows_path: Path) -> None:
     """One system, in a process of its own: Serve's client state does not survive moving between clusters."""
     logs = PROJECT_ROOT / ".cache" / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
     if SYSTEMS[system] is None:
-        rows = _run_collocated(_serve_config({})[1], prompts, logs)
+        rows, transfers = _run_collocated(_serve_config({})[1], prompts, arrivals, logs)
     else:
-        rows = _run_splitserve(system, SYSTEMS[system], prompts, logs)
-    rows_path.write_text(json.dumps(rows[NUM_WARM_UP_REQUESTS:]))
+        rows, transfers = _run_splitserve(system, SYSTEMS[system], prompts, arrivals, logs)
+    rows_path.write_text(json.dumps({"rows": rows[NUM_WARM_UP_REQUESTS:], "transfers": transfers}))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--num-requests", type=int, default=8)
     parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--rate", type=float, help="requests a second, open-loop Poisson (default: one at a time)")
     parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "served_transfer")
     parser.add_argument("--one-system", choices=list(SYSTEMS), help=argparse.SUPPRESS)
     parser.add_argument("--prompts-json", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--rows-json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    arrivals = _arrivals(args.num_requests, args.rate)
     if args.one_system:
-        _measure_one_system(args.one_system, json.loads(args.prompts_json.read_text()), args.rows_json)
+        _measure_one_system(args.one_system, json.loads(args.prompts_json.read_text()), arrivals, args.rows_json)
         return
 
     _, config_args = _serve_config({})
@@ -161,24 +240,32 @@ def main() -> None:
     prompts = _prompts(config_args.model.path, args.prompt_tokens, len(args.systems) * per_system)
     scratch = Path(tempfile.mkdtemp(prefix="ssb-"))
     rows_by_system: dict[str, list[dict[str, float]]] = {}
+    transfers_by_system: dict[str, list[float]] = {}
     for index, system in enumerate(tqdm(args.systems, desc="served transfer bench", unit="system")):
         prompts_path, rows_path = scratch / f"{system}-prompts.json", scratch / f"{system}-rows.json"
         # Fresh prompts for every system: no prefix cache anywhere can help.
         prompts_path.write_text(json.dumps(prompts[index * per_system:(index + 1) * per_system]))
+        rate = [] if args.rate is None else ["--rate", str(args.rate)]
         subprocess.run([sys.executable, "-m", "bench.served_transfer_bench", "--one-system", system,
+                        "--num-requests", str(args.num_requests), *rate,
                         "--prompts-json", str(prompts_path), "--rows-json", str(rows_path)],
                        cwd=PROJECT_ROOT, check=True)
-        rows_by_system[system] = json.loads(rows_path.read_text())
+        measured = json.loads(rows_path.read_text())
+        rows_by_system[system], transfers_by_system[system] = measured["rows"], measured["transfers"]
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "requests.csv", "w", newline="") as handle:
-        fields = ["system", "prompt_tokens", "ttft_s", "second_token_s", "e2e_s", "transfer_s", "num_kv_bytes",
-                  "num_prompt_tokens_recomputed"]
+        fields = ["system", "prompt_tokens", "ttft_s", "second_token_s", "e2e_s", "first_chunk_s", "transfer_s",
+                  "num_kv_bytes", "num_prompt_tokens_recomputed"]
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         for system, rows in rows_by_system.items():
             writer.writerows({"system": system, **row} for row in rows)
-    summary = _summary(rows_by_system)
+    with open(args.out / "transfers.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["system", "load_s"])
+        writer.writerows([system, seconds] for system, transfers in transfers_by_system.items() for seconds in transfers)
+    summary = _summary(rows_by_system, transfers_by_system, is_loaded=args.rate is not None)
     fields = list(dict.fromkeys(key for entry in summary for key in entry))
     with open(args.out / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
@@ -187,13 +274,16 @@ def main() -> None:
     table = ["| " + " | ".join(fields) + " |", "|" + " --- |" * len(fields)]
     table += ["| " + " | ".join(str(entry.get(field, "")) for field in fields) + " |" for entry in summary]
     command = " ".join(["python -m bench.served_transfer_bench", *sys.argv[1:]])
+    load = ("sent one at a time" if args.rate is None else
+            f"sent open-loop at {args.rate} requests/s (Poisson, seed 0; the transfer share is the mean transfer over "
+            f"the mean E2E, load_p50/p90 each KV load's own time on decode's engine)")
     header = ["# What the KV transfer costs a request", "",
               f"`{command}`, {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {measured_commit()}, on this host: "
-              f"per system, the medians of "
-              f"{args.num_requests} requests sent one at a time (after {NUM_WARM_UP_REQUESTS} warm-up requests), "
-              f"prompts of about {args.prompt_tokens} tokens, {NUM_OUTPUT_TOKENS} streamed output tokens; each "
-              f"ratio to collocated is of medians, with a 95% bootstrap interval (`_95`); one whose interval "
-              f"crosses 1 is not separable.", ""]
+              f"per system, the medians of {args.num_requests} requests {load}, after {NUM_WARM_UP_REQUESTS} "
+              f"warm-up requests one at a time; prompts of about {args.prompt_tokens} tokens, {NUM_OUTPUT_TOKENS} "
+              f"streamed output tokens; each ratio to collocated is of medians, with a 95% bootstrap interval "
+              f"(`_95`); one whose interval crosses 1 is not separable. first_chunk: prefill's answer -> decode's "
+              f"first chunk, as the router timed it (the hand-over plus decode's first step).", ""]
     (args.out / "report.md").write_text("\n".join(header + table) + "\n")
     print("\n".join(table))
 

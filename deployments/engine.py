@@ -195,6 +195,10 @@ class Engine:
     def counters(self) -> EngineCounters:
         return self._counters.snapshot()
 
+    def recent_transfer_seconds(self) -> list[float]:
+        """Each of the latest KV transfers' seconds (decode's loads), oldest first."""
+        return self._counters.recent_transfer_seconds()
+
     def take_decode_steps(self) -> list[tuple[int, float, int]]:
         """The pure decode steps timed since the last call: (batch size, mean seconds, steps)."""
         return self._counters.take_decode_steps()

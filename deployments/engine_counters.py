@@ -10,6 +10,7 @@ scheduler's load reports (engine_load.py): the gap vLLM measured between each re
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -19,6 +20,8 @@ from vllm.v1.metrics.loggers import StatLoggerBase
 from kv_transfer.stats import TransferStats
 
 TransferStatsSink = Callable[[TransferStats], None]
+# How many of the latest transfers keep their own time (a benchmark reads them for tails; a few tens of KB).
+NUM_RECENT_TRANSFERS = 4096
 
 
 class EngineCounters(BaseModel):
@@ -49,6 +52,8 @@ class _Accumulator:
         self._lock = threading.Lock()
         self._counts: dict[str, Any] = EngineCounters().model_dump()
         self._decode_steps: dict[int, list[float]] = {}  # batch size -> [seconds summed, steps]
+        # Each transfer's own time, the latest NUM_RECENT_TRANSFERS: tails (p90) need the values, not their sum.
+        self._transfer_seconds: deque[float] = deque(maxlen=NUM_RECENT_TRANSFERS)
 
     def add(self, **deltas: float) -> None:
         with self._lock:
@@ -70,6 +75,15 @@ class _Accumulator:
         with self._lock:
             steps, self._decode_steps = self._decode_steps, {}
         return [(batch, total / count, count) for batch, (total, count) in sorted(steps.items())]
+
+    def add_transfers(self, seconds: tuple[float, ...]) -> None:
+        with self._lock:
+            self._transfer_seconds.extend(seconds)
+
+    def recent_transfer_seconds(self) -> list[float]:
+        """Each of the latest transfers' seconds, oldest first (at most NUM_RECENT_TRANSFERS)."""
+        with self._lock:
+            return list(self._transfer_seconds)
 
     def snapshot(self) -> EngineCounters:
         with self._lock:
@@ -115,6 +129,7 @@ class CountingStatLogger(StatLoggerBase):
                     kv_load_seconds=stats.total_transfer_seconds,
                     kv_send_wait_seconds=stats.total_send_wait_seconds,
                 )
+                self._accumulator.add_transfers(stats.transfer_seconds)
                 if self._on_transfer_stats is not None:
                     self._on_transfer_stats(stats)
 

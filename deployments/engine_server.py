@@ -108,6 +108,10 @@ class EngineServer:
     def counters(self, dispatch: Dispatch | None = None) -> EngineCounters:
         return self._engine.counters()
 
+    def recent_transfer_seconds(self, dispatch: Dispatch | None = None) -> list[float]:
+        """Each of the engine's latest KV transfers' seconds, oldest first: tails for the benchmarks."""
+        return self._engine.recent_transfer_seconds()
+
     def role(self, dispatch: Dispatch | None = None) -> RoleStatus:
         return RoleStatus(role=self.role_name, engine_id=self.engine_id, is_engine_alive=self._engine.is_alive,
                           transfer_backend=self.transfer_backend, kv_store=self.kv_store)

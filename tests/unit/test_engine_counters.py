@@ -48,3 +48,18 @@ def test_nixl_failures_and_expiries_count_as_vllm_counts_them_and_reach_the_metr
     assert counters.num_kv_expired_requests == 1
     assert abs(counters.kv_load_seconds - 0.03) < 1e-9
     assert len(seen) == 1 and seen[0].num_bytes == 300
+
+
+def test_each_transfer_keeps_its_own_time_and_only_the_latest_are_kept(monkeypatch):
+    import deployments.engine_counters as engine_counters
+
+    monkeypatch.setattr(engine_counters, "NUM_RECENT_TRANSFERS", 3)
+    factory, accumulator = counting_stat_logger()
+    logger = factory(vllm_config=None)
+    # 1. Two steps report four loads: a sum would hide the slow one; the values keep it.
+    for durations in ([0.01, 0.02], [0.5, 0.03]):
+        logger.record(SchedulerStats(kv_connector_stats={"transfer_duration": durations,
+                                                         "bytes_transferred": [1] * len(durations)}), None)
+    # 2. Bounded: the oldest is gone, the order is the engine's.
+    assert accumulator.recent_transfer_seconds() == [0.02, 0.5, 0.03]
+    assert accumulator.snapshot().num_kv_transfers == 4

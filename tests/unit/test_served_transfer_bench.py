@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from bench.served_transfer_bench import _summary
+from bench.served_transfer_bench import _arrivals, _summary
 
 
 def test_summary_puts_each_system_next_to_the_collocated_baseline():
@@ -26,3 +26,25 @@ def test_summary_puts_each_system_next_to_the_collocated_baseline():
     assert split["transfer_ms"] == 37.5
     assert split["transfer_share_of_e2e"] == 0.015  # median of 0.01 and 0.02
     assert split["kv_mb"] == 40.0
+
+
+def test_arrivals_are_one_at_a_time_or_a_seeded_poisson_process():
+    assert _arrivals(5, None) == []
+    times = _arrivals(2000, 0.5)
+    assert times == _arrivals(2000, 0.5) and times[0] == 0.0 and times == sorted(times)
+    gaps = [later - earlier for earlier, later in zip(times, times[1:])]
+    assert 1.9 < sum(gaps) / len(gaps) < 2.1  # mean gap 1/rate
+
+
+def test_under_load_the_share_is_mean_over_mean_and_each_load_keeps_its_tail():
+    rows = {
+        "collocated": [{"prompt_tokens": 1000, "ttft_s": 1.0, "second_token_s": 0.02, "e2e_s": 2.0}] * 2,
+        "nixl": [{"prompt_tokens": 1000, "ttft_s": 1.0, "second_token_s": 0.02, "e2e_s": 1.0, "first_chunk_s": 0.1,
+                  "transfer_s": 0.01, "num_kv_bytes": 1e6},
+                 {"prompt_tokens": 1000, "ttft_s": 1.0, "second_token_s": 0.02, "e2e_s": 3.0, "first_chunk_s": 0.3,
+                  "transfer_s": 0.03, "num_kv_bytes": 1e6}],
+    }
+    _, split = _summary(rows, {"collocated": [], "nixl": [0.01] * 9 + [0.1]}, is_loaded=True)
+    assert split["transfer_share_of_e2e"] == 0.01  # 0.02 s mean over 2 s mean (the per-request median: 0.01)
+    assert (split["first_chunk_p50_ms"], split["first_chunk_p90_ms"]) == (200.0, 280.0)
+    assert split["load_p50_ms"] == 10.0 and split["load_p90_ms"] == 19.0  # numpy's interpolated p90
