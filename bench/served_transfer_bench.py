@@ -53,20 +53,24 @@ from bench.systems import app_config, serve_config
 # Ray 2.60 starts clusters with token auth; its clients read the mode when Ray is first imported.
 os.environ["RAY_AUTH_MODE"] = "token"
 
-SYSTEMS = {
+# Each splitserve system: its updates to serve_config.yaml's args. `serve_path` is splitserve in collocated mode
+# with one engine on the baseline's core: the router and Serve's streaming hops without a hand-over, so that
+# collocated -> serve_path -> a PD system splits a PD system's gap into what Serve's path costs and what the split does.
+SYSTEMS: dict[str, dict[str, Any] | None] = {
     "collocated": None,
-    "object_store": {"backend": "object_store", "is_layer_by_layer": True},
-    "object_store_no_overlap": {"backend": "object_store", "is_layer_by_layer": False},
-    "nixl": {"backend": "nixl"},
+    "serve_path": {"mode": "collocated", "collocated": {"num_replicas": 1, "cpu_binding": ["0"]}},
+    "object_store": {"transfer": {"backend": "object_store", "is_layer_by_layer": True}},
+    "object_store_no_overlap": {"transfer": {"backend": "object_store", "is_layer_by_layer": False}},
+    "nixl": {"transfer": {"backend": "nixl"}},
 }
 NUM_WARM_UP_REQUESTS = 2
 NUM_OUTPUT_TOKENS = 16
 
 
-def _serve_config(transfer: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+def _serve_config(update: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     # Every request takes the split path, the one whose transfer this measures (the default policy would run
     # one-at-a-time prompts on the idle decode engine).
-    config = serve_config(transfer=transfer, scheduling={"policy": "always_split"})
+    config = serve_config(**{"scheduling": {"policy": "always_split"}, **update})
     return config, app_config(config)
 
 
@@ -121,17 +125,21 @@ def _run_collocated(config_args: Any, prompts: list[str], arrivals: list[float],
         return warm_up + _timed_requests(base_url, model, prompts[NUM_WARM_UP_REQUESTS:], arrivals), []
 
 
-def _run_splitserve(name: str, transfer: dict[str, Any], prompts: list[str], arrivals: list[float],
+def _run_splitserve(name: str, update: dict[str, Any], prompts: list[str], arrivals: list[float],
                     logs: Path) -> tuple[list[dict[str, float]], list[float]]:
     import ray
 
     from bench import engines
 
-    serve_config, config_args = _serve_config(transfer)
+    serve_config, config_args = _serve_config(update)
     model = config_args.model.served_name
     with processes.serve_run(serve_config, name=f"served-bench-{name}", logs_dir=logs) as served:
         ray.init(address=served.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
         try:
+            if not config_args.is_disaggregated:  # Serve's path alone: no hand-over to count
+                return (_timed_requests(served.base_url, model, prompts[:NUM_WARM_UP_REQUESTS], [])
+                        + _timed_requests(served.base_url, model, prompts[NUM_WARM_UP_REQUESTS:], arrivals)), []
+
             def measured(batch: list[str], times: list[float]) -> list[dict[str, float]]:
                 """The batch's rows; one at a time, each with its own transfer from the engines' counters."""
                 if times:
@@ -172,17 +180,20 @@ def _summary(rows_by_system: dict[str, list[dict[str, float]]],
     def median(system: str, key: str) -> float:
         return statistics.median(row[key] for row in rows_by_system[system])
 
-    baseline = "collocated" if "collocated" in rows_by_system else None
+    baselines = [name for name in ("collocated", "serve_path") if name in rows_by_system]
     summary = []
     for system, rows in rows_by_system.items():
         entry: dict[str, Any] = {"system": system, "num_requests": len(rows),
                                  "prompt_tokens": int(median(system, "prompt_tokens"))}
         for key in ("ttft_s", "second_token_s", "e2e_s"):
             entry[f"{key[:-2]}_ms"] = round(median(system, key) * 1e3, 1)
-            if baseline:  # the ratio of medians, with a 95% bootstrap interval over the requests of each side
+        for baseline in baselines:  # the ratio of medians, with a 95% bootstrap interval over each side's requests
+            for key in ("ttft_s", "second_token_s", "e2e_s"):
+                if baseline == "serve_path" and system == "collocated":
+                    continue
                 ratio = ratio_interval([row[key] for row in rows], [row[key] for row in rows_by_system[baseline]])
-                entry[f"{key[:-2]}_vs_collocated"] = round(ratio.ratio, 3)
-                entry[f"{key[:-2]}_vs_collocated_95"] = f"{ratio.low:.3f}-{ratio.high:.3f}"
+                entry[f"{key[:-2]}_vs_{baseline}"] = round(ratio.ratio, 3)
+                entry[f"{key[:-2]}_vs_{baseline}_95"] = f"{ratio.low:.3f}-{ratio.high:.3f}"
         if "first_chunk_s" in rows[0]:
             first_chunks = [row["first_chunk_s"] for row in rows]
             entry["first_chunk_p50_ms"] = round(_percentile(first_chunks, 50) * 1e3, 1)

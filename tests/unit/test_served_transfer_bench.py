@@ -48,3 +48,16 @@ def test_under_load_the_share_is_mean_over_mean_and_each_load_keeps_its_tail():
     assert split["transfer_share_of_e2e"] == 0.01  # 0.02 s mean over 2 s mean (the per-request median: 0.01)
     assert (split["first_chunk_p50_ms"], split["first_chunk_p90_ms"]) == (200.0, 280.0)
     assert split["load_p50_ms"] == 10.0 and split["load_p90_ms"] == 19.0  # numpy's interpolated p90
+
+
+def test_with_serve_path_each_system_is_also_put_next_to_the_same_app_without_a_hand_over():
+    from bench.served_transfer_bench import _summary
+
+    row = {"prompt_tokens": 1000, "ttft_s": 1.0, "second_token_s": 0.02, "e2e_s": 1.3}
+    rows = {"collocated": [row] * 3, "serve_path": [{**row, "second_token_s": 0.025}] * 3,
+            "nixl": [{**row, "second_token_s": 0.03}] * 3}
+    collocated, serve_path, nixl = _summary(rows)
+    assert "second_token_vs_serve_path" not in collocated  # the plain engine is not measured against Serve's path
+    assert serve_path["second_token_vs_collocated"] == 1.25 and serve_path["second_token_vs_serve_path"] == 1.0
+    assert nixl["second_token_vs_collocated"] == 1.5 and nixl["second_token_vs_serve_path"] == 1.2
+    assert nixl["second_token_vs_serve_path_95"] == "1.200-1.200"
