@@ -176,7 +176,8 @@ def _run_splitserve(name: str, update: dict[str, Any], prompts: list[str], arriv
 
 def _summary(rows_by_system: dict[str, list[dict[str, float]]],
              transfers_by_system: dict[str, list[float]] | None = None,
-             is_loaded: bool = False) -> list[dict[str, Any]]:
+             is_loaded: bool = False,
+             decode_steps_by_system: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
     def median(system: str, key: str) -> float:
         return statistics.median(row[key] for row in rows_by_system[system])
 
@@ -207,6 +208,10 @@ def _summary(rows_by_system: dict[str, list[dict[str, float]]],
                 entry["transfer_share_of_e2e"] = round(
                     statistics.median(row["transfer_s"] / row["e2e_s"] for row in rows), 4)
             entry["kv_mb"] = round(median(system, "num_kv_bytes") / 1e6, 1)
+        decode_steps = (decode_steps_by_system or {}).get(system)
+        if decode_steps:  # the engine's own decode step (its step trace), p50 and p90
+            entry["engine_step_p50_ms"] = round(_percentile(decode_steps, 50) * 1e3, 1)
+            entry["engine_step_p90_ms"] = round(_percentile(decode_steps, 90) * 1e3, 1)
         transfers = (transfers_by_system or {}).get(system)
         if transfers:
             entry["load_p50_ms"] = round(_percentile(transfers, 50) * 1e3, 1)
@@ -219,15 +224,44 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
+def generation_step_seconds(trace: Path) -> list[float]:
+    """From an engine's step trace (deployments/step_trace.py): the time between each two consecutive steps that
+    both generated tokens and finished no prompt, i.e. the engine's decode step as its frontend saw it."""
+    from deployments.step_trace import COLUMNS as STEP_COLUMNS
+
+    lines = trace.read_text().splitlines()
+    columns = {name: index for index, name in enumerate(STEP_COLUMNS)}
+    steps = [line.split("\t") for line in lines if line and not line.startswith(STEP_COLUMNS[0])]
+    seconds, previous = [], None
+    for step in steps:
+        is_generating = int(step[columns["num_generation_tokens"]]) > 0
+        is_decode_only = is_generating and int(step[columns["num_prompts_finished"]]) == 0
+        if is_decode_only and previous is not None:
+            seconds.append(float(step[columns["wall_s"]]) - previous)
+        previous = float(step[columns["wall_s"]]) if is_generating else None
+    return seconds
+
+
 def _measure_one_system(system: str, prompts: list[str], arrivals: list[float], rows_path: Path) -> None:
     """One system, in a process of its own: Serve's client state does not survive moving between clusters."""
     logs = PROJECT_ROOT / ".cache" / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
+    from deployments.step_trace import STEP_TRACE_DIR_ENV
+
+    steps: list[float] = []
     if SYSTEMS[system] is None:
         rows, transfers = _run_collocated(_serve_config({})[1], prompts, arrivals, logs)
     else:
+        # Every engine of the app writes its step trace here: the engine's own decode step, next to what the
+        # client sees between tokens, tells the engine's compute from the path the tokens take.
+        trace_dir = rows_path.parent / f"{system}-steps"
+        os.environ[STEP_TRACE_DIR_ENV] = str(trace_dir)
         rows, transfers = _run_splitserve(system, SYSTEMS[system], prompts, arrivals, logs)
-    rows_path.write_text(json.dumps({"rows": rows[NUM_WARM_UP_REQUESTS:], "transfers": transfers}))
+        role = "decode" if SYSTEMS[system].get("mode") != "collocated" else "collocated"
+        steps = [seconds for trace in sorted(trace_dir.glob(f"{role}-*.steps.tsv"))
+                 for seconds in generation_step_seconds(trace)]
+    rows_path.write_text(json.dumps({"rows": rows[NUM_WARM_UP_REQUESTS:], "transfers": transfers,
+                                     "decode_steps": steps}))
 
 
 def main() -> None:
@@ -252,6 +286,7 @@ def main() -> None:
     scratch = Path(tempfile.mkdtemp(prefix="ssb-"))
     rows_by_system: dict[str, list[dict[str, float]]] = {}
     transfers_by_system: dict[str, list[float]] = {}
+    decode_steps_by_system: dict[str, list[float]] = {}
     for index, system in enumerate(tqdm(args.systems, desc="served transfer bench", unit="system")):
         prompts_path, rows_path = scratch / f"{system}-prompts.json", scratch / f"{system}-rows.json"
         # Fresh prompts for every system: no prefix cache anywhere can help.
@@ -263,6 +298,7 @@ def main() -> None:
                        cwd=PROJECT_ROOT, check=True)
         measured = json.loads(rows_path.read_text())
         rows_by_system[system], transfers_by_system[system] = measured["rows"], measured["transfers"]
+        decode_steps_by_system[system] = measured["decode_steps"]
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "requests.csv", "w", newline="") as handle:
@@ -276,7 +312,8 @@ def main() -> None:
         writer = csv.writer(handle)
         writer.writerow(["system", "load_s"])
         writer.writerows([system, seconds] for system, transfers in transfers_by_system.items() for seconds in transfers)
-    summary = _summary(rows_by_system, transfers_by_system, is_loaded=args.rate is not None)
+    summary = _summary(rows_by_system, transfers_by_system, is_loaded=args.rate is not None,
+                       decode_steps_by_system=decode_steps_by_system)
     fields = list(dict.fromkeys(key for entry in summary for key in entry))
     with open(args.out / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
@@ -292,9 +329,12 @@ def main() -> None:
               f"`{command}`, {time.strftime('%Y-%m-%d %H:%M %Z')}, commit {measured_commit()}, on this host: "
               f"per system, the medians of {args.num_requests} requests {load}, after {NUM_WARM_UP_REQUESTS} "
               f"warm-up requests one at a time; prompts of about {args.prompt_tokens} tokens, {NUM_OUTPUT_TOKENS} "
-              f"streamed output tokens; each ratio to collocated is of medians, with a 95% bootstrap interval "
-              f"(`_95`); one whose interval crosses 1 is not separable. first_chunk: prefill's answer -> decode's "
-              f"first chunk, as the router timed it (the hand-over plus decode's first step).", ""]
+              f"streamed output tokens; each ratio (`_vs_collocated`: to the plain vLLM engine; `_vs_serve_path`: "
+              f"to splitserve in collocated mode, one engine on the same core, i.e. Serve's path without a "
+              f"hand-over) is of medians, with a 95% bootstrap interval (`_95`); one whose interval crosses 1 is "
+              f"not separable. first_chunk: prefill's answer -> decode's first chunk, as the router timed it (the "
+              f"hand-over plus decode's first step). engine_step: the decode engine's own time between two decode "
+              f"steps, from its step trace (no trace for the plain engine).", ""]
     (args.out / "report.md").write_text("\n".join(header + table) + "\n")
     print("\n".join(table))
 

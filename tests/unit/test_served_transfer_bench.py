@@ -61,3 +61,25 @@ def test_with_serve_path_each_system_is_also_put_next_to_the_same_app_without_a_
     assert serve_path["second_token_vs_collocated"] == 1.25 and serve_path["second_token_vs_serve_path"] == 1.0
     assert nixl["second_token_vs_collocated"] == 1.5 and nixl["second_token_vs_serve_path"] == 1.2
     assert nixl["second_token_vs_serve_path_95"] == "1.200-1.200"
+
+
+def test_the_engine_step_is_the_time_between_two_decode_steps_and_reaches_the_summary(tmp_path):
+    from bench.served_transfer_bench import _summary, generation_step_seconds
+    from deployments.step_trace import COLUMNS
+
+    def step(wall_s, num_prompts_finished, num_generation_tokens):
+        return f"{wall_s}\t{num_prompts_finished}\t0\t{num_generation_tokens}\t1\t0\t0.1\t0"
+
+    trace = tmp_path / "decode-x.steps.tsv"
+    trace.write_text("\n".join(["\t".join(COLUMNS),
+                                step(10.0, 0, 0),     # idle polling while the KV loads: not a decode step
+                                step(10.5, 1, 1),     # the first token (a prompt finished): its gap not counted
+                                step(10.56, 0, 1),    # decode steps, 60 then 70 ms apart
+                                step(10.63, 0, 1),
+                                step(11.0, 0, 0),     # idle
+                                step(12.0, 0, 1)]) + "\n")  # after an idle step: no previous decode step
+    assert [round(seconds, 3) for seconds in generation_step_seconds(trace)] == [0.06, 0.07]
+
+    row = {"prompt_tokens": 1000, "ttft_s": 1.0, "second_token_s": 0.02, "e2e_s": 1.3}
+    (entry,) = _summary({"nixl": [row]}, decode_steps_by_system={"nixl": [0.06, 0.07]})
+    assert entry["engine_step_p50_ms"] == 65.0 and entry["engine_step_p90_ms"] == 69.0
