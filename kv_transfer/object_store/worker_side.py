@@ -222,20 +222,28 @@ class WorkerSide:
                                   f"{load.num_remote_blocks}")
         parts = self.transport().receive(load.source, load.transfer_key, self.layout(load.num_remote_blocks),
                                          self._load_timeout_s)
-        targets = torch.tensor(load.block_ids, dtype=torch.long, device=self._layers[0].device)
+        # Where each remote block goes, as runs: remote block `first + offset` and the next `length - 1` land in
+        # local blocks `local_first`..; a fresh request's blocks are usually one run, so a layer is one plain copy
+        # (index_copy_ scatters block by block, slower than one copy of the same bytes).
+        runs, offset = [], 0
+        for local_first, length in block_runs(load.block_ids):
+            runs.append((first + offset, local_first, length))
+            offset += length
         for layer, segments in zip(self._layers, parts, strict=True):
-            self._write(layer, segments, first, count, targets)
+            self._write(layer, segments, runs)
 
-    def _write(self, layer: torch.Tensor, segments: list[np.ndarray], first: int, count: int,
-               targets: torch.Tensor) -> None:
-        """Remote blocks first..first+count-1, spread over `segments`, into this cache's blocks `targets`."""
+    def _write(self, layer: torch.Tensor, segments: list[np.ndarray], runs: list[tuple[int, int, int]]) -> None:
+        """Each run (remote first block, local first block, number of blocks) from `segments` (the remote blocks,
+        in order, cut into runs of their own) into this cache."""
         start = 0  # the remote index of the segment's first block
         for segment in segments:
             length = segment.shape[self._block_dim]
-            low, high = max(first, start), min(first + count, start + length)
-            if low < high:
-                source = from_wire(segment, layer.dtype).narrow(self._block_dim, low - start, high - low)
-                layer.index_copy_(self._block_dim, targets[low - first:high - first], source.to(layer.device))
+            source = from_wire(segment, layer.dtype)
+            for remote_first, local_first, count in runs:
+                low, high = max(remote_first, start), min(remote_first + count, start + length)
+                if low < high:
+                    target = layer.narrow(self._block_dim, local_first + low - remote_first, high - low)
+                    target.copy_(source.narrow(self._block_dim, low - start, high - low))
             start += length
 
     def get_finished(self) -> tuple[set[str], set[str]]:

@@ -202,3 +202,17 @@ def test_a_prefill_whose_store_refuses_still_frees_its_blocks(store):
     worker.wait_for_save(metadata)
     assert _wait_finished(worker) == ({"p9"}, set())  # nothing was sent, and vLLM may free the blocks
     _assert_store_empty(store)
+
+
+def test_blocks_land_in_runs_that_cross_the_senders_segments(store):
+    # Prefill's blocks are two runs ([3, 4] and [7]: two segments); decode's are one run ([1, 5, 6] after a
+    # local prefix hit on block 1): the load copies remote blocks 1 and 2 into local 5 and 6, across the boundary.
+    prefill_kv, params = _prefill(prompt_len=10, block_ids=[3, 4, 7])
+    decode_kv, scheduler, worker, request = _decode_load(params, [1, 5, 6], request_id="d7", num_local_tokens=4)
+    for name in LAYER_NAMES:
+        assert torch.equal(decode_kv[name][[5, 6]], prefill_kv[name][[4, 7]])
+        assert not decode_kv[name][[block for block in range(NUM_BLOCKS) if block not in (5, 6)]].any()
+    assert worker.get_block_ids_with_load_errors() == set()
+    scheduler.request_finished(request, [1, 5, 6])
+    assert scheduler.num_tracked_requests == 0
+    _assert_store_empty(store)
