@@ -117,12 +117,16 @@ def _timed_requests(base_url: str, model: str, prompts: list[str], arrivals: lis
     return [_row(record) for record in records]
 
 
+def _warmed_up_rows(base_url: str, model: str, prompts: list[str], arrivals: list[float]) -> list[dict[str, float]]:
+    """The warm-up requests one at a time, then the measured ones (one at a time, or at their `arrivals`)."""
+    return (_timed_requests(base_url, model, prompts[:NUM_WARM_UP_REQUESTS], [])
+            + _timed_requests(base_url, model, prompts[NUM_WARM_UP_REQUESTS:], arrivals))
+
+
 def _run_collocated(config_args: Any, prompts: list[str], arrivals: list[float],
                     logs: Path) -> tuple[list[dict[str, float]], list[float]]:
     with processes.vllm_api_server(config_args, log_path=logs / "served-bench-collocated.log") as base_url:
-        model = config_args.model.served_name
-        warm_up = _timed_requests(base_url, model, prompts[:NUM_WARM_UP_REQUESTS], [])
-        return warm_up + _timed_requests(base_url, model, prompts[NUM_WARM_UP_REQUESTS:], arrivals), []
+        return _warmed_up_rows(base_url, config_args.model.served_name, prompts, arrivals), []
 
 
 def _run_splitserve(name: str, update: dict[str, Any], prompts: list[str], arrivals: list[float],
@@ -137,8 +141,7 @@ def _run_splitserve(name: str, update: dict[str, Any], prompts: list[str], arriv
         ray.init(address=served.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
         try:
             if not config_args.is_disaggregated:  # Serve's path alone: no hand-over to count
-                return (_timed_requests(served.base_url, model, prompts[:NUM_WARM_UP_REQUESTS], [])
-                        + _timed_requests(served.base_url, model, prompts[NUM_WARM_UP_REQUESTS:], arrivals)), []
+                return _warmed_up_rows(served.base_url, model, prompts, arrivals), []
 
             def measured(batch: list[str], times: list[float]) -> list[dict[str, float]]:
                 """The batch's rows; one at a time, each with its own transfer from the engines' counters."""
@@ -244,10 +247,10 @@ def generation_step_seconds(trace: Path) -> list[float]:
 
 def _measure_one_system(system: str, prompts: list[str], arrivals: list[float], rows_path: Path) -> None:
     """One system, in a process of its own: Serve's client state does not survive moving between clusters."""
-    logs = PROJECT_ROOT / ".cache" / "bench-logs"
-    logs.mkdir(parents=True, exist_ok=True)
     from deployments.step_trace import STEP_TRACE_DIR_ENV
 
+    logs = PROJECT_ROOT / ".cache" / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
     steps: list[float] = []
     if SYSTEMS[system] is None:
         rows, transfers = _run_collocated(_serve_config({})[1], prompts, arrivals, logs)
@@ -257,7 +260,7 @@ def _measure_one_system(system: str, prompts: list[str], arrivals: list[float], 
         trace_dir = rows_path.parent / f"{system}-steps"
         os.environ[STEP_TRACE_DIR_ENV] = str(trace_dir)
         rows, transfers = _run_splitserve(system, SYSTEMS[system], prompts, arrivals, logs)
-        role = "decode" if SYSTEMS[system].get("mode") != "collocated" else "collocated"
+        role = "decode" if _serve_config(SYSTEMS[system])[1].is_disaggregated else "collocated"
         steps = [seconds for trace in sorted(trace_dir.glob(f"{role}-*.steps.tsv"))
                  for seconds in generation_step_seconds(trace)]
     rows_path.write_text(json.dumps({"rows": rows[NUM_WARM_UP_REQUESTS:], "transfers": transfers,
