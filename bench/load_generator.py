@@ -17,7 +17,8 @@ the moment each request was due.
 5. `CellRunner` runs cells in a process of its own, in a session of its own, at a raised scheduling priority (its
    own and its session's, see `_raise_priority`) where the OS allows it: on a small host the engines take every
    core, and a generator that waits for CPU sends late (seconds, measured on two cores). A real client runs on
-   another machine; this is the nearest a one-host benchmark gets.
+   another machine; this is the nearest a one-host benchmark gets. Each cell also records why a send could be
+   late: the loop's stalls (`LoopWatch`) beside its thread's run-queue wait (Linux's schedstat).
 6. Where the server says how the time to first token split (splitserve's `Server-Timing` header: prefill, and
    decode's first chunk), that is recorded too, for the per-replica timeline.
 7. Only loopback targets are accepted: a benchmark must not load someone else's server by mistake.
@@ -54,6 +55,9 @@ MAX_SLEEP_S = 0.5
 AUTOGROUP = Path("/proc/self/autogroup")
 # A cell whose p99 send lag is above this is flagged: its latencies are not what the schedule asked for.
 MAX_SEND_LAG_P99_S = 0.050
+# The loop watch wakes this often; a wake-up later than LOOP_STALL_S counts as a stall of the generator's event loop.
+LOOP_WATCH_PERIOD_S = 0.010
+LOOP_STALL_S = 0.010
 
 
 @dataclass
@@ -110,6 +114,12 @@ class GeneratorStats:
     # None elsewhere). A paused virtual CPU delays whatever it was running, the generator included, at any priority.
     steal_s: float | None = None
     autogroup_nice: int | None = None  # its session's scheduling group's nice, where Linux's autogroup is on
+    # Why a send was late, where Linux says (schedstat): the event-loop thread's time runnable but waiting for a
+    # core, against the loop's own stalls (a timer wake-up that came late, whatever held it). A stall with little
+    # run-queue wait is not CPU contention (e.g. a kernel path on that core that would not yield).
+    run_queue_wait_s: float | None = None
+    loop_stall_s: float | None = None  # the sum of the stalls, each beyond LOOP_STALL_S
+    loop_stall_max_ms: float | None = None
 
 
 def send_lag_summary(records: list[RequestRecord]) -> dict[str, float]:
@@ -219,6 +229,41 @@ def _client(base_url: str, request_timeout_s: float):
                               max_retries=0, timeout=request_timeout_s)
 
 
+class LoopWatch:
+    """A task that wakes every LOOP_WATCH_PERIOD_S and keeps how late each wake-up came: the event loop's stalls,
+    which delay every send due meanwhile."""
+
+    def __init__(self) -> None:
+        self.stall_s = 0.0
+        self.max_stall_s = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _watch(self) -> None:
+        while True:
+            due_at = time.perf_counter() + LOOP_WATCH_PERIOD_S
+            await asyncio.sleep(LOOP_WATCH_PERIOD_S)
+            late_s = time.perf_counter() - due_at
+            if late_s > LOOP_STALL_S:
+                self.stall_s += late_s
+                self.max_stall_s = max(self.max_stall_s, late_s)
+
+    def __enter__(self) -> LoopWatch:
+        self._task = asyncio.get_running_loop().create_task(self._watch())
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+
+
+def run_queue_wait_s() -> float | None:
+    """The calling thread's time spent runnable but not running, since it started (Linux's schedstat)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 async def run_trace(*, base_url: str, model: str, requests: list[TraceRequest], prompts: list[str],
                     max_duration_s: float = 600.0, request_timeout_s: float = 300.0,
                     description: str = "requests", is_progress_shown: bool = True) -> list[RequestRecord]:
@@ -297,17 +342,25 @@ def host_steal_s() -> float | None:
         return None
 
 
+async def _watched(kind: Literal["open", "closed"], arguments: dict) -> tuple[list[RequestRecord], LoopWatch]:
+    with LoopWatch() as watch:
+        records = await (run_trace(**arguments) if kind == "open" else run_closed_loop(**arguments))
+    return records, watch
+
+
 def _run_cell(kind: Literal["open", "closed"], arguments: dict) -> tuple[list[RequestRecord], GeneratorStats]:
     began_wall, began_cpu, began_steal = time.perf_counter(), time.process_time(), host_steal_s()
-    if kind == "open":
-        records = asyncio.run(run_trace(**arguments))
-    else:
-        records = asyncio.run(run_closed_loop(**arguments))
-    ended_steal = host_steal_s()
+    began_wait = run_queue_wait_s()
+    records, watch = asyncio.run(_watched(kind, arguments))
+    ended_steal, ended_wait = host_steal_s(), run_queue_wait_s()
     return records, GeneratorStats(wall_s=time.perf_counter() - began_wall, cpu_s=time.process_time() - began_cpu,
                                    nice=os.getpriority(os.PRIO_PROCESS, 0), autogroup_nice=autogroup_nice(),
                                    steal_s=None if began_steal is None or ended_steal is None
-                                   else ended_steal - began_steal)
+                                   else ended_steal - began_steal,
+                                   run_queue_wait_s=None if began_wait is None or ended_wait is None
+                                   else round(ended_wait - began_wait, 4),
+                                   loop_stall_s=round(watch.stall_s, 4),
+                                   loop_stall_max_ms=round(watch.max_stall_s * 1e3, 2))
 
 
 class CellRunner:

@@ -29,6 +29,10 @@ from bench.provenance import MEASURED_PATHS, PLAN_PATHS, changed_since
 from bench.result_files import request_values, span_s
 from bench.slo import SLO_FACTORS, Reference
 
+# A cell that delivered less than this share of its offered requests/s ran past the system's throughput (at light
+# load the share is ~0.95-1: the span counts the last request's own latency).
+SATURATED_SHARE = 0.9
+
 MIN_REQUESTS_FOR_P99 = 200
 
 
@@ -157,12 +161,28 @@ def slo_section(rows: list[dict[str, Any]]) -> list[str]:
                             None)
             lines.append(f"| {system} | " + " | ".join(margins)
                          + f" | {_goodput_text(goodput)} | {_goodput_text(by_share, prefix='attainment_')} |")
+        lines += ["", *saturation_lines(sweep, rates)]
         in_flight = {row["rate_per_s"]: row["mean_in_flight"] for row in sweep
                      if row["system"] == sweep[0]["system"] and row.get("mean_in_flight") not in (None, "")}
         if in_flight:
             lines += ["", f"Requests in flight on average ({sweep[0]['system']}, Little's law): "
                       + ", ".join(f"{float(in_flight[rate]):.2g} at {rate:g}/s" for rate in sorted(in_flight)) + "."]
         lines.append("")
+    return lines
+
+
+def saturation_lines(sweep: list[dict[str, Any]], rates: list[float]) -> list[str]:
+    """Delivered over offered requests/s per system and rate: where it falls below SATURATED_SHARE the system
+    no longer keeps up (its queue grows for as long as the cell lasts), i.e. the sweep went past its throughput."""
+    lines = [f"Delivered over offered requests/s (below {SATURATED_SHARE:g}: past the system's throughput):", "",
+             "| system | " + " | ".join(f"{rate:g}/s" for rate in rates) + " | past its throughput from |",
+             "|" + " --- |" * (len(rates) + 2)]
+    for system in dict.fromkeys(row["system"] for row in sweep):
+        shares = {row["rate_per_s"]: float(row["throughput_req_s"]) / row["rate_per_s"] for row in sweep
+                  if row["system"] == system and row.get("throughput_req_s") not in (None, "")}
+        past = next((rate for rate in sorted(shares) if shares[rate] < SATURATED_SHARE), None)
+        lines.append(f"| {system} | " + " | ".join(f"{shares[rate]:.2f}" if rate in shares else "–" for rate in rates)
+                     + f" | {'not reached' if past is None else f'{past:g}/s'} |")
     return lines
 
 
@@ -191,12 +211,23 @@ def generator_section(rows: list[dict[str, Any]]) -> list[str]:
              + stolen]
     if late:
         lines += ["", "Cells whose generator fell behind (their latencies include the lag):", "",
-                  "| cell | system | send lag p50 / p99 / max ms | host steal |", "| --- | --- | --- | --- |"]
+                  "| cell | system | send lag p50 / p99 / max ms | loop stalls s (longest ms) | run-queue wait s "
+                  "| host steal |", "| --- | --- | --- | --- | --- | --- |"]
         lines += [f"| {row['workload']} | {row['system']} | {row['send_lag_p50_ms']} / {row['send_lag_p99_ms']} / "
-                  f"{row['send_lag_max_ms']} | {_share(row.get('host_steal_share'))} |" for row in late]
+                  f"{row['send_lag_max_ms']} | {_or_dash(row.get('generator_loop_stall_s'))} "
+                  f"({_or_dash(row.get('generator_loop_stall_max_ms'))}) | "
+                  f"{_or_dash(row.get('generator_run_queue_wait_s'))} | {_share(row.get('host_steal_share'))} |"
+                  for row in late]
+        lines += ["", "A loop stall with little run-queue wait is not CPU contention: the generator's thread was not "
+                  "waiting for a core, its wake-up came late (on this host's kernel, built without preemption, a "
+                  "long kernel path of another process on that core delays it at any priority)."]
     else:
         lines.append("No cell was flagged.")
     return lines
+
+
+def _or_dash(value: Any) -> str:
+    return "–" if value in (None, "") else str(value)
 
 
 def decisions_section(rows: list[dict[str, Any]]) -> list[str]:

@@ -160,6 +160,11 @@ def summary_row(system: str, records: list[RequestRecord], duration_s: float, fi
         row["generator_nice"] = max(stats.nice for stats in generator)
         groups = [stats.autogroup_nice for stats in generator if stats.autogroup_nice is not None]
         row["generator_autogroup_nice"] = max(groups) if groups else ""
+        waits = [stats.run_queue_wait_s for stats in generator if stats.run_queue_wait_s is not None]
+        row["generator_run_queue_wait_s"] = round(sum(waits), 3) if waits else ""
+        stalls = [stats for stats in generator if stats.loop_stall_s is not None]
+        row["generator_loop_stall_s"] = round(sum(stats.loop_stall_s for stats in stalls), 3) if stalls else ""
+        row["generator_loop_stall_max_ms"] = max(stats.loop_stall_max_ms for stats in stalls) if stalls else ""
         steals = [stats.steal_s for stats in generator if stats.steal_s is not None]
         if steals:
             # The share of the machine's CPU the hypervisor took while the cell ran: stalls no priority avoids.

@@ -141,6 +141,19 @@ def test_the_report_gives_every_ratio_an_interval_and_claims_only_separable_ones
     assert any(line.startswith("  - anchor-c2: better TTFT p50 0.80×") for line in per_cell)
 
 
+def test_the_report_says_where_each_system_stopped_keeping_up_with_the_offered_rate():
+    def row(system, rate, delivered):
+        return {"system": system, "trace": "conv", "kind": "open", "rate_per_s": rate, "throughput_req_s": delivered}
+
+    sweep = [row("collocated", 0.5, 0.49), row("collocated", 1.0, 0.97), row("collocated", 2.0, 1.3),
+             row("splitserve", 0.5, 0.48), row("splitserve", 1.0, 0.85), row("splitserve", 2.0, 0.9)]
+    lines = report.saturation_lines(sweep, [0.5, 1.0, 2.0])
+    # 1.3 of 2 offered is 0.65 (past); 0.85 of 1 is below 0.9 already: splitserve passed its throughput at 1/s.
+    assert "| collocated | 0.98 | 0.97 | 0.65 | 2/s |" in lines
+    assert "| splitserve | 0.96 | 0.85 | 0.45 | 1/s |" in lines
+    assert "| collocated | 0.98 | 0.97 | not reached |" in report.saturation_lines(sweep[:2], [0.5, 1.0])
+
+
 def test_a_late_generator_is_flagged(tmp_path):
     runs, cells = _runs_and_cells(tmp_path)
     runs[1].records["conv@1/s"][3].start_s += 0.4  # left 400 ms after it was due
@@ -190,14 +203,27 @@ def test_the_light_end_joins_the_sweep_without_changing_the_uncontended_picks(tm
                          "anchor-c2"]
     assert len(lit["conv@0.2/s"].requests) == 10 and lit["conv@0.2/s"].requests[-1].arrival_s > 40  # 10 / 0.2 s
     assert lit["uncontended-conv"] == plain["uncontended-conv"]
-    assert Plan().light_rates_per_s == {"conv": (0.15,), "code": (0.1,)}
+    assert Plan().light_rates_per_s == {}  # opt-in: the default run stays within 75 minutes
+
+
+def test_the_default_sweep_has_five_rates_per_trace_and_fits_the_time_budget():
+    """≥ 5 rates per trace, every loaded cell ≥ 60 s and ≥ 50 requests; the arrivals of the default's loaded cells
+    add up to what keeps three systems within 75 minutes (measured per-cell overheads: drains, uncontended,
+    anchors and start-up add ~10 min per system on this host)."""
+    plan = Plan()
+    loaded = [cell for cell in plan.workloads() if cell.kind == "open"]
+    for trace in ("conv", "code"):
+        assert len([cell for cell in loaded if cell.trace == trace]) >= 5
+    assert all(len(cell.requests) >= 50 and cell.requests[-1].arrival_s >= 59 for cell in loaded)
+    assert sum(cell.requests[-1].arrival_s for cell in loaded) < 14 * 60
 
 
 def test_rates_on_the_command_line():
     traces = ("conv", "code")
     assert _parse_rates(None, traces) == Plan().rates_per_s
     assert _parse_rates(["code=0.2,0.4"], traces) == {"conv": Plan().rates_per_s["conv"], "code": (0.2, 0.4)}
-    assert _parse_rates(None, traces, is_light=True) == {"conv": (0.15,), "code": (0.1,)}
+    assert _parse_rates(None, traces, is_light=True) == {"conv": (), "code": ()}
+    assert _parse_rates(["conv=0.15", "code=0.1"], traces, is_light=True) == {"conv": (0.15,), "code": (0.1,)}
     assert _parse_rates(["none"], traces, is_light=True) == {"conv": (), "code": ()}
     assert _parse_rates(["none", "code=0.05"], traces, is_light=True) == {"conv": (), "code": (0.05,)}
     with pytest.raises(SystemExit, match="--light-rates names 'chat'"):

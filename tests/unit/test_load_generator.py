@@ -18,6 +18,7 @@ from bench.load_generator import (
     MAX_SEND_LAG_P99_S,
     MAX_SLEEP_S,
     CellRunner,
+    LoopWatch,
     RequestRecord,
     _client,
     _one,
@@ -26,6 +27,7 @@ from bench.load_generator import (
     run_closed_loop,
     run_trace,
     send_lag_summary,
+    run_queue_wait_s,
     sleep_until,
 )
 from bench.processes import free_port
@@ -233,3 +235,33 @@ def test_cells_run_in_the_generators_own_process(base_url):
     assert stats.steal_s is None or stats.steal_s >= 0
     # Its own session, so that where Linux's autogroup is on its group's nice can be raised too.
     assert stats.autogroup_nice in (None, GENERATOR_NICE, 0)
+    # Why a send could be late: the loop's stalls and the thread's wait for a core, both measured (Linux).
+    assert stats.loop_stall_s is not None and stats.loop_stall_s >= 0
+    assert stats.run_queue_wait_s is None or stats.run_queue_wait_s >= 0
+
+
+def test_the_loop_watch_sees_a_stall_of_the_event_loop():
+    async def stalled() -> LoopWatch:
+        with LoopWatch() as watch:
+            await asyncio.sleep(0.05)
+            time.sleep(0.12)  # a callback that holds the loop: every send due meanwhile waits for it
+            await asyncio.sleep(0.05)
+        return watch
+
+    watch = asyncio.run(stalled())
+    assert 0.1 <= watch.max_stall_s <= 0.2 and watch.stall_s >= watch.max_stall_s
+
+    async def quiet() -> LoopWatch:
+        with LoopWatch() as watch:
+            await asyncio.sleep(0.2)
+        return watch
+
+    assert asyncio.run(quiet()).max_stall_s < 0.12  # no stall of its own making, whatever the host does
+
+
+def test_the_run_queue_wait_is_the_threads_own_and_only_grows():
+    first = run_queue_wait_s()
+    if first is None:
+        pytest.skip("no /proc/thread-self/schedstat on this OS")
+    sum(range(2_000_000))
+    assert run_queue_wait_s() >= first
