@@ -1,0 +1,257 @@
+"""One engine in the simulation: SplitwiseSim's machine-level scheduling, as vLLM's scheduler does it.
+
+A request's life on a machine:
+1. It arrives with a prompt to compute (`add_prompt`: a split's prefill, or a whole request) or with its prompt's
+   KV handed over (`add_decode`: a split's decode side). Prompts wait first come, first served; a handed-over
+   request joins the running batch as soon as its KV fits in memory.
+2. Each iteration (`plan_iteration`) runs every running sequence for one token, then fills the rest of the token
+   budget (`max_batch_tokens`) with chunks of the waiting prompts in order (chunked prefill; no prompt passes one
+   that does not fit). KV memory is counted in tokens: a chunk reserves its tokens, a decode step one per sequence.
+   When the running sequences cannot all grow, the newest is preempted: its KV is freed and its prompt and the
+   tokens it had are computed again (vLLM's recompute), at most `max_preemptions` times per request; a request at
+   the cap keeps its KV and sits the iteration out instead, unless nothing at all could run (then it goes too).
+3. At the iteration's end (`finish_iteration`) every sequence has its token; a prompt whose last chunk ran either
+   leaves for the hand-over (a split's prefill machine: its KV stays until the transfer is done, `release`) or
+   samples its first token and joins the running batch. A request with all its tokens frees its KV.
+The machine never looks at the clock: the simulator tells it when an iteration ends.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from bench.sim.config import MachineConfig
+from bench.sim.model import PerfModel
+
+
+@dataclass(slots=True, eq=False)
+class SimRequest:
+    request_id: int
+    arrival_s: float
+    prompt_tokens: int
+    output_tokens: int
+    path: str = ""
+    prefill_machine: int = -1  # index of the machine that computed (or computes) its prompt for a split
+    num_to_compute: int = 0  # prompt tokens to compute where it runs now (prompt + tokens after a preemption)
+    num_computed: int = 0
+    num_generated: int = 0
+    kv_tokens: int = 0  # KV it holds on the machine it runs on now
+    num_preemptions: int = 0
+    first_token_s: float | None = None
+    last_token_s: float | None = None
+    done_s: float | None = None
+    gaps_s: list[float] | None = None  # every gap between tokens, where the simulation keeps them
+    # What the router remembers of it, to observe it (the simulator's, as deployments/scheduler.py's Flight).
+    predicted_ttft_s: float | None = None
+    times_prefill_of: str = ""  # the engine whose prefill rate it measures (the engine was idle when it was sent)
+    prefilled_s: float | None = None  # a split's prefill answer (its KV handle)
+    decode_engine: str = ""  # a split's decode engine: the policy's, or Serve's pick once prefill answered
+    num_ahead: int = 0  # requests already on the decode engine when the split's decode call went out
+
+
+class Outcome(IntEnum):
+    PREFILLED = 0  # a split's prompt is computed: its KV leaves for the decode machine
+    FIRST_TOKEN = 1
+    DONE = 2
+
+
+@dataclass(slots=True)
+class IterationStats:
+    num_iterations: int = 0
+    busy_s: float = 0.0
+    num_prompt_tokens: int = 0
+    num_decode_tokens: int = 0  # tokens of decode steps
+    num_prompt_samples: int = 0  # tokens sampled by the iteration that finished a prompt (or its recompute)
+    num_preemptions: int = 0
+    peak_kv_tokens: int = 0
+
+
+@dataclass(eq=False)
+class Machine:
+    index: int
+    engine_id: str
+    role: str  # "prefill" or "decode": the pool the scheduler sees it in
+    config: MachineConfig
+    model: PerfModel
+    keeps_gaps: bool = True
+    waiting: deque[SimRequest] = field(default_factory=deque)  # prompts to compute, first come first served
+    arrived: deque[SimRequest] = field(default_factory=deque)  # handed-over KV waiting for memory
+    running: list[SimRequest] = field(default_factory=list)  # decoding, oldest first
+    kv_used: int = 0
+    num_pending_prompt_tokens: int = 0
+    is_busy: bool = False
+    stats: IterationStats = field(default_factory=IterationStats)
+    # The iteration in flight: the sequences it extends, the prompt chunks it computes, how long it takes.
+    _decoding: list[SimRequest] = field(default_factory=list)
+    _chunks: list[tuple[SimRequest, int]] = field(default_factory=list)
+    _num_partial: int = 0  # waiting prompts with some of their tokens computed: sequences in vLLM's batch
+    last_step_s: float = 0.0  # the iteration in flight (or the last one): its time and what it holds
+    last_num_decoding: int = 0
+    last_num_prompt_tokens: int = 0
+
+    # 1. Arrivals.
+    def add_prompt(self, request: SimRequest) -> None:
+        request.num_to_compute, request.num_computed = request.prompt_tokens + request.num_generated, 0
+        self.waiting.append(request)
+        self.num_pending_prompt_tokens += request.num_to_compute
+
+    def add_decode(self, request: SimRequest) -> None:
+        self.arrived.append(request)
+
+    def release(self, request: SimRequest) -> None:
+        """A split's KV has reached the decode machine: the prefill machine frees it."""
+        self.kv_used -= request.kv_tokens
+        request.kv_tokens = 0
+
+    @property
+    def num_requests(self) -> int:
+        return len(self.waiting) + len(self.arrived) + len(self.running)
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.arrived or self.running)
+
+    @property
+    def free_kv(self) -> int:
+        return self.config.kv_capacity_tokens - self.kv_used
+
+    # 2. One iteration.
+    def plan_iteration(self) -> float | None:
+        """Forms the next batch and returns its duration; None when there is nothing it can run."""
+        while self.arrived and len(self.running) < self.config.max_num_seqs \
+                and self.free_kv >= self.arrived[0].prompt_tokens + 1:
+            request = self.arrived.popleft()
+            request.kv_tokens = request.prompt_tokens
+            self.kv_used += request.kv_tokens
+            self.running.append(request)
+        while True:
+            decoding = self._grow_running()
+            chunks = self._prompt_chunks(len(decoding))
+            if decoding or chunks or not self._make_room():
+                break
+        if not decoding and not chunks:
+            return None
+        self.kv_used += len(decoding)  # each sequence's next token
+        self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, self.kv_used)
+        num_prompt_tokens = sum(chunk for _, chunk in chunks)
+        context = sum(request.kv_tokens for request in decoding)
+        self._decoding, self._chunks = decoding, chunks
+        self.last_num_decoding, self.last_num_prompt_tokens = len(decoding), num_prompt_tokens
+        self.last_step_s = self.model.step_s(num_prompt_tokens, len(decoding), context)
+        self.is_busy = True
+        return self.last_step_s
+
+    def _prompt_chunks(self, num_decoding: int) -> list[tuple[SimRequest, int]]:
+        """The waiting prompts' chunks, in order, within the token budget, the sequence cap and memory."""
+        config = self.config
+        budget = config.max_batch_tokens - num_decoding
+        num_sequences = len(self.running) + self._num_partial
+        chunks: list[tuple[SimRequest, int]] = []
+        for request in self.waiting:
+            if budget <= 0:
+                break
+            if request.num_computed == 0:
+                if num_sequences >= config.max_num_seqs:
+                    break
+                num_sequences += 1
+            chunk = min(request.num_to_compute - request.num_computed, budget, self.free_kv - num_decoding,
+                        config.long_prefill_token_threshold or budget)
+            if chunk <= 0:
+                break  # first come, first served: nothing passes a prompt that does not fit
+            chunks.append((request, chunk))
+            self.kv_used += chunk
+            request.kv_tokens += chunk
+            budget -= chunk
+        return chunks
+
+    def _make_room(self) -> bool:
+        """Nothing can run: half-computed prompts or sequences at the preemption cap hold the memory the others
+        need. The newest half-computed prompt gives its KV back and starts over, else the newest running sequence
+        is preempted whatever its count (without this the machine would wait forever). False: nothing to free."""
+        victim = next((request for request in reversed(self.waiting) if request.num_computed > 0), None)
+        if victim is not None:
+            self.kv_used -= victim.kv_tokens
+            self.num_pending_prompt_tokens += victim.num_computed
+            victim.kv_tokens, victim.num_computed = 0, 0
+            self._num_partial -= 1
+        elif self.running:
+            self._preempt(self.running[-1])
+        else:
+            return False
+        self.stats.num_preemptions += 1
+        return True
+
+    def _grow_running(self) -> list[SimRequest]:
+        """The running sequences that grow this iteration: the newest are preempted until the rest fit."""
+        decoding = list(self.running)
+        while len(decoding) > self.free_kv:
+            victim = next((request for request in reversed(decoding)
+                           if request.num_preemptions < self.config.max_preemptions), None)
+            if victim is None:
+                decoding.pop()  # every candidate is at the cap: the newest keeps its KV and waits a turn
+                continue
+            decoding.remove(victim)
+            self._preempt(victim)
+            self.stats.num_preemptions += 1
+        return decoding
+
+    def _preempt(self, victim: SimRequest) -> None:
+        """vLLM's recompute: the KV is freed; its prompt and the tokens it had are computed again, first in line."""
+        self.running.remove(victim)
+        self.kv_used -= victim.kv_tokens
+        victim.kv_tokens = 0
+        victim.num_preemptions += 1
+        victim.num_to_compute, victim.num_computed = victim.prompt_tokens + victim.num_generated, 0
+        self.waiting.appendleft(victim)
+        self.num_pending_prompt_tokens += victim.num_to_compute
+
+    # 3. Its end.
+    def finish_iteration(self, now: float) -> list[tuple[Outcome, SimRequest]]:
+        outcomes: list[tuple[Outcome, SimRequest]] = []
+        stats = self.stats
+        stats.num_iterations += 1
+        stats.busy_s += self.last_step_s
+        for request in self._decoding:
+            request.kv_tokens += 1
+            self._token(request, now, outcomes)
+        stats.num_decode_tokens += len(self._decoding)
+        for request, chunk in self._chunks:
+            was_partial = request.num_computed > 0
+            request.num_computed += chunk
+            self.num_pending_prompt_tokens -= chunk
+            stats.num_prompt_tokens += chunk
+            if request.num_computed < request.num_to_compute:
+                self._num_partial += not was_partial
+                continue
+            self._num_partial -= was_partial
+            self.waiting.remove(request)
+            if request.path == "split" and request.prefill_machine == self.index:
+                outcomes.append((Outcome.PREFILLED, request))  # its KV stays until the hand-over is done
+                continue
+            # The iteration that computes a prompt's last token samples the next one (its KV is written by the
+            # next step, which reserves it).
+            self.running.append(request)
+            stats.num_prompt_samples += 1
+            self._token(request, now, outcomes)
+        self._decoding, self._chunks = [], []
+        self.is_busy = False
+        return outcomes
+
+    def _token(self, request: SimRequest, now: float, outcomes: list[tuple[Outcome, SimRequest]]) -> None:
+        request.num_generated += 1
+        if request.first_token_s is None:
+            request.first_token_s = now
+            outcomes.append((Outcome.FIRST_TOKEN, request))
+        elif self.keeps_gaps and request.last_token_s is not None:
+            if request.gaps_s is None:
+                request.gaps_s = []
+            request.gaps_s.append(now - request.last_token_s)
+        request.last_token_s = now
+        if request.num_generated >= request.output_tokens:
+            request.done_s = now
+            self.running.remove(request)
+            self.kv_used -= request.kv_tokens
+            request.kv_tokens = 0
+            outcomes.append((Outcome.DONE, request))

@@ -1,0 +1,48 @@
+"""How long an engine iteration and a KV hand-over take: the simulator's performance model.
+
+One vLLM step computes some prompt tokens (chunks of waiting prompts) and extends some decode sequences by a
+token each, reading their KV. Its time is modelled as a line in those three quantities plus a fixed cost, the form
+SplitwiseSim's database model fits per batch, and the one the live scheduler's rates learn online (rates.py):
+
+    step_s = step_s0 + prompt_token_s · prompt tokens + decode_seq_s · sequences + context_token_s · KV tokens read
+
+A hand-over is a line in the prompt's tokens (their KV moves). bench.profile measures and fits both on the host it
+runs on; `PerfModel.from_profile` reads its CSV.
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PerfModel(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    step_s0: float = Field(ge=0)  # an iteration's fixed cost (scheduling, sampling, the model's weights read)
+    prompt_token_s: float = Field(ge=0)  # per prompt token computed in the iteration
+    decode_seq_s: float = Field(ge=0)  # per decode sequence extended by one token
+    context_token_s: float = Field(0.0, ge=0)  # per KV token the decode sequences attend to
+    handover_s0: float = Field(0.0, ge=0)  # a KV hand-over's fixed cost
+    handover_token_s: float = Field(0.0, ge=0)  # per prompt token whose KV moves
+
+    def step_s(self, num_prompt_tokens: int, num_decode_seqs: int, num_context_tokens: int) -> float:
+        return (self.step_s0 + self.prompt_token_s * num_prompt_tokens + self.decode_seq_s * num_decode_seqs
+                + self.context_token_s * num_context_tokens)
+
+    def handover_s(self, num_prompt_tokens: int) -> float:
+        return self.handover_s0 + self.handover_token_s * num_prompt_tokens
+
+    @classmethod
+    def from_profile(cls, path: Path, *, backend: str = "nixl") -> PerfModel:
+        """bench.profile's fitted model: rows `parameter,value` (a hand-over's per backend, `handover_s0@nixl`)."""
+        with open(path, newline="") as handle:
+            values = {row["parameter"]: float(row["value"]) for row in csv.DictReader(handle)}
+        fields = {name: values[name] for name in ("step_s0", "prompt_token_s", "decode_seq_s", "context_token_s")
+                  if name in values}
+        for name in ("handover_s0", "handover_token_s"):
+            if f"{name}@{backend}" in values:
+                fields[name] = values[f"{name}@{backend}"]
+        return cls(**fields)

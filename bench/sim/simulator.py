@@ -1,0 +1,215 @@
+"""The simulation: a trace's requests through a cluster of machines, decided by the live router's policy code.
+
+A request's life:
+1. It arrives at its trace time. The policy (deployments/scheduling/policies.py, the object `make_policy` builds
+   for the router) sees what a live router sees, the prompt's size and never its output length, and the same
+   LoadBook and Rates, and chooses the path and machines. Where it leaves a machine to Serve (always_split), the
+   machine is Serve's power-of-two choice on requests held.
+2. split: the prefill machine computes the prompt; its KV moves to the decode machine (the model's hand-over time)
+   and is freed on the prefill machine once there; the decode machine streams every token. decode-local and
+   prefill-local: one machine computes the prompt and streams.
+3. Each machine runs iteration after iteration while it has work (machine.py); an iteration's end is an event.
+4. What the router observes feeds the rates as the router feeds them (deployments/scheduler.py): a prompt sent to
+   an idle engine times its prefill, a split's decode call to first token its hand-over, pure decode steps the
+   step line, finished requests the policy's output length. Loads reach the book as each machine changes (one
+   router, so its view is exact), and the book is re-keyed under the current rates once per
+   `scheduling.load_report_period_s` of simulated time, as the router does when reports come.
+5. Every request ends as a bench `RequestRecord` (times from its arrival), so bench.result_files writes the same
+   CSVs and SLO arithmetic as a measured run.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+import time
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from bench.load_generator import RequestRecord
+from bench.sim.config import SimConfig
+from bench.sim.machine import Machine, Outcome, SimRequest
+from bench.sim.model import PerfModel
+from bench.traces import TraceRequest
+from deployments.scheduling.loads import EngineLoad, LoadBook
+from deployments.scheduling.policies import Path, Policy, RequestFacts, make_policy
+from deployments.scheduling.rates import Rates
+
+_ITERATION_END, _KV_ARRIVED = 0, 1
+
+
+@dataclass
+class SimResult:
+    records: list[RequestRecord]
+    machines: list[Machine]
+    decisions: Counter = field(default_factory=Counter)
+    num_events: int = 0
+    wall_s: float = 0.0
+    simulated_s: float = 0.0
+
+
+class Simulator:
+    def __init__(self, config: SimConfig, *, model: PerfModel | None = None, policy: Policy | None = None) -> None:
+        self.config = config
+        self.model = model or config.perf_model()
+        cluster = config.cluster
+        self.is_collocated = cluster.mode == "collocated"
+        roles = [("decode", cluster.decode)] * cluster.num_decode if self.is_collocated else \
+            [("prefill", cluster.prefill)] * cluster.num_prefill + [("decode", cluster.decode)] * cluster.num_decode
+        self.machines = [Machine(index=index, engine_id=f"{role}-{index}", role=role, config=machine_config,
+                                 model=self.model, keeps_gaps=config.keeps_token_gaps)
+                         for index, (role, machine_config) in enumerate(roles)]
+        self.by_engine = {machine.engine_id: machine for machine in self.machines}
+        self.rates = Rates(min_observations=config.scheduling.min_observations)
+        self.book = LoadBook(drain_time=self._drain_time)
+        decode_chunk = cluster.decode.long_prefill_token_threshold or cluster.decode.max_batch_tokens
+        self.policy = policy or make_policy(config.scheduling, decode_chunk_tokens=decode_chunk)
+        self._random = random.Random(config.seed)
+        self._events: list[tuple[float, int, int, object]] = []
+        self._seq = 0
+        self._errors: dict[int, str] = {}
+        self._next_rekey_s = 0.0
+        for machine in self.machines:
+            self._report(machine)
+
+    def _drain_time(self, engine_id: str, num_tokens: int) -> float:
+        # As the router: until the rates are known, drain time is the tokens themselves (token JSQ).
+        return self.rates.prefill_s(engine_id, num_tokens) if self.rates.is_known() else float(num_tokens)
+
+    # The run.
+    def run(self, requests: Iterable[TraceRequest]) -> SimResult:
+        began = time.perf_counter()
+        arrivals = sorted((SimRequest(request_id=request.request_id, arrival_s=request.arrival_s,
+                                      prompt_tokens=request.prompt_tokens, output_tokens=request.output_tokens)
+                           for request in requests), key=lambda request: request.arrival_s)
+        decisions: Counter = Counter()
+        num_events, now, next_arrival = 0, 0.0, 0
+        while next_arrival < len(arrivals) or self._events:
+            if self._events and (next_arrival == len(arrivals) or self._events[0][0] <= arrivals[next_arrival].arrival_s):
+                now, _, kind, payload = heapq.heappop(self._events)
+                if kind == _ITERATION_END:
+                    self._iteration_ended(payload, now)
+                else:
+                    self._kv_arrived(payload, now)
+            else:
+                request = arrivals[next_arrival]
+                next_arrival += 1
+                now = request.arrival_s
+                decisions[self._arrive(request, now)] += 1
+            num_events += 1
+            if now >= self._next_rekey_s:
+                self.book.refresh_keys()
+                self._next_rekey_s = now + self.config.scheduling.load_report_period_s
+        return SimResult(records=[self._record(request) for request in arrivals], machines=self.machines,
+                         decisions=decisions, num_events=num_events, wall_s=time.perf_counter() - began,
+                         simulated_s=now)
+
+    # 1. Arrivals: the policy decides.
+    def _arrive(self, request: SimRequest, now: float) -> str:
+        facts = RequestFacts(str(request.request_id), request.prompt_tokens)  # never the output length
+        decision = self.policy.decide(facts, self.book, self.rates)
+        path = Path.DECODE_LOCAL if self.is_collocated else decision.path
+        request.path, request.predicted_ttft_s = path.value, decision.predicted_ttft_s
+        if path == Path.DECODE_LOCAL:
+            machine = self.by_engine[decision.decode_engine or self._serve_pick("decode")]
+        else:
+            machine = self.by_engine[decision.prefill_engine or self._serve_pick("prefill")]
+            if path == Path.SPLIT:
+                request.prefill_machine = machine.index
+                request.decode_engine = decision.decode_engine or ""  # empty: Serve picks once prefill answered
+        # Where it could never fit (a prompt and its output beyond a machine's KV), vLLM refuses it too.
+        capacity = machine.config.kv_capacity_tokens if path != Path.SPLIT else \
+            min(machine.config.kv_capacity_tokens, self.config.cluster.decode.kv_capacity_tokens)
+        if request.prompt_tokens + request.output_tokens > capacity:
+            self._errors[request.request_id] = "prompt and output exceed the machine's KV capacity"
+            return path.value
+        if not machine.has_work:  # nothing ahead of it: its time to first token (or KV handle) times a prefill
+            request.times_prefill_of = machine.engine_id
+        machine.add_prompt(request)
+        self._kick(machine, now)
+        return path.value
+
+    def _serve_pick(self, role: str) -> str:
+        """Serve's own choice: two replicas at random, the one holding fewer requests."""
+        engines = self.book.engine_ids(role)
+        first, second = self._random.choice(engines), self._random.choice(engines)
+        return min((first, second), key=lambda engine_id: self.by_engine[engine_id].num_requests)
+
+    # 2-3. Machines.
+    def _kick(self, machine: Machine, now: float) -> None:
+        if not machine.is_busy:
+            duration = machine.plan_iteration()
+            if duration is not None:
+                self._push(now + duration, _ITERATION_END, machine)
+        self._report(machine)
+
+    def _iteration_ended(self, machine: Machine, now: float) -> None:
+        num_decoding, had_prompts = machine.last_num_decoding, machine.last_num_prompt_tokens > 0
+        step_s = machine.last_step_s
+        for outcome, request in machine.finish_iteration(now):
+            if outcome == Outcome.PREFILLED:
+                self._prefilled(request, machine, now)
+            elif outcome == Outcome.FIRST_TOKEN:
+                self._first_token(request, machine, now)
+            else:
+                observe = getattr(self.policy, "observe_output", None)
+                if observe is not None:
+                    observe(request.num_generated)
+        if num_decoding and not had_prompts:
+            # A pure decode step, as the engines time and report them.
+            self.rates.observe_decode_step(machine.engine_id, num_decoding, step_s)
+        self._kick(machine, now)
+
+    def _prefilled(self, request: SimRequest, machine: Machine, now: float) -> None:
+        request.prefilled_s = now
+        if request.times_prefill_of:
+            self.rates.observe_prefill(request.times_prefill_of, request.prompt_tokens, now - request.arrival_s)
+        decode = self.by_engine[request.decode_engine or self._serve_pick("decode")]
+        request.decode_engine, request.num_ahead = decode.engine_id, decode.num_requests
+        self._push(now + self.model.handover_s(request.prompt_tokens), _KV_ARRIVED, (request, machine, decode))
+
+    def _kv_arrived(self, payload: tuple[SimRequest, Machine, Machine], now: float) -> None:
+        request, prefill, decode = payload
+        prefill.release(request)
+        self._kick(prefill, now)
+        decode.add_decode(request)
+        self._kick(decode, now)
+
+    def _first_token(self, request: SimRequest, machine: Machine, now: float) -> None:
+        if request.prefilled_s is not None:
+            # As the router: the decode call's time to first token, less one step of the batch it joined.
+            step_s = self.rates.decode_step_s(machine.engine_id, request.num_ahead + 1)
+            self.rates.observe_handover(machine.engine_id, request.prompt_tokens, request.num_ahead,
+                                        max(0.0, now - request.prefilled_s - step_s))
+        elif request.times_prefill_of:
+            self.rates.observe_prefill(request.times_prefill_of, request.prompt_tokens, now - request.arrival_s)
+
+    def _report(self, machine: Machine) -> None:
+        self.book.report(EngineLoad(engine_id=machine.engine_id, role=machine.role,
+                                    num_pending_prompt_tokens=machine.num_pending_prompt_tokens,
+                                    num_running=len(machine.running),
+                                    num_waiting=len(machine.waiting) + len(machine.arrived),
+                                    kv_usage=machine.kv_used / machine.config.kv_capacity_tokens))
+
+    def _push(self, at: float, kind: int, payload: object) -> None:
+        self._seq += 1
+        heapq.heappush(self._events, (at, self._seq, kind, payload))
+
+    # 5. Results.
+    def _record(self, request: SimRequest) -> RequestRecord:
+        record = RequestRecord(request_id=request.request_id, arrival_s=request.arrival_s,
+                               prompt_tokens=request.prompt_tokens, output_tokens=request.num_generated,
+                               start_s=request.arrival_s, path=request.path)
+        error = self._errors.get(request.request_id)
+        if error is not None or request.done_s is None:
+            record.error = error or "not finished when the simulation ended"
+            return record
+        record.ttft_s = request.first_token_s - request.arrival_s
+        record.e2e_s = request.done_s - request.arrival_s
+        record.tbt_s = list(request.gaps_s or ())
+        record.predicted_ttft_s = request.predicted_ttft_s
+        if request.prefilled_s is not None:
+            record.prefill_s = request.prefilled_s - request.arrival_s
+            record.prefill_engine_id = self.machines[request.prefill_machine].engine_id
+        return record

@@ -1,0 +1,153 @@
+"""splitsim: a request's life through simulated machines, step by step against hand-computed times; the event
+loop's invariants on a loaded trace; the live router's own policy code deciding; config errors that name the
+value."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from pydantic import ValidationError
+
+import deployments.scheduling.policies as live_policies
+from bench.sim import simulator as sim_module
+from bench.sim.config import ClusterConfig, MachineConfig, SimConfig
+from bench.sim.model import PerfModel
+from bench.sim.simulator import Simulator
+from bench.traces import TraceRequest
+
+# An iteration: 100 ms, plus 1 ms a prompt token, plus 10 ms a decode sequence; a hand-over 50 ms.
+MODEL = PerfModel(step_s0=0.1, prompt_token_s=0.001, decode_seq_s=0.01, handover_s0=0.05)
+
+
+def _config(**cluster) -> SimConfig:
+    scheduling = {"policy": "always_split"} if cluster.get("mode") != "collocated" else {}
+    return SimConfig(model=MODEL, cluster=ClusterConfig(**cluster), scheduling=scheduling)
+
+
+def _request(request_id: int, arrival_s: float, prompt: int, output: int) -> TraceRequest:
+    return TraceRequest(request_id=request_id, arrival_s=arrival_s, prompt_tokens=prompt, output_tokens=output)
+
+
+def test_one_machine_runs_a_prompt_then_decodes_and_batches_a_second_prompt_with_the_first_ones_tokens():
+    result = Simulator(_config(mode="collocated", num_prefill=0, num_decode=1)).run(
+        [_request(0, 0.0, 100, 3), _request(1, 0.1, 50, 1)])
+    first, second = result.records
+    # 1. 0-0.2 s: the first prompt alone (0.1 + 100 × 0.001): its first token at 0.2 s.
+    assert first.ttft_s == pytest.approx(0.2)
+    # 2. 0.2-0.36 s: the first request's token and the second prompt in one iteration (0.1 + 50 × 0.001 + 0.01);
+    #    the second request (one token) is done then, 0.26 s after it arrived.
+    assert second.ttft_s == pytest.approx(0.26) and second.e2e_s == pytest.approx(0.26)
+    # 3. 0.36-0.47 s: the first request's last token alone (0.1 + 0.01).
+    assert first.tbt_s == pytest.approx([0.16, 0.11]) and first.e2e_s == pytest.approx(0.47)
+    assert [record.path for record in result.records] == ["decode_local", "decode_local"]
+    _assert_nothing_held(result)
+
+
+def test_a_split_prefills_hands_the_kv_over_and_decodes_on_the_other_machine():
+    result = Simulator(_config(num_prefill=1, num_decode=1)).run([_request(0, 0.0, 100, 3)])
+    (record,) = result.records
+    # 1. Prefill computes the prompt by 0.2 s; 2. its KV reaches decode at 0.25 s; 3. decode's first iteration
+    # with it gives the first token at 0.36 s, then one token per 0.11 s.
+    assert record.path == "split" and record.prefill_s == pytest.approx(0.2)
+    assert record.prefill_engine_id == "prefill-0"
+    assert record.ttft_s == pytest.approx(0.36)
+    assert record.tbt_s == pytest.approx([0.11, 0.11]) and record.e2e_s == pytest.approx(0.58)
+    prefill, decode = result.machines
+    assert prefill.stats.num_prompt_tokens == 100 and prefill.stats.num_decode_tokens == 0
+    assert decode.stats.num_prompt_tokens == 0 and decode.stats.num_decode_tokens == 3  # no prompt recomputed
+    _assert_nothing_held(result)
+
+
+def test_a_long_prompt_runs_in_chunks_of_the_token_budget():
+    small = MachineConfig(max_batch_tokens=64)
+    result = Simulator(_config(mode="collocated", num_prefill=0, num_decode=1, decode=small)).run(
+        [_request(0, 0.0, 200, 1)])
+    # 64 + 64 + 64 + 8 tokens: four iterations of 0.1 s plus 1 ms a token.
+    assert result.records[0].ttft_s == pytest.approx(4 * 0.1 + 0.2)
+    assert result.machines[0].stats.num_iterations == 4
+
+
+@pytest.mark.parametrize("policy", ["always_split", "token_jsq", "conditional", "mixed_pool", "predictive"])
+def test_a_loaded_trace_keeps_the_event_loops_invariants(policy):
+    """Every request completes exactly once with every token, no machine holds more KV than it has (small
+    caches force preemptions), and every machine ends empty."""
+    rng = random.Random(7)
+    arrival, requests = 0.0, []
+    for request_id in range(300):
+        arrival += rng.expovariate(8.0)
+        requests.append(_request(request_id, arrival, rng.randint(20, 700), rng.randint(1, 80)))
+    tight = MachineConfig(max_batch_tokens=512, max_num_seqs=8, kv_capacity_tokens=1_500)
+    config = SimConfig(model=MODEL.model_copy(update={"context_token_s": 1e-6}),
+                       cluster=ClusterConfig(num_prefill=2, num_decode=2, prefill=tight, decode=tight),
+                       scheduling={"policy": policy, "min_observations": 2})
+    result = Simulator(config).run(requests)
+    assert [record.request_id for record in result.records] == list(range(300))
+    assert all(record.error is None for record in result.records)
+    assert [record.output_tokens for record in result.records] == [request.output_tokens for request in requests]
+    assert all(len(record.tbt_s) == record.output_tokens - 1 for record in result.records)
+    assert all(0 < record.ttft_s <= record.e2e_s for record in result.records)
+    # Tokens are conserved: each one came from a decode step or from the iteration that finished a prompt.
+    made = sum(machine.stats.num_decode_tokens + machine.stats.num_prompt_samples for machine in result.machines)
+    assert made == sum(request.output_tokens for request in requests)
+    assert all(machine.stats.peak_kv_tokens <= machine.config.kv_capacity_tokens for machine in result.machines)
+    assert sum(result.decisions.values()) == 300
+    _assert_nothing_held(result)
+
+
+def test_the_policy_is_the_live_routers_own_and_never_sees_an_output_length():
+    assert sim_module.make_policy is live_policies.make_policy
+    seen = []
+    live = live_policies.make_policy(SimConfig(model=MODEL).scheduling)
+
+    class Spy:
+        name = live.name
+
+        def decide(self, request, book, rates):
+            seen.append(request)
+            return live.decide(request, book, rates)
+
+        def __getattr__(self, name):  # what else the router calls on its policy (observe_output)
+            return getattr(live, name)
+
+    requests = [_request(index, index * 0.3, 40 + index, 5 + index) for index in range(20)]
+    result = Simulator(SimConfig(model=MODEL, scheduling={"min_observations": 2}), policy=Spy()).run(requests)
+    assert isinstance(live, live_policies.Predictive)
+    assert [int(facts.request_id) for facts in seen] == list(range(20))
+    assert all(facts.max_tokens is None for facts in seen)
+    assert [facts.num_prompt_tokens for facts in seen] == [request.prompt_tokens for request in requests]
+    assert live.expected_output_tokens != 128.0  # it learned output lengths from finished requests, as live
+    _assert_nothing_held(result)
+
+
+def test_a_request_that_cannot_fit_is_an_error_not_a_hang():
+    config = _config(mode="collocated", num_prefill=0, num_decode=1, decode=MachineConfig(kv_capacity_tokens=100))
+    result = Simulator(config).run([_request(0, 0.0, 90, 20), _request(1, 0.0, 50, 5)])
+    assert "KV capacity" in result.records[0].error and result.records[1].error is None
+
+
+@pytest.mark.parametrize(("update", "named"), [
+    ({"cluster": {"num_prefill": 0}}, "num_prefill is 0"),
+    ({"cluster": {"num_decode": 0}}, "num_decode is 0"),
+    ({"cluster": {"mode": "collocated", "num_prefill": 0}, "scheduling": {"policy": "token_jsq"}}, "'token_jsq'"),
+    ({"scheduling": {"policy": "fastest"}}, "fastest"),
+    ({"scheduling": {"return_tokens": 4096}}, "return_tokens (4096)"),
+    ({"cluster": {"decode": {"max_num_seqs": 0}}}, "max_num_seqs"),
+    ({"model": None}, "exactly one of them"),
+])
+def test_bad_config_is_refused_naming_the_value(update, named):
+    data = {"model": MODEL.model_dump(), **update}
+    with pytest.raises(ValidationError, match=named.replace("(", r"\(").replace(")", r"\)")):
+        SimConfig.model_validate(data)
+
+
+def test_an_unset_policy_is_the_modes_own_as_in_the_app():
+    assert SimConfig(model=MODEL).scheduling.policy == "predictive"
+    collocated = SimConfig.model_validate({"model": MODEL.model_dump(),
+                                           "cluster": {"mode": "collocated", "num_prefill": 0}})
+    assert collocated.scheduling.policy == "always_split"
+
+
+def _assert_nothing_held(result) -> None:
+    for machine in result.machines:
+        assert machine.kv_used == 0 and not machine.has_work and not machine.is_busy, machine.engine_id
