@@ -90,6 +90,11 @@ class Machine:
     last_step_s: float = 0.0  # the iteration in flight (or the last one): its time and what it holds
     last_num_decoding: int = 0
     last_num_prompt_tokens: int = 0
+    can_fast_forward: bool = True  # pure decode iterations as one segment (same times, fewer events)
+    version: int = 0  # bumped when the iteration in flight is cut short: the event of its old end is stale
+    _segment_start_s: float = 0.0
+    _num_steps: int = 1
+    _first_step_s: float = 0.0
 
     # 1. Arrivals.
     def add_prompt(self, request: SimRequest) -> None:
@@ -114,12 +119,21 @@ class Machine:
         return bool(self.waiting or self.arrived or self.running)
 
     @property
+    def num_steps_in_flight(self) -> int:
+        return self._num_steps
+
+    @property
     def free_kv(self) -> int:
         return self.config.kv_capacity_tokens - self.kv_used
 
     # 2. One iteration.
-    def plan_iteration(self) -> float | None:
-        """Forms the next batch and returns its duration; None when there is nothing it can run."""
+    def plan_iteration(self, now: float = 0.0) -> float | None:
+        """Forms the next batch and returns how long it runs; None when there is nothing it can run.
+
+        Pure decode with nothing waiting (no prompt, no handed-over KV) runs as one segment of k iterations up to
+        the first sequence's last token, each iteration timed as its own (the KV read grows a token per sequence
+        per iteration): the same times as k single iterations, at the cost of one event. A request that arrives
+        meanwhile cuts the segment at the iteration in flight (`cut`)."""
         while self.arrived and len(self.running) < self.config.max_num_seqs \
                 and self.free_kv >= self.arrived[0].prompt_tokens + 1:
             request = self.arrived.popleft()
@@ -133,15 +147,48 @@ class Machine:
                 break
         if not decoding and not chunks:
             return None
-        self.kv_used += len(decoding)  # each sequence's next token
+        num_decoding = len(decoding)
+        self.kv_used += num_decoding  # each sequence's next token
+        num_steps = 1
+        if self.can_fast_forward and not chunks and not self.waiting and not self.arrived \
+                and num_decoding == len(self.running):
+            num_steps = min(request.output_tokens - request.num_generated for request in decoding)
+            if any(request.num_generated == 0 for request in decoding):
+                num_steps = 1  # a handed-over request's first token: its own event (the router observes it)
+            num_steps = max(1, min(num_steps, 1 + self.free_kv // num_decoding))
+            self.kv_used += (num_steps - 1) * num_decoding
         self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, self.kv_used)
         num_prompt_tokens = sum(chunk for _, chunk in chunks)
-        context = sum(request.kv_tokens for request in decoding)
         self._decoding, self._chunks = decoding, chunks
-        self.last_num_decoding, self.last_num_prompt_tokens = len(decoding), num_prompt_tokens
-        self.last_step_s = self.model.step_s(num_prompt_tokens, len(decoding), context)
+        self.last_num_decoding, self.last_num_prompt_tokens = num_decoding, num_prompt_tokens
+        self._segment_start_s, self._num_steps = now, num_steps
+        self._first_step_s = self.model.step_s(num_prompt_tokens, num_decoding,
+                                               sum(request.kv_tokens for request in decoding))
+        self.last_step_s = self._steps_s(num_steps)
         self.is_busy = True
         return self.last_step_s
+
+    def _steps_s(self, num_steps: int) -> float:
+        """The first `num_steps` iterations of the segment: each reads one more token per sequence than the last."""
+        growth = self.model.context_token_s * self.last_num_decoding
+        return num_steps * self._first_step_s + growth * num_steps * (num_steps - 1) / 2
+
+    def cut(self, now: float) -> float | None:
+        """A request arrived while a segment runs: it ends after the iteration in flight now. Returns the new end
+        (the simulator's event for the old one goes stale: `version`), None if nothing changes."""
+        if not self.is_busy or self._num_steps == 1:
+            return None
+        elapsed, done = now - self._segment_start_s, 0
+        while done < self._num_steps and self._steps_s(done + 1) <= elapsed:
+            done += 1
+        num_steps = min(self._num_steps, done + 1)
+        if num_steps == self._num_steps:
+            return None
+        self.kv_used -= (self._num_steps - num_steps) * self.last_num_decoding
+        self._num_steps = num_steps
+        self.last_step_s = self._steps_s(num_steps)
+        self.version += 1
+        return self._segment_start_s + self.last_step_s
 
     def _prompt_chunks(self, num_decoding: int) -> list[tuple[SimRequest, int]]:
         """The waiting prompts' chunks, in order, within the token budget, the sequence cap and memory."""
@@ -211,12 +258,18 @@ class Machine:
     def finish_iteration(self, now: float) -> list[tuple[Outcome, SimRequest]]:
         outcomes: list[tuple[Outcome, SimRequest]] = []
         stats = self.stats
-        stats.num_iterations += 1
+        num_steps = self._num_steps
+        stats.num_iterations += num_steps
         stats.busy_s += self.last_step_s
+        # The end of each iteration of the segment (one, unless pure decode ran several).
+        ends = [self._segment_start_s + self._steps_s(step) for step in range(1, num_steps)] + [now] \
+            if num_steps > 1 and self.keeps_gaps else None
         for request in self._decoding:
-            request.kv_tokens += 1
+            request.kv_tokens += num_steps
+            if num_steps > 1:
+                self._tokens(request, num_steps, ends)
             self._token(request, now, outcomes)
-        stats.num_decode_tokens += len(self._decoding)
+        stats.num_decode_tokens += num_steps * len(self._decoding)
         for request, chunk in self._chunks:
             was_partial = request.num_computed > 0
             request.num_computed += chunk
@@ -238,6 +291,15 @@ class Machine:
         self._decoding, self._chunks = [], []
         self.is_busy = False
         return outcomes
+
+    def _tokens(self, request: SimRequest, num_steps: int, ends: list[float] | None) -> None:
+        """All but the last token of a segment (the last one goes through `_token`, which ends the request)."""
+        request.num_generated += num_steps - 1
+        if ends is not None:
+            if request.gaps_s is None:
+                request.gaps_s = []
+            request.gaps_s += [end - previous for previous, end in zip([request.last_token_s, *ends[:-2]], ends[:-1])]
+            request.last_token_s = ends[-2]
 
     def _token(self, request: SimRequest, now: float, outcomes: list[tuple[Outcome, SimRequest]]) -> None:
         request.num_generated += 1

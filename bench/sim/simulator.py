@@ -50,7 +50,8 @@ class SimResult:
 
 
 class Simulator:
-    def __init__(self, config: SimConfig, *, model: PerfModel | None = None, policy: Policy | None = None) -> None:
+    def __init__(self, config: SimConfig, *, model: PerfModel | None = None, policy: Policy | None = None,
+                 can_fast_forward: bool = True) -> None:
         self.config = config
         self.model = model or config.perf_model()
         cluster = config.cluster
@@ -58,7 +59,8 @@ class Simulator:
         roles = [("decode", cluster.decode)] * cluster.num_decode if self.is_collocated else \
             [("prefill", cluster.prefill)] * cluster.num_prefill + [("decode", cluster.decode)] * cluster.num_decode
         self.machines = [Machine(index=index, engine_id=f"{role}-{index}", role=role, config=machine_config,
-                                 model=self.model, keeps_gaps=config.keeps_token_gaps)
+                                 model=self.model, keeps_gaps=config.keeps_token_gaps,
+                                 can_fast_forward=can_fast_forward)
                          for index, (role, machine_config) in enumerate(roles)]
         self.by_engine = {machine.engine_id: machine for machine in self.machines}
         self.rates = Rates(min_observations=config.scheduling.min_observations)
@@ -89,7 +91,10 @@ class Simulator:
             if self._events and (next_arrival == len(arrivals) or self._events[0][0] <= arrivals[next_arrival].arrival_s):
                 now, _, kind, payload = heapq.heappop(self._events)
                 if kind == _ITERATION_END:
-                    self._iteration_ended(payload, now)
+                    machine, version = payload
+                    if version != machine.version:
+                        continue  # a segment cut short since: its new end is queued
+                    self._iteration_ended(machine, now)
                 else:
                     self._kv_arrived(payload, now)
             else:
@@ -138,15 +143,19 @@ class Simulator:
 
     # 2-3. Machines.
     def _kick(self, machine: Machine, now: float) -> None:
+        """New work, or an iteration over: the machine starts its next iteration, or cuts a running segment of
+        decode iterations short so that the new work joins after the one in flight."""
         if not machine.is_busy:
-            duration = machine.plan_iteration()
+            duration = machine.plan_iteration(now)
             if duration is not None:
-                self._push(now + duration, _ITERATION_END, machine)
+                self._push(now + duration, _ITERATION_END, (machine, machine.version))
+        elif (end := machine.cut(now)) is not None:
+            self._push(end, _ITERATION_END, (machine, machine.version))
         self._report(machine)
 
     def _iteration_ended(self, machine: Machine, now: float) -> None:
         num_decoding, had_prompts = machine.last_num_decoding, machine.last_num_prompt_tokens > 0
-        step_s = machine.last_step_s
+        step_s = machine.last_step_s / machine.num_steps_in_flight  # a segment's mean step
         for outcome, request in machine.finish_iteration(now):
             if outcome == Outcome.PREFILLED:
                 self._prefilled(request, machine, now)

@@ -95,6 +95,34 @@ def test_a_loaded_trace_keeps_the_event_loops_invariants(policy):
     _assert_nothing_held(result)
 
 
+@pytest.mark.parametrize("mode", ["disaggregated", "collocated"])
+def test_decode_segments_give_the_same_times_as_iteration_by_iteration_with_fewer_events(mode):
+    """Pure decode runs as one event per segment; arrivals cut segments at the iteration in flight. Every
+    request's times must equal the iteration-by-iteration run's (always_split: decisions that use no rates)."""
+    rng = random.Random(3)
+    arrival, requests = 0.0, []
+    for request_id in range(200):
+        arrival += rng.expovariate(3.0)
+        requests.append(_request(request_id, arrival, rng.randint(10, 400), rng.randint(1, 120)))
+    cluster = {"mode": mode, "num_prefill": 0 if mode == "collocated" else 1, "num_decode": 2,
+               "decode": MachineConfig(max_num_seqs=8, kv_capacity_tokens=3_000)}
+    config = SimConfig(model=MODEL.model_copy(update={"context_token_s": 2e-5}), cluster=cluster,
+                       scheduling={"policy": "always_split"})
+    fast, slow = Simulator(config).run(requests), Simulator(config, can_fast_forward=False).run(requests)
+    for quick, plain in zip(fast.records, slow.records, strict=True):
+        assert quick.error is None and plain.error is None
+        assert quick.ttft_s == pytest.approx(plain.ttft_s, abs=1e-9)
+        assert quick.e2e_s == pytest.approx(plain.e2e_s, abs=1e-9)
+        assert quick.tbt_s == pytest.approx(plain.tbt_s, abs=1e-9)
+    assert sum(m.stats.num_iterations for m in fast.machines) == sum(m.stats.num_iterations for m in slow.machines)
+    assert fast.num_events < slow.num_events
+    _assert_nothing_held(fast)
+    # Alone, a request is its arrival, its prompt's iteration (for a split also the KV's arrival and decode's
+    # first token) and one segment for all its other tokens.
+    alone = Simulator(config).run([_request(0, 0.0, 10, 100)])
+    assert alone.num_events == (3 if mode == "collocated" else 5) and len(alone.records[0].tbt_s) == 99
+
+
 def test_the_policy_is_the_live_routers_own_and_never_sees_an_output_length():
     assert sim_module.make_policy is live_policies.make_policy
     seen = []
