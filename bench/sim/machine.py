@@ -39,6 +39,7 @@ class SimRequest:
     num_generated: int = 0
     kv_tokens: int = 0  # KV it holds on the machine it runs on now
     num_preemptions: int = 0
+    prompt_start_s: float | None = None  # its prompt's first chunk ran (SplitwiseSim's queue time ends)
     first_token_s: float | None = None
     last_token_s: float | None = None
     done_s: float | None = None
@@ -142,7 +143,7 @@ class Machine:
             self.running.append(request)
         while True:
             decoding = self._grow_running()
-            chunks = self._prompt_chunks(len(decoding))
+            chunks = self._prompt_chunks(len(decoding), now)
             if decoding or chunks or not self._make_room():
                 break
         if not decoding and not chunks:
@@ -190,7 +191,7 @@ class Machine:
         self.version += 1
         return self._segment_start_s + self.last_step_s
 
-    def _prompt_chunks(self, num_decoding: int) -> list[tuple[SimRequest, int]]:
+    def _prompt_chunks(self, num_decoding: int, now: float) -> list[tuple[SimRequest, int]]:
         """The waiting prompts' chunks, in order, within the token budget, the sequence cap and memory."""
         config = self.config
         budget = config.max_batch_tokens - num_decoding
@@ -208,6 +209,8 @@ class Machine:
             if chunk <= 0:
                 break  # first come, first served: nothing passes a prompt that does not fit
             chunks.append((request, chunk))
+            if request.prompt_start_s is None:
+                request.prompt_start_s = now
             self.kv_used += chunk
             request.kv_tokens += chunk
             budget -= chunk

@@ -27,6 +27,8 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from tqdm import tqdm
+
 from bench.load_generator import RequestRecord
 from bench.sim.config import SimConfig
 from bench.sim.machine import Machine, Outcome, SimRequest
@@ -42,7 +44,9 @@ _ITERATION_END, _KV_ARRIVED = 0, 1
 @dataclass
 class SimResult:
     records: list[RequestRecord]
+    requests: list[SimRequest]
     machines: list[Machine]
+    model: PerfModel
     decisions: Counter = field(default_factory=Counter)
     num_events: int = 0
     wall_s: float = 0.0
@@ -80,13 +84,15 @@ class Simulator:
         return self.rates.prefill_s(engine_id, num_tokens) if self.rates.is_known() else float(num_tokens)
 
     # The run.
-    def run(self, requests: Iterable[TraceRequest]) -> SimResult:
+    def run(self, requests: Iterable[TraceRequest], *, is_progress_shown: bool = False) -> SimResult:
         began = time.perf_counter()
         arrivals = sorted((SimRequest(request_id=request.request_id, arrival_s=request.arrival_s,
                                       prompt_tokens=request.prompt_tokens, output_tokens=request.output_tokens)
                            for request in requests), key=lambda request: request.arrival_s)
         decisions: Counter = Counter()
         num_events, now, next_arrival = 0, 0.0, 0
+        progress = tqdm(total=len(arrivals), desc="arrivals", unit="req", disable=not is_progress_shown,
+                        miniters=max(1, len(arrivals) // 100))
         while next_arrival < len(arrivals) or self._events:
             if self._events and (next_arrival == len(arrivals) or self._events[0][0] <= arrivals[next_arrival].arrival_s):
                 now, _, kind, payload = heapq.heappop(self._events)
@@ -102,12 +108,14 @@ class Simulator:
                 next_arrival += 1
                 now = request.arrival_s
                 decisions[self._arrive(request, now)] += 1
+                progress.update()
             num_events += 1
             if now >= self._next_rekey_s:
                 self.book.refresh_keys()
                 self._next_rekey_s = now + self.config.scheduling.load_report_period_s
-        return SimResult(records=[self._record(request) for request in arrivals], machines=self.machines,
-                         decisions=decisions, num_events=num_events, wall_s=time.perf_counter() - began,
+        progress.close()
+        return SimResult(records=[self._record(request) for request in arrivals], requests=arrivals,
+                         machines=self.machines, model=self.model, decisions=decisions, num_events=num_events, wall_s=time.perf_counter() - began,
                          simulated_s=now)
 
     # 1. Arrivals: the policy decides.

@@ -179,3 +179,26 @@ def test_an_unset_policy_is_the_modes_own_as_in_the_app():
 def _assert_nothing_held(result) -> None:
     for machine in result.machines:
         assert machine.kv_used == 0 and not machine.has_work and not machine.is_busy, machine.engine_id
+
+
+def test_the_command_writes_bench_compares_schemas_and_splitwise_sims_summary(tmp_path):
+    import csv
+    import json
+
+    from bench import simulate
+
+    config = tmp_path / "cluster.yaml"
+    config.write_text("cluster: {num_prefill: 1, num_decode: 1}\n"
+                      "model: {step_s0: 0.05, prompt_token_s: 0.002, decode_seq_s: 0.002, handover_s0: 0.02}\n"
+                      "scheduling: {policy: token_jsq}\n")
+    simulate.main(["--config", str(config), "--cell", "conv@0.6/s", "--out", str(tmp_path / "out")])
+    records = simulate.read_requests_csv(tmp_path / "out" / "requests.csv")
+    assert len(records) == 50 and all(record.is_ok and record.path == "split" for record in records)
+    with open(tmp_path / "out" / "summary.csv", newline="") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["system"] == "splitsim" and row["num_errors"] == "0" and float(row["ttft_p50_ms"]) > 0
+    with open(tmp_path / "out" / "splitwise_summary.csv", newline="") as handle:
+        (splitwise,) = list(csv.DictReader(handle))
+    assert {"ttft_times_p99", "tbt_times_mean", "response_times_p999", "queue_times_median"} <= set(splitwise)
+    run = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert run["decisions"] == {"split": 50} and 0 < run["machines"][0]["utilisation"] < 1
