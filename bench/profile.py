@@ -1,0 +1,324 @@
+"""Profile this host's engine for the simulator: step times against what a step computes, KV hand-over times.
+
+    python -m bench.profile                          # ~6 min here; writes bench/results/profile/
+    python -m bench.profile --repeats 1 --quick      # a smoke run (CI)
+
+1. One engine as the app runs its decode role (serve_config.yaml's model and engine settings, its OMP threads
+   bound to the role's core), its EngineCore in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that each
+   `step()` is exactly one engine step, timed around the call.
+2. Sweeps whose every step's contents are known by construction (all prompts of a batch fit one step's token
+   budget): single and batched prompts (prompt time against prompt and batch tokens), SplitwiseSim's
+   (prompt size, batch size, token size) cells (prompt time, then every decode step against batch size and the
+   KV it reads), and mixed steps (running sequences plus one new prompt's tokens). Every step is a row of
+   steps.csv; each SplitwiseSim cell a row of perf_model.csv in its columns (times in ms).
+3. KV hand-overs per backend, at the KV sizes of 128 to 2,048 prompt tokens, measured as bench.transfer_bench
+   measures them (the app's shape: another process, flushed cache): transfers.csv.
+4. The fit: least squares of a step's seconds on 1, prompt tokens, decode sequences and KV tokens read; a line in
+   the prompt's tokens per backend for the hand-over. model.csv (`parameter,value`) is what
+   `bench.sim.model.PerfModel.from_profile` reads; fit.png draws the fit against every measurement; report.md
+   gives the fit's error per kind of step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import time
+import uuid
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from bench.provenance import provenance
+from bench.systems import app_config
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "profile"
+PROMPT_SIZES = (16, 64, 128, 256, 512, 1024, 1536, 2048)
+BATCHED_PROMPTS = ((2, 512), (4, 256), (8, 128), (16, 64), (4, 512), (2, 1024), (8, 256))
+# SplitwiseSim's cells: (prompt size, batch size); every batch's prompts fit one step of 2,048 tokens.
+SPLITWISE_CELLS = ((128, 1), (128, 4), (128, 16), (512, 1), (512, 2), (512, 4), (1024, 1), (1024, 2), (2048, 1))
+TOKEN_SIZE = 32
+MIXED = ((1, 64), (1, 512), (4, 64), (4, 512), (8, 256), (16, 64), (16, 1024))
+HANDOVER_TOKENS = (128, 512, 1024, 2048)
+STEP_FIELDS = ("kind", "num_prompt_tokens", "num_decode_seqs", "num_context_tokens", "seconds")
+SPLITWISE_FIELDS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
+                    "e2e_time", "tensor_parallel")
+
+
+@dataclass(frozen=True)
+class Step:
+    kind: str  # prefill, batched_prefill, decode, mixed
+    num_prompt_tokens: int
+    num_decode_seqs: int
+    num_context_tokens: int  # KV the decode sequences read
+    seconds: float
+
+
+class EngineProbe:
+    """One engine in this process; requests of exact token counts; one timed `step()` at a time."""
+
+    def __init__(self, config: Any) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+        from vllm.engine.arg_utils import EngineArgs
+        from vllm.entrypoints.launchers.cli_args import make_arg_parser
+        from vllm.utils.argparse_utils import FlexibleArgumentParser
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        from deployments.engine import engine_environment, vllm_cli_args
+
+        os.environ.update(engine_environment(config.decode, 0))
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(config.model, config.decode, None))
+        self.engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
+        self._next_id = 0
+
+    def add(self, num_prompt_tokens: int, max_tokens: int) -> str:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._next_id += 1
+        request_id = f"profile-{self._next_id}"
+        # Distinct first tokens: no prefix-cache hit between requests.
+        tokens = [(self._next_id * 7919 + index) % 30000 + 100 for index in range(num_prompt_tokens)]
+        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=tokens),
+                                SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0))
+        return request_id
+
+    def step(self) -> float:
+        began = time.perf_counter()
+        self.engine.step()
+        return time.perf_counter() - began
+
+    def drain(self) -> None:
+        while self.engine.has_unfinished_requests():
+            self.engine.step()
+
+
+def prefill_steps(probe: EngineProbe, repeats: int, prompt_sizes: tuple[int, ...],
+                  batches: tuple[tuple[int, int], ...]) -> list[Step]:
+    steps = []
+    for _ in range(repeats):
+        for size in prompt_sizes:
+            probe.add(size, 1)
+            steps.append(Step("prefill", size, 0, 0, probe.step()))
+            probe.drain()
+        for count, size in batches:
+            for _ in range(count):
+                probe.add(size, 1)
+            steps.append(Step("batched_prefill", count * size, 0, 0, probe.step()))
+            probe.drain()
+    return steps
+
+
+def splitwise_cell(probe: EngineProbe, prompt_size: int, batch_size: int) -> tuple[dict[str, Any], list[Step]]:
+    """A batch started together: its prompts in one step, then TOKEN_SIZE - 1 decode steps."""
+    for _ in range(batch_size):
+        probe.add(prompt_size, TOKEN_SIZE)
+    prompt_s = probe.step()
+    steps = [Step("batched_prefill" if batch_size > 1 else "prefill", prompt_size * batch_size, 0, 0, prompt_s)]
+    for generated in range(1, TOKEN_SIZE):
+        context = batch_size * (prompt_size + generated - 1)  # as the simulator counts it: KV written before the step
+        steps.append(Step("decode", 0, batch_size, context, probe.step()))
+    probe.drain()
+    decode_s = [step.seconds for step in steps[1:]]
+    row = {"model": "", "hardware": "", "prompt_size": prompt_size, "batch_size": batch_size,
+           "token_size": TOKEN_SIZE, "prompt_time": prompt_s * 1e3, "token_time": float(np.mean(decode_s)) * 1e3,
+           "e2e_time": (prompt_s + sum(decode_s)) * 1e3, "tensor_parallel": 1}
+    return row, steps
+
+
+def mixed_steps(probe: EngineProbe, repeats: int, cells: tuple[tuple[int, int], ...]) -> list[Step]:
+    """`running` sequences of 128-token prompts decoding, then one new prompt of `chunk` tokens joins: that step
+    carries both."""
+    steps = []
+    for _ in range(repeats):
+        for running, chunk in cells:
+            for _ in range(running):
+                probe.add(128, 8)
+            probe.step()  # their prompts
+            probe.step()  # one pure decode step, so that every sequence has a generated token
+            probe.add(chunk, 1)
+            steps.append(Step("mixed", chunk, running, running * (128 + 1), probe.step()))
+            probe.drain()
+    return steps
+
+
+def handover_rows(config: Any, repeats: int, token_counts: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Per backend and prompt size: bench.transfer_bench's measurement of that many tokens' KV."""
+    import ray
+
+    from bench import transfer_bench
+    from bench.engines import kv_bytes_per_block
+
+    block = config.model.block_size or 128
+    bytes_per_token = kv_bytes_per_block(config.model.path, block) / block
+    flush, measures = transfer_bench.CacheFlusher(), transfer_bench.paths()
+    backends = {"object_store": measures["object_store"], **({"nixl": measures["nixl"]} if "nixl" in measures else {})}
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+             object_store_memory=transfer_bench.OBJECT_STORE_BYTES, namespace=f"profile-{uuid.uuid4().hex[:6]}")
+    rows = []
+    try:
+        transfer_bench.warm_object_store()
+        for backend, measure in backends.items():
+            for num_tokens in token_counts:
+                layers = transfer_bench.NUM_LAYERS
+                nbytes = int(num_tokens * bytes_per_token) // layers * layers
+                for seconds in measure(nbytes, repeats, flush):
+                    rows.append({"backend": backend, "num_prompt_tokens": num_tokens, "num_bytes": nbytes,
+                                 "seconds": seconds})
+    finally:
+        ray.shutdown()
+    return rows
+
+
+def fit_steps(steps: list[Step]) -> dict[str, float]:
+    """Least squares of seconds on (1, prompt tokens, decode sequences, KV tokens read). A term whose coefficient
+    comes out below 0 (work that would make a step faster) is left out and the rest fitted again."""
+    names = ("step_s0", "prompt_token_s", "decode_seq_s", "context_token_s")
+    design = np.array([[1.0, step.num_prompt_tokens, step.num_decode_seqs, step.num_context_tokens]
+                       for step in steps])
+    seconds = np.array([step.seconds for step in steps])
+    kept = list(range(len(names)))
+    while True:
+        coefficients, *_ = np.linalg.lstsq(design[:, kept], seconds, rcond=None)
+        if (coefficients >= 0).all() or len(kept) == 1:
+            break
+        kept.pop(int(np.argmin(coefficients)))
+    fitted = dict.fromkeys(names, 0.0)
+    fitted.update({names[index]: max(0.0, float(value)) for index, value in zip(kept, coefficients, strict=True)})
+    return fitted
+
+
+def fit_handovers(rows: list[dict[str, Any]]) -> dict[str, float]:
+    fitted = {}
+    for backend in dict.fromkeys(row["backend"] for row in rows):
+        mine = [row for row in rows if row["backend"] == backend]
+        slope, intercept = np.polyfit([row["num_prompt_tokens"] for row in mine], [row["seconds"] for row in mine], 1)
+        fitted[f"handover_s0@{backend}"] = max(0.0, float(intercept))
+        fitted[f"handover_token_s@{backend}"] = max(0.0, float(slope))
+    return fitted
+
+
+def fit_errors(steps: list[Step], model: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per kind of step: the median and p90 of |fitted / measured - 1|."""
+    errors: dict[str, list[float]] = {}
+    for step in steps:
+        fitted = (model["step_s0"] + model["prompt_token_s"] * step.num_prompt_tokens
+                  + model["decode_seq_s"] * step.num_decode_seqs + model["context_token_s"] * step.num_context_tokens)
+        errors.setdefault(step.kind, []).append(abs(fitted / step.seconds - 1))
+    return {kind: {"num_steps": len(values), "median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
+            for kind, values in errors.items()}
+
+
+def draw(steps: list[Step], model: dict[str, float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fitted = [model["step_s0"] + model["prompt_token_s"] * s.num_prompt_tokens + model["decode_seq_s"]
+              * s.num_decode_seqs + model["context_token_s"] * s.num_context_tokens for s in steps]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
+    for kind in dict.fromkeys(step.kind for step in steps):
+        mine = [(step, fit) for step, fit in zip(steps, fitted, strict=True) if step.kind == kind]
+        left.scatter([s.seconds * 1e3 for s, _ in mine], [f * 1e3 for _, f in mine], s=12, label=kind)
+    top = max(step.seconds for step in steps) * 1e3
+    left.plot([0, top], [0, top], color="grey", linewidth=1)
+    left.set(xlabel="measured step, ms", ylabel="fitted step, ms", title="the fit against every step")
+    left.legend()
+    decode = [step for step in steps if step.kind == "decode"]
+    right.scatter([s.num_decode_seqs for s in decode], [s.seconds * 1e3 for s in decode], s=10, label="measured")
+    right.scatter([s.num_decode_seqs for s in decode],
+                  [(model["step_s0"] + model["decode_seq_s"] * s.num_decode_seqs
+                    + model["context_token_s"] * s.num_context_tokens) * 1e3 for s in decode], s=10, marker="x",
+                  label="fitted")
+    right.set(xlabel="decode sequences in the step", ylabel="step, ms", title="decode steps")
+    right.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def _write_csv(rows: list[dict[str, Any]], fields: tuple[str, ...] | list[str], path: Path) -> None:
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(fields))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each prompt and mixed sweep")
+    parser.add_argument("--handover-repeats", type=int, default=8)
+    parser.add_argument("--quick", action="store_true", help="a few cells only (a smoke run)")
+    parser.add_argument("--no-handover", action="store_true", help="skip the KV hand-over measurements")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    config = app_config()
+    prompt_sizes, batches = (PROMPT_SIZES[::3], BATCHED_PROMPTS[:2]) if args.quick else (PROMPT_SIZES, BATCHED_PROMPTS)
+    cells = SPLITWISE_CELLS[:2] if args.quick else SPLITWISE_CELLS
+    mixed = MIXED[:2] if args.quick else MIXED
+    began = time.time()
+    probe = EngineProbe(config)
+    probe.add(64, 2)
+    probe.drain()  # the first step pays one-time costs
+    steps: list[Step] = []
+    splitwise_rows: list[dict[str, Any]] = []
+    with tqdm(total=3 + (0 if args.no_handover else 1), desc="profile", unit="sweep") as progress:
+        steps += prefill_steps(probe, args.repeats, prompt_sizes, batches)
+        progress.update()
+        for prompt_size, batch_size in cells:
+            row, cell_steps = splitwise_cell(probe, prompt_size, batch_size)
+            row |= {"model": config.model.served_name, "hardware": "host-cpu"}
+            splitwise_rows.append(row)
+            steps += cell_steps
+        progress.update()
+        steps += mixed_steps(probe, args.repeats, mixed)
+        progress.update()
+        del probe
+        handovers = [] if args.no_handover else handover_rows(config, args.handover_repeats,
+                                                              HANDOVER_TOKENS[:2] if args.quick else HANDOVER_TOKENS)
+        progress.update(0 if args.no_handover else 1)
+    model = fit_steps(steps) | fit_handovers(handovers)
+    errors = fit_errors(steps, model)
+    args.out.mkdir(parents=True, exist_ok=True)
+    _write_csv([asdict(step) for step in steps], STEP_FIELDS, args.out / "steps.csv")
+    _write_csv(splitwise_rows, SPLITWISE_FIELDS, args.out / "perf_model.csv")
+    if handovers:
+        _write_csv(handovers, ("backend", "num_prompt_tokens", "num_bytes", "seconds"), args.out / "transfers.csv")
+    _write_csv([{"parameter": name, "value": value} for name, value in model.items()], ("parameter", "value"),
+               args.out / "model.csv")
+    draw(steps, model, args.out / "fit.png")
+    origin = provenance()
+    meta = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(began)),
+            "wall_s": round(time.time() - began, 1), **origin, "engine": {
+                "model": config.model.served_name, "dtype": config.model.dtype,
+                "max_num_batched_tokens": config.decode.max_num_batched_tokens,
+                "max_num_seqs": config.decode.max_num_seqs, "kv_cache_gib": config.decode.kv_cache_gib,
+                "cpu_binding": config.decode.cpu_binding}, "model": model, "fit_errors": errors,
+            "num_steps": len(steps), "num_handovers": len(handovers)}
+    (args.out / "run.json").write_text(json.dumps(meta, indent=2))
+    lines = ["# The engine's profile on this host", "",
+             f"`python -m bench.profile {' '.join(argv or [])}`".replace(" `", "`"),
+             f"at commit {origin['commit']}{' (dirty tree)' if origin['is_dirty'] else ''}, "
+             f"{meta['started_at']}, {meta['wall_s'] / 60:.1f} min: {len(steps)} engine steps, "
+             f"{len(handovers)} hand-overs.", "",
+             "step seconds = step_s0 + prompt_token_s · prompt tokens + decode_seq_s · decode sequences + "
+             "context_token_s · KV tokens read", "", "| parameter | value |", "| --- | --- |",
+             *[f"| {name} | {value:.4g} |" for name, value in model.items()], "",
+             "The fit's error per kind of step, |fitted / measured - 1|:", "",
+             "| steps | n | median | p90 |", "| --- | --- | --- | --- |",
+             *[f"| {kind} | {e['num_steps']} | {e['median']:.1%} | {e['p90']:.1%} |" for kind, e in errors.items()],
+             "", "![fit](fit.png)", "",
+             "Every step is in [steps.csv](steps.csv), SplitwiseSim's cells in [perf_model.csv](perf_model.csv)"
+             + (", the hand-overs in [transfers.csv](transfers.csv)." if handovers else ".")]
+    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""bench.profile's arithmetic: the step fit recovers a known model, leaves out a term that would come out below 0,
+and the hand-over line per backend; the simulator reads the model it writes."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from bench.profile import Step, fit_errors, fit_handovers, fit_steps
+from bench.sim.model import PerfModel
+
+
+def _steps(step_s0=0.02, prompt_token_s=0.0019, decode_seq_s=0.003, context_token_s=2e-6) -> list[Step]:
+    steps = []
+    for prompt, seqs, context in [(512, 0, 0), (2048, 0, 0), (64, 0, 0), (0, 1, 300), (0, 8, 4000), (0, 16, 9000),
+                                  (256, 4, 600), (1024, 16, 2100), (0, 2, 2100)]:
+        seconds = step_s0 + prompt_token_s * prompt + decode_seq_s * seqs + context_token_s * context
+        steps.append(Step("mixed" if prompt and seqs else "prefill" if prompt else "decode", prompt, seqs, context,
+                          seconds))
+    return steps
+
+
+def test_the_step_fit_recovers_a_known_model_exactly():
+    fitted = fit_steps(_steps())
+    assert fitted == pytest.approx({"step_s0": 0.02, "prompt_token_s": 0.0019, "decode_seq_s": 0.003,
+                                    "context_token_s": 2e-6}, rel=1e-6)
+    assert all(error["median"] < 1e-6 for error in fit_errors(_steps(), fitted).values())
+
+
+def test_a_term_that_would_be_negative_is_left_out():
+    steps = [Step(s.kind, s.num_prompt_tokens, s.num_decode_seqs, s.num_context_tokens,
+                  s.seconds - 1e-6 * s.num_context_tokens) for s in _steps(context_token_s=0.0)]
+    fitted = fit_steps(steps)
+    assert fitted["context_token_s"] == 0.0 and all(value >= 0 for value in fitted.values())
+
+
+def test_hand_overs_are_a_line_per_backend_and_the_simulator_reads_the_model(tmp_path):
+    rows = [{"backend": backend, "num_prompt_tokens": tokens, "seconds": base + per_token * tokens}
+            for backend, base, per_token in (("nixl", 0.004, 1e-5), ("object_store", 0.006, 2e-5))
+            for tokens in (128, 512, 2048)]
+    model = fit_steps(_steps()) | fit_handovers(rows)
+    assert model["handover_s0@nixl"] == pytest.approx(0.004) and model["handover_token_s@object_store"] == \
+        pytest.approx(2e-5)
+    path = tmp_path / "model.csv"
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["parameter", "value"])
+        writer.writeheader()
+        writer.writerows({"parameter": name, "value": value} for name, value in model.items())
+    read = PerfModel.from_profile(path, backend="object_store")
+    assert read.handover_s(1000) == pytest.approx(0.006 + 0.02) and read.step_s0 == pytest.approx(0.02)
