@@ -143,8 +143,16 @@ class LoadBook:
     def refresh_keys(self) -> None:
         """Every engine pushed again with its drain time under the current rates: O(engines), for the router to
         run when the rates changed, not per decision."""
-        for engine in self._engines.values():
-            self._push(engine)
+        heaps: dict[str, list[tuple[float, int, int, str, int]]] = {"prefill": [], "decode": []}
+        for engine in self._engines.values():  # the entries one push each would make, in the same order
+            engine.version += 1
+            self._tie += 1
+            engine_id = engine.reported.engine_id
+            heaps[engine.reported.role].append((self.drain_s(engine_id), engine.num_requests, self._tie, engine_id,
+                                                engine.version))
+        for role, entries in heaps.items():  # every older entry is stale now: a fresh heap, built in O(engines)
+            heapq.heapify(entries)
+            self._heaps[role] = entries
 
     def engine_ids(self, role: Role) -> list[str]:
         return [engine_id for engine_id, engine in self._engines.items() if engine.reported.role == role]

@@ -30,6 +30,7 @@ class WeightedLine:
     _sxx: float = 0.0
     _sxy: float = 0.0
     num_observations: int = 0
+    _line: tuple[float, float] | None = field(default=None, repr=False, compare=False)
 
     def observe(self, x: float, y: float) -> None:
         keep = 0.5 ** (1.0 / self.half_life)
@@ -39,9 +40,26 @@ class WeightedLine:
         self._sxx = keep * self._sxx + x * x
         self._sxy = keep * self._sxy + x * y
         self.num_observations += 1
+        self._line = None
 
     @property
     def slope(self) -> float:
+        return self._fitted()[1]
+
+    @property
+    def intercept(self) -> float:
+        return self._fitted()[0]
+
+    def _fitted(self) -> tuple[float, float]:
+        """(intercept, slope), computed once per observation: a router or a simulator predicts far more often
+        than it observes."""
+        if self._line is None:
+            slope = self._slope()
+            intercept = max(0.0, self._sy / self._weight - slope * self._sx / self._weight) if self._weight else 0.0
+            self._line = (intercept, slope)
+        return self._line
+
+    def _slope(self) -> float:
         if self._weight == 0:
             return 0.0
         mean_x, mean_y = self._sx / self._weight, self._sy / self._weight
@@ -50,14 +68,9 @@ class WeightedLine:
             return 0.0  # every x alike: no slope to tell; the mean is the estimate
         return max(0.0, (self._sxy / self._weight - mean_x * mean_y) / spread)  # work never gets cheaper with size
 
-    @property
-    def intercept(self) -> float:
-        if self._weight == 0:
-            return 0.0
-        return max(0.0, self._sy / self._weight - self.slope * self._sx / self._weight)
-
     def predict(self, x: float) -> float:
-        return self.intercept + self.slope * x
+        intercept, slope = self._fitted()
+        return intercept + slope * x
 
     def summary(self) -> dict[str, float]:
         return {"intercept": round(self.intercept, 6), "slope": round(self.slope, 9),
@@ -74,6 +87,7 @@ class Rates:
     _decode_step: dict[str, WeightedLine] = field(default_factory=dict)  # engine -> seconds against batch size
     _transfer: WeightedLine | None = None  # seconds against prompt tokens, decode idle
     _handover_wait: dict[str, WeightedLine] = field(default_factory=dict)  # decode engine -> seconds against ahead
+    _is_known: bool = False
 
     @property
     def num_handovers(self) -> int:
@@ -104,7 +118,13 @@ class Rates:
 
     # Estimates.
     def is_known(self) -> bool:
-        """Enough of each kind to predict: some prefill, some decode step, and (for a split) some hand-overs."""
+        """Enough of each kind to predict: some prefill, some decode step, and (for a split) some hand-overs.
+        Observations only accumulate, so once known it stays known (and is not searched for again)."""
+        if not self._is_known:
+            self._is_known = self._has_enough()
+        return self._is_known
+
+    def _has_enough(self) -> bool:
         return (any(self._is_trusted(line) for line in self._prefill.values())
                 and any(self._is_trusted(line) for line in self._decode_step.values())
                 and self.num_handovers >= self.min_observations)

@@ -4,7 +4,9 @@ value."""
 
 from __future__ import annotations
 
+import json
 import random
+from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
@@ -202,3 +204,32 @@ def test_the_command_writes_bench_compares_schemas_and_splitwise_sims_summary(tm
     assert {"ttft_times_p99", "tbt_times_mean", "response_times_p999", "queue_times_median"} <= set(splitwise)
     run = json.loads((tmp_path / "out" / "run.json").read_text())
     assert run["decisions"] == {"split": 50} and 0 < run["machines"][0]["utilisation"] < 1
+
+
+DECISIONS = Path(__file__).parent / "data" / "policy_decisions.json"
+
+
+def _replayed_decisions() -> dict[str, list[list]]:
+    """Every policy's path and engines for 400 requests through 3 prefill + 3 decode simulated machines."""
+    rng = random.Random(11)
+    arrival, requests = 0.0, []
+    for request_id in range(400):
+        arrival += rng.expovariate(6.0)
+        requests.append(_request(request_id, arrival, rng.randint(16, 900), rng.randint(1, 90)))
+    model = PerfModel(step_s0=0.02, prompt_token_s=0.0004, decode_seq_s=0.003, context_token_s=2e-6,
+                      handover_s0=0.01, handover_token_s=1e-5)
+    decided = {}
+    for policy in ("always_split", "token_jsq", "conditional", "mixed_pool", "predictive"):
+        config = SimConfig(model=model, cluster=ClusterConfig(num_prefill=3, num_decode=3, decode=MachineConfig(
+            max_num_seqs=8, kv_capacity_tokens=4000)), scheduling={"policy": policy, "min_observations": 3})
+        result = Simulator(config).run(requests)
+        decided[policy] = [[request.path, request.prefill_machine if request.path == "split" else -1,
+                            request.decode_engine] for request in result.requests]
+    return decided
+
+
+def test_speed_changes_to_the_scheduler_keep_every_decision():
+    """The fixture holds the decisions of the scheduler before its speed-only changes (cached rate lines, a
+    re-key that rebuilds the heap): the same trace must get the same path and engines from every policy. After a
+    change meant to alter decisions, regenerate it: json.dumps(_replayed_decisions())."""
+    assert _replayed_decisions() == json.loads(DECISIONS.read_text())
