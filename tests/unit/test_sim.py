@@ -233,3 +233,21 @@ def test_speed_changes_to_the_scheduler_keep_every_decision():
     re-key that rebuilds the heap): the same trace must get the same path and engines from every policy. After a
     change meant to alter decisions, regenerate it: json.dumps(_replayed_decisions())."""
     assert _replayed_decisions() == json.loads(DECISIONS.read_text())
+
+
+def test_validation_pairs_requests_and_finds_saturation():
+    from bench.load_generator import RequestRecord
+    from bench.sim_validate import compare_cell, is_within, saturation
+
+    def record(request_id, ttft, e2e):
+        return RequestRecord(request_id=request_id, arrival_s=0.0, prompt_tokens=10, output_tokens=3, start_s=0.0,
+                             ttft_s=ttft, e2e_s=e2e, tbt_s=[(e2e - ttft) / 2] * 2)
+
+    measured = [record(index, 0.1 * (index + 1), 1.0 + index) for index in range(20)]
+    simulated = [record(index, 0.105 * (index + 1), 1.0 + index) for index in reversed(range(20))]  # any order
+    row = compare_cell(simulated, measured)
+    assert row["num_requests"] == 20 and row["ttft_p50_ratio"] == pytest.approx(1.05, abs=0.01)
+    assert row["e2e_p50_ratio"] == pytest.approx(1.0) and is_within(row, "ttft") and is_within(row, "e2e")
+    sweep = [{"rate_per_s": rate, "measured_delivered_share": measured_share, "simulated_delivered_share": share}
+             for rate, measured_share, share in ((0.5, 0.97, 0.98), (1.0, 0.93, 0.85), (2.0, 0.6, 0.5))]
+    assert saturation(sweep, "measured") == 2.0 and saturation(sweep, "simulated") == 1.0

@@ -1,0 +1,254 @@
+"""Validate the simulator against a measured comparison: the same requests, simulated and served, side by side.
+
+    python -m bench.sim_validate                    # bench/results/compare against bench/results/profile/model.csv
+
+1. The comparison's run.json says what each system ran; a system the simulator can stand for gets its cluster:
+   collocated (its engines, both phases), splitserve (its pools and `scheduling.policy`), Ray Serve LLM's PD
+   (one prefill and one decode engine, Serve's power-of-two choices: always_split). Machine limits come from the
+   engine settings (batch tokens, sequences, the KV cache in tokens of this model), the timing only from
+   bench.profile's model.csv: nothing is fitted to a cell.
+2. Each system's cells are replayed in the order it ran them, in one simulation (its scheduler's learned rates
+   carry over as they did live), at the arrival times and with the token counts its run recorded.
+3. Per cell: simulated over measured TTFT, TBT (a request's mean gap) and E2E at p50 and p90, each with a paired
+   request-level 95% bootstrap interval; a p50 is within target when the ratio is within 10% of 1 or its interval
+   holds 1, counted for the cells below 80% of the system's measured saturation. Saturation per trace: the first
+   rate whose delivered requests/s fall below 0.9 of the offered, measured and simulated.
+4. validation.csv, validation.md and validation.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from bench.bootstrap import paired_ratio_interval
+from bench.engines import kv_bytes_per_block
+from bench.load_generator import RequestRecord
+from bench.provenance import provenance
+from bench.report import SATURATED_SHARE
+from bench.result_files import read_requests_csv, span_s
+from bench.sim.config import ClusterConfig, MachineConfig, SimConfig
+from bench.sim.model import PerfModel
+from bench.sim.simulator import Simulator
+from bench.systems import app_config
+from bench.traces import TraceRequest
+
+RESULTS = Path(__file__).parent / "results"
+GAP_BETWEEN_CELLS_S = 5.0
+WITHIN = 0.10  # a simulated p50 within 10% of the measured one
+BELOW_SATURATION = 0.8
+METRICS = (("ttft", "TTFT"), ("tpot", "TBT"), ("e2e", "E2E"))
+
+
+def machine_config(role: Any, model: Any) -> MachineConfig:
+    block = model.block_size or 128
+    bytes_per_token = kv_bytes_per_block(model.path, block) / block
+    return MachineConfig(max_batch_tokens=role.max_num_batched_tokens, max_num_seqs=role.max_num_seqs,
+                         kv_capacity_tokens=int(role.kv_cache_gib * 2**30 / bytes_per_token),
+                         long_prefill_token_threshold=role.long_prefill_token_threshold or None)
+
+
+def sim_config(name: str, serve_config: dict[str, Any], profile: Path) -> SimConfig | None:
+    """The simulated cluster standing for one measured system, None where the simulator has none."""
+    if name.startswith("ray-serve-llm"):
+        args = app_config()  # the peer runs the same engine settings on 1 prefill + 1 decode engine
+        return SimConfig(profile=profile, scheduling={"policy": "always_split"},
+                         cluster=ClusterConfig(num_prefill=1, num_decode=1,
+                                               prefill=machine_config(args.prefill, args.model),
+                                               decode=machine_config(args.decode, args.model)))
+    args = app_config(serve_config)
+    backend = args.transfer.backend if args.transfer.backend != "auto" else "nixl"
+    if args.mode == "collocated":
+        return SimConfig(profile=profile, transfer_backend=backend, cluster=ClusterConfig(
+            mode="collocated", num_prefill=0, num_decode=args.collocated.num_replicas,
+            decode=machine_config(args.collocated, args.model)))
+    return SimConfig(profile=profile, transfer_backend=backend,
+                     scheduling=args.scheduling.model_dump(),
+                     cluster=ClusterConfig(num_prefill=args.prefill.num_replicas, num_decode=args.decode.num_replicas,
+                                           prefill=machine_config(args.prefill, args.model),
+                                           decode=machine_config(args.decode, args.model)))
+
+
+def replay(config: SimConfig, measured: dict[str, list[RequestRecord]]) -> dict[str, list[RequestRecord]]:
+    """Every cell in its measured order, one after another in one simulation; records back per cell, each with
+    its cell's own clock."""
+    requests, cell_of, offset = [], {}, 0.0
+    for cell, records in measured.items():
+        base = min(record.arrival_s for record in records)
+        for record in records:
+            request_id = len(requests)
+            cell_of[request_id] = (cell, record.request_id, offset - base)
+            requests.append(TraceRequest(request_id=request_id, arrival_s=offset + record.arrival_s - base,
+                                         prompt_tokens=max(1, record.prompt_tokens),
+                                         output_tokens=max(1, record.output_tokens)))
+        longest = max((record.e2e_s or 0.0) + record.arrival_s - base for record in records)
+        offset += longest + GAP_BETWEEN_CELLS_S
+    simulated: dict[str, list[RequestRecord]] = {cell: [] for cell in measured}
+    for record in Simulator(config).run(requests).records:
+        cell, request_id, shift = cell_of[record.request_id]
+        record.request_id, record.arrival_s, record.start_s = request_id, record.arrival_s - shift, \
+            record.arrival_s - shift
+        record.workload = cell
+        simulated[cell].append(record)
+    return simulated
+
+
+def _values(record: RequestRecord, key: str) -> float | None:
+    return record.tpot_s if key == "tpot" else getattr(record, f"{key}_s")
+
+
+def compare_cell(simulated: list[RequestRecord], measured: list[RequestRecord]) -> dict[str, Any]:
+    pairs = {record.request_id: record for record in measured if record.is_ok}
+    both = [(record, pairs[record.request_id]) for record in simulated
+            if record.is_ok and record.request_id in pairs]
+    row: dict[str, Any] = {"num_requests": len(both)}
+    for key, _ in METRICS:
+        sample = [(_values(sim, key), _values(real, key)) for sim, real in both]
+        sample = [(s, m) for s, m in sample if s is not None and m is not None and m > 0]
+        for q in (50, 90):
+            if len(sample) < 3:
+                row[f"{key}_p{q}_ratio"] = ""
+                continue
+            found = paired_ratio_interval([[s] for s, _ in sample], [[m] for _, m in sample], q)
+            row[f"{key}_p{q}_measured_ms"] = round(float(np.percentile([m for _, m in sample], q)) * 1e3, 1)
+            row[f"{key}_p{q}_simulated_ms"] = round(float(np.percentile([s for s, _ in sample], q)) * 1e3, 1)
+            row[f"{key}_p{q}_ratio"], row[f"{key}_p{q}_low"], row[f"{key}_p{q}_high"] = \
+                round(found.ratio, 3), round(found.low, 3), round(found.high, 3)
+    return row
+
+
+def saturation(rows: list[dict[str, Any]], side: str) -> float | None:
+    """The first rate whose delivered requests/s fall below SATURATED_SHARE of the offered."""
+    past = [row["rate_per_s"] for row in rows if row[f"{side}_delivered_share"] < SATURATED_SHARE]
+    return min(past) if past else None
+
+
+def is_within(row: dict[str, Any], key: str) -> bool:
+    ratio = row.get(f"{key}_p50_ratio")
+    if ratio in (None, ""):
+        return False
+    return abs(ratio - 1) <= WITHIN or row[f"{key}_p50_low"] <= 1 <= row[f"{key}_p50_high"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--compare", type=Path, default=RESULTS / "compare", help="a bench.compare results folder")
+    parser.add_argument("--profile", type=Path, default=RESULTS / "profile" / "model.csv")
+    parser.add_argument("--out", type=Path, default=RESULTS / "sim")
+    args = parser.parse_args(argv)
+    run = json.loads((args.compare / "run.json").read_text())
+    cells = {cell["name"]: cell for cell in run["cells"]}
+    rows: list[dict[str, Any]] = []
+    for system in run["systems"]:
+        try:
+            config = sim_config(system["name"], system["config"], args.profile)
+        except ValueError as exc:  # a config of older code (pydantic's errors are ValueErrors)
+            print(f"{system['name']}: skipped, its config does not validate now: {str(exc)[:300]}")
+            continue
+        path = args.compare / f"requests_{system['name']}.csv"
+        if config is None or not path.exists():
+            continue
+        measured: dict[str, list[RequestRecord]] = {}
+        for record in read_requests_csv(path):
+            if record.repeat == 0:
+                measured.setdefault(record.workload, []).append(record)
+        measured = {name: measured[name] for name in cells if name in measured}
+        simulated = replay(config, measured)
+        for name, records in measured.items():
+            cell = cells[name]
+            row = {"system": system["name"], "policy": config.scheduling.policy, "cell": name,
+                   "trace": cell["trace"], "kind": cell["kind"], "rate_per_s": cell.get("rate_per_s"),
+                   **compare_cell(simulated[name], records)}
+            if cell["kind"] == "open":
+                for side, side_records in (("measured", records), ("simulated", simulated[name])):
+                    done = sum(record.is_ok for record in side_records)
+                    row[f"{side}_delivered_share"] = round(done / span_s(side_records) / cell["rate_per_s"], 3)
+            rows.append(row)
+    args.out.mkdir(parents=True, exist_ok=True)
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with open(args.out / "validation.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = report_lines(rows, run, args, provenance())
+    (args.out / "validation.md").write_text("\n".join(lines) + "\n")
+    draw(rows, args.out / "validation.png")
+    print("\n".join(lines))
+
+
+def report_lines(rows: list[dict[str, Any]], run: dict[str, Any], args: argparse.Namespace,
+                 origin: dict[str, Any]) -> list[str]:
+    lines = ["# The simulator against the measured comparison", "",
+             f"`python -m bench.sim_validate --compare {args.compare} --profile {args.profile}` at commit "
+             f"{origin['commit']}: the requests of the comparison measured at {run.get('measured_commit')} "
+             f"({run.get('started_at')}), replayed in the simulator with the profile alone. Ratios are simulated "
+             "over measured on the same requests, with paired 95% bootstrap intervals.", "",
+             "| system | policy | cell | n | TTFT p50 (sim / measured ms) | TTFT p50 ratio | TBT p50 ratio | "
+             "E2E p50 ratio | TTFT p90 ratio | E2E p90 ratio |", "|" + " --- |" * 10]
+
+    def ratio(row: dict[str, Any], key: str) -> str:
+        if row.get(f"{key}_ratio") in (None, ""):
+            return "–"
+        return f"{row[f'{key}_ratio']:.2f} [{row[f'{key}_low']:.2f}–{row[f'{key}_high']:.2f}]"
+
+    for row in rows:
+        lines.append(f"| {row['system']} | {row['policy']} | {row['cell']} | {row['num_requests']} | "
+                     f"{row.get('ttft_p50_simulated_ms', '–')} / {row.get('ttft_p50_measured_ms', '–')} | "
+                     f"{ratio(row, 'ttft_p50')} | {ratio(row, 'tpot_p50')} | {ratio(row, 'e2e_p50')} | "
+                     f"{ratio(row, 'ttft_p90')} | {ratio(row, 'e2e_p90')} |")
+    lines += ["", "## Against the targets", "",
+              "| system | trace | saturation measured | simulated | within 15% | cells below 80% of it | "
+              "TTFT p50 within | TBT p50 within | E2E p50 within |", "|" + " --- |" * 9]
+    for system in dict.fromkeys(row["system"] for row in rows):
+        for trace in dict.fromkeys(row["trace"] for row in rows if row["kind"] == "open"):
+            sweep = [row for row in rows if row["system"] == system and row["trace"] == trace
+                     and row["kind"] == "open"]
+            if not sweep:
+                continue
+            measured, simulated = saturation(sweep, "measured"), saturation(sweep, "simulated")
+            close = "–" if measured is None or simulated is None else \
+                ("yes" if abs(simulated / measured - 1) <= 0.15 else "no")
+            limit = measured if measured is not None else float("inf")
+            below = [row for row in sweep if row["rate_per_s"] < BELOW_SATURATION * limit]
+            counts = [f"{sum(is_within(row, key) for row in below)} of {len(below)}" for key, _ in METRICS]
+            lines.append(f"| {system} | {trace} | {measured or 'not reached'} | {simulated or 'not reached'} | "
+                         f"{close} | {len(below)} | " + " | ".join(counts) + " |")
+    lines += ["", f"A p50 is within target when the ratio is within {WITHIN:.0%} of 1 or its interval holds 1. "
+              f"Saturation: the first rate delivering under {SATURATED_SHARE} of the offered requests/s. "
+              "Every row is in [validation.csv](validation.csv).", "", "![validation](validation.png)"]
+    return lines
+
+
+def draw(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    open_rows = [row for row in rows if row["kind"] == "open" and row.get("ttft_p50_measured_ms")]
+    traces = list(dict.fromkeys(row["trace"] for row in open_rows))
+    if not traces:
+        return
+    figure, axes = plt.subplots(1, len(traces), figsize=(6 * len(traces), 4.5), squeeze=False)
+    for axis, trace in zip(axes[0], traces, strict=True):
+        for system in dict.fromkeys(row["system"] for row in open_rows):
+            mine = sorted((row for row in open_rows if row["system"] == system and row["trace"] == trace),
+                          key=lambda row: row["rate_per_s"])
+            rates = [row["rate_per_s"] for row in mine]
+            line, = axis.plot(rates, [row["ttft_p50_measured_ms"] for row in mine], marker="o", label=f"{system}")
+            axis.plot(rates, [row["ttft_p50_simulated_ms"] for row in mine], marker="x", linestyle="--",
+                      color=line.get_color(), label=f"{system} (simulated)")
+        axis.set(xlabel="offered requests/s", ylabel="TTFT p50, ms", title=trace, yscale="log")
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
