@@ -27,7 +27,6 @@ from typing import Any
 import numpy as np
 
 from bench.bootstrap import paired_ratio_interval
-from bench.engines import kv_bytes_per_block
 from bench.load_generator import RequestRecord
 from bench.provenance import provenance
 from bench.report import SATURATED_SHARE
@@ -46,6 +45,8 @@ METRICS = (("ttft", "TTFT"), ("tpot", "TBT"), ("e2e", "E2E"))
 
 
 def machine_config(role: Any, model: Any) -> MachineConfig:
+    from bench.engines import kv_bytes_per_block  # imports Ray: only when a cluster is built
+
     block = model.block_size or 128
     bytes_per_token = kv_bytes_per_block(model.path, block) / block
     return MachineConfig(max_batch_tokens=role.max_num_batched_tokens, max_num_seqs=role.max_num_seqs,
