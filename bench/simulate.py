@@ -32,7 +32,7 @@ from bench.result_files import read_requests_csv, span_s, summary_row, write_req
 from bench.sim.config import SimConfig
 from bench.sim.simulator import SimResult, Simulator
 from bench.slo import Reference
-from bench.traces import TraceRequest, read_trace, scale_trace, scaling_for_rate
+from bench.traces import Scaling, TraceRequest, read_trace, scale_trace, scaling_for_rate
 from bench.workloads import DEFAULT_TOKEN_SCALING, TRACE_FILES, TRACES_DIR, Plan
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "sim" / "run"
@@ -40,15 +40,17 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "sim" / "run"
 SPLITWISE_STATISTICS = ("mean", "std", "min", "max", "median", "p50", "p90", "p95", "p99", "p999")
 
 
-def trace_requests(trace: str, *, rate_per_s: float | None, duration_s: float) -> list[TraceRequest]:
-    """A trace by name (conv, code) or path, at its own times, or replayed at `rate_per_s` for `duration_s`."""
+def trace_requests(trace: str, *, rate_per_s: float | None, duration_s: float,
+                   is_scaled: bool = True) -> list[TraceRequest]:
+    """A trace by name (conv, code) or path, at its own times, or replayed at `rate_per_s` for `duration_s`; a
+    named trace's token counts scaled as bench.compare scales them for this host unless `is_scaled` is False."""
     requests = read_trace(TRACES_DIR / TRACE_FILES[trace] if trace in TRACE_FILES else Path(trace))
+    tokens = DEFAULT_TOKEN_SCALING.get(trace) if is_scaled else None
+    token_fields = tokens.model_dump() if tokens is not None else {}
     if rate_per_s is None:
-        return requests
-    tokens = DEFAULT_TOKEN_SCALING.get(trace)
-    scaling = scaling_for_rate(requests, rate_per_s=rate_per_s, duration_s=duration_s,
-                               **(tokens.model_dump() if tokens is not None else {}))
-    return scale_trace(requests, scaling)
+        return scale_trace(requests, Scaling(**token_fields)) if token_fields else requests
+    return scale_trace(requests, scaling_for_rate(requests, rate_per_s=rate_per_s, duration_s=duration_s,
+                                                  **token_fields))
 
 
 def cell_requests(name: str) -> list[TraceRequest]:
@@ -108,6 +110,8 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workload", help="the cell of --requests to replay")
     parser.add_argument("--rate", type=float, help="replay --trace at this mean rate, requests/s")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of arrivals at --rate")
+    parser.add_argument("--no-token-scaling", action="store_true",
+                        help="conv and code with their own token counts (bench.compare scales them for this host)")
     parser.add_argument("--reference", type=Path, help="bench.compare's reference.json: SLO slowdowns against it")
     parser.add_argument("--name", default="splitsim", help="the system name in summary.csv")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -121,7 +125,8 @@ def main(argv: list[str] | None = None) -> None:
     args = _arguments(argv)
     config = SimConfig.from_yaml(args.config)
     if args.trace is not None:
-        requests = trace_requests(args.trace, rate_per_s=args.rate, duration_s=args.duration)
+        requests = trace_requests(args.trace, rate_per_s=args.rate, duration_s=args.duration,
+                                  is_scaled=not args.no_token_scaling)
     elif args.cell is not None:
         requests = cell_requests(args.cell)
     else:

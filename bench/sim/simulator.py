@@ -224,7 +224,10 @@ class Simulator:
             return record
         record.ttft_s = request.first_token_s - request.arrival_s
         record.e2e_s = request.done_s - request.arrival_s
-        record.tbt_s = list(request.gaps_s or ())
+        if request.gaps_s is not None or request.num_generated < 2:
+            record.tbt_s = list(request.gaps_s or ())
+        else:  # gaps not kept: one mean gap stands for them (a request's TBT is right, all-gap tails are not)
+            record.tbt_s = [(request.done_s - request.first_token_s) / (request.num_generated - 1)]
         record.predicted_ttft_s = request.predicted_ttft_s
         if request.prefilled_s is not None:
             record.prefill_s = request.prefilled_s - request.arrival_s

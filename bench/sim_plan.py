@@ -1,0 +1,206 @@
+"""Plan a cluster: the cheapest pools that serve a trace at a rate within Splitwise's SLOs, and how far each design
+scales (Splitwise's throughput-against-machines figure), from simulations that fan out as Ray tasks.
+
+    python -m bench.sim_plan --config bench/sim/configs/host_1p1d.yaml --trace conv --rate 4
+    python -m bench.sim_plan --config bench/sim/configs/a100_llama2_70b.yaml --trace conv --rate 40 \\
+        --no-token-scaling --machines 4 8 16 32 --out bench/results/sim/plan_a100
+
+1. The reference: what one collocated machine takes for a request of each size, one at a time, simulated with the
+   same profile (`--reference` takes a measured reference.json instead), fitted as bench.compare fits its own.
+2. The designs: collocated (every machine both phases), and for each policy (`--policies`) every P:D split of
+   each machine count (`--machines`). A design meets the SLOs at a rate when the P50/P90/P99 slowdowns of TTFT,
+   TBT and E2E are within Splitwise's nine bounds (bench/slo.py), failed requests counting as misses.
+3. For the asked rate: the fewest machines (and its split) that meet them, per design. For the figure: each
+   design's goodput (the highest rate it meets them at, by bisection) at each machine count, best split.
+4. Every simulation is one Ray task, on whatever cluster `ray.init` finds (a local one otherwise), with a progress
+   bar. plan.md, plan.csv and plan.png under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+from bench.provenance import provenance
+from bench.sim.config import SimConfig
+from bench.slo import Reference, RequestSample, fit_reference, slo_margin, slowdown_percentiles, slowdowns
+
+DEFAULT_OUT = Path(__file__).parent / "results" / "sim" / "plan"
+COLLOCATED = "collocated"
+NUM_UNCONTENDED = 40
+BISECTION_STEPS = 6
+
+
+def _sample(record: Any) -> RequestSample | None:
+    if not record.is_ok or record.output_tokens < 1:
+        return None
+    return RequestSample(prompt_tokens=max(1, record.prompt_tokens), output_tokens=record.output_tokens,
+                         ttft_s=record.ttft_s, tpot_s=record.tpot_s, e2e_s=record.e2e_s)
+
+
+def design_config(base: SimConfig, design: str, num_machines: int, num_prefill: int) -> SimConfig:
+    cluster = base.cluster
+    if design == COLLOCATED:
+        update = {"mode": "collocated", "num_prefill": 0, "num_decode": num_machines}
+        return base.model_copy(update={"cluster": cluster.model_copy(update=update),
+                                       "scheduling": base.scheduling.model_copy(update={"policy": "always_split"})})
+    update = {"mode": "disaggregated", "num_prefill": num_prefill, "num_decode": num_machines - num_prefill}
+    return base.model_copy(update={"cluster": cluster.model_copy(update=update),
+                                   "scheduling": base.scheduling.model_copy(update={"policy": design})})
+
+
+def simulate_margin(config_json: str, trace: str, rate: float, duration_s: float, is_scaled: bool,
+                    reference_json: str) -> dict[str, Any]:
+    """One simulation: the design at the rate; its SLO margin (≤ 1 meets all nine bounds)."""
+    from bench.sim.simulator import Simulator
+    from bench.simulate import trace_requests
+
+    config = SimConfig.model_validate_json(config_json)
+    requests = trace_requests(trace, rate_per_s=rate, duration_s=duration_s, is_scaled=is_scaled)
+    result = Simulator(config).run(requests)
+    fit = Reference.model_validate_json(reference_json).for_trace(trace)
+    samples = [_sample(record) for record in result.records]
+    margin = slo_margin(slowdown_percentiles(slowdowns(samples, fit)))
+    return {"margin": margin, "num_done": sum(sample is not None for sample in samples), "wall_s": result.wall_s}
+
+
+def simulated_reference(base: SimConfig, trace: str, is_scaled: bool) -> Reference:
+    """One collocated machine, one request at a time, over requests of the trace's sizes."""
+    from bench.sim.simulator import Simulator
+    from bench.simulate import trace_requests
+
+    sizes = sorted(trace_requests(trace, rate_per_s=None, duration_s=0, is_scaled=is_scaled),
+                   key=lambda request: request.prompt_tokens)
+    picks = [sizes[round(index * (len(sizes) - 1) / (NUM_UNCONTENDED - 1))] for index in range(NUM_UNCONTENDED)]
+    config = design_config(base, COLLOCATED, 1, 0)
+    records = []
+    for index, request in enumerate(picks):  # one at a time: each alone in its own run
+        alone = request.model_copy(update={"request_id": index, "arrival_s": 0.0})
+        records += Simulator(config).run([alone]).records
+    samples = [sample for record in records if (sample := _sample(record)) is not None]
+    fit = fit_reference(samples, min_requests=NUM_UNCONTENDED // 2)
+    return Reference(system="simulated collocated machine", commit=provenance()["commit"], fits={trace: fit, "all": fit})
+
+
+def main(argv: list[str] | None = None) -> None:
+    import ray
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", type=Path, required=True, help="the machine kind and profile (bench/sim)")
+    parser.add_argument("--trace", default="conv")
+    parser.add_argument("--rate", type=float, required=True, help="the rate to plan for, requests/s")
+    parser.add_argument("--duration", type=float, default=300.0, help="seconds of arrivals per simulation")
+    parser.add_argument("--machines", type=int, nargs="+", default=[2, 3, 4, 6, 8])
+    parser.add_argument("--policies", nargs="+", default=["predictive", "always_split", "token_jsq"])
+    parser.add_argument("--reference", type=Path, help="a measured reference.json (default: simulated)")
+    parser.add_argument("--no-token-scaling", action="store_true", help="the trace's own token counts")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    args = parser.parse_args(argv)
+    base = SimConfig.from_yaml(args.config).model_copy(update={"keeps_token_gaps": False})
+    base = base.model_copy(update={"model": base.perf_model(), "profile": None})  # the tasks need no file
+    is_scaled = not args.no_token_scaling
+    reference = Reference.model_validate_json(args.reference.read_text()) if args.reference else \
+        simulated_reference(base, args.trace, is_scaled)
+    began = time.time()
+    ray.init(ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    remote = ray.remote(num_cpus=1)(simulate_margin)
+    designs = [COLLOCATED, *args.policies]
+    points = [(design, machines, prefill) for design in designs for machines in args.machines
+              for prefill in ([0] if design == COLLOCATED else range(1, machines))]
+
+    def run_all(rates: dict[tuple, float]) -> dict[tuple, dict[str, Any]]:
+        futures = {point: remote.remote(design_config(base, *point).model_dump_json(), args.trace, rate,
+                                        args.duration, is_scaled, reference.model_dump_json())
+                   for point, rate in rates.items()}
+        results = {}
+        with tqdm(total=len(futures), desc="simulations", unit="sim", leave=False) as progress:
+            pending = {future: point for point, future in futures.items()}
+            while pending:
+                done, _ = ray.wait(list(pending), num_returns=1)
+                results[pending.pop(done[0])] = ray.get(done[0])
+                progress.update()
+        return results
+
+    try:
+        at_rate = run_all({point: args.rate for point in points})
+        # Goodput per point by bisection between 0 and twice what its machines could be asked.
+        low = {point: 0.0 for point in points}
+        high = {point: 2.0 * args.rate * point[1] / min(args.machines) for point in points}
+        for _ in tqdm(range(BISECTION_STEPS), desc="goodput bisection", unit="step"):
+            middle = {point: (low[point] + high[point]) / 2 for point in points}
+            for point, found in run_all(middle).items():
+                (low if found["margin"] <= 1 else high)[point] = middle[point]
+    finally:
+        ray.shutdown()
+    rows = [{"design": design, "num_machines": machines, "num_prefill": prefill,
+             "num_decode": machines - prefill if design != COLLOCATED else machines,
+             "margin_at_rate": round(at_rate[(design, machines, prefill)]["margin"], 3),
+             "meets_at_rate": at_rate[(design, machines, prefill)]["margin"] <= 1,
+             "goodput_req_s": round(low[(design, machines, prefill)], 3)}
+            for design, machines, prefill in points]
+    args.out.mkdir(parents=True, exist_ok=True)
+    with open(args.out / "plan.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    lines = plan_lines(rows, args, reference, began)
+    (args.out / "plan.md").write_text("\n".join(lines) + "\n")
+    draw(rows, args.out / "plan.png", args.trace)
+    (args.out / "run.json").write_text(json.dumps({**provenance(), "argv": argv, "reference": json.loads(
+        reference.model_dump_json()), "perf_model": json.loads(base.model.model_dump_json())}, indent=2))
+    print("\n".join(lines))
+
+
+def plan_lines(rows: list[dict[str, Any]], args: argparse.Namespace, reference: Reference,
+               began: float) -> list[str]:
+    lines = ["# Planning", "", f"`python -m bench.sim_plan` for {args.trace} at {args.rate} requests/s "
+             f"({args.duration:.0f} s of arrivals per simulation), profile of `{args.config}`; reference: "
+             f"{reference.system}. {len(rows)} designs, {(time.time() - began) / 60:.1f} min.", "",
+             "## The cheapest pools at the asked rate", "",
+             "| design | fewest machines | prefill:decode | SLO margin |", "| --- | --- | --- | --- |"]
+    for design in dict.fromkeys(row["design"] for row in rows):
+        meeting = [row for row in rows if row["design"] == design and row["meets_at_rate"]]
+        if not meeting:
+            lines.append(f"| {design} | none of {sorted({r['num_machines'] for r in rows})} | – | – |")
+            continue
+        best = min(meeting, key=lambda row: (row["num_machines"], row["margin_at_rate"]))
+        split = "both phases" if design == COLLOCATED else f"{best['num_prefill']}:{best['num_decode']}"
+        lines.append(f"| {design} | {best['num_machines']} | {split} | {best['margin_at_rate']} |")
+    lines += ["", "## Goodput against machines (best split)", "",
+              "| design | " + " | ".join(str(m) for m in sorted({r["num_machines"] for r in rows})) + " |",
+              "|" + " --- |" * (1 + len({r["num_machines"] for r in rows}))]
+    for design in dict.fromkeys(row["design"] for row in rows):
+        best = [max((r["goodput_req_s"] for r in rows if r["design"] == design and r["num_machines"] == machines),
+                    default=0.0) for machines in sorted({r["num_machines"] for r in rows})]
+        lines.append(f"| {design} | " + " | ".join(f"{value:g}" for value in best) + " |")
+    lines += ["", "![plan](plan.png)", "", "Every design is in [plan.csv](plan.csv)."]
+    return lines
+
+
+def draw(rows: list[dict[str, Any]], path: Path, trace: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6.5, 4.5))
+    machine_counts = sorted({row["num_machines"] for row in rows})
+    for design in dict.fromkeys(row["design"] for row in rows):
+        best = [max((r["goodput_req_s"] for r in rows if r["design"] == design and r["num_machines"] == machines),
+                    default=0.0) for machines in machine_counts]
+        axis.plot(machine_counts, best, marker="o", label=design)
+    axis.set(xlabel="machines", ylabel="goodput, requests/s (all nine SLOs)", title=f"{trace}: goodput per design")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+if __name__ == "__main__":
+    main()
