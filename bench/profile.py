@@ -175,22 +175,32 @@ def handover_rows(config: Any, repeats: int, token_counts: tuple[int, ...]) -> l
     return rows
 
 
+STEP_TERMS = ("step_s0", "decode_step_s0", "prompt_token_s", "decode_seq_s", "context_token_s")
+
+
+def _terms(step: Step) -> list[float]:
+    return [1.0, 1.0 if step.num_decode_seqs else 0.0, step.num_prompt_tokens, step.num_decode_seqs,
+            step.num_context_tokens]
+
+
 def fit_steps(steps: list[Step]) -> dict[str, float]:
-    """Least squares of seconds on (1, prompt tokens, decode sequences, KV tokens read). A term whose coefficient
+    """Least squares of seconds on the performance model's terms (bench/sim/model.py). A term whose coefficient
     comes out below 0 (work that would make a step faster) is left out and the rest fitted again."""
-    names = ("step_s0", "prompt_token_s", "decode_seq_s", "context_token_s")
-    design = np.array([[1.0, step.num_prompt_tokens, step.num_decode_seqs, step.num_context_tokens]
-                       for step in steps])
+    design = np.array([_terms(step) for step in steps])
     seconds = np.array([step.seconds for step in steps])
-    kept = list(range(len(names)))
+    kept = list(range(len(STEP_TERMS)))
     while True:
         coefficients, *_ = np.linalg.lstsq(design[:, kept], seconds, rcond=None)
         if (coefficients >= 0).all() or len(kept) == 1:
             break
         kept.pop(int(np.argmin(coefficients)))
-    fitted = dict.fromkeys(names, 0.0)
-    fitted.update({names[index]: max(0.0, float(value)) for index, value in zip(kept, coefficients, strict=True)})
+    fitted = dict.fromkeys(STEP_TERMS, 0.0)
+    fitted.update({STEP_TERMS[index]: max(0.0, float(value)) for index, value in zip(kept, coefficients, strict=True)})
     return fitted
+
+
+def fitted_s(model: dict[str, float], step: Step) -> float:
+    return sum(model[name] * term for name, term in zip(STEP_TERMS, _terms(step), strict=True))
 
 
 def fit_handovers(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -207,9 +217,7 @@ def fit_errors(steps: list[Step], model: dict[str, float]) -> dict[str, dict[str
     """Per kind of step: the median and p90 of |fitted / measured - 1|."""
     errors: dict[str, list[float]] = {}
     for step in steps:
-        fitted = (model["step_s0"] + model["prompt_token_s"] * step.num_prompt_tokens
-                  + model["decode_seq_s"] * step.num_decode_seqs + model["context_token_s"] * step.num_context_tokens)
-        errors.setdefault(step.kind, []).append(abs(fitted / step.seconds - 1))
+        errors.setdefault(step.kind, []).append(abs(fitted_s(model, step) / step.seconds - 1))
     return {kind: {"num_steps": len(values), "median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
             for kind, values in errors.items()}
 
@@ -220,8 +228,7 @@ def draw(steps: list[Step], model: dict[str, float], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fitted = [model["step_s0"] + model["prompt_token_s"] * s.num_prompt_tokens + model["decode_seq_s"]
-              * s.num_decode_seqs + model["context_token_s"] * s.num_context_tokens for s in steps]
+    fitted = [fitted_s(model, step) for step in steps]
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5))
     for kind in dict.fromkeys(step.kind for step in steps):
         mine = [(step, fit) for step, fit in zip(steps, fitted, strict=True) if step.kind == kind]
@@ -233,8 +240,7 @@ def draw(steps: list[Step], model: dict[str, float], path: Path) -> None:
     decode = [step for step in steps if step.kind == "decode"]
     right.scatter([s.num_decode_seqs for s in decode], [s.seconds * 1e3 for s in decode], s=10, label="measured")
     right.scatter([s.num_decode_seqs for s in decode],
-                  [(model["step_s0"] + model["decode_seq_s"] * s.num_decode_seqs
-                    + model["context_token_s"] * s.num_context_tokens) * 1e3 for s in decode], s=10, marker="x",
+                  [fitted_s(model, s) * 1e3 for s in decode], s=10, marker="x",
                   label="fitted")
     right.set(xlabel="decode sequences in the step", ylabel="step, ms", title="decode steps")
     right.legend()
@@ -307,8 +313,8 @@ def main(argv: list[str] | None = None) -> None:
              f"at commit {origin['commit']}{' (dirty tree)' if origin['is_dirty'] else ''}, "
              f"{meta['started_at']}, {meta['wall_s'] / 60:.1f} min: {len(steps)} engine steps, "
              f"{len(handovers)} hand-overs.", "",
-             "step seconds = step_s0 + prompt_token_s · prompt tokens + decode_seq_s · decode sequences + "
-             "context_token_s · KV tokens read", "", "| parameter | value |", "| --- | --- |",
+             "step seconds = step_s0 + decode_step_s0 (if any sequence decodes) + prompt_token_s · prompt tokens + "
+             "decode_seq_s · decode sequences + context_token_s · KV tokens read", "", "| parameter | value |", "| --- | --- |",
              *[f"| {name} | {value:.4g} |" for name, value in model.items()], "",
              "The fit's error per kind of step, |fitted / measured - 1|:", "",
              "| steps | n | median | p90 |", "| --- | --- | --- | --- |",

@@ -4,7 +4,11 @@ One vLLM step computes some prompt tokens (chunks of waiting prompts) and extend
 token each, reading their KV. Its time is modelled as a line in those three quantities plus a fixed cost, the form
 SplitwiseSim's database model fits per batch, and the one the live scheduler's rates learn online (rates.py):
 
-    step_s = step_s0 + prompt_token_s · prompt tokens + decode_seq_s · sequences + context_token_s · KV tokens read
+    step_s = step_s0 + decode_step_s0 [if any sequence decodes] + prompt_token_s · prompt tokens
+             + decode_seq_s · sequences + context_token_s · KV tokens read
+
+`decode_step_s0` is what a step with decode sequences costs beyond one without (on a GPU, reading the weights for
+a memory-bound step; SplitwiseSim's profiles show it as a token step's floor above a small prompt's).
 
 A hand-over is a line in the prompt's tokens (their KV moves). bench.profile measures and fits both on the host it
 runs on; `PerfModel.from_profile` reads its CSV.
@@ -22,6 +26,7 @@ class PerfModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     step_s0: float = Field(ge=0)  # an iteration's fixed cost (scheduling, sampling, the model's weights read)
+    decode_step_s0: float = Field(0.0, ge=0)  # more when the iteration extends any sequence
     prompt_token_s: float = Field(ge=0)  # per prompt token computed in the iteration
     decode_seq_s: float = Field(ge=0)  # per decode sequence extended by one token
     context_token_s: float = Field(0.0, ge=0)  # per KV token the decode sequences attend to
@@ -29,7 +34,8 @@ class PerfModel(BaseModel):
     handover_token_s: float = Field(0.0, ge=0)  # per prompt token whose KV moves
 
     def step_s(self, num_prompt_tokens: int, num_decode_seqs: int, num_context_tokens: int) -> float:
-        return (self.step_s0 + self.prompt_token_s * num_prompt_tokens + self.decode_seq_s * num_decode_seqs
+        return (self.step_s0 + (self.decode_step_s0 if num_decode_seqs else 0.0)
+                + self.prompt_token_s * num_prompt_tokens + self.decode_seq_s * num_decode_seqs
                 + self.context_token_s * num_context_tokens)
 
     def handover_s(self, num_prompt_tokens: int) -> float:
@@ -40,8 +46,8 @@ class PerfModel(BaseModel):
         """bench.profile's fitted model: rows `parameter,value` (a hand-over's per backend, `handover_s0@nixl`)."""
         with open(path, newline="") as handle:
             values = {row["parameter"]: float(row["value"]) for row in csv.DictReader(handle)}
-        fields = {name: values[name] for name in ("step_s0", "prompt_token_s", "decode_seq_s", "context_token_s")
-                  if name in values}
+        fields = {name: values[name] for name in ("step_s0", "decode_step_s0", "prompt_token_s", "decode_seq_s",
+                                                  "context_token_s") if name in values}
         for name in ("handover_s0", "handover_token_s"):
             if f"{name}@{backend}" in values:
                 fields[name] = values[f"{name}@{backend}"]

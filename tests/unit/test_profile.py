@@ -11,11 +11,13 @@ from bench.profile import Step, fit_errors, fit_handovers, fit_steps
 from bench.sim.model import PerfModel
 
 
-def _steps(step_s0=0.02, prompt_token_s=0.0019, decode_seq_s=0.003, context_token_s=2e-6) -> list[Step]:
+def _steps(step_s0=0.02, prompt_token_s=0.0019, decode_seq_s=0.003, context_token_s=2e-6,
+           decode_step_s0=0.015) -> list[Step]:
     steps = []
     for prompt, seqs, context in [(512, 0, 0), (2048, 0, 0), (64, 0, 0), (0, 1, 300), (0, 8, 4000), (0, 16, 9000),
                                   (256, 4, 600), (1024, 16, 2100), (0, 2, 2100)]:
-        seconds = step_s0 + prompt_token_s * prompt + decode_seq_s * seqs + context_token_s * context
+        seconds = step_s0 + prompt_token_s * prompt + decode_seq_s * seqs + context_token_s * context \
+            + (decode_step_s0 if seqs else 0.0)
         steps.append(Step("mixed" if prompt and seqs else "prefill" if prompt else "decode", prompt, seqs, context,
                           seconds))
     return steps
@@ -23,8 +25,8 @@ def _steps(step_s0=0.02, prompt_token_s=0.0019, decode_seq_s=0.003, context_toke
 
 def test_the_step_fit_recovers_a_known_model_exactly():
     fitted = fit_steps(_steps())
-    assert fitted == pytest.approx({"step_s0": 0.02, "prompt_token_s": 0.0019, "decode_seq_s": 0.003,
-                                    "context_token_s": 2e-6}, rel=1e-6)
+    assert fitted == pytest.approx({"step_s0": 0.02, "decode_step_s0": 0.015, "prompt_token_s": 0.0019,
+                                    "decode_seq_s": 0.003, "context_token_s": 2e-6}, rel=1e-6)
     assert all(error["median"] < 1e-6 for error in fit_errors(_steps(), fitted).values())
 
 
@@ -49,3 +51,4 @@ def test_hand_overs_are_a_line_per_backend_and_the_simulator_reads_the_model(tmp
         writer.writerows({"parameter": name, "value": value} for name, value in model.items())
     read = PerfModel.from_profile(path, backend="object_store")
     assert read.handover_s(1000) == pytest.approx(0.006 + 0.02) and read.step_s0 == pytest.approx(0.02)
+    assert read.step_s(0, 1, 0) == pytest.approx(0.02 + 0.015 + 0.003)  # a decode step pays its own floor

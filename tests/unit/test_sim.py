@@ -251,3 +251,29 @@ def test_validation_pairs_requests_and_finds_saturation():
     sweep = [{"rate_per_s": rate, "measured_delivered_share": measured_share, "simulated_delivered_share": share}
              for rate, measured_share, share in ((0.5, 0.97, 0.98), (1.0, 0.93, 0.85), (2.0, 0.6, 0.5))]
     assert saturation(sweep, "measured") == 2.0 and saturation(sweep, "simulated") == 1.0
+
+
+def test_planning_designs_and_the_cheapest_pools():
+    import argparse
+
+    from bench.sim_plan import design_config, plan_lines
+    from bench.slo import Reference
+
+    base = SimConfig(model=MODEL)
+    collocated = design_config(base, "collocated", 4, 0)
+    assert (collocated.cluster.mode, collocated.cluster.num_decode, collocated.scheduling.policy) == \
+        ("collocated", 4, "always_split")
+    split = design_config(base, "token_jsq", 5, 2)
+    assert (split.cluster.num_prefill, split.cluster.num_decode, split.scheduling.policy) == (2, 3, "token_jsq")
+    rows = [{"design": "collocated", "num_machines": 2, "num_prefill": 0, "num_decode": 2, "margin_at_rate": 1.4,
+             "meets_at_rate": False, "goodput_req_s": 0.8},
+            {"design": "collocated", "num_machines": 4, "num_prefill": 0, "num_decode": 4, "margin_at_rate": 0.7,
+             "meets_at_rate": True, "goodput_req_s": 1.9},
+            {"design": "predictive", "num_machines": 2, "num_prefill": 1, "num_decode": 1, "margin_at_rate": 0.9,
+             "meets_at_rate": True, "goodput_req_s": 1.1},
+            {"design": "predictive", "num_machines": 4, "num_prefill": 1, "num_decode": 3, "margin_at_rate": 0.5,
+             "meets_at_rate": True, "goodput_req_s": 2.6}]
+    args = argparse.Namespace(trace="conv", rate=1.0, duration=60.0, config="host.yaml")
+    lines = plan_lines(rows, args, Reference(system="x", commit="y", fits={}), 0.0)
+    assert "| collocated | 4 | both phases | 0.7 |" in lines and "| predictive | 2 | 1:1 | 0.9 |" in lines
+    assert "| predictive | 1.1 | 2.6 |" in lines
