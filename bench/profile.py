@@ -38,10 +38,10 @@ from bench.provenance import provenance
 from bench.systems import app_config
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "profile"
-PROMPT_SIZES = (16, 64, 128, 256, 512, 1024, 1536, 2048)
+PROMPT_SIZES = (16, 64, 128, 256, 512, 1024, 1536, 2000)  # + its output within max_model_len
 BATCHED_PROMPTS = ((2, 512), (4, 256), (8, 128), (16, 64), (4, 512), (2, 1024), (8, 256))
 # SplitwiseSim's cells: (prompt size, batch size); every batch's prompts fit one step of 2,048 tokens.
-SPLITWISE_CELLS = ((128, 1), (128, 4), (128, 16), (512, 1), (512, 2), (512, 4), (1024, 1), (1024, 2), (2048, 1))
+SPLITWISE_CELLS = ((128, 1), (128, 4), (128, 16), (512, 1), (512, 2), (512, 4), (1024, 1), (1024, 2), (2000, 1))
 TOKEN_SIZE = 32
 MIXED = ((1, 64), (1, 512), (4, 64), (4, 512), (8, 256), (16, 64), (16, 1024))
 HANDOVER_TOKENS = (128, 512, 1024, 2048)
