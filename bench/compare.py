@@ -1,7 +1,7 @@
 """The comparison: every system, one after another on this host, through the same cells, judged by one reference.
 
     python -m bench.compare                         # the default: collocated, splitserve-predictive, Ray Serve LLM PD
-    python -m bench.compare --light-rates conv=0.15 code=0.1   # adds a lighter end: 2 h instead of 72 min
+    python -m bench.compare --light-rates conv=0.15 code=0.1   # adds a lighter end: ~2 h instead of 64 min
     python -m bench.compare --systems all           # adds the rest; cells already measured at this commit are kept
     python -m bench.compare --systems policies      # every scheduling policy as its own row
     python -m bench.compare --systems collocated splitserve-nixl --traces code --rates code=0.2,0.4,0.6,0.8,1.0
@@ -254,7 +254,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                         help="open-loop mean rates, requests/s, per trace (its name, or its file's stem)")
     parser.add_argument("--light-rates", nargs="+", metavar="TRACE=R",
                         help="a lighter end for the sweep, kept apart because ≥ 50 requests at it take longest "
-                             "(none by default; conv=0.15 code=0.1 turns the default run's 72 minutes into 2 hours)")
+                             "(none by default; conv=0.15 code=0.1 turns the default run's 64 minutes into about 2 hours)")
     parser.add_argument("--min-duration-s", type=float, default=Plan().min_duration_s)
     parser.add_argument("--min-requests", type=int, default=Plan().min_requests)
     parser.add_argument("--num-uncontended", type=int, default=Plan().num_uncontended)

@@ -70,13 +70,13 @@ class Plan(BaseModel):
     arrivals: Literal["trace", "poisson"] = "trace"
     # Five rates per trace, from about one request in flight for the reference (conv 0.3/s) to past every system's
     # throughput limit on a 2-core host (delivered requests/s stopped following the offered rate at ~1.1 conv and
-    # ~0.6 code for every system at c06db50). With ≥ 50 requests and ≥ 60 s per cell this default takes about 72
-    # minutes for the three default systems.
+    # ~0.6 code for every system at c06db50). With ≥ 50 requests and ≥ 60 s per cell the three default systems took
+    # 64 minutes (d2fb4db).
     rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.3, 0.6, 0.9, 1.3, 1.8),
                                                  "code": (0.4, 0.55, 0.7, 0.85, 1.0)}
     # An optional lighter end (e.g. conv 0.15/s, code 0.1/s: under half a request in flight), so that a system that
     # misses the SLOs at the lowest sweep rate still gets a goodput rate. Not in the default: ≥ 50 requests at those
-    # rates are 333 s and 500 s of arrivals per system, which turns a 72-minute run into two hours.
+    # rates are 333 s and 500 s of arrivals per system, which turns a 64-minute run into about two hours.
     light_rates_per_s: dict[str, tuple[float, ...]] = {}
     min_duration_s: float = Field(60.0, gt=0)  # of arrivals, per open-loop cell
     min_requests: int = Field(50, ge=1)  # per open-loop cell: a cell lasts max(min_duration_s, min_requests / rate)
