@@ -4,8 +4,11 @@
     python -m bench.profile --repeats 1 --quick      # a smoke run (CI)
 
 1. One engine as the app runs its decode role (serve_config.yaml's model and engine settings, its OMP threads
-   bound to the role's core), its EngineCore in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so that each
-   `step()` is exactly one engine step, timed around the call.
+   bound to the role's core), its EngineCore in a process of its own as the served engines have it, each
+   `step()` waiting for one engine step's outputs, timed around the call. `--in-process` runs the EngineCore in
+   this process instead (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the engine's compute without the served
+   engine's process hops. Every prompt size runs once, untimed, before the sweeps (first runs of a shape cost
+   more).
 2. Sweeps whose every step's contents are known by construction (all prompts of a batch fit one step's token
    budget): single and batched prompts (prompt time against prompt and batch tokens), SplitwiseSim's
    (prompt size, batch size, token size) cells (prompt time, then every decode step against batch size and the
@@ -43,7 +46,9 @@ BATCHED_PROMPTS = ((2, 512), (4, 256), (8, 128), (16, 64), (4, 512), (2, 1024), 
 # SplitwiseSim's cells: (prompt size, batch size); every batch's prompts fit one step of 2,048 tokens.
 SPLITWISE_CELLS = ((128, 1), (128, 4), (128, 16), (512, 1), (512, 2), (512, 4), (1024, 1), (1024, 2), (2000, 1))
 TOKEN_SIZE = 32
-MIXED = ((1, 64), (1, 512), (4, 64), (4, 512), (8, 256), (16, 64), (16, 1024))
+# (running sequences, new prompt tokens): the new request needs a free sequence slot (max_num_seqs is 16) to join
+# the running batch's next step.
+MIXED = ((1, 64), (1, 512), (4, 64), (4, 512), (8, 256), (15, 64), (15, 1024))
 HANDOVER_TOKENS = (128, 512, 1024, 2048)
 STEP_FIELDS = ("kind", "num_prompt_tokens", "num_decode_seqs", "num_context_tokens", "seconds")
 SPLITWISE_FIELDS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
@@ -62,8 +67,8 @@ class Step:
 class EngineProbe:
     """One engine in this process; requests of exact token counts; one timed `step()` at a time."""
 
-    def __init__(self, config: Any) -> None:
-        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    def __init__(self, config: Any, *, is_in_process: bool = False) -> None:
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if is_in_process else "1"
         from vllm.engine.arg_utils import EngineArgs
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
         from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -262,16 +267,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--handover-repeats", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="a few cells only (a smoke run)")
     parser.add_argument("--no-handover", action="store_true", help="skip the KV hand-over measurements")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the EngineCore in this process: the engine's compute without the served process hops")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     config = app_config()
     prompt_sizes, batches = (PROMPT_SIZES[::3], BATCHED_PROMPTS[:2]) if args.quick else (PROMPT_SIZES, BATCHED_PROMPTS)
     cells = SPLITWISE_CELLS[:2] if args.quick else SPLITWISE_CELLS
     mixed = MIXED[:2] if args.quick else MIXED
-    began = time.time()
-    probe = EngineProbe(config)
-    probe.add(64, 2)
-    probe.drain()  # the first step pays one-time costs
+    began, origin = time.time(), provenance()
+    probe = EngineProbe(config, is_in_process=args.in_process)
+    prefill_steps(probe, 1, prompt_sizes, batches)  # untimed: each shape's first run pays one-time costs
     steps: list[Step] = []
     splitwise_rows: list[dict[str, Any]] = []
     with tqdm(total=3 + (0 if args.no_handover else 1), desc="profile", unit="sweep") as progress:
@@ -299,13 +305,13 @@ def main(argv: list[str] | None = None) -> None:
     _write_csv([{"parameter": name, "value": value} for name, value in model.items()], ("parameter", "value"),
                args.out / "model.csv")
     draw(steps, model, args.out / "fit.png")
-    origin = provenance()
     meta = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(began)),
             "wall_s": round(time.time() - began, 1), **origin, "engine": {
                 "model": config.model.served_name, "dtype": config.model.dtype,
                 "max_num_batched_tokens": config.decode.max_num_batched_tokens,
                 "max_num_seqs": config.decode.max_num_seqs, "kv_cache_gib": config.decode.kv_cache_gib,
-                "cpu_binding": config.decode.cpu_binding}, "model": model, "fit_errors": errors,
+                "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": args.in_process},
+            "model": model, "fit_errors": errors,
             "num_steps": len(steps), "num_handovers": len(handovers)}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
     lines = ["# The engine's profile on this host", "",
