@@ -94,8 +94,11 @@ class EngineProbe:
         return request_id
 
     def step(self) -> float:
+        """Seconds until the engine's next step's outputs: with the EngineCore in its own process, a call can return
+        before the step (no outputs yet), so it waits for a call that brings some."""
         began = time.perf_counter()
-        self.engine.step()
+        while not self.engine.step() and self.engine.has_unfinished_requests():
+            pass
         return time.perf_counter() - began
 
     def drain(self) -> None:
