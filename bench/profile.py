@@ -4,11 +4,11 @@
     python -m bench.profile --repeats 1 --quick      # a smoke run (CI)
 
 1. One engine as the app runs its decode role (serve_config.yaml's model and engine settings, its OMP threads
-   bound to the role's core), its EngineCore in a process of its own as the served engines have it, each
-   `step()` waiting for one engine step's outputs, timed around the call. `--in-process` runs the EngineCore in
-   this process instead (`VLLM_ENABLE_V1_MULTIPROCESSING=0`): the engine's compute without the served
-   engine's process hops. Every prompt size runs once, untimed, before the sweeps (first runs of a shape cost
-   more).
+   bound to the role's core), its EngineCore in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so that each
+   `step()` is exactly the step the sweep composed, timed around the call: the engine's compute. `--served` runs
+   the EngineCore in a process of its own, as the served engines have it; that core runs ahead of this client,
+   so only pure decode steps keep their composition (their times are the served step's), and its fit is not the
+   simulator's. Every prompt size runs once, untimed, before the sweeps (first runs of a shape cost more).
 2. Sweeps whose every step's contents are known by construction (all prompts of a batch fit one step's token
    budget): single and batched prompts (prompt time against prompt and batch tokens), SplitwiseSim's
    (prompt size, batch size, token size) cells (prompt time, then every decode step against batch size and the
@@ -270,8 +270,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--handover-repeats", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="a few cells only (a smoke run)")
     parser.add_argument("--no-handover", action="store_true", help="skip the KV hand-over measurements")
-    parser.add_argument("--in-process", action="store_true",
-                        help="the EngineCore in this process: the engine's compute without the served process hops")
+    parser.add_argument("--served", action="store_true",
+                        help="the EngineCore in its own process, as served: only pure decode steps are composed")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     config = app_config()
@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> None:
     cells = SPLITWISE_CELLS[:2] if args.quick else SPLITWISE_CELLS
     mixed = MIXED[:2] if args.quick else MIXED
     began, origin = time.time(), provenance()
-    probe = EngineProbe(config, is_in_process=args.in_process)
+    probe = EngineProbe(config, is_in_process=not args.served)
     prefill_steps(probe, 1, prompt_sizes, batches)  # untimed: each shape's first run pays one-time costs
     steps: list[Step] = []
     splitwise_rows: list[dict[str, Any]] = []
@@ -313,7 +313,7 @@ def main(argv: list[str] | None = None) -> None:
                 "model": config.model.served_name, "dtype": config.model.dtype,
                 "max_num_batched_tokens": config.decode.max_num_batched_tokens,
                 "max_num_seqs": config.decode.max_num_seqs, "kv_cache_gib": config.decode.kv_cache_gib,
-                "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": args.in_process},
+                "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": not args.served},
             "model": model, "fit_errors": errors,
             "num_steps": len(steps), "num_handovers": len(handovers)}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
