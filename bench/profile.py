@@ -28,6 +28,7 @@ import argparse
 import csv
 import json
 import os
+import sys
 import time
 import uuid
 from dataclasses import asdict, dataclass
@@ -318,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
             "num_steps": len(steps), "num_handovers": len(handovers)}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
     lines = ["# The engine's profile on this host", "",
-             f"`python -m bench.profile {' '.join(argv or [])}`".replace(" `", "`"),
+             f"`{' '.join(['python -m bench.profile', *(sys.argv[1:] if argv is None else argv)])}`",
              f"at commit {origin['commit']}{' (dirty tree)' if origin['is_dirty'] else ''}, "
              f"{meta['started_at']}, {meta['wall_s'] / 60:.1f} min: {len(steps)} engine steps, "
              f"{len(handovers)} hand-overs.", "",

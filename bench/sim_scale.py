@@ -20,6 +20,7 @@ import cProfile
 import io
 import json
 import pstats
+import sys
 import time
 from pathlib import Path
 
@@ -77,7 +78,8 @@ def main(argv: list[str] | None = None) -> None:
              "simulated_s": round(result.simulated_s, 1), "decisions": dict(result.decisions),
              "is_profiled": profiler is not None, **provenance()}
     print(json.dumps(facts, indent=2))
-    lines = ["# Simulator scale", "", f"`python -m bench.sim_scale {' '.join(argv or [])}`".replace(" `", "`"),
+    command = " ".join(["python -m bench.sim_scale", *(sys.argv[1:] if argv is None else argv)])
+    lines = ["# Simulator scale", "", f"`{command}`",
              f"at commit {facts['commit']}: {args.machines} machines ({num_prefill} prefill), {args.requests:,} "
              f"requests at {rate:.1f} req/s, policy {args.policy}: **{result.wall_s:.1f} s** on one core "
              f"({result.num_events:,} events, {facts['events_per_s']:,}/s; {num_done:,} requests done in "
