@@ -227,8 +227,8 @@ def fit_errors(steps: list[Step], model: dict[str, float]) -> dict[str, dict[str
     errors: dict[str, list[float]] = {}
     for step in steps:
         errors.setdefault(step.kind, []).append(abs(fitted_s(model, step) / step.seconds - 1))
-    return {kind: {"num_steps": len(values), "median": float(np.median(values)), "p90": float(np.percentile(values, 90))}
-            for kind, values in errors.items()}
+    return {kind: {"num_steps": len(values), "median": float(np.median(values)),
+                   "p90": float(np.percentile(values, 90))} for kind, values in errors.items()}
 
 
 def draw(steps: list[Step], model: dict[str, float], path: Path) -> None:
@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> None:
              f"{meta['started_at']}, {meta['wall_s'] / 60:.1f} min: {len(steps)} engine steps, "
              f"{len(handovers)} hand-overs.", "",
              "step seconds = step_s0 + decode_step_s0 (if any sequence decodes) + prompt_token_s · prompt tokens + "
-             "decode_seq_s · decode sequences + context_token_s · KV tokens read", "", "| parameter | value |", "| --- | --- |",
+             "decode_seq_s · decode sequences + context_token_s · KV tokens read", "",
+             "| parameter | value |", "| --- | --- |",
              *[f"| {name} | {value:.4g} |" for name, value in model.items()], "",
              "The fit's error per kind of step, |fitted / measured - 1|:", "",
              "| steps | n | median | p90 |", "| --- | --- | --- | --- |",

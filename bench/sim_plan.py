@@ -85,7 +85,8 @@ def simulated_reference(base: SimConfig, trace: str, is_scaled: bool) -> Referen
         records += Simulator(config).run([alone]).records
     samples = [sample for record in records if (sample := _sample(record)) is not None]
     fit = fit_reference(samples, min_requests=NUM_UNCONTENDED // 2)
-    return Reference(system="simulated collocated machine", commit=provenance()["commit"], fits={trace: fit, "all": fit})
+    return Reference(system="simulated collocated machine", commit=provenance()["commit"],
+                     fits={trace: fit, "all": fit})
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> None:
           f"({result.num_events} events, {result.wall_s:.2f} s); paths {dict(result.decisions)}")
     if done:
         for name, values in (("TTFT", [r.ttft_s for r in done]), ("E2E", [r.e2e_s for r in done])):
-            print(f"  {name} p50 {np.percentile(values, 50) * 1e3:.0f} ms, p90 {np.percentile(values, 90) * 1e3:.0f} ms")
+            p50, p90 = np.percentile(values, [50, 90]) * 1e3
+            print(f"  {name} p50 {p50:.0f} ms, p90 {p90:.0f} ms")
     print(f"results in {args.out}")
 
 

@@ -94,7 +94,9 @@ class Simulator:
         progress = tqdm(total=len(arrivals), desc="arrivals", unit="req", disable=not is_progress_shown,
                         miniters=max(1, len(arrivals) // 100))
         while next_arrival < len(arrivals) or self._events:
-            if self._events and (next_arrival == len(arrivals) or self._events[0][0] <= arrivals[next_arrival].arrival_s):
+            is_event_next = self._events and (next_arrival == len(arrivals)
+                                              or self._events[0][0] <= arrivals[next_arrival].arrival_s)
+            if is_event_next:
                 now, _, kind, payload = heapq.heappop(self._events)
                 if kind == _ITERATION_END:
                     machine, version = payload
@@ -115,7 +117,8 @@ class Simulator:
                 self._next_rekey_s = now + self.config.scheduling.load_report_period_s
         progress.close()
         return SimResult(records=[self._record(request) for request in arrivals], requests=arrivals,
-                         machines=self.machines, model=self.model, decisions=decisions, num_events=num_events, wall_s=time.perf_counter() - began,
+                         machines=self.machines, model=self.model, decisions=decisions, num_events=num_events,
+                         wall_s=time.perf_counter() - began,
                          simulated_s=now)
 
     # 1. Arrivals: the policy decides.
