@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,12 +177,25 @@ def openai_client(app: RunningApp) -> Any:
     return openai.OpenAI(base_url=f"{app.base_url}/v1", api_key=app.api_key or "unused", max_retries=0, timeout=300)
 
 
+def connect_driver(address: str) -> None:
+    """This test process as a Ray driver of the app's cluster. A Ray still initialized in this process (a local
+    instance some earlier code started by calling Ray's API without `ray.init`: seen once in a full CI run, during
+    the nPmD module, cause not found) is shut down first, with the local cluster it started, instead of failing
+    every test after it with "ray.init twice"."""
+    import ray
+
+    if ray.is_initialized():
+        warnings.warn("a Ray instance was still initialized in the test process; shutting it down", stacklevel=2)
+        ray.shutdown()
+    ray.init(address=address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+
+
 @pytest.fixture(scope="session")
 def ray_driver(app: RunningApp):
     """This test process as a Ray driver, to read engine counters through deployment handles."""
     import ray
 
-    ray.init(address=app.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+    connect_driver(app.ray_address)
     yield ray
     ray.shutdown()
 

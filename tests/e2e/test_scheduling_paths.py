@@ -33,7 +33,7 @@ import yaml
 from bench import engines, processes, replicas
 from bench.load_generator import filler_document
 from bench.processes import PROJECT_ROOT
-from tests.conftest import TEST_KV_HANDLE_KEY, send
+from tests.conftest import TEST_KV_HANDLE_KEY, connect_driver, send
 from tests.e2e.workload import MODEL, SCHEDULING_REQUESTS, request_body
 
 PATHS = ("split", "decode_local", "prefill_local")
@@ -83,7 +83,7 @@ def npmd(request, reference_outputs, logs_dir) -> Iterator[NPMDApp]:
         while len(reported := _engines_reported(served.base_url)) < NUM_PREFILL_REPLICAS + 1:
             assert time.monotonic() < deadline, f"load reports from {reported} only"
             time.sleep(0.5)
-        ray.init(address=served.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+        connect_driver(served.ray_address)
         try:
             yield NPMDApp(backend=backend, base_url=served.base_url, log_path=served.log_path,
                           prefill_replicas=sorted(r for r, role in reported.items() if role == "prefill"),

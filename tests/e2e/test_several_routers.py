@@ -24,7 +24,7 @@ import pytest
 
 from bench import engines, processes, replicas
 from bench.systems import serve_config
-from tests.conftest import TEST_KV_HANDLE_KEY, send
+from tests.conftest import TEST_KV_HANDLE_KEY, connect_driver, send
 from tests.e2e.workload import MODEL, request_body
 
 NUM_ROUTERS = 2
@@ -58,7 +58,7 @@ def routers(reference_outputs, logs_dir) -> Iterator[str]:
 
     env = {"SPLITSERVE_KV_HANDLE_KEY": TEST_KV_HANDLE_KEY}
     with processes.serve_run(_config(), name="several-routers", logs_dir=logs_dir, env=env) as served:
-        ray.init(address=served.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+        connect_driver(served.ray_address)
         try:
             yield served.base_url
         finally:
