@@ -171,6 +171,12 @@ def slo_section(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def first_saturated_rate(delivered_share_by_rate: dict[float, float]) -> float | None:
+    """The lowest rate whose delivered share of the offered requests/s is below SATURATED_SHARE; None: none is."""
+    return next((rate for rate in sorted(delivered_share_by_rate)
+                 if delivered_share_by_rate[rate] < SATURATED_SHARE), None)
+
+
 def saturation_lines(sweep: list[dict[str, Any]], rates: list[float]) -> list[str]:
     """Delivered over offered requests/s per system and rate: where it falls below SATURATED_SHARE the system
     no longer keeps up (its queue grows for as long as the cell lasts), i.e. the sweep went past its throughput."""
@@ -180,7 +186,7 @@ def saturation_lines(sweep: list[dict[str, Any]], rates: list[float]) -> list[st
     for system in dict.fromkeys(row["system"] for row in sweep):
         shares = {row["rate_per_s"]: float(row["throughput_req_s"]) / row["rate_per_s"] for row in sweep
                   if row["system"] == system and row.get("throughput_req_s") not in (None, "")}
-        past = next((rate for rate in sorted(shares) if shares[rate] < SATURATED_SHARE), None)
+        past = first_saturated_rate(shares)
         lines.append(f"| {system} | " + " | ".join(f"{shares[rate]:.2f}" if rate in shares else "–" for rate in rates)
                      + f" | {'not reached' if past is None else f'{past:g}/s'} |")
     return lines

@@ -29,7 +29,7 @@ import numpy as np
 from bench.bootstrap import paired_ratio_interval
 from bench.load_generator import RequestRecord
 from bench.provenance import provenance
-from bench.report import SATURATED_SHARE
+from bench.report import SATURATED_SHARE, first_saturated_rate
 from bench.result_files import read_requests_csv, span_s
 from bench.sim.config import ClusterConfig, MachineConfig, SimConfig
 from bench.sim.model import PerfModel
@@ -125,8 +125,7 @@ def compare_cell(simulated: list[RequestRecord], measured: list[RequestRecord]) 
 
 def saturation(rows: list[dict[str, Any]], side: str) -> float | None:
     """The first rate whose delivered requests/s fall below SATURATED_SHARE of the offered."""
-    past = [row["rate_per_s"] for row in rows if row[f"{side}_delivered_share"] < SATURATED_SHARE]
-    return min(past) if past else None
+    return first_saturated_rate({row["rate_per_s"]: row[f"{side}_delivered_share"] for row in rows})
 
 
 def is_within(row: dict[str, Any], key: str) -> bool:

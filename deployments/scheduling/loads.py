@@ -145,11 +145,7 @@ class LoadBook:
         run when the rates changed, not per decision."""
         heaps: dict[str, list[tuple[float, int, int, str, int]]] = {"prefill": [], "decode": []}
         for engine in self._engines.values():  # the entries one push each would make, in the same order
-            engine.version += 1
-            self._tie += 1
-            engine_id = engine.reported.engine_id
-            heaps[engine.reported.role].append((self.drain_s(engine_id), engine.num_requests, self._tie, engine_id,
-                                                engine.version))
+            heaps[engine.reported.role].append(self._entry(engine))
         for role, entries in heaps.items():  # every older entry is stale now: a fresh heap, built in O(engines)
             heapq.heapify(entries)
             self._heaps[role] = entries
@@ -162,12 +158,16 @@ class LoadBook:
         pending = self._engines[engine_id].num_pending_prompt_tokens
         return self.drain_time(engine_id, pending) if pending > 0 else 0.0
 
-    def _push(self, engine: _Engine) -> None:
+    def _entry(self, engine: _Engine) -> tuple[float, int, int, str, int]:
+        """The engine's heap entry under its current load and rates; older entries of it go stale."""
         engine.version += 1
         self._tie += 1
+        engine_id = engine.reported.engine_id
+        return self.drain_s(engine_id), engine.num_requests, self._tie, engine_id, engine.version
+
+    def _push(self, engine: _Engine) -> None:
         role = engine.reported.role
-        heapq.heappush(self._heaps[role], (self.drain_s(engine.reported.engine_id), engine.num_requests, self._tie,
-                                           engine.reported.engine_id, engine.version))
+        heapq.heappush(self._heaps[role], self._entry(engine))
         # Stale entries are dropped when they surface; a heap far larger than its engines is rebuilt, so memory
         # stays O(engines) however many updates arrive.
         if len(self._heaps[role]) > 4 * max(16, len(self._engines)):
