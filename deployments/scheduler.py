@@ -71,7 +71,7 @@ class Scheduler:
         self.config = config
         self.policy: Policy = make_policy(config, decode_chunk_tokens=decode_chunk_tokens)
         self.rates = Rates(min_observations=config.min_observations)
-        self.book = LoadBook(drain_time=self._drain_time)
+        self.book = LoadBook(drain_time=self.rates.drain_s)
         self._router_id = router_id
         self._deployments: dict[Role, str] = {"prefill": prefill_deployment, "decode": decode_deployment}
         self._prompt_size = prompt_size
@@ -81,10 +81,6 @@ class Scheduler:
         self._seq = 0
         self.decisions: Counter[str] = Counter()
         self.recent_predictions: deque[tuple[str, float, float]] = deque(maxlen=NUM_RECENT_PREDICTIONS)
-
-    def _drain_time(self, engine_id: str, num_tokens: int) -> float:
-        # Until the rates are known, drain time is the tokens themselves: token join-the-shortest-queue.
-        return self.rates.prefill_s(engine_id, num_tokens) if self.rates.is_known() else float(num_tokens)
 
     # 1. Reports.
     def refresh(self) -> None:

@@ -68,7 +68,7 @@ class Simulator:
                          for index, (role, machine_config) in enumerate(roles)]
         self.by_engine = {machine.engine_id: machine for machine in self.machines}
         self.rates = Rates(min_observations=config.scheduling.min_observations)
-        self.book = LoadBook(drain_time=self._drain_time)
+        self.book = LoadBook(drain_time=self.rates.drain_s)
         decode_chunk = cluster.decode.long_prefill_token_threshold or cluster.decode.max_batch_tokens
         self.policy = policy or make_policy(config.scheduling, decode_chunk_tokens=decode_chunk)
         self._random = random.Random(config.seed)
@@ -78,10 +78,6 @@ class Simulator:
         self._next_rekey_s = 0.0
         for machine in self.machines:
             self._report(machine)
-
-    def _drain_time(self, engine_id: str, num_tokens: int) -> float:
-        # As the router: until the rates are known, drain time is the tokens themselves (token JSQ).
-        return self.rates.prefill_s(engine_id, num_tokens) if self.rates.is_known() else float(num_tokens)
 
     # The run.
     def run(self, requests: Iterable[TraceRequest], *, is_progress_shown: bool = False) -> SimResult:

@@ -78,34 +78,81 @@ class WeightedLine:
 
 
 @dataclass
+class EngineLines:
+    """One line per engine, and the sums of the trusted lines' coefficients kept as they change: an engine without a
+    trusted line of its own is estimated by the mean of those that have one, and that mean (of lines, so the mean
+    line) costs O(1) per estimate instead of a pass over every engine (a decision must stay O(log engines))."""
+
+    half_life: float
+    min_observations: int
+    by_engine: dict[str, WeightedLine] = field(default_factory=dict)
+    num_trusted: int = 0
+    _sum_intercept: float = 0.0
+    _sum_slope: float = 0.0
+
+    def observe(self, engine_id: str, x: float, y: float) -> None:
+        line = self.by_engine.get(engine_id)
+        if line is None:
+            line = self.by_engine[engine_id] = WeightedLine(half_life=self.half_life)
+        was_trusted = self.is_trusted(line)
+        if was_trusted:
+            self._add(line, -1.0)
+        line.observe(x, y)
+        if self.is_trusted(line):
+            self._add(line, 1.0)
+            self.num_trusted += 0 if was_trusted else 1
+
+    def _add(self, line: WeightedLine, sign: float) -> None:
+        intercept, slope = line._fitted()
+        self._sum_intercept += sign * intercept
+        self._sum_slope += sign * slope
+
+    def is_trusted(self, line: WeightedLine | None) -> bool:
+        return line is not None and line.num_observations >= self.min_observations
+
+    def estimate(self, engine_id: str, x: float) -> float:
+        """The engine's own line once trusted; before that, the mean of the engines that have one (0: none yet)."""
+        line = self.by_engine.get(engine_id)
+        if self.is_trusted(line):
+            return line.predict(x)
+        if not self.num_trusted:
+            return 0.0
+        return (self._sum_intercept + self._sum_slope * x) / self.num_trusted
+
+    def num_observations(self) -> int:
+        return sum(line.num_observations for line in self.by_engine.values())
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        return {engine_id: line.summary() for engine_id, line in self.by_engine.items()}
+
+
+@dataclass
 class Rates:
     """The learned rates the predictive policy needs. `min_observations` before an estimate is trusted."""
 
     min_observations: int = 4
     half_life: float = 32.0
-    _prefill: dict[str, WeightedLine] = field(default_factory=dict)  # engine -> seconds against prompt tokens
-    _decode_step: dict[str, WeightedLine] = field(default_factory=dict)  # engine -> seconds against batch size
+    _prefill: EngineLines = field(init=False)  # engine -> seconds against prompt tokens
+    _decode_step: EngineLines = field(init=False)  # engine -> seconds against batch size
     _transfer: WeightedLine | None = None  # seconds against prompt tokens, decode idle
-    _handover_wait: dict[str, WeightedLine] = field(default_factory=dict)  # decode engine -> seconds against ahead
+    _handover_wait: EngineLines = field(init=False)  # decode engine -> seconds against requests ahead
     _is_known: bool = False
+
+    def __post_init__(self) -> None:
+        self._prefill, self._decode_step, self._handover_wait = (
+            EngineLines(self.half_life, self.min_observations) for _ in range(3))
 
     @property
     def num_handovers(self) -> int:
         return ((self._transfer.num_observations if self._transfer is not None else 0)
-                + sum(line.num_observations for line in self._handover_wait.values()))
-
-    def _is_trusted(self, line: WeightedLine | None) -> bool:
-        return line is not None and line.num_observations >= self.min_observations
-
-    def _line(self, lines: dict[str, WeightedLine], engine_id: str) -> WeightedLine:
-        return lines.setdefault(engine_id, WeightedLine(half_life=self.half_life))
+                + self._handover_wait.num_observations())
 
     # 1-3. Observations.
     def observe_prefill(self, engine_id: str, num_tokens: int, seconds: float) -> None:
-        self._line(self._prefill, engine_id).observe(num_tokens, seconds)
+        self._prefill.observe(engine_id, num_tokens, seconds)
 
     def observe_decode_step(self, engine_id: str, num_running: int, seconds: float) -> None:
-        self._line(self._decode_step, engine_id).observe(num_running, seconds)
+        self._decode_step.observe(engine_id, num_running, seconds)
 
     def observe_handover(self, engine_id: str, num_tokens: int, num_ahead: int, seconds: float) -> None:
         if num_ahead == 0:
@@ -114,52 +161,48 @@ class Rates:
             self._transfer.observe(num_tokens, seconds)
         else:
             wait = max(0.0, seconds - self.transfer_s(num_tokens))
-            self._line(self._handover_wait, engine_id).observe(num_ahead, wait)
+            self._handover_wait.observe(engine_id, num_ahead, wait)
 
     # Estimates.
     def is_known(self) -> bool:
         """Enough of each kind to predict: some prefill, some decode step, and (for a split) some hand-overs.
         Observations only accumulate, so once known it stays known (and is not searched for again)."""
         if not self._is_known:
-            self._is_known = self._has_enough()
+            self._is_known = (self._prefill.num_trusted > 0 and self._decode_step.num_trusted > 0
+                              and self.num_handovers >= self.min_observations)
         return self._is_known
-
-    def _has_enough(self) -> bool:
-        return (any(self._is_trusted(line) for line in self._prefill.values())
-                and any(self._is_trusted(line) for line in self._decode_step.values())
-                and self.num_handovers >= self.min_observations)
-
-    def _estimate(self, lines: dict[str, WeightedLine], engine_id: str, x: float) -> float:
-        """The engine's own line once trusted; before that, the mean of the engines that have one (0: none yet)."""
-        line = lines.get(engine_id)
-        if self._is_trusted(line):
-            return line.predict(x)
-        known = [line.predict(x) for line in lines.values() if self._is_trusted(line)]
-        return sum(known) / len(known) if known else 0.0
 
     def prefill_s(self, engine_id: str, num_tokens: int) -> float:
         """Seconds the engine takes to compute `num_tokens` of prompt."""
-        return self._estimate(self._prefill, engine_id, num_tokens)
+        return self._prefill.estimate(engine_id, num_tokens)
+
+    def drain_s(self, engine_id: str, num_tokens: int) -> float:
+        """What the load book orders engines by: the seconds to compute `num_tokens` of pending prompt once the rates
+        are known; until then the tokens themselves (token join-the-shortest-queue). The router and the simulator
+        both hand this to their LoadBook."""
+        return self.prefill_s(engine_id, num_tokens) if self.is_known() else float(num_tokens)
 
     def decode_step_s(self, engine_id: str, num_running: int) -> float:
         """Seconds of one decode step with `num_running` requests in the engine's batch."""
-        return self._estimate(self._decode_step, engine_id, num_running)
+        return self._decode_step.estimate(engine_id, num_running)
 
     def transfer_s(self, num_tokens: int) -> float:
         """The hand-over of `num_tokens` of KV to an idle decode engine (0 until one was timed)."""
-        return self._transfer.predict(num_tokens) if self._is_trusted(self._transfer) else 0.0
+        return self._transfer.predict(num_tokens) if self._is_transfer_timed() else 0.0
+
+    def _is_transfer_timed(self) -> bool:
+        return self._transfer is not None and self._transfer.num_observations >= self.min_observations
 
     def handover_s(self, engine_id: str, num_tokens: int, num_ahead: int) -> float:
         """The hand-over to a decode engine with `num_ahead` requests: the transfer, plus the engine's wait when
         busy. Until an idle engine was timed, the busy engines' line (at `num_ahead`, or at 0) stands for both."""
-        if num_ahead == 0 and self._is_trusted(self._transfer):
+        if num_ahead == 0 and self._is_transfer_timed():
             return self.transfer_s(num_tokens)
-        return self.transfer_s(num_tokens) + self._estimate(self._handover_wait, engine_id, num_ahead)
+        return self.transfer_s(num_tokens) + self._handover_wait.estimate(engine_id, num_ahead)
 
     def summary(self) -> dict[str, dict[str, dict[str, float]]]:
         """Every learned line (intercept s, slope s per unit, observations), for /health."""
-        def lines(by_engine: dict[str, WeightedLine]) -> dict[str, dict[str, float]]:
-            return {engine_id: line.summary() for engine_id, line in by_engine.items()}
-        return {"prefill_s_per_token": lines(self._prefill), "decode_step_s_per_stream": lines(self._decode_step),
+        return {"prefill_s_per_token": self._prefill.summary(),
+                "decode_step_s_per_stream": self._decode_step.summary(),
                 "transfer_s_per_token": {} if self._transfer is None else {"pool": self._transfer.summary()},
-                "handover_wait_s_per_request_ahead": lines(self._handover_wait)}
+                "handover_wait_s_per_request_ahead": self._handover_wait.summary()}

@@ -20,7 +20,7 @@ from deployments.scheduling.policies import (
     TokenJSQ,
     make_policy,
 )
-from deployments.scheduling.rates import Rates, WeightedLine
+from deployments.scheduling.rates import EngineLines, Rates, WeightedLine
 from serve_app.config import AppConfig, SchedulingConfig
 
 
@@ -292,6 +292,32 @@ def test_rates_are_not_trusted_until_each_kind_was_seen_enough():
     # An engine never seen prefilling (a decode engine) gets its peers' estimate.
     assert rates.prefill_s("d0", 500) == pytest.approx(0.5)
     assert _learned().is_known()
+
+
+def test_an_engine_without_a_line_gets_its_peers_mean_line_without_a_pass_over_them():
+    """With a thousand engines that each learned a line, an engine without one (a new replica, a decode engine
+    asked for a prefill estimate) gets the mean of their lines, exactly, and as their lines move; and the estimate
+    never walks the engines (a simulator of 1,000 machines spent most of its time there), so a decision stays
+    O(log engines)."""
+    lines = EngineLines(half_life=8, min_observations=4)
+    for index in range(1000):
+        for tokens in (100, 200, 400, 800):
+            lines.observe(f"p{index}", tokens, 0.001 * (1 + index % 7) + 1e-6 * (1 + index % 5) * tokens)
+    for tokens in (100, 200, 400, 800) * 8:  # one engine got slower: the mean line follows it
+        lines.observe("p3", tokens, 0.5 + 1e-3 * tokens)
+    lines.observe("p1000", 100, 9.0)  # not trusted yet: not in the mean
+    expected = sum(lines.by_engine[f"p{index}"].predict(500) for index in range(1000)) / 1000
+
+    class NoPass(dict):
+        def _refused(self, *args):
+            raise AssertionError("an estimate walked every engine")
+        __iter__ = values = items = keys = _refused
+
+    lines.by_engine = NoPass(lines.by_engine)
+    assert lines.num_trusted == 1000
+    assert lines.estimate("new", 500) == pytest.approx(expected, rel=1e-9)
+    assert lines.estimate("p3", 500) == pytest.approx(0.5 + 1e-3 * 500, rel=0.05)  # its own line (old points fading)
+    assert EngineLines(half_life=8, min_observations=4).estimate("new", 500) == 0.0  # no line anywhere yet
 
 
 def test_hand_overs_timed_under_load_never_pass_for_an_idle_engines_transfer():
