@@ -162,6 +162,11 @@ def test_a_missing_key_is_not_found(make_transport):
 def test_an_unclaimed_transfer_expires(make_transport):
     transport = make_transport(lease_s=0.5)
     transport.send(transport.open("r1", LAYOUT), 0, _parts())
+    # The lease starts when the store takes the open, which prefill sends without waiting: on a slow host a new
+    # store actor took it later than the sleep below began, and the claim then came inside the lease.
+    deadline = time.monotonic() + 30
+    while transport.counters().num_opened == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
     time.sleep(1.2)
     with pytest.raises(KVExpiredError, match="r1"):
         transport.receive("r1", LAYOUT, timeout_s=1)
