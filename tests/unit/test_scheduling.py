@@ -412,12 +412,12 @@ def test_predictive_learns_first_then_takes_the_lowest_predicted_ttft():
 
 def test_the_tbt_guard_refuses_decode_local_when_its_chunks_would_slow_decodes_streams():
     config = SchedulingConfig(policy="predictive", tbt_mean_slowdown=1.25, tbt_gap_slowdown=5.0)
-    rates = _learned()  # one stream's step 77 ms; with 9 streams 93 ms; a 256-token chunk 0.65 s, 64 tokens 0.17 s
+    rates = _learned()  # a step: 77 ms with one stream, 93 ms with 9; a chunk computes 0.64 s (256 tokens), 0.16 s (64)
     book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 8}, rates=rates)
-    # 1. The gap bound: a step carrying a 256-token chunk takes 0.74 s, over 5x 77 ms: split.
+    # 1. The gap bound: a step carrying a 256-token chunk takes 0.73 s, over 5x 77 ms: split.
     decision = Predictive(config, chunk_tokens=256, expected_output_tokens=4000).decide(_request(1500), book, rates)
     assert (decision.path, decision.prefill_engine, decision.decode_engine) == (Path.SPLIT, "p0", "d0")
-    # 2. The mean bound: 64-token chunks pass the gap bound (0.26 s), but the prompt's 3.76 s of compute spread
+    # 2. The mean bound: 64-token chunks pass the gap bound (0.25 s), but the prompt's 3.75 s of compute spread
     #    over a running request's 32 tokens adds 117 ms to its mean gap, over 1.25x 77 ms: split.
     short_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=32)
     assert short_outputs.decide(_request(1500), book, rates).path == Path.SPLIT
