@@ -412,12 +412,12 @@ def test_predictive_learns_first_then_takes_the_lowest_predicted_ttft():
 
 def test_the_tbt_guard_refuses_decode_local_when_its_chunks_would_slow_decodes_streams():
     config = SchedulingConfig(policy="predictive", tbt_mean_slowdown=1.25, tbt_gap_slowdown=5.0)
-    rates = _learned()  # a step: 77 ms with one stream, 93 ms with 9; a chunk computes 0.64 s (256 tokens), 0.16 s (64)
+    rates = _learned()  # one stream's step 77 ms; with 9 streams 93 ms; a 256-token chunk 0.65 s, 64 tokens 0.17 s
     book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 8}, rates=rates)
-    # 1. The gap bound: a step carrying a 256-token chunk takes 0.73 s, over 5x 77 ms: split.
+    # 1. The gap bound: a step carrying a 256-token chunk takes 0.74 s, over 5x 77 ms: split.
     decision = Predictive(config, chunk_tokens=256, expected_output_tokens=4000).decide(_request(1500), book, rates)
     assert (decision.path, decision.prefill_engine, decision.decode_engine) == (Path.SPLIT, "p0", "d0")
-    # 2. The mean bound: 64-token chunks pass the gap bound (0.25 s), but the prompt's 3.75 s of compute spread
+    # 2. The mean bound: 64-token chunks pass the gap bound (0.26 s), but the prompt's 3.76 s of compute spread
     #    over a running request's 32 tokens adds 117 ms to its mean gap, over 1.25x 77 ms: split.
     short_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=32)
     assert short_outputs.decide(_request(1500), book, rates).path == Path.SPLIT
@@ -462,6 +462,29 @@ def test_predictive_sends_a_short_prompt_to_busy_decode_when_prefill_is_queued()
     # A long prompt there would cost every running token far more: it is split, however long prefill's queue.
     assert Predictive(config, chunk_tokens=2048, expected_output_tokens=32).decide(
         _request(1500), book, rates).path == Path.SPLIT
+
+
+def test_the_guard_charges_a_local_chunk_a_requests_fixed_cost_or_only_its_compute_as_configured():
+    """As served here a prefill line has a large intercept (a request's calls and its own forward pass): a 23-token
+    prompt costs 0.21 s alone, of which 0.06 s is compute. Charged as a request, it would add 13 ms to each of a
+    running request's 16 tokens, over the 1.25x bound; charged its compute (it rides a step that runs anyway), 4 ms."""
+    rates = Rates(min_observations=4)
+    for tokens in (100, 400, 800, 1600):
+        rates.observe_prefill("p0", tokens, 0.150 + 0.0025 * tokens)
+        rates.observe_prefill("d0", tokens, 0.150 + 0.0025 * tokens)
+    for streams in (1, 4, 8, 16):
+        rates.observe_decode_step("d0", streams, (75.0 + 2.0 * streams) / 1000)
+    for tokens in (100, 400, 800, 1600):
+        rates.observe_handover("d0", tokens, 0, 0.015)
+    assert rates.prompt_compute_s("d0", 23) == pytest.approx(0.0575)
+    book = _book({"p0": 4000}, {"d0": 0}, decode_requests={"d0": 4}, rates=rates)
+    as_request = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=2048, expected_output_tokens=16)
+    assert as_request.decide(_request(23), book, rates).path == Path.SPLIT
+    as_compute = Predictive(SchedulingConfig(policy="predictive", tbt_guard_charge="compute"), chunk_tokens=2048,
+                            expected_output_tokens=16)
+    assert as_compute.decide(_request(23), book, rates).path == Path.DECODE_LOCAL
+    # A long prompt is still refused either way: 1,500 tokens of compute is 0.23 s on each of 16 tokens.
+    assert as_compute.decide(_request(1500), book, rates).path == Path.SPLIT
 
 
 def test_predictive_lets_an_idle_prefill_engine_decode_when_decode_is_saturated():
