@@ -117,6 +117,11 @@ SPLITSERVE_UPDATES["splitserve-predictive-short-steps"] = {
 SPLITSERVE_UPDATES["splitserve-predictive-shortest-first"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive"], "prefill": {"scheduling_policy": "shortest_first"}}
 
+# The predictive policy whose TBT guard charges a decode-local chunk its compute only, not a request's fixed cost.
+SPLITSERVE_UPDATES["splitserve-predictive-compute-guard"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive"],
+    "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "tbt_guard_charge": "compute"}}
+
 
 def _variant(name: str, description: str) -> System:
     """A splitserve system that differs from serve_config.yaml by `SPLITSERVE_UPDATES[name]`."""
@@ -145,6 +150,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              f"splitserve PD on NIXL, predictive, decode prompts in chunks of {DECODE_CHUNK_TOKENS} tokens"),
     _variant("splitserve-predictive-short-steps",
              f"splitserve PD on NIXL, predictive, prefill steps of at most {PREFILL_STEP_TOKENS} tokens"),
+    _variant("splitserve-predictive-compute-guard",
+             "splitserve PD on NIXL, predictive, its TBT guard charging a decode-local chunk its compute only"),
     _variant("splitserve-predictive-shortest-first",
              "splitserve PD on NIXL, predictive, prefill engines run the shortest waiting prompt first (aged)"),
 ]}

@@ -164,6 +164,10 @@ class SchedulingConfig(_Frozen):
     # engine's own measured step time (Splitwise's TBT SLOs: a request's mean gap 1.25x, any one gap 5x).
     tbt_mean_slowdown: float = Field(1.25, gt=1)
     tbt_gap_slowdown: float = Field(5.0, gt=1)
+    # What the guard charges a decode step for a local prompt's chunk: "request", the engine's whole learned prefill
+    # time (its line's intercept too: a request's own calls and forward pass), or "compute", the line's slope only
+    # (the chunk rides in a step that runs for the streams anyway). "compute" is being measured (docs/benchmarks.md).
+    tbt_guard_charge: Literal["request", "compute"] = "request"
     # Observations of each rate before it is trusted; until then predictive acts as token_jsq.
     min_observations: int = Field(4, ge=1)
     # How often each engine replica reports its load (Serve's routing stats, through its controller); between

@@ -159,7 +159,8 @@ class Predictive:
     split:         drain(P) + prefill(P, n) + hand-over(D, n, requests ahead on D) + one decode step on D
     decode-local:  drain(D) + prefill(D, n) + D's decode steps that carry the prompt's chunks, allowed only if
                    those steps keep D's gaps within `tbt_gap_slowdown` of D's own step and its running requests'
-                   mean gap within `tbt_mean_slowdown`
+                   mean gap within `tbt_mean_slowdown` (a chunk charged as a request, or its compute only:
+                   `tbt_guard_charge`)
     prefill-local: prefill(P, n), only when decode's least-loaded engine cannot take one more stream within
                    the mean bound, and P is idle (its decode steps would otherwise wait behind other prompts)
     Until the rates are known it acts as token_jsq, which is how it learns them."""
@@ -213,14 +214,19 @@ class Predictive:
         if base <= 0:
             return False
         chunk = min(num_tokens, self.chunk_tokens)
-        step_with_chunk = rates.decode_step_s(engine_id, running + 1) + rates.prefill_s(engine_id, chunk)
+        step_with_chunk = rates.decode_step_s(engine_id, running + 1) + self._chunk_cost_s(engine_id, chunk, rates)
         if step_with_chunk > self.config.tbt_gap_slowdown * base:
             return False
         # The prompt's compute (and that of the prompts already pending there), spread over a running request's
         # expected output: what each of its tokens waits longer on average.
         pending = num_tokens + book.engine(engine_id).num_pending_prompt_tokens
-        extra_per_token = rates.prefill_s(engine_id, pending) / max(1.0, self.expected_output_tokens)
+        extra_per_token = self._chunk_cost_s(engine_id, pending, rates) / max(1.0, self.expected_output_tokens)
         return rates.decode_step_s(engine_id, running + 1) + extra_per_token <= self.config.tbt_mean_slowdown * base
+
+    def _chunk_cost_s(self, engine_id: str, num_tokens: int, rates: Rates) -> float:
+        if self.config.tbt_guard_charge == "compute":
+            return rates.prompt_compute_s(engine_id, num_tokens)
+        return rates.prefill_s(engine_id, num_tokens)
 
     def _decode_can_stream(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
         """One more stream keeps the decode engine's step within the mean bound of its own single-stream step."""

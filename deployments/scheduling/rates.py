@@ -176,6 +176,12 @@ class Rates:
         """Seconds the engine takes to compute `num_tokens` of prompt."""
         return self._prefill.estimate(engine_id, num_tokens)
 
+    def prompt_compute_s(self, engine_id: str, num_tokens: int) -> float:
+        """The compute `num_tokens` of prompt add to a step that runs anyway: the prefill line's slope only. Its
+        intercept is what a request pays once (the calls, a forward pass of its own), which a chunk riding in a
+        decode step that runs for the streams does not pay again."""
+        return max(0.0, self.prefill_s(engine_id, num_tokens) - self.prefill_s(engine_id, 0))
+
     def drain_s(self, engine_id: str, num_tokens: int) -> float:
         """What the load book orders engines by: the seconds to compute `num_tokens` of pending prompt once the rates
         are known; until then the tokens themselves (token join-the-shortest-queue). The router and the simulator

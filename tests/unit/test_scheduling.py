@@ -464,6 +464,29 @@ def test_predictive_sends_a_short_prompt_to_busy_decode_when_prefill_is_queued()
         _request(1500), book, rates).path == Path.SPLIT
 
 
+def test_the_guard_charges_a_local_chunk_a_requests_fixed_cost_or_only_its_compute_as_configured():
+    """As served here a prefill line has a large intercept (a request's calls and its own forward pass): a 23-token
+    prompt costs 0.21 s alone, of which 0.06 s is compute. Charged as a request, it would add 13 ms to each of a
+    running request's 16 tokens, over the 1.25x bound; charged its compute (it rides a step that runs anyway), 4 ms."""
+    rates = Rates(min_observations=4)
+    for tokens in (100, 400, 800, 1600):
+        rates.observe_prefill("p0", tokens, 0.150 + 0.0025 * tokens)
+        rates.observe_prefill("d0", tokens, 0.150 + 0.0025 * tokens)
+    for streams in (1, 4, 8, 16):
+        rates.observe_decode_step("d0", streams, (75.0 + 2.0 * streams) / 1000)
+    for tokens in (100, 400, 800, 1600):
+        rates.observe_handover("d0", tokens, 0, 0.015)
+    assert rates.prompt_compute_s("d0", 23) == pytest.approx(0.0575)
+    book = _book({"p0": 4000}, {"d0": 0}, decode_requests={"d0": 4}, rates=rates)
+    as_request = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=2048, expected_output_tokens=16)
+    assert as_request.decide(_request(23), book, rates).path == Path.SPLIT
+    as_compute = Predictive(SchedulingConfig(policy="predictive", tbt_guard_charge="compute"), chunk_tokens=2048,
+                            expected_output_tokens=16)
+    assert as_compute.decide(_request(23), book, rates).path == Path.DECODE_LOCAL
+    # A long prompt is still refused either way: 1,500 tokens of compute is 0.23 s on each of 16 tokens.
+    assert as_compute.decide(_request(1500), book, rates).path == Path.SPLIT
+
+
 def test_predictive_lets_an_idle_prefill_engine_decode_when_decode_is_saturated():
     policy = Predictive(SchedulingConfig(policy="predictive"), expected_output_tokens=32)
     rates = _learned(step_ms_per_stream=10.0)  # each stream adds 10 ms to a 75 ms step
