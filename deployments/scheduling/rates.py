@@ -87,6 +87,7 @@ class EngineLines:
     min_observations: int
     by_engine: dict[str, WeightedLine] = field(default_factory=dict)
     num_trusted: int = 0
+    num_observations: int = 0
     _sum_intercept: float = 0.0
     _sum_slope: float = 0.0
 
@@ -98,14 +99,14 @@ class EngineLines:
         if was_trusted:
             self._add(line, -1.0)
         line.observe(x, y)
+        self.num_observations += 1
         if self.is_trusted(line):
             self._add(line, 1.0)
             self.num_trusted += 0 if was_trusted else 1
 
     def _add(self, line: WeightedLine, sign: float) -> None:
-        intercept, slope = line._fitted()
-        self._sum_intercept += sign * intercept
-        self._sum_slope += sign * slope
+        self._sum_intercept += sign * line.intercept
+        self._sum_slope += sign * line.slope
 
     def is_trusted(self, line: WeightedLine | None) -> bool:
         return line is not None and line.num_observations >= self.min_observations
@@ -118,9 +119,6 @@ class EngineLines:
         if not self.num_trusted:
             return 0.0
         return (self._sum_intercept + self._sum_slope * x) / self.num_trusted
-
-    def num_observations(self) -> int:
-        return sum(line.num_observations for line in self.by_engine.values())
 
     def summary(self) -> dict[str, dict[str, float]]:
         return {engine_id: line.summary() for engine_id, line in self.by_engine.items()}
@@ -145,7 +143,7 @@ class Rates:
     @property
     def num_handovers(self) -> int:
         return ((self._transfer.num_observations if self._transfer is not None else 0)
-                + self._handover_wait.num_observations())
+                + self._handover_wait.num_observations)
 
     # 1-3. Observations.
     def observe_prefill(self, engine_id: str, num_tokens: int, seconds: float) -> None:
