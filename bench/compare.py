@@ -1,7 +1,7 @@
 """The comparison: every system, one after another on this host, through the same cells, judged by one reference.
 
     python -m bench.compare                         # the default: collocated, splitserve-predictive, Ray Serve LLM PD
-    python -m bench.compare --light-rates conv=0.15 code=0.1   # adds a lighter end: ~2 h instead of 64 min
+    python -m bench.compare --loads conv=0.25,0.5,1,2,3,4.5    # the sweep in the reference's requests in flight
     python -m bench.compare --systems all           # adds the rest; cells already measured at this commit are kept
     python -m bench.compare --systems policies      # every scheduling policy as its own row
     python -m bench.compare --systems collocated splitserve-nixl --traces code --rates code=0.2,0.4,0.6,0.8,1.0
@@ -9,12 +9,15 @@
     python -m bench.compare --report-only           # rebuild summary, report and figures from the raw files
 
 1. The plan (bench/workloads.py) expands into cells: per trace an uncontended cell and a rate sweep, then the
-   anchors. Every prompt is built once, with the served model's tokenizer, so each system sees the same prompts
-   (unique per request: no prefix cache can help).
+   anchors. The sweep is set in loads (the reference's requests in flight), so its rates come from this host:
+   the baseline runs first, and its uncontended cells give the unit rate per trace (`SweepRates`; `--reference`
+   or explicit `--rates` skip this). Every prompt is built with the served model's tokenizer, so each system sees
+   the same prompts (unique per request: no prefix cache can help).
 2. For each system (bench/systems.py): the cells still to measure at this commit (`--repeats` runs of each) are
    run after one start and a warm-up, through the load generator's own process (bench/load_generator.py); each
-   cell's requests are written to raw/<system>/ as soon as it ends, so a stopped run resumes cell by cell. A system
-   that fails to start is reported and the run goes on; it stops, with everything it started, before the next.
+   cell's requests are written to raw/<system>/ as soon as it ends, so a stopped run resumes cell by cell (the
+   baseline's raw uncontended cells give the same rates again). A system that fails to start is reported and the
+   run goes on; it stops, with everything it started, before the next.
 3. The one SLO reference (bench/slo.py) is fitted to the baseline's uncontended cells (or read with
    `--reference`); every request of every system gets its slowdowns against it, and goodput comes from each
    trace's rate sweep.
@@ -28,11 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import hashlib
 import json
 import signal
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,8 +44,8 @@ from bench import plots, report
 from bench.load_generator import CellRunner, GeneratorStats, PromptBuilder, RequestRecord, filler_document
 from bench.load_generator import run_closed_loop
 from bench.provenance import provenance
+from bench.raw_cells import RawCells, cells_to_run, measured_commit
 from bench.result_files import (
-    read_requests_csv,
     request_sample,
     span_s,
     summary_row,
@@ -51,8 +54,9 @@ from bench.result_files import (
 )
 from bench.slo import Goodput, Reference, attainment_goodput, fit_reference, goodput
 from bench.systems import BASELINE, DEFAULT_SYSTEMS, POLICY_COMPARISON, SPLIT_BASELINE, SYSTEMS, app_config
+from bench.sweep_rates import SweepRates
 from bench.traces import TraceRequest
-from bench.workloads import TRACE_FILES, Plan, Workload
+from bench.workloads import DEFAULT_LOADS, TRACE_FILES, Plan, Workload
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "compare"
 PROMPT_IDS_PER_CELL = 10_000
@@ -76,57 +80,35 @@ class SystemRun:
     generator: dict[str, list[GeneratorStats]] = field(default_factory=dict)  # cell name -> one per repeat
 
 
-def cell_digest(cell: Workload) -> str:
-    """What a cell sends (kind, concurrency, every request's arrival and sizes), in 16 hex digits."""
-    sent = cell.model_dump_json(include={"kind", "rate_per_s", "concurrency", "requests"})
-    return hashlib.sha256(sent.encode()).hexdigest()[:16]
-
-
-class RawCells:
-    """raw/<system>/<cell>.r<repeat>.csv and .json: one cell's requests and how they were measured.
-
-    A cell is done when its files were measured at this commit and sent what the plan's cell of that name sends
-    (its digest): a plan changed under the same name (a rate's scaling, `--min-requests`) is measured again, not
-    resumed. Files written before digests were recorded are taken by name.
-    """
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-
-    def _path(self, system: str, cell: str, repeat: int, suffix: str) -> Path:
-        return self.root / system / f"{plots.file_name(cell)}.r{repeat}{suffix}"
-
-    def meta(self, system: str, cell: str, repeat: int) -> dict[str, Any] | None:
-        path = self._path(system, cell, repeat, ".json")
-        return json.loads(path.read_text()) if path.exists() else None
-
-    def is_done(self, system: str, cell: Workload, repeat: int, commit: str) -> bool:
-        meta = self.meta(system, cell.name, repeat)
-        return meta is not None and meta["commit"] == commit and self.is_same_cell(meta, cell)
-
-    @staticmethod
-    def is_same_cell(meta: dict[str, Any], cell: Workload) -> bool:
-        return meta.get("cell_digest") in (None, cell_digest(cell))
-
-    def save(self, system: str, cell: Workload, repeat: int, records: list[RequestRecord], stats: GeneratorStats,
-             commit: str) -> None:
-        csv_path = self._path(system, cell.name, repeat, ".csv")
-        csv_path.parent.mkdir(parents=True, exist_ok=True)
-        write_requests_csv(records, csv_path)
-        self._path(system, cell.name, repeat, ".json").write_text(json.dumps(
-            {"system": system, "cell": cell.name, "repeat": repeat, "commit": commit, "cell_digest": cell_digest(cell),
-             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "generator": stats.__dict__}, indent=1))
-
-    def load(self, system: str, cell: str, repeat: int) -> tuple[list[RequestRecord], GeneratorStats]:
-        meta = json.loads(self._path(system, cell, repeat, ".json").read_text())
-        return read_requests_csv(self._path(system, cell, repeat, ".csv")), GeneratorStats(**meta["generator"])
+def _prompt_order(cells: list[Workload]) -> list[Workload]:
+    """A cell's block of prompt ids is its place in this order: the cells that need no rate (the warm-up, the
+    uncontended cells, the anchors), then the open-loop ones. The baseline's uncontended cells so get the same
+    prompts before the sweep's rates are known as after."""
+    return [WARM_UP, *(cell for cell in cells if cell.kind != "open"), *(cell for cell in cells if cell.kind == "open")]
 
 
 def cell_prompts(cells: list[Workload], model_path: str) -> dict[str, list[str]]:
+    """Every cell's prompts, unique per request."""
     builder = PromptBuilder(model_path, filler_document())
     return {cell.name: [builder.build(index * PROMPT_IDS_PER_CELL + request.request_id, request.prompt_tokens)
                         for request in cell.requests]
-            for index, cell in enumerate([WARM_UP, *cells])}
+            for index, cell in enumerate(_prompt_order(cells))}
+
+
+class Prompts:
+    """`cell_prompts`, built a cell at a time when it is first run, from the cells known by then."""
+
+    def __init__(self, model_path: str, known_cells: Callable[[], list[Workload]]) -> None:
+        self.builder = PromptBuilder(model_path, filler_document())
+        self.known_cells = known_cells
+        self.by_cell: dict[str, list[str]] = {}
+
+    def of(self, cell: Workload) -> list[str]:
+        if cell.name not in self.by_cell:
+            index = [known.name for known in _prompt_order(self.known_cells())].index(cell.name)
+            self.by_cell[cell.name] = [self.builder.build(index * PROMPT_IDS_PER_CELL + request.request_id,
+                                                          request.prompt_tokens) for request in cell.requests]
+        return self.by_cell[cell.name]
 
 
 def _run_cell(runner: CellRunner, base_url: str, model: str, cell: Workload, prompts: list[str],
@@ -142,19 +124,23 @@ def _run_cell(runner: CellRunner, base_url: str, model: str, cell: Workload, pro
     return records, stats
 
 
-def _measure(run: SystemRun, start: Any, todo: list[tuple[Workload, int]], prompts: dict[str, list[str]],
-             model: str, logs_dir: Path, raw: RawCells, commit: str) -> None:
+def _measure(run: SystemRun, start: Any, batches: Iterator[list[tuple[Workload, int]]],
+             prompts: Callable[[Workload], list[str]], model: str, logs_dir: Path, raw: RawCells,
+             commit: str) -> None:
+    """Start the system once and run its cells, batch after batch: the baseline's first batch (its uncontended
+    cells) sets the sweep's rates that the next batch holds."""
     began = time.perf_counter()
     try:
         with start(logs_dir) as base_url, CellRunner() as runner:
             run.startup_s = time.perf_counter() - began
-            print(f"{run.name}: up at {base_url} after {run.startup_s:.0f} s; {len(todo)} cells to run", flush=True)
+            print(f"{run.name}: up at {base_url} after {run.startup_s:.0f} s", flush=True)
             asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=list(WARM_UP.requests),
-                                        prompts=prompts[WARM_UP.name], concurrency=1, is_progress_shown=False))
-            for index, (cell, repeat) in enumerate(todo):
-                print(f"{run.name}: cell {index + 1}/{len(todo)}", flush=True)
-                records, stats = _run_cell(runner, base_url, model, cell, prompts[cell.name], repeat)
-                raw.save(run.name, cell, repeat, records, stats, commit)
+                                        prompts=prompts(WARM_UP), concurrency=1, is_progress_shown=False))
+            for todo in batches:
+                for index, (cell, repeat) in enumerate(todo):
+                    print(f"{run.name}: cell {index + 1}/{len(todo)}", flush=True)
+                    records, stats = _run_cell(runner, base_url, model, cell, prompts(cell), repeat)
+                    raw.save(run.name, cell, repeat, records, stats, commit)
     except Exception as exc:  # one system failing must not lose the others' results
         run.error = f"{type(exc).__name__}: {exc}"[:2000]
         print(f"{run.name}: FAILED: {run.error}", flush=True)
@@ -206,22 +192,20 @@ def summarize(runs: list[SystemRun], cells: list[Workload], reference: Reference
     return rows
 
 
-def _parse_rates(entries: list[str] | None, traces: tuple[str, ...], *, is_light: bool = False
-                 ) -> dict[str, tuple[float, ...]]:
-    """`conv=0.5,1.5 code=1` -> rates per trace name; traces not named keep the default rates; `none` clears all."""
+def _parse_per_trace(entries: list[str] | None, traces: tuple[str, ...], option: str = "--rates"
+                     ) -> dict[str, tuple[float, ...]]:
+    """`conv=0.5,1.5 code=1` -> values per trace name, for the traces named only; `none` gives every trace none."""
     names = [trace if trace in TRACE_FILES else Path(trace).stem for trace in traces]
-    defaults, own = (Plan().light_rates_per_s, ()) if is_light else (Plan().rates_per_s, (0.5, 1.0, 1.5, 2.0, 2.5))
-    rates = {name: defaults.get(name, own) for name in names}
+    values_by_trace: dict[str, tuple[float, ...]] = {}
     for entry in entries or []:
         if entry == "none":
-            rates = {name: () for name in names}
+            values_by_trace = {name: () for name in names}
             continue
         name, _, values = entry.partition("=")
-        if name not in rates:
-            option = "--light-rates" if is_light else "--rates"
+        if name not in names:
             raise SystemExit(f"{option} names {name!r}, which is not among the traces {names}")
-        rates[name] = tuple(float(value) for value in values.split(",") if value)
-    return rates
+        values_by_trace[name] = tuple(float(value) for value in values.split(",") if value)
+    return values_by_trace
 
 
 def carried_over(previous_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -250,11 +234,16 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
                              "Azure trace CSVs")
     parser.add_argument("--arrivals", choices=["trace", "poisson"], default="trace",
                         help="replay the trace's own arrival times at each rate, or draw Poisson arrivals")
+    parser.add_argument("--loads", nargs="+", metavar="TRACE=L1,L2",
+                        help="the sweep per trace in loads, the reference's mean requests in flight (rate × its "
+                             "mean uncontended E2E), set to rates from this host's reference; default "
+                             + " ".join(f"{trace}={','.join(f'{load:g}' for load in loads)}"
+                                        for trace, loads in DEFAULT_LOADS.items()))
     parser.add_argument("--rates", nargs="+", metavar="TRACE=R1,R2",
-                        help="open-loop mean rates, requests/s, per trace (its name, or its file's stem)")
+                        help="explicit open-loop mean rates, requests/s, per trace (its name, or its file's stem), "
+                             "instead of its loads; `none`: no sweep")
     parser.add_argument("--light-rates", nargs="+", metavar="TRACE=R",
-                        help="a lighter end for the sweep, kept apart because ≥ 50 requests at it take longest "
-                             "(none by default; conv=0.15 code=0.1 turns the default run's 64 minutes into about 2 hours)")
+                        help="rates added to a trace's sweep, requests/s")
     parser.add_argument("--min-duration-s", type=float, default=Plan().min_duration_s)
     parser.add_argument("--min-requests", type=int, default=Plan().min_requests)
     parser.add_argument("--num-uncontended", type=int, default=Plan().num_uncontended)
@@ -286,12 +275,12 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     traces = tuple(args.traces)
-    plan = Plan(traces=traces, arrivals=args.arrivals, rates_per_s=_parse_rates(args.rates, traces),
-                light_rates_per_s=_parse_rates(args.light_rates, traces, is_light=True),
+    plan = Plan(traces=traces, arrivals=args.arrivals, rates_per_s=_parse_per_trace(args.rates, traces),
+                loads=DEFAULT_LOADS | _parse_per_trace(args.loads, traces, "--loads"),
+                light_rates_per_s=_parse_per_trace(args.light_rates, traces, "--light-rates"),
                 min_duration_s=args.min_duration_s, min_requests=args.min_requests,
                 num_uncontended=args.num_uncontended, anchor_concurrencies=tuple(args.anchor_concurrencies),
                 num_anchor_requests_per_user=args.anchor_requests_per_user)
-    cells = plan.workloads()
     config = app_config()
     origin = provenance()
     raw = RawCells(args.out / "raw")
@@ -307,22 +296,38 @@ def main(argv: list[str] | None = None) -> None:
         name, _, url = entry.partition("=")
         systems[name] = (f"already running at {url} (not started by the benchmark)",
                          lambda _logs, url=url: contextlib.nullcontext(url), {"base_url": url})
+    sweep = SweepRates(plan, raw, args, baseline=BASELINE)
+    if sweep.unit_rates is None:  # the sweep's rates come from the baseline's uncontended cells: it runs first
+        if BASELINE not in systems:
+            raise SystemExit(f"the sweep of {', '.join(plan.calibrated_traces())} is set in loads of the reference, "
+                             f"which {BASELINE} measures: run it too, or pass --reference or --rates")
+        systems = {BASELINE: systems[BASELINE]} | systems
     if args.report_only:
-        commit = _commit_of(raw, list(systems), cells, args.repeats)
-    prompts = None if args.report_only else cell_prompts(cells, config.model.path)
+        commit = measured_commit(raw, list(systems), plan.fixed_workloads(), args.repeats)
+        sweep.settle(commit)
+        measured_commit(raw, list(systems), sweep.cells(), args.repeats)
+    else:
+        sweep.settle(commit, is_required=False)  # a resumed run whose baseline measured its uncontended cells
+    prompts = Prompts(config.model.path, sweep.cells)
     runs = []
     done_metas: list[dict[str, Any]] = []  # every raw cell this report reads
     for index, (name, (description, start, system_config)) in enumerate(systems.items()):
         run = SystemRun(name=name, description=description, config=system_config)
-        todo = [(cell, repeat) for repeat in range(args.repeats) for cell in cells
-                if not raw.is_done(name, cell, repeat, commit)]
-        for cell, repeat in todo:
-            if (meta := raw.meta(name, cell.name, repeat)) is not None and meta["commit"] == commit:
-                print(f"{name}/{cell.name}: measured at this commit with other requests; measuring it again")
-        if todo and not args.report_only:
+
+        def batches(name: str = name) -> Iterator[list[tuple[Workload, int]]]:
+            if sweep.unit_rates is None:  # the baseline: its uncontended cells, then the sweep at their rates
+                yield cells_to_run(raw, name, [cell for cell in plan.fixed_workloads() if cell.kind == "uncontended"],
+                            args.repeats, commit)
+                sweep.settle(commit)
+            yield cells_to_run(raw, name, sweep.cells(), args.repeats, commit)
+
+        if not args.report_only and (sweep.unit_rates is None or cells_to_run(raw, name, sweep.cells(), args.repeats,
+                                                                        commit)):
             print(f"[{index + 1}/{len(systems)}] {name}: {description}", flush=True)
-            _measure(run, start, todo, prompts, config.model.served_name, logs_dir, raw, commit)
-        for cell in cells:
+            _measure(run, start, batches(), prompts.of, config.model.served_name, logs_dir, raw, commit)
+        if sweep.unit_rates is None:
+            sweep.settle(commit)  # the baseline failed before its uncontended cells were all measured: says why
+        for cell in sweep.cells():
             for repeat in range(args.repeats):
                 if raw.is_done(name, cell, repeat, commit):
                     done_metas.append(raw.meta(name, cell.name, repeat))
@@ -333,6 +338,7 @@ def main(argv: list[str] | None = None) -> None:
         write_requests_csv([record for records in run.records.values() for record in records],
                            args.out / f"requests_{name}.csv")
 
+    cells = sweep.cells()
     finished = sorted(meta["finished_at"] for meta in done_metas)
     reference = _reference(runs, cells, commit, args)
     if reference is not None:
@@ -346,6 +352,7 @@ def main(argv: list[str] | None = None) -> None:
             "model": config.model.served_name, "baseline": BASELINE, "repeats": args.repeats,
             "request_timeout_s": REQUEST_TIMEOUT_S, "is_report_only": args.report_only,
             "plan": json.loads(plan.model_dump_json(exclude={"traces_dir"})),
+            "unit_rates_per_s": sweep.unit_rates, "sweep_rates_per_s": plan.sweep_rates(sweep.unit_rates),
             "cells": [json.loads(cell.model_dump_json(exclude={"requests"})) | {"num_requests": len(cell.requests)}
                       for cell in cells],
             "systems": [{"name": run.name, "description": run.description, "startup_s": run.startup_s,
@@ -358,21 +365,6 @@ def main(argv: list[str] | None = None) -> None:
                          second_baseline=args.second_baseline)
     print(table)
     print(f"results in {args.out} ({meta['wall_s'] / 60:.1f} min)")
-
-
-def _commit_of(raw: RawCells, systems: list[str], cells: list[Workload], repeats: int) -> str:
-    """The one commit the raw files of a report measured; a report never mixes commits, nor other plans' cells."""
-    metas = {(system, cell.name, repeat): (meta, cell) for system in systems for cell in cells
-             for repeat in range(repeats) if (meta := raw.meta(system, cell.name, repeat)) is not None}
-    found = {meta["commit"] for meta, _ in metas.values()}
-    if len(found) != 1:
-        raise SystemExit(f"--report-only needs raw files of one commit; found {sorted(found) or 'none'}")
-    other = [f"{system}/{name}" for (system, name, _), (meta, cell) in metas.items()
-             if not raw.is_same_cell(meta, cell)]
-    if other:
-        raise SystemExit(f"--report-only: these raw cells sent other requests than this plan's cells of the same "
-                         f"name (pass the options they were run with): {', '.join(other)}")
-    return found.pop()
 
 
 def _reference(runs: list[SystemRun], cells: list[Workload], commit: str, args: argparse.Namespace) -> Reference | None:

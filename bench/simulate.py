@@ -33,7 +33,7 @@ from bench.sim.config import SimConfig
 from bench.sim.simulator import SimResult, Simulator
 from bench.slo import Reference
 from bench.traces import Scaling, TraceRequest, read_trace, scale_trace, scaling_for_rate
-from bench.workloads import DEFAULT_TOKEN_SCALING, TRACE_FILES, TRACES_DIR, Plan
+from bench.workloads import DEFAULT_TOKEN_SCALING, TRACE_FILES, TRACES_DIR, open_cell
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "sim" / "run"
 # SplitwiseSim's summary: each per-request metric with these statistics, named `<metric>_<statistic>`.
@@ -54,10 +54,10 @@ def trace_requests(trace: str, *, rate_per_s: float | None, duration_s: float,
 
 
 def cell_requests(name: str) -> list[TraceRequest]:
-    cells = {cell.name: cell for cell in Plan().workloads()}
-    if name not in cells:
-        raise SystemExit(f"--cell {name!r} is not one of bench.compare's default cells: {', '.join(cells)}")
-    return list(cells[name].requests)
+    try:
+        return list(open_cell(name).requests)
+    except ValueError as exc:
+        raise SystemExit(f"--cell: {exc}") from exc
 
 
 def measured_requests(path: Path, workload: str) -> list[TraceRequest]:
@@ -105,7 +105,7 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config", type=Path, required=True, help="a simulation YAML (bench/sim/config.py)")
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", help="conv, code, or a SplitwiseSim / Azure trace CSV")
-    source.add_argument("--cell", help="one of bench.compare's default cells, e.g. 'conv@0.6/s'")
+    source.add_argument("--cell", help="a bench.compare open-loop cell, <trace>@<rate>/s, e.g. 'conv@0.6/s'")
     source.add_argument("--requests", type=Path, help="a measured run's requests_<system>.csv (with --workload)")
     parser.add_argument("--workload", help="the cell of --requests to replay")
     parser.add_argument("--rate", type=float, help="replay --trace at this mean rate, requests/s")

@@ -38,7 +38,7 @@ from bench.compare import REQUEST_TIMEOUT_S, WARM_UP, cell_prompts
 from bench.load_generator import CellRunner
 from bench.provenance import provenance
 from bench.systems import SYSTEMS, app_config
-from bench.workloads import Plan, Workload
+from bench.workloads import Workload, open_cell
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "crosscheck"
 HASH_BLOCK_TOKENS = 16  # vLLM's default --timed-trace-chunk-hash-size: one hash id stands for 16 prompt tokens
@@ -143,16 +143,17 @@ def _report(cell: Workload, system: str, comparison: dict[str, Any], meta: dict[
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cell", default="conv@0.8/s", help="an open-loop cell of the default plan")
+    parser.add_argument("--cell", default="conv@0.8/s",
+                        help="an open-loop cell, <trace>@<rate>/s, as the default plan builds it")
     parser.add_argument("--system", choices=list(SYSTEMS), default="collocated")
     parser.add_argument("--running", metavar="URL", help="a server already running (not started or stopped here)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
 
-    cells = {cell.name: cell for cell in Plan().workloads() if cell.kind == "open"}
-    if args.cell not in cells:
-        raise SystemExit(f"--cell must be one of {sorted(cells)}")
-    cell = cells[args.cell]
+    try:
+        cell = open_cell(args.cell)
+    except ValueError as exc:
+        raise SystemExit(f"--cell: {exc}") from exc
     config = app_config()
     prompts = cell_prompts([cell], config.model.path)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,22 +3,31 @@
 1. Per trace (Azure `conv` and `code` by default), an **uncontended** cell: ≥ 30 requests sent one at a time,
    picked at evenly spaced quantiles of the loaded cells' request sizes, so that they span the sizes the loaded
    cells send. The reference system's (collocated) uncontended cells fit the one SLO reference (bench/slo.py).
-2. Per trace, a **rate sweep** of open-loop cells (≥ 5 rates, from light load to past saturation; the light end is
-   its own option, since it decides how long a run takes): the real trace's arrival pattern replayed at each mean
-   rate (or, with `arrivals="poisson"`, Poisson arrivals at that rate with the trace's token sizes) for at least
-   `min_duration_s` and `min_requests`, token counts scaled to this host (`TokenScaling`, recorded in the results). A trace is `conv` or `code` (the Azure traces vendored in
-   bench/data/azure_traces) or the path of any SplitwiseSim or Azure-format CSV.
+2. Per trace, a **rate sweep** of open-loop cells (≥ 5 rates, from light load to past saturation): the real
+   trace's arrival pattern replayed at each mean rate (or, with `arrivals="poisson"`, Poisson arrivals at that rate
+   with the trace's token sizes) for at least `min_duration_s` and `min_requests`, token counts scaled to this host
+   (`TokenScaling`, recorded in the results). The rates are set from this host's own reference, not fixed: the
+   sweep is a ladder of **loads**, the reference's mean requests in flight (Little's law: rate × the reference's
+   mean uncontended E2E over the trace's requests, `unit_rate`), so that a host twice as slow gets half the rates
+   and the sweep still spans light load to past saturation (fixed rates tuned on one host started past every
+   system's saturation on a host 2× slower). Rates given explicitly (`rates_per_s`) replace a trace's loads.
+   A trace is `conv` or `code` (the Azure traces vendored in bench/data/azure_traces) or the path of any
+   SplitwiseSim or Azure-format CSV.
 3. The **anchor** cells (docs/benchmarks.md): 300-token prompts, 32 output tokens, closed loop at concurrency 1
    and 4, so that figures stay comparable across runs and with the peer's published anchor.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
+
 from pydantic import BaseModel, ConfigDict, Field
 
+from bench.slo import ReferenceFit
 from bench.traces import Scaling, TraceRequest, poisson_trace, read_trace, scale_trace, scaling_for_rate
 
 # Vendored (see its README.md for the source and license), so that a fresh clone has them.
@@ -61,44 +70,104 @@ class Workload(BaseModel):
     requests: tuple[TraceRequest, ...]
 
 
+# The sweep in loads (the reference's mean requests in flight). The light end is where the reference itself met
+# every SLO (conv 0.5-1.0 load; code has no rate where it does on two cores, 0.5 load is about where the first request
+# in ten overlaps another's prefill). The top is past every system's saturation: delivered requests/s stopped
+# following the offered rate at ~3.5-4 loads on conv and ~1.2 on code for every system, on the Intel Xeon host
+# (c06db50, d2fb4db) and on the AMD EPYC one (f803f82) alike, where fixed rates had differed by 2x. Conversation
+# batches its decodes, so it saturates later than code, whose long prompts hold the cores.
+DEFAULT_LOADS: dict[str, tuple[float, ...]] = {"conv": (0.7, 1.4, 2.5, 4.0, 6.0), "code": (0.5, 0.8, 1.2, 1.7, 2.4)}
+OWN_TRACE_LOADS = (0.5, 1.0, 2.0, 3.0, 4.5)
+
+
+def unit_rate(mix: list[TraceRequest], fit: ReferenceFit) -> float:
+    """The rate at which the reference holds one request in flight (Little's law): 1 / its mean uncontended E2E
+    over `mix`, as its fitted model predicts for each request's size."""
+    return 1.0 / float(np.mean([fit.e2e_s(request.prompt_tokens, request.output_tokens) for request in mix]))
+
+
+def rate_at(load: float, unit_rate_per_s: float) -> float:
+    """A load as a rate, to two significant digits: cell names stay readable ("conv@0.15/s") and a rerun of the
+    same reference gets the same cells."""
+    return float(f"{load * unit_rate_per_s:.2g}")
+
+
 class Plan(BaseModel):
-    """The options a comparison runs with; `workloads()` expands them into cells."""
+    """The options a comparison runs with; `workloads(unit_rates)` expands them into cells."""
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     traces: tuple[str, ...] = ("conv", "code")  # names in TRACE_FILES, or paths of trace CSVs
     arrivals: Literal["trace", "poisson"] = "trace"
-    # Five rates per trace, from about one request in flight for the reference (conv 0.3/s) to past every system's
-    # throughput limit on a 2-core host (delivered requests/s stopped following the offered rate at ~1.1 conv and
-    # ~0.6 code for every system at c06db50). With ≥ 50 requests and ≥ 60 s per cell the three default systems took
-    # 64 minutes (d2fb4db).
-    rates_per_s: dict[str, tuple[float, ...]] = {"conv": (0.3, 0.6, 0.9, 1.3, 1.8),
-                                                 "code": (0.4, 0.55, 0.7, 0.85, 1.0)}
-    # An optional lighter end (e.g. conv 0.15/s, code 0.1/s: under half a request in flight), so that a system that
-    # misses the SLOs at the lowest sweep rate still gets a goodput rate. Not in the default: ≥ 50 requests at those
-    # rates are 333 s and 500 s of arrivals per system, which turns a 64-minute run into about two hours.
+    # Per trace, the sweep as loads (the reference's requests in flight); its rates come from `unit_rates`.
+    loads: dict[str, tuple[float, ...]] = DEFAULT_LOADS
+    # Explicit rates for a trace replace its loads: such a trace needs no reference to expand.
+    rates_per_s: dict[str, tuple[float, ...]] = {}
+    # Extra rates added to a trace's sweep (e.g. a lighter end), explicit requests/s.
     light_rates_per_s: dict[str, tuple[float, ...]] = {}
     min_duration_s: float = Field(60.0, gt=0)  # of arrivals, per open-loop cell
     min_requests: int = Field(50, ge=1)  # per open-loop cell: a cell lasts max(min_duration_s, min_requests / rate)
     num_uncontended: int = Field(30, ge=1)
+    # The trace's first requests (scaled), whose sizes the uncontended cell spans and the unit rate averages over.
+    # The sweep's cells replay the trace from its start, so they send these (the heaviest default cell sends ~100).
+    num_mix_requests: int = Field(200, ge=1)
     anchor_concurrencies: tuple[int, ...] = (1, 4)
     num_anchor_requests_per_user: int = Field(10, ge=1)
     token_scaling: dict[str, TokenScaling] = DEFAULT_TOKEN_SCALING
     traces_dir: Path = TRACES_DIR
 
-    def workloads(self) -> list[Workload]:
+    def trace_names(self) -> list[str]:
+        return [trace if trace in TRACE_FILES else Path(trace).stem for trace in self.traces]
+
+    def calibrated_traces(self) -> list[str]:
+        """The traces whose rates come from the reference (no explicit rates given)."""
+        return [trace for trace in self.trace_names() if trace not in self.rates_per_s]
+
+    def loads_of(self, trace: str) -> tuple[float, ...]:
+        return self.loads.get(trace, OWN_TRACE_LOADS)
+
+    def mix(self, trace_spec: str) -> list[TraceRequest]:
+        trace, source = self._source(trace_spec)
+        tokens = self.token_scaling.get(trace, OWN_TRACE_TOKEN_SCALING).model_dump()
+        return scale_trace(source, Scaling(max_requests=self.num_mix_requests, **tokens))
+
+    def unit_rates(self, fit_for: Mapping[str, ReferenceFit]) -> dict[str, float]:
+        """Each calibrated trace's unit rate, from the reference's fit for that trace (`fit_for[trace]`)."""
+        return {trace: unit_rate(self.mix(spec), fit_for[trace])
+                for spec, trace in zip(self.traces, self.trace_names(), strict=True)
+                if trace in self.calibrated_traces()}
+
+    def sweep_rates(self, unit_rates: Mapping[str, float] | None = None) -> dict[str, tuple[float, ...]]:
+        """Per trace, the sweep's rates: explicit, or its loads at its unit rate (a ValueError without one)."""
+        unit_rates = unit_rates or {}
+        rates = {}
+        for trace in self.trace_names():
+            if trace in self.rates_per_s:
+                rates[trace] = tuple(self.rates_per_s[trace])
+            else:
+                if trace not in unit_rates:
+                    raise ValueError(f"the sweep of {trace!r} is set in loads and needs the reference's unit rate "
+                                   f"(or explicit rates)")
+                loads = self.loads_of(trace)
+                rates[trace] = tuple(dict.fromkeys(rate_at(load, unit_rates[trace]) for load in loads))
+        return rates
+
+    def fixed_workloads(self) -> list[Workload]:
+        """The cells that need no rate: every trace's uncontended cell, then the anchors."""
+        return self.workloads(is_sweep_included=False)
+
+    def workloads(self, unit_rates: Mapping[str, float] | None = None, *,
+                  is_sweep_included: bool = True) -> list[Workload]:
+        sources = [self._source(trace_spec) for trace_spec in self.traces]  # a trace that is not found says so first
+        sweep = self.sweep_rates(unit_rates) if is_sweep_included else {}
         cells: list[Workload] = []
-        for trace_spec in self.traces:
-            trace, source = self._source(trace_spec)
+        for trace_spec, name, (trace, source) in zip(self.traces, self.trace_names(), sources, strict=True):
             tokens = self.token_scaling.get(trace, OWN_TRACE_TOKEN_SCALING).model_dump()
-            sweep_rates = self.rates_per_s.get(trace, ())
-            rates = sorted({*sweep_rates, *self.light_rates_per_s.get(trace, ())})
+            rates = sorted({*sweep.get(name, ()), *self.light_rates_per_s.get(name, ())}) if is_sweep_included \
+                else []
             loaded = [self._open_loop(trace, source, rate, tokens) for rate in rates]
-            # The sweep's requests (or the trace's first ones, without a sweep): the sizes the loaded cells send.
-            # A light cell replays the trace's first requests, which every sweep cell sends too; it adds no size.
-            mix = [request for cell in loaded if cell.rate_per_s in sweep_rates for request in cell.requests] or \
-                scale_trace(source, Scaling(max_requests=self.num_uncontended, **tokens))
-            by_size = sorted(mix, key=lambda request: (request.prompt_tokens, request.output_tokens))
+            # The uncontended requests span the sizes of the trace's first requests, which the loaded cells send.
+            by_size = sorted(self.mix(trace_spec), key=lambda request: (request.prompt_tokens, request.output_tokens))
             picks = [by_size[round(i * (len(by_size) - 1) / max(1, self.num_uncontended - 1))]
                      for i in range(min(self.num_uncontended, len(by_size)))]
             cells.append(Workload(name=f"uncontended-{trace}", trace=trace, kind="uncontended", concurrency=1,
@@ -135,3 +204,15 @@ class Plan(BaseModel):
             requests = scale_trace(source, scaling)
         return Workload(name=f"{trace}@{rate:g}/s", trace=trace, kind="open", rate_per_s=rate, scaling=scaling,
                         requests=tuple(requests))
+
+
+def open_cell(name: str, plan: Plan | None = None) -> Workload:
+    """The open-loop cell a comparison names "<trace>@<rate>/s" (e.g. "conv@0.6/s"), at any rate, as `plan` (the
+    default's options) expands it: for tools that replay one cell without a reference (bench.simulate,
+    bench.vllm_crosscheck)."""
+    trace, _, rate = name.partition("@")
+    if not rate.endswith("/s"):
+        raise ValueError(f"{name!r} is not an open-loop cell's name, <trace>@<rate>/s")
+    plan = (plan or Plan()).model_copy(update={"traces": (trace,), "rates_per_s": {trace: (float(rate[:-2]),)},
+                                               "anchor_concurrencies": ()})
+    return next(cell for cell in plan.workloads() if cell.kind == "open")

@@ -4,6 +4,7 @@ raw cells that resume, and every figure file."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 
 import json
@@ -15,10 +16,13 @@ from pathlib import Path
 import pytest
 
 from bench import plots, report
-from bench.compare import RawCells, SystemRun, _commit_of, _parse_rates, cell_digest, fit_reference_from, summarize
+from bench.compare import SystemRun, _parse_per_trace, _prompt_order, fit_reference_from, summarize
+from bench.raw_cells import RawCells, cell_digest, measured_commit
 from bench.load_generator import GeneratorStats, RequestRecord
 from bench.traces import TraceRequest, scale_trace, scaling_for_rate, write_splitwise_csv
-from bench.workloads import TRACE_FILES, Plan, TokenScaling
+from bench.slo import LinearFit, ReferenceFit
+from bench.sweep_rates import SweepRates
+from bench.workloads import TRACE_FILES, Plan, TokenScaling, rate_at
 
 
 def _trace(tmp_path: Path) -> Path:
@@ -56,10 +60,13 @@ def test_the_plan_sizes_each_rate_by_time_and_count_and_spans_sizes_in_the_uncon
     # A cell lasts max(10 s, 10 requests / rate): 20 s at 0.5/s, 10 s at 1/s and at 2/s.
     assert [len(cells[name].requests) for name in cells] == [30, 10, 10, 20, 2, 4]
     assert cells["conv@2/s"].requests[-1].arrival_s < 10
-    # The uncontended requests are spread over the loaded cells' sizes, smallest to largest.
+    # The uncontended requests are spread over the sizes of the trace's first requests (the mix), smallest to
+    # largest; the loaded cells replay the trace from its start, so they send the mix's requests.
     uncontended = [r.prompt_tokens for r in cells["uncontended-conv"].requests]
-    loaded = sorted(r.prompt_tokens for name in ("conv@0.5/s", "conv@1/s", "conv@2/s") for r in cells[name].requests)
-    assert uncontended == sorted(uncontended) and (uncontended[0], uncontended[-1]) == (loaded[0], loaded[-1])
+    mix = sorted(r.prompt_tokens for r in _plan(tmp_path).mix("conv"))
+    assert uncontended == sorted(uncontended) and (uncontended[0], uncontended[-1]) == (mix[0], mix[-1])
+    loaded = [r.prompt_tokens for name in ("conv@0.5/s", "conv@1/s", "conv@2/s") for r in cells[name].requests]
+    assert set(loaded) <= set(mix)
     assert {(r.prompt_tokens, r.output_tokens) for r in cells["anchor-c2"].requests} == {(300, 32)}
 
 
@@ -177,13 +184,13 @@ def test_raw_cells_resume_at_the_same_commit_and_the_same_requests_only(tmp_path
     assert not raw.is_done("splitserve", cell, 0, "def") and not raw.is_done("splitserve", cell, 1, "abc")
     records, loaded_stats = raw.load("splitserve", "conv@1/s", 0)
     assert records == runs[1].records["conv@1/s"] and loaded_stats == stats
-    assert _commit_of(raw, ["splitserve"], cells, 1) == "abc"
+    assert measured_commit(raw, ["splitserve"], cells, 1) == "abc"
     # 2. The same name sending other requests (here: more of them) is not done, and no report mixes it in.
     longer = _plan(tmp_path, min_requests=15).workloads()
     changed = next(other for other in longer if other.name == "conv@1/s")
     assert cell_digest(changed) != cell_digest(cell) and not raw.is_done("splitserve", changed, 0, "abc")
     with pytest.raises(SystemExit, match="splitserve/conv@1/s"):
-        _commit_of(raw, ["splitserve"], longer, 1)
+        measured_commit(raw, ["splitserve"], longer, 1)
     # 3. Files from before digests were recorded are taken by name.
     meta_path = tmp_path / "raw" / "splitserve" / "conv_1rps.r0.json"
     meta_path.write_text(json.dumps({key: value for key, value in json.loads(meta_path.read_text()).items()
@@ -192,7 +199,7 @@ def test_raw_cells_resume_at_the_same_commit_and_the_same_requests_only(tmp_path
     # 4. A report never mixes commits.
     raw.save("collocated", cell, 0, runs[0].records["conv@1/s"], stats, "def")
     with pytest.raises(SystemExit, match="one commit"):
-        _commit_of(raw, ["splitserve", "collocated"], cells, 1)
+        measured_commit(raw, ["splitserve", "collocated"], cells, 1)
 
 
 def test_the_light_end_joins_the_sweep_without_changing_the_uncontended_picks(tmp_path):
@@ -203,31 +210,93 @@ def test_the_light_end_joins_the_sweep_without_changing_the_uncontended_picks(tm
                          "anchor-c2"]
     assert len(lit["conv@0.2/s"].requests) == 10 and lit["conv@0.2/s"].requests[-1].arrival_s > 40  # 10 / 0.2 s
     assert lit["uncontended-conv"] == plain["uncontended-conv"]
-    assert Plan().light_rates_per_s == {}  # opt-in: the default run stays within 75 minutes
+    assert Plan().light_rates_per_s == {}  # opt-in: the default sweep's light end is its first load
 
 
-def test_the_default_sweep_has_five_rates_per_trace_and_fits_the_time_budget():
-    """≥ 5 rates per trace, every loaded cell ≥ 60 s and ≥ 50 requests; the arrivals of the default's loaded cells
-    add up to what keeps three systems within 75 minutes (measured per-cell overheads: drains, uncontended,
-    anchors and start-up add ~10 min per system on this host)."""
+def _host_fits(slowness: float) -> dict[str, ReferenceFit]:
+    """About the Intel host's reference (a prompt token 2 ms, a decode step 65 ms), `slowness` times slower."""
+    fit = ReferenceFit(num_requests=30, ttft=LinearFit(intercept_s=0.1 * slowness, slope_s=0.002 * slowness,
+                                                       floor_s=0.1 * slowness, median_abs_error=0.0),
+                       tpot=LinearFit(intercept_s=0.065 * slowness, slope_s=0.0, floor_s=0.065 * slowness,
+                                      median_abs_error=0.0))
+    return {"conv": fit, "code": fit}
+
+
+def test_the_default_sweep_is_set_in_loads_of_this_hosts_reference():
+    """≥ 5 rates per trace from light load (≤ 1 reference request in flight) to past saturation (≥ 2.4), every
+    loaded cell ≥ 60 s and ≥ 50 requests; a host twice as slow gets about half the rates, so that a sweep tuned on
+    one host neither starts past saturation on a slower one nor ends below it on a faster one."""
     plan = Plan()
-    loaded = [cell for cell in plan.workloads() if cell.kind == "open"]
+    with pytest.raises(ValueError, match="unit rate"):
+        plan.workloads()
+    assert all(cell.kind != "open" for cell in plan.fixed_workloads())
+    fast, slow = plan.unit_rates(_host_fits(1.0)), plan.unit_rates(_host_fits(2.0))
+    # A unit rate is 1 / the reference's mean E2E over the trace's first requests, by its fit for their sizes.
+    mix = plan.mix("conv")
+    fit = _host_fits(1.0)["conv"]
+    assert fast["conv"] == pytest.approx(len(mix) / sum(fit.e2e_s(r.prompt_tokens, r.output_tokens) for r in mix))
     for trace in ("conv", "code"):
-        assert len([cell for cell in loaded if cell.trace == trace]) >= 5
-    assert all(len(cell.requests) >= 50 and cell.requests[-1].arrival_s >= 59 for cell in loaded)
-    assert sum(cell.requests[-1].arrival_s for cell in loaded) < 14 * 60
+        assert slow[trace] == pytest.approx(fast[trace] / 2, rel=0.01)
+        loads = plan.loads_of(trace)
+        assert len(loads) >= 5 and loads[0] <= 1.0 and loads[-1] >= 2.4
+    for units in (fast, slow):
+        loaded = [cell for cell in plan.workloads(units) if cell.kind == "open"]
+        for trace in ("conv", "code"):
+            rates = [cell.rate_per_s for cell in loaded if cell.trace == trace]
+            assert rates == [rate_at(load, units[trace]) for load in plan.loads_of(trace)]
+        # ≥ 60 s of arrivals: the window ends where the next request would arrive, a mean gap after the last.
+        assert all(len(cell.requests) >= 50 and cell.requests[-1].arrival_s + 1.5 / cell.rate_per_s >= 60
+                   for cell in loaded)
+    # Explicit rates replace a trace's loads, and need no reference.
+    explicit = Plan(rates_per_s={"code": (0.2, 0.4)})
+    assert explicit.calibrated_traces() == ["conv"]
+    assert explicit.sweep_rates({"conv": 0.2})["code"] == (0.2, 0.4)
+    assert rate_at(0.7, 0.226) == 0.16 and rate_at(6, 0.226) == 1.4  # two significant digits
 
 
-def test_rates_on_the_command_line():
+def test_rates_and_loads_on_the_command_line():
     traces = ("conv", "code")
-    assert _parse_rates(None, traces) == Plan().rates_per_s
-    assert _parse_rates(["code=0.2,0.4"], traces) == {"conv": Plan().rates_per_s["conv"], "code": (0.2, 0.4)}
-    assert _parse_rates(None, traces, is_light=True) == {"conv": (), "code": ()}
-    assert _parse_rates(["conv=0.15", "code=0.1"], traces, is_light=True) == {"conv": (0.15,), "code": (0.1,)}
-    assert _parse_rates(["none"], traces, is_light=True) == {"conv": (), "code": ()}
-    assert _parse_rates(["none", "code=0.05"], traces, is_light=True) == {"conv": (), "code": (0.05,)}
+    assert _parse_per_trace(None, traces) == {}  # every trace keeps its loads
+    assert _parse_per_trace(["code=0.2,0.4"], traces) == {"code": (0.2, 0.4)}
+    assert _parse_per_trace(["conv=0.15", "code=0.1"], traces, "--light-rates") == {"conv": (0.15,), "code": (0.1,)}
+    assert _parse_per_trace(["none"], traces) == {"conv": (), "code": ()}
+    assert _parse_per_trace(["none", "code=0.05"], traces) == {"conv": (), "code": (0.05,)}
     with pytest.raises(SystemExit, match="--light-rates names 'chat'"):
-        _parse_rates(["chat=0.1"], traces, is_light=True)
+        _parse_per_trace(["chat=0.1"], traces, "--light-rates")
+
+
+def test_the_baselines_raw_uncontended_cells_set_the_sweep_again(tmp_path):
+    """A resumed run and a rebuilt report read the baseline's uncontended cells back from raw/ and expand the same
+    cells; the uncontended cells keep their prompts' ids whatever the rates turn out to be."""
+    plan = _plan(tmp_path, rates_per_s={})  # conv in loads
+    args = argparse.Namespace(reference=None, repeats=1, min_reference_requests=30)
+    raw = RawCells(tmp_path / "raw")
+    sweep = SweepRates(plan, raw, args, baseline="collocated")
+    assert sweep.unit_rates is None and [cell.kind for cell in sweep.cells()] == ["uncontended", "closed", "closed"]
+    sweep.settle("abc", is_required=False)  # nothing measured yet: still unknown
+    assert sweep.unit_rates is None
+    with pytest.raises(SystemExit, match="did not give a reference"):
+        sweep.settle("abc")
+    uncontended = sweep.cells()[0]
+    raw.save("collocated", uncontended, 0, _records(uncontended, slowdown=1.0),
+             GeneratorStats(wall_s=1.0, cpu_s=0.1, nice=0), "abc")
+    sweep.settle("abc")
+    fit = fit_reference_from(SystemRun(name="collocated", description="", records={
+        uncontended.name: _records(uncontended, slowdown=1.0)}), [uncontended], "abc").fits["conv"]
+    assert sweep.unit_rates == pytest.approx({"conv": plan.unit_rates({"conv": fit})["conv"]})
+    again = SweepRates(plan, raw, args, baseline="collocated")
+    again.settle("abc")
+    assert [cell.name for cell in again.cells()] == [cell.name for cell in sweep.cells()]
+    assert [cell.kind for cell in sweep.cells()] == ["uncontended", *["open"] * 5, "closed", "closed"]
+    assert sweep.cells()[1].rate_per_s == rate_at(plan.loads_of("conv")[0], sweep.unit_rates["conv"])
+    # Another commit's raw files set nothing.
+    other = SweepRates(plan, raw, args, baseline="collocated")
+    other.settle("def", is_required=False)
+    assert other.unit_rates is None
+    # A cell's block of prompt ids: the cells that need no rate first, in the same order before and after.
+    before = [cell.name for cell in _prompt_order(plan.fixed_workloads())]
+    after = [cell.name for cell in _prompt_order(sweep.cells())]
+    assert after[:len(before)] == before and before[0] == "warm-up"
 
 
 def test_every_scheduling_policy_is_a_system_of_its_own():

@@ -1,0 +1,94 @@
+"""raw/<system>/<cell>.r<repeat>.csv and .json: what a comparison measured, one cell at a time, so that a stopped
+run resumes cell by cell and a report is rebuilt from what was measured.
+
+1. `RawCells.save` writes a cell's requests and how they were measured (the commit, the cell's digest, the
+   generator's own costs) as soon as the cell ends.
+2. `cells_to_run` is what a system still has to measure at this commit; a cell measured with other requests (a
+   changed plan under the same name) is measured again.
+3. `measured_commit` is the one commit a rebuilt report reads; it refuses to mix commits or other plans' cells.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from bench import plots
+from bench.load_generator import GeneratorStats, RequestRecord
+from bench.result_files import read_requests_csv, write_requests_csv
+from bench.workloads import Workload
+
+
+def cell_digest(cell: Workload) -> str:
+    """What a cell sends (kind, concurrency, every request's arrival and sizes), in 16 hex digits."""
+    sent = cell.model_dump_json(include={"kind", "rate_per_s", "concurrency", "requests"})
+    return hashlib.sha256(sent.encode()).hexdigest()[:16]
+
+
+class RawCells:
+    """raw/<system>/<cell>.r<repeat>.csv and .json: one cell's requests and how they were measured.
+
+    A cell is done when its files were measured at this commit and sent what the plan's cell of that name sends
+    (its digest): a plan changed under the same name (a rate's scaling, `--min-requests`) is measured again, not
+    resumed. Files written before digests were recorded are taken by name.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+
+    def _path(self, system: str, cell: str, repeat: int, suffix: str) -> Path:
+        return self.root / system / f"{plots.file_name(cell)}.r{repeat}{suffix}"
+
+    def meta(self, system: str, cell: str, repeat: int) -> dict[str, Any] | None:
+        path = self._path(system, cell, repeat, ".json")
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def is_done(self, system: str, cell: Workload, repeat: int, commit: str) -> bool:
+        meta = self.meta(system, cell.name, repeat)
+        return meta is not None and meta["commit"] == commit and self.is_same_cell(meta, cell)
+
+    @staticmethod
+    def is_same_cell(meta: dict[str, Any], cell: Workload) -> bool:
+        return meta.get("cell_digest") in (None, cell_digest(cell))
+
+    def save(self, system: str, cell: Workload, repeat: int, records: list[RequestRecord], stats: GeneratorStats,
+             commit: str) -> None:
+        csv_path = self._path(system, cell.name, repeat, ".csv")
+        csv_path.parent.mkdir(parents=True, exist_ok=True)
+        write_requests_csv(records, csv_path)
+        self._path(system, cell.name, repeat, ".json").write_text(json.dumps(
+            {"system": system, "cell": cell.name, "repeat": repeat, "commit": commit, "cell_digest": cell_digest(cell),
+             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "generator": stats.__dict__}, indent=1))
+
+    def load(self, system: str, cell: str, repeat: int) -> tuple[list[RequestRecord], GeneratorStats]:
+        meta = json.loads(self._path(system, cell, repeat, ".json").read_text())
+        return read_requests_csv(self._path(system, cell, repeat, ".csv")), GeneratorStats(**meta["generator"])
+
+
+def cells_to_run(raw: RawCells, system: str, cells: list[Workload], repeats: int, commit: str
+                 ) -> list[tuple[Workload, int]]:
+    """The (cell, repeat) pairs of `system` not yet measured at `commit` with the requests they send now."""
+    todo = [(cell, repeat) for repeat in range(repeats) for cell in cells
+            if not raw.is_done(system, cell, repeat, commit)]
+    for cell, repeat in todo:
+        if (meta := raw.meta(system, cell.name, repeat)) is not None and meta["commit"] == commit:
+            print(f"{system}/{cell.name}: measured at this commit with other requests; measuring it again")
+    return todo
+
+
+def measured_commit(raw: RawCells, systems: list[str], cells: list[Workload], repeats: int) -> str:
+    """The one commit the raw files of a report measured; a report never mixes commits, nor other plans' cells."""
+    metas = {(system, cell.name, repeat): (meta, cell) for system in systems for cell in cells
+             for repeat in range(repeats) if (meta := raw.meta(system, cell.name, repeat)) is not None}
+    found = {meta["commit"] for meta, _ in metas.values()}
+    if len(found) != 1:
+        raise SystemExit(f"--report-only needs raw files of one commit; found {sorted(found) or 'none'}")
+    other = [f"{system}/{name}" for (system, name, _), (meta, cell) in metas.items()
+             if not raw.is_same_cell(meta, cell)]
+    if other:
+        raise SystemExit(f"--report-only: these raw cells sent other requests than this plan's cells of the same "
+                         f"name (pass the options they were run with): {', '.join(other)}")
+    return found.pop()
