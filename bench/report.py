@@ -290,6 +290,25 @@ def second_baseline_section(runs: list[Any], cells: list[Any], second_baseline: 
             table, "", *findings(ratios)]
 
 
+def sweep_section(meta: dict[str, Any]) -> list[str]:
+    """Where the sweep's rates came from: loads of the reference at this host's unit rates, or given."""
+    unit_rates = meta.get("unit_rates_per_s") or {}
+    if not unit_rates:
+        return []
+    loads = meta.get("plan", {}).get("loads", {})
+    rates = meta.get("sweep_rates_per_s", {})
+    def listed(values: list[float]) -> str:
+        return ", ".join(f"{value:g}" for value in values)
+
+    described = "; ".join(
+        f"{trace}: one request in flight at {unit:.3f}/s (a mean uncontended E2E of {1 / unit:.2f} s), loads "
+        f"{listed(loads.get(trace, []))} → {listed(rates.get(trace, []))} requests/s"
+        for trace, unit in unit_rates.items())
+    return [f"The rate sweep is set in loads of the reference (its mean requests in flight: rate × its mean "
+            f"uncontended E2E over the trace's first requests, by its fit), at this host's unit rates: {described}.",
+            ""]
+
+
 def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: dict[str, Any],
           reference: Reference | None, figures: list[tuple[str, str]], path: Path,
           second_baseline: str | None = None) -> str:
@@ -328,7 +347,7 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
         startup = "–" if system["startup_s"] is None else f"{system['startup_s']:.0f}"
         status = "ok" if not system["error"] else f"failed: {system['error'][:200]}"
         lines.append(f"| {system['name']} | {system['description']} | {startup} | {status} |")
-    lines += ["", "Each system's full config is in run.json.", "", "## Cells", "",
+    lines += ["", "Each system's full config is in run.json.", "", "## Cells", "", *sweep_section(meta),
               "| cell | kind | requests | scaling |", "| --- | --- | --- | --- |"]
     for cell in meta["cells"]:
         scaling = cell.get("scaling") or {}

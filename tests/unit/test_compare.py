@@ -405,3 +405,10 @@ def test_a_report_rebuilt_later_names_the_commit_its_cells_measured(tmp_path):
     # Raw cells that carry what they sent are checked against the plan; the header says so.
     report.write(runs, cells, rows, meta | {"are_cells_digested": True}, None, [], tmp_path / "report.md")
     assert "Every cell sent what this plan's cell of its name sends" in (tmp_path / "report.md").read_text()
+    assert "set in loads" not in (tmp_path / "report.md").read_text()  # rates given: nothing to say
+    # A sweep set in loads says at which unit rate, and what rates the loads became.
+    calibrated = meta | {"unit_rates_per_s": {"conv": 0.25}, "plan": {"loads": {"conv": [2.0, 4.0]}},
+                         "sweep_rates_per_s": {"conv": [0.5, 1.0]}}
+    report.write(runs, cells, rows, calibrated, None, [], tmp_path / "report.md")
+    assert ("conv: one request in flight at 0.250/s (a mean uncontended E2E of 4.00 s), loads 2, 4 → 0.5, 1 "
+            "requests/s") in (tmp_path / "report.md").read_text()
