@@ -40,7 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench import plots, report
+from bench.host_probe import host_probe_ms
 from bench.load_generator import CellRunner, GeneratorStats, PromptBuilder, RequestRecord, filler_document
 from bench.load_generator import run_closed_loop
 from bench.provenance import provenance
@@ -53,8 +56,8 @@ from bench.result_files import (
     write_summary_csv,
 )
 from bench.slo import Goodput, Reference, attainment_goodput, fit_reference, goodput
-from bench.systems import BASELINE, DEFAULT_SYSTEMS, POLICY_COMPARISON, SPLIT_BASELINE, SYSTEMS, app_config
 from bench.sweep_rates import SweepRates
+from bench.systems import BASELINE, DEFAULT_SYSTEMS, POLICY_COMPARISON, SPLIT_BASELINE, SYSTEMS, app_config
 from bench.traces import TraceRequest
 from bench.workloads import DEFAULT_LOADS, TRACE_FILES, Plan, Workload
 
@@ -78,6 +81,7 @@ class SystemRun:
     error: str | None = None
     records: dict[str, list[RequestRecord]] = field(default_factory=dict)  # cell name -> records, repeats pooled
     generator: dict[str, list[GeneratorStats]] = field(default_factory=dict)  # cell name -> one per repeat
+    host_probe_ms: dict[str, list[float]] = field(default_factory=dict)  # cell name -> one per repeat, if probed
 
 
 def _prompt_order(cells: list[Workload]) -> list[Workload]:
@@ -139,8 +143,9 @@ def _measure(run: SystemRun, start: Any, batches: Iterator[list[tuple[Workload, 
             for todo in batches:
                 for index, (cell, repeat) in enumerate(todo):
                     print(f"{run.name}: cell {index + 1}/{len(todo)}", flush=True)
+                    probe_ms = host_probe_ms()  # the host's speed now, the engines idle between cells
                     records, stats = _run_cell(runner, base_url, model, cell, prompts(cell), repeat)
-                    raw.save(run.name, cell, repeat, records, stats, commit)
+                    raw.save(run.name, cell, repeat, records, stats, commit, host_probe_ms=probe_ms)
     except Exception as exc:  # one system failing must not lose the others' results
         run.error = f"{type(exc).__name__}: {exc}"[:2000]
         print(f"{run.name}: FAILED: {run.error}", flush=True)
@@ -172,6 +177,8 @@ def summarize(runs: list[SystemRun], cells: list[Workload], reference: Reference
             row = {"workload": cell.name, "trace": cell.trace, "kind": cell.kind, "rate_per_s": cell.rate_per_s,
                    "concurrency": cell.concurrency, "num_repeats": len({record.repeat for record in records}),
                    **summary_row(run.name, records, span_s(records), fit, run.generator.get(cell.name))}
+            if probes := run.host_probe_ms.get(cell.name):
+                row["host_probe_ms"] = round(float(np.median(probes)), 2)
             system_rows.append(row)
         for trace in dict.fromkeys(cell.trace for cell in cells if cell.kind == "open"):
             sweep = {row["rate_per_s"]: row["slo_margin"] for row in system_rows
@@ -334,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
                     records, stats = raw.load(name, cell.name, repeat)
                     run.records.setdefault(cell.name, []).extend(records)
                     run.generator.setdefault(cell.name, []).append(stats)
+                    if (probe_ms := raw.meta(name, cell.name, repeat).get("host_probe_ms")) is not None:
+                        run.host_probe_ms.setdefault(cell.name, []).append(probe_ms)
         runs.append(run)
         write_requests_csv([record for records in run.records.values() for record in records],
                            args.out / f"requests_{name}.csv")

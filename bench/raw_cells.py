@@ -55,13 +55,14 @@ class RawCells:
         return meta.get("cell_digest") in (None, cell_digest(cell))
 
     def save(self, system: str, cell: Workload, repeat: int, records: list[RequestRecord], stats: GeneratorStats,
-             commit: str) -> None:
+             commit: str, *, host_probe_ms: float | None = None) -> None:
         csv_path = self._path(system, cell.name, repeat, ".csv")
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         write_requests_csv(records, csv_path)
         self._path(system, cell.name, repeat, ".json").write_text(json.dumps(
             {"system": system, "cell": cell.name, "repeat": repeat, "commit": commit, "cell_digest": cell_digest(cell),
-             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "generator": stats.__dict__}, indent=1))
+             "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "generator": stats.__dict__,
+             "host_probe_ms": host_probe_ms}, indent=1))
 
     def load(self, system: str, cell: str, repeat: int) -> tuple[list[RequestRecord], GeneratorStats]:
         meta = json.loads(self._path(system, cell, repeat, ".json").read_text())

@@ -29,6 +29,9 @@ from bench.provenance import MEASURED_PATHS, PLAN_PATHS, changed_since
 from bench.result_files import request_values, span_s
 from bench.slo import SLO_FACTORS, Reference
 
+# A cell measured on a host more than this much slower or faster than when the reference was measured is flagged:
+# the tightest bounds (TBT and E2E P50 within 1.25x) leave little room for a host that is itself 15% slower.
+MAX_HOST_DRIFT = 0.15
 # A cell that delivered less than this share of its offered requests/s ran past the system's throughput (at light
 # load the share is ~0.95-1: the span counts the last request's own latency).
 SATURATED_SHARE = 0.9
@@ -232,6 +235,28 @@ def generator_section(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def host_section(rows: list[dict[str, Any]], baseline: str) -> list[str]:
+    """The host's speed before each cell (bench/host_probe.py) against its speed when the reference was measured."""
+    probes = [(row, float(row["host_probe_ms"])) for row in rows if row.get("host_probe_ms") not in (None, "")]
+    if not probes:
+        return ["No cell recorded the host's speed (cells measured before the probe existed)."]
+    lines = [f"The host's speed (bench/host_probe.py: a fixed matrix workload timed before each cell, the engines "
+             f"idle) was {min(p for _, p in probes):.1f}-{max(p for _, p in probes):.1f} ms per probe."]
+    at_reference = [probe for row, probe in probes if row["system"] == baseline and row["kind"] == "uncontended"]
+    if not at_reference:
+        return lines
+    reference_ms = float(np.mean(at_reference))
+    drifted = [(row, probe) for row, probe in probes if abs(probe / reference_ms - 1) > MAX_HOST_DRIFT]
+    lines[0] += f" When the reference's uncontended cells were measured: {reference_ms:.1f} ms."
+    if not drifted:
+        return [*lines, "", f"No cell ran on a host more than {MAX_HOST_DRIFT:.0%} off the reference's speed."]
+    return [*lines, "", f"Cells measured on a host more than {MAX_HOST_DRIFT:.0%} off the reference's speed (their "
+            "slowdowns mix the system's with the host's):", "", "| cell | system | probe ms | against the reference's |",
+            "| --- | --- | --- | --- |",
+            *(f"| {row['workload']} | {row['system']} | {probe:.1f} | {probe / reference_ms:.2f}× |"
+              for row, probe in drifted)]
+
+
 def _or_dash(value: Any) -> str:
     return "–" if value in (None, "") else str(value)
 
@@ -364,7 +389,8 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
               "## Latency and throughput", "", table, "", "## What the intervals support", "", *findings(ratios),
               "", "## The scheduler's decisions", "", *decisions_section(rows),
               *second_baseline_section(runs, cells, second_baseline),
-              "", "## The load generator", "", *generator_section(rows), "", "## Figures", ""]
+              "", "## The load generator", "", *generator_section(rows),
+              "", "## The host", "", *host_section(rows, meta["baseline"]), "", "## Figures", ""]
     lines += [f"### {title}\n\n![{title}]({name})\n" for title, name in figures]
     path.write_text("\n".join(lines) + "\n")
     return table

@@ -63,6 +63,7 @@ def test_a_small_comparison_writes_every_result_file(app, tmp_path):
     assert {(row["goodput_req_s"], row["goodput_kind"]) for row in rows if row["kind"] == "open"} <= {
         (f"{rate:g}", "at_least"), ("", "below_lowest")}
     assert all(float(row["send_lag_p99_ms"]) >= 0 and float(row["generator_cpu_s"]) > 0 for row in rows)
+    assert all(float(row["host_probe_ms"]) > 0 for row in rows)  # the host's speed, timed before every cell
 
     # 2. Every request of both systems, with its token gaps; splitserve's say where their prefill ran.
     for system in ("collocated", "splitserve"):
@@ -89,6 +90,7 @@ def test_a_small_comparison_writes_every_result_file(app, tmp_path):
     assert figures == sorted(["cdf_anchor-c1.png", "cdf_anchor-c2.png", f"cdf_{stem}.png", "latency_vs_load_conv.png",
                               "timeline_anchor-c2.png", f"timeline_{stem}.png"])
     assert all(f"]({name})" in report for name in figures)
+    assert "When the reference's uncontended cells were measured:" in report
     # A ratio to the baseline with its interval.
     assert re.search(rf"\| {re.escape(cell)} \| splitserve \| {rows[1]['num_requests']} \| [0-9,.]+ \([0-9.]+× "
                      r"\[[0-9.]+–[0-9.]+\]", report)

@@ -17,11 +17,12 @@ import pytest
 
 from bench import plots, report
 from bench.compare import SystemRun, _parse_per_trace, _prompt_order, fit_reference_from, summarize
-from bench.raw_cells import RawCells, cell_digest, measured_commit
+from bench.host_probe import host_probe_ms
 from bench.load_generator import GeneratorStats, RequestRecord
-from bench.traces import TraceRequest, scale_trace, scaling_for_rate, write_splitwise_csv
+from bench.raw_cells import RawCells, cell_digest, measured_commit
 from bench.slo import LinearFit, ReferenceFit
 from bench.sweep_rates import SweepRates
+from bench.traces import TraceRequest, scale_trace, scaling_for_rate, write_splitwise_csv
 from bench.workloads import TRACE_FILES, Plan, TokenScaling, rate_at
 
 
@@ -412,3 +413,23 @@ def test_a_report_rebuilt_later_names_the_commit_its_cells_measured(tmp_path):
     report.write(runs, cells, rows, calibrated, None, [], tmp_path / "report.md")
     assert ("conv: one request in flight at 0.250/s (a mean uncontended E2E of 4.00 s), loads 2, 4 → 0.5, 1 "
             "requests/s") in (tmp_path / "report.md").read_text()
+
+
+def test_every_cell_records_the_hosts_speed_and_the_report_flags_a_drifted_host(tmp_path):
+    """The probe times a fixed workload; a cell's probe travels from its raw file into summary.csv, and the report
+    names the cells measured on a host more than 15% off its speed when the reference was measured."""
+    assert host_probe_ms(repeats=2) > 0
+    runs, cells = _runs_and_cells(tmp_path)
+    uncontended = next(cell.name for cell in cells if cell.kind == "uncontended")
+    runs[0].host_probe_ms = {uncontended: [100.0], "conv@0.5/s": [105.0], "conv@1/s": [130.0]}
+    runs[1].host_probe_ms = {"conv@0.5/s": [80.0, 90.0]}
+    rows = summarize(runs, cells, fit_reference_from(runs[0], cells, "abc"))
+    by_cell = {(row["system"], row["workload"]): row for row in rows}
+    assert by_cell["splitserve", "conv@0.5/s"]["host_probe_ms"] == 85.0  # the median of its repeats
+    assert "host_probe_ms" not in by_cell["splitserve", "conv@1/s"]
+    lines = "\n".join(report.host_section(rows, "collocated"))
+    assert "When the reference's uncontended cells were measured: 100.0 ms." in lines
+    assert "| conv@1/s | collocated | 130.0 | 1.30× |" in lines and "| conv@0.5/s | splitserve | 85.0 | 0.85× |" in lines
+    assert "| conv@0.5/s | collocated |" not in lines  # 5% off: within the noise allowed
+    assert report.host_section([], "collocated") == [
+        "No cell recorded the host's speed (cells measured before the probe existed)."]
