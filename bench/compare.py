@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = {"started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(began)),
             "wall_s": round(time.time() - began, 1), **origin, "measured_commit": commit,
             "cells_finished_between": [finished[0], finished[-1]] if finished else None,
+            "cells_measured_at": sorted({meta["commit"] for meta in done_metas}),
             "are_cells_digested": bool(done_metas) and all("cell_digest" in meta for meta in done_metas),
             "model": config.model.served_name, "baseline": BASELINE, "repeats": args.repeats,
             "request_timeout_s": REQUEST_TIMEOUT_S, "is_report_only": args.report_only,

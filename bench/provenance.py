@@ -6,6 +6,7 @@
    measured commit and the checkout's HEAD. The report prints them: results older than the code they describe say
    so. The plan's files are left out when every raw cell carries the digest of what it sent, since those digests
    are checked against the plan itself.
+3. `is_same_measured_code(a, b)`: whether cells measured at commit a count at commit b (bench/raw_cells.py).
 """
 
 from __future__ import annotations
@@ -54,12 +55,31 @@ def provenance() -> dict[str, Any]:
             "host": host_facts()}
 
 
-def changed_since(commit: str, *, paths: tuple[str, ...] = MEASURED_PATHS) -> list[str] | None:
-    """Measured files that differ between `commit` and HEAD; None when git cannot tell (no repository, or a
-    commit it does not have)."""
+def changed_between(older: str, newer: str = "HEAD", *, paths: tuple[str, ...] = MEASURED_PATHS) -> list[str] | None:
+    """Measured files that differ between two commits; None when git cannot tell (no repository, or a commit it
+    does not have)."""
     try:
-        result = subprocess.run(["git", "diff", "--name-only", commit.removesuffix("-dirty"), "HEAD", "--", *paths],
+        result = subprocess.run(["git", "diff", "--name-only", older.removesuffix("-dirty"),
+                                 newer.removesuffix("-dirty"), "--", *paths],
                                 cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
     except (OSError, subprocess.CalledProcessError):
         return None
     return [line for line in result.stdout.splitlines() if line]
+
+
+def changed_since(commit: str, *, paths: tuple[str, ...] = MEASURED_PATHS) -> list[str] | None:
+    """Measured files that differ between `commit` and HEAD (None: git cannot tell)."""
+    return changed_between(commit, "HEAD", paths=paths)
+
+
+def is_same_measured_code(measured: str, current: str) -> bool:
+    """Whether a cell measured at commit `measured` counts as measured at `current`: the same commit, or two clean
+    commits between which no measured file changed (docs, results, the report's own code may have). The plan's
+    files are left out: a cell's digest checks what it sent. So a comparison too long for one sitting resumes after
+    its results or docs were committed, and adds systems to a run already made."""
+    if measured == current:
+        return True
+    if measured.endswith("-dirty") or current.endswith("-dirty"):
+        return False
+    return changed_between(measured, current, paths=tuple(path for path in MEASURED_PATHS
+                                                          if path not in PLAN_PATHS)) == []

@@ -357,10 +357,13 @@ def write(runs: list[Any], cells: list[Any], rows: list[dict[str, Any]], meta: d
     when = f" Its cells finished between {window[0]} and {window[1]}." if window else ""
     # The raw cells' commit, which a report rebuilt later (`--report-only`) at another commit must still name.
     measured = meta.get("measured_commit") or meta["commit"]
+    measured_at = [commit for commit in meta.get("cells_measured_at", []) if commit != measured]
+    also = (f" (some cells at `{'`, `'.join(measured_at)}`, where no measured file differs from it)"
+            if measured_at else "")
     rebuilt = (f" This report was rebuilt from its raw files at commit `{meta['commit']}`."
                if meta.get("is_report_only") and not measured.startswith(meta["commit"]) else "")
     lines = [f"# Comparison, {meta['started_at']}", "",
-             f"Measured at commit `{measured}`{dirty}.{when}{rebuilt} {freshness}{checked}", "",
+             f"Measured at commit `{measured}`{dirty}{also}.{when}{rebuilt} {freshness}{checked}", "",
              f"Model {meta['model']} on {host['num_cores']} cores ({host['cpu']}, {host['memory_gib']} GiB); "
              + ", ".join(f"{package} {found}" for package, found in versions.items())
              + f". This invocation took {meta['wall_s'] / 60:.1f} min; {meta['repeats']} run(s) of every cell. Latencies count "

@@ -203,6 +203,35 @@ def test_raw_cells_resume_at_the_same_commit_and_the_same_requests_only(tmp_path
         measured_commit(raw, ["splitserve", "collocated"], cells, 1)
 
 
+def test_raw_cells_count_at_a_later_commit_with_the_same_measured_code(tmp_path):
+    """Commits "abc" and "abd" differ only in what is not measured (docs, results); "xyz" changed the app."""
+    runs, cells = _runs_and_cells(tmp_path)
+    cell = next(cell for cell in cells if cell.name == "conv@1/s")
+    raw = RawCells(tmp_path / "raw", is_same_code=lambda a, b: {a, b} <= {"abc", "abd"})
+    stats = GeneratorStats(wall_s=20.0, cpu_s=1.5, nice=-10)
+    raw.save("splitserve", cell, 0, runs[1].records["conv@1/s"], stats, "abc")
+    meta_path = tmp_path / "raw" / "splitserve" / "conv_1rps.r0.json"
+    meta_path.write_text(json.dumps(json.loads(meta_path.read_text()) | {"finished_at": "2026-12-01 10:00:00"}))
+    assert raw.is_done("splitserve", cell, 0, "abd") and not raw.is_done("splitserve", cell, 0, "xyz")
+    # A later commit adds a system: a report reads both at the newer commit, and says so.
+    raw.save("collocated", cell, 0, runs[0].records["conv@1/s"], stats, "abd")
+    assert measured_commit(raw, ["splitserve", "collocated"], [cell], 1) == "abd"
+    raw.save("collocated", cell, 0, runs[0].records["conv@1/s"], stats, "xyz")
+    with pytest.raises(SystemExit, match="abc differ from xyz"):
+        measured_commit(raw, ["splitserve", "collocated"], [cell], 1)
+    # A file from before digests were recorded counts at its own commit only.
+    meta_path.write_text(json.dumps({key: value for key, value in json.loads(meta_path.read_text()).items()
+                                     if key != "cell_digest"}))
+    assert raw.is_done("splitserve", cell, 0, "abc") and not raw.is_done("splitserve", cell, 0, "abd")
+
+
+def test_the_same_measured_code_is_told_by_git():
+    from bench.provenance import is_same_measured_code
+
+    assert is_same_measured_code("abc", "abc")
+    assert not is_same_measured_code("abc-dirty", "abd") and not is_same_measured_code("no-such", "commit")
+
+
 def test_the_light_end_joins_the_sweep_without_changing_the_uncontended_picks(tmp_path):
     plain = {cell.name: cell for cell in _plan(tmp_path).workloads()}
     lit = {cell.name: cell for cell in _plan(tmp_path, light_rates_per_s={"conv": (0.2, 1.0)}).workloads()}
