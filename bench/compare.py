@@ -91,16 +91,9 @@ def _prompt_order(cells: list[Workload]) -> list[Workload]:
     return [WARM_UP, *(cell for cell in cells if cell.kind != "open"), *(cell for cell in cells if cell.kind == "open")]
 
 
-def cell_prompts(cells: list[Workload], model_path: str) -> dict[str, list[str]]:
-    """Every cell's prompts, unique per request."""
-    builder = PromptBuilder(model_path, filler_document())
-    return {cell.name: [builder.build(index * PROMPT_IDS_PER_CELL + request.request_id, request.prompt_tokens)
-                        for request in cell.requests]
-            for index, cell in enumerate(_prompt_order(cells))}
-
-
 class Prompts:
-    """`cell_prompts`, built a cell at a time when it is first run, from the cells known by then."""
+    """Every cell's prompts, unique per request, built a cell at a time when it is first run, each cell's block of
+    ids from its place among the cells known by then."""
 
     def __init__(self, model_path: str, known_cells: Callable[[], list[Workload]]) -> None:
         self.builder = PromptBuilder(model_path, filler_document())
@@ -113,6 +106,11 @@ class Prompts:
             self.by_cell[cell.name] = [self.builder.build(index * PROMPT_IDS_PER_CELL + request.request_id,
                                                           request.prompt_tokens) for request in cell.requests]
         return self.by_cell[cell.name]
+
+
+def cell_prompts(cells: list[Workload], model_path: str) -> dict[str, list[str]]:
+    prompts = Prompts(model_path, lambda: cells)
+    return {cell.name: prompts.of(cell) for cell in _prompt_order(cells)}
 
 
 def _run_cell(runner: CellRunner, base_url: str, model: str, cell: Workload, prompts: list[str],
@@ -310,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
                              f"which {BASELINE} measures: run it too, or pass --reference or --rates")
         systems = {BASELINE: systems[BASELINE]} | systems
     if args.report_only:
-        commit = measured_commit(raw, list(systems), plan.fixed_workloads(), args.repeats)
+        commit = measured_commit(raw, list(systems), sweep.cells(), args.repeats)
         sweep.settle(commit)
         measured_commit(raw, list(systems), sweep.cells(), args.repeats)
     else:
@@ -323,13 +321,13 @@ def main(argv: list[str] | None = None) -> None:
 
         def batches(name: str = name) -> Iterator[list[tuple[Workload, int]]]:
             if sweep.unit_rates is None:  # the baseline: its uncontended cells, then the sweep at their rates
-                yield cells_to_run(raw, name, [cell for cell in plan.fixed_workloads() if cell.kind == "uncontended"],
-                            args.repeats, commit)
+                uncontended = [cell for cell in sweep.cells() if cell.kind == "uncontended"]
+                yield cells_to_run(raw, name, uncontended, args.repeats, commit)
                 sweep.settle(commit)
             yield cells_to_run(raw, name, sweep.cells(), args.repeats, commit)
 
-        if not args.report_only and (sweep.unit_rates is None or cells_to_run(raw, name, sweep.cells(), args.repeats,
-                                                                        commit)):
+        if not args.report_only and (sweep.unit_rates is None
+                                     or cells_to_run(raw, name, sweep.cells(), args.repeats, commit)):
             print(f"[{index + 1}/{len(systems)}] {name}: {description}", flush=True)
             _measure(run, start, batches(), prompts.of, config.model.served_name, logs_dir, raw, commit)
         if sweep.unit_rates is None:
@@ -337,11 +335,11 @@ def main(argv: list[str] | None = None) -> None:
         for cell in sweep.cells():
             for repeat in range(args.repeats):
                 if raw.is_done(name, cell, repeat, commit):
-                    done_metas.append(raw.meta(name, cell.name, repeat))
+                    done_metas.append(cell_meta := raw.meta(name, cell.name, repeat))
                     records, stats = raw.load(name, cell.name, repeat)
                     run.records.setdefault(cell.name, []).extend(records)
                     run.generator.setdefault(cell.name, []).append(stats)
-                    if (probe_ms := raw.meta(name, cell.name, repeat).get("host_probe_ms")) is not None:
+                    if (probe_ms := cell_meta.get("host_probe_ms")) is not None:
                         run.host_probe_ms.setdefault(cell.name, []).append(probe_ms)
         runs.append(run)
         write_requests_csv([record for records in run.records.values() for record in records],

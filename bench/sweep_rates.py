@@ -27,6 +27,7 @@ class SweepRates:
         self.plan, self.raw, self.args, self.baseline = plan, raw, args, baseline
         self.unit_rates: dict[str, float] | None = None if plan.calibrated_traces() else {}
         self._cells: list[Workload] | None = None
+        self._fixed_cells: list[Workload] | None = None
         if self.unit_rates is None and args.reference is not None:
             reference = Reference.model_validate_json(args.reference.read_text())
             self._set_from({trace: reference.for_trace(trace) for trace in plan.calibrated_traces()})
@@ -36,8 +37,9 @@ class SweepRates:
         if self.unit_rates is not None:
             return
         samples: dict[str, list[RequestSample]] = {}
-        for cell in self.plan.fixed_workloads():
-            for repeat in range(self.args.repeats if cell.kind == "uncontended" else 0):
+        uncontended = [cell for cell in self.cells() if cell.kind == "uncontended"]
+        for cell in uncontended:
+            for repeat in range(self.args.repeats):
                 if self.raw.is_done(self.baseline, cell, repeat, commit):
                     records = self.raw.load(self.baseline, cell.name, repeat)[0]
                     samples.setdefault(cell.trace, []).extend(
@@ -67,7 +69,9 @@ class SweepRates:
     def cells(self) -> list[Workload]:
         """Every cell; before the rates are known, only those that need none."""
         if self.unit_rates is None:
-            return self.plan.fixed_workloads()
+            if self._fixed_cells is None:
+                self._fixed_cells = self.plan.fixed_workloads()
+            return self._fixed_cells
         if self._cells is None:
             self._cells = self.plan.workloads(self.unit_rates)
         return self._cells

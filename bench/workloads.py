@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
@@ -78,6 +79,12 @@ class Workload(BaseModel):
 # batches its decodes, so it saturates later than code, whose long prompts hold the cores.
 DEFAULT_LOADS: dict[str, tuple[float, ...]] = {"conv": (0.7, 1.4, 2.5, 4.0, 6.0), "code": (0.5, 0.8, 1.2, 1.7, 2.4)}
 OWN_TRACE_LOADS = (0.5, 1.0, 2.0, 3.0, 4.5)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_trace_once(path: Path) -> list[TraceRequest]:
+    """A trace file, read once per process: the plan expands it for the mix, the unit rate and every cell."""
+    return read_trace(path)
 
 
 def unit_rate(mix: list[TraceRequest], fit: ReferenceFit) -> float:
@@ -184,11 +191,11 @@ class Plan(BaseModel):
 
     def _source(self, trace_spec: str) -> tuple[str, list[TraceRequest]]:
         if trace_spec in TRACE_FILES:
-            return trace_spec, read_trace(self.traces_dir / TRACE_FILES[trace_spec])
+            return trace_spec, _read_trace_once(self.traces_dir / TRACE_FILES[trace_spec])
         path = Path(trace_spec)
         if not path.is_file():
             raise ValueError(f"trace {trace_spec!r} is neither one of {', '.join(TRACE_FILES)} nor a CSV file")
-        return path.stem, read_trace(path)
+        return path.stem, _read_trace_once(path)
 
     def duration_s(self, rate_per_s: float) -> float:
         return max(self.min_duration_s, self.min_requests / rate_per_s)
