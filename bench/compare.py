@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 
 from bench import plots, report
-from bench.host_probe import host_probe_ms
+from bench.host_probe import host_probe
 from bench.load_generator import CellRunner, GeneratorStats, PromptBuilder, RequestRecord, filler_document
 from bench.load_generator import run_closed_loop
 from bench.provenance import provenance
@@ -141,9 +141,9 @@ def _measure(run: SystemRun, start: Any, batches: Iterator[list[tuple[Workload, 
             for todo in batches:
                 for index, (cell, repeat) in enumerate(todo):
                     print(f"{run.name}: cell {index + 1}/{len(todo)}", flush=True)
-                    probe_ms = host_probe_ms()  # the host's speed now, the engines idle between cells
+                    probe = host_probe()  # the host's speed now, the engines idle between cells
                     records, stats = _run_cell(runner, base_url, model, cell, prompts(cell), repeat)
-                    raw.save(run.name, cell, repeat, records, stats, commit, host_probe_ms=probe_ms)
+                    raw.save(run.name, cell, repeat, records, stats, commit, probe=probe)
     except Exception as exc:  # one system failing must not lose the others' results
         run.error = f"{type(exc).__name__}: {exc}"[:2000]
         print(f"{run.name}: FAILED: {run.error}", flush=True)

@@ -1,33 +1,54 @@
-"""How fast this host is right now: a fixed workload timed between cells, while the engines are idle.
+"""How fast this host's cores are right now: a fixed workload on one thread, timed between cells.
 
 Machines of one kind differ by 2x between sessions, and one machine's speed drifts by tens of percent within an
 hour (a busy neighbour on a shared core, a vCPU descheduled after idling): the AMD EPYC host served the same
-one-at-a-time request 30% slower at one hour than three hours before, with little steal time to show for it. A
-slowdown is only against the reference when the host ran at the reference's speed, so every cell records this
-probe and the report flags cells measured on a slower host than the reference's.
+one-at-a-time request 30% slower at one hour than three hours before, and 1.6x faster three hours later, with
+little steal time to show for it. A slowdown is only against the reference when the host ran at the reference's
+speed, so every cell records this probe and the report flags cells measured on a host off the reference's speed.
 
-1. `host_probe_ms()` multiplies two fixed float32 matrices of 384 × 384 (the engines' own kind of work: dense
-   matrix products, a working set that lives in the cores' caches) 20 times, five times over after one untimed
-   product, and returns the median in milliseconds. About half a second per cell.
+1. `host_probe()` multiplies two fixed float32 matrices of 384 × 384 (the engines' own kind of work: dense matrix
+   products through torch, a working set that lives in the cores' caches) 20 times on **one thread**, seven times
+   over after one untimed product, and returns the medians of the thread's CPU time and of the wall time in
+   milliseconds. About a second per cell.
+2. The CPU time is the figure the report compares: it counts only the time the thread ran, so it follows the
+   core's own speed (clock, a neighbour on the same physical core) and not whether something else in this machine
+   held the core at that moment; the wall time beside it shows that. One thread, because a product split over both
+   cores waits for the slower half: numpy's two BLAS threads, timed between cells as the first probe did, read
+   15-280 ms on one host within 10 minutes (a process of the engines' woke on one core), while one thread read
+   25-28 ms.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
-import numpy as np
+import torch
 
-PROBE_SIZE, PROBE_PRODUCTS, PROBE_REPEATS = 384, 20, 5
+PROBE_SIZE, PROBE_PRODUCTS, PROBE_REPEATS = 384, 20, 7
 
 
-def host_probe_ms(repeats: int = PROBE_REPEATS) -> float:
-    matrix = np.random.default_rng(0).random((PROBE_SIZE, PROBE_SIZE), dtype=np.float32)
-    product = np.empty_like(matrix)
-    np.matmul(matrix, matrix, out=product)  # the BLAS threads start here, not in a timed round
-    times = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        for _ in range(PROBE_PRODUCTS):
-            np.matmul(matrix, matrix, out=product)
-        times.append(time.perf_counter() - began)
-    return round(float(np.median(times)) * 1e3, 3)
+@dataclass(frozen=True)
+class HostProbe:
+    cpu_ms: float  # the thread's CPU time for the fixed work: the core's speed
+    wall_ms: float  # the same work's wall time: above cpu_ms when the core was shared
+
+
+def host_probe(repeats: int = PROBE_REPEATS) -> HostProbe:
+    num_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        matrix = torch.rand((PROBE_SIZE, PROBE_SIZE), generator=torch.Generator().manual_seed(0))
+        product = torch.empty_like(matrix)
+        torch.matmul(matrix, matrix, out=product)  # one untimed product: the kernel is picked and warm
+        cpu_s, wall_s = [], []
+        for _ in range(repeats):
+            wall_began, cpu_began = time.perf_counter(), time.thread_time()
+            for _ in range(PROBE_PRODUCTS):
+                torch.matmul(matrix, matrix, out=product)
+            cpu_s.append(time.thread_time() - cpu_began)
+            wall_s.append(time.perf_counter() - wall_began)
+    finally:
+        torch.set_num_threads(num_threads)
+    return HostProbe(cpu_ms=round(float(sorted(cpu_s)[repeats // 2]) * 1e3, 3),
+                     wall_ms=round(float(sorted(wall_s)[repeats // 2]) * 1e3, 3))

@@ -17,13 +17,16 @@ import json
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import plots
 from bench.load_generator import GeneratorStats, RequestRecord
 from bench.provenance import is_same_measured_code
 from bench.result_files import read_requests_csv, write_requests_csv
 from bench.workloads import Workload
+
+if TYPE_CHECKING:  # torch is imported where the probe runs, not where raw cells are read
+    from bench.host_probe import HostProbe
 
 
 def cell_digest(cell: Workload) -> str:
@@ -69,14 +72,15 @@ class RawCells:
         return meta.get("cell_digest") in (None, cell_digest(cell))
 
     def save(self, system: str, cell: Workload, repeat: int, records: list[RequestRecord], stats: GeneratorStats,
-             commit: str, *, host_probe_ms: float | None = None) -> None:
+             commit: str, *, probe: HostProbe | None = None) -> None:
         csv_path = self._path(system, cell.name, repeat, ".csv")
         csv_path.parent.mkdir(parents=True, exist_ok=True)
         write_requests_csv(records, csv_path)
         self._path(system, cell.name, repeat, ".json").write_text(json.dumps(
             {"system": system, "cell": cell.name, "repeat": repeat, "commit": commit, "cell_digest": cell_digest(cell),
              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "generator": stats.__dict__,
-             "host_probe_ms": host_probe_ms}, indent=1))
+             "host_probe_ms": probe.cpu_ms if probe else None, "host_probe_wall_ms": probe.wall_ms if probe else None},
+            indent=1))
 
     def load(self, system: str, cell: str, repeat: int) -> tuple[list[RequestRecord], GeneratorStats]:
         meta = json.loads(self._path(system, cell, repeat, ".json").read_text())

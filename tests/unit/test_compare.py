@@ -17,7 +17,7 @@ import pytest
 
 from bench import plots, report
 from bench.compare import SystemRun, _parse_per_trace, _prompt_order, fit_reference_from, summarize
-from bench.host_probe import host_probe_ms
+from bench.host_probe import host_probe
 from bench.load_generator import GeneratorStats, RequestRecord
 from bench.raw_cells import RawCells, cell_digest, measured_commit
 from bench.slo import LinearFit, ReferenceFit
@@ -447,7 +447,8 @@ def test_a_report_rebuilt_later_names_the_commit_its_cells_measured(tmp_path):
 def test_every_cell_records_the_hosts_speed_and_the_report_flags_a_drifted_host(tmp_path):
     """The probe times a fixed workload; a cell's probe travels from its raw file into summary.csv, and the report
     names the cells measured on a host more than 15% off its speed when the reference was measured."""
-    assert host_probe_ms(repeats=2) > 0
+    probe = host_probe(repeats=3)
+    assert 0 < probe.cpu_ms <= probe.wall_ms * 1.05  # one thread: it cannot run longer than the wall clock
     runs, cells = _runs_and_cells(tmp_path)
     uncontended = next(cell.name for cell in cells if cell.kind == "uncontended")
     runs[0].host_probe_ms = {uncontended: [100.0], "conv@0.5/s": [105.0], "conv@1/s": [130.0]}
