@@ -59,7 +59,7 @@ from bench.slo import Goodput, Reference, attainment_goodput, fit_reference, goo
 from bench.sweep_rates import SweepRates
 from bench.systems import BASELINE, DEFAULT_SYSTEMS, POLICY_COMPARISON, SPLIT_BASELINE, SYSTEMS, app_config
 from bench.traces import TraceRequest
-from bench.workloads import DEFAULT_LOADS, TRACE_FILES, Plan, Workload
+from bench.workloads import DEFAULT_ARRIVALS, DEFAULT_LOADS, TRACE_FILES, Arrivals, Plan, Workload
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "compare"
 PROMPT_IDS_PER_CELL = 10_000
@@ -213,6 +213,20 @@ def _parse_per_trace(entries: list[str] | None, traces: tuple[str, ...], option:
     return values_by_trace
 
 
+def _parse_arrivals(entries: list[str] | None, traces: tuple[str, ...]) -> dict[str, Arrivals]:
+    """`poisson` (every trace) or `code=trace` (one) over the defaults."""
+    names = [trace if trace in TRACE_FILES else Path(trace).stem for trace in traces]
+    arrivals: dict[str, Arrivals] = dict(DEFAULT_ARRIVALS)
+    for entry in entries or []:
+        name, _, kind = entry.rpartition("=")
+        if kind not in ("trace", "poisson"):
+            raise SystemExit(f"--arrivals takes trace or poisson, for every trace or as TRACE=KIND; got {entry!r}")
+        if name and name not in names:
+            raise SystemExit(f"--arrivals names {name!r}, which is not among the traces {names}")
+        arrivals.update({trace: kind for trace in ([name] if name else names)})
+    return arrivals
+
+
 def carried_over(previous_path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """A report rebuilt from raw files (`--report-only`) keeps what only the measuring invocation knew, when the
     run.json it replaces measured the same commit: when it started, how long it took, each system's start-up."""
@@ -237,8 +251,10 @@ def _arguments(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--traces", nargs="+", default=["conv", "code"],
                         help="conv, code (the Azure traces in bench/data/azure_traces) or paths of SplitwiseSim / "
                              "Azure trace CSVs")
-    parser.add_argument("--arrivals", choices=["trace", "poisson"], default="trace",
-                        help="replay the trace's own arrival times at each rate, or draw Poisson arrivals")
+    parser.add_argument("--arrivals", nargs="+", metavar="[TRACE=]KIND",
+                        help="trace: replay a trace's own arrival times at each rate; poisson: draw Poisson "
+                             "arrivals with its sizes; for every trace, or per trace (code=trace); default "
+                             + " ".join(f"{trace}={kind}" for trace, kind in DEFAULT_ARRIVALS.items()))
     parser.add_argument("--loads", nargs="+", metavar="TRACE=L1,L2",
                         help="the sweep per trace in loads, the reference's mean requests in flight (rate × its "
                              "mean uncontended E2E), set to rates from this host's reference; default "
@@ -280,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
     traces = tuple(args.traces)
-    plan = Plan(traces=traces, arrivals=args.arrivals, rates_per_s=_parse_per_trace(args.rates, traces),
+    plan = Plan(traces=traces, arrivals=_parse_arrivals(args.arrivals, traces),
+                rates_per_s=_parse_per_trace(args.rates, traces),
                 loads=DEFAULT_LOADS | _parse_per_trace(args.loads, traces, "--loads"),
                 light_rates_per_s=_parse_per_trace(args.light_rates, traces, "--light-rates"),
                 min_duration_s=args.min_duration_s, min_requests=args.min_requests,

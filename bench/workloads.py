@@ -77,15 +77,26 @@ class Workload(BaseModel):
 
 
 # The sweep in loads (the reference's mean requests in flight). The light end is where the reference itself met
-# every SLO on conversation (0.5-1.0 load); code's bursty arrivals overlap prompts at any load on two cores (at 0.5
-# load the reference held 1.2 requests in flight and 24% of its requests met every bound), so its light end is where
-# 50 requests still arrive within the run's budget. The top is past every system's saturation: delivered requests/s
-# stopped following the offered rate at ~3.5-4 loads on conv (below 0.9 of offered at 6 for the collocated baseline,
-# which batches decodes best) and ~1.2 on code for every system, on the Intel Xeon host (c06db50, d2fb4db) and on
-# the AMD EPYC one (f803f82, 4603fa1) alike, where fixed rates had differed by 2x; conv's top is 8 loads so that it
-# stays past the baseline's saturation with shorter outputs. Conversation batches its decodes, so it saturates later
-# than code, whose prompts hold the cores.
+# every SLO on conversation (0.5-1.0 load); code's, 0.6, has as few requests in flight with its Poisson arrivals
+# (replayed, its bursts overlapped prompts at any load: below). The top is past every system's saturation: delivered
+# requests/s stopped following the offered rate at ~3.5-4 loads on conv (below 0.9 of offered at 6 for the
+# collocated baseline, which batches decodes best) and ~1.2 on code for every system, on the Intel Xeon host
+# (c06db50, d2fb4db) and on the AMD EPYC one (f803f82, 4603fa1) alike, where fixed rates had differed by 2x; conv's
+# top is 8 loads so that it stays past the baseline's saturation with shorter outputs. Conversation batches its
+# decodes, so it saturates later than code, whose prompts hold the cores.
 DEFAULT_LOADS: dict[str, tuple[float, ...]] = {"conv": (0.7, 1.5, 3.0, 5.0, 8.0), "code": (0.6, 0.9, 1.2, 1.7, 2.4)}
+
+Arrivals = Literal["trace", "poisson"]
+# How each trace's loaded cells time their arrivals. Conversation replays its own arrival times (its bursts run at
+# ~2x its mean rate, which a 50-request cell holds, and its cells stay one ladder: delivered over offered fell
+# monotonically with the rate at 76d8c03). Code draws Poisson arrivals at each rate, with its sizes: its trace comes
+# in bursts of tens of requests within seconds (12 in 1.4 s, then 38 in 7 s after a 28 s lull, then 128 in 12 s at
+# ~190 s), so a 50-request cell replayed at 0.6 load still sent 38 requests at 4x its mean rate, and cells of
+# different sizes replayed different windows (collocated's delivered over offered went 0.97, 0.88, 0.82, 0.89, 0.74
+# up the ladder at 76d8c03): its rates neither had a light end nor meant the same traffic from cell to cell.
+# Poisson at every rate with one seed sends the same draws at every rate, only the time axis changes (Splitwise's and
+# DistServe's rate sweeps draw Poisson arrivals too).
+DEFAULT_ARRIVALS: dict[str, Arrivals] = {"conv": "trace", "code": "poisson"}
 OWN_TRACE_LOADS = (0.5, 1.0, 2.0, 3.0, 4.5)
 
 
@@ -113,7 +124,8 @@ class Plan(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     traces: tuple[str, ...] = ("conv", "code")  # names in TRACE_FILES, or paths of trace CSVs
-    arrivals: Literal["trace", "poisson"] = "trace"
+    # Per trace: replay its own arrival times ("trace", for any trace not named) or draw Poisson arrivals.
+    arrivals: dict[str, Arrivals] = DEFAULT_ARRIVALS
     # Per trace, the sweep as loads (the reference's requests in flight); its rates come from `unit_rates`.
     loads: dict[str, tuple[float, ...]] = DEFAULT_LOADS
     # Explicit rates for a trace replace its loads: such a trace needs no reference to expand.
@@ -140,6 +152,9 @@ class Plan(BaseModel):
 
     def loads_of(self, trace: str) -> tuple[float, ...]:
         return self.loads.get(trace, OWN_TRACE_LOADS)
+
+    def arrivals_of(self, trace: str) -> Arrivals:
+        return self.arrivals.get(trace, "trace")
 
     def mix(self, trace_spec: str) -> list[TraceRequest]:
         trace, source = self._source(trace_spec)
@@ -210,8 +225,10 @@ class Plan(BaseModel):
 
     def _open_loop(self, trace: str, source: list[TraceRequest], rate: float, tokens: dict) -> Workload:
         duration_s = self.duration_s(rate)
-        if self.arrivals == "poisson":
-            scaling = Scaling(**tokens)
+        if self.arrivals_of(trace) == "poisson":
+            # Sizes drawn from the trace's first requests: the ones the uncontended cells span and the unit rate
+            # averages over, so a load means the same here as in a replayed cell.
+            scaling = Scaling(max_requests=self.num_mix_requests, **tokens)
             requests = poisson_trace(rate_per_s=rate, num_requests=max(1, round(rate * duration_s)),
                                      sizes_from=scale_trace(source, scaling))
         else:

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from bench import plots, report
-from bench.compare import SystemRun, _parse_per_trace, _prompt_order, fit_reference_from, summarize
+from bench.compare import (SystemRun, _parse_arrivals, _parse_per_trace, _prompt_order, fit_reference_from,
+                           summarize)
 from bench.host_probe import host_probe
 from bench.load_generator import GeneratorStats, RequestRecord
 from bench.raw_cells import RawCells, cell_digest, measured_commit
@@ -369,8 +370,8 @@ def test_every_figure_is_written(tmp_path):
 
 def test_poisson_arrivals_and_a_trace_file_of_ones_own(tmp_path):
     own = _trace(tmp_path) / TRACE_FILES["conv"]
-    plan = Plan(traces=(str(own),), arrivals="poisson", rates_per_s={own.stem: (2.0,)}, min_duration_s=10,
-                min_requests=5, anchor_concurrencies=())
+    plan = Plan(traces=(str(own),), arrivals={own.stem: "poisson"}, rates_per_s={own.stem: (2.0,)},
+                min_duration_s=10, min_requests=5, anchor_concurrencies=())
     uncontended, loaded = plan.workloads()
     assert (uncontended.trace, loaded.name, len(loaded.requests)) == (own.stem, f"{own.stem}@2/s", 20)
     gaps = [b.arrival_s - a.arrival_s for a, b in zip(loaded.requests, loaded.requests[1:])]
@@ -378,6 +379,32 @@ def test_poisson_arrivals_and_a_trace_file_of_ones_own(tmp_path):
     assert {r.prompt_tokens for r in loaded.requests} <= {min(1536, 100 + 10 * i) for i in range(400)}  # sizes kept
     with pytest.raises(ValueError, match="neither"):
         Plan(traces=("no-such-trace",)).workloads()
+
+
+def test_by_default_code_draws_poisson_arrivals_one_ladder_and_conv_replays_its_own():
+    """Code's cells send the same draws at every rate, only the time axis scaled, with sizes from the requests the
+    uncontended cell spans; conversation's replay the trace's own arrival times."""
+    plan = Plan(rates_per_s={"conv": (0.5, 1.0), "code": (0.5, 1.0)}, anchor_concurrencies=())
+    cells = {cell.name: cell for cell in plan.workloads()}
+    light, heavy = cells["code@0.5/s"], cells["code@1/s"]
+    assert (len(light.requests), len(heavy.requests)) == (50, 60)
+    for slow, fast in zip(light.requests, heavy.requests):  # one seed: the same requests, twice as far apart
+        assert (slow.prompt_tokens, slow.output_tokens) == (fast.prompt_tokens, fast.output_tokens)
+        assert slow.arrival_s == pytest.approx(2 * fast.arrival_s)
+    mix = {(request.prompt_tokens, request.output_tokens) for request in plan.mix("code")}
+    assert {(request.prompt_tokens, request.output_tokens) for request in heavy.requests} <= mix
+    assert heavy.scaling.max_requests == plan.num_mix_requests and heavy.scaling.rate_factor == 1.0
+    conv = cells["conv@0.5/s"]
+    assert conv.scaling.rate_factor != 1.0  # the trace's own window, stretched to the rate
+    assert [request.arrival_s for request in conv.requests] == [
+        request.arrival_s for request in scale_trace(plan._source("conv")[1], conv.scaling)]
+
+    assert _parse_arrivals(None, ("conv", "code")) == {"conv": "trace", "code": "poisson"}
+    assert _parse_arrivals(["poisson"], ("conv", "code")) == {"conv": "poisson", "code": "poisson"}
+    assert _parse_arrivals(["code=trace"], ("conv", "code")) == {"conv": "trace", "code": "trace"}
+    for wrong in (["code=bursty"], ["mine=poisson"]):
+        with pytest.raises(SystemExit):
+            _parse_arrivals(wrong, ("conv", "code"))
 
 
 def test_scheduled_systems_are_also_held_against_always_split(tmp_path):
