@@ -119,11 +119,13 @@ def poisson_trace(*, rate_per_s: float, num_requests: int, sizes_from: list[Trac
     """Poisson arrivals at `rate_per_s`; (prompt, output) pairs drawn together from `sizes_from`."""
     if rate_per_s <= 0 or num_requests < 1 or not sizes_from:
         raise ValueError("a Poisson trace needs a positive rate, at least one request and sizes to draw from")
-    # Gaps and sizes from two streams of one seed: the first n requests are the same whatever `num_requests` is,
-    # and at another rate only the gaps scale, so a sweep's cells send the same draws.
+    # Gaps and sizes from two streams of one seed: the first requests and their order of gaps are the same whatever
+    # `num_requests` is, and at another rate only the time axis changes, so a sweep's cells send the same draws.
     gap_stream, size_stream = (np.random.default_rng(child) for child in np.random.SeedSequence(seed).spawn(2))
-    arrivals = np.cumsum(gap_stream.exponential(1.0, num_requests)) / rate_per_s
-    arrivals -= arrivals[0]
+    # A Poisson process given its count: the requests fill [0, n / rate) and the next would arrive at its end, as in
+    # a replayed window (`scaling_for_rate`), so the offered rate is the rate asked, not a draw's 10% off it.
+    cumulative = np.cumsum(gap_stream.exponential(1.0, num_requests + 1))
+    arrivals = (cumulative[:-1] - cumulative[0]) / (cumulative[-1] - cumulative[0]) * num_requests / rate_per_s
     picks = size_stream.integers(0, len(sizes_from), num_requests)
     return [TraceRequest(request_id=index, arrival_s=float(arrival),
                          prompt_tokens=sizes_from[pick].prompt_tokens, output_tokens=sizes_from[pick].output_tokens)

@@ -388,9 +388,13 @@ def test_by_default_code_draws_poisson_arrivals_one_ladder_and_conv_replays_its_
     cells = {cell.name: cell for cell in plan.workloads()}
     light, heavy = cells["code@0.5/s"], cells["code@1/s"]
     assert (len(light.requests), len(heavy.requests)) == (50, 60)
-    for slow, fast in zip(light.requests, heavy.requests):  # one seed: the same requests, twice as far apart
+    stretch = light.requests[1].arrival_s / heavy.requests[1].arrival_s
+    for slow, fast in zip(light.requests, heavy.requests):  # one seed: the same requests, on a stretched time axis
         assert (slow.prompt_tokens, slow.output_tokens) == (fast.prompt_tokens, fast.output_tokens)
-        assert slow.arrival_s == pytest.approx(2 * fast.arrival_s)
+        assert slow.arrival_s == pytest.approx(stretch * fast.arrival_s)
+    for cell in (light, heavy):  # the offered rate is the rate asked: n requests in n / rate, the next one due then
+        assert cell.requests[-1].arrival_s < len(cell.requests) / cell.rate_per_s
+        assert cell.requests[-1].arrival_s > (len(cell.requests) - 10) / cell.rate_per_s
     mix = {(request.prompt_tokens, request.output_tokens) for request in plan.mix("code")}
     assert {(request.prompt_tokens, request.output_tokens) for request in heavy.requests} <= mix
     assert heavy.scaling.max_requests == plan.num_mix_requests and heavy.scaling.rate_factor == 1.0
