@@ -59,7 +59,7 @@ from bench.slo import Goodput, Reference, attainment_goodput, fit_reference, goo
 from bench.sweep_rates import SweepRates
 from bench.systems import BASELINE, DEFAULT_SYSTEMS, POLICY_COMPARISON, SPLIT_BASELINE, SYSTEMS, app_config
 from bench.traces import TraceRequest
-from bench.workloads import DEFAULT_ARRIVALS, DEFAULT_LOADS, TRACE_FILES, Arrivals, Plan, Workload
+from bench.workloads import DEFAULT_ARRIVALS, DEFAULT_LOADS, Arrivals, Plan, Workload
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "compare"
 PROMPT_IDS_PER_CELL = 10_000
@@ -200,7 +200,7 @@ def summarize(runs: list[SystemRun], cells: list[Workload], reference: Reference
 def _parse_per_trace(entries: list[str] | None, traces: tuple[str, ...], option: str = "--rates"
                      ) -> dict[str, tuple[float, ...]]:
     """`conv=0.5,1.5 code=1` -> values per trace name, for the traces named only; `none` gives every trace none."""
-    names = [trace if trace in TRACE_FILES else Path(trace).stem for trace in traces]
+    names = Plan(traces=traces).trace_names()
     values_by_trace: dict[str, tuple[float, ...]] = {}
     for entry in entries or []:
         if entry == "none":
@@ -215,7 +215,7 @@ def _parse_per_trace(entries: list[str] | None, traces: tuple[str, ...], option:
 
 def _parse_arrivals(entries: list[str] | None, traces: tuple[str, ...]) -> dict[str, Arrivals]:
     """`poisson` (every trace) or `code=trace` (one) over the defaults."""
-    names = [trace if trace in TRACE_FILES else Path(trace).stem for trace in traces]
+    names = Plan(traces=traces).trace_names()
     arrivals: dict[str, Arrivals] = dict(DEFAULT_ARRIVALS)
     for entry in entries or []:
         name, _, kind = entry.rpartition("=")

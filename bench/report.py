@@ -240,8 +240,9 @@ def host_section(rows: list[dict[str, Any]], baseline: str) -> list[str]:
     probes = [(row, float(row["host_probe_ms"])) for row in rows if row.get("host_probe_ms") not in (None, "")]
     if not probes:
         return ["No cell recorded the host's speed (cells measured before the probe existed)."]
+    lowest, highest = min(probe for _, probe in probes), max(probe for _, probe in probes)
     lines = [f"The host's speed (bench/host_probe.py: the CPU time of a fixed matrix workload on one thread, timed "
-             f"before each cell, the engines idle) was {min(p for _, p in probes):.1f}-{max(p for _, p in probes):.1f} ms per probe."]
+             f"before each cell, the engines idle) was {lowest:.1f}-{highest:.1f} ms per probe."]
     at_reference = [probe for row, probe in probes if row["system"] == baseline and row["kind"] == "uncontended"]
     if not at_reference:
         return lines
