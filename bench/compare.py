@@ -82,6 +82,7 @@ class SystemRun:
     records: dict[str, list[RequestRecord]] = field(default_factory=dict)  # cell name -> records, repeats pooled
     generator: dict[str, list[GeneratorStats]] = field(default_factory=dict)  # cell name -> one per repeat
     host_probe_ms: dict[str, list[float]] = field(default_factory=dict)  # cell name -> one per repeat, if probed
+    host_memory_probe_ms: dict[str, list[float]] = field(default_factory=dict)  # the same, the memory probe
 
 
 def _prompt_order(cells: list[Workload]) -> list[Workload]:
@@ -175,8 +176,9 @@ def summarize(runs: list[SystemRun], cells: list[Workload], reference: Reference
             row = {"workload": cell.name, "trace": cell.trace, "kind": cell.kind, "rate_per_s": cell.rate_per_s,
                    "concurrency": cell.concurrency, "num_repeats": len({record.repeat for record in records}),
                    **summary_row(run.name, records, span_s(records), fit, run.generator.get(cell.name))}
-            if probes := run.host_probe_ms.get(cell.name):
-                row["host_probe_ms"] = round(float(np.median(probes)), 2)
+            for column in report.HOST_PROBES:
+                if probes := getattr(run, column).get(cell.name):
+                    row[column] = round(float(np.median(probes)), 2)
             system_rows.append(row)
         for trace in dict.fromkeys(cell.trace for cell in cells if cell.kind == "open"):
             sweep = {row["rate_per_s"]: row["slo_margin"] for row in system_rows
@@ -356,8 +358,9 @@ def main(argv: list[str] | None = None) -> None:
                     records, stats = raw.load(name, cell.name, repeat)
                     run.records.setdefault(cell.name, []).extend(records)
                     run.generator.setdefault(cell.name, []).append(stats)
-                    if (probe_ms := cell_meta.get("host_probe_ms")) is not None:
-                        run.host_probe_ms.setdefault(cell.name, []).append(probe_ms)
+                    for column in report.HOST_PROBES:
+                        if (probe_ms := cell_meta.get(column)) is not None:
+                            getattr(run, column).setdefault(cell.name, []).append(probe_ms)
         runs.append(run)
         write_requests_csv([record for records in run.records.values() for record in records],
                            args.out / f"requests_{name}.csv")

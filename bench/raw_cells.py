@@ -79,7 +79,8 @@ class RawCells:
         self._path(system, cell.name, repeat, ".json").write_text(json.dumps(
             {"system": system, "cell": cell.name, "repeat": repeat, "commit": commit, "cell_digest": cell_digest(cell),
              "finished_at": time.strftime("%Y-%m-%d %H:%M:%S"), "generator": stats.__dict__,
-             "host_probe_ms": probe.cpu_ms if probe else None, "host_probe_wall_ms": probe.wall_ms if probe else None},
+             "host_probe_ms": probe.cpu_ms if probe else None, "host_probe_wall_ms": probe.wall_ms if probe else None,
+             "host_memory_probe_ms": probe.memory_ms if probe else None},
             indent=1))
 
     def load(self, system: str, cell: str, repeat: int) -> tuple[list[RequestRecord], GeneratorStats]:

@@ -476,21 +476,28 @@ def test_a_report_rebuilt_later_names_the_commit_its_cells_measured(tmp_path):
 
 
 def test_every_cell_records_the_hosts_speed_and_the_report_flags_a_drifted_host(tmp_path):
-    """The probe times a fixed workload; a cell's probe travels from its raw file into summary.csv, and the report
-    names the cells measured on a host more than 15% off its speed when the reference was measured."""
+    """The probes time fixed work (compute in cache, a matrix-vector product streamed from memory); a cell's probes
+    travel from its raw file into summary.csv, and the report names the cells measured on a host more than 15% off
+    its speed when the reference was measured, by either probe."""
     probe = host_probe(repeats=3)
     assert 0 < probe.cpu_ms <= probe.wall_ms * 1.05  # one thread: it cannot run longer than the wall clock
+    assert probe.memory_ms > 0
     runs, cells = _runs_and_cells(tmp_path)
     uncontended = next(cell.name for cell in cells if cell.kind == "uncontended")
     runs[0].host_probe_ms = {uncontended: [100.0], "conv@0.5/s": [105.0], "conv@1/s": [130.0]}
+    runs[0].host_memory_probe_ms = {uncontended: [20.0], "conv@0.5/s": [30.0], "conv@1/s": [21.0]}
     runs[1].host_probe_ms = {"conv@0.5/s": [80.0, 90.0]}
     rows = summarize(runs, cells, fit_reference_from(runs[0], cells, "abc"))
     by_cell = {(row["system"], row["workload"]): row for row in rows}
     assert by_cell["splitserve", "conv@0.5/s"]["host_probe_ms"] == 85.0  # the median of its repeats
     assert "host_probe_ms" not in by_cell["splitserve", "conv@1/s"]
+    assert by_cell["collocated", "conv@0.5/s"]["host_memory_probe_ms"] == 30.0
     lines = "\n".join(report.host_section(rows, "collocated"))
     assert "When the reference's uncontended cells were measured: 100.0 ms." in lines
-    assert "| conv@1/s | collocated | 130.0 | 1.30× |" in lines and "| conv@0.5/s | splitserve | 85.0 | 0.85× |" in lines
-    assert "| conv@0.5/s | collocated |" not in lines  # 5% off: within the noise allowed
+    assert "When the reference's uncontended cells were measured: 20.0 ms." in lines
+    assert "| conv@1/s | collocated | compute | 130.0 | 1.30× |" in lines
+    assert "| conv@0.5/s | splitserve | compute | 85.0 | 0.85× |" in lines
+    assert "| conv@0.5/s | collocated | memory | 30.0 | 1.50× |" in lines  # in cache it read 5% off: memory moved
+    assert "| conv@0.5/s | collocated | compute |" not in lines and "| conv@1/s | collocated | memory |" not in lines
     assert report.host_section([], "collocated") == [
         "No cell recorded the host's speed (cells measured before the probe existed)."]
