@@ -102,7 +102,13 @@ class MixedPool:
     """Splitwise's cluster scheduler. While every prefill engine has more than `borrow_tokens` pending, decode
     engines are borrowed, one per decision, into a mixed pool where they run whole requests; they go back once a
     prefill engine is under `return_tokens`. Symmetrically, prefill engines join while every decode engine holds
-    more than `borrow_requests`. A request goes to the mixed pool when a mixed engine's queue is the shortest."""
+    more than `borrow_requests`. A request goes to the mixed pool when a mixed engine's queue is the shortest.
+
+    A pool lends its last engine too: a lent engine keeps its own phase's work (a borrowed decode engine still
+    decodes every split sent to it, a borrowed prefill engine still prefills them) and runs whole requests beside
+    it. So on one prefill and one decode engine the policy can act at all (with the last engine kept, it split
+    every request, as always_split does), and with both lent it balances whole requests over both engines, as
+    collocated serving does, until the queues drain."""
 
     config: SchedulingConfig
     name: str = "mixed_pool"
@@ -111,8 +117,8 @@ class MixedPool:
 
     def decide(self, request: RequestFacts, book: LoadBook, rates: Rates) -> Decision:
         self._rebalance(book)
-        prefill = book.least_loaded("prefill", skip=frozenset(self.borrowed_prefill))
-        decode = book.least_loaded("decode", skip=frozenset(self.borrowed_decode))
+        prefill = self._least_loaded(book, "prefill", self.borrowed_prefill)
+        decode = self._least_loaded(book, "decode", self.borrowed_decode)
         mixed_decode = _least_of(book, self.borrowed_decode)
         if mixed_decode is not None and (prefill is None or book.drain_s(mixed_decode) < book.drain_s(prefill)):
             return Decision(Path.DECODE_LOCAL, None, mixed_decode, "prefill pool over its threshold: mixed pool")
@@ -120,26 +126,32 @@ class MixedPool:
         if mixed_prefill is not None and (decode is None or book.engine(mixed_prefill).num_requests
                                           < book.engine(decode).num_requests):
             return Decision(Path.PREFILL_LOCAL, mixed_prefill, None, "decode pool over its threshold: mixed pool")
-        return Decision(Path.SPLIT, prefill, decode, "pools under their thresholds")
+        return Decision(Path.SPLIT, prefill, decode, "pools under their thresholds" if not (
+            self.borrowed_decode or self.borrowed_prefill) else "split: the pools' own queues are the shortest")
+
+    @staticmethod
+    def _least_loaded(book: LoadBook, pool: str, lent: set[str]) -> str | None:
+        """The pool's least-loaded engine that is not lent, else (every one lent) its least-loaded engine."""
+        return book.least_loaded(pool, skip=frozenset(lent)) or book.least_loaded(pool)
 
     def _rebalance(self, book: LoadBook) -> None:
         # Engines that are gone leave the mixed pool (O(borrowed), never O(engines)).
         self.borrowed_decode = {engine_id for engine_id in self.borrowed_decode if book.engine(engine_id)}
         self.borrowed_prefill = {engine_id for engine_id in self.borrowed_prefill if book.engine(engine_id)}
         # The shortest queue of a pool says whether all of it is over the threshold: O(log engines).
-        prefill = book.least_loaded("prefill", skip=frozenset(self.borrowed_prefill))
+        prefill = self._least_loaded(book, "prefill", self.borrowed_prefill)
         shortest_tokens = book.engine(prefill).num_pending_prompt_tokens if prefill is not None else 0
         if prefill is not None and shortest_tokens > self.config.borrow_tokens:
             lender = book.least_loaded("decode", skip=frozenset(self.borrowed_decode))
-            if lender is not None and book.num_engines("decode") - len(self.borrowed_decode) > 1:
-                self.borrowed_decode.add(lender)  # one pool never lends its last engine
+            if lender is not None:
+                self.borrowed_decode.add(lender)
         elif shortest_tokens < self.config.return_tokens:
             self.borrowed_decode.clear()
-        decode = book.least_loaded("decode", skip=frozenset(self.borrowed_decode))
+        decode = self._least_loaded(book, "decode", self.borrowed_decode)
         shortest_requests = book.engine(decode).num_requests if decode is not None else 0
         if decode is not None and shortest_requests > self.config.borrow_requests:
             lender = book.least_loaded("prefill", skip=frozenset(self.borrowed_prefill))
-            if lender is not None and book.num_engines("prefill") - len(self.borrowed_prefill) > 1:
+            if lender is not None:
                 self.borrowed_prefill.add(lender)
         elif shortest_requests < self.config.return_requests:
             self.borrowed_prefill.clear()

@@ -374,16 +374,51 @@ def test_mixed_pool_borrows_a_decode_engine_while_prefill_is_over_its_threshold_
     decision = policy.decide(_request(), book, Rates())
     assert policy.borrowed_decode == {"d0"}
     assert (decision.path, decision.decode_engine) == (Path.DECODE_LOCAL, "d0")
-    # 3. The last decode engine is never lent, however long prefill's queue.
+    # 3. Still over: the next decode engine is lent too, the last one included; a split then decodes on the
+    #    least-loaded of the lent engines (they keep decoding), and whole requests go where prompts drain first.
     book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=5000, num_waiting=9))
-    policy.decide(_request(), book, Rates())
-    assert policy.borrowed_decode == {"d0"}
+    book.report(EngineLoad("d0", "decode", num_pending_prompt_tokens=6000, num_running=1))
+    decision = policy.decide(_request(), book, Rates())
+    assert policy.borrowed_decode == {"d0", "d1"}
+    assert (decision.path, decision.decode_engine) == (Path.DECODE_LOCAL, "d1")
+    book.report(EngineLoad("d1", "decode", num_pending_prompt_tokens=7000, num_running=4))
+    decision = policy.decide(_request(), book, Rates())
+    assert (decision.path, decision.prefill_engine, decision.decode_engine) == (Path.SPLIT, "p0", "d0")
     # 4. Between the thresholds it stays (hysteresis); under return_tokens it goes back.
+    for engine_id in ("d0", "d1"):
+        book.report(EngineLoad(engine_id, "decode", num_running=1))
     book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=600, num_waiting=1))
     policy.decide(_request(), book, Rates())
-    assert policy.borrowed_decode == {"d0"}
+    assert policy.borrowed_decode == {"d0", "d1"}
     book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=100, num_waiting=1))
     assert policy.decide(_request(), book, Rates()).path == Path.SPLIT and not policy.borrowed_decode
+
+
+def test_mixed_pool_on_one_prefill_and_one_decode_engine_balances_whole_requests_under_load():
+    """The smallest PD cluster: the pools lend their only engines, so under load both run whole requests
+    (collocated serving's balance), and at light load every request is split again."""
+    policy = MixedPool(SchedulingConfig(policy="mixed_pool", borrow_tokens=500, return_tokens=100,
+                                        borrow_requests=8, return_requests=3))
+    book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 2})
+    # 1. Light load: split.
+    assert policy.decide(_request(), book, Rates()).path == Path.SPLIT
+    # 2. Prompts queue on prefill: the only decode engine is lent and runs the next prompt whole, while its own
+    #    queue of prompts drains sooner than prefill's.
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=900, num_waiting=2))
+    decision = policy.decide(_request(), book, Rates())
+    assert policy.borrowed_decode == {"d0"} and (decision.path, decision.decode_engine) == (Path.DECODE_LOCAL, "d0")
+    book.report(EngineLoad("d0", "decode", num_pending_prompt_tokens=1200, num_running=3))
+    assert policy.decide(_request(), book, Rates()).path == Path.SPLIT  # prefill's queue is now the shorter
+    # 3. Streams pile up on decode too: the only prefill engine is lent and runs whole requests while it holds
+    #    fewer than decode; both engines are mixed.
+    book.report(EngineLoad("d0", "decode", num_pending_prompt_tokens=1200, num_running=10))
+    decision = policy.decide(_request(), book, Rates())
+    assert policy.borrowed_prefill == {"p0"} and (decision.path, decision.prefill_engine) == (Path.PREFILL_LOCAL, "p0")
+    # 4. The queues drain: both engines go back, and requests are split again.
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=50, num_running=0))
+    book.report(EngineLoad("d0", "decode", num_pending_prompt_tokens=0, num_running=1))
+    decision = policy.decide(_request(), book, Rates())
+    assert decision.path == Path.SPLIT and not policy.borrowed_decode and not policy.borrowed_prefill
 
 
 def test_mixed_pool_lends_a_prefill_engine_to_an_overloaded_decode_pool():
