@@ -168,13 +168,15 @@ def _least_of(book: LoadBook, members: set[str]) -> str | None:
 class Predictive:
     """Ours: the path with the lowest predicted TTFT whose decode streams stay within the TBT bounds.
 
-    split:         drain(P) + prefill(P, n) + hand-over(D, n, requests ahead on D) + one decode step on D
+    split:         max(drain(P) + prefill(P, n) + hand-over(D, n, requests ahead on D), drain(D)) + one decode
+                   step on D (the first token waits for the prompts D is computing: its local ones)
     decode-local:  drain(D) + prefill(D, n) + D's decode steps that carry the prompt's chunks, allowed only if
                    those steps keep D's gaps within `tbt_gap_slowdown` of D's own step and its running requests'
                    mean gap within `tbt_mean_slowdown` (a chunk charged as a request, or its compute only:
                    `tbt_guard_charge`)
-    prefill-local: prefill(P, n), only when decode's least-loaded engine cannot take one more stream within
-                   the mean bound, and P is idle (its decode steps would otherwise wait behind other prompts)
+    prefill-local: prefill(P, n), only when P is idle (its decode steps would otherwise wait behind other
+                   prompts) and decode's least-loaded engine is busy: it cannot take one more stream within the
+                   mean bound, or it is computing prompts that a split's first token would wait behind
     Until the rates are known it acts as token_jsq, which is how it learns them."""
 
     config: SchedulingConfig
@@ -195,8 +197,8 @@ class Predictive:
         prefill, decode = book.least_loaded("prefill"), book.least_loaded("decode")
         if prefill is not None and decode is not None:
             num_ahead = book.engine(decode).num_requests
-            ttft = (book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.handover_s(decode, n, num_ahead)
-                    + rates.decode_step_s(decode, num_ahead + 1))
+            kv_ready_s = book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.handover_s(decode, n, num_ahead)
+            ttft = max(kv_ready_s, book.drain_s(decode)) + rates.decode_step_s(decode, num_ahead + 1)
             options.append((ttft, Decision(Path.SPLIT, prefill, decode, "lowest predicted TTFT", ttft)))
         for candidate in book.first_loaded("decode", NUM_GUARDED_CANDIDATES):
             if self._decode_can_take(candidate, n, book, rates):
@@ -204,8 +206,8 @@ class Predictive:
                                                                                                   book, rates)
                 options.append((ttft, Decision(Path.DECODE_LOCAL, None, candidate, "lowest predicted TTFT", ttft)))
                 break  # candidates come in drain order: the first that passes has the lowest TTFT of them
-        if prefill is not None and decode is not None and not self._decode_can_stream(decode, book, rates) \
-                and self._prefill_can_decode(prefill, book, rates):
+        if prefill is not None and decode is not None and self._prefill_can_decode(prefill, book, rates) \
+                and (book.drain_s(decode) > 0 or not self._decode_can_stream(decode, book, rates)):
             ttft = rates.prefill_s(prefill, n)
             options.append((ttft, Decision(Path.PREFILL_LOCAL, prefill, None, "lowest predicted TTFT", ttft)))
         if not options:
