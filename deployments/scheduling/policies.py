@@ -174,9 +174,10 @@ class Predictive:
                    those steps keep D's gaps within `tbt_gap_slowdown` of D's own step and its running requests'
                    mean gap within `tbt_mean_slowdown` (a chunk charged as a request, or its compute only:
                    `tbt_guard_charge`)
-    prefill-local: prefill(P, n), only when P is idle (its decode steps would otherwise wait behind other
-                   prompts) and decode's least-loaded engine is busy: it cannot take one more stream within the
-                   mean bound, or it is computing prompts that a split's first token would wait behind
+    prefill-local: prefill(P, n), only when decode's least-loaded engine cannot take one more stream within
+                   the mean bound, and P is idle: a stream on P waits out every prompt P computes later (1.7-2.4 s
+                   gaps at code 0.36/s in the prediction probe, when P also took requests whenever decode was
+                   computing prompts; that rule was withdrawn)
     Until the rates are known it acts as token_jsq, which is how it learns them."""
 
     config: SchedulingConfig
@@ -206,8 +207,8 @@ class Predictive:
                                                                                                   book, rates)
                 options.append((ttft, Decision(Path.DECODE_LOCAL, None, candidate, "lowest predicted TTFT", ttft)))
                 break  # candidates come in drain order: the first that passes has the lowest TTFT of them
-        if prefill is not None and decode is not None and self._prefill_can_decode(prefill, book, rates) \
-                and (book.drain_s(decode) > 0 or not self._decode_can_stream(decode, book, rates)):
+        if prefill is not None and decode is not None and not self._decode_can_stream(decode, book, rates) \
+                and self._prefill_can_decode(prefill, book, rates):
             ttft = rates.prefill_s(prefill, n)
             options.append((ttft, Decision(Path.PREFILL_LOCAL, prefill, None, "lowest predicted TTFT", ttft)))
         if not options:

@@ -532,24 +532,20 @@ def test_predictive_lets_an_idle_prefill_engine_decode_when_decode_is_saturated(
     assert policy.decide(_request(1500), book, rates).path == Path.SPLIT
 
 
-def test_a_splits_first_token_waits_for_the_prompts_decode_is_computing_and_an_idle_prefill_runs_it_whole():
+def test_a_splits_first_token_is_predicted_behind_the_prompts_decode_is_computing():
     """At code 0.32/s (3eb988b) two 9-token prompts were prefilled in 0.15-0.26 s, then waited 1.6-1.85 s for
     decode's first token while decode computed a long local prompt; the split was predicted at 0.8 s."""
     policy = Predictive(SchedulingConfig(policy="predictive"), expected_output_tokens=32)
     rates = _learned()
     book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 1}, rates=rates)
-    # 1. Decode computes nothing but its stream: a short prompt is split or run on decode, never prefill-local.
-    assert policy.decide(_request(9), book, rates).path in (Path.SPLIT, Path.DECODE_LOCAL)
-    # 2. Decode holds a 1,600-token local prompt (4 s of compute here): the idle prefill engine runs the prompt
-    #    whole, its TTFT one short prefill.
+    # 1. Decode computes nothing but its stream: a short prompt's TTFT is a short prefill and a hand-over.
+    assert policy.decide(_request(9), book, rates).predicted_ttft_s < 0.5
+    # 2. Decode holds a 1,600-token local prompt (4 s of compute here): whichever path the short prompt takes, its
+    #    first token is predicted behind that prompt (the split's KV arrives early, decode's next step does not).
     book.report(EngineLoad("d0", "decode", num_pending_prompt_tokens=1600, num_running=2))
     decision = policy.decide(_request(9), book, rates)
-    assert (decision.path, decision.prefill_engine) == (Path.PREFILL_LOCAL, "p0")
-    assert decision.predicted_ttft_s == pytest.approx(rates.prefill_s("p0", 9))
-    # 3. Prefill holds a stream already: not prefill-local again; the split is predicted behind decode's prompt.
-    book.report(EngineLoad("p0", "prefill", num_running=1))
-    decision = policy.decide(_request(9), book, rates)
-    assert decision.path != Path.PREFILL_LOCAL and decision.predicted_ttft_s >= rates.prefill_s("d0", 1600)
+    assert decision.path in (Path.SPLIT, Path.DECODE_LOCAL)
+    assert decision.predicted_ttft_s >= rates.prefill_s("d0", 1600)
 
 
 # The config, validated at the edge.
