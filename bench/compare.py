@@ -81,8 +81,8 @@ class SystemRun:
     error: str | None = None
     records: dict[str, list[RequestRecord]] = field(default_factory=dict)  # cell name -> records, repeats pooled
     generator: dict[str, list[GeneratorStats]] = field(default_factory=dict)  # cell name -> one per repeat
-    host_probe_ms: dict[str, list[float]] = field(default_factory=dict)  # cell name -> one per repeat, if probed
-    host_memory_probe_ms: dict[str, list[float]] = field(default_factory=dict)  # the same, the memory probe
+    # summary.csv's probe column (report.HOST_PROBES) -> cell name -> one reading per repeat, where probed
+    host_probes: dict[str, dict[str, list[float]]] = field(default_factory=dict)
 
 
 def _prompt_order(cells: list[Workload]) -> list[Workload]:
@@ -176,8 +176,8 @@ def summarize(runs: list[SystemRun], cells: list[Workload], reference: Reference
             row = {"workload": cell.name, "trace": cell.trace, "kind": cell.kind, "rate_per_s": cell.rate_per_s,
                    "concurrency": cell.concurrency, "num_repeats": len({record.repeat for record in records}),
                    **summary_row(run.name, records, span_s(records), fit, run.generator.get(cell.name))}
-            for column in report.HOST_PROBES:
-                if probes := getattr(run, column).get(cell.name):
+            for column, by_cell in run.host_probes.items():
+                if probes := by_cell.get(cell.name):
                     row[column] = round(float(np.median(probes)), 2)
             system_rows.append(row)
         for trace in dict.fromkeys(cell.trace for cell in cells if cell.kind == "open"):
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
                     run.generator.setdefault(cell.name, []).append(stats)
                     for column in report.HOST_PROBES:
                         if (probe_ms := cell_meta.get(column)) is not None:
-                            getattr(run, column).setdefault(cell.name, []).append(probe_ms)
+                            run.host_probes.setdefault(column, {}).setdefault(cell.name, []).append(probe_ms)
         runs.append(run)
         write_requests_csv([record for records in run.records.values() for record in records],
                            args.out / f"requests_{name}.csv")

@@ -13,7 +13,7 @@ speed, so every cell records this probe and the report flags cells measured on a
 2. Then one matrix-vector product over 256 MiB of float32 weights, eight times the last-level cache of the hosts
    we run on (a decode step's kind of work: every weight streamed from memory for one token), on one thread, the
    median of seven: `memory_ms`. The compute probe alone missed what moves decode: on the AMD EPYC host it read
-   26-30 ms (25.2 ms three hours before) while the reference's one-at-a-time token gaps grew from 57 to 82-94 ms.
+   26-30 ms (25.2 ms three hours before) while the reference's one-at-a-time token gaps grew from 57 to 81-94 ms.
 3. The CPU time is the figure the report compares: it counts only the time the thread ran, so it follows the
    core's own speed (clock, a neighbour on the same physical core) and not whether something else in this machine
    held the core at that moment; the wall time beside it shows that. One thread, because a product split over both

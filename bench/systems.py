@@ -102,8 +102,8 @@ POLICY_SYSTEMS = {"splitserve-token-jsq": "token_jsq", "splitserve-conditional":
 for _name, _policy in POLICY_SYSTEMS.items():
     SPLITSERVE_UPDATES[_name] = {"transfer": {"backend": "nixl"}, "scheduling": {"policy": _policy}}
 # mixed_pool lends engines at thresholds a CPU engine reaches inside the TTFT bounds: the app's defaults (2,048 /
-# 512 pending prompt tokens, sized for GPU engines) are about 7 s of prompts on one core of the AMD EPYC host, past
-# every bound; 256 / 64 tokens are about 0.9 / 0.2 s there.
+# 512 pending prompt tokens) are about 7 s of prompts on one core of the AMD EPYC host, past every bound; 256 / 64
+# tokens are about 0.9 / 0.2 s there.
 MIXED_POOL_THRESHOLDS = {"borrow_tokens": 256, "return_tokens": 64}
 SPLITSERVE_UPDATES["splitserve-mixed-pool"]["scheduling"] |= MIXED_POOL_THRESHOLDS
 # The predictive policy with a small chunk budget on decode (vLLM's long_prefill_token_threshold): a local prompt

@@ -484,9 +484,9 @@ def test_every_cell_records_the_hosts_speed_and_the_report_flags_a_drifted_host(
     assert probe.memory_ms > 0
     runs, cells = _runs_and_cells(tmp_path)
     uncontended = next(cell.name for cell in cells if cell.kind == "uncontended")
-    runs[0].host_probe_ms = {uncontended: [100.0], "conv@0.5/s": [105.0], "conv@1/s": [130.0]}
-    runs[0].host_memory_probe_ms = {uncontended: [20.0], "conv@0.5/s": [30.0], "conv@1/s": [21.0]}
-    runs[1].host_probe_ms = {"conv@0.5/s": [80.0, 90.0]}
+    runs[0].host_probes = {"host_probe_ms": {uncontended: [100.0], "conv@0.5/s": [105.0], "conv@1/s": [130.0]},
+                           "host_memory_probe_ms": {uncontended: [20.0], "conv@0.5/s": [30.0], "conv@1/s": [21.0]}}
+    runs[1].host_probes = {"host_probe_ms": {"conv@0.5/s": [80.0, 90.0]}}
     rows = summarize(runs, cells, fit_reference_from(runs[0], cells, "abc"))
     by_cell = {(row["system"], row["workload"]): row for row in rows}
     assert by_cell["splitserve", "conv@0.5/s"]["host_probe_ms"] == 85.0  # the median of its repeats
