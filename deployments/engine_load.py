@@ -7,8 +7,8 @@
    in its place what it knows of its own requests now (scheduling/loads.py): a report then never brings back a
    request that router already saw finish, nor misses one it sent since.
 3. Serve's controller calls the replica's `record_routing_stats` every `scheduling.load_report_period_s`;
-   `report` answers with a `LoadReport`: these counts, vLLM's own running requests and KV usage (from the engine's
-   stat logger), and the pure decode steps timed since the last report.
+   `report` answers with a `LoadReport`: these counts, vLLM's own running requests, KV usage and prompt tokens
+   computed so far (from the engine's stat logger), and the pure decode steps timed since the last report.
 Plain state; the replica's event loop is its only writer.
 """
 
@@ -76,5 +76,6 @@ class LoadTracker:
                           num_requests=self.num_requests,
                           num_running=min(counters.num_running_requests, self.num_requests),
                           kv_usage=counters.kv_cache_usage,
+                          num_prompt_tokens_computed=counters.num_prompt_tokens_computed,
                           by_router={router_id: (share[0], share[1]) for router_id, share in self.by_router.items()},
                           decode_steps=decode_steps)

@@ -45,6 +45,9 @@ class LoadReport(BaseModel):
     num_requests: int = 0  # requests accepted and not finished (running, waiting, or waiting for KV)
     num_running: int = 0  # of those, vLLM's running requests (its last step)
     kv_usage: float = 0.0  # vLLM's KV-cache usage, 0 to 1
+    # Prompt tokens the engine has computed since it started (vLLM's own count, every router's requests): the
+    # routers take its growth between reports as the engine's prompt throughput (scheduling/loads.py).
+    num_prompt_tokens_computed: int = 0
     # Per router replica, its share of the counts above: (requests it sent that are held here, their prompt tokens
     # pending). A router replaces its own share with what it knows now of its requests (scheduling/loads.py).
     by_router: dict[str, tuple[int, int]] = {}

@@ -84,6 +84,7 @@ class Scheduler:
 
     # 1. Reports.
     def refresh(self) -> None:
+        self.book.now_s = time.monotonic()
         has_new_reports = False
         for role, deployment in self._deployments.items():
             version, stats = self._routing_stats(deployment)
@@ -113,7 +114,8 @@ class Scheduler:
         num_own_requests, num_own_pending_prompt_tokens = report.by_router.get(self._router_id, (0, 0))
         return EngineLoad(engine_id=replica_id, role=role, num_pending_prompt_tokens=report.num_pending_prompt_tokens,
                           num_running=report.num_running, num_waiting=report.num_requests - report.num_running,
-                          kv_usage=report.kv_usage, num_own_requests=num_own_requests,
+                          kv_usage=report.kv_usage, num_prompt_tokens_computed=report.num_prompt_tokens_computed,
+                          num_own_requests=num_own_requests,
                           num_own_pending_prompt_tokens=num_own_pending_prompt_tokens)
 
     def addressed_to(self, engine_id: str) -> Dispatch:
@@ -190,7 +192,8 @@ class Scheduler:
                 engine = self.book.engine(replica_id)
                 engines[replica_id] = {"role": role, "num_pending_prompt_tokens": engine.num_pending_prompt_tokens,
                                        "num_requests": engine.num_requests, "num_own_requests": engine.num_own_requests,
-                                       "kv_usage": engine.reported.kv_usage}
+                                       "kv_usage": engine.reported.kv_usage,
+                                       "prompt_tokens_per_s": round(self.book.prompt_tokens_per_s(replica_id), 1)}
         errors = [abs(measured / predicted - 1) for _, predicted, measured in self.recent_predictions]
         return {"router_id": self._router_id, "policy": self.policy.name, "decisions": dict(self.decisions),
                 "rates_known": self.rates.is_known(),

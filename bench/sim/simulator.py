@@ -94,6 +94,7 @@ class Simulator:
                                               or self._events[0][0] <= arrivals[next_arrival].arrival_s)
             if is_event_next:
                 now, _, kind, payload = heapq.heappop(self._events)
+                self.book.now_s = now
                 if kind == _ITERATION_END:
                     machine, version = payload
                     if version != machine.version:
@@ -104,7 +105,7 @@ class Simulator:
             else:
                 request = arrivals[next_arrival]
                 next_arrival += 1
-                now = request.arrival_s
+                now = self.book.now_s = request.arrival_s
                 decisions[self._arrive(request, now)] += 1
                 progress.update()
             num_events += 1
@@ -206,7 +207,8 @@ class Simulator:
                                     num_pending_prompt_tokens=machine.num_pending_prompt_tokens,
                                     num_running=len(machine.running),
                                     num_waiting=len(machine.waiting) + len(machine.arrived),
-                                    kv_usage=machine.kv_used / machine.config.kv_capacity_tokens))
+                                    kv_usage=machine.kv_used / machine.config.kv_capacity_tokens,
+                                    num_prompt_tokens_computed=machine.stats.num_prompt_tokens))
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         self._seq += 1

@@ -12,18 +12,25 @@
    is pushed again; stale entries are skipped when they reach the top). Drain time comes from the learned rates
    (rates.py); until they are known it is the pending tokens themselves, which is token join-the-shortest-queue.
    `refresh_keys` re-keys every engine when the rates have changed (the router does it between reports).
+4. `prompt_tokens_per_s(engine)`: the prompt tokens the engine computed per second lately, every router's, from
+   the growth of its own count between reports: the load a stream placed on that engine would meet (a prefill
+   engine computes every split's prompt between its local stream's tokens).
 
-Plain state, no I/O and no clock of its own: the router (or a simulator) drives it.
+Plain state, no I/O and no clock of its own: the router (or a simulator) drives it, and sets `now_s`.
 """
 
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 Role = Literal["prefill", "decode"]
+# How far back an engine's prompt throughput looks (an exponentially decaying window, seconds): about the life of a
+# stream, whose gaps meet the prompts its engine computes meanwhile, and short enough to follow a change of load.
+PROMPT_RATE_HORIZON_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -36,6 +43,7 @@ class EngineLoad:
     num_running: int = 0  # requests decoding (or prefilling) now
     num_waiting: int = 0  # requests not yet scheduled
     kv_usage: float = 0.0  # share of the KV cache in use, 0 to 1
+    num_prompt_tokens_computed: int = 0  # since the engine started, every router's requests
     num_own_requests: int = 0  # of num_running + num_waiting, this router's
     num_own_pending_prompt_tokens: int = 0  # of num_pending_prompt_tokens, this router's
 
@@ -46,6 +54,22 @@ class _Engine:
     # This router's dispatches to the engine not yet done: dispatch number -> prompt tokens still pending.
     live: dict[int, int] = field(default_factory=dict)
     version: int = 0
+    # Prompt tokens computed per second, a decaying sum over PROMPT_RATE_HORIZON_S, as of `rate_at_s`.
+    prompt_tokens_per_s: float = 0.0
+    rate_at_s: float | None = None
+
+    def take_computed(self, load: EngineLoad, now_s: float) -> None:
+        """The engine's count grew by `delta` tokens since its last report: they join a window that decays with
+        time, so a steady r tokens/s reads r, and a quiet engine fades to 0 within a few horizons."""
+        if self.rate_at_s is not None:
+            delta = load.num_prompt_tokens_computed - self.reported.num_prompt_tokens_computed
+            self.prompt_tokens_per_s = self.rate_now(now_s) + max(0, delta) / PROMPT_RATE_HORIZON_S
+        self.rate_at_s = now_s
+
+    def rate_now(self, now_s: float) -> float:
+        if self.rate_at_s is None:
+            return 0.0
+        return self.prompt_tokens_per_s * math.exp(-max(0.0, now_s - self.rate_at_s) / PROMPT_RATE_HORIZON_S)
 
     @property
     def num_pending_prompt_tokens(self) -> int:
@@ -74,6 +98,7 @@ class LoadBook:
         default_factory=lambda: {"prefill": [], "decode": []})
     _tie: int = 0  # insertion order breaks ties: of two equal queues, the one that has waited longer goes first
     _num_engines: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    now_s: float = 0.0  # the driver's clock (the router's monotonic seconds, a simulator's time), set before use
 
     # 1. Reports.
     def report(self, load: EngineLoad) -> None:
@@ -82,8 +107,8 @@ class LoadBook:
             self.remove(load.engine_id)
             engine = self._engines[load.engine_id] = _Engine(reported=load)
             self._num_engines[load.role] += 1
-        else:
-            engine.reported = load
+        engine.take_computed(load, self.now_s)
+        engine.reported = load
         self._push(engine)
 
     def remove(self, engine_id: str) -> None:
@@ -152,6 +177,11 @@ class LoadBook:
 
     def engine_ids(self, role: Role) -> list[str]:
         return [engine_id for engine_id, engine in self._engines.items() if engine.reported.role == role]
+
+    def prompt_tokens_per_s(self, engine_id: str) -> float:
+        """4. The prompt tokens the engine computed per second lately (0: quiet, or reported once so far)."""
+        engine = self._engines.get(engine_id)
+        return engine.rate_now(self.now_s) if engine is not None else 0.0
 
     def drain_s(self, engine_id: str) -> float:
         """Seconds until the engine has computed every prompt it holds (0 with none pending)."""

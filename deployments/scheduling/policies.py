@@ -175,9 +175,12 @@ class Predictive:
                    mean gap within `tbt_mean_slowdown` (a chunk charged as a request, or its compute only:
                    `tbt_guard_charge`)
     prefill-local: prefill(P, n), only when decode's least-loaded engine cannot take one more stream within
-                   the mean bound, and P is idle: a stream on P waits out every prompt P computes later (1.7-2.4 s
+                   the mean bound, P is idle, and P's prompts leave a stream there within that bound too: a stream
+                   on P waits out every prompt P computes during its life, so its mean gap is P's step / (1 - the
+                   share of P's time its prompts took lately). Without that guard the default run's worst streams
+                   were prefill-local (per-request mean gaps 0.86-0.92 s at code 0.48-0.9/s, 3eb988b; 1.7-2.4 s
                    gaps at code 0.36/s in the prediction probe, when P also took requests whenever decode was
-                   computing prompts; that rule was withdrawn)
+                   computing prompts, a rule since withdrawn)
     Until the rates are known it acts as token_jsq, which is how it learns them."""
 
     config: SchedulingConfig
@@ -253,7 +256,15 @@ class Predictive:
         engine = book.engine(engine_id)
         if engine.num_pending_prompt_tokens > 0 or engine.num_requests > 0:
             return False
-        return rates.decode_step_s(engine_id, 1) > 0  # its own step, or its peers' until it has one
+        if rates.decode_step_s(engine_id, 1) <= 0:  # its own step, or its peers' until it has one
+            return False
+        return self.prompt_busy_share(engine_id, book, rates) < 1 - 1 / self.config.tbt_mean_slowdown
+
+    @staticmethod
+    def prompt_busy_share(engine_id: str, book: LoadBook, rates: Rates) -> float:
+        """The share of the engine's time its prompts took lately: its prompt throughput times the compute a prompt
+        token adds to a step (a stream's step stretches by that compute, not by a request's fixed cost)."""
+        return rates.prompt_compute_s(engine_id, book.prompt_tokens_per_s(engine_id))
 
 
 def make_policy(config: SchedulingConfig, *, decode_chunk_tokens: int = 256) -> Policy:

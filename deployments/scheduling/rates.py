@@ -170,11 +170,11 @@ class Rates:
                               and self.num_handovers >= self.min_observations)
         return self._is_known
 
-    def prefill_s(self, engine_id: str, num_tokens: int) -> float:
+    def prefill_s(self, engine_id: str, num_tokens: float) -> float:
         """Seconds the engine takes to compute `num_tokens` of prompt."""
         return self._prefill.estimate(engine_id, num_tokens)
 
-    def prompt_compute_s(self, engine_id: str, num_tokens: int) -> float:
+    def prompt_compute_s(self, engine_id: str, num_tokens: float) -> float:
         """The compute `num_tokens` of prompt add to a step that runs anyway: the prefill line's slope only. Its
         intercept is what a request pays once (the calls, a forward pass of its own), which a chunk riding in a
         decode step that runs for the streams does not pay again."""

@@ -4,6 +4,7 @@ rates, each policy's choice where it should make it, and a decision's cost with 
 from __future__ import annotations
 
 import heapq
+import math
 
 import pytest
 from pydantic import ValidationError
@@ -89,6 +90,26 @@ def test_reports_and_the_routers_own_traffic_make_the_estimate():
     assert book.least_loaded("prefill") == "p0" and book.num_engines("prefill") == 1
     book.dispatched("p1", 4, 10)  # a late answer from the removed engine changes nothing
     assert book.engine("p1") is None and book.least_loaded("prefill", skip=frozenset({"p0"})) is None
+
+
+def test_an_engines_prompt_throughput_follows_its_own_count_and_fades_when_it_goes_quiet():
+    book = LoadBook()
+    # 1. First report: a count, no rate yet (nothing to take its growth from).
+    book.report(EngineLoad("p0", "prefill", num_prompt_tokens_computed=5_000))
+    assert book.prompt_tokens_per_s("p0") == 0.0
+    # 2. 400 tokens a second for 60 s, reported every 0.5 s (the count is the engine's: every router's prompts).
+    for step in range(1, 121):
+        book.now_s = step * 0.5
+        book.report(EngineLoad("p0", "prefill", num_prompt_tokens_computed=5_000 + 200 * step))
+    assert book.prompt_tokens_per_s("p0") == pytest.approx(400, rel=0.03)
+    # 3. Quiet: no report changes (the router only passes changed loads on), the clock alone makes it fade.
+    book.now_s += loads.PROMPT_RATE_HORIZON_S
+    assert book.prompt_tokens_per_s("p0") == pytest.approx(400 / math.e, rel=0.03)
+    book.now_s += 4 * loads.PROMPT_RATE_HORIZON_S
+    assert book.prompt_tokens_per_s("p0") < 4
+    # 4. An engine that restarted under the same id (its count back near 0) adds nothing negative.
+    book.report(EngineLoad("p0", "prefill", num_prompt_tokens_computed=10))
+    assert 0 <= book.prompt_tokens_per_s("p0") < 4 and book.prompt_tokens_per_s("gone") == 0.0
 
 
 def test_an_engines_load_tracker_counts_each_routers_share_until_the_request_ends():
@@ -530,6 +551,32 @@ def test_predictive_lets_an_idle_prefill_engine_decode_when_decode_is_saturated(
     assert (decision.path, decision.prefill_engine) == (Path.PREFILL_LOCAL, "p0")
     book.report(EngineLoad("p0", "prefill", num_running=1))  # busy now: not again
     assert policy.decide(_request(1500), book, rates).path == Path.SPLIT
+
+
+def test_the_prefill_guard_keeps_a_stream_off_a_prefill_engine_whose_prompts_would_stretch_its_gaps():
+    """A stream on a prefill engine waits out every prompt the engine computes during its life: in the default run
+    (3eb988b) the worst streams were prefill-local (per-request mean gaps 0.86-0.92 s at code 0.48-0.9/s)."""
+    policy = Predictive(SchedulingConfig(policy="predictive", tbt_mean_slowdown=1.25), expected_output_tokens=32)
+    rates = _learned(step_ms_per_stream=10.0)  # a prompt token adds 2.5 ms of compute on p0
+    book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 12}, rates=rates)
+
+    def prompts_lately(tokens_per_s: float) -> None:  # p0 computed prompts at this rate for a minute, now idle
+        for step in range(1, 121):
+            book.now_s += 0.5
+            book.report(EngineLoad("p0", "prefill", num_prompt_tokens_computed=int(
+                book.engine("p0").reported.num_prompt_tokens_computed + tokens_per_s / 2)))
+
+    # 1. 40 tokens/s: p0's prompts took 10% of its time, a stream there gets ~1.11x its step: within 1.25x.
+    prompts_lately(40)
+    assert Predictive.prompt_busy_share("p0", book, rates) == pytest.approx(0.10, rel=0.05)
+    assert policy.decide(_request(1500), book, rates).path == Path.PREFILL_LOCAL
+    # 2. 120 tokens/s: 30% of its time, ~1.43x: the request splits (and waits for decode) instead.
+    prompts_lately(120)
+    assert Predictive.prompt_busy_share("p0", book, rates) == pytest.approx(0.30, rel=0.05)
+    assert policy.decide(_request(1500), book, rates).path == Path.SPLIT
+    # 3. A looser mean bound (2x, up to 50% busy) lets it decode there again.
+    looser = Predictive(SchedulingConfig(policy="predictive", tbt_mean_slowdown=2.0), expected_output_tokens=32)
+    assert looser.decide(_request(1500), book, rates).path == Path.PREFILL_LOCAL
 
 
 def test_a_splits_first_token_is_predicted_behind_the_prompts_decode_is_computing():
