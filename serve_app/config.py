@@ -161,7 +161,8 @@ class SchedulingConfig(_Frozen):
     borrow_requests: int = Field(12, ge=1)
     return_requests: int = Field(6, ge=0)
     # predictive: the bounds a decode-local prompt must keep decode's streams within, as slowdowns of the decode
-    # engine's own measured step time (Splitwise's TBT SLOs: a request's mean gap 1.25x, any one gap 5x).
+    # engine's own measured step time (Splitwise's TBT SLOs: a request's mean gap 1.25x, any one gap 5x); the
+    # mean bound weighs what the prompt adds, not the stream that joins the batch on every path.
     tbt_mean_slowdown: float = Field(1.25, gt=1)
     tbt_gap_slowdown: float = Field(5.0, gt=1)
     # What the guard charges a decode step for a local prompt's chunk: "request", the engine's whole learned prefill

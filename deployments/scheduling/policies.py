@@ -171,9 +171,10 @@ class Predictive:
     split:         max(drain(P) + prefill(P, n) + hand-over(D, n, requests ahead on D), drain(D)) + one decode
                    step on D (the first token waits for the prompts D is computing: its local ones)
     decode-local:  drain(D) + prefill(D, n) + D's decode steps that carry the prompt's chunks, allowed only if
-                   those steps keep D's gaps within `tbt_gap_slowdown` of D's own step and its running requests'
-                   mean gap within `tbt_mean_slowdown` (a chunk charged as a request, or its compute only:
-                   `tbt_guard_charge`)
+                   those steps keep D's gaps within `tbt_gap_slowdown` of D's own step and what the prompt adds to
+                   its running requests' mean gap within `tbt_mean_slowdown` - 1 of it (a chunk charged as a
+                   request, or its compute only: `tbt_guard_charge`); the stream itself is not charged, since it
+                   joins D's batch on the split path too
     prefill-local: prefill(P, n), only when decode's least-loaded engine cannot take one more stream within
                    the mean bound, P is idle, and P's prompts leave a stream there within that bound too: a stream
                    on P waits out every prompt P computes during its life, so its mean gap is P's step / (1 - the
@@ -236,10 +237,15 @@ class Predictive:
         if step_with_chunk > self.config.tbt_gap_slowdown * base:
             return False
         # The prompt's compute (and that of the prompts already pending there), spread over a running request's
-        # expected output: what each of its tokens waits longer on average.
+        # expected output: what each of its tokens waits longer on average. Only that is this path's to answer
+        # for: the new stream joins a decode engine's batch on either path (the split's decode runs there too), so
+        # the batch's own step is no reason to send a prompt to the prefill queue. Charging it was: with a few
+        # streams running the step alone passed 1.25x, every prompt was split however small, and in the policies
+        # run (f5fcfff) every code request whose TTFT went past 3x its reference was a split prompt of 9-88 tokens
+        # waiting behind a long one on prefill (TTFT P99 slowdown 23.8-45.9 at code 0.42-0.84/s).
         pending = num_tokens + book.engine(engine_id).num_pending_prompt_tokens
         extra_per_token = self._chunk_cost_s(engine_id, pending, rates) / max(1.0, self.expected_output_tokens)
-        return rates.decode_step_s(engine_id, running + 1) + extra_per_token <= self.config.tbt_mean_slowdown * base
+        return extra_per_token <= (self.config.tbt_mean_slowdown - 1) * base
 
     def _chunk_cost_s(self, engine_id: str, num_tokens: int, rates: Rates) -> float:
         if self.config.tbt_guard_charge == "compute":

@@ -520,10 +520,26 @@ def test_predictive_sends_a_short_prompt_to_busy_decode_when_prefill_is_queued()
         _request(1500), book, rates).path == Path.SPLIT
 
 
+def test_the_guard_charges_the_prompt_not_the_stream_that_joins_decode_on_every_path():
+    """In the policies run (f5fcfff) every code request whose TTFT passed 3x its reference was a 9-88 token prompt,
+    split, waiting behind a long prompt on prefill: decode's batch alone stepped past 1.25x its single-stream step,
+    and the guard charged that batch to the local path, though the split's stream joins the same batch."""
+    policy = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=256, expected_output_tokens=32)
+    rates = _learned(step_ms_per_stream=10.0)  # 12 streams step 205 ms, 2.4x one stream's 85 ms
+    book = _book({"p0": 4000}, {"d0": 0}, decode_requests={"d0": 12}, rates=rates)
+    # 1. A 9-token prompt adds 1 ms to a running request's mean gap (its 33 ms over 32 tokens), within a quarter of
+    #    85 ms: it runs on decode, instead of waiting 10 s behind prefill's 4,000 tokens.
+    decision = policy.decide(_request(9), book, rates)
+    assert (decision.path, decision.decode_engine) == (Path.DECODE_LOCAL, "d0")
+    # 2. A 1,500-token prompt would add 117 ms to each: split, however busy prefill is.
+    assert policy.decide(_request(1500), book, rates).path == Path.SPLIT
+
+
 def test_the_guard_charges_a_local_chunk_a_requests_fixed_cost_or_only_its_compute_as_configured():
     """As served here a prefill line has a large intercept (a request's calls and its own forward pass): a 23-token
-    prompt costs 0.21 s alone, of which 0.06 s is compute. Charged as a request, it would add 13 ms to each of a
-    running request's 16 tokens, over the 1.25x bound; charged its compute (it rides a step that runs anyway), 4 ms."""
+    prompt costs 0.21 s alone, of which 0.06 s is compute. Charged as a request, it would add 26 ms to each of a
+    running request's 8 tokens, over a quarter of the 77 ms step (the 1.25x bound); charged its compute (it rides a
+    step that runs anyway), 7 ms."""
     rates = Rates(min_observations=4)
     for tokens in (100, 400, 800, 1600):
         rates.observe_prefill("p0", tokens, 0.150 + 0.0025 * tokens)
@@ -534,12 +550,12 @@ def test_the_guard_charges_a_local_chunk_a_requests_fixed_cost_or_only_its_compu
         rates.observe_handover("d0", tokens, 0, 0.015)
     assert rates.prompt_compute_s("d0", 23) == pytest.approx(0.0575)
     book = _book({"p0": 4000}, {"d0": 0}, decode_requests={"d0": 4}, rates=rates)
-    as_request = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=2048, expected_output_tokens=16)
+    as_request = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=2048, expected_output_tokens=8)
     assert as_request.decide(_request(23), book, rates).path == Path.SPLIT
     as_compute = Predictive(SchedulingConfig(policy="predictive", tbt_guard_charge="compute"), chunk_tokens=2048,
-                            expected_output_tokens=16)
+                            expected_output_tokens=8)
     assert as_compute.decide(_request(23), book, rates).path == Path.DECODE_LOCAL
-    # A long prompt is still refused either way: 1,500 tokens of compute is 0.23 s on each of 16 tokens.
+    # A long prompt is still refused either way: 1,500 tokens of compute is 0.47 s on each of 8 tokens.
     assert as_compute.decide(_request(1500), book, rates).path == Path.SPLIT
 
 
