@@ -1,6 +1,6 @@
 """The one place that builds and drives a vLLM engine: `AsyncLLM` plus vLLM's own OpenAI serving layer.
 
-1. `engine_environment` fixes what vLLM reads from the process environment (cores, KV-cache size, NIXL port);
+1. `engine_environment` fixes what vLLM reads from the process environment (cores, KV-cache size, NIXL address);
    the EngineCore subprocess inherits it when it is spawned.
 2. `Engine.start` parses our config into vLLM's own CLI arguments, so every default of `vllm serve` applies,
    starts `AsyncLLM` with a counting stat logger (which also publishes splitserve's KV-transfer metrics) and
@@ -44,25 +44,46 @@ logger = logging.getLogger("splitserve.engine")
 SIDE_CHANNEL_PORTS = range(24000, 32000)
 
 
-def _side_channel_port() -> int:
+LOOPBACK = "127.0.0.1"
+
+
+def side_channel_host(setting: str, *, node_ip: str, num_alive_nodes: int) -> str:
+    """The address NIXL's side channel listens on: loopback while the cluster is one node (nothing outside the host
+    can reach it), the node's own address once decode may run on another node."""
+    if setting == "loopback" or (setting == "auto" and num_alive_nodes <= 1):
+        return LOOPBACK
+    return node_ip
+
+
+def _this_nodes_side_channel_host(setting: str) -> str:
+    import ray
+
+    if setting == "loopback":
+        return LOOPBACK
+    num_alive_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return side_channel_host(setting, node_ip=ray.util.get_node_ip_address(), num_alive_nodes=num_alive_nodes)
+
+
+def _side_channel_port(host: str = LOOPBACK) -> int:
     """A port nothing listens on now, from a range no connection is given automatically."""
     for port in random.sample(SIDE_CHANNEL_PORTS, 64):
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((host, port))
             except OSError:
                 continue
             return port
     raise RuntimeError(f"no free port for NIXL's side channel in {SIDE_CHANNEL_PORTS}")
 
 
-def engine_environment(role: EngineRoleConfig, replica_rank: int) -> dict[str, str]:
+def engine_environment(role: EngineRoleConfig, replica_rank: int, *,
+                       side_channel_host: str = LOOPBACK) -> dict[str, str]:
     return {
         "VLLM_CPU_OMP_THREADS_BIND": role.cpu_binding_for(replica_rank),
         "VLLM_CPU_KVCACHE_SPACE": str(role.kv_cache_gib),
         # Each engine's NIXL side channel (where decode asks prefill for its agent metadata) needs its own port.
-        "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_side_channel_port()),
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": side_channel_host,
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_side_channel_port(side_channel_host)),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "VLLM_NO_USAGE_STATS": "1",
     }
@@ -151,7 +172,8 @@ class Engine:
 
         connector_config = None if transfer is None else kv_transfer_config(
             transfer, is_producer=is_kv_producer, engine_id=engine_id)
-        environment = engine_environment(role, replica_rank)
+        environment = engine_environment(role, replica_rank, side_channel_host=LOOPBACK if transfer is None else
+                                         _this_nodes_side_channel_host(transfer.side_channel_host))
         # vLLM reads these from the environment of the process that spawns its EngineCore: this one.
         os.environ.update(environment)
         cli_args = vllm_cli_args(model, role, connector_config)

@@ -25,12 +25,13 @@ from deployments.replica_choice import ChosenReplicaRouter
 from deployments.router import Router
 from kv_transfer.backend import resolve_backend
 from serve_app.config import AppConfig, EngineRoleConfig, RouterConfig
+from serve_app.placement import ray_actor_options
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     if not config.is_disaggregated:
-        collocated = _engines(CollocatedServer, config.collocated, config)
+        collocated = _engines(CollocatedServer, "collocated", config.collocated, config)
         return _router(config.router).bind(config, collocated=collocated)
 
     # `auto` is decided here, once, so that every replica of both roles uses the same transport; so is the key
@@ -41,14 +42,16 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         raise ValueError(f"{config.transfer.handle_key_env} must hold at least 32 characters (a KV handle key)")
     chosen_replica = RequestRouterConfig(request_router_class=ChosenReplicaRouter,
                                          request_routing_stats_period_s=config.scheduling.load_report_period_s)
-    prefill = _engines(PrefillServer, config.prefill, config, kv_handle_key, request_router_config=chosen_replica)
-    decode = _engines(DecodeServer, config.decode, config, kv_handle_key, request_router_config=chosen_replica)
+    prefill = _engines(PrefillServer, "prefill", config.prefill, config, kv_handle_key,
+                       request_router_config=chosen_replica)
+    decode = _engines(DecodeServer, "decode", config.decode, config, kv_handle_key, request_router_config=chosen_replica)
     return _router(config.router).bind(config, prefill=prefill, decode=decode)
 
 
-def _engines(deployment: Any, role: EngineRoleConfig, config: AppConfig, *args: Any, **options: Any) -> Any:
+def _engines(deployment: Any, role_name: str, role: EngineRoleConfig, config: AppConfig, *args: Any,
+             **options: Any) -> Any:
     return deployment.options(num_replicas=role.num_replicas, max_ongoing_requests=role.num_ongoing_per_replica,
-                              ray_actor_options={"num_cpus": role.num_cpus}, **options).bind(config, *args)
+                              ray_actor_options=ray_actor_options(role_name, role), **options).bind(config, *args)
 
 
 def _router(router: RouterConfig) -> Any:

@@ -76,6 +76,14 @@ class EngineRoleConfig(_Frozen):
     shortest_first_aging: float = Field(1.0, ge=0)
     # Ray's logical CPUs per replica; the engine's real cores are set by cpu_binding.
     num_cpus: float = Field(0.0, ge=0)
+    # Where the replicas run in the Ray cluster. GPUs per replica (a vLLM engine on CUDA takes one per tensor-parallel
+    # rank); Ray custom resources per replica (nodes started with `ray start --resources '{"prefill_pool": 8}'`);
+    # node labels a replica's node must match (`ray start --labels splitserve/pool=prefill`; Ray's label selector:
+    # "v", "!v", "in(a,b)", "!in(a,b)"). Prefill and decode given different labels or resources never share a node.
+    # Ray's own rules check them when the app is built (serve_app/placement.py): this module stays free of Ray.
+    num_gpus: float = Field(0.0, ge=0)
+    resources: dict[str, float] = Field(default_factory=dict)  # amounts >= 0, checked by Ray
+    node_labels: dict[str, str] = Field(default_factory=dict)
     # Requests one replica works on at once (Serve's max_ongoing_requests); None: max_num_seqs, the engine's batch.
     max_ongoing_requests: int | None = Field(None, ge=1)
     # Overload bound: requests that may wait for this role beyond what its replicas work on. The router answers
@@ -107,6 +115,18 @@ class EngineRoleConfig(_Frozen):
 
     def cpu_binding_for(self, replica_rank: int) -> str:
         return self.cpu_binding[replica_rank % len(self.cpu_binding)]
+
+    @property
+    def ray_actor_options(self) -> dict[str, Any]:
+        """What Serve places each replica by: only the options that are set, so a one-node app asks for nothing."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            options["num_gpus"] = self.num_gpus
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.node_labels:
+            options["label_selector"] = dict(self.node_labels)
+        return options
 
     @property
     def num_ongoing_per_replica(self) -> int:

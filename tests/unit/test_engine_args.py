@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.engine import vllm_cli_args
+from deployments.engine import engine_environment, side_channel_host, vllm_cli_args
 from serve_app.config import AppConfig, EngineRoleConfig
 
 
@@ -48,3 +48,17 @@ def test_shortest_first_runs_vllms_priority_scheduling_and_needs_the_routers_siz
     AppConfig.model_validate({"prefill": shortest_first, "decode": shortest_first})
     with pytest.raises(ValueError, match="collocated.scheduling_policy 'shortest_first' needs each prompt's size"):
         AppConfig.model_validate({"mode": "collocated", "collocated": shortest_first})
+
+
+def test_nixls_side_channel_listens_on_loopback_on_one_node_and_on_the_nodes_address_across_nodes():
+    """Decode asks prefill's side channel for its NIXL metadata at the address in the KV handle: loopback cannot be
+    reached from another node, and a node's address should not be opened while the cluster is one host."""
+    assert side_channel_host("auto", node_ip="10.0.0.5", num_alive_nodes=1) == "127.0.0.1"
+    assert side_channel_host("auto", node_ip="10.0.0.5", num_alive_nodes=2) == "10.0.0.5"
+    assert side_channel_host("loopback", node_ip="10.0.0.5", num_alive_nodes=3) == "127.0.0.1"
+    assert side_channel_host("node", node_ip="10.0.0.5", num_alive_nodes=1) == "10.0.0.5"
+    # The engine's environment names that address, with a port found free on it (127.0.0.2: Linux's loopback
+    # answers every 127/8 address, as a second node on the same host in the e2e suite uses).
+    environment = engine_environment(EngineRoleConfig(cpu_binding="0"), 0, side_channel_host="127.0.0.2")
+    assert environment["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.2"
+    assert 24000 <= int(environment["VLLM_NIXL_SIDE_CHANNEL_PORT"]) < 32000
