@@ -25,7 +25,7 @@ from deployments.replica_choice import ChosenReplicaRouter
 from deployments.router import Router
 from kv_transfer.backend import resolve_backend
 from serve_app.config import AppConfig, EngineRoleConfig, RouterConfig
-from serve_app.placement import ray_actor_options
+from serve_app.placement import ray_actor_options, replica_count
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
@@ -50,7 +50,7 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
 
 def _engines(deployment: Any, role_name: str, role: EngineRoleConfig, config: AppConfig, *args: Any,
              **options: Any) -> Any:
-    return deployment.options(num_replicas=role.num_replicas, max_ongoing_requests=role.num_ongoing_per_replica,
+    return deployment.options(**replica_count(role_name, role), max_ongoing_requests=role.num_ongoing_per_replica,
                               ray_actor_options=ray_actor_options(role_name, role), **options).bind(config, *args)
 
 

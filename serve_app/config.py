@@ -54,6 +54,31 @@ class ModelConfig(_Frozen):
         return value
 
 
+class PoolAutoscalingConfig(_Frozen):
+    """Serve's autoscaling of one role's replicas, on the signal that predicts that role's SLO misses
+    (deployments/scheduling/pool_size.py): prefill on the seconds of prompt compute it holds, decode on the requests
+    it holds against the batch each replica runs within the TBT bound (`scheduling.tbt_mean_slowdown`), collocated
+    on Serve's own count of ongoing requests (`max_num_seqs` per replica). `num_replicas` is where it starts."""
+
+    min_replicas: int = Field(1, ge=1)  # a pool the scheduler routes to never empties
+    max_replicas: int = Field(2, ge=1)
+    # prefill: seconds of queued prompt compute per replica the pool aims at (a first token waits behind them).
+    target_queue_s: float = Field(2.0, gt=0)
+    # Serve's own guards against flapping: a change must be wanted this long before it happens.
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    # How often replicas report, and over how long Serve averages their reports.
+    metrics_interval_s: float = Field(1.0, gt=0)
+    look_back_period_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def min_below_max(self) -> PoolAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) is above max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
 class EngineRoleConfig(_Frozen):
     """One role (prefill or decode): its replicas, the cores its engines compute on, its KV-cache size."""
 
@@ -89,6 +114,8 @@ class EngineRoleConfig(_Frozen):
     # Overload bound: requests that may wait for this role beyond what its replicas work on. The router answers
     # the next one with 503 and Retry-After instead of queueing it.
     max_queued_requests: int = Field(32, ge=0)
+    # None: `num_replicas` replicas always. Set: Serve scales the role between its bounds (PoolAutoscalingConfig).
+    autoscaling: PoolAutoscalingConfig | None = None
 
     @field_validator("cpu_binding", mode="before")
     @classmethod
@@ -106,11 +133,20 @@ class EngineRoleConfig(_Frozen):
 
     @model_validator(mode="after")
     def one_binding_per_replica(self) -> EngineRoleConfig:
-        if len(self.cpu_binding) not in (1, self.num_replicas):
+        most = self.num_replicas if self.autoscaling is None else self.autoscaling.max_replicas
+        if len(self.cpu_binding) not in (1, self.num_replicas, most):
             raise ValueError(
-                f"cpu_binding has {len(self.cpu_binding)} entries for {self.num_replicas} replicas: "
+                f"cpu_binding has {len(self.cpu_binding)} entries for {most} replicas: "
                 "give one entry (shared) or one per replica"
             )
+        return self
+
+    @model_validator(mode="after")
+    def starts_within_its_autoscaling_bounds(self) -> EngineRoleConfig:
+        bounds = self.autoscaling
+        if bounds is not None and not bounds.min_replicas <= self.num_replicas <= bounds.max_replicas:
+            raise ValueError(f"num_replicas ({self.num_replicas}) is where autoscaling starts: it must be within "
+                             f"min_replicas ({bounds.min_replicas}) and max_replicas ({bounds.max_replicas})")
         return self
 
     def cpu_binding_for(self, replica_rank: int) -> str:
@@ -139,8 +175,10 @@ class EngineRoleConfig(_Frozen):
 
     @property
     def num_admissible(self) -> int:
-        """Requests this role may hold in all, working and waiting, before new ones are refused."""
-        return self.num_replicas * self.num_ongoing_per_replica + self.max_queued_requests
+        """Requests this role may hold in all, working and waiting, before new ones are refused. An autoscaled role
+        is bounded by its largest size: the queue that builds meanwhile is what makes it grow."""
+        most = self.num_replicas if self.autoscaling is None else self.autoscaling.max_replicas
+        return most * self.num_ongoing_per_replica + self.max_queued_requests
 
 
 class RouterConfig(_Frozen):
