@@ -20,7 +20,7 @@ from ray.serve.config import RequestRouterConfig
 
 from deployments.collocated import CollocatedServer
 from deployments.decode import DecodeServer
-from deployments.prefill import PrefillServer
+from deployments.prefill import KV_DRAIN_MARGIN_S, PrefillServer
 from deployments.replica_choice import ChosenReplicaRouter
 from deployments.router import Router
 from kv_transfer.backend import resolve_backend
@@ -42,8 +42,11 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         raise ValueError(f"{config.transfer.handle_key_env} must hold at least 32 characters (a KV handle key)")
     chosen_replica = RequestRouterConfig(request_router_class=ChosenReplicaRouter,
                                          request_routing_stats_period_s=config.scheduling.load_report_period_s)
+    # A stopping prefill replica waits for the KV it handed out to be read (at most the lease): Serve must not kill
+    # it before (its default allows 20 s).
     prefill = _engines(PrefillServer, "prefill", config.prefill, config, kv_handle_key,
-                       request_router_config=chosen_replica)
+                       request_router_config=chosen_replica,
+                       graceful_shutdown_timeout_s=config.transfer.kv_lease_s + KV_DRAIN_MARGIN_S + 10)
     decode = _engines(DecodeServer, "decode", config.decode, config, kv_handle_key, request_router_config=chosen_replica)
     return _router(config.router).bind(config, prefill=prefill, decode=decode)
 
