@@ -18,11 +18,13 @@ health, its status, and the way its answers go back to the router.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import ray
 from ray import serve
 
 from deployments.engine import Engine
@@ -125,8 +127,13 @@ class EngineServer:
         return self._engine.recent_transfer_seconds()
 
     def role(self, dispatch: Dispatch | None = None) -> RoleStatus:
+        side_channel = None
+        if self.transfer_backend == "nixl":  # what engine.py put in this process's environment for vLLM
+            side_channel = ":".join(os.environ.get(name, "?") for name in ("VLLM_NIXL_SIDE_CHANNEL_HOST",
+                                                                             "VLLM_NIXL_SIDE_CHANNEL_PORT"))
         return RoleStatus(role=self.role_name, engine_id=self.engine_id, is_engine_alive=self._engine.is_alive,
-                          transfer_backend=self.transfer_backend, kv_store=self.kv_store)
+                          transfer_backend=self.transfer_backend, kv_store=self.kv_store,
+                          node_ip=ray.util.get_node_ip_address(), side_channel=side_channel)
 
     async def check_health(self) -> None:
         await self._engine.check_health()

@@ -47,7 +47,8 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     prefill = _engines(PrefillServer, "prefill", config.prefill, config, kv_handle_key,
                        request_router_config=chosen_replica,
                        graceful_shutdown_timeout_s=config.transfer.kv_lease_s + KV_DRAIN_MARGIN_S + 10)
-    decode = _engines(DecodeServer, "decode", config.decode, config, kv_handle_key, request_router_config=chosen_replica)
+    decode = _engines(DecodeServer, "decode", config.decode, config, kv_handle_key,
+                      request_router_config=chosen_replica)
     return _router(config.router).bind(config, prefill=prefill, decode=decode)
 
 
