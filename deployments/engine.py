@@ -101,6 +101,8 @@ def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config
         # usage.prompt_tokens_details.cached_tokens: clients see how much of the prompt was not recomputed.
         "--enable-prompt-tokens-details",
     ]
+    if role.gpu_memory_fraction is not None:
+        args += ["--gpu-memory-utilization", str(role.gpu_memory_fraction)]
     if role.long_prefill_token_threshold:
         args += ["--long-prefill-token-threshold", str(role.long_prefill_token_threshold)]
     if role.scheduling_policy != "fcfs":  # shortest_first is vLLM's priority policy, its priorities set by the replica

@@ -86,6 +86,9 @@ class EngineRoleConfig(_Frozen):
     # vLLM's VLLM_CPU_OMP_THREADS_BIND per replica ("0", "0-3", "0|1" ...); one entry is shared by all replicas.
     cpu_binding: list[str] = Field(default_factory=lambda: ["auto"])
     kv_cache_gib: int = Field(1, ge=1)  # vLLM on CPU takes whole GiB (VLLM_CPU_KVCACHE_SPACE)
+    # On CUDA: the share of the GPU's memory the engine may take (vLLM's --gpu-memory-utilization; its KV cache is
+    # what the weights leave of it). Below 0.5 when two engines share one GPU (num_gpus 0.5). None: vLLM's default.
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     max_num_seqs: int = Field(16, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     # vLLM's long_prefill_token_threshold: a prompt longer than this is computed at most this many tokens per step

@@ -32,6 +32,13 @@ def test_a_decode_role_that_runs_prompts_caps_their_chunks_and_may_order_by_prio
     assert engine_args.scheduling_policy == "priority"
 
 
+def test_a_gpu_engine_may_take_a_share_of_its_gpus_memory():
+    from vllm.engine.arg_utils import EngineArgs
+
+    assert _vllm_config(EngineRoleConfig()).gpu_memory_utilization == EngineArgs.gpu_memory_utilization  # vLLM's
+    assert _vllm_config(EngineRoleConfig(num_gpus=0.5, gpu_memory_fraction=0.4)).gpu_memory_utilization == 0.4
+
+
 def test_bad_engine_scheduling_values_are_refused_with_their_name():
     with pytest.raises(ValueError, match="long_prefill_token_threshold"):
         EngineRoleConfig(long_prefill_token_threshold=-1)
