@@ -28,6 +28,10 @@ from serve_app.config import AppConfig, EngineRoleConfig, RouterConfig
 from serve_app.placement import ray_actor_options, replica_count
 
 
+# How long a stopping decode replica may take to finish its streams: a max_model_len answer at ~70 ms a token here.
+STREAM_DRAIN_S = 300
+
+
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     if not config.is_disaggregated:
@@ -47,8 +51,10 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     prefill = _engines(PrefillServer, "prefill", config.prefill, config, kv_handle_key,
                        request_router_config=chosen_replica,
                        graceful_shutdown_timeout_s=config.transfer.kv_lease_s + KV_DRAIN_MARGIN_S + 10)
+    # A stopping decode replica (scaled in, redeployed) finishes the streams it holds: Serve waits for ongoing
+    # requests up to this long (its default, 20 s, is shorter than one long answer on a CPU).
     decode = _engines(DecodeServer, "decode", config.decode, config, kv_handle_key,
-                      request_router_config=chosen_replica)
+                      request_router_config=chosen_replica, graceful_shutdown_timeout_s=STREAM_DRAIN_S)
     return _router(config.router).bind(config, prefill=prefill, decode=decode)
 
 
