@@ -114,6 +114,8 @@ class PrefillServer(EngineServer):
         return self._engine is not None and self._engine.counters().kv_cache_usage > 0
 
     async def __del__(self) -> None:
+        if self._engine is None:  # never started: nothing handed out
+            return
         deadline = time.monotonic() + self._config.transfer.kv_lease_s + KV_DRAIN_MARGIN_S
         try:
             while time.monotonic() < deadline and await self.holds_kv():

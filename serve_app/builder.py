@@ -66,4 +66,4 @@ def _engines(deployment: Any, role_name: str, role: EngineRoleConfig, config: Ap
 
 def _router(router: RouterConfig) -> Any:
     return Router.options(num_replicas=router.num_replicas, max_ongoing_requests=router.max_ongoing_requests,
-                          ray_actor_options={"num_cpus": router.num_cpus})
+                          ray_actor_options=ray_actor_options("router", router))

@@ -54,6 +54,31 @@ class ModelConfig(_Frozen):
         return value
 
 
+class PlacedConfig(_Frozen):
+    """Where a deployment's replicas run in the Ray cluster. Ray's logical CPUs and GPUs per replica; Ray custom
+    resources per replica (nodes started with `ray start --resources '{"prefill_pool": 8}'`); node labels a replica's
+    node must match (`ray start --labels splitserve/pool=prefill`; Ray's label selector: "v", "!v", "in(a,b)",
+    "!in(a,b)"). Roles given different labels or resources never share a node. Ray's own rules check them when the
+    app is built (serve_app/placement.py): this module stays free of Ray."""
+
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)  # a vLLM engine on CUDA takes one per tensor-parallel rank
+    resources: dict[str, float] = Field(default_factory=dict)
+    node_labels: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def ray_actor_options(self) -> dict[str, Any]:
+        """What Serve places each replica by: only the options that are set, so a one-node app asks for nothing."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            options["num_gpus"] = self.num_gpus
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.node_labels:
+            options["label_selector"] = dict(self.node_labels)
+        return options
+
+
 class PoolAutoscalingConfig(_Frozen):
     """Serve's autoscaling of one role's replicas, on the signal that predicts that role's SLO misses
     (deployments/scheduling/pool_size.py): prefill on the seconds of prompt compute it holds, decode on the requests
@@ -79,7 +104,7 @@ class PoolAutoscalingConfig(_Frozen):
         return self
 
 
-class EngineRoleConfig(_Frozen):
+class EngineRoleConfig(PlacedConfig):
     """One role (prefill or decode): its replicas, the cores its engines compute on, its KV-cache size."""
 
     num_replicas: int = Field(1, ge=1)
@@ -102,16 +127,8 @@ class EngineRoleConfig(_Frozen):
     # it; prefill and decode roles, whose prompt sizes the router sends).
     scheduling_policy: Literal["fcfs", "priority", "shortest_first"] = "fcfs"
     shortest_first_aging: float = Field(1.0, ge=0)
-    # Ray's logical CPUs per replica; the engine's real cores are set by cpu_binding.
-    num_cpus: float = Field(0.0, ge=0)
-    # Where the replicas run in the Ray cluster. GPUs per replica (a vLLM engine on CUDA takes one per tensor-parallel
-    # rank); Ray custom resources per replica (nodes started with `ray start --resources '{"prefill_pool": 8}'`);
-    # node labels a replica's node must match (`ray start --labels splitserve/pool=prefill`; Ray's label selector:
-    # "v", "!v", "in(a,b)", "!in(a,b)"). Prefill and decode given different labels or resources never share a node.
-    # Ray's own rules check them when the app is built (serve_app/placement.py): this module stays free of Ray.
-    num_gpus: float = Field(0.0, ge=0)
-    resources: dict[str, float] = Field(default_factory=dict)  # amounts >= 0, checked by Ray
-    node_labels: dict[str, str] = Field(default_factory=dict)
+    # num_cpus, num_gpus, resources, node_labels: where the replicas run (PlacedConfig). Ray's logical CPUs count only
+    # for placement: the engine's real cores are set by cpu_binding.
     # Requests one replica works on at once (Serve's max_ongoing_requests); None: max_num_seqs, the engine's batch.
     max_ongoing_requests: int | None = Field(None, ge=1)
     # Overload bound: requests that may wait for this role beyond what its replicas work on. The router answers
@@ -156,18 +173,6 @@ class EngineRoleConfig(_Frozen):
         return self.cpu_binding[replica_rank % len(self.cpu_binding)]
 
     @property
-    def ray_actor_options(self) -> dict[str, Any]:
-        """What Serve places each replica by: only the options that are set, so a one-node app asks for nothing."""
-        options: dict[str, Any] = {"num_cpus": self.num_cpus}
-        if self.num_gpus:
-            options["num_gpus"] = self.num_gpus
-        if self.resources:
-            options["resources"] = dict(self.resources)
-        if self.node_labels:
-            options["label_selector"] = dict(self.node_labels)
-        return options
-
-    @property
     def num_ongoing_per_replica(self) -> int:
         return self.max_ongoing_requests or self.max_num_seqs
 
@@ -184,9 +189,9 @@ class EngineRoleConfig(_Frozen):
         return most * self.num_ongoing_per_replica + self.max_queued_requests
 
 
-class RouterConfig(_Frozen):
+class RouterConfig(PlacedConfig):
+    # num_cpus, resources, node_labels: where the routers run (PlacedConfig), e.g. on the nodes that take HTTP traffic.
     num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     # Bodies larger than this are refused with 413 before they are parsed.
     max_request_body_bytes: int = Field(4 << 20, ge=1024)

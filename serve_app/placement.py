@@ -15,10 +15,10 @@ from typing import Any
 
 from ray._common.ray_option_utils import validate_actor_options  # Ray's own option rules (ray is pinned)
 
-from serve_app.config import EngineRoleConfig
+from serve_app.config import EngineRoleConfig, PlacedConfig
 
 
-def ray_actor_options(role_name: str, role: EngineRoleConfig) -> dict[str, Any]:
+def ray_actor_options(role_name: str, role: PlacedConfig) -> dict[str, Any]:
     options = role.ray_actor_options
     try:
         validate_actor_options(options, in_options=True)

@@ -29,7 +29,7 @@ from tests.conftest import TEST_KV_HANDLE_KEY, TEST_OVERRIDES, connect_driver, s
 from tests.e2e.workload import request_body
 
 PREFILL_NODE = processes.Node(node_ip="127.0.0.2", labels={"splitserve/pool": "prefill"})
-HEAD_LABELS = {"splitserve/pool": "decode"}
+HEAD_LABELS = {"splitserve/pool": "decode", "splitserve/ingress": "true"}
 EXACT_REQUESTS = ("chat_capital", "completion_long")
 NUM_IN_FLIGHT = 3
 
@@ -49,6 +49,7 @@ def _config(backend: str) -> dict[str, Any]:
     args = config["applications"][0]["args"]
     args["prefill"]["node_labels"] = {"splitserve/pool": "prefill"}
     args["decode"]["node_labels"] = {"splitserve/pool": "decode"}
+    args["router"]["node_labels"] = {"splitserve/ingress": "true"}  # the router stays when the prefill node goes
     args["transfer"]["backend"] = backend
     return config
 
