@@ -62,6 +62,10 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     "object_store": {"transfer": {"backend": "object_store", "is_layer_by_layer": True}},
     "object_store_no_overlap": {"transfer": {"backend": "object_store", "is_layer_by_layer": False}},
     "nixl": {"transfer": {"backend": "nixl"}},
+    # The same with each engine's processes pinned to its own core (EngineRoleConfig.pin_engine_processes): whether
+    # the other role's idle EngineCore, spinning after its step, is what slows decode's step.
+    "nixl_pinned": {"transfer": {"backend": "nixl"}, "prefill": {"pin_engine_processes": True},
+                    "decode": {"pin_engine_processes": True}},
 }
 NUM_WARM_UP_REQUESTS = 2
 NUM_OUTPUT_TOKENS = 16

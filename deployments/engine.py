@@ -89,6 +89,16 @@ def engine_environment(role: EngineRoleConfig, replica_rank: int, *,
     }
 
 
+def binding_cores(binding: str) -> set[int]:
+    """The cores a `cpu_binding` entry names ("0", "0-3", "1,3", "0|1": every rank's), empty for "auto"."""
+    cores: set[int] = set()
+    for part in binding.replace("|", ",").split(","):
+        if part and part != "auto":
+            first, _, last = part.partition("-")
+            cores.update(range(int(first), int(last or first) + 1))
+    return cores
+
+
 def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config: dict[str, Any] | None) -> list[str]:
     args = [
         "--model", model.path,
@@ -190,6 +200,8 @@ class Engine:
         if trace_path is not None:
             stat_loggers.append(step_trace_logger(trace_path))
         logger.info("starting vLLM engine: %s, env %s", " ".join(cli_args), environment)
+        if role.pin_engine_processes and (cores := binding_cores(role.cpu_binding_for(replica_rank))):
+            os.sched_setaffinity(0, cores)  # the EngineCore and worker processes spawned next inherit it
         engine_client = AsyncLLM.from_vllm_config(
             vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
             stat_loggers=stat_loggers

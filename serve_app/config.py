@@ -129,6 +129,10 @@ class EngineRoleConfig(PlacedConfig):
     shortest_first_aging: float = Field(1.0, ge=0)
     # num_cpus, num_gpus, resources, node_labels: where the replicas run (PlacedConfig). Ray's logical CPUs count only
     # for placement: the engine's real cores are set by cpu_binding.
+    # Pin the whole replica process to its cpu_binding cores before the engine starts, so that vLLM's EngineCore
+    # and worker processes (which inherit it) poll on the engine's own cores: after each step they spin for up to a
+    # second on any core otherwise, beside the other role's engine. Off: only the model's threads are pinned.
+    pin_engine_processes: bool = False
     # Requests one replica works on at once (Serve's max_ongoing_requests); None: max_num_seqs, the engine's batch.
     max_ongoing_requests: int | None = Field(None, ge=1)
     # Overload bound: requests that may wait for this role beyond what its replicas work on. The router answers

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from deployments.engine import engine_environment, side_channel_host, vllm_cli_args
+from deployments.engine import binding_cores, engine_environment, side_channel_host, vllm_cli_args
 from serve_app.config import AppConfig, EngineRoleConfig
 
 
@@ -69,3 +69,8 @@ def test_nixls_side_channel_listens_on_loopback_on_one_node_and_on_the_nodes_add
     environment = engine_environment(EngineRoleConfig(cpu_binding="0"), 0, side_channel_host="127.0.0.2")
     assert environment["VLLM_NIXL_SIDE_CHANNEL_HOST"] == "127.0.0.2"
     assert 24000 <= int(environment["VLLM_NIXL_SIDE_CHANNEL_PORT"]) < 32000
+
+
+def test_a_binding_names_its_cores_for_pinning_the_engines_processes():
+    assert binding_cores("0") == {0} and binding_cores("0-3") == {0, 1, 2, 3}
+    assert binding_cores("1,3") == {1, 3} and binding_cores("0|1") == {0, 1} and binding_cores("auto") == set()
