@@ -114,7 +114,8 @@ class PrefillServer(EngineServer):
         return self._engine is not None and self._engine.counters().kv_cache_usage > 0
 
     async def __del__(self) -> None:
-        if self._engine is None:  # never started: nothing handed out
+        if self._engine is None or not self._engine.is_alive:  # never started, or died: its KV went with it
+            super().__del__()
             return
         deadline = time.monotonic() + self._config.transfer.kv_lease_s + KV_DRAIN_MARGIN_S
         try:
