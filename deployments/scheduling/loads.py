@@ -61,10 +61,13 @@ class _Engine:
     def take_computed(self, load: EngineLoad, now_s: float) -> None:
         """The engine's count grew by `delta` tokens since its last report: they join a window that decays with
         time, so a steady r tokens/s reads r, and a quiet engine fades to 0 within a few horizons."""
-        if self.rate_at_s is not None:
-            delta = load.num_prompt_tokens_computed - self.reported.num_prompt_tokens_computed
-            self.prompt_tokens_per_s = self.rate_now(now_s) + max(0, delta) / PROMPT_RATE_HORIZON_S
-        self.rate_at_s = now_s
+        if self.rate_at_s is None:
+            self.rate_at_s = now_s
+            return
+        delta = load.num_prompt_tokens_computed - self.reported.num_prompt_tokens_computed
+        if delta > 0:  # else the rate and its time stand, and it decays when read (no work per unchanged report)
+            self.prompt_tokens_per_s = self.rate_now(now_s) + delta / PROMPT_RATE_HORIZON_S
+            self.rate_at_s = now_s
 
     def rate_now(self, now_s: float) -> float:
         if self.rate_at_s is None:
