@@ -55,13 +55,23 @@ def side_channel_host(setting: str, *, node_ip: str, num_alive_nodes: int) -> st
     return node_ip
 
 
+def this_node_ip() -> str:
+    """The address this Ray node was started with (`ray start --node-ip-address`), as the cluster lists it:
+    `ray.util.get_node_ip_address()` answers the host's routed address on a head started on loopback."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return next((node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id),
+                ray.util.get_node_ip_address())
+
+
 def _this_nodes_side_channel_host(setting: str) -> str:
     import ray
 
     if setting == "loopback":
         return LOOPBACK
     num_alive_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
-    return side_channel_host(setting, node_ip=ray.util.get_node_ip_address(), num_alive_nodes=num_alive_nodes)
+    return side_channel_host(setting, node_ip=this_node_ip(), num_alive_nodes=num_alive_nodes)
 
 
 def _side_channel_port(host: str = LOOPBACK) -> int:

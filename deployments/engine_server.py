@@ -24,10 +24,9 @@ import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
-import ray
 from ray import serve
 
-from deployments.engine import Engine
+from deployments.engine import Engine, this_node_ip
 from deployments.engine_counters import EngineCounters
 from deployments.engine_load import LoadTracker
 from deployments.messages import Dispatch, RoleStatus
@@ -47,6 +46,7 @@ class EngineServer:
     engine_id = ""
     transfer_backend: str | None = None  # how KV leaves or arrives (prefill, decode)
     kv_store: str | None = None  # the KV store's actor name (prefill on the object store)
+    node_ip: str | None = None  # the Ray node this replica runs on
     _engine: Engine | None = None
     _load: LoadTracker | None = None
     _shortest_first_aging: float | None = None  # None: the engine orders prompts itself (fcfs, or their priority)
@@ -69,6 +69,7 @@ class EngineServer:
                             transfer: TransferConfig | None = None, is_kv_producer: bool = False) -> None:
         self._engine = await Engine.start(config.model, role, replica_rank=rank, role_name=self.role_name,
                                           transfer=transfer, engine_id=self.engine_id, is_kv_producer=is_kv_producer)
+        self.node_ip = this_node_ip()
         if transfer is not None:  # prefill and decode are scheduled; collocated engines are Serve's to pick
             self._load = LoadTracker(self.engine_id, self.role_name)
             self._role = role
@@ -133,7 +134,7 @@ class EngineServer:
                                                                              "VLLM_NIXL_SIDE_CHANNEL_PORT"))
         return RoleStatus(role=self.role_name, engine_id=self.engine_id, is_engine_alive=self._engine.is_alive,
                           transfer_backend=self.transfer_backend, kv_store=self.kv_store,
-                          node_ip=ray.util.get_node_ip_address(), side_channel=side_channel)
+                          node_ip=self.node_ip, side_channel=side_channel)
 
     async def check_health(self) -> None:
         await self._engine.check_health()
