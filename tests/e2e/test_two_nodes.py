@@ -4,7 +4,7 @@ The second node has its own raylet and object store and its own loopback address
 would: KV crosses between two object stores (object store backend), and NIXL's side channel must listen on, and
 KV handles must name, the prefill node's address (a loopback bind on the wrong address would not be reached).
 
-1. Placement: /health shows prefill on 127.0.0.2 and decode on the head (127.0.0.1), the roles' `node_labels`
+1. Placement: /health shows prefill on 127.0.0.2 and decode on the head, the roles' `node_labels`
    matching the nodes' labels; on NIXL, prefill's side channel listens on its node's address.
 2. Every answer equals the single reference engine's, and decode computed none of the prompts (the KV came
    across the nodes).
@@ -76,7 +76,8 @@ def _client(app: TwoNodeApp) -> openai.OpenAI:
 def test_each_pool_runs_on_the_node_its_labels_select(two_nodes):
     roles = replicas.health(two_nodes.base_url)["roles"]
     assert roles["prefill"]["node_ip"] == PREFILL_NODE.node_ip, roles
-    assert roles["decode"]["node_ip"] == "127.0.0.1", roles
+    # The head, wherever Ray lists it (a head started on loopback registers under the host's address here).
+    assert roles["decode"]["node_ip"] not in (None, PREFILL_NODE.node_ip), roles
     if two_nodes.backend == "nixl":  # decode must reach it from the other node: the node's address, not loopback
         assert roles["prefill"]["side_channel"].startswith(f"{PREFILL_NODE.node_ip}:"), roles
 
