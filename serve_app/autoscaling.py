@@ -24,10 +24,11 @@ logger = logging.getLogger("ray.serve")
 def _decided(ctx: Any, decision: PoolDecision | None) -> tuple[int, dict[str, Any]]:
     if decision is None:
         return ctx.target_num_replicas, ctx.policy_state
-    if decision.num_replicas != ctx.target_num_replicas:
-        logger.info("autoscaling %s: %d -> %d replicas (%s)", ctx.deployment_name, ctx.target_num_replicas,
+    # Serve calls the policy every ~0.1 s and applies its own delays: log a wish when it changes, not every tick.
+    if decision.num_replicas != ctx.policy_state.get("wanted", ctx.target_num_replicas):
+        logger.info("autoscaling %s: %d -> %d replicas wanted (%s)", ctx.deployment_name, ctx.target_num_replicas,
                     decision.num_replicas, decision.reason)
-    return decision.num_replicas, {**ctx.policy_state, "reason": decision.reason}
+    return decision.num_replicas, {**ctx.policy_state, "reason": decision.reason, "wanted": decision.num_replicas}
 
 
 class PrefillPool:
