@@ -178,7 +178,7 @@ def _run_splitserve(name: str, update: dict[str, Any], prompts: list[str], arriv
                     row["num_prompt_tokens_recomputed"] = decode["num_prompt_tokens_computed"] / len(arrivals)
             return rows, transfers
         finally:
-            ray.shutdown()
+            engines.disconnect_driver()
 
 
 def _summary(rows_by_system: dict[str, list[dict[str, float]]],

@@ -8,6 +8,9 @@ deployments/scheduling/pool_size.py's; Serve wraps them with the role's min/max 
    TBT bound.
 3. Until a replica has measured its rates, its metric is missing and the pool keeps its target: a guess never
    scales a pool of engines that take a minute each to start.
+4. A pool is sized from the replicas it asked for (`_committed`), not only the running ones: while a new replica
+   starts (a minute), the load the running one holds dips and rises around its target, and a decision against
+   the running count alone wished the new replica away and back every few seconds (seen in the e2e test).
 serve_app/builder.py names these classes in each role's `autoscaling_config`.
 """
 
@@ -19,6 +22,11 @@ from typing import Any
 from deployments.scheduling.pool_size import PoolDecision, decode_replicas, prefill_replicas
 
 logger = logging.getLogger("ray.serve")
+
+
+def _committed(ctx: Any) -> int:
+    """4."""
+    return max(ctx.current_num_replicas, ctx.target_num_replicas)
 
 
 def _decided(ctx: Any, decision: PoolDecision | None) -> tuple[int, dict[str, Any]]:
@@ -40,7 +48,7 @@ class PrefillPool:
     def __call__(self, ctx: Any) -> tuple[int, dict[str, Any]]:
         queued = (ctx.aggregated_metrics or {}).get("pending_prompt_s") or {}
         decision = None if not queued else prefill_replicas(sum(queued.values()), self.target_queue_s,
-                                                            ctx.current_num_replicas)
+                                                            _committed(ctx))
         return _decided(ctx, decision)
 
 
@@ -51,5 +59,5 @@ class DecodePool:
         metrics = ctx.aggregated_metrics or {}
         held, batches = metrics.get("num_requests") or {}, metrics.get("batch_within_tbt") or {}
         decision = None if not batches else decode_replicas(sum(held.values()), min(batches.values()),
-                                                            ctx.current_num_replicas)
+                                                            _committed(ctx))
         return _decided(ctx, decision)

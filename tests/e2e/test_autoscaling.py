@@ -1,17 +1,22 @@
 """An autoscaled prefill pool on the real app (Serve's autoscaler, our PrefillPool policy on the replicas' own
 measured prompt seconds): small limits, so that it happens within a test.
 
-1. A burst of long prompts queues more prompt seconds than one replica's target: Serve starts a second prefill
-   replica within a bounded time, while every stream of the burst stays exact.
-2. Quiet: after the downscale delay the pool goes back to one replica. The replica that stops first waits for the
+1. Sustained load: clients send long prompts back to back, each with its own `cache_salt` (vLLM's prefix-cache
+   isolation), so that every prompt is computed in full and the prompt seconds queued stay above one replica's
+   target. A vLLM engine takes about a minute to start here, so a burst would drain before any replica could join.
+2. Serve starts a second prefill replica within a bounded time; the load goes on until the new replica has computed
+   prompts of its own. Every answer of the load, streamed or not, is exact.
+3. Quiet: after the downscale delay the pool goes back to one replica. The replica that stops first waits for the
    KV it handed out, so requests sent while it stops are exact too.
-3. Nothing leaked: every engine idle with no KV held, the router holding no admission slot.
+4. Nothing leaked: every engine idle with no KV held, the router holding no admission slot.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -26,8 +31,9 @@ from tests.e2e.workload import request_body
 
 AUTOSCALING = {"min_replicas": 1, "max_replicas": 2, "target_queue_s": 1.0, "upscale_delay_s": 2,
                "downscale_delay_s": 15, "metrics_interval_s": 0.5, "look_back_period_s": 2}
-NUM_BURST = 12
+NUM_CLIENTS = 4
 SCALE_OUT_WITHIN_S = 240  # the upscale delay, then a replica's start: a vLLM engine takes about a minute here
+NEW_REPLICA_SERVES_WITHIN_S = 60
 SCALE_IN_WITHIN_S = 180
 
 
@@ -52,7 +58,7 @@ def scaled(reference_outputs, logs_dir) -> Iterator[processes.ServedApp]:
         try:
             yield served
         finally:
-            ray.shutdown()
+            engines.disconnect_driver()
 
 
 def _num_running_prefill() -> int:
@@ -60,38 +66,83 @@ def _num_running_prefill() -> int:
     return status.replica_states.get("RUNNING", 0)
 
 
-def _burst(served: processes.ServedApp, name: str, num: int) -> list[dict[str, Any]]:
-    client = openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
-    with concurrent.futures.ThreadPoolExecutor(num) as pool:
-        return list(pool.map(lambda _: send(client, *request_body(name)), range(num)))
+def _client(served: processes.ServedApp) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served.base_url}/v1", api_key="unused", max_retries=0, timeout=600)
 
 
-def test_a_burst_scales_prefill_out_and_a_quiet_spell_back_in_with_every_stream_exact(scaled, reference_outputs):
+def _salted(client: openai.OpenAI, name: str, salt: str, stream: bool) -> list[int]:
+    endpoint, body = request_body(name)
+    return send(client, endpoint, body, stream=stream, extra={"cache_salt": salt})["token_ids"]
+
+
+class _Load:
+    """1. `NUM_CLIENTS` clients sending salted long prompts back to back until stopped; every answer kept."""
+
+    def __init__(self, served: processes.ServedApp):
+        self._client = _client(served)
+        self._stop = threading.Event()
+        self._pool = concurrent.futures.ThreadPoolExecutor(NUM_CLIENTS)
+        self._futures = [self._pool.submit(self._run, index) for index in range(NUM_CLIENTS)]
+
+    def _run(self, index: int) -> list[list[int]]:
+        answers = []
+        while not self._stop.is_set():
+            salt = f"autoscaling-{index}-{len(answers)}-{uuid.uuid4().hex}"
+            answers.append(_salted(self._client, "completion_long", salt, stream=index % 2 == 1))
+        return answers
+
+    def stop(self) -> list[list[int]]:
+        self._stop.set()
+        answers = [answer for future in self._futures for answer in future.result(timeout=600)]
+        self._pool.shutdown()
+        return answers
+
+
+def _prefill_replicas(base_url: str) -> set[str]:
+    """Serve replica ids of the prefill engines the router's scheduler has load reports from."""
+    engines_seen = replicas.health(base_url).get("scheduling", {}).get("engines", {})
+    return {replica_id for replica_id, load in engines_seen.items() if load["role"] == "prefill"}
+
+
+def test_sustained_load_scales_prefill_out_and_a_quiet_spell_back_in_with_every_stream_exact(
+        scaled, reference_outputs):
     expected = reference_outputs["completion_long"]["token_ids"]
     assert _num_running_prefill() == 1
+    (first,) = _prefill_replicas(scaled.base_url)
 
-    # 1. The burst, and Serve's scale-out while it runs.
+    # 1-2. Load until Serve has a second replica running and the router routes prompts to it.
     began = time.monotonic()
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        burst = pool.submit(_burst, scaled, "completion_long", NUM_BURST)
+    load = _Load(scaled)
+    try:
         processes.wait_until(lambda: _num_running_prefill() == 2, timeout_s=SCALE_OUT_WITHIN_S,
                              what="a second prefill replica", log_path=scaled.log_path, interval_s=1)
         scaled_out_s = time.monotonic() - began
-        outputs = burst.result(timeout=900)
-    assert [output["token_ids"] for output in outputs] == [expected] * NUM_BURST
-    print(f"scaled out {scaled_out_s:.0f} s after the burst began")
+        processes.wait_until(
+            lambda: any(engines.counters("prefill", replica).num_prompt_tokens_computed > 0
+                        for replica in _prefill_replicas(scaled.base_url) - {first}),
+            timeout_s=NEW_REPLICA_SERVES_WITHIN_S, what="prompts computed by the new prefill replica",
+            log_path=scaled.log_path, interval_s=1)
+    finally:
+        answers = load.stop()
+    print(f"scaled out {scaled_out_s:.0f} s after the load began; {len(answers)} answers under load")
+    assert len(answers) >= NUM_CLIENTS
+    assert all(answer == expected for answer in answers), [i for i, a in enumerate(answers) if a != expected]
 
-    # 2. Quiet, then back to one replica; requests keep coming (one at a time) while it stops, all exact.
+    # 3. Quiet, then back to one replica; requests keep coming (one at a time) while it stops, all exact.
+    client = _client(scaled)
     began = time.monotonic()
     while _num_running_prefill() > 1:
         assert time.monotonic() - began < SCALE_IN_WITHIN_S, "prefill never scaled back in"
-        output = _burst(scaled, "chat_capital", 1)[0]
+        output = send(client, *request_body("chat_capital"))
         assert output["token_ids"] == reference_outputs["chat_capital"]["token_ids"]
         time.sleep(2)
-    assert [output["token_ids"] for output in _burst(scaled, "completion_long", 2)] == [expected] * 2
+    print(f"scaled in {time.monotonic() - began:.0f} s after the load stopped")
+    for index in range(2):
+        assert _salted(client, "completion_long", f"after-{index}", stream=index == 1) == expected
 
 
 def test_nothing_leaked_while_replicas_came_and_went(scaled):
+    """4."""
     deadline = time.monotonic() + 60
     while True:
         counters = [engines.counters("prefill"), engines.counters("decode")]

@@ -89,7 +89,7 @@ def npmd(request, reference_outputs, logs_dir) -> Iterator[NPMDApp]:
                           prefill_replicas=sorted(r for r, role in reported.items() if role == "prefill"),
                           decode_replica=next(r for r, role in reported.items() if role == "decode"))
         finally:
-            ray.shutdown()
+            engines.disconnect_driver()
 
 
 def _all_counters(app: NPMDApp) -> dict[str, Any]:

@@ -66,7 +66,7 @@ def two_nodes(request, reference_outputs, logs_dir) -> Iterator[TwoNodeApp]:
         try:
             yield TwoNodeApp(backend=backend, base_url=served.base_url, log_path=served.log_path, served=served)
         finally:
-            ray.shutdown()
+            engines.disconnect_driver()
 
 
 def _client(app: TwoNodeApp) -> openai.OpenAI:

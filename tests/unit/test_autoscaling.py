@@ -80,6 +80,9 @@ def test_serves_policies_scale_on_the_replicas_metrics_and_hold_until_they_are_m
     decode = DecodePool()
     assert decode(_ctx({"num_requests": {"a": 9, "b": 9}, "batch_within_tbt": {"a": 8, "b": 6}}, current=2))[0] == 3
     assert decode(_ctx({"num_requests": {"a": 1}, "batch_within_tbt": {"a": 8}}, current=3))[0] == 1
+    # 4. A second replica is starting (1 running, 2 asked for): the running one's 1.5 s of prompts, at 2 s each,
+    #    fits the two within the headroom, so the new replica is kept, not wished away while it starts.
+    assert prefill(_ctx({"pending_prompt_s": {"a": 1.5}}, current=1, target=2))[0] == 2
 
 
 def test_an_autoscaled_role_becomes_serves_autoscaling_config_with_its_pools_policy():
