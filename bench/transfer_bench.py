@@ -402,9 +402,11 @@ def measure_tcp(nbytes: int, repeats: int, flush: Callable[[], None], remote: di
     """Timed from asking to the last byte in a preallocated buffer here: what a copy of the KV's bytes between the
     two nodes' addresses costs without any KV machinery."""
     sender = TcpSender.options(**remote).remote(OTHER_NODE_IP, nbytes)
+    # Its address first: the actor runs one call at a time, and `serve` holds it in `accept` until we connect.
+    address = ray.get(sender.where.remote())
     served = sender.serve.remote(repeats + 1)
     target, seconds = np.empty(nbytes, dtype=np.uint8), []
-    with socket.create_connection(ray.get(sender.where.remote())) as connection:
+    with socket.create_connection(address) as connection:
         view = memoryview(target)
         for _ in range(repeats + 1):
             flush()
@@ -505,6 +507,9 @@ def main() -> None:
     parser.add_argument("--cross-node", action="store_true",
                         help="also the cross-node rows, on a second Ray node of this host (127.0.0.2)")
     args = parser.parse_args()
+    # A stop by SIGTERM (a timeout, a test's clean-up) unwinds like Ctrl-C, so that the cross-node cluster's
+    # raylets, which live in sessions of their own, are stopped by id on the way out instead of outliving us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     flush, measures = CacheFlusher(), paths()
     namespace = f"transfer-bench-{uuid.uuid4().hex[:6]}"
