@@ -65,6 +65,10 @@ class PlacedConfig(_Frozen):
     num_gpus: float = Field(0.0, ge=0)  # a vLLM engine on CUDA takes one per tensor-parallel rank
     resources: dict[str, float] = Field(default_factory=dict)
     node_labels: dict[str, str] = Field(default_factory=dict)
+    # false: a placement that no live node can take (GPUs on a CPU-only cluster, a resource or label no node has) is
+    # refused when the app starts, naming what each node has; true: Serve waits for such a node to join (a cluster
+    # autoscaler or KubeRay adds nodes after the app starts).
+    wait_for_nodes: bool = False
 
     @property
     def ray_actor_options(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pydantic import ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import PROJECT_ROOT, AppConfig, EngineRoleConfig
-from serve_app.placement import ray_actor_options
+from serve_app.placement import ray_actor_options, selects, unplaceable
 
 MANIFEST = PROJECT_ROOT / "serve_app" / "deploy" / "rayservice.yaml"
 
@@ -31,21 +31,9 @@ def _app_config(manifest: dict) -> AppConfig:
     return AppConfig.model_validate(application["args"])
 
 
-def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
-    """Ray's label selector against a node's labels: "v", "!v", "in(a,b)", "!in(a,b)" per key."""
-    for key, wanted in selector.items():
-        is_negated = wanted.startswith("!")
-        wanted = wanted.removeprefix("!")
-        found = re.fullmatch(r"in\((.*)\)", wanted)
-        values = {value.strip() for value in found.group(1).split(",")} if found else {wanted}
-        if (labels.get(key) in values) == is_negated:
-            return False
-    return True
-
-
 def _groups_for(role: EngineRoleConfig, manifest: dict) -> list[dict]:
     return [group for group in manifest["spec"]["rayClusterConfig"]["workerGroupSpecs"]
-            if _selects(role.node_labels, group.get("labels", {}))]
+            if selects(role.node_labels, group.get("labels", {}))]
 
 
 def _gpus_per_pod(group: dict) -> float:
@@ -73,6 +61,7 @@ def test_prefill_and_decode_run_on_node_groups_of_their_own_with_the_gpus_they_a
     names = {}
     for role_name, role in (("prefill", config.prefill), ("decode", config.decode)):
         assert ray_actor_options(role_name, role)["label_selector"] == role.node_labels and role.num_gpus >= 1
+        assert role.wait_for_nodes  # KubeRay may deploy the app before the GPU pods have joined
         groups = _groups_for(role, manifest)
         assert groups, f"no worker group has labels that {role_name}'s node_labels {role.node_labels} select"
         names[role_name] = {group["groupName"] for group in groups}
@@ -89,7 +78,7 @@ def test_a_roles_placement_becomes_serves_ray_actor_options_only_where_set():
     role = EngineRoleConfig(num_gpus=1, resources={"prefill_pool": 1}, node_labels={"splitserve/pool": "!in(a,b)"})
     assert role.ray_actor_options == {"num_cpus": 0.0, "num_gpus": 1, "resources": {"prefill_pool": 1},
                                       "label_selector": {"splitserve/pool": "!in(a,b)"}}
-    assert _selects(role.node_labels, {"splitserve/pool": "c"}) and not _selects(role.node_labels,
+    assert selects(role.node_labels, {"splitserve/pool": "c"}) and not selects(role.node_labels,
                                                                                    {"splitserve/pool": "a"})
 
 
@@ -107,3 +96,28 @@ def test_a_bad_placement_is_refused_by_rays_rules_with_the_role_and_value_named(
 def test_negative_placement_amounts_are_refused_in_the_config():
     with pytest.raises(ValidationError, match="num_gpus"):
         EngineRoleConfig(num_gpus=-1)
+
+
+def _node(address: str, alive: bool = True, labels: dict[str, str] | None = None, **resources: float) -> dict:
+    """One entry of `ray.nodes()` as Ray 2.60 returns it (the keys the check reads)."""
+    return {"NodeManagerAddress": address, "Alive": alive, "Resources": resources, "Labels": labels or {}}
+
+
+def test_a_placement_no_live_node_can_take_is_refused_with_what_each_node_has():
+    cpu_only = [_node("10.0.0.1", CPU=16, labels={"splitserve/pool": "decode"}),
+                _node("10.0.0.2", CPU=16, labels={"splitserve/pool": "prefill"}),
+                _node("10.0.0.3", alive=False, CPU=8, GPU=8, labels={"splitserve/pool": "prefill"})]
+    # 1. GPUs on a CPU-only cluster (the dead node's GPUs do not count): refused, naming the role and every live node.
+    with pytest.raises(ValueError, match=re.escape(
+            "prefill: no live node can take a replica that asks for GPU 1, label splitserve/pool=prefill; the nodes "
+            "have: 10.0.0.1 (GPU 0, CPU 16, labels splitserve/pool=decode); 10.0.0.2 (GPU 0, CPU 16, labels "
+            "splitserve/pool=prefill). Start a node") + ".*wait_for_nodes: true"):
+        ray_actor_options("prefill", EngineRoleConfig(num_gpus=1, node_labels={"splitserve/pool": "prefill"}), cpu_only)
+    # 2. A custom resource or a label no node has.
+    assert "prefill_pool 1" in unplaceable({"num_cpus": 0, "resources": {"prefill_pool": 1}}, cpu_only)
+    assert "label splitserve/pool=gpu" in unplaceable({"label_selector": {"splitserve/pool": "gpu"}}, cpu_only)
+    # 3. What one node can take passes; so does anything, once the role waits for nodes to join.
+    assert unplaceable({"num_cpus": 4, "label_selector": {"splitserve/pool": "prefill"}}, cpu_only) is None
+    assert ray_actor_options("decode", EngineRoleConfig(num_gpus=1, wait_for_nodes=True), cpu_only)["num_gpus"] == 1
+    # 4. With no cluster to check against (no Ray initialised here), only Ray's own rules apply.
+    assert not ray.is_initialized() and ray_actor_options("decode", EngineRoleConfig(num_gpus=1))["num_gpus"] == 1
