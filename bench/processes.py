@@ -65,10 +65,19 @@ def free_port() -> int:
     raise RuntimeError("no free TCP port found below the ephemeral range")
 
 
+def _default_sigint() -> None:
+    """In the child, before it runs: SIGINT back to its default. A shell ignores SIGINT in what it starts in the
+    background (`make test &`, nohup), children inherit that, and Python then installs no KeyboardInterrupt
+    handler: `serve run` slept through `stop`'s polite SIGINT until the grace period ended, 90 s per app
+    (found in a background run of the suite: SigIgn 0x...06, SIGINT and SIGQUIT, on `serve run`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(log_path, "wb")
     return subprocess.Popen(args, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**os.environ, **(env or {})}, start_new_session=True,
+                            preexec_fn=_default_sigint)
 
 
 def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
