@@ -119,12 +119,17 @@ def stop(proc: subprocess.Popen, *, first_signal: int = signal.SIGINT, grace_s: 
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str, log_path: Path,
-               proc: subprocess.Popen | None = None, interval_s: float = 2.0) -> None:
-    """Polls `predicate` until it holds; fails early if `proc` (the process that should make it hold) exits."""
+               proc: subprocess.Popen | None = None, interval_s: float = 2.0,
+               failed: Callable[[], str | None] | None = None) -> None:
+    """Polls `predicate` until it holds; fails early if `proc` (the process that should make it hold) exits, or
+    `failed` says why it never will."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what}: process exited with {proc.returncode}; log tail:\n{_tail(log_path)}")
+        reason = failed() if failed is not None else None
+        if reason:
+            raise RuntimeError(f"{what}: {reason}; log tail:\n{_tail(log_path)}")
         try:
             if predicate():
                 return
@@ -132,6 +137,18 @@ def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str, lo
             pass
         time.sleep(interval_s)
     raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s; log tail:\n{_tail(log_path)}")
+
+
+def _deploy_failed(serve_log: Path) -> str | None:
+    """`serve run` of a config file keeps running when the app cannot be built (Serve's controller logs "Deploying
+    app '...' failed with exception" and marks it DEPLOY_FAILED): the reason, instead of waiting out the start-up
+    timeout."""
+    text = serve_log.read_bytes().decode(errors="replace")
+    marker = text.find("failed with exception")
+    if marker < 0:
+        return None
+    reasons = [line.strip() for line in text[marker:].splitlines()[1:40] if "Error: " in line]
+    return "the app failed to deploy: " + (reasons[-1] if reasons else text[marker:marker + 500])
 
 
 def _tail(path: Path, num_chars: int = 6000) -> str:
@@ -221,7 +238,7 @@ def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: d
         base_url = f"http://127.0.0.1:{http_port}"
         wait_until(lambda: httpx.get(f"{base_url}/health", timeout=15).json().get("status") == "ok",
                    timeout_s=startup_timeout_s, what=f"serve run ({name})", proc=serve_proc, log_path=serve_log,
-                   interval_s=3)
+                   interval_s=3, failed=lambda: _deploy_failed(serve_log))
         seen_children = descendants(ray_head)
         yield ServedApp(base_url=base_url, ray_address=ray_address, log_path=serve_log,
                         metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
