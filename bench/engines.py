@@ -20,6 +20,21 @@ if TYPE_CHECKING:
     from kv_transfer.object_store.store_state import StoreCounters
 
 
+def disconnect_driver() -> None:
+    """Leave the app's cluster: Serve's handles first, then Ray. A handle pushes its autoscaling metrics to the
+    controller every half second from a thread of its own; left running past `ray.shutdown()`, its next `ray.wait`
+    auto-initialises a *local* Ray instance in this process (seen in the autoscaling test: "Started a local Ray
+    instance", then a traceback per push), whose processes outlive the driver."""
+    import ray
+    from ray.serve import context
+
+    client = context._global_client  # Serve's own cache of this driver's handles; None if it made none
+    if client is not None:
+        client.shutdown_cached_handles()
+        context._set_global_client(None)
+    ray.shutdown()
+
+
 def _to(replica_id: str | None) -> dict:
     """The call's `dispatch` that sends it to one replica (its Serve replica id); none: Serve's choice."""
     return {} if replica_id is None else {"dispatch": Dispatch(router_id="driver", seq=0, replica_id=replica_id)}

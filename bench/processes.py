@@ -65,10 +65,19 @@ def free_port() -> int:
     raise RuntimeError("no free TCP port found below the ephemeral range")
 
 
+def _default_sigint() -> None:
+    """In the child, before it runs: SIGINT back to its default. A shell ignores SIGINT in what it starts in the
+    background (`make test &`, nohup), children inherit that, and Python then installs no KeyboardInterrupt
+    handler: `serve run` slept through `stop`'s polite SIGINT until the grace period ended, 90 s per app
+    (found in a background run of the suite: SigIgn 0x...06, SIGINT and SIGQUIT, on `serve run`)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(args: list[str], log_path: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     log = open(log_path, "wb")
     return subprocess.Popen(args, cwd=PROJECT_ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, **(env or {})}, start_new_session=True)
+                            env={**os.environ, **(env or {})}, start_new_session=True,
+                            preexec_fn=_default_sigint)
 
 
 def descendants(proc: subprocess.Popen) -> list[psutil.Process]:
@@ -110,12 +119,17 @@ def stop(proc: subprocess.Popen, *, first_signal: int = signal.SIGINT, grace_s: 
 
 
 def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str, log_path: Path,
-               proc: subprocess.Popen | None = None, interval_s: float = 2.0) -> None:
-    """Polls `predicate` until it holds; fails early if `proc` (the process that should make it hold) exits."""
+               proc: subprocess.Popen | None = None, interval_s: float = 2.0,
+               failed: Callable[[], str | None] | None = None) -> None:
+    """Polls `predicate` until it holds; fails early if `proc` (the process that should make it hold) exits, or
+    `failed` says why it never will."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{what}: process exited with {proc.returncode}; log tail:\n{_tail(log_path)}")
+        reason = failed() if failed is not None else None
+        if reason:
+            raise RuntimeError(f"{what}: {reason}; log tail:\n{_tail(log_path)}")
         try:
             if predicate():
                 return
@@ -125,8 +139,39 @@ def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str, lo
     raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s; log tail:\n{_tail(log_path)}")
 
 
+def _deploy_failed(serve_log: Path) -> str | None:
+    """`serve run` of a config file keeps running when the app cannot be built (Serve's controller logs "Deploying
+    app '...' failed with exception" and marks it DEPLOY_FAILED): the reason, instead of waiting out the start-up
+    timeout."""
+    text = serve_log.read_bytes().decode(errors="replace")
+    marker = text.find("failed with exception")
+    if marker < 0:
+        return None
+    reasons = [line.strip() for line in text[marker:].splitlines()[1:40] if "Error: " in line]
+    return "the app failed to deploy: " + (reasons[-1] if reasons else text[marker:marker + 500])
+
+
 def _tail(path: Path, num_chars: int = 6000) -> str:
     return path.read_bytes()[-num_chars:].decode(errors="replace")
+
+
+@dataclass(frozen=True)
+class Node:
+    """One more Ray node on this host for `serve_run`: its own raylet and object store, as a second machine would
+    have. A loopback address of its own (127.0.0.2, ...) makes a bind to the wrong address fail as it would
+    between machines; `labels` are what a role's `node_labels` select."""
+
+    node_ip: str
+    labels: dict[str, str]
+    num_cpus: int = 1
+
+
+@dataclass
+class StartedNode:
+    node: Node
+    proc: subprocess.Popen
+    log_path: Path
+    children: list[psutil.Process]
 
 
 @dataclass(frozen=True)
@@ -136,13 +181,26 @@ class ServedApp:
     log_path: Path
     metrics_url: str  # the head node's Prometheus endpoint (Ray's metrics agent)
     session_dir: Path  # Ray's session: logs/serve/ holds every replica's log
+    nodes: tuple[StartedNode, ...] = ()  # the nodes beside the head, for tests that stop one
+
+
+def _labels(labels: dict[str, str]) -> list[str]:
+    return [f"--labels={','.join(f'{key}={value}' for key, value in labels.items())}"] if labels else []
+
+
+def stop_node(started: StartedNode) -> None:
+    """A node's raylet and everything it started (its agents outlive a killed raylet), by id."""
+    stop(started.proc, first_signal=signal.SIGTERM, grace_s=30,
+         known_children=started.children + descendants(started.proc))
 
 
 @contextlib.contextmanager
 def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: dict[str, str] | None = None,
-              startup_timeout_s: float = STARTUP_TIMEOUT_S) -> Iterator[ServedApp]:
+              startup_timeout_s: float = STARTUP_TIMEOUT_S, head_labels: dict[str, str] | None = None,
+              nodes: tuple[Node, ...] = ()) -> Iterator[ServedApp]:
     """`serve run` of `serve_config` (given a free HTTP port) on a Ray head of its own, until healthy; on exit
-    both are stopped by their ids, with every process they started. `env` goes to the head and to `serve run`."""
+    both are stopped by their ids, with every process they started. `env` goes to the head and to `serve run`.
+    `nodes` join the head before the app starts (each with its own temp dir, so its sockets are its own)."""
     use_ray_token_auth()  # `serve run` and the head get this process's token through its environment
     env = {"HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
     http_port, ray_port, metrics_port = free_port(), free_port(), free_port()
@@ -152,28 +210,45 @@ def serve_run(serve_config: dict[str, Any], *, name: str, logs_dir: Path, env: d
     config_path.write_text(yaml.safe_dump(serve_config))
     ray_address = f"127.0.0.1:{ray_port}"
     ray_log, serve_log = logs_dir / f"ray-head-{name}.log", logs_dir / f"serve-run-{name}.log"
+    node_ip = ["--node-ip-address=127.0.0.1"] if nodes else []  # every node on loopback: no byte leaves the host
     ray_head = start([str(VENV_BIN / "ray"), "start", "--head", "--block", f"--port={ray_port}", "--num-cpus=2",
-                      f"--metrics-export-port={metrics_port}", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={workdir / 'ray'}"],
+                      f"--metrics-export-port={metrics_port}", "--include-dashboard=false", "--disable-usage-stats",
+                      f"--temp-dir={workdir / 'ray'}", *node_ip, *_labels(head_labels or {})],
                      ray_log, env=env)
     serve_proc = None
     seen_children: list[psutil.Process] = []
+    started_nodes: list[StartedNode] = []
     try:
         wait_until(lambda: (workdir / "ray" / "session_latest").exists(), timeout_s=120, what="ray head",
                    proc=ray_head, log_path=ray_log)
+        for index, node in enumerate(nodes, start=1):
+            node_log = logs_dir / f"ray-node{index}-{name}.log"
+            proc = start([str(VENV_BIN / "ray"), "start", "--block", f"--address={ray_address}",
+                          f"--node-ip-address={node.node_ip}", f"--num-cpus={node.num_cpus}", "--disable-usage-stats",
+                          f"--temp-dir={workdir / f'node{index}'}", *_labels(node.labels)], node_log, env=env)
+            started_nodes.append(StartedNode(node, proc, node_log, []))
+        for started in started_nodes:
+            # `ray start` says so once its raylet registered with the head (no dashboard here for the state API).
+            wait_until(lambda started=started: b"Ray runtime started" in started.log_path.read_bytes(),
+                       timeout_s=120, what=f"ray node {started.node.node_ip}", proc=started.proc,
+                       log_path=started.log_path, interval_s=0.5)
+            started.children = descendants(started.proc)
         serve_proc = start([str(VENV_BIN / "serve"), "run", str(config_path), "--address", ray_address],
                            serve_log, env=env)
         base_url = f"http://127.0.0.1:{http_port}"
         wait_until(lambda: httpx.get(f"{base_url}/health", timeout=15).json().get("status") == "ok",
                    timeout_s=startup_timeout_s, what=f"serve run ({name})", proc=serve_proc, log_path=serve_log,
-                   interval_s=3)
+                   interval_s=3, failed=lambda: _deploy_failed(serve_log))
         seen_children = descendants(ray_head)
         yield ServedApp(base_url=base_url, ray_address=ray_address, log_path=serve_log,
                         metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
-                        session_dir=(workdir / "ray" / "session_latest").resolve())
+                        session_dir=(workdir / "ray" / "session_latest").resolve(), nodes=tuple(started_nodes))
     finally:
         seen_children += descendants(ray_head)
         if serve_proc is not None:
             stop(serve_proc, first_signal=signal.SIGINT, grace_s=90)
+        for started in started_nodes:
+            stop_node(started)
         stop(ray_head, first_signal=signal.SIGTERM, grace_s=60, known_children=seen_children)
         # Serve's controller and replica logs outlive the run, beside the others, for a post-mortem.
         serve_logs = workdir / "ray" / "session_latest" / "logs" / "serve"

@@ -62,6 +62,10 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     "object_store": {"transfer": {"backend": "object_store", "is_layer_by_layer": True}},
     "object_store_no_overlap": {"transfer": {"backend": "object_store", "is_layer_by_layer": False}},
     "nixl": {"transfer": {"backend": "nixl"}},
+    # The same with each engine's processes pinned to its own core (EngineRoleConfig.pin_engine_processes): whether
+    # the other role's idle EngineCore, spinning after its step, is what slows decode's step.
+    "nixl_pinned": {"transfer": {"backend": "nixl"}, "prefill": {"pin_engine_processes": True},
+                    "decode": {"pin_engine_processes": True}},
 }
 NUM_WARM_UP_REQUESTS = 2
 NUM_OUTPUT_TOKENS = 16
@@ -174,7 +178,7 @@ def _run_splitserve(name: str, update: dict[str, Any], prompts: list[str], arriv
                     row["num_prompt_tokens_recomputed"] = decode["num_prompt_tokens_computed"] / len(arrivals)
             return rows, transfers
         finally:
-            ray.shutdown()
+            engines.disconnect_driver()
 
 
 def _summary(rows_by_system: dict[str, list[dict[str, float]]],

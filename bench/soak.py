@@ -477,6 +477,8 @@ def main(argv: list[str] | None = None) -> None:
         import ray
 
         ray.init(address=app.ray_address, namespace="serve", logging_level="ERROR", log_to_driver=False)
+        from bench import engines
+
         try:
             backend = httpx.get(f"{app.base_url}/health", timeout=15).json()["roles"]["prefill"]["transfer_backend"]
             warmup = Soak(config.model.served_name, golden, pool, args.seed)
@@ -504,8 +506,6 @@ def main(argv: list[str] | None = None) -> None:
 
             logger.info("4. draining")
             # Up to a KV lease and then some: a transfer that a fault left unclaimed is held until its lease ends.
-            from bench import engines
-
             idle = engines.wait_idle(is_object_store=backend == "object_store",
                                      timeout_s=config.transfer.kv_lease_s + 120, poll_s=2)
             is_idle = idle.is_idle
@@ -514,7 +514,7 @@ def main(argv: list[str] | None = None) -> None:
             memory_end = memory_snapshot(backend)
             logger.info("memory at end: %s", memory_end)
         finally:
-            ray.shutdown()
+            engines.disconnect_driver()
 
     outcomes = collections.Counter(outcome.outcome for outcome in soak.outcomes)
     report = {

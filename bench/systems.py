@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +41,19 @@ class System:
     config: Callable[[], dict[str, Any]]  # the full serve config it runs, for run.json (ports are picked at start)
 
 
+# SPLITSERVE_DEVICE=cuda (`make test-gpu`, or a comparison on a GPU host): the same configs on one CUDA GPU, each
+# engine on a share of it small enough for the most engines a test starts at once (three); CPU bindings and KV
+# sizes in GiB then do nothing.
+GPU_SHARE = {"num_gpus": 0.3, "gpu_memory_fraction": 0.25}
+
+
 def serve_config(**args_update: Any) -> dict[str, Any]:
     """serve_config.yaml with `args` sections updated (one level deep), e.g. transfer={"backend": "nixl"}."""
     config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
     args = config["applications"][0]["args"]
+    if os.environ.get("SPLITSERVE_DEVICE") == "cuda":
+        for role in ("prefill", "decode", "collocated"):
+            args[role] = {**args[role], **GPU_SHARE}
     for section, update in args_update.items():
         args[section] = {**args[section], **update} if isinstance(update, dict) else update
     return config

@@ -34,19 +34,34 @@ Paths:
   notifications). Not how the app runs; kept because UCX may pick another transport within a process, so the gap
   between the rows shows how much the process boundary costs.
 
+Cross-node (`--cross-node`): the bench starts a Ray head (127.0.0.1) and a second node on its own loopback address
+(127.0.0.2) on this host, each with its own raylet and object store, as two machines would have; the remote side of
+each path (decode's receiver for the object store, prefill's agent for NIXL) runs on the second node:
+- object_store_cross_node: the KV crosses from this node's object store to the other's through Ray's object
+  manager (decode pulls what prefill put);
+- nixl_cross_node: decode's READ from an agent on the other node (UCX picks its transport between the two
+  processes; on one host it may still be shared memory, which the row cannot tell from a network);
+- tcp_cross_node: a plain TCP copy of the same bytes from a socket on 127.0.0.2 into a preallocated buffer here,
+  the floor a network transfer between the two nodes' addresses has on this host.
+
     python -m bench.transfer_bench [--sizes-mb 1 2 4 8 16 32 64] [--repeats 15] [--memcpy-repeats 51]
-                                   [--out bench/results/transfer] [--cold-object-store]
+                                   [--out bench/results/transfer] [--cold-object-store] [--cross-node]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
 import importlib.util
+import signal
+import socket
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +88,10 @@ CACHE_LINE_BYTES = 64
 PERCENTILES = (10, 50, 90)
 
 Measure = Callable[[int, int, Callable[[], None]], list[float]]
+# Cross-node: the second node's address and the custom resource that places an actor there.
+OTHER_NODE_IP = "127.0.0.2"
+OTHER_NODE = {"resources": {"bench_other_node": 0.001}}
+TCP_CHUNK_BYTES = 4 << 20
 
 
 class CacheFlusher:
@@ -140,10 +159,11 @@ class Receiver:
         np.copyto(self._scratch, payload)
 
 
-def warm_object_store() -> None:
-    """Write and read every page of the object store once, in this process and in a reader's, as a server's
-    steady state has; freed objects leave their pages mapped for the next ones."""
-    reader = Receiver.remote("none", (1,))
+def warm_object_store(remote: dict[str, Any] | None = None) -> None:
+    """Write and read every page of the object store once, in this process and in a reader's (on the other node's
+    store too with `remote`), as a server's steady state has; freed objects leave their pages mapped for the next
+    ones."""
+    reader = Receiver.options(**(remote or {})).remote("none", (1,))
     payload = np.ones(WARM_UP_OBJECT_BYTES, dtype=np.uint8)
     for _ in range(2 * OBJECT_STORE_BYTES // WARM_UP_OBJECT_BYTES):
         ref = ray.put(payload)
@@ -153,7 +173,7 @@ def warm_object_store() -> None:
 
 
 def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None],
-                         is_layer_by_layer: bool = True) -> list[float]:
+                         is_layer_by_layer: bool = True, remote: dict[str, Any] | None = None) -> list[float]:
     from kv_transfer.layout import KVLayout
     from kv_transfer.object_store.store import create_store
     from kv_transfer.object_store.transport import ObjectStoreTransport
@@ -162,7 +182,7 @@ def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None],
     layout = KVLayout(num_parts=NUM_LAYERS, part_shape=part_shape, dtype="uint8")
     name = f"bench-store-{uuid.uuid4().hex[:6]}"
     store = create_store(name=name, capacity_bytes=1 << 31, lease_s=60)
-    receiver = Receiver.remote(name, part_shape)
+    receiver = Receiver.options(**(remote or {})).remote(name, part_shape)
     transport = ObjectStoreTransport(home_store=name)
     parts = [np.random.default_rng(i).integers(0, 255, part_shape, dtype=np.uint8) for i in range(NUM_LAYERS)]
     seconds = []
@@ -313,10 +333,12 @@ class NixlReader:
 
 
 def measure_nixl(nbytes: int, repeats: int, flush: Callable[[], None],
-                 progress_interval_us: int | None = APP_PROGRESS_INTERVAL_US) -> list[float]:
-    """Prefill's agent in a Ray actor (another process), decode's here: the app's shape. Both agents get the app's
-    progress thread unless `progress_interval_us` is None (then prefill's agent is polled back to back)."""
-    source = NixlSourceActor.remote(nbytes // NUM_LAYERS, progress_interval_us)
+                 progress_interval_us: int | None = APP_PROGRESS_INTERVAL_US,
+                 remote: dict[str, Any] | None = None) -> list[float]:
+    """Prefill's agent in a Ray actor (another process, on another node with `remote`), decode's here: the app's
+    shape. Both agents get the app's progress thread unless `progress_interval_us` is None (then prefill's agent is
+    polled back to back)."""
+    source = NixlSourceActor.options(**(remote or {})).remote(nbytes // NUM_LAYERS, progress_interval_us)
     try:
         reader = NixlReader(ray.get(source.handshake.remote()), progress_interval_us)
         try:
@@ -349,6 +371,97 @@ def measure_nixl_one_process(nbytes: int, repeats: int, flush: Callable[[], None
         reader.close()
         source.close()
     return seconds[1:]
+
+
+@ray.remote(num_cpus=0)
+class TcpSender:
+    """The other node's end of a plain TCP copy: listens on its own address and sends `nbytes` per request."""
+
+    def __init__(self, host: str, nbytes: int):
+        self._payload = np.random.default_rng(0).integers(0, 255, nbytes, dtype=np.uint8)
+        self._server = socket.create_server((host, 0))
+        self.address = self._server.getsockname()
+
+    def where(self) -> tuple[str, int]:
+        return self.address
+
+    def payload(self) -> np.ndarray:
+        return self._payload
+
+    def serve(self, count: int) -> int:
+        connection, _ = self._server.accept()
+        with connection:
+            for _ in range(count):
+                if not connection.recv(1):
+                    break
+                connection.sendall(memoryview(self._payload))
+        return count
+
+
+def measure_tcp(nbytes: int, repeats: int, flush: Callable[[], None], remote: dict[str, Any]) -> list[float]:
+    """Timed from asking to the last byte in a preallocated buffer here: what a copy of the KV's bytes between the
+    two nodes' addresses costs without any KV machinery."""
+    sender = TcpSender.options(**remote).remote(OTHER_NODE_IP, nbytes)
+    # Its address first: the actor runs one call at a time, and `serve` holds it in `accept` until we connect.
+    address = ray.get(sender.where.remote())
+    served = sender.serve.remote(repeats + 1)
+    target, seconds = np.empty(nbytes, dtype=np.uint8), []
+    with socket.create_connection(address) as connection:
+        view = memoryview(target)
+        for _ in range(repeats + 1):
+            flush()
+            started = time.perf_counter()
+            connection.sendall(b"x")
+            received = 0
+            while received < nbytes:
+                received += connection.recv_into(view[received:], min(TCP_CHUNK_BYTES, nbytes - received))
+            seconds.append(time.perf_counter() - started)
+    ray.get(served)
+    if not np.array_equal(target, ray.get(sender.payload.remote())):
+        raise RuntimeError("the TCP copy's bytes differ from the sender's")
+    ray.kill(sender)
+    return seconds[1:]  # the first pays the connection's start
+
+
+def cross_node_paths() -> dict[str, Measure]:
+    """The paths whose remote side runs on the second node."""
+    measures: dict[str, Measure] = {
+        "object_store_cross_node": functools.partial(measure_object_store, remote=OTHER_NODE),
+        "tcp_cross_node": functools.partial(measure_tcp, remote=OTHER_NODE),
+    }
+    if importlib.util.find_spec("nixl") is not None:
+        measures["nixl_cross_node"] = functools.partial(measure_nixl, remote=OTHER_NODE)
+    return measures
+
+
+@contextlib.contextmanager
+def two_node_cluster() -> Iterator[str]:
+    """A Ray head and a second node on this host, each on its own loopback address with its own raylet and object
+    store; yields the head's address and stops both, by process id, with everything they started."""
+    from bench import processes
+
+    workdir = Path(tempfile.mkdtemp(prefix="tb-"))  # short: Ray's socket paths must fit 107 bytes
+    port = processes.free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--block", "--disable-usage-stats", f"--object-store-memory={OBJECT_STORE_BYTES}"]
+    head = processes.start([str(processes.VENV_BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=2",
+                            "--node-ip-address=127.0.0.1", "--include-dashboard=false",
+                            f"--temp-dir={workdir / 'head'}", *common], workdir / "head.log")
+    other = None
+    try:
+        processes.wait_until(lambda: (workdir / "head" / "session_latest").exists(), timeout_s=120,
+                             what="ray head", proc=head, log_path=workdir / "head.log")
+        other = processes.start([str(processes.VENV_BIN / "ray"), "start", f"--address={address}",
+                                 f"--node-ip-address={OTHER_NODE_IP}", "--num-cpus=1",
+                                 '--resources={"bench_other_node": 1}', f"--temp-dir={workdir / 'other'}", *common],
+                                workdir / "other.log")
+        processes.wait_until(lambda: b"Ray runtime started" in (workdir / "other.log").read_bytes(),
+                             timeout_s=120, what="second ray node", proc=other, log_path=workdir / "other.log")
+        yield address
+    finally:
+        for proc in (other, head):
+            if proc is not None:
+                processes.stop(proc, first_signal=signal.SIGTERM, grace_s=30)
 
 
 def paths() -> dict[str, Measure]:
@@ -391,29 +504,49 @@ def main() -> None:
     parser.add_argument("--memcpy-repeats", type=int, default=51, help="timed copies per size (the denominator)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "transfer")
     parser.add_argument("--cold-object-store", action="store_true", help="do not warm the object store first")
+    parser.add_argument("--cross-node", action="store_true",
+                        help="also the cross-node rows, on a second Ray node of this host (127.0.0.2)")
     args = parser.parse_args()
+    # A stop by SIGTERM (a timeout, a test's clean-up) unwinds like Ctrl-C, so that the cross-node cluster's
+    # raylets, which live in sessions of their own, are stopped by id on the way out instead of outliving us.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
     flush, measures = CacheFlusher(), paths()
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
-             object_store_memory=OBJECT_STORE_BYTES, namespace=f"transfer-bench-{uuid.uuid4().hex[:6]}")
-    try:
-        if not args.cold_object_store:
-            warm_object_store()
-        rows = []
-        with tqdm(total=len(args.sizes_mb) * (len(measures) + 1), desc="transfer bench", unit="cell") as progress:
-            for size_mb in args.sizes_mb:
-                nbytes = (size_mb << 20) // NUM_LAYERS * NUM_LAYERS
-                progress.set_postfix_str(f"{size_mb} MB memcpy")
-                memcpy_seconds = measure_memcpy(nbytes, args.memcpy_repeats, flush)
-                rows.append(summarize(size_mb, "memcpy", nbytes, memcpy_seconds, memcpy_seconds))
-                progress.update()
-                for path, measure in measures.items():
-                    progress.set_postfix_str(f"{size_mb} MB {path}")
-                    rows.append(summarize(size_mb, path, nbytes, measure(nbytes, args.repeats, flush), memcpy_seconds))
-                    progress.update()
-    finally:
-        ray.shutdown()
+    namespace = f"transfer-bench-{uuid.uuid4().hex[:6]}"
+    with contextlib.ExitStack() as stack:
+        if args.cross_node:
+            measures |= cross_node_paths()
+            ray.init(address=stack.enter_context(two_node_cluster()), logging_level="ERROR", log_to_driver=False,
+                     namespace=namespace)
+        else:
+            ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False,
+                     object_store_memory=OBJECT_STORE_BYTES, namespace=namespace)
+        stack.callback(ray.shutdown)
+        rows = _measure(args, measures, flush)
+    _write(args, rows)
 
+
+def _measure(args: argparse.Namespace, measures: dict[str, Measure], flush: Callable[[], None]) -> list[dict]:
+    if not args.cold_object_store:
+        warm_object_store()
+        if args.cross_node:
+            warm_object_store(OTHER_NODE)
+    rows = []
+    with tqdm(total=len(args.sizes_mb) * (len(measures) + 1), desc="transfer bench", unit="cell") as progress:
+        for size_mb in args.sizes_mb:
+            nbytes = (size_mb << 20) // NUM_LAYERS * NUM_LAYERS
+            progress.set_postfix_str(f"{size_mb} MB memcpy")
+            memcpy_seconds = measure_memcpy(nbytes, args.memcpy_repeats, flush)
+            rows.append(summarize(size_mb, "memcpy", nbytes, memcpy_seconds, memcpy_seconds))
+            progress.update()
+            for path, measure in measures.items():
+                progress.set_postfix_str(f"{size_mb} MB {path}")
+                rows.append(summarize(size_mb, path, nbytes, measure(nbytes, args.repeats, flush), memcpy_seconds))
+                progress.update()
+    return rows
+
+
+def _write(args: argparse.Namespace, rows: list[dict]) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "transfer.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -428,7 +561,10 @@ def main() -> None:
               f"memcpy is memcpy's median over the path's at the same size in the same run, with a 95% bootstrap "
               f"interval (object store {warmth}; nixl: prefill's agent in another process, both with the app's "
               f"progress thread ({APP_PROGRESS_INTERVAL_US} us), prefill's never polled; nixl_polled_source: no "
-              f"thread, prefill's agent polled back to back; nixl_one_process: both agents in this one). Every row is in [transfer.csv](transfer.csv).", ""]
+              f"thread, prefill's agent polled back to back; nixl_one_process: both agents in this one"
+              + ("; *_cross_node: the remote side on a second Ray node of this host at "
+                 f"{OTHER_NODE_IP}, tcp_cross_node a plain TCP copy from it" if args.cross_node else "")
+              + "). Every row is in [transfer.csv](transfer.csv).", ""]
     (args.out / "report.md").write_text("\n".join(header + table) + "\n")
     print("\n".join(table))
 

@@ -1,6 +1,6 @@
 """The one place that builds and drives a vLLM engine: `AsyncLLM` plus vLLM's own OpenAI serving layer.
 
-1. `engine_environment` fixes what vLLM reads from the process environment (cores, KV-cache size, NIXL port);
+1. `engine_environment` fixes what vLLM reads from the process environment (cores, KV-cache size, NIXL address);
    the EngineCore subprocess inherits it when it is spawned.
 2. `Engine.start` parses our config into vLLM's own CLI arguments, so every default of `vllm serve` applies,
    starts `AsyncLLM` with a counting stat logger (which also publishes splitserve's KV-transfer metrics) and
@@ -44,28 +44,69 @@ logger = logging.getLogger("splitserve.engine")
 SIDE_CHANNEL_PORTS = range(24000, 32000)
 
 
-def _side_channel_port() -> int:
+LOOPBACK = "127.0.0.1"
+
+
+def side_channel_host(setting: str, *, node_ip: str, num_alive_nodes: int) -> str:
+    """The address NIXL's side channel listens on: loopback while the cluster is one node (nothing outside the host
+    can reach it), the node's own address once decode may run on another node."""
+    if setting == "loopback" or (setting == "auto" and num_alive_nodes <= 1):
+        return LOOPBACK
+    return node_ip
+
+
+def this_node_ip() -> str:
+    """The address this Ray node was started with (`ray start --node-ip-address`), as the cluster lists it:
+    `ray.util.get_node_ip_address()` answers the host's routed address on a head started on loopback."""
+    import ray
+
+    node_id = ray.get_runtime_context().get_node_id()
+    return next((node["NodeManagerAddress"] for node in ray.nodes() if node["NodeID"] == node_id),
+                ray.util.get_node_ip_address())
+
+
+def _this_nodes_side_channel_host(setting: str) -> str:
+    import ray
+
+    if setting == "loopback":
+        return LOOPBACK
+    num_alive_nodes = sum(1 for node in ray.nodes() if node.get("Alive"))
+    return side_channel_host(setting, node_ip=this_node_ip(), num_alive_nodes=num_alive_nodes)
+
+
+def _side_channel_port(host: str = LOOPBACK) -> int:
     """A port nothing listens on now, from a range no connection is given automatically."""
     for port in random.sample(SIDE_CHANNEL_PORTS, 64):
         with socket.socket() as sock:
             try:
-                sock.bind(("127.0.0.1", port))
+                sock.bind((host, port))
             except OSError:
                 continue
             return port
     raise RuntimeError(f"no free port for NIXL's side channel in {SIDE_CHANNEL_PORTS}")
 
 
-def engine_environment(role: EngineRoleConfig, replica_rank: int) -> dict[str, str]:
+def engine_environment(role: EngineRoleConfig, replica_rank: int, *,
+                       side_channel_host: str = LOOPBACK) -> dict[str, str]:
     return {
         "VLLM_CPU_OMP_THREADS_BIND": role.cpu_binding_for(replica_rank),
         "VLLM_CPU_KVCACHE_SPACE": str(role.kv_cache_gib),
         # Each engine's NIXL side channel (where decode asks prefill for its agent metadata) needs its own port.
-        "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
-        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_side_channel_port()),
+        "VLLM_NIXL_SIDE_CHANNEL_HOST": side_channel_host,
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(_side_channel_port(side_channel_host)),
         "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
         "VLLM_NO_USAGE_STATS": "1",
     }
+
+
+def binding_cores(binding: str) -> set[int]:
+    """The cores a `cpu_binding` entry names ("0", "0-3", "1,3", "0|1": every rank's), empty for "auto"."""
+    cores: set[int] = set()
+    for part in binding.replace("|", ",").split(","):
+        if part and part != "auto":
+            first, _, last = part.partition("-")
+            cores.update(range(int(first), int(last or first) + 1))
+    return cores
 
 
 def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config: dict[str, Any] | None) -> list[str]:
@@ -80,6 +121,8 @@ def vllm_cli_args(model: ModelConfig, role: EngineRoleConfig, kv_transfer_config
         # usage.prompt_tokens_details.cached_tokens: clients see how much of the prompt was not recomputed.
         "--enable-prompt-tokens-details",
     ]
+    if role.gpu_memory_fraction is not None:
+        args += ["--gpu-memory-utilization", str(role.gpu_memory_fraction)]
     if role.long_prefill_token_threshold:
         args += ["--long-prefill-token-threshold", str(role.long_prefill_token_threshold)]
     if role.scheduling_policy != "fcfs":  # shortest_first is vLLM's priority policy, its priorities set by the replica
@@ -151,7 +194,8 @@ class Engine:
 
         connector_config = None if transfer is None else kv_transfer_config(
             transfer, is_producer=is_kv_producer, engine_id=engine_id)
-        environment = engine_environment(role, replica_rank)
+        environment = engine_environment(role, replica_rank, side_channel_host=LOOPBACK if transfer is None else
+                                         _this_nodes_side_channel_host(transfer.side_channel_host))
         # vLLM reads these from the environment of the process that spawns its EngineCore: this one.
         os.environ.update(environment)
         cli_args = vllm_cli_args(model, role, connector_config)
@@ -166,6 +210,8 @@ class Engine:
         if trace_path is not None:
             stat_loggers.append(step_trace_logger(trace_path))
         logger.info("starting vLLM engine: %s, env %s", " ".join(cli_args), environment)
+        if role.pin_engine_processes and (cores := binding_cores(role.cpu_binding_for(replica_rank))):
+            os.sched_setaffinity(0, cores)  # the EngineCore and worker processes spawned next inherit it
         engine_client = AsyncLLM.from_vllm_config(
             vllm_config, usage_context=UsageContext.OPENAI_API_SERVER,
             stat_loggers=stat_loggers

@@ -9,7 +9,11 @@
 3. Serve's controller calls the replica's `record_routing_stats` every `scheduling.load_report_period_s`;
    `report` answers with a `LoadReport`: these counts, vLLM's own running requests, KV usage and prompt tokens
    computed so far (from the engine's stat logger), and the pure decode steps timed since the last report.
-Plain state; the replica's event loop is its only writer.
+4. The same reports keep what Serve's autoscaler asks each replica for (`autoscaling_stats`, serve_app/autoscaling.py):
+   the engine's own prompt rate, measured over report periods during which it had prompts queued the whole time
+   (so the seconds of prompt it holds), and its decode step against the batch (so the batch it runs within a TBT
+   bound), both learned on this host, no constant.
+Plain state; the replica's event loop is its only writer, and gives it the time.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 
 from deployments.engine_counters import EngineCounters
 from deployments.messages import Dispatch, LoadReport
+from deployments.scheduling.pool_size import batch_within_tbt
+from deployments.scheduling.rates import WeightedLine
 
 
 @dataclass
@@ -44,6 +50,10 @@ class LoadTracker:
     num_requests: int = 0  # accepted and not finished (what the router can see of this replica's work)
     # Router replica -> [its requests held here, their prompt tokens pending]: the shares of the two counts above.
     by_router: dict[str, list[int]] = field(default_factory=dict)
+    # 4. Prompt tokens per second while prompts were queued (exponentially weighted), and the decode step's line.
+    prompt_rate: WeightedLine = field(default_factory=WeightedLine)
+    step_line: WeightedLine = field(default_factory=WeightedLine)
+    _last_sample: tuple[float, int, int] | None = None  # (seconds, prompt tokens computed, pending) at a report
 
     # 1.
     @contextmanager
@@ -70,7 +80,10 @@ class LoadTracker:
             del self.by_router[router_id]  # a router that scaled away leaves nothing behind
 
     # 3.
-    def report(self, counters: EngineCounters, decode_steps: list[tuple[int, float, int]]) -> LoadReport:
+    def report(self, counters: EngineCounters, decode_steps: list[tuple[int, float, int]],
+               now_s: float | None = None) -> LoadReport:
+        if now_s is not None:
+            self._learn(counters, decode_steps, now_s)
         return LoadReport(engine_id=self.engine_id, role=self.role,
                           num_pending_prompt_tokens=self.num_pending_prompt_tokens,
                           num_requests=self.num_requests,
@@ -79,3 +92,27 @@ class LoadTracker:
                           num_prompt_tokens_computed=counters.num_prompt_tokens_computed,
                           by_router={router_id: (share[0], share[1]) for router_id, share in self.by_router.items()},
                           decode_steps=decode_steps)
+
+    # 4.
+    def _learn(self, counters: EngineCounters, decode_steps: list[tuple[int, float, int]], now_s: float) -> None:
+        computed, pending = counters.num_prompt_tokens_computed, self.num_pending_prompt_tokens
+        if self._last_sample is not None:
+            then_s, computed_then, pending_then = self._last_sample
+            # Prompts queued at both ends: the engine worked on prompts the whole period (a queue that drained
+            # in between would pass idle time for a slow rate).
+            if pending_then > 0 and pending > 0 and now_s > then_s and computed > computed_then:
+                self.prompt_rate.observe(0.0, (computed - computed_then) / (now_s - then_s))
+        self._last_sample = (now_s, computed, pending)
+        for batch_size, seconds, _ in decode_steps:
+            self.step_line.observe(batch_size, seconds)
+
+    def autoscaling_stats(self, *, max_num_seqs: int, tbt_slowdown: float) -> dict[str, float]:
+        """Serve's custom autoscaling metrics for this replica: the requests it holds, the batch it runs within
+        `tbt_slowdown` of its single-stream step, and (once its prompt rate is measured) the seconds of prompt
+        compute it holds."""
+        stats = {"num_requests": float(self.num_requests), "batch_within_tbt": float(
+            batch_within_tbt(self.step_line.predict(1), self.step_line.slope, tbt_slowdown, max_num_seqs)
+            if self.step_line.num_observations >= 2 else max_num_seqs)}
+        if self.prompt_rate.num_observations and self.prompt_rate.intercept > 0:
+            stats["pending_prompt_s"] = self.num_pending_prompt_tokens / self.prompt_rate.intercept
+        return stats

@@ -8,7 +8,8 @@ health, its status, and the way its answers go back to the router.
 3. Serve calls `check_health` every 10 s: a dead engine fails it, and Serve replaces the replica.
 4. Prefill and decode replicas keep their load (engine_load.py, `self._load`): a request is `counted` with the
    router's `Dispatch` while the replica works on it, its prompt pending until computed. Serve's controller
-   calls `record_routing_stats` every few hundred milliseconds and hands the `LoadReport` to every router.
+   calls `record_routing_stats` every few hundred milliseconds and hands the `LoadReport` to every router; an
+   autoscaled role's replicas also answer `record_autoscaling_stats` (serve_app/autoscaling.py).
 5. Under `scheduling_policy: shortest_first` every request gets its place in the engine's queue here
    (`_in_order`, scheduling/prompt_order.py), from the prompt size its `Dispatch` carries and the tokens the
    engine has computed so far.
@@ -17,13 +18,15 @@ health, its status, and the way its answers go back to the router.
 from __future__ import annotations
 
 import logging
+import os
+import time
 import uuid
 from collections.abc import AsyncGenerator
 from typing import Any
 
 from ray import serve
 
-from deployments.engine import Engine
+from deployments.engine import Engine, this_node_ip
 from deployments.engine_counters import EngineCounters
 from deployments.engine_load import LoadTracker
 from deployments.messages import Dispatch, RoleStatus
@@ -43,6 +46,7 @@ class EngineServer:
     engine_id = ""
     transfer_backend: str | None = None  # how KV leaves or arrives (prefill, decode)
     kv_store: str | None = None  # the KV store's actor name (prefill on the object store)
+    node_ip: str | None = None  # the Ray node this replica runs on
     _engine: Engine | None = None
     _load: LoadTracker | None = None
     _shortest_first_aging: float | None = None  # None: the engine orders prompts itself (fcfs, or their priority)
@@ -65,8 +69,10 @@ class EngineServer:
                             transfer: TransferConfig | None = None, is_kv_producer: bool = False) -> None:
         self._engine = await Engine.start(config.model, role, replica_rank=rank, role_name=self.role_name,
                                           transfer=transfer, engine_id=self.engine_id, is_kv_producer=is_kv_producer)
+        self.node_ip = this_node_ip()
         if transfer is not None:  # prefill and decode are scheduled; collocated engines are Serve's to pick
             self._load = LoadTracker(self.engine_id, self.role_name)
+            self._role = role
         if role.scheduling_policy == "shortest_first":
             self._shortest_first_aging = role.shortest_first_aging
 
@@ -85,7 +91,16 @@ class EngineServer:
         """Serve's routing-stats hook: this replica's `LoadReport`, for the routers' schedulers."""
         if self._load is None:  # the engine is still starting, or not scheduled (collocated)
             return {}
-        return self._load.report(self._engine.counters(), self._engine.take_decode_steps()).to_routing_stats()
+        return self._load.report(self._engine.counters(), self._engine.take_decode_steps(),
+                                 now_s=time.monotonic()).to_routing_stats()
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metrics, for an autoscaled prefill or decode role (serve_app/autoscaling.py):
+        what this replica holds, in the units its role's policy scales on."""
+        if self._load is None:
+            return {}
+        return self._load.autoscaling_stats(max_num_seqs=self._role.max_num_seqs,
+                                            tbt_slowdown=self._config.scheduling.tbt_mean_slowdown)
 
     @staticmethod
     async def _answers(result: Any) -> AsyncGenerator[Any, None]:
@@ -113,8 +128,13 @@ class EngineServer:
         return self._engine.recent_transfer_seconds()
 
     def role(self, dispatch: Dispatch | None = None) -> RoleStatus:
+        side_channel = None
+        if self.transfer_backend == "nixl":  # what engine.py put in this process's environment for vLLM
+            side_channel = ":".join(os.environ.get(name, "?") for name in ("VLLM_NIXL_SIDE_CHANNEL_HOST",
+                                                                             "VLLM_NIXL_SIDE_CHANNEL_PORT"))
         return RoleStatus(role=self.role_name, engine_id=self.engine_id, is_engine_alive=self._engine.is_alive,
-                          transfer_backend=self.transfer_backend, kv_store=self.kv_store)
+                          transfer_backend=self.transfer_backend, kv_store=self.kv_store,
+                          node_ip=self.node_ip, side_channel=side_channel)
 
     async def check_health(self) -> None:
         await self._engine.check_health()

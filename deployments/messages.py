@@ -71,3 +71,5 @@ class RoleStatus(BaseModel):
     is_engine_alive: bool
     transfer_backend: str | None = None  # prefill and decode
     kv_store: str | None = None  # prefill on the object_store backend: its KV store's actor name
+    node_ip: str | None = None  # the Ray node the replica runs on (several nodes: which pool is where)
+    side_channel: str | None = None  # NIXL: host:port its side channel listens on (what KV handles name)

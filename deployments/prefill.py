@@ -12,12 +12,17 @@
    Any failure comes back as an `ErrorResponse` value, never as an exception that could take the replica down.
 5. When the scheduler chose prefill-local (decode's engines are saturated, this one idle), `generate` runs the
    whole request here instead, as a single engine would: no KV is kept for anyone.
+6. When Serve stops the replica (scaled down, redeployed), no new request reaches it, but decode may still have to
+   read KV it handed out: `__del__` waits until none is held (read, released or expired: at most the lease), so
+   that streams stay exact while replicas come and go, then stops the engine.
 The router's `Dispatch` names this replica (Serve's request router sends it here) and counts its load.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import AsyncGenerator
 from typing import Any
 
@@ -35,6 +40,9 @@ from kv_transfer.object_store.store_state import StoreCounters
 from serve_app.config import AppConfig
 
 logger = logging.getLogger("ray.serve")
+# Beyond the KV lease, how long a stopping prefill replica waits for its KV to be read: the lease's own clock starts
+# when the prompt finished, so a lease is over by then; the margin covers a release on its way.
+KV_DRAIN_MARGIN_S = 5
 
 
 @serve.deployment(**HEALTH_CHECK)
@@ -94,3 +102,27 @@ class PrefillServer(EngineServer):
             is_released = await self._store.release.remote(handle.object_store_key)
             logger.info("request %s: KV released unread (%s)", handle.request_id,
                         "dropped" if is_released else "already gone")
+
+    # 6.
+    async def holds_kv(self, dispatch: Dispatch | None = None) -> bool:
+        """Requests in flight here, or KV handed out and not yet read, released or expired: in the KV store
+        (object store), or in the engine's blocks (NIXL keeps a finished prompt's blocks until decode read them)."""
+        if self._load is not None and self._load.num_requests:
+            return True
+        if self._store is not None:
+            return (await self._store.counters.remote()).num_open > 0
+        return self._engine is not None and self._engine.counters().kv_cache_usage > 0
+
+    async def __del__(self) -> None:
+        if self._engine is None or not self._engine.is_alive:  # never started, or died: its KV went with it
+            super().__del__()
+            return
+        deadline = time.monotonic() + self._config.transfer.kv_lease_s + KV_DRAIN_MARGIN_S
+        try:
+            while time.monotonic() < deadline and await self.holds_kv():
+                await asyncio.sleep(0.5)
+        except Exception as exc:  # a store that died took its KV with it: nothing left to wait for
+            logger.warning("prefill %s: stopping without waiting for its KV: %s", self.engine_id, exc)
+        logger.info("prefill %s: stopping (KV %s)", self.engine_id,
+                    "still held: lease not over" if time.monotonic() >= deadline else "all read or released")
+        super().__del__()

@@ -51,6 +51,10 @@ class TransferConfig(BaseModel):
     # nixl: vLLM pins the NIXL worker's model thread to the last core on CPU (docs/kv-transfer.md); keep our binding
     # instead.
     keep_engine_affinity: bool = True
+    # nixl: where each engine's side channel listens (decode asks prefill there for its NIXL metadata; the address
+    # travels in the signed KV handle). `auto`: the node's address when the Ray cluster has more than one node,
+    # else loopback; `loopback`: 127.0.0.1 (one node only); `node`: the node's address (a cluster that grows later).
+    side_channel_host: Literal["auto", "loopback", "node"] = "auto"
     # KV handles are signed by prefill and verified by decode (kv_transfer/handle_signing.py). The key comes from
     # this environment variable where the app is built, if set (one key across redeploys and apps), else it is
     # made afresh for each deploy. The key itself never enters the config.

@@ -20,17 +20,22 @@ from ray.serve.config import RequestRouterConfig
 
 from deployments.collocated import CollocatedServer
 from deployments.decode import DecodeServer
-from deployments.prefill import PrefillServer
+from deployments.prefill import KV_DRAIN_MARGIN_S, PrefillServer
 from deployments.replica_choice import ChosenReplicaRouter
 from deployments.router import Router
 from kv_transfer.backend import resolve_backend
 from serve_app.config import AppConfig, EngineRoleConfig, RouterConfig
+from serve_app.placement import ray_actor_options, replica_count
+
+
+# How long a stopping decode replica may take to finish its streams: a max_model_len answer at ~70 ms a token here.
+STREAM_DRAIN_S = 300
 
 
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
     if not config.is_disaggregated:
-        collocated = _engines(CollocatedServer, config.collocated, config)
+        collocated = _engines(CollocatedServer, "collocated", config.collocated, config)
         return _router(config.router).bind(config, collocated=collocated)
 
     # `auto` is decided here, once, so that every replica of both roles uses the same transport; so is the key
@@ -41,16 +46,24 @@ def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
         raise ValueError(f"{config.transfer.handle_key_env} must hold at least 32 characters (a KV handle key)")
     chosen_replica = RequestRouterConfig(request_router_class=ChosenReplicaRouter,
                                          request_routing_stats_period_s=config.scheduling.load_report_period_s)
-    prefill = _engines(PrefillServer, config.prefill, config, kv_handle_key, request_router_config=chosen_replica)
-    decode = _engines(DecodeServer, config.decode, config, kv_handle_key, request_router_config=chosen_replica)
+    # A stopping prefill replica waits for the KV it handed out to be read (at most the lease): Serve must not kill
+    # it before (its default allows 20 s).
+    prefill = _engines(PrefillServer, "prefill", config.prefill, config, kv_handle_key,
+                       request_router_config=chosen_replica,
+                       graceful_shutdown_timeout_s=config.transfer.kv_lease_s + KV_DRAIN_MARGIN_S + 10)
+    # A stopping decode replica (scaled in, redeployed) finishes the streams it holds: Serve waits for ongoing
+    # requests up to this long (its default, 20 s, is shorter than one long answer on a CPU).
+    decode = _engines(DecodeServer, "decode", config.decode, config, kv_handle_key,
+                      request_router_config=chosen_replica, graceful_shutdown_timeout_s=STREAM_DRAIN_S)
     return _router(config.router).bind(config, prefill=prefill, decode=decode)
 
 
-def _engines(deployment: Any, role: EngineRoleConfig, config: AppConfig, *args: Any, **options: Any) -> Any:
-    return deployment.options(num_replicas=role.num_replicas, max_ongoing_requests=role.num_ongoing_per_replica,
-                              ray_actor_options={"num_cpus": role.num_cpus}, **options).bind(config, *args)
+def _engines(deployment: Any, role_name: str, role: EngineRoleConfig, config: AppConfig, *args: Any,
+             **options: Any) -> Any:
+    return deployment.options(**replica_count(role_name, role), max_ongoing_requests=role.num_ongoing_per_replica,
+                              ray_actor_options=ray_actor_options(role_name, role), **options).bind(config, *args)
 
 
 def _router(router: RouterConfig) -> Any:
     return Router.options(num_replicas=router.num_replicas, max_ongoing_requests=router.max_ongoing_requests,
-                          ray_actor_options={"num_cpus": router.num_cpus})
+                          ray_actor_options=ray_actor_options("router", router))

@@ -54,13 +54,70 @@ class ModelConfig(_Frozen):
         return value
 
 
-class EngineRoleConfig(_Frozen):
+class PlacedConfig(_Frozen):
+    """Where a deployment's replicas run in the Ray cluster. Ray's logical CPUs and GPUs per replica; Ray custom
+    resources per replica (nodes started with `ray start --resources '{"prefill_pool": 8}'`); node labels a replica's
+    node must match (`ray start --labels splitserve/pool=prefill`; Ray's label selector: "v", "!v", "in(a,b)",
+    "!in(a,b)"). Roles given different labels or resources never share a node. Ray's own rules check them when the
+    app is built (serve_app/placement.py): this module stays free of Ray."""
+
+    num_cpus: float = Field(0.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)  # a vLLM engine on CUDA takes one per tensor-parallel rank
+    resources: dict[str, float] = Field(default_factory=dict)
+    node_labels: dict[str, str] = Field(default_factory=dict)
+    # false: a placement that no live node can take (GPUs on a CPU-only cluster, a resource or label no node has) is
+    # refused when the app starts, naming what each node has; true: Serve waits for such a node to join (a cluster
+    # autoscaler or KubeRay adds nodes after the app starts).
+    wait_for_nodes: bool = False
+
+    @property
+    def ray_actor_options(self) -> dict[str, Any]:
+        """What Serve places each replica by: only the options that are set, so a one-node app asks for nothing."""
+        options: dict[str, Any] = {"num_cpus": self.num_cpus}
+        if self.num_gpus:
+            options["num_gpus"] = self.num_gpus
+        if self.resources:
+            options["resources"] = dict(self.resources)
+        if self.node_labels:
+            options["label_selector"] = dict(self.node_labels)
+        return options
+
+
+class PoolAutoscalingConfig(_Frozen):
+    """Serve's autoscaling of one role's replicas, on the signal that predicts that role's SLO misses
+    (deployments/scheduling/pool_size.py): prefill on the seconds of prompt compute it holds, decode on the requests
+    it holds against the batch each replica runs within the TBT bound (`scheduling.tbt_mean_slowdown`), collocated
+    on Serve's own count of ongoing requests (`max_num_seqs` per replica). `num_replicas` is where it starts."""
+
+    min_replicas: int = Field(1, ge=1)  # a pool the scheduler routes to never empties
+    max_replicas: int = Field(2, ge=1)
+    # prefill: seconds of queued prompt compute per replica the pool aims at (a first token waits behind them).
+    target_queue_s: float = Field(2.0, gt=0)
+    # Serve's own guards against flapping: a change must be wanted this long before it happens.
+    upscale_delay_s: float = Field(5.0, ge=0)
+    downscale_delay_s: float = Field(60.0, ge=0)
+    # How often replicas report, and over how long Serve averages their reports.
+    metrics_interval_s: float = Field(1.0, gt=0)
+    look_back_period_s: float = Field(5.0, gt=0)
+
+    @model_validator(mode="after")
+    def min_below_max(self) -> PoolAutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscaling.min_replicas ({self.min_replicas}) is above max_replicas "
+                             f"({self.max_replicas})")
+        return self
+
+
+class EngineRoleConfig(PlacedConfig):
     """One role (prefill or decode): its replicas, the cores its engines compute on, its KV-cache size."""
 
     num_replicas: int = Field(1, ge=1)
     # vLLM's VLLM_CPU_OMP_THREADS_BIND per replica ("0", "0-3", "0|1" ...); one entry is shared by all replicas.
     cpu_binding: list[str] = Field(default_factory=lambda: ["auto"])
     kv_cache_gib: int = Field(1, ge=1)  # vLLM on CPU takes whole GiB (VLLM_CPU_KVCACHE_SPACE)
+    # On CUDA: the share of the GPU's memory the engine may take (vLLM's --gpu-memory-utilization; its KV cache is
+    # what the weights leave of it). Below 0.5 when two engines share one GPU (num_gpus 0.5). None: vLLM's default.
+    gpu_memory_fraction: float | None = Field(None, gt=0, le=1)
     max_num_seqs: int = Field(16, ge=1)
     max_num_batched_tokens: int = Field(2048, ge=16)
     # vLLM's long_prefill_token_threshold: a prompt longer than this is computed at most this many tokens per step
@@ -74,13 +131,19 @@ class EngineRoleConfig(_Frozen):
     # it; prefill and decode roles, whose prompt sizes the router sends).
     scheduling_policy: Literal["fcfs", "priority", "shortest_first"] = "fcfs"
     shortest_first_aging: float = Field(1.0, ge=0)
-    # Ray's logical CPUs per replica; the engine's real cores are set by cpu_binding.
-    num_cpus: float = Field(0.0, ge=0)
+    # num_cpus, num_gpus, resources, node_labels: where the replicas run (PlacedConfig). Ray's logical CPUs count only
+    # for placement: the engine's real cores are set by cpu_binding.
+    # Pin the whole replica process to its cpu_binding cores before the engine starts, so that vLLM's EngineCore
+    # and worker processes (which inherit it) poll on the engine's own cores: after each step they spin for up to a
+    # second on any core otherwise, beside the other role's engine. Off: only the model's threads are pinned.
+    pin_engine_processes: bool = False
     # Requests one replica works on at once (Serve's max_ongoing_requests); None: max_num_seqs, the engine's batch.
     max_ongoing_requests: int | None = Field(None, ge=1)
     # Overload bound: requests that may wait for this role beyond what its replicas work on. The router answers
     # the next one with 503 and Retry-After instead of queueing it.
     max_queued_requests: int = Field(32, ge=0)
+    # None: `num_replicas` replicas always. Set: Serve scales the role between its bounds (PoolAutoscalingConfig).
+    autoscaling: PoolAutoscalingConfig | None = None
 
     @field_validator("cpu_binding", mode="before")
     @classmethod
@@ -98,11 +161,20 @@ class EngineRoleConfig(_Frozen):
 
     @model_validator(mode="after")
     def one_binding_per_replica(self) -> EngineRoleConfig:
-        if len(self.cpu_binding) not in (1, self.num_replicas):
+        most = self.num_replicas if self.autoscaling is None else self.autoscaling.max_replicas
+        if len(self.cpu_binding) not in (1, self.num_replicas, most):
             raise ValueError(
-                f"cpu_binding has {len(self.cpu_binding)} entries for {self.num_replicas} replicas: "
+                f"cpu_binding has {len(self.cpu_binding)} entries for {most} replicas: "
                 "give one entry (shared) or one per replica"
             )
+        return self
+
+    @model_validator(mode="after")
+    def starts_within_its_autoscaling_bounds(self) -> EngineRoleConfig:
+        bounds = self.autoscaling
+        if bounds is not None and not bounds.min_replicas <= self.num_replicas <= bounds.max_replicas:
+            raise ValueError(f"num_replicas ({self.num_replicas}) is where autoscaling starts: it must be within "
+                             f"min_replicas ({bounds.min_replicas}) and max_replicas ({bounds.max_replicas})")
         return self
 
     def cpu_binding_for(self, replica_rank: int) -> str:
@@ -119,13 +191,15 @@ class EngineRoleConfig(_Frozen):
 
     @property
     def num_admissible(self) -> int:
-        """Requests this role may hold in all, working and waiting, before new ones are refused."""
-        return self.num_replicas * self.num_ongoing_per_replica + self.max_queued_requests
+        """Requests this role may hold in all, working and waiting, before new ones are refused. An autoscaled role
+        is bounded by its largest size: the queue that builds meanwhile is what makes it grow."""
+        most = self.num_replicas if self.autoscaling is None else self.autoscaling.max_replicas
+        return most * self.num_ongoing_per_replica + self.max_queued_requests
 
 
-class RouterConfig(_Frozen):
+class RouterConfig(PlacedConfig):
+    # num_cpus, resources, node_labels: where the routers run (PlacedConfig), e.g. on the nodes that take HTTP traffic.
     num_replicas: int = Field(1, ge=1)
-    num_cpus: float = Field(0.0, ge=0)
     max_ongoing_requests: int = Field(256, ge=1)
     # Bodies larger than this are refused with 413 before they are parsed.
     max_request_body_bytes: int = Field(4 << 20, ge=1024)

@@ -55,17 +55,20 @@ def _run_reference(requests: dict[str, tuple[str, dict]], logs_dir: Path) -> dic
         return {name: send(client, *request_body(name)) for name in requests}
 
 
-def send(client: Any, endpoint: str, body: dict[str, Any], stream: bool = False) -> dict[str, Any]:
-    """One request through the official client; returns text, generated token ids and usage."""
+def send(client: Any, endpoint: str, body: dict[str, Any], stream: bool = False,
+         extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One request through the official client (`extra`: more of vLLM's own request fields); returns text,
+    generated token ids and usage."""
+    request_extra = {**extra_body(), **(extra or {})}
     call = client.chat.completions.create if endpoint == "chat" else client.completions.create
     if not stream:
-        response = call(**body, extra_body=extra_body())
+        response = call(**body, extra_body=request_extra)
         choice = response.choices[0]
         text = choice.message.content if endpoint == "chat" else choice.text
         return {"text": text, "token_ids": list(choice.token_ids), "finish_reason": choice.finish_reason,
                 "usage": response.usage.model_dump()}
     text, token_ids, finish_reason, usage = "", [], None, None
-    for chunk in call(**body, stream=True, stream_options={"include_usage": True}, extra_body=extra_body()):
+    for chunk in call(**body, stream=True, stream_options={"include_usage": True}, extra_body=request_extra):
         if chunk.usage is not None:
             usage = chunk.usage.model_dump()
         for choice in chunk.choices:
@@ -179,9 +182,10 @@ def openai_client(app: RunningApp) -> Any:
 
 def connect_driver(address: str) -> None:
     """This test process as a Ray driver of the app's cluster. A Ray still initialized in this process (a local
-    instance some earlier code started by calling Ray's API without `ray.init`: seen once in a full CI run, during
-    the nPmD module, cause not found) is shut down first, with the local cluster it started, instead of failing
-    every test after it with "ray.init twice"."""
+    instance started by calling Ray's API without `ray.init`: seen once in a full CI run, during the nPmD module;
+    the likely cause, a Serve handle's metrics thread outliving `ray.shutdown()`, is what
+    `engines.disconnect_driver` now prevents) is shut down first, with the local cluster it started, instead of
+    failing every test after it with "ray.init twice"."""
     import ray
 
     if ray.is_initialized():
@@ -195,9 +199,11 @@ def ray_driver(app: RunningApp):
     """This test process as a Ray driver, to read engine counters through deployment handles."""
     import ray
 
+    from bench import engines
+
     connect_driver(app.ray_address)
     yield ray
-    ray.shutdown()
+    engines.disconnect_driver()
 
 
 def pytest_itemcollected(item) -> None:

@@ -5,7 +5,8 @@ It runs in vLLM's worker process and is given its transport as a factory, called
 
 Prefill (KV out):
 1. `save_kv_layer`, called right after each attention layer wrote its KV: queue that layer's prompt blocks for
-   the sender thread, as views of the cache (runs of consecutive blocks), not copies;
+   the sender thread, as views of a CPU cache (runs of consecutive blocks), not copies, or as pinned host copies
+   of a CUDA cache made on a side stream (host_staging.py);
 2. the sender thread announces the transfer and puts the layers into the object store while later layers still
    compute; layers that are ready together go as one object. `ray.put` is the only copy on this side, and the
    transport hands all references to the store in one message after the last layer;
@@ -35,9 +36,10 @@ import torch
 from kv_transfer import stats
 from kv_transfer.errors import KVTransferError
 from kv_transfer.layout import KVLayout
+from kv_transfer.object_store.host_staging import HostStaging, Staged
 from kv_transfer.object_store.metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
 from kv_transfer.transport import KVTicket, KVTransport, TransportFactory
-from kv_transfer.wire import block_runs, from_wire, to_wire
+from kv_transfer.wire import block_runs
 
 logger = logging.getLogger("splitserve.kv_transfer")
 
@@ -48,9 +50,13 @@ SAVE_TIMEOUT_S = 30.0
 class _Send:
     save: SaveRequest
     first_index: int
-    parts: list[list[np.ndarray]]
+    staged: list[Staged]  # one per layer, from the first: its blocks on the host (host_staging.py)
     opened: threading.Event | None = None  # set once the transfer is announced (first layer only)
     sent: threading.Event | None = None  # set once the last layer is in the store (no overlap only)
+
+    @property
+    def parts(self) -> list[list[np.ndarray]]:
+        return [layer.arrays for layer in self.staged]
 
 
 class WorkerSide:
@@ -81,6 +87,7 @@ class WorkerSide:
         self._layer_index = {name: index for index, name in enumerate(kv_caches)}
         # The block dimension is the one sized num_blocks: 0 on the CPU backend, 1 for (2, blocks, ...) layouts.
         self._block_dim = list(self._layers[0].shape).index(self._num_blocks)
+        self._staging = HostStaging(self._layers[0].device, self._block_dim)
 
     def layout(self, num_blocks: int) -> KVLayout:
         shape = list(self._layers[0].shape)
@@ -107,15 +114,10 @@ class WorkerSide:
         opened = None
         if first_index == 0:
             opened = self._opened[save.transfer_key] = threading.Event()
-        parts = [self._segments(layer, save.block_ids) for layer in layers]
-        self._sends.put(_Send(save, first_index, parts, opened, sent))
-
-    def _segments(self, layer: torch.Tensor, block_ids: tuple[int, ...]) -> list[np.ndarray]:
-        if layer.device.type == "cpu":
-            # Views: the blocks stay allocated until this request is reported sent, so ray.put copies once.
-            return [to_wire(layer.narrow(self._block_dim, first, count)) for first, count in block_runs(block_ids)]
-        ids = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
-        return [to_wire(layer.index_select(self._block_dim, ids).cpu())]  # device memory: gather, then stage
+        # CPU: views (the blocks stay allocated until this request is reported sent, so ray.put copies once);
+        # CUDA: pinned host copies made on a side stream while later layers compute.
+        staged = [self._staging.stage_out(layer, save.block_ids) for layer in layers]
+        self._sends.put(_Send(save, first_index, staged, opened, sent))
 
     def _send_loop(self) -> None:
         tickets: dict[str, KVTicket] = {}
@@ -128,7 +130,13 @@ class WorkerSide:
                     break
             for run in self._runs(batch):
                 first, last = run[0], run[-1]
+                for item in run:
+                    for layer in item.staged:
+                        layer.wait()  # a device-to-host copy still on its way (CUDA only)
                 self._send(first, [part for item in run for part in item.parts], tickets)
+                for item in run:  # the store holds its own copy now: pinned buffers go back to the pool
+                    for layer in item.staged:
+                        layer.release()
                 if last.first_index + len(last.parts) == len(self._layers):
                     tickets.pop(last.save.transfer_key, None)
                     with self._lock:
@@ -230,21 +238,7 @@ class WorkerSide:
             runs.append((first + offset, local_first, length))
             offset += length
         for layer, segments in zip(self._layers, parts, strict=True):
-            self._write(layer, segments, runs)
-
-    def _write(self, layer: torch.Tensor, segments: list[np.ndarray], runs: list[tuple[int, int, int]]) -> None:
-        """Each run (remote first block, local first block, number of blocks) from `segments` (the remote blocks,
-        in order, cut into runs of their own) into this cache."""
-        start = 0  # the remote index of the segment's first block
-        for segment in segments:
-            length = segment.shape[self._block_dim]
-            source = from_wire(segment, layer.dtype)
-            for remote_first, local_first, count in runs:
-                low, high = max(remote_first, start), min(remote_first + count, start + length)
-                if low < high:
-                    target = layer.narrow(self._block_dim, local_first + low - remote_first, high - low)
-                    target.copy_(source.narrow(self._block_dim, low - start, high - low))
-            start += length
+            self._staging.stage_in(layer, segments, runs)
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         """(requests whose KV is now in the store, requests whose KV is now loaded)."""

@@ -13,6 +13,7 @@ from ray import serve
 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
+from bench import engines
 from tests.e2e.workload import request_body
 
 
@@ -47,7 +48,7 @@ def main(address: str) -> None:
         },
         "unknown_model": {"type": type(bad).__name__, "code": bad.error.code},
     }))
-    ray.shutdown()
+    engines.disconnect_driver()
 
 
 if __name__ == "__main__":

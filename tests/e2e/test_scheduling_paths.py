@@ -28,11 +28,9 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
 
 from bench import engines, processes, replicas
 from bench.load_generator import filler_document
-from bench.processes import PROJECT_ROOT
 from tests.conftest import TEST_KV_HANDLE_KEY, connect_driver, send
 from tests.e2e.workload import MODEL, SCHEDULING_REQUESTS, request_body
 
@@ -52,7 +50,9 @@ class NPMDApp:
 
 
 def _config(backend: str) -> dict[str, Any]:
-    serve_config = yaml.safe_load((PROJECT_ROOT / "serve_config.yaml").read_text())
+    from bench.systems import serve_config as shipped_config
+
+    serve_config = shipped_config()  # serve_config.yaml (on a share of a GPU under SPLITSERVE_DEVICE=cuda)
     args = serve_config["applications"][0]["args"]
     # Two prefill engines share core 0, decode has core 1; KV caches of 1 GiB each (vLLM's CPU minimum). The
     # prefill engines order their prompts shortest first (vLLM's priority scheduling, each request's priority set by
@@ -89,7 +89,7 @@ def npmd(request, reference_outputs, logs_dir) -> Iterator[NPMDApp]:
                           prefill_replicas=sorted(r for r, role in reported.items() if role == "prefill"),
                           decode_replica=next(r for r, role in reported.items() if role == "decode"))
         finally:
-            ray.shutdown()
+            engines.disconnect_driver()
 
 
 def _all_counters(app: NPMDApp) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def routers(reference_outputs, logs_dir) -> Iterator[str]:
         try:
             yield served.base_url
         finally:
-            ray.shutdown()
+            engines.disconnect_driver()
 
 
 def test_both_routers_answer_and_name_themselves(routers):

@@ -91,3 +91,22 @@ def test_transfer_bench_writes_csv_and_table(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert "| 1 MB | object_store | 2 |" in report
     assert "python -m bench.transfer_bench" in report and "commit " in report
+
+
+def test_the_cross_node_rows_run_on_a_second_ray_node_of_this_host(tmp_path):
+    bench = subprocess.Popen(
+        [sys.executable, "-m", "bench.transfer_bench", "--sizes-mb", "1", "--repeats", "2", "--memcpy-repeats", "3",
+         "--cold-object-store", "--cross-node", "--out", str(tmp_path)],
+        cwd=PROJECT_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        _, stderr = bench.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        bench.terminate()  # SIGTERM: the bench stops its two Ray nodes on the way out (a kill would leave them)
+        _, stderr = bench.communicate(timeout=120)
+        pytest.fail(f"the cross-node bench did not finish in 300 s: {stderr[-3000:]}")
+    assert bench.returncode == 0, stderr[-3000:]
+    paths = [row["path"] for row in csv.DictReader(open(tmp_path / "transfer.csv"))]
+    cross = ["object_store_cross_node", "tcp_cross_node", *(["nixl_cross_node"] if HAS_NIXL else [])]
+    assert paths[-len(cross):] == cross
+    assert "127.0.0.2" in (tmp_path / "report.md").read_text()
