@@ -12,7 +12,7 @@
    anchors. The sweep is set in loads (the reference's requests in flight), so its rates come from this host:
    the baseline runs first, and its uncontended cells give the unit rate per trace (`SweepRates`; `--reference`
    or explicit `--rates` skip this). Every prompt is built with the served model's tokenizer, so each system sees
-   the same prompts (unique per request: no prefix cache can help).
+   the same prompts (unique per request and per repeat: no prefix cache can help).
 2. For each system (bench/systems.py): the cells still to measure at this commit (`--repeats` runs of each) are
    run after one start and a warm-up, through the load generator's own process (bench/load_generator.py); each
    cell's requests are written to raw/<system>/ as soon as it ends, so a stopped run resumes cell by cell (the
@@ -63,6 +63,7 @@ from bench.workloads import DEFAULT_ARRIVALS, DEFAULT_LOADS, Arrivals, Plan, Wor
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "compare"
 PROMPT_IDS_PER_CELL = 10_000
+PROMPT_IDS_PER_REPEAT = 10_000_000  # room for 1,000 cells' blocks per repeat
 # Two short requests after a system starts, not recorded: first-request costs (imports, graph capture) are not
 # what any cell measures.
 WARM_UP = Workload(name="warm-up", trace="warm-up", kind="closed", concurrency=1,
@@ -93,20 +94,23 @@ def _prompt_order(cells: list[Workload]) -> list[Workload]:
 
 
 class Prompts:
-    """Every cell's prompts, unique per request, built a cell at a time when it is first run, each cell's block of
-    ids from its place among the cells known by then."""
+    """Every cell's prompts, unique per request and per repeat, built a cell at a time when it is first run, each
+    cell's block of ids from its place among the cells known by then, each repeat's blocks apart from the others.
+    A repeat that re-sent its first run's prompts was served from the engines' prefix caches: in the marginal-guard
+    probe (a3a61ec) collocated's second run of uncontended code had TTFT p50 349 ms against 993 ms in its first."""
 
     def __init__(self, model_path: str, known_cells: Callable[[], list[Workload]]) -> None:
         self.builder = PromptBuilder(model_path, filler_document())
         self.known_cells = known_cells
-        self.by_cell: dict[str, list[str]] = {}
+        self.by_cell: dict[tuple[str, int], list[str]] = {}
 
-    def of(self, cell: Workload) -> list[str]:
-        if cell.name not in self.by_cell:
+    def of(self, cell: Workload, repeat: int = 0) -> list[str]:
+        if (cell.name, repeat) not in self.by_cell:
             index = [known.name for known in _prompt_order(self.known_cells())].index(cell.name)
-            self.by_cell[cell.name] = [self.builder.build(index * PROMPT_IDS_PER_CELL + request.request_id,
-                                                          request.prompt_tokens) for request in cell.requests]
-        return self.by_cell[cell.name]
+            first_id = repeat * PROMPT_IDS_PER_REPEAT + index * PROMPT_IDS_PER_CELL
+            self.by_cell[cell.name, repeat] = [self.builder.build(first_id + request.request_id,
+                                                                  request.prompt_tokens) for request in cell.requests]
+        return self.by_cell[cell.name, repeat]
 
 
 def cell_prompts(cells: list[Workload], model_path: str) -> dict[str, list[str]]:
@@ -128,7 +132,7 @@ def _run_cell(runner: CellRunner, base_url: str, model: str, cell: Workload, pro
 
 
 def _measure(run: SystemRun, start: Any, batches: Iterator[list[tuple[Workload, int]]],
-             prompts: Callable[[Workload], list[str]], model: str, logs_dir: Path, raw: RawCells,
+             prompts: Callable[[Workload, int], list[str]], model: str, logs_dir: Path, raw: RawCells,
              commit: str) -> None:
     """Start the system once and run its cells, batch after batch: the baseline's first batch (its uncontended
     cells) sets the sweep's rates that the next batch holds."""
@@ -138,12 +142,12 @@ def _measure(run: SystemRun, start: Any, batches: Iterator[list[tuple[Workload, 
             run.startup_s = time.perf_counter() - began
             print(f"{run.name}: up at {base_url} after {run.startup_s:.0f} s", flush=True)
             asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=list(WARM_UP.requests),
-                                        prompts=prompts(WARM_UP), concurrency=1, is_progress_shown=False))
+                                        prompts=prompts(WARM_UP, 0), concurrency=1, is_progress_shown=False))
             for todo in batches:
                 for index, (cell, repeat) in enumerate(todo):
                     print(f"{run.name}: cell {index + 1}/{len(todo)}", flush=True)
                     probe = host_probe()  # the host's speed now, the engines idle between cells
-                    records, stats = _run_cell(runner, base_url, model, cell, prompts(cell), repeat)
+                    records, stats = _run_cell(runner, base_url, model, cell, prompts(cell, repeat), repeat)
                     raw.save(run.name, cell, repeat, records, stats, commit, probe=probe)
     except Exception as exc:  # one system failing must not lose the others' results
         run.error = f"{type(exc).__name__}: {exc}"[:2000]
