@@ -67,12 +67,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import ray
-from tqdm import tqdm
 
-from bench.bootstrap import ratio_interval
-from bench.result_files import measured_commit
-from kv_transfer.config import TransferConfig
+from bench import processes
+
+# Before Ray is imported (Ray reads RAY_AUTH_MODE once, at import): the cross-node cluster's nodes and this driver
+# share one token under Ray 2.60's token auth; run alone, the second node and the driver were refused.
+processes.use_ray_token_auth()
+
+import ray  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from bench.bootstrap import ratio_interval  # noqa: E402
+from bench.result_files import measured_commit  # noqa: E402
+from kv_transfer.config import TransferConfig  # noqa: E402
 
 NUM_LAYERS = 30
 OBJECT_STORE_BYTES = 1 << 30
@@ -438,8 +445,6 @@ def cross_node_paths() -> dict[str, Measure]:
 def two_node_cluster() -> Iterator[str]:
     """A Ray head and a second node on this host, each on its own loopback address with its own raylet and object
     store; yields the head's address and stops both, by process id, with everything they started."""
-    from bench import processes
-
     workdir = Path(tempfile.mkdtemp(prefix="tb-"))  # short: Ray's socket paths must fit 107 bytes
     port = processes.free_port()
     address = f"127.0.0.1:{port}"
