@@ -119,7 +119,9 @@ class ServedSteps:
 class EngineProbe:
     """One engine in this process; requests of exact token counts; one timed `step()` at a time."""
 
-    def __init__(self, config: Any, *, is_in_process: bool = False) -> None:
+    def __init__(self, config: Any, *, is_in_process: bool = False, kv_connector: str | None = None) -> None:
+        """`kv_connector` (nixl): the decode role's connector as the app configures it, idle (no peer),
+        to weigh what it costs a step."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if is_in_process else "1"
         from vllm.engine.arg_utils import EngineArgs
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
@@ -127,9 +129,14 @@ class EngineProbe:
         from vllm.v1.engine.llm_engine import LLMEngine
 
         from deployments.engine import engine_environment, vllm_cli_args
+        from kv_transfer.backend import kv_transfer_config
 
+        connector = None if kv_connector is None else kv_transfer_config(
+            config.transfer.model_copy(update={"backend": kv_connector}), is_producer=False,
+            engine_id="profile-decode")
         os.environ.update(engine_environment(config.decode, 0))
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(config.model, config.decode, None))
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            vllm_cli_args(config.model, config.decode, connector))
         self.engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
         self._next_id = 0
         self.served = None if is_in_process else ServedSteps()
@@ -339,6 +346,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-handover", action="store_true", help="skip the KV hand-over measurements")
     parser.add_argument("--served", action="store_true",
                         help="the EngineCore in its own process, as served: steps read back from its outputs")
+    parser.add_argument("--kv-connector", choices=["nixl"],
+                        help="run the decode role's KV connector, idle, to weigh its cost per step")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     config = app_config()
@@ -346,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
     cells = SPLITWISE_CELLS[:2] if args.quick else SPLITWISE_CELLS
     mixed = MIXED[:2] if args.quick else MIXED
     began, origin = time.time(), provenance()
-    probe = EngineProbe(config, is_in_process=not args.served)
+    probe = EngineProbe(config, is_in_process=not args.served, kv_connector=args.kv_connector)
     if probe.served is not None:
         probe.served.is_recording = False
     prefill_steps(probe, 1, prompt_sizes, batches)  # untimed: each shape's first run pays one-time costs
@@ -386,7 +395,8 @@ def main(argv: list[str] | None = None) -> None:
                 "model": config.model.served_name, "dtype": config.model.dtype,
                 "max_num_batched_tokens": config.decode.max_num_batched_tokens,
                 "max_num_seqs": config.decode.max_num_seqs, "kv_cache_gib": config.decode.kv_cache_gib,
-                "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": not args.served},
+                "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": not args.served,
+                "kv_connector": args.kv_connector},
             "model": model, "fit_errors": errors,
             "num_steps": len(steps), "num_handovers": len(handovers)}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
