@@ -10,8 +10,9 @@ Asleep, a reader pays one wake-up through the socket per message (tens of µs), 
 
 1. vLLM loads the `vllm.general_plugins` entry points (pyproject.toml) in every process it starts, before that
    process builds its queues; `register` is ours.
-2. Every queue reader built from then on spins at most `SPLITSERVE_ENGINE_SPIN_S` seconds after a read (default 0:
-   it sleeps until the writer's notification). vLLM's own default, 1 s, is `SPLITSERVE_ENGINE_SPIN_S=1`.
+2. Every queue reader built from then on spins at most `SPLITSERVE_ENGINE_SPIN_S` seconds after a read (default 0
+   on CPUs: it sleeps until the writer's notification; vLLM's own 1 s on GPUs, whose hosts have cores to spare and
+   whose steps are short enough for a wake-up to count). `SPLITSERVE_ENGINE_SPIN_S=1` is vLLM's default anywhere.
 """
 
 from __future__ import annotations
@@ -21,8 +22,11 @@ import os
 SPIN_ENV = "SPLITSERVE_ENGINE_SPIN_S"
 
 
-def spin_s() -> float:
-    value = os.environ.get(SPIN_ENV, "0")
+def spin_s(*, is_cpu: bool = True) -> float | None:
+    """The readers' spin window, seconds; None: leave vLLM's."""
+    value = os.environ.get(SPIN_ENV)
+    if value is None:
+        return 0.0 if is_cpu else None
     try:
         seconds = float(value)
     except ValueError:
@@ -36,10 +40,14 @@ def register() -> None:
     """Idempotent (vLLM may load plugins more than once per process)."""
     from vllm.distributed.device_communicators import shm_broadcast
 
+    from vllm.platforms import current_platform
+
     condition = shm_broadcast.SpinCondition
     if getattr(condition, "_splitserve_spin_s", None) is not None:
         return
-    limit = spin_s()
+    limit = spin_s(is_cpu=current_platform.is_cpu())
+    if limit is None:
+        return
     original_init = condition.__init__
 
     def init_with_spin_limit(self, *args, **kwargs) -> None:

@@ -43,3 +43,10 @@ def test_a_bad_spin_setting_is_refused_naming_it(monkeypatch, value):
     monkeypatch.setenv(engine_ipc.SPIN_ENV, value)
     with pytest.raises(ValueError, match=f"SPLITSERVE_ENGINE_SPIN_S.*{value}"):
         engine_ipc.spin_s()
+
+
+def test_cpus_sleep_by_default_and_gpus_keep_vllms_spin(monkeypatch):
+    monkeypatch.delenv(engine_ipc.SPIN_ENV, raising=False)
+    assert engine_ipc.spin_s(is_cpu=True) == 0.0 and engine_ipc.spin_s(is_cpu=False) is None
+    monkeypatch.setenv(engine_ipc.SPIN_ENV, "1")
+    assert engine_ipc.spin_s(is_cpu=False) == 1.0
