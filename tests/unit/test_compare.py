@@ -377,7 +377,8 @@ def test_every_scheduling_policy_is_a_system_of_its_own():
     from bench.systems import SPIN_SYSTEMS, VLLM_SPIN
 
     for name, of in SPIN_SYSTEMS.items():
-        assert SYSTEMS[name].config() == SYSTEMS[of].config() and "SPLITSERVE_ENGINE_SPIN_S=1" in SYSTEMS[name].description
+        assert SYSTEMS[name].config() == SYSTEMS[of].config()
+        assert "SPLITSERVE_ENGINE_SPIN_S=1" in SYSTEMS[name].description
     assert VLLM_SPIN == {"SPLITSERVE_ENGINE_SPIN_S": "1"}
 
 
