@@ -155,7 +155,8 @@ SPIN_SYSTEMS = {"collocated-vllm-spin": "collocated", "splitserve-predictive-vll
 
 
 def _spin_variant(name: str, of: str) -> System:
-    return System(name, f"{SYSTEMS_BY_NAME_DESCRIPTION[of]}; vLLM's engine queues spinning (SPLITSERVE_ENGINE_SPIN_S=1)",
+    description = f"{SYSTEMS_BY_NAME_DESCRIPTION[of]}; vLLM's engine queues spinning (SPLITSERVE_ENGINE_SPIN_S=1)"
+    return System(name, description,
                   _splitserve(name, env=VLLM_SPIN, **SPLITSERVE_UPDATES[of]),
                   lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[of])))
 
