@@ -15,9 +15,9 @@
    (output tokens - 1) decode steps of at least the reference's single-stream gap. One engine computing every
    prompt (split-only, one prefill engine) serves at most 1 / (prompt compute) requests a second, and no user
    faster than one request per (prompt compute + decode steps); two engines running whole requests (collocated)
-   each spend (their users' prompts' compute + one request's decode steps) per round of their users at the least. The share of
-   prompts a split policy must compute on its decode engine to reach the two-engine bound is what closing the
-   gap costs the streams there.
+   each spend at least (their users' prompts' compute + one request's decode steps) per round of their users.
+   The share of prompts a split policy must compute on its decode engine to reach the two-engine bound is what
+   closing the gap costs the streams there.
 Usage: python -m bench.ttft_bound bench/results/<run>   (writes bound.md there and prints it)
 """
 
