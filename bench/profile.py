@@ -3,14 +3,16 @@
     python -m bench.profile                          # ~6 min here; writes bench/results/profile/
     python -m bench.profile --repeats 1 --quick      # a smoke run (CI)
 
-1. One engine as the app runs its decode role (serve_config.yaml's model and engine settings, its OMP threads
-   bound to the role's core), its EngineCore in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so that each
-   `step()` is exactly the step the sweep composed, timed around the call: the engine's compute. `--served` runs
-   the EngineCore in a process of its own, as the served engines have it. That core runs ahead of this client, so
-   a step may not hold what the sweep meant it to: there each step is read back from the core's own outputs
-   instead (`ServedSteps`: its end is the outputs' timestamp, taken in the core; what it computed is which
-   requests got their first token and which one more), and the fit is of the steps the served engine ran. Every
-   prompt size runs once, untimed, before the sweeps (first runs of a shape cost more).
+1. One engine as the app runs its decode role (serve_config.yaml's model and engine settings), served as the app
+   serves it: its EngineCore and model worker in processes of their own, the worker's threads bound to the role's
+   core. That core runs ahead of this client, so a step may not hold what the sweep meant it to: each step is read
+   back from the core's own outputs instead (`ServedSteps`: its end is the outputs' timestamp, taken in the core;
+   what it computed is which requests got their first token and which one more), and the fit is of the steps the
+   engine ran. `--in-process` runs the EngineCore in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), each
+   `step()` exactly the step the sweep composed; vLLM binds a CPU engine's threads only when it spawns its
+   worker, so this process pins itself to the role's cores first (without that, the committed profile of ed4dea1
+   timed an engine on both cores of a 2-core host). Every prompt size runs once, untimed, before the sweeps
+   (first runs of a shape cost more).
 2. Sweeps whose every step's contents are known by construction (all prompts of a batch fit one step's token
    budget): single and batched prompts (prompt time against prompt and batch tokens), SplitwiseSim's
    (prompt size, batch size, token size) cells (prompt time, then every decode step against batch size and the
@@ -128,13 +130,19 @@ class EngineProbe:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        from deployments.engine import engine_environment, vllm_cli_args
+        from deployments.engine import binding_cores, engine_environment, vllm_cli_args
         from kv_transfer.backend import kv_transfer_config
 
         connector = None if kv_connector is None else kv_transfer_config(
             config.transfer.model_copy(update={"backend": kv_connector}), is_producer=False,
             engine_id="profile-decode")
         os.environ.update(engine_environment(config.decode, 0))
+        cores = binding_cores(config.decode.cpu_binding_for(0))
+        if is_in_process and cores:  # the binding vLLM gives only a worker it spawns: this process's threads
+            import torch
+
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(len(cores))
         args = make_arg_parser(FlexibleArgumentParser()).parse_args(
             vllm_cli_args(config.model, config.decode, connector))
         self.engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
@@ -344,8 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--handover-repeats", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="a few cells only (a smoke run)")
     parser.add_argument("--no-handover", action="store_true", help="skip the KV hand-over measurements")
-    parser.add_argument("--served", action="store_true",
-                        help="the EngineCore in its own process, as served: steps read back from its outputs")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the EngineCore in this process (pinned to the role's cores), each step as composed")
     parser.add_argument("--kv-connector", choices=["nixl"],
                         help="run the decode role's KV connector, idle, to weigh its cost per step")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
@@ -355,7 +363,7 @@ def main(argv: list[str] | None = None) -> None:
     cells = SPLITWISE_CELLS[:2] if args.quick else SPLITWISE_CELLS
     mixed = MIXED[:2] if args.quick else MIXED
     began, origin = time.time(), provenance()
-    probe = EngineProbe(config, is_in_process=not args.served, kv_connector=args.kv_connector)
+    probe = EngineProbe(config, is_in_process=args.in_process, kv_connector=args.kv_connector)
     if probe.served is not None:
         probe.served.is_recording = False
     prefill_steps(probe, 1, prompt_sizes, batches)  # untimed: each shape's first run pays one-time costs
@@ -395,7 +403,7 @@ def main(argv: list[str] | None = None) -> None:
                 "model": config.model.served_name, "dtype": config.model.dtype,
                 "max_num_batched_tokens": config.decode.max_num_batched_tokens,
                 "max_num_seqs": config.decode.max_num_seqs, "kv_cache_gib": config.decode.kv_cache_gib,
-                "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": not args.served,
+                "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": args.in_process,
                 "kv_connector": args.kv_connector},
             "model": model, "fit_errors": errors,
             "num_steps": len(steps), "num_handovers": len(handovers)}
