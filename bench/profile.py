@@ -3,12 +3,16 @@
     python -m bench.profile                          # ~6 min here; writes bench/results/profile/
     python -m bench.profile --repeats 1 --quick      # a smoke run (CI)
 
-1. One engine as the app runs its decode role (serve_config.yaml's model and engine settings, its OMP threads
-   bound to the role's core), its EngineCore in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so that each
-   `step()` is exactly the step the sweep composed, timed around the call: the engine's compute. `--served` runs
-   the EngineCore in a process of its own, as the served engines have it; that core runs ahead of this client,
-   so only pure decode steps keep their composition (their times are the served step's), and its fit is not the
-   simulator's. Every prompt size runs once, untimed, before the sweeps (first runs of a shape cost more).
+1. One engine as the app runs its decode role (serve_config.yaml's model and engine settings), served as the app
+   serves it: its EngineCore and model worker in processes of their own, the worker's threads bound to the role's
+   core. That core runs ahead of this client, so a step may not hold what the sweep meant it to: each step is read
+   back from the core's own outputs instead (`ServedSteps`: its end is the outputs' timestamp, taken in the core;
+   what it computed is which requests got their first token and which one more), and the fit is of the steps the
+   engine ran. `--in-process` runs the EngineCore in this process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`), each
+   `step()` exactly the step the sweep composed; vLLM binds a CPU engine's threads only when it spawns its
+   worker, so this process pins itself to the role's cores first (without that, the committed profile of ed4dea1
+   timed an engine on both cores of a 2-core host). Every prompt size runs once, untimed, before the sweeps
+   (first runs of a shape cost more).
 2. Sweeps whose every step's contents are known by construction (all prompts of a batch fit one step's token
    budget): single and batched prompts (prompt time against prompt and batch tokens), SplitwiseSim's
    (prompt size, batch size, token size) cells (prompt time, then every decode step against batch size and the
@@ -31,7 +35,7 @@ import os
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -65,22 +69,96 @@ class Step:
     seconds: float
 
 
+@dataclass
+class ServedSteps:
+    """The steps a served EngineCore ran, read from its outputs (one message per step that produced tokens).
+
+    A step ends at its outputs' timestamp (monotonic, taken in the core: one clock for every process of a host).
+    It began where the last one ended if the core still held requests then (its loop runs step after step), else
+    when the first request it computes was sent (the core was idle). A request whose first token comes out of a
+    step had its whole prompt computed there (the sweeps' prompts fit one step's budget; nothing is chunked); one
+    that had tokens already decoded one more, reading the KV written before the step."""
+
+    prompt_tokens: dict[str, int] = field(default_factory=dict)  # every request sent: its prompt's tokens
+    sent_at: dict[str, float] = field(default_factory=dict)
+    generated: dict[str, int] = field(default_factory=dict)  # tokens each request has had so far
+    in_flight: set[str] = field(default_factory=set)
+    last_end: float | None = None
+    steps: list[Step] = field(default_factory=list)
+    is_recording: bool = True
+
+    def sent(self, request_id: str, num_prompt_tokens: int, at: float) -> None:
+        self.prompt_tokens[request_id], self.sent_at[request_id] = num_prompt_tokens, at
+        self.generated[request_id] = 0
+        self.in_flight.add(request_id)
+
+    def ran(self, end: float, outputs: list[tuple[str, int, bool]]) -> None:
+        """One message: (request, new tokens, finished) for each request the step gave tokens to."""
+        new = [request_id for request_id, *_ in outputs if self.generated[request_id] == 0]
+        if self.last_end is not None and self.in_flight - set(new):
+            began = self.last_end  # requests held across the last step's end: the loop went straight on
+        else:  # the core was idle until this step's first request reached it
+            began = max([self.sent_at[request_id] for request_id in new] + [self.last_end or 0.0])
+        num_prompt_tokens = num_decode = num_context = 0
+        for request_id, _, _ in outputs:
+            previous = self.generated[request_id]
+            if previous == 0:
+                num_prompt_tokens += self.prompt_tokens[request_id]
+            else:
+                num_decode += 1
+                num_context += self.prompt_tokens[request_id] + previous - 1
+        kind = ("mixed" if num_decode else ("batched_prefill" if len(new) > 1 else "prefill")) \
+            if num_prompt_tokens else "decode"
+        if self.is_recording:
+            self.steps.append(Step(kind, num_prompt_tokens, num_decode, num_context, end - began))
+        for request_id, num_new, is_finished in outputs:
+            self.generated[request_id] += num_new
+            if is_finished:
+                self.in_flight.discard(request_id)
+        self.last_end = end
+
+
 class EngineProbe:
     """One engine in this process; requests of exact token counts; one timed `step()` at a time."""
 
-    def __init__(self, config: Any, *, is_in_process: bool = False) -> None:
+    def __init__(self, config: Any, *, is_in_process: bool = False, kv_connector: str | None = None) -> None:
+        """`kv_connector` (nixl): the decode role's connector as the app configures it, idle (no peer),
+        to weigh what it costs a step."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if is_in_process else "1"
         from vllm.engine.arg_utils import EngineArgs
         from vllm.entrypoints.launchers.cli_args import make_arg_parser
         from vllm.utils.argparse_utils import FlexibleArgumentParser
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        from deployments.engine import engine_environment, vllm_cli_args
+        from deployments.engine import binding_cores, engine_environment, vllm_cli_args
+        from kv_transfer.backend import kv_transfer_config
 
+        connector = None if kv_connector is None else kv_transfer_config(
+            config.transfer.model_copy(update={"backend": kv_connector}), is_producer=False,
+            engine_id="profile-decode")
         os.environ.update(engine_environment(config.decode, 0))
-        args = make_arg_parser(FlexibleArgumentParser()).parse_args(vllm_cli_args(config.model, config.decode, None))
+        cores = binding_cores(config.decode.cpu_binding_for(0))
+        if is_in_process and cores:  # the binding vLLM gives only a worker it spawns: this process's threads
+            import torch
+
+            os.sched_setaffinity(0, cores)
+            torch.set_num_threads(len(cores))
+        args = make_arg_parser(FlexibleArgumentParser()).parse_args(
+            vllm_cli_args(config.model, config.decode, connector))
         self.engine = LLMEngine.from_engine_args(EngineArgs.from_cli_args(args))
         self._next_id = 0
+        self.served = None if is_in_process else ServedSteps()
+        if self.served is not None:
+            core, get_output = self.engine.engine_core, self.engine.engine_core.get_output
+
+            def recorded() -> Any:
+                outputs = get_output()
+                if outputs.outputs:
+                    self.served.ran(outputs.timestamp, [(out.request_id, len(out.new_token_ids),
+                                                         out.finish_reason is not None) for out in outputs.outputs])
+                return outputs
+
+            core.get_output = recorded
 
     def add(self, num_prompt_tokens: int, max_tokens: int) -> str:
         from vllm import SamplingParams
@@ -90,8 +168,11 @@ class EngineProbe:
         request_id = f"profile-{self._next_id}"
         # Distinct first tokens: no prefix-cache hit between requests.
         tokens = [(self._next_id * 7919 + index) % 30000 + 100 for index in range(num_prompt_tokens)]
-        self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=tokens),
-                                SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0))
+        sent_at = time.monotonic()
+        internal_id = self.engine.add_request(request_id, TokensPrompt(prompt_token_ids=tokens),
+                                              SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0))
+        if self.served is not None:
+            self.served.sent(internal_id, num_prompt_tokens, sent_at)
         return request_id
 
     def step(self) -> float:
@@ -271,8 +352,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--handover-repeats", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="a few cells only (a smoke run)")
     parser.add_argument("--no-handover", action="store_true", help="skip the KV hand-over measurements")
-    parser.add_argument("--served", action="store_true",
-                        help="the EngineCore in its own process, as served: only pure decode steps are composed")
+    parser.add_argument("--in-process", action="store_true",
+                        help="the EngineCore in this process (pinned to the role's cores), each step as composed")
+    parser.add_argument("--kv-connector", choices=["nixl"],
+                        help="run the decode role's KV connector, idle, to weigh its cost per step")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     config = app_config()
@@ -280,8 +363,12 @@ def main(argv: list[str] | None = None) -> None:
     cells = SPLITWISE_CELLS[:2] if args.quick else SPLITWISE_CELLS
     mixed = MIXED[:2] if args.quick else MIXED
     began, origin = time.time(), provenance()
-    probe = EngineProbe(config, is_in_process=not args.served)
+    probe = EngineProbe(config, is_in_process=args.in_process, kv_connector=args.kv_connector)
+    if probe.served is not None:
+        probe.served.is_recording = False
     prefill_steps(probe, 1, prompt_sizes, batches)  # untimed: each shape's first run pays one-time costs
+    if probe.served is not None:
+        probe.served.is_recording = True
     steps: list[Step] = []
     splitwise_rows: list[dict[str, Any]] = []
     with tqdm(total=3 + (0 if args.no_handover else 1), desc="profile", unit="sweep") as progress:
@@ -295,6 +382,8 @@ def main(argv: list[str] | None = None) -> None:
         progress.update()
         steps += mixed_steps(probe, args.repeats, mixed)
         progress.update()
+        if probe.served is not None:  # what the served core ran, not what the sweeps meant it to
+            steps = probe.served.steps
         del probe
         handovers = [] if args.no_handover else handover_rows(config, args.handover_repeats,
                                                               HANDOVER_TOKENS[:2] if args.quick else HANDOVER_TOKENS)
@@ -314,7 +403,8 @@ def main(argv: list[str] | None = None) -> None:
                 "model": config.model.served_name, "dtype": config.model.dtype,
                 "max_num_batched_tokens": config.decode.max_num_batched_tokens,
                 "max_num_seqs": config.decode.max_num_seqs, "kv_cache_gib": config.decode.kv_cache_gib,
-                "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": not args.served},
+                "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": args.in_process,
+                "kv_connector": args.kv_connector},
             "model": model, "fit_errors": errors,
             "num_steps": len(steps), "num_handovers": len(handovers)}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))

@@ -10,6 +10,14 @@
 3. k = 1 is every prompt on one prefill engine (any policy that never computes a prompt on decode, on this two-core
    split); k = 2 is both cores computing prompts (collocated, or the split with decode taking prompts too). Their
    ratio is what a split-only policy pays at least, against the best that two cores allow.
+4. A closed-loop cell (the anchors: N users, each sending its next request when the last one ends) has no arrivals
+   to queue; its bound is on output tokens/s. Each request needs `slope × prompt tokens` of prompt compute and
+   (output tokens - 1) decode steps of at least the reference's single-stream gap. One engine computing every
+   prompt (split-only, one prefill engine) serves at most 1 / (prompt compute) requests a second, and no user
+   faster than one request per (prompt compute + decode steps); two engines running whole requests (collocated)
+   each spend at least (their users' prompts' compute + one request's decode steps) per round of their users.
+   The share of prompts a split policy must compute on its decode engine to reach the two-engine bound is what
+   closing the gap costs the streams there.
 Usage: python -m bench.ttft_bound bench/results/<run>   (writes bound.md there and prints it)
 """
 
@@ -95,7 +103,57 @@ def report(results: Path) -> str:
         lines.append(f"| {cell} | {demand} | {slope * 1e3:.2f} ms | {bounds[1][0]:.2f} / "
                      f"{bounds[1][1]:.2f} | {bounds[2][0]:.2f} / {bounds[2][1]:.2f} | {ratio:.1f}× | "
                      + " | ".join(cells) + " |")
+    lines += closed_report(results, reference)
     return "\n".join(lines) + "\n"
+
+
+def closed_loop_bounds(num_users: int, prompt_s: float, decode_s: float) -> dict[str, float]:
+    """Requests a second at most, for `num_users` closed-loop users whose requests need `prompt_s` of prompt compute
+    and `decode_s` of decode steps each: split-only on one prefill engine, and two engines running whole
+    requests; and the least share of prompts a split policy must move to its decode engine to match the latter."""
+    split = min(1 / prompt_s, num_users / (prompt_s + decode_s))
+    # The users spread as evenly as they go over the two engines; an engine with k of them serves k requests
+    # per (k prompts' compute + one request's decode steps) at most.
+    shares = [users for users in (num_users - num_users // 2, num_users // 2) if users]
+    whole = sum(users / (users * prompt_s + decode_s) for users in shares)
+    return {"split_req_s": split, "two_engines_req_s": whole,
+            "decode_share_for_parity": max(0.0, 1 - 1 / (whole * prompt_s))}
+
+
+def closed_report(results: Path, reference: Reference) -> list[str]:
+    rows = [row for row in summary_rows(results) if row["kind"] == "closed"]
+    if not rows:
+        return []
+    sizes: dict[str, list[tuple[int, int]]] = defaultdict(list)
+    for record in read_requests_csv(sorted(results.glob("requests_*.csv"))[0]):
+        if record.repeat == 0 and record.workload in {row["workload"] for row in rows}:
+            sizes[record.workload].append((record.prompt_tokens, record.output_tokens))
+    systems = sorted({row["system"] for row in rows})
+    measured = {(row["workload"], row["system"]): float(row["throughput_tok_s"]) for row in rows
+                if row["throughput_tok_s"]}
+    lines = ["", "## Closed-loop cells: output tokens/s at most", "",
+             "Each request's prompt at the reference's TTFT slope, its decode steps at the reference's single-stream "
+             "gap (lower bounds on both, so these are upper bounds on throughput); measured output tokens/s beside "
+             "them.", "",
+             "| cell | users | prompt / output tokens | split-only (1 prefill engine) tok/s | two engines, whole "
+             "requests, tok/s | split / two | prompts decode must compute for parity | "
+             + " | ".join(systems) + " |", "| --- | --- | --- | --- | --- | --- | --- | "
+             + " | ".join("---" for _ in systems) + " |"]
+    for row in sorted({row["workload"]: row for row in rows}.values(), key=lambda row: row["workload"]):
+        cell, users = row["workload"], int(row["concurrency"])
+        prompt = float(np.mean([p for p, _ in sizes[cell]]))
+        output = float(np.mean([o for _, o in sizes[cell]]))
+        fit = reference.for_trace(row["trace"])
+        prompt_s = fit.ttft.slope_s * prompt
+        decode_s = (output - 1) * fit.tpot_s(int(prompt), int(output))
+        bound = closed_loop_bounds(users, prompt_s, decode_s)
+        lines.append(f"| {cell} | {users} | {prompt:.0f} / {output:.0f} | {bound['split_req_s'] * output:.1f} | "
+                     f"{bound['two_engines_req_s'] * output:.1f} | "
+                     f"{bound['split_req_s'] / bound['two_engines_req_s']:.2f}× | "
+                     f"{bound['decode_share_for_parity']:.0%} | "
+                     + " | ".join(f"{measured[(cell, s)]:.1f}" if (cell, s) in measured else "–" for s in systems)
+                     + " |")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -52,3 +52,27 @@ def test_hand_overs_are_a_line_per_backend_and_the_simulator_reads_the_model(tmp
     read = PerfModel.from_profile(path, backend="object_store")
     assert read.handover_s(1000) == pytest.approx(0.006 + 0.02) and read.step_s0 == pytest.approx(0.02)
     assert read.step_s(0, 1, 0) == pytest.approx(0.02 + 0.015 + 0.003)  # a decode step pays its own floor
+
+
+def test_served_steps_are_read_back_from_the_cores_outputs():
+    from bench.profile import ServedSteps
+
+    served = ServedSteps()
+    served.sent("a", 100, at=0.0)
+    served.ran(0.20, [("a", 1, False)])  # a's prompt, from when it was sent (the core was idle)
+    served.ran(0.25, [("a", 1, False)])  # a decodes: the loop went straight on from the last end
+    served.sent("b", 50, at=0.26)
+    served.ran(0.35, [("a", 1, False), ("b", 1, False)])  # b's prompt rides in a's decode step
+    served.ran(0.40, [("a", 1, True), ("b", 1, False)])
+    served.ran(0.45, [("b", 1, True)])
+    served.sent("c", 100, at=1.0)  # idle in between: the next step begins when its last request was sent
+    served.sent("d", 50, at=1.001)
+    served.ran(1.30, [("c", 1, False), ("d", 1, True)])
+    served.is_recording = False  # a warm-up: state kept, steps not
+    served.ran(1.35, [("c", 1, True)])
+    steps = [(step.kind, step.num_prompt_tokens, step.num_decode_seqs, step.num_context_tokens,
+              round(step.seconds, 3)) for step in served.steps]
+    assert steps == [("prefill", 100, 0, 0, 0.2), ("decode", 0, 1, 100, 0.05), ("mixed", 50, 1, 101, 0.1),
+                     ("decode", 0, 2, 102 + 50, 0.05), ("decode", 0, 1, 51, 0.05),
+                     ("batched_prefill", 150, 0, 0, 0.299)]
+    assert served.in_flight == set()  # every request finished

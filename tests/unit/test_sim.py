@@ -253,6 +253,26 @@ def test_validation_pairs_requests_and_finds_saturation():
     assert saturation(sweep, "measured") == 2.0 and saturation(sweep, "simulated") == 1.0
 
 
+def test_validation_refuses_a_profile_from_another_host(tmp_path):
+    from bench.sim_validate import host_mismatch, main
+
+    profile = tmp_path / "profile"
+    profile.mkdir()
+    (profile / "model.csv").write_text("parameter,value\nstep_s0,0.03\nprompt_token_s,0.001\ndecode_seq_s,0.001\n")
+    (profile / "run.json").write_text(json.dumps({"host": {"cpu": "Intel(R) Xeon(R) Processor"}}))
+    compare = tmp_path / "compare"
+    compare.mkdir()
+    (compare / "run.json").write_text(json.dumps({"host": {"cpu": "AMD EPYC"}, "cells": [], "systems": []}))
+    run = json.loads((compare / "run.json").read_text())
+    assert host_mismatch(run, profile / "model.csv") == ("Intel(R) Xeon(R) Processor", "AMD EPYC")
+    with pytest.raises(SystemExit, match="Intel.*AMD EPYC"):
+        main(["--compare", str(compare), "--profile", str(profile / "model.csv"), "--out", str(tmp_path / "out")])
+    main(["--compare", str(compare), "--profile", str(profile / "model.csv"), "--out", str(tmp_path / "out"),
+          "--allow-other-host"])  # shown, and said in the report
+    assert "not a validation, other hosts" in (tmp_path / "out" / "validation.md").read_text()
+    assert host_mismatch({"host": {"cpu": "Intel(R) Xeon(R) Processor"}}, profile / "model.csv") is None
+
+
 def test_planning_designs_and_the_cheapest_pools():
     import argparse
 
