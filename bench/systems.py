@@ -9,8 +9,6 @@
   splitserve-nixl and the CPU-fixed peer); `splitserve-predictive-chunked`: predictive with decode computing a
   local prompt in small chunks (vLLM's long_prefill_token_threshold); `splitserve-predictive-short-steps`:
   predictive with prefill steps of at most 512 tokens (vLLM's max_num_batched_tokens).
-- `collocated-vllm-spin`, `splitserve-predictive-vllm-spin`: the same two with vLLM's engine processes spinning on
-  their queues as vLLM ships them (deployments/engine_ipc.py), to weigh what the spin costs.
 - `ray-serve-llm-pd-cpu-fixed`: Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector, the two CPU
   pathologies removed (docs/kv-transfer.md): the peer at its best on this host (labelled as such).
 - `ray-serve-llm-pd`: the same, as its users get it.
@@ -148,24 +146,6 @@ def _variant(name: str, description: str) -> System:
                   lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[name])))
 
 
-# vLLM's own spin: its engine processes' queue readers spinning a second after each read, as vLLM ships them
-# (deployments/engine_ipc.py makes them sleep on CPUs). The env reaches every process the system starts.
-VLLM_SPIN = {"SPLITSERVE_ENGINE_SPIN_S": "1"}
-SPIN_SYSTEMS = {"collocated-vllm-spin": "collocated", "splitserve-predictive-vllm-spin": "splitserve-predictive"}
-
-
-def _spin_variant(name: str, of: str) -> System:
-    description = f"{SYSTEMS_BY_NAME_DESCRIPTION[of]}; vLLM's engine queues spinning (SPLITSERVE_ENGINE_SPIN_S=1)"
-    return System(name, description,
-                  _splitserve(name, env=VLLM_SPIN, **SPLITSERVE_UPDATES[of]),
-                  lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[of])))
-
-
-SYSTEMS_BY_NAME_DESCRIPTION = {
-    "collocated": "splitserve router + 2 plain vLLM replicas (cores 0 and 1), both phases on each",
-    "splitserve-predictive": "splitserve PD on NIXL, scheduling policy predictive",
-}
-
 SYSTEMS: dict[str, System] = {system.name: system for system in [
     System("collocated", "splitserve router + 2 plain vLLM replicas (cores 0 and 1), both phases on each",
            _splitserve("collocated", **SPLITSERVE_UPDATES["collocated"]),
@@ -191,7 +171,6 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, its TBT guard charging a decode-local chunk its compute only"),
     _variant("splitserve-predictive-shortest-first",
              "splitserve PD on NIXL, predictive, prefill engines run the shortest waiting prompt first (aged)"),
-    *[_spin_variant(name, of) for name, of in SPIN_SYSTEMS.items()],
 ]}
 BASELINE = "collocated"
 SPLIT_BASELINE = "splitserve-nixl"  # always_split on the policies' backend: what every policy is also held against

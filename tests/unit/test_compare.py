@@ -373,13 +373,6 @@ def test_every_scheduling_policy_is_a_system_of_its_own():
     assert (shortest_first.scheduling.policy, shortest_first.prefill.scheduling_policy) == ("predictive",
                                                                                           "shortest_first")
     assert shortest_first.decode.scheduling_policy == "fcfs"
-    # The spin variants run their systems' own configs; only their engines' environment differs.
-    from bench.systems import SPIN_SYSTEMS, VLLM_SPIN
-
-    for name, of in SPIN_SYSTEMS.items():
-        assert SYSTEMS[name].config() == SYSTEMS[of].config()
-        assert "SPLITSERVE_ENGINE_SPIN_S=1" in SYSTEMS[name].description
-    assert VLLM_SPIN == {"SPLITSERVE_ENGINE_SPIN_S": "1"}
 
 
 def test_every_figure_is_written(tmp_path):
