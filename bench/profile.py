@@ -121,7 +121,8 @@ class ServedSteps:
 class EngineProbe:
     """One engine in this process; requests of exact token counts; one timed `step()` at a time."""
 
-    def __init__(self, config: Any, *, is_in_process: bool = False, kv_connector: str | None = None) -> None:
+    def __init__(self, config: Any, *, is_in_process: bool = False, kv_connector: str | None = None,
+                 transfer_update: dict[str, Any] | None = None) -> None:
         """`kv_connector` (nixl): the decode role's connector as the app configures it, idle (no peer),
         to weigh what it costs a step."""
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if is_in_process else "1"
@@ -134,7 +135,7 @@ class EngineProbe:
         from kv_transfer.backend import kv_transfer_config
 
         connector = None if kv_connector is None else kv_transfer_config(
-            config.transfer.model_copy(update={"backend": kv_connector}), is_producer=False,
+            config.transfer.model_copy(update={"backend": kv_connector, **(transfer_update or {})}), is_producer=False,
             engine_id="profile-decode")
         os.environ.update(engine_environment(config.decode, 0))
         cores = binding_cores(config.decode.cpu_binding_for(0))
@@ -356,14 +357,20 @@ def main(argv: list[str] | None = None) -> None:
                         help="the EngineCore in this process (pinned to the role's cores), each step as composed")
     parser.add_argument("--kv-connector", choices=["nixl"],
                         help="run the decode role's KV connector, idle, to weigh its cost per step")
+    parser.add_argument("--nixl-progress-interval-us", metavar="US|none", help="with --kv-connector nixl: its progress thread's wait between passes "
+                                                "(`none`: no thread); default serve_config.yaml's")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    progress = args.nixl_progress_interval_us
+    transfer_update = {} if progress is None else {"nixl_progress_interval_us": None if progress == "none"
+                                                   else int(progress)}
     config = app_config()
     prompt_sizes, batches = (PROMPT_SIZES[::3], BATCHED_PROMPTS[:2]) if args.quick else (PROMPT_SIZES, BATCHED_PROMPTS)
     cells = SPLITWISE_CELLS[:2] if args.quick else SPLITWISE_CELLS
     mixed = MIXED[:2] if args.quick else MIXED
     began, origin = time.time(), provenance()
-    probe = EngineProbe(config, is_in_process=args.in_process, kv_connector=args.kv_connector)
+    probe = EngineProbe(config, is_in_process=args.in_process, kv_connector=args.kv_connector,
+                        transfer_update=transfer_update)
     if probe.served is not None:
         probe.served.is_recording = False
     prefill_steps(probe, 1, prompt_sizes, batches)  # untimed: each shape's first run pays one-time costs
@@ -404,7 +411,7 @@ def main(argv: list[str] | None = None) -> None:
                 "max_num_batched_tokens": config.decode.max_num_batched_tokens,
                 "max_num_seqs": config.decode.max_num_seqs, "kv_cache_gib": config.decode.kv_cache_gib,
                 "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": args.in_process,
-                "kv_connector": args.kv_connector},
+                "kv_connector": args.kv_connector, **transfer_update},
             "model": model, "fit_errors": errors,
             "num_steps": len(steps), "num_handovers": len(handovers)}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
