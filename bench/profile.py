@@ -55,7 +55,7 @@ TOKEN_SIZE = 32
 # the running batch's next step.
 MIXED = ((1, 64), (1, 512), (4, 64), (4, 512), (8, 256), (15, 64), (15, 1024))
 HANDOVER_TOKENS = (128, 512, 1024, 2048)
-STEP_FIELDS = ("kind", "num_prompt_tokens", "num_decode_seqs", "num_context_tokens", "seconds")
+STEP_FIELDS = ("kind", "num_prompt_tokens", "num_decode_seqs", "num_context_tokens", "seconds", "num_prompt_pairs")
 SPLITWISE_FIELDS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
                     "e2e_time", "tensor_parallel")
 
@@ -67,6 +67,12 @@ class Step:
     num_decode_seqs: int
     num_context_tokens: int  # KV the decode sequences read
     seconds: float
+    num_prompt_pairs: int = 0  # attention's pairs among the prompt tokens (each prompt computed from its start)
+
+
+def pairs(num_prompt_tokens: int) -> int:
+    """A whole prompt computed in one step: each token attends to itself and every token before it."""
+    return num_prompt_tokens * (num_prompt_tokens + 1) // 2
 
 
 @dataclass
@@ -99,18 +105,19 @@ class ServedSteps:
             began = self.last_end  # requests held across the last step's end: the loop went straight on
         else:  # the core was idle until this step's first request reached it
             began = max([self.sent_at[request_id] for request_id in new] + [self.last_end or 0.0])
-        num_prompt_tokens = num_decode = num_context = 0
+        num_prompt_tokens = num_decode = num_context = num_pairs = 0
         for request_id, _, _ in outputs:
             previous = self.generated[request_id]
             if previous == 0:
                 num_prompt_tokens += self.prompt_tokens[request_id]
+                num_pairs += pairs(self.prompt_tokens[request_id])
             else:
                 num_decode += 1
                 num_context += self.prompt_tokens[request_id] + previous - 1
         kind = ("mixed" if num_decode else ("batched_prefill" if len(new) > 1 else "prefill")) \
             if num_prompt_tokens else "decode"
         if self.is_recording:
-            self.steps.append(Step(kind, num_prompt_tokens, num_decode, num_context, end - began))
+            self.steps.append(Step(kind, num_prompt_tokens, num_decode, num_context, end - began, num_pairs))
         for request_id, num_new, is_finished in outputs:
             self.generated[request_id] += num_new
             if is_finished:
@@ -195,12 +202,12 @@ def prefill_steps(probe: EngineProbe, repeats: int, prompt_sizes: tuple[int, ...
     for _ in range(repeats):
         for size in prompt_sizes:
             probe.add(size, 1)
-            steps.append(Step("prefill", size, 0, 0, probe.step()))
+            steps.append(Step("prefill", size, 0, 0, probe.step(), pairs(size)))
             probe.drain()
         for count, size in batches:
             for _ in range(count):
                 probe.add(size, 1)
-            steps.append(Step("batched_prefill", count * size, 0, 0, probe.step()))
+            steps.append(Step("batched_prefill", count * size, 0, 0, probe.step(), count * pairs(size)))
             probe.drain()
     return steps
 
@@ -210,7 +217,8 @@ def splitwise_cell(probe: EngineProbe, prompt_size: int, batch_size: int) -> tup
     for _ in range(batch_size):
         probe.add(prompt_size, TOKEN_SIZE)
     prompt_s = probe.step()
-    steps = [Step("batched_prefill" if batch_size > 1 else "prefill", prompt_size * batch_size, 0, 0, prompt_s)]
+    steps = [Step("batched_prefill" if batch_size > 1 else "prefill", prompt_size * batch_size, 0, 0, prompt_s,
+                  batch_size * pairs(prompt_size))]
     for generated in range(1, TOKEN_SIZE):
         context = batch_size * (prompt_size + generated - 1)  # as the simulator counts it: KV written before the step
         steps.append(Step("decode", 0, batch_size, context, probe.step()))
@@ -233,7 +241,7 @@ def mixed_steps(probe: EngineProbe, repeats: int, cells: tuple[tuple[int, int], 
             probe.step()  # their prompts
             probe.step()  # one pure decode step, so that every sequence has a generated token
             probe.add(chunk, 1)
-            steps.append(Step("mixed", chunk, running, running * (128 + 1), probe.step()))
+            steps.append(Step("mixed", chunk, running, running * (128 + 1), probe.step(), pairs(chunk)))
             probe.drain()
     return steps
 
@@ -266,12 +274,12 @@ def handover_rows(config: Any, repeats: int, token_counts: tuple[int, ...]) -> l
     return rows
 
 
-STEP_TERMS = ("step_s0", "decode_step_s0", "prompt_token_s", "decode_seq_s", "context_token_s")
+STEP_TERMS = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s")
 
 
 def _terms(step: Step) -> list[float]:
-    return [1.0, 1.0 if step.num_decode_seqs else 0.0, step.num_prompt_tokens, step.num_decode_seqs,
-            step.num_context_tokens]
+    return [1.0, 1.0 if step.num_decode_seqs else 0.0, step.num_prompt_tokens, step.num_prompt_pairs,
+            step.num_decode_seqs, step.num_context_tokens]
 
 
 def fit_steps(steps: list[Step]) -> dict[str, float]:
@@ -421,6 +429,7 @@ def main(argv: list[str] | None = None) -> None:
              f"{meta['started_at']}, {meta['wall_s'] / 60:.1f} min: {len(steps)} engine steps, "
              f"{len(handovers)} hand-overs.", "",
              "step seconds = step_s0 + decode_step_s0 (if any sequence decodes) + prompt_token_s · prompt tokens + "
+             "prompt_pair_s · prompt token pairs (attention's quadratic part) + "
              "decode_seq_s · decode sequences + context_token_s · KV tokens read", "",
              "| parameter | value |", "| --- | --- |",
              *[f"| {name} | {value:.4g} |" for name, value in model.items()], "",

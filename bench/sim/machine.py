@@ -160,11 +160,13 @@ class Machine:
             self.kv_used += (num_steps - 1) * num_decoding
         self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, self.kv_used)
         num_prompt_tokens = sum(chunk for _, chunk in chunks)
+        # Attention's pairs: a chunk attends to the prompt's tokens computed before it and to its own.
+        num_prompt_pairs = sum(chunk * request.num_computed + chunk * (chunk + 1) // 2 for request, chunk in chunks)
         self._decoding, self._chunks = decoding, chunks
         self.last_num_decoding, self.last_num_prompt_tokens = num_decoding, num_prompt_tokens
         self._segment_start_s, self._num_steps = now, num_steps
         self._first_step_s = self.model.step_s(num_prompt_tokens, num_decoding,
-                                               sum(request.kv_tokens for request in decoding))
+                                               sum(request.kv_tokens for request in decoding), num_prompt_pairs)
         self.last_step_s = self._steps_s(num_steps)
         self.is_busy = True
         return self.last_step_s

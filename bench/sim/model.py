@@ -5,7 +5,11 @@ token each, reading their KV. Its time is modelled as a line in those three quan
 SplitwiseSim's database model fits per batch, and the one the live scheduler's rates learn online (rates.py):
 
     step_s = step_s0 + decode_step_s0 [if any sequence decodes] + prompt_token_s · prompt tokens
-             + decode_seq_s · sequences + context_token_s · KV tokens read
+             + prompt_pair_s · prompt token pairs + decode_seq_s · sequences + context_token_s · KV tokens read
+
+`prompt token pairs` is attention's quadratic part: a chunk of c tokens of a prompt whose first k tokens are
+computed attends over c·k + c·(c+1)/2 pairs (on this host's CPU a 1,536-token prompt costs 4.6 ms a token against
+3.3-3.4 ms at 128-512, so a line in prompt tokens alone misfits both ends).
 
 `decode_step_s0` is what a step with decode sequences costs beyond one without (on a GPU, reading the weights for
 a memory-bound step; SplitwiseSim's profiles show it as a token step's floor above a small prompt's).
@@ -28,15 +32,17 @@ class PerfModel(BaseModel):
     step_s0: float = Field(ge=0)  # an iteration's fixed cost (scheduling, sampling, the model's weights read)
     decode_step_s0: float = Field(0.0, ge=0)  # more when the iteration extends any sequence
     prompt_token_s: float = Field(ge=0)  # per prompt token computed in the iteration
+    prompt_pair_s: float = Field(0.0, ge=0)  # per pair of prompt tokens where one attends to the other
     decode_seq_s: float = Field(ge=0)  # per decode sequence extended by one token
     context_token_s: float = Field(0.0, ge=0)  # per KV token the decode sequences attend to
     handover_s0: float = Field(0.0, ge=0)  # a KV hand-over's fixed cost
     handover_token_s: float = Field(0.0, ge=0)  # per prompt token whose KV moves
 
-    def step_s(self, num_prompt_tokens: int, num_decode_seqs: int, num_context_tokens: int) -> float:
+    def step_s(self, num_prompt_tokens: int, num_decode_seqs: int, num_context_tokens: int,
+               num_prompt_pairs: int = 0) -> float:
         return (self.step_s0 + (self.decode_step_s0 if num_decode_seqs else 0.0)
-                + self.prompt_token_s * num_prompt_tokens + self.decode_seq_s * num_decode_seqs
-                + self.context_token_s * num_context_tokens)
+                + self.prompt_token_s * num_prompt_tokens + self.prompt_pair_s * num_prompt_pairs
+                + self.decode_seq_s * num_decode_seqs + self.context_token_s * num_context_tokens)
 
     def handover_s(self, num_prompt_tokens: int) -> float:
         return self.handover_s0 + self.handover_token_s * num_prompt_tokens
@@ -46,7 +52,7 @@ class PerfModel(BaseModel):
         """bench.profile's fitted model: rows `parameter,value` (a hand-over's per backend, `handover_s0@nixl`)."""
         with open(path, newline="") as handle:
             values = {row["parameter"]: float(row["value"]) for row in csv.DictReader(handle)}
-        fields = {name: values[name] for name in ("step_s0", "decode_step_s0", "prompt_token_s", "decode_seq_s",
+        fields = {name: values[name] for name in ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s",
                                                   "context_token_s") if name in values}
         for name in ("handover_s0", "handover_token_s"):
             if f"{name}@{backend}" in values:

@@ -7,32 +7,33 @@ import csv
 
 import pytest
 
-from bench.profile import Step, fit_errors, fit_handovers, fit_steps
+from bench.profile import Step, fit_errors, fit_handovers, fit_steps, pairs
 from bench.sim.model import PerfModel
 
 
 def _steps(step_s0=0.02, prompt_token_s=0.0019, decode_seq_s=0.003, context_token_s=2e-6,
-           decode_step_s0=0.015) -> list[Step]:
+           decode_step_s0=0.015, prompt_pair_s=4e-7) -> list[Step]:
     steps = []
     for prompt, seqs, context in [(512, 0, 0), (2048, 0, 0), (64, 0, 0), (0, 1, 300), (0, 8, 4000), (0, 16, 9000),
-                                  (256, 4, 600), (1024, 16, 2100), (0, 2, 2100)]:
-        seconds = step_s0 + prompt_token_s * prompt + decode_seq_s * seqs + context_token_s * context \
-            + (decode_step_s0 if seqs else 0.0)
+                                  (256, 4, 600), (1024, 16, 2100), (0, 2, 2100), (1536, 0, 0)]:
+        seconds = step_s0 + prompt_token_s * prompt + prompt_pair_s * pairs(prompt) + decode_seq_s * seqs \
+            + context_token_s * context + (decode_step_s0 if seqs else 0.0)
         steps.append(Step("mixed" if prompt and seqs else "prefill" if prompt else "decode", prompt, seqs, context,
-                          seconds))
+                          seconds, pairs(prompt)))
     return steps
 
 
 def test_the_step_fit_recovers_a_known_model_exactly():
     fitted = fit_steps(_steps())
     assert fitted == pytest.approx({"step_s0": 0.02, "decode_step_s0": 0.015, "prompt_token_s": 0.0019,
-                                    "decode_seq_s": 0.003, "context_token_s": 2e-6}, rel=1e-6)
+                                    "prompt_pair_s": 4e-7, "decode_seq_s": 0.003, "context_token_s": 2e-6},
+                                   rel=1e-6)
     assert all(error["median"] < 1e-6 for error in fit_errors(_steps(), fitted).values())
 
 
 def test_a_term_that_would_be_negative_is_left_out():
     steps = [Step(s.kind, s.num_prompt_tokens, s.num_decode_seqs, s.num_context_tokens,
-                  s.seconds - 1e-6 * s.num_context_tokens) for s in _steps(context_token_s=0.0)]
+                  s.seconds - 1e-6 * s.num_context_tokens, s.num_prompt_pairs) for s in _steps(context_token_s=0.0)]
     fitted = fit_steps(steps)
     assert fitted["context_token_s"] == 0.0 and all(value >= 0 for value in fitted.values())
 
@@ -52,6 +53,8 @@ def test_hand_overs_are_a_line_per_backend_and_the_simulator_reads_the_model(tmp
     read = PerfModel.from_profile(path, backend="object_store")
     assert read.handover_s(1000) == pytest.approx(0.006 + 0.02) and read.step_s0 == pytest.approx(0.02)
     assert read.step_s(0, 1, 0) == pytest.approx(0.02 + 0.015 + 0.003)  # a decode step pays its own floor
+    # A 1,000-token prompt: its tokens and its 500,500 attention pairs.
+    assert read.step_s(1000, 0, 0, pairs(1000)) == pytest.approx(0.02 + 1.9 + 4e-7 * 500_500)
 
 
 def test_served_steps_are_read_back_from_the_cores_outputs():
@@ -75,4 +78,5 @@ def test_served_steps_are_read_back_from_the_cores_outputs():
     assert steps == [("prefill", 100, 0, 0, 0.2), ("decode", 0, 1, 100, 0.05), ("mixed", 50, 1, 101, 0.1),
                      ("decode", 0, 2, 102 + 50, 0.05), ("decode", 0, 1, 51, 0.05),
                      ("batched_prefill", 150, 0, 0, 0.299)]
+    assert [step.num_prompt_pairs for step in served.steps] == [5050, 0, 1275, 0, 0, 5050 + 1275]
     assert served.in_flight == set()  # every request finished

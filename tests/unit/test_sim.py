@@ -70,6 +70,19 @@ def test_a_long_prompt_runs_in_chunks_of_the_token_budget():
     assert result.machines[0].stats.num_iterations == 4
 
 
+def test_a_prompts_attention_pairs_cost_the_same_whole_or_in_chunks():
+    # 1 µs an attention pair: 100 tokens at once attend over 100·101/2 = 5,050 pairs; in chunks of 64 and 36, the
+    # second chunk also attends to the 64 before it (64·65/2 + 36·64 + 36·37/2 = 2,080 + 2,304 + 666 = 5,050).
+    model = MODEL.model_copy(update={"prompt_pair_s": 1e-6})
+    whole = Simulator(SimConfig(model=model, cluster=ClusterConfig(mode="collocated", num_prefill=0, num_decode=1)))
+    chunked = Simulator(SimConfig(model=model, cluster=ClusterConfig(mode="collocated", num_prefill=0, num_decode=1,
+                                                                     decode=MachineConfig(max_batch_tokens=64))))
+    at_once = whole.run([_request(0, 0.0, 100, 1)]).records[0].ttft_s
+    in_chunks = chunked.run([_request(0, 0.0, 100, 1)]).records[0].ttft_s
+    assert at_once == pytest.approx(0.1 + 0.1 + 5050e-6)
+    assert in_chunks == pytest.approx(2 * 0.1 + 0.1 + 5050e-6)  # one more iteration's fixed cost, the same pairs
+
+
 @pytest.mark.parametrize("policy", ["always_split", "token_jsq", "conditional", "mixed_pool", "predictive"])
 def test_a_loaded_trace_keeps_the_event_loops_invariants(policy):
     """Every request completes exactly once with every token, no machine holds more KV than it has (small
