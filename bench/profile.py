@@ -365,8 +365,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="the EngineCore in this process (pinned to the role's cores), each step as composed")
     parser.add_argument("--kv-connector", choices=["nixl"],
                         help="run the decode role's KV connector, idle, to weigh its cost per step")
-    parser.add_argument("--nixl-progress-interval-us", metavar="US|none", help="with --kv-connector nixl: its progress thread's wait between passes "
-                                                "(`none`: no thread); default serve_config.yaml's")
+    parser.add_argument("--nixl-progress-interval-us", metavar="US|none",
+                        help="with --kv-connector nixl: its progress thread's wait between passes (`none`: no "
+                             "thread); default serve_config.yaml's")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     progress = args.nixl_progress_interval_us

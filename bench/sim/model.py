@@ -52,8 +52,8 @@ class PerfModel(BaseModel):
         """bench.profile's fitted model: rows `parameter,value` (a hand-over's per backend, `handover_s0@nixl`)."""
         with open(path, newline="") as handle:
             values = {row["parameter"]: float(row["value"]) for row in csv.DictReader(handle)}
-        fields = {name: values[name] for name in ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s",
-                                                  "context_token_s") if name in values}
+        terms = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s")
+        fields = {name: values[name] for name in terms if name in values}
         for name in ("handover_s0", "handover_token_s"):
             if f"{name}@{backend}" in values:
                 fields[name] = values[f"{name}@{backend}"]
