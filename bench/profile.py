@@ -42,8 +42,14 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from bench import processes
 from bench.provenance import provenance
 from bench.systems import app_config
+
+# Before Ray is imported (it reads RAY_AUTH_MODE once, at import): the hand-overs' Ray cluster and this driver share
+# one token (Ray 2.60's token auth); without it, on a machine with ~/.ray/auth_token the cluster refused the driver
+# and the whole profile was lost at its last sweep.
+processes.use_ray_token_auth()
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "profile"
 PROMPT_SIZES = (16, 64, 128, 256, 512, 1024, 1536, 2000)  # + its output within max_model_len
