@@ -27,6 +27,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from bench import processes
 from bench.provenance import provenance
 from bench.sim.config import SimConfig
 from bench.slo import Reference, RequestSample, fit_reference, slo_margin, slowdown_percentiles, slowdowns
@@ -90,6 +91,9 @@ def simulated_reference(base: SimConfig, trace: str, is_scaled: bool) -> Referen
 
 
 def main(argv: list[str] | None = None) -> None:
+    # Before Ray is imported (it reads RAY_AUTH_MODE once, at import): the local cluster and this driver share one
+    # token under Ray 2.60's token auth.
+    processes.use_ray_token_auth()
     import ray
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
