@@ -8,7 +8,8 @@
   engines on NIXL, each scheduling policy as its own row (`--systems policies` runs them all beside the baseline,
   splitserve-nixl and the CPU-fixed peer); `splitserve-predictive-chunked`: predictive with decode computing a
   local prompt in small chunks (vLLM's long_prefill_token_threshold); `splitserve-predictive-short-steps`:
-  predictive with prefill steps of at most 512 tokens (vLLM's max_num_batched_tokens).
+  predictive with prefill steps of at most 512 tokens (vLLM's max_num_batched_tokens); `splitserve-predictive-pinned`:
+  predictive with every engine process pinned to its role's core (`pin_engine_processes`).
 - `ray-serve-llm-pd-cpu-fixed`: Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector, the two CPU
   pathologies removed (docs/kv-transfer.md): the peer at its best on this host (labelled as such).
 - `ray-serve-llm-pd`: the same, as its users get it.
@@ -140,6 +141,13 @@ SPLITSERVE_UPDATES["splitserve-predictive-compute-guard"] = {
     "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "tbt_guard_charge": "compute"}}
 
 
+# The predictive policy with each engine's whole replica process pinned to its cores (`pin_engine_processes`), so
+# that vLLM's EngineCore, which spins on its queue through every step of its worker, spins on its own engine's core.
+SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive"], "prefill": {"pin_engine_processes": True},
+    "decode": {"pin_engine_processes": True}}
+
+
 def _variant(name: str, description: str) -> System:
     """A splitserve system that differs from serve_config.yaml by `SPLITSERVE_UPDATES[name]`."""
     return System(name, description, _splitserve(name, **SPLITSERVE_UPDATES[name]),
@@ -171,6 +179,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, its TBT guard charging a decode-local chunk its compute only"),
     _variant("splitserve-predictive-shortest-first",
              "splitserve PD on NIXL, predictive, prefill engines run the shortest waiting prompt first (aged)"),
+    _variant("splitserve-predictive-pinned",
+             "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
 ]}
 BASELINE = "collocated"
 SPLIT_BASELINE = "splitserve-nixl"  # always_split on the policies' backend: what every policy is also held against
