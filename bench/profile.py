@@ -44,12 +44,8 @@ from tqdm import tqdm
 
 from bench import processes
 from bench.provenance import provenance
+from bench.sim.model import prompt_pairs as pairs  # a whole prompt in one step: pairs(n) = n·(n+1)/2
 from bench.systems import app_config
-
-# Before Ray is imported (it reads RAY_AUTH_MODE once, at import): the hand-overs' Ray cluster and this driver share
-# one token (Ray 2.60's token auth); without it, on a machine with ~/.ray/auth_token the cluster refused the driver
-# and the whole profile was lost at its last sweep.
-processes.use_ray_token_auth()
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "profile"
 PROMPT_SIZES = (16, 64, 128, 256, 512, 1024, 1536, 2000)  # + its output within max_model_len
@@ -74,11 +70,6 @@ class Step:
     num_context_tokens: int  # KV the decode sequences read
     seconds: float
     num_prompt_pairs: int = 0  # attention's pairs among the prompt tokens (each prompt computed from its start)
-
-
-def pairs(num_prompt_tokens: int) -> int:
-    """A whole prompt computed in one step: each token attends to itself and every token before it."""
-    return num_prompt_tokens * (num_prompt_tokens + 1) // 2
 
 
 @dataclass
@@ -376,6 +367,10 @@ def main(argv: list[str] | None = None) -> None:
                              "thread); default serve_config.yaml's")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    # Before Ray is imported (it reads RAY_AUTH_MODE once, at import): the hand-overs' Ray cluster and this driver
+    # share one token (Ray 2.60's token auth); without it, on a machine with ~/.ray/auth_token the cluster refused
+    # the driver and the whole profile was lost at its last sweep.
+    processes.use_ray_token_auth()
     progress = args.nixl_progress_interval_us
     transfer_update = {} if progress is None else {"nixl_progress_interval_us": None if progress == "none"
                                                    else int(progress)}

@@ -66,12 +66,10 @@ def app_config(config: dict[str, Any] | None = None) -> Any:
     return AppConfig.model_validate((config or serve_config())["applications"][0]["args"])
 
 
-def _splitserve(name: str, *, env: dict[str, str] | None = None,
-                **args_update: Any) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
+def _splitserve(name: str, **args_update: Any) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
     @contextlib.contextmanager
     def start(logs_dir: Path) -> Iterator[str]:
-        with processes.serve_run(serve_config(**copy.deepcopy(args_update)), name=name, logs_dir=logs_dir,
-                                 env=env) as app:
+        with processes.serve_run(serve_config(**copy.deepcopy(args_update)), name=name, logs_dir=logs_dir) as app:
             yield app.base_url
 
     return start

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum
 
 from bench.sim.config import MachineConfig
-from bench.sim.model import PerfModel
+from bench.sim.model import PerfModel, prompt_pairs
 
 
 @dataclass(slots=True, eq=False)
@@ -161,7 +161,7 @@ class Machine:
         self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, self.kv_used)
         num_prompt_tokens = sum(chunk for _, chunk in chunks)
         # Attention's pairs: a chunk attends to the prompt's tokens computed before it and to its own.
-        num_prompt_pairs = sum(chunk * request.num_computed + chunk * (chunk + 1) // 2 for request, chunk in chunks)
+        num_prompt_pairs = sum(prompt_pairs(chunk, request.num_computed) for request, chunk in chunks)
         self._decoding, self._chunks = decoding, chunks
         self.last_num_decoding, self.last_num_prompt_tokens = num_decoding, num_prompt_tokens
         self._segment_start_s, self._num_steps = now, num_steps

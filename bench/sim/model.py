@@ -26,6 +26,12 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def prompt_pairs(num_tokens: int, num_before: int = 0) -> int:
+    """Attention's pairs of a chunk of `num_tokens` prompt tokens after `num_before` of the same prompt: each token
+    attends to the ones before it and to itself."""
+    return num_tokens * num_before + num_tokens * (num_tokens + 1) // 2
+
+
 class PerfModel(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
