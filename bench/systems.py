@@ -10,6 +10,8 @@
   local prompt in small chunks (vLLM's long_prefill_token_threshold); `splitserve-predictive-short-steps`:
   predictive with prefill steps of at most 512 tokens (vLLM's max_num_batched_tokens); `splitserve-predictive-pinned`:
   predictive with every engine process pinned to its role's core (`pin_engine_processes`).
+- `collocated-vllm-spin`, `splitserve-predictive-vllm-spin`: those two with vLLM's engine processes spinning on
+  their queues as vLLM ships them (`SPLITSERVE_ENGINE_POLL_US=0`; deployments/engine_ipc.py), to weigh the naps.
 - `ray-serve-llm-pd-cpu-fixed`: Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector, the two CPU
   pathologies removed (docs/kv-transfer.md): the peer at its best on this host (labelled as such).
 - `ray-serve-llm-pd`: the same, as its users get it.
@@ -66,10 +68,13 @@ def app_config(config: dict[str, Any] | None = None) -> Any:
     return AppConfig.model_validate((config or serve_config())["applications"][0]["args"])
 
 
-def _splitserve(name: str, **args_update: Any) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
+def _splitserve(name: str, env: dict[str, str] | None = None,
+                **args_update: Any) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
+    """`env`: set where the app's processes start (the Ray head and `serve run`), e.g. VLLM_SPIN."""
     @contextlib.contextmanager
     def start(logs_dir: Path) -> Iterator[str]:
-        with processes.serve_run(serve_config(**copy.deepcopy(args_update)), name=name, logs_dir=logs_dir) as app:
+        with processes.serve_run(serve_config(**copy.deepcopy(args_update)), name=name, logs_dir=logs_dir,
+                                 env=env) as app:
             yield app.base_url
 
     return start
@@ -146,6 +151,12 @@ SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
     "decode": {"pin_engine_processes": True}}
 
 
+# vLLM's own wait between an engine's processes, a sched_yield spin, instead of our plugin's naps
+# (deployments/engine_ipc.py): what the naps buy, measured against the same systems with vLLM's spin.
+VLLM_SPIN = {"SPLITSERVE_ENGINE_POLL_US": "0"}
+SPIN_SYSTEMS = {"collocated-vllm-spin": "collocated", "splitserve-predictive-vllm-spin": "splitserve-predictive"}
+
+
 def _variant(name: str, description: str) -> System:
     """A splitserve system that differs from serve_config.yaml by `SPLITSERVE_UPDATES[name]`."""
     return System(name, description, _splitserve(name, **SPLITSERVE_UPDATES[name]),
@@ -179,6 +190,10 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, prefill engines run the shortest waiting prompt first (aged)"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
+    *[System(name, f"{of}, its engines' processes waiting for each other with vLLM's spin (no naps)",
+             _splitserve(name, env=VLLM_SPIN, **SPLITSERVE_UPDATES[of]),
+             lambda of=of: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[of])))
+      for name, of in SPIN_SYSTEMS.items()],
 ]}
 BASELINE = "collocated"
 SPLIT_BASELINE = "splitserve-nixl"  # always_split on the policies' backend: what every policy is also held against

@@ -35,7 +35,7 @@ def test_as_shipped_is_ray_serve_llms_own_builder_with_vllms_nixl_connector_on_c
         assert side["model_loading_config"]["model_source"] == str(PROJECT_ROOT / ".models/SmolLM2-135M-Instruct")
 
 
-def test_cpu_fixed_changes_only_the_connector():
+def test_cpu_fixed_changes_only_the_connector_and_the_engines_wait():
     from kv_transfer.nixl.connector import SplitserveNixlConnector
 
     assert (FIXED_CONNECTOR, FIXED_CONNECTOR_MODULE) == (SplitserveNixlConnector.__name__,
@@ -47,7 +47,11 @@ def test_cpu_fixed_changes_only_the_connector():
             "kv_role": "kv_both", "kv_buffer_device": "cpu",
             "kv_connector_extra_config": {"keep_engine_affinity": True, "progress_interval_us": 5000,
                                           "kv_lease_duration": 30}}
+        # As shipped, vLLM's spin between an engine's processes; fixed, our plugin's naps (deployments/engine_ipc.py).
+        assert shipped[name]["runtime_env"]["env_vars"]["SPLITSERVE_ENGINE_POLL_US"] == "0"
+        assert "SPLITSERVE_ENGINE_POLL_US" not in fixed[name]["runtime_env"]["env_vars"]
         rest = [copy.deepcopy(sides[name]) for sides in (shipped, fixed)]
+        del rest[0]["runtime_env"]["env_vars"]["SPLITSERVE_ENGINE_POLL_US"]
         for side in rest:
             del side["engine_kwargs"]["kv_transfer_config"]
             del side["runtime_env"]["env_vars"]["VLLM_NIXL_SIDE_CHANNEL_PORT"]  # a free port each time
