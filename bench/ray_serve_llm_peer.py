@@ -79,12 +79,12 @@ def llm_config(*, model_path: str, served_name: str, max_model_len: int, is_cpu_
         },
         # Inherited by the engine's subprocesses. A free side-channel port per engine instead of Ray's defaults
         # (20000 / 22000) so that nothing else on the host can collide with it.
-        # As shipped, its engines' processes spin on their queues as vLLM's do; CPU-fixed, they nap between looks
+        # As shipped, its engines' processes spin on their queues as vLLM's do; CPU-fixed, they sleep until woken
         # like splitserve's (deployments/engine_ipc.py: our vLLM plugin, loaded by any vLLM in this venv).
         "runtime_env": {"env_vars": {
             "VLLM_CPU_OMP_THREADS_BIND": cores, "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(nixl_port),
-            **({} if is_cpu_fixed else {"SPLITSERVE_ENGINE_POLL_US": "0"}),
+            **({} if is_cpu_fixed else {"SPLITSERVE_ENGINE_SPIN_S": "vllm"}),
         }},
     }
 

@@ -11,7 +11,7 @@
   predictive with prefill steps of at most 512 tokens (vLLM's max_num_batched_tokens); `splitserve-predictive-pinned`:
   predictive with every engine process pinned to its role's core (`pin_engine_processes`).
 - `collocated-vllm-spin`, `splitserve-predictive-vllm-spin`: those two with vLLM's engine processes spinning on
-  their queues as vLLM ships them (`SPLITSERVE_ENGINE_POLL_US=0`; deployments/engine_ipc.py), to weigh the naps.
+  their queues as vLLM ships them (`SPLITSERVE_ENGINE_SPIN_S=vllm`; deployments/engine_ipc.py), to weigh the spin.
 - `ray-serve-llm-pd-cpu-fixed`: Ray Serve LLM's `build_pd_openai_app` with vLLM's NixlConnector, the two CPU
   pathologies removed (docs/kv-transfer.md): the peer at its best on this host (labelled as such).
 - `ray-serve-llm-pd`: the same, as its users get it.
@@ -151,9 +151,9 @@ SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
     "decode": {"pin_engine_processes": True}}
 
 
-# vLLM's own wait between an engine's processes, a sched_yield spin, instead of our plugin's naps
-# (deployments/engine_ipc.py): what the naps buy, measured against the same systems with vLLM's spin.
-VLLM_SPIN = {"SPLITSERVE_ENGINE_POLL_US": "0"}
+# vLLM's own queues between an engine's processes (a 1 s sched_yield spin), instead of our plugin's sleeping readers
+# (deployments/engine_ipc.py): what sleeping buys, measured against the same systems with vLLM's spin.
+VLLM_SPIN = {"SPLITSERVE_ENGINE_SPIN_S": "vllm"}
 SPIN_SYSTEMS = {"collocated-vllm-spin": "collocated", "splitserve-predictive-vllm-spin": "splitserve-predictive"}
 
 
@@ -190,7 +190,7 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, prefill engines run the shortest waiting prompt first (aged)"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
-    *[System(name, f"{of}, its engines' processes waiting for each other with vLLM's spin (no naps)",
+    *[System(name, f"{of}, its engines' processes waiting for each other with vLLM's 1 s spin",
              _splitserve(name, env=VLLM_SPIN, **SPLITSERVE_UPDATES[of]),
              lambda of=of: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[of])))
       for name, of in SPIN_SYSTEMS.items()],

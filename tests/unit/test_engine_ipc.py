@@ -1,16 +1,18 @@
-"""deployments/engine_ipc.py: the vLLM plugin that makes an engine's queue readers nap between looks instead of
-spinning. Walks a real vLLM shared-memory queue with the patch in place: every message arrives, in order, including
-one written after the reader left its busy window (the case a sleeping reader once lost)."""
+"""deployments/engine_ipc.py: the vLLM plugin that makes an engine's queue readers sleep instead of spinning, with
+notifications that are never dropped. Walks a real vLLM shared-memory queue with the patch in place: every message
+arrives, in order, and none waits for vLLM's 5 s poll timeout (the lost wake-up the plugin's writer side fixes)."""
 
 from __future__ import annotations
 
 import gc
 import importlib.metadata
+import random
 import threading
 import time
 from pathlib import Path
 
 import pytest
+import zmq
 
 from deployments import engine_ipc
 
@@ -21,54 +23,64 @@ def test_the_plugin_is_registered_for_vllm_to_load():
 
 
 @pytest.fixture
-def patched_condition(monkeypatch):
-    """SpinCondition with the plugin registered (twice: vLLM may load a plugin twice in a process), restored after."""
+def patched(monkeypatch):
+    """SpinCondition with the plugin registered (twice: vLLM may load a plugin twice in a process), readers never
+    spinning; vLLM's own constructor is handed back for comparison and restored after the test."""
     from vllm.distributed.device_communicators import shm_broadcast
 
     condition = shm_broadcast.SpinCondition
-    original_wait = condition.wait
-    monkeypatch.setattr(condition, "wait", original_wait)
-    monkeypatch.delattr(condition, "_splitserve_poll_s", raising=False)
-    monkeypatch.setenv(engine_ipc.POLL_ENV, "300")
+    original_init = condition.__init__
+    monkeypatch.setattr(condition, "__init__", original_init)
+    monkeypatch.delattr(condition, "_splitserve_spin_s", raising=False)
+    monkeypatch.setenv(engine_ipc.SPIN_ENV, "0")
     engine_ipc.register()
     engine_ipc.register()
-    return condition, original_wait
+    return condition, original_init
 
 
-def test_a_waiting_reader_naps_inside_vllms_window_and_waits_on_the_socket_after_it(patched_condition, monkeypatch):
-    condition, original_wait = patched_condition
-    assert condition._splitserve_poll_s == pytest.approx(300e-6)
-    naps, socket_waits = [], []
-    monkeypatch.setattr(engine_ipc.time, "sleep", naps.append)
-    wait = engine_ipc.polite_wait(lambda self, timeout_ms: socket_waits.append(timeout_ms), 300e-6)
-
-    class Reader:  # the two fields `wait` reads
-        busy_loop_s = 1.0
-        last_read = time.monotonic()
-
-    reader = Reader()
-    wait(reader, 5)
-    assert naps == [300e-6] and socket_waits == []  # read a moment ago: nap, no sched_yield spin
-    reader.last_read -= 2.0
-    wait(reader, 5)
-    assert naps == [300e-6] and socket_waits == [5]  # idle past the window: vLLM's own wait, unchanged
+def _close(*conditions) -> None:
+    for condition in conditions:
+        for socket in (condition.local_notify_socket, condition.read_cancel_socket, condition.write_cancel_socket):
+            if socket is not None:
+                socket.close(linger=0)
 
 
-def test_every_message_of_a_real_vllm_queue_arrives_in_order_with_the_patch(patched_condition):
+def test_a_writer_keeps_every_notification_and_a_reader_sleeps_at_once(patched, tmp_path):
+    condition, original_init = patched
+    context = zmq.Context()
+    ours = condition(is_reader=False, context=context, notify_address=f"ipc://{tmp_path}/ours")
+    reader = condition(is_reader=True, context=context, notify_address=f"ipc://{tmp_path}/ours")
+    vllms = object.__new__(condition)
+    original_init(vllms, is_reader=False, context=context, notify_address=f"ipc://{tmp_path}/vllms")
+    try:
+        assert vars(ours).keys() == vars(vllms).keys()  # the writer is vLLM's, field for field
+        assert vllms.local_notify_socket.getsockopt(zmq.SNDHWM) == 1  # vLLM's: a second ping soon after is dropped
+        assert ours.local_notify_socket.getsockopt(zmq.SNDHWM) == engine_ipc.NOTIFY_SNDHWM == 0  # no limit
+        assert reader.busy_loop_s == 0 and ours.busy_loop_s == 0  # vLLM's reader spins 1 s
+        assert reader.local_notify_socket.getsockopt(zmq.CONFLATE) == 1  # vLLM's reader side, unchanged
+    finally:
+        _close(ours, reader, vllms)
+        context.term()
+
+
+def test_every_message_of_a_real_vllm_queue_wakes_its_sleeping_reader(patched):
     from vllm.distributed.device_communicators.shm_broadcast import MessageQueue
 
     writer = MessageQueue(n_reader=1, n_local_reader=1)
     handle = writer.export_handle()
-    received: list[int] = []
+    rng = random.Random(1)
+    # Bursts (notifications within the same millisecond: what vLLM's mark of 1 drops), short and long pauses.
+    pauses = [rng.choice([0.0, 0.0, 0.0003, 0.002, 0.02]) for _ in range(1500)]
+    arrivals: list[tuple[int, float, float]] = []
     errors: list[BaseException] = []
-    pauses = [0.0, 0.002, 0.0, 0.03] * 10 + [1.2] + [0.0, 0.002] * 5  # one pause past the 1 s busy window
 
     def read() -> None:
         try:
             reader = MessageQueue.create_from_handle(handle, 0)
             reader.wait_until_ready()
             for _ in pauses:
-                received.append(reader.dequeue(timeout=10))
+                index, sent = reader.dequeue(timeout=30)
+                arrivals.append((index, sent, time.perf_counter()))
         except BaseException as exc:  # surfaced below, not lost in the thread
             errors.append(exc)
 
@@ -77,10 +89,12 @@ def test_every_message_of_a_real_vllm_queue_arrives_in_order_with_the_patch(patc
     writer.wait_until_ready()
     for index, pause in enumerate(pauses):
         time.sleep(pause)
-        writer.enqueue(index)
-    thread.join(timeout=30)
+        writer.enqueue((index, time.perf_counter()))
+    thread.join(timeout=60)
     assert not thread.is_alive() and errors == []
-    assert received == list(range(len(pauses)))
+    assert [index for index, _, _ in arrivals] == list(range(len(pauses)))
+    slowest_s = max(received - sent for _, sent, received in arrivals)
+    assert slowest_s < 1.0, f"a reader slept {slowest_s:.1f} s through its message: a wake-up was lost"
     segment = Path("/dev/shm") / writer.buffer.shared_memory.name
     del writer
     gc.collect()
@@ -88,17 +102,16 @@ def test_every_message_of_a_real_vllm_queue_arrives_in_order_with_the_patch(patc
 
 
 @pytest.mark.parametrize("value", ["-1", "fast"])
-def test_a_bad_poll_setting_is_refused_naming_it(monkeypatch, value):
-    monkeypatch.setenv(engine_ipc.POLL_ENV, value)
-    with pytest.raises(ValueError, match=f"SPLITSERVE_ENGINE_POLL_US.*{value}"):
-        engine_ipc.poll_s()
+def test_a_bad_spin_setting_is_refused_naming_it(monkeypatch, value):
+    monkeypatch.setenv(engine_ipc.SPIN_ENV, value)
+    with pytest.raises(ValueError, match=f"SPLITSERVE_ENGINE_SPIN_S.*{value}"):
+        engine_ipc.spin_s()
 
 
-def test_cpus_nap_by_default_and_gpus_or_zero_keep_vllms_spin(monkeypatch):
-    monkeypatch.delenv(engine_ipc.POLL_ENV, raising=False)
-    assert engine_ipc.poll_s(is_cpu=True) == pytest.approx(engine_ipc.DEFAULT_CPU_POLL_US / 1e6)
-    assert engine_ipc.poll_s(is_cpu=False) is None
-    monkeypatch.setenv(engine_ipc.POLL_ENV, "0")
-    assert engine_ipc.poll_s(is_cpu=True) is None
-    monkeypatch.setenv(engine_ipc.POLL_ENV, "150")
-    assert engine_ipc.poll_s(is_cpu=False) == pytest.approx(150e-6)
+def test_cpus_sleep_by_default_gpus_and_vllm_keep_vllms_queues(monkeypatch):
+    monkeypatch.delenv(engine_ipc.SPIN_ENV, raising=False)
+    assert engine_ipc.spin_s(is_cpu=True) == 0.0 and engine_ipc.spin_s(is_cpu=False) is None
+    monkeypatch.setenv(engine_ipc.SPIN_ENV, "vllm")
+    assert engine_ipc.spin_s(is_cpu=True) is None
+    monkeypatch.setenv(engine_ipc.SPIN_ENV, "0.5")
+    assert engine_ipc.spin_s(is_cpu=False) == 0.5

@@ -47,11 +47,11 @@ def test_cpu_fixed_changes_only_the_connector_and_the_engines_wait():
             "kv_role": "kv_both", "kv_buffer_device": "cpu",
             "kv_connector_extra_config": {"keep_engine_affinity": True, "progress_interval_us": 5000,
                                           "kv_lease_duration": 30}}
-        # As shipped, vLLM's spin between an engine's processes; fixed, our plugin's naps (deployments/engine_ipc.py).
-        assert shipped[name]["runtime_env"]["env_vars"]["SPLITSERVE_ENGINE_POLL_US"] == "0"
-        assert "SPLITSERVE_ENGINE_POLL_US" not in fixed[name]["runtime_env"]["env_vars"]
+        # As shipped, vLLM's spin between an engine's processes; fixed, our plugin's sleeping readers (deployments/engine_ipc.py).
+        assert shipped[name]["runtime_env"]["env_vars"]["SPLITSERVE_ENGINE_SPIN_S"] == "vllm"
+        assert "SPLITSERVE_ENGINE_SPIN_S" not in fixed[name]["runtime_env"]["env_vars"]
         rest = [copy.deepcopy(sides[name]) for sides in (shipped, fixed)]
-        del rest[0]["runtime_env"]["env_vars"]["SPLITSERVE_ENGINE_POLL_US"]
+        del rest[0]["runtime_env"]["env_vars"]["SPLITSERVE_ENGINE_SPIN_S"]
         for side in rest:
             del side["engine_kwargs"]["kv_transfer_config"]
             del side["runtime_env"]["env_vars"]["VLLM_NIXL_SIDE_CHANNEL_PORT"]  # a free port each time
