@@ -115,3 +115,10 @@ def test_cpus_sleep_by_default_gpus_and_vllm_keep_vllms_queues(monkeypatch):
     assert engine_ipc.spin_s(is_cpu=True) is None
     monkeypatch.setenv(engine_ipc.SPIN_ENV, "0.5")
     assert engine_ipc.spin_s(is_cpu=False) == 0.5
+
+
+def test_the_wakeup_benchmark_times_every_message_through_our_writer():
+    from bench import queue_wakeups
+
+    delays = queue_wakeups._delays("splitserve", num_messages=200, seed=3)
+    assert len(delays) == 200 and max(delays) < queue_wakeups.LOST_S
