@@ -39,7 +39,8 @@ def _delays(writer: str, num_messages: int, seed: int) -> list[float]:
     from deployments import engine_ipc
 
     condition = shm_broadcast.SpinCondition
-    original_init = condition.__init__
+    original_init = getattr(condition, "_vllm_init", condition.__init__)  # vLLM's, were the plugin loaded here
+    patched_init = condition.__init__
     condition.__init__ = engine_ipc.lossless_init(original_init, max_spin_s=0.0)
     if writer == "vllm":  # readers asleep as ours, the writer as vLLM builds it
         ours = condition.__init__
@@ -73,7 +74,7 @@ def _delays(writer: str, num_messages: int, seed: int) -> list[float]:
         thread.join()
         return delays
     finally:
-        condition.__init__ = original_init
+        condition.__init__ = patched_init
 
 
 def main() -> None:

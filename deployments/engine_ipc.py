@@ -86,5 +86,6 @@ def register() -> None:
     max_spin_s = spin_s(is_cpu=current_platform.is_cpu())
     if max_spin_s is None:
         return
+    condition._vllm_init = condition.__init__  # vLLM's own, for tests and the wake-up benchmark
     condition.__init__ = lossless_init(condition.__init__, max_spin_s)
     condition._splitserve_spin_s = max_spin_s

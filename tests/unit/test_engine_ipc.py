@@ -29,7 +29,9 @@ def patched(monkeypatch):
     from vllm.distributed.device_communicators import shm_broadcast
 
     condition = shm_broadcast.SpinCondition
-    original_init = condition.__init__
+    # vLLM's own constructor, even where vLLM already loaded the plugin in this process (an earlier test built an
+    # engine config): the patch keeps it.
+    original_init = getattr(condition, "_vllm_init", condition.__init__)
     monkeypatch.setattr(condition, "__init__", original_init)
     monkeypatch.delattr(condition, "_splitserve_spin_s", raising=False)
     monkeypatch.setenv(engine_ipc.SPIN_ENV, "0")
