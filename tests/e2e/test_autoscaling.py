@@ -108,6 +108,10 @@ def test_sustained_load_scales_prefill_out_and_a_quiet_spell_back_in_with_every_
         scaled, reference_outputs):
     expected = reference_outputs["completion_long"]["token_ids"]
     assert _num_running_prefill() == 1
+    # The router learns its engines from their load reports (every 0.5 s, through Serve's controller): an app
+    # that has just turned healthy may not have sent the first one yet.
+    processes.wait_until(lambda: len(_prefill_replicas(scaled.base_url)) == 1, timeout_s=60,
+                         what="the prefill replica's first load report", log_path=scaled.log_path, interval_s=0.5)
     (first,) = _prefill_replicas(scaled.base_url)
 
     # 1-2. Load until Serve has a second replica running and the router routes prompts to it.
