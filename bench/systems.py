@@ -68,7 +68,7 @@ def app_config(config: dict[str, Any] | None = None) -> Any:
     return AppConfig.model_validate((config or serve_config())["applications"][0]["args"])
 
 
-def _splitserve(name: str, env: dict[str, str] | None = None,
+def _splitserve(name: str, *, env: dict[str, str] | None = None,
                 **args_update: Any) -> Callable[[Path], contextlib.AbstractContextManager[str]]:
     """`env`: set where the app's processes start (the Ray head and `serve run`), e.g. VLLM_SPIN."""
     @contextlib.contextmanager
@@ -155,11 +155,13 @@ SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
 # (deployments/engine_ipc.py): what sleeping buys, measured against the same systems with vLLM's spin.
 VLLM_SPIN = {"SPLITSERVE_ENGINE_SPIN_S": "vllm"}
 SPIN_SYSTEMS = {"collocated-vllm-spin": "collocated", "splitserve-predictive-vllm-spin": "splitserve-predictive"}
+for _name, _of in SPIN_SYSTEMS.items():
+    SPLITSERVE_UPDATES[_name] = SPLITSERVE_UPDATES[_of]
 
 
-def _variant(name: str, description: str) -> System:
-    """A splitserve system that differs from serve_config.yaml by `SPLITSERVE_UPDATES[name]`."""
-    return System(name, description, _splitserve(name, **SPLITSERVE_UPDATES[name]),
+def _variant(name: str, description: str, *, env: dict[str, str] | None = None) -> System:
+    """A splitserve system that differs from serve_config.yaml by `SPLITSERVE_UPDATES[name]` (and `env`)."""
+    return System(name, description, _splitserve(name, env=env, **SPLITSERVE_UPDATES[name]),
                   lambda: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[name])))
 
 
@@ -190,9 +192,7 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, prefill engines run the shortest waiting prompt first (aged)"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
-    *[System(name, f"{of}, its engines' processes waiting for each other with vLLM's 1 s spin",
-             _splitserve(name, env=VLLM_SPIN, **SPLITSERVE_UPDATES[of]),
-             lambda of=of: serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[of])))
+    *[_variant(name, f"{of}, its engines' processes waiting for each other with vLLM's 1 s spin", env=VLLM_SPIN)
       for name, of in SPIN_SYSTEMS.items()],
 ]}
 BASELINE = "collocated"
