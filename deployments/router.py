@@ -92,7 +92,8 @@ class Router:
                 config.scheduling, router_id=serve.get_replica_context().replica_id.unique_id,
                 prefill_deployment=prefill.deployment_name, decode_deployment=decode.deployment_name,
                 prompt_size=PromptSizer(config.model.path).num_tokens, routing_stats=latest_routing_stats,
-                decode_chunk_tokens=config.decode.num_prefill_chunk_tokens)
+                decode_chunk_tokens=config.decode.num_prefill_chunk_tokens,
+                prefill_chunk_tokens=config.prefill.num_prefill_chunk_tokens)
             self._handoff = PDHandoff(admission, prefill=prefill, decode=decode, scheduler=self._scheduler,
                                       on_prefill_fallback=self._metrics.prefill_fallback,
                                       on_decision=self._decided)

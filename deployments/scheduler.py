@@ -67,9 +67,11 @@ class Flight:
 class Scheduler:
     def __init__(self, config: SchedulingConfig, *, router_id: str, prefill_deployment: str,
                  decode_deployment: str, prompt_size: Callable[[OpenAIRequest], int],
-                 routing_stats: RoutingStatsSource, decode_chunk_tokens: int = 2048):
+                 routing_stats: RoutingStatsSource, decode_chunk_tokens: int = 2048,
+                 prefill_chunk_tokens: int = 2048):
         self.config = config
-        self.policy: Policy = make_policy(config, decode_chunk_tokens=decode_chunk_tokens)
+        self.policy: Policy = make_policy(config, decode_chunk_tokens=decode_chunk_tokens,
+                                          prefill_chunk_tokens=prefill_chunk_tokens)
         self.rates = Rates(min_observations=config.min_observations)
         self.book = LoadBook(drain_time=self.rates.drain_s)
         self._router_id = router_id

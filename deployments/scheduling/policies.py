@@ -175,19 +175,23 @@ class Predictive:
                    its running requests' mean gap within `tbt_mean_slowdown` - 1 of it (a chunk charged as a
                    request, or its compute only: `tbt_guard_charge`); the stream itself is not charged, since it
                    joins D's batch on the split path too
-    prefill-local: prefill(P, n), only when decode's least-loaded engine cannot take one more stream within
-                   the mean bound, P is idle, and P's prompts leave a stream there within that bound too: a stream
-                   on P waits out every prompt P computes during its life, so its mean gap is P's step / (1 - the
-                   share of P's time its prompts took lately). Without that guard the default run's worst streams
-                   were prefill-local (per-request mean gaps 0.86-0.92 s at code 0.48-0.9/s, 3eb988b; 1.7-2.4 s
-                   gaps at code 0.36/s in the prediction probe, when P also took requests whenever decode was
-                   computing prompts, a rule since withdrawn)
+    prefill-local: drain(P) + prefill(P, n) + P's steps that carry the prompt's chunks, when P computes no prompt
+                   now and one more stream there stays within the mean bound of P's own step: a stream on P waits
+                   out every prompt P computes during its life, so its mean gap is P's step / (1 - the share of P's
+                   time its prompts took lately). So at light load the two engines share the streams, as collocated
+                   serving does, and each prompt goes where it starts soonest; under load P's prompts close it.
+                   (Allowed only while decode could not take one more stream, the policy left prefill idle at light
+                   load: 66-78% of prompts on decode beside its streams, 2-4% prefill-local, TTFT p50 1.08-1.35x
+                   and TBT p50 1.13-1.16x collocated's at conv 0.39/s and code 0.42/s; bench/results/asleep_light.
+                   Without the busy-share guard the default run's worst streams were prefill-local, per-request
+                   mean gaps 0.86-0.92 s at code 0.48-0.9/s, 3eb988b.)
     Until the rates are known it acts as token_jsq, which is how it learns them."""
 
     config: SchedulingConfig
     # What a decode engine computes of one prompt per step beside its streams (vLLM's long_prefill_token_threshold,
     # else its max_num_batched_tokens): the chunk whose step the TBT guard weighs.
     chunk_tokens: int = 256
+    prefill_chunk_tokens: int = 2048  # the same, on prefill engines (for a prompt beside a prefill-local stream)
     expected_output_tokens: float = 128.0  # learned from finished requests (`observe_output`)
     name: str = "predictive"
 
@@ -211,19 +215,21 @@ class Predictive:
                                                                                                   book, rates)
                 options.append((ttft, Decision(Path.DECODE_LOCAL, None, candidate, "lowest predicted TTFT", ttft)))
                 break  # candidates come in drain order: the first that passes has the lowest TTFT of them
-        if prefill is not None and decode is not None and not self._decode_can_stream(decode, book, rates) \
-                and self._prefill_can_decode(prefill, book, rates):
-            ttft = rates.prefill_s(prefill, n)
+        if prefill is not None and self._prefill_can_decode(prefill, book, rates):
+            ttft = book.drain_s(prefill) + rates.prefill_s(prefill, n) + self._chunk_steps_s(
+                prefill, n, book, rates, chunk_tokens=self.prefill_chunk_tokens)
             options.append((ttft, Decision(Path.PREFILL_LOCAL, prefill, None, "lowest predicted TTFT", ttft)))
         if not options:
             return _split_jsq(book, "no path predicted")
         # Ties go to the split, then decode-local: the order they were added in.
         return min(options, key=lambda option: option[0])[1]
 
-    def _chunk_steps_s(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates) -> float:
+    def _chunk_steps_s(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates, *,
+                       chunk_tokens: int | None = None) -> float:
         """What running streams add to a local prompt: each step that carries one of its chunks decodes them too."""
         running = book.engine(engine_id).num_requests
-        return 0.0 if running == 0 else -(-num_tokens // self.chunk_tokens) * rates.decode_step_s(engine_id, running)
+        num_chunks = -(-num_tokens // (chunk_tokens or self.chunk_tokens))
+        return 0.0 if running == 0 else num_chunks * rates.decode_step_s(engine_id, running)
 
     def _decode_can_take(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates) -> bool:
         running = book.engine(engine_id).num_requests
@@ -252,19 +258,20 @@ class Predictive:
             return rates.prompt_compute_s(engine_id, num_tokens)
         return rates.prefill_s(engine_id, num_tokens)
 
-    def _decode_can_stream(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
-        """One more stream keeps the decode engine's step within the mean bound of its own single-stream step."""
-        base = rates.decode_step_s(engine_id, 1)
-        running = book.engine(engine_id).num_requests
-        return rates.decode_step_s(engine_id, running + 1) <= self.config.tbt_mean_slowdown * base
-
     def _prefill_can_decode(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
+        """P computes no prompt now, and one more stream there keeps its mean gap, its step stretched by the share
+        of its time prompts took lately, within the mean bound of its own single-stream step."""
         engine = book.engine(engine_id)
-        if engine.num_pending_prompt_tokens > 0 or engine.num_requests > 0:
+        if engine.num_pending_prompt_tokens > 0:
             return False
-        if rates.decode_step_s(engine_id, 1) <= 0:  # its own step, or its peers' until it has one
+        base = rates.decode_step_s(engine_id, 1)  # its own step, or its peers' until it has one
+        if base <= 0:
             return False
-        return self.prompt_busy_share(engine_id, book, rates) < 1 - 1 / self.config.tbt_mean_slowdown
+        busy_share = self.prompt_busy_share(engine_id, book, rates)
+        if busy_share >= 1:
+            return False
+        step = rates.decode_step_s(engine_id, engine.num_requests + 1)
+        return step / (1 - busy_share) <= self.config.tbt_mean_slowdown * base
 
     @staticmethod
     def prompt_busy_share(engine_id: str, book: LoadBook, rates: Rates) -> float:
@@ -273,9 +280,10 @@ class Predictive:
         return rates.prompt_compute_s(engine_id, book.prompt_tokens_per_s(engine_id))
 
 
-def make_policy(config: SchedulingConfig, *, decode_chunk_tokens: int = 256) -> Policy:
-    """`decode_chunk_tokens`: what the decode engines compute of one prompt per step beside their streams."""
+def make_policy(config: SchedulingConfig, *, decode_chunk_tokens: int = 256, prefill_chunk_tokens: int = 2048) -> Policy:
+    """`*_chunk_tokens`: what each pool's engines compute of one prompt per step beside their streams."""
     policies = {"always_split": lambda: AlwaysSplit(), "token_jsq": lambda: TokenJSQ(),
                 "conditional": lambda: Conditional(config), "mixed_pool": lambda: MixedPool(config),
-                "predictive": lambda: Predictive(config, chunk_tokens=decode_chunk_tokens)}
+                "predictive": lambda: Predictive(config, chunk_tokens=decode_chunk_tokens,
+                                                     prefill_chunk_tokens=prefill_chunk_tokens)}
     return policies[config.policy]()

@@ -26,12 +26,13 @@ from serve_app.config import AppConfig, SchedulingConfig
 
 
 def _book(prefill: dict[str, int], decode: dict[str, int], *, decode_requests: dict[str, int] | None = None,
-          rates: Rates | None = None) -> LoadBook:
-    """Engines with the given pending prompt tokens (and decode engines' running requests)."""
+          prefill_requests: dict[str, int] | None = None, rates: Rates | None = None) -> LoadBook:
+    """Engines with the given pending prompt tokens (and running requests)."""
     book = LoadBook(drain_time=(lambda engine_id, tokens: rates.prefill_s(engine_id, tokens)) if rates else
                     LoadBook().drain_time)
     for engine_id, tokens in prefill.items():
-        book.report(EngineLoad(engine_id, "prefill", num_pending_prompt_tokens=tokens, num_waiting=int(tokens > 0)))
+        book.report(EngineLoad(engine_id, "prefill", num_pending_prompt_tokens=tokens, num_waiting=int(tokens > 0),
+                               num_running=(prefill_requests or {}).get(engine_id, 0)))
     for engine_id, tokens in decode.items():
         book.report(EngineLoad(engine_id, "decode", num_pending_prompt_tokens=tokens,
                                num_running=(decode_requests or {}).get(engine_id, 0)))
@@ -469,7 +470,8 @@ def test_predictive_learns_first_then_takes_the_lowest_predicted_ttft():
 def test_the_tbt_guard_refuses_decode_local_when_its_chunks_would_slow_decodes_streams():
     config = SchedulingConfig(policy="predictive", tbt_mean_slowdown=1.25, tbt_gap_slowdown=5.0)
     rates = _learned()  # one stream's step 77 ms; with 9 streams 93 ms; a 256-token chunk 0.65 s, 64 tokens 0.17 s
-    book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 8}, rates=rates)
+    # Prefill holds 10 streams, its own mean bound (an 11th would step 97 ms, over 1.25x 77 ms): no prefill-local.
+    book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 8}, prefill_requests={"p0": 10}, rates=rates)
     # 1. The gap bound: a step carrying a 256-token chunk takes 0.74 s, over 5x 77 ms: split.
     decision = Predictive(config, chunk_tokens=256, expected_output_tokens=4000).decide(_request(1500), book, rates)
     assert (decision.path, decision.prefill_engine, decision.decode_engine) == (Path.SPLIT, "p0", "d0")
@@ -481,12 +483,12 @@ def test_the_tbt_guard_refuses_decode_local_when_its_chunks_would_slow_decodes_s
     #    streams (2.2 s more than on an idle engine), so it runs there only while prefill's queue costs more.
     long_outputs = Predictive(config, chunk_tokens=64, expected_output_tokens=4000)
     assert long_outputs.decide(_request(1500), book, rates).path == Path.SPLIT
-    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=1000, num_waiting=1))
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=1000, num_waiting=1, num_running=10))
     decision = long_outputs.decide(_request(1500), book, rates)
     assert decision.path == Path.DECODE_LOCAL and decision.predicted_ttft_s == pytest.approx(3.76 + 24 * 0.091, 0.01)
     # 4. An idle decode engine has no stream to slow down: the guard that refused 1. lets the prompt run there,
     #    which saves the transfer and a step.
-    idle = _book({"p0": 0}, {"d0": 0}, rates=rates)
+    idle = _book({"p0": 0}, {"d0": 0}, prefill_requests={"p0": 10}, rates=rates)
     assert Predictive(config, chunk_tokens=256, expected_output_tokens=4000).decide(
         _request(1500), idle, rates).path == Path.DECODE_LOCAL
 
@@ -559,13 +561,38 @@ def test_the_guard_charges_a_local_chunk_a_requests_fixed_cost_or_only_its_compu
     assert as_compute.decide(_request(1500), book, rates).path == Path.SPLIT
 
 
-def test_predictive_lets_an_idle_prefill_engine_decode_when_decode_is_saturated():
-    policy = Predictive(SchedulingConfig(policy="predictive"), expected_output_tokens=32)
-    rates = _learned(step_ms_per_stream=10.0)  # each stream adds 10 ms to a 75 ms step
-    book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 12}, rates=rates)
+def test_at_light_load_the_two_engines_share_the_streams_and_each_prompt_starts_where_it_starts_soonest():
+    """With prefill-local allowed only while decode could take no more streams, the light rates left prefill idle:
+    66-78% of prompts ran on decode beside its streams (TTFT p50 1.08-1.35x, TBT p50 1.13-1.16x collocated's at
+    conv 0.39/s and code 0.42/s, bench/results/asleep_light)."""
+    # A step 75 ms + 10 ms per stream on either engine; a 100-token prompt's 0.26 s spread over 128 output tokens
+    # adds 2 ms to a running stream's mean gap, and a step that carries it takes 0.36 s: decode's guards pass it.
+    policy = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=2048, expected_output_tokens=128)
+    rates = _learned(step_ms_per_stream=10.0)
+    book = _book({"p0": 0}, {"d0": 0}, rates=rates)
+    # 1. Both idle: the prompt runs on decode (a tie, and decode is where streams belong).
+    assert policy.decide(_request(100), book, rates).path == Path.DECODE_LOCAL
+    # 2. Decode streams one request: a prompt there rides a step of it, on idle prefill it does not: prefill-local.
+    book.report(EngineLoad("d0", "decode", num_running=1))
+    decision = policy.decide(_request(100), book, rates)
+    assert (decision.path, decision.prefill_engine) == (Path.PREFILL_LOCAL, "p0")
+    assert decision.predicted_ttft_s == pytest.approx(rates.prefill_s("p0", 100))
+    # 3. One stream each: a tie again; decode's turn.
+    book.report(EngineLoad("p0", "prefill", num_running=1))
+    assert policy.decide(_request(100), book, rates).path == Path.DECODE_LOCAL
+    # 4. Prefill computes a prompt now: a stream there would wait it out, so it gets none.
+    book.report(EngineLoad("d0", "decode", num_running=2))
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=800, num_waiting=1, num_running=1))
+    assert policy.decide(_request(100), book, rates).path != Path.PREFILL_LOCAL
+
+
+def test_a_prefill_engine_takes_streams_up_to_its_own_mean_bound():
+    policy = Predictive(SchedulingConfig(policy="predictive", tbt_mean_slowdown=1.25), expected_output_tokens=32)
+    rates = _learned(step_ms_per_stream=10.0)  # one stream 85 ms; the bound 1.25x is 106 ms: 3 streams step 105
+    book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 12}, prefill_requests={"p0": 2}, rates=rates)
     decision = policy.decide(_request(1500), book, rates)
     assert (decision.path, decision.prefill_engine) == (Path.PREFILL_LOCAL, "p0")
-    book.report(EngineLoad("p0", "prefill", num_running=1))  # busy now: not again
+    book.report(EngineLoad("p0", "prefill", num_running=3))  # a 4th would step 115 ms: not again
     assert policy.decide(_request(1500), book, rates).path == Path.SPLIT
 
 
@@ -603,9 +630,13 @@ def test_a_splits_first_token_is_predicted_behind_the_prompts_decode_is_computin
     book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 1}, rates=rates)
     # 1. Decode computes nothing but its stream: a short prompt's TTFT is a short prefill and a hand-over.
     assert policy.decide(_request(9), book, rates).predicted_ttft_s < 0.5
-    # 2. Decode holds a 1,600-token local prompt (4 s of compute here): whichever path the short prompt takes, its
-    #    first token is predicted behind that prompt (the split's KV arrives early, decode's next step does not).
+    # 2. Decode holds a 1,600-token local prompt (4 s of compute here): on decode's paths the short prompt's first
+    #    token is predicted behind that prompt (the split's KV arrives early, decode's next step does not), so it
+    #    runs whole on idle prefill.
     book.report(EngineLoad("d0", "decode", num_pending_prompt_tokens=1600, num_running=2))
+    assert policy.decide(_request(9), book, rates).path == Path.PREFILL_LOCAL
+    # 3. With prefill at its streams' bound, whichever of decode's paths it takes is predicted behind that prompt.
+    book.report(EngineLoad("p0", "prefill", num_running=10))
     decision = policy.decide(_request(9), book, rates)
     assert decision.path in (Path.SPLIT, Path.DECODE_LOCAL)
     assert decision.predicted_ttft_s >= rates.prefill_s("d0", 1600)
