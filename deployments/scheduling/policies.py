@@ -280,7 +280,8 @@ class Predictive:
         return rates.prompt_compute_s(engine_id, book.prompt_tokens_per_s(engine_id))
 
 
-def make_policy(config: SchedulingConfig, *, decode_chunk_tokens: int = 256, prefill_chunk_tokens: int = 2048) -> Policy:
+def make_policy(config: SchedulingConfig, *, decode_chunk_tokens: int = 256,
+                prefill_chunk_tokens: int = 2048) -> Policy:
     """`*_chunk_tokens`: what each pool's engines compute of one prompt per step beside their streams."""
     policies = {"always_split": lambda: AlwaysSplit(), "token_jsq": lambda: TokenJSQ(),
                 "conditional": lambda: Conditional(config), "mixed_pool": lambda: MixedPool(config),
