@@ -14,7 +14,8 @@
    or explicit `--rates` skip this). Every prompt is built with the served model's tokenizer, so each system sees
    the same prompts (unique per request and per repeat: no prefix cache can help).
 2. For each system (bench/systems.py): the cells still to measure at this commit (`--repeats` runs of each) are
-   run after one start and a warm-up, through the load generator's own process (bench/load_generator.py); each
+   run after a start and a warm-up, a fresh start for each repeat (so the intervals hold the spread between
+   starts), through the load generator's own process (bench/load_generator.py); each
    cell's requests are written to raw/<system>/ as soon as it ends, so a stopped run resumes cell by cell (the
    baseline's raw uncontended cells give the same rates again). A system that fails to start is reported and the
    run goes on; it stops, with everything it started, before the next.
@@ -134,17 +135,21 @@ def _run_cell(runner: CellRunner, base_url: str, model: str, cell: Workload, pro
 def _measure(run: SystemRun, start: Any, batches: Iterator[list[tuple[Workload, int]]],
              prompts: Callable[[Workload, int], list[str]], model: str, logs_dir: Path, raw: RawCells,
              commit: str) -> None:
-    """Start the system once and run its cells, batch after batch: the baseline's first batch (its uncontended
-    cells) sets the sweep's rates that the next batch holds."""
-    began = time.perf_counter()
+    """Run the system's cells, batch after batch (the baseline's first batch, its uncontended cells, sets the sweep's
+    rates that the next batch holds), on a fresh start of the system for each repeat: where a start's processes land
+    on the cores moves every latency of that start alike (one decode path, one request at a time: 47, 49 and 55 ms
+    per token in three starts of the same code, engine_wait_probe, the sweep_asleep run and a probe), so repeats
+    within one start would give intervals that hide the spread between starts."""
     try:
-        with start(logs_dir) as base_url, CellRunner() as runner:
-            run.startup_s = time.perf_counter() - began
-            print(f"{run.name}: up at {base_url} after {run.startup_s:.0f} s", flush=True)
-            asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=list(WARM_UP.requests),
-                                        prompts=prompts(WARM_UP, 0), concurrency=1, is_progress_shown=False))
+        with contextlib.ExitStack() as started, CellRunner() as runner:
+            base_url, started_repeat = "", None
             for todo in batches:
                 for index, (cell, repeat) in enumerate(todo):
+                    if repeat != started_repeat:
+                        started.close()  # the previous start's processes stop before the next start's begin
+                        repeat_logs = logs_dir if repeat == 0 else logs_dir / f"repeat-{repeat}"
+                        base_url = _start(run, start, started, repeat_logs, prompts, model)
+                        started_repeat = repeat
                     print(f"{run.name}: cell {index + 1}/{len(todo)}", flush=True)
                     probe = host_probe()  # the host's speed now, the engines idle between cells
                     records, stats = _run_cell(runner, base_url, model, cell, prompts(cell, repeat), repeat)
@@ -152,6 +157,20 @@ def _measure(run: SystemRun, start: Any, batches: Iterator[list[tuple[Workload, 
     except Exception as exc:  # one system failing must not lose the others' results
         run.error = f"{type(exc).__name__}: {exc}"[:2000]
         print(f"{run.name}: FAILED: {run.error}", flush=True)
+
+
+def _start(run: SystemRun, start: Any, started: contextlib.ExitStack, logs_dir: Path,
+           prompts: Callable[[Workload, int], list[str]], model: str) -> str:
+    """Start the system (held by `started`) and warm it up; the first start's time is the system's start-up."""
+    logs_dir.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    base_url = started.enter_context(start(logs_dir))
+    startup_s = time.perf_counter() - began
+    run.startup_s = startup_s if run.startup_s is None else run.startup_s
+    print(f"{run.name}: up at {base_url} after {startup_s:.0f} s", flush=True)
+    asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=list(WARM_UP.requests),
+                                prompts=prompts(WARM_UP, 0), concurrency=1, is_progress_shown=False))
+    return base_url
 
 
 def fit_reference_from(run: SystemRun, cells: list[Workload], commit: str, *, min_requests: int = 30) -> Reference:

@@ -520,3 +520,49 @@ def test_every_cell_records_the_hosts_speed_and_the_report_flags_a_drifted_host(
     assert "| conv@0.5/s | collocated | compute |" not in lines and "| conv@1/s | collocated | memory |" not in lines
     assert report.host_section([], "collocated") == [
         "No cell recorded the host's speed (cells measured before the probe existed)."]
+
+
+def test_each_repeat_runs_on_a_fresh_start_of_the_system(tmp_path, monkeypatch):
+    """Where a start's processes land moves every latency of that start alike (47, 49 and 55 ms per token in three
+    starts of the same decode path): repeats pooled within one start would hide that spread from the intervals."""
+    import contextlib
+
+    from bench import compare
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def start(logs_dir: Path):
+        events.append(f"start {logs_dir.name}")
+        yield f"http://start-{len(events)}"
+        events.append("stop")
+
+    class Runner:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    async def warm_up(**kwargs):
+        events.append(f"warm {kwargs['base_url']}")
+
+    def run_cell(runner, base_url, model, cell, prompts, repeat):
+        events.append(f"{cell.name} r{repeat} on {base_url}")
+        return [], GeneratorStats(wall_s=0.0, cpu_s=0.0, nice=0)
+
+    monkeypatch.setattr(compare, "CellRunner", Runner)
+    monkeypatch.setattr(compare, "run_closed_loop", warm_up)
+    monkeypatch.setattr(compare, "_run_cell", run_cell)
+    monkeypatch.setattr(compare, "host_probe", lambda: None)
+    saved = []
+    raw = type("Raw", (), {"save": lambda self, *args, **kwargs: saved.append(args[2])})()
+    cells = [type("Cell", (), {"name": name})() for name in ("a", "b")]
+    run = SystemRun(name="s", description="", config={})
+    compare._measure(run, start, iter([[(cells[0], 0), (cells[1], 0), (cells[0], 1), (cells[1], 1)]]),
+                     lambda cell, repeat: [], "m", tmp_path / "logs", raw, "c0")
+    # 1. Repeat 0 on the first start, warmed up; 2. the first start stops before repeat 1's start begins.
+    assert events == ["start logs", "warm http://start-1", "a r0 on http://start-1", "b r0 on http://start-1",
+                      "stop", "start repeat-1", "warm http://start-6", "a r1 on http://start-6",
+                      "b r1 on http://start-6", "stop"]
+    assert saved == [0, 0, 1, 1] and run.error is None and run.startup_s is not None
