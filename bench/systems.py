@@ -143,6 +143,12 @@ SPLITSERVE_UPDATES["splitserve-predictive-compute-guard"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive"],
     "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "tbt_guard_charge": "compute"}}
 
+# The predictive policy offering prefill-local only while decode could take no more streams (the rule before ebcbefc),
+# to hold the current rule (whenever prefill computes no prompt) against it in one run.
+SPLITSERVE_UPDATES["splitserve-predictive-prefill-when-decode-full"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive"],
+    "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "prefill_local": "decode_full"}}
+
 
 # The predictive policy with each engine's whole replica process pinned to its cores (`pin_engine_processes`), so
 # that vLLM's EngineCore, which spins on its queue through every step of its worker, spins on its own engine's core.
@@ -190,6 +196,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, its TBT guard charging a decode-local chunk its compute only"),
     _variant("splitserve-predictive-shortest-first",
              "splitserve PD on NIXL, predictive, prefill engines run the shortest waiting prompt first (aged)"),
+    _variant("splitserve-predictive-prefill-when-decode-full",
+             "splitserve PD on NIXL, predictive, prefill-local only while decode can take no more streams"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
     *[_variant(name, f"{of}, its engines' processes waiting for each other with vLLM's 1 s spin", env=VLLM_SPIN)

@@ -243,6 +243,10 @@ class SchedulingConfig(_Frozen):
     # time (its line's intercept too: a request's own calls and forward pass), or "compute", the line's slope only
     # (the chunk rides in a step that runs for the streams anyway). "compute" is being measured (docs/benchmarks.md).
     tbt_guard_charge: Literal["request", "compute"] = "request"
+    # When predictive offers a whole request to a prefill engine (within the mean bound either way): "idle", whenever
+    # it computes no prompt (at light load the two engines share the streams, as collocated's do); "decode_full",
+    # only while decode's least-loaded engine could take no more streams within the mean bound (before ebcbefc).
+    prefill_local: Literal["idle", "decode_full"] = "idle"
     # Observations of each rate before it is trusted; until then predictive acts as token_jsq.
     min_observations: int = Field(4, ge=1)
     # How often each engine replica reports its load (Serve's routing stats, through its controller); between

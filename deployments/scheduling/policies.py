@@ -215,7 +215,9 @@ class Predictive:
                                                                                                   book, rates)
                 options.append((ttft, Decision(Path.DECODE_LOCAL, None, candidate, "lowest predicted TTFT", ttft)))
                 break  # candidates come in drain order: the first that passes has the lowest TTFT of them
-        if prefill is not None and self._prefill_can_decode(prefill, book, rates):
+        if prefill is not None and self._prefill_can_decode(prefill, book, rates) and (
+                self.config.prefill_local == "idle" or decode is None
+                or not self._decode_can_stream(decode, book, rates)):
             ttft = book.drain_s(prefill) + rates.prefill_s(prefill, n) + self._chunk_steps_s(
                 prefill, n, book, rates, chunk_tokens=self.prefill_chunk_tokens)
             options.append((ttft, Decision(Path.PREFILL_LOCAL, prefill, None, "lowest predicted TTFT", ttft)))
@@ -257,6 +259,12 @@ class Predictive:
         if self.config.tbt_guard_charge == "compute":
             return rates.prompt_compute_s(engine_id, num_tokens)
         return rates.prefill_s(engine_id, num_tokens)
+
+    def _decode_can_stream(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
+        """One more stream keeps the decode engine's step within the mean bound of its own single-stream step."""
+        base = rates.decode_step_s(engine_id, 1)
+        running = book.engine(engine_id).num_requests
+        return rates.decode_step_s(engine_id, running + 1) <= self.config.tbt_mean_slowdown * base
 
     def _prefill_can_decode(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
         """P computes no prompt now, and one more stream there keeps its mean gap, its step stretched by the share

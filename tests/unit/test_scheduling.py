@@ -586,6 +586,21 @@ def test_at_light_load_the_two_engines_share_the_streams_and_each_prompt_starts_
     assert policy.decide(_request(100), book, rates).path != Path.PREFILL_LOCAL
 
 
+def test_prefill_local_can_be_kept_for_when_decode_takes_no_more_streams():
+    """`prefill_local: decode_full`, the rule before ebcbefc, held against the current one in benchmarks."""
+    config = SchedulingConfig(policy="predictive", prefill_local="decode_full")
+    policy = Predictive(config, chunk_tokens=2048, expected_output_tokens=128)
+    rates = _learned(step_ms_per_stream=10.0)  # one stream 85 ms; the bound 1.25x is 106 ms: 3 streams step 105
+    book = _book({"p0": 0}, {"d0": 0}, decode_requests={"d0": 1}, rates=rates)
+    # 1. Decode can take more streams: the short prompt runs there, though idle prefill would start it sooner.
+    assert policy.decide(_request(100), book, rates).path == Path.DECODE_LOCAL
+    # 2. Decode is at its bound: idle prefill takes the whole request.
+    book.report(EngineLoad("d0", "decode", num_running=3))
+    assert policy.decide(_request(100), book, rates).path == Path.PREFILL_LOCAL
+    with pytest.raises(ValidationError, match="prefill_local"):
+        SchedulingConfig(policy="predictive", prefill_local="sometimes")
+
+
 def test_a_prefill_engine_takes_streams_up_to_its_own_mean_bound():
     policy = Predictive(SchedulingConfig(policy="predictive", tbt_mean_slowdown=1.25), expected_output_tokens=32)
     rates = _learned(step_ms_per_stream=10.0)  # one stream 85 ms; the bound 1.25x is 106 ms: 3 streams step 105
