@@ -33,6 +33,11 @@ class MachineConfig(_Frozen):
     long_prefill_token_threshold: int | None = Field(None, ge=1)  # a prompt's largest chunk per iteration
     max_preemptions: int = Field(2, ge=0)  # per request; at the cap it is never chosen to make room again
 
+    @property
+    def num_prefill_chunk_tokens(self) -> int:
+        """What it computes of one prompt per iteration beside its streams (as serve_app's role config)."""
+        return self.long_prefill_token_threshold or self.max_batch_tokens
+
 
 class ClusterConfig(_Frozen):
     mode: Literal["disaggregated", "collocated"] = "disaggregated"

@@ -69,10 +69,9 @@ class Simulator:
         self.by_engine = {machine.engine_id: machine for machine in self.machines}
         self.rates = Rates(min_observations=config.scheduling.min_observations)
         self.book = LoadBook(drain_time=self.rates.drain_s)
-        decode_chunk = cluster.decode.long_prefill_token_threshold or cluster.decode.max_batch_tokens
-        prefill_chunk = cluster.prefill.long_prefill_token_threshold or cluster.prefill.max_batch_tokens
-        self.policy = policy or make_policy(config.scheduling, decode_chunk_tokens=decode_chunk,
-                                            prefill_chunk_tokens=prefill_chunk)
+        self.policy = policy or make_policy(config.scheduling,
+                                            decode_chunk_tokens=cluster.decode.num_prefill_chunk_tokens,
+                                            prefill_chunk_tokens=cluster.prefill.num_prefill_chunk_tokens)
         self._random = random.Random(config.seed)
         self._events: list[tuple[float, int, int, object]] = []
         self._seq = 0
