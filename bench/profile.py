@@ -24,6 +24,12 @@
    the prompt's tokens per backend for the hand-over. model.csv (`parameter,value`) is what
    `bench.sim.model.PerfModel.from_profile` reads; fit.png draws the fit against every measurement; report.md
    gives the fit's error per kind of step.
+5. The served path: the app as bench.compare's baseline runs it (collocated: two engines, the router, Serve's
+   proxy), one streamed request at a time through the OpenAI API. A client's gap over the fitted engine step for
+   the same sequence is what the served output path adds per token (`served_token_s`: its processes share the
+   cores with the engine); its TTFT over the fitted prompt step, the path's latency (`served_request_s`). Medians
+   over the requests: served.csv. Without it the simulator was 8-18% fast on TBT one at a time (bench/results/sim
+   at cfd1787: the engine stepped 44 ms, a client saw 50).
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import csv
 import json
 import os
 import sys
+import tempfile
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
@@ -57,6 +64,8 @@ TOKEN_SIZE = 32
 # the running batch's next step.
 MIXED = ((1, 64), (1, 512), (4, 64), (4, 512), (8, 256), (15, 64), (15, 1024))
 HANDOVER_TOKENS = (128, 512, 1024, 2048)
+SERVED_PROMPTS = (128, 512, 1024)  # 5.: streamed one at a time, `--served-requests` of each
+SERVED_OUTPUT_TOKENS = 48
 STEP_FIELDS = ("kind", "num_prompt_tokens", "num_decode_seqs", "num_context_tokens", "seconds", "num_prompt_pairs")
 SPLITWISE_FIELDS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
                     "e2e_time", "tensor_parallel")
@@ -271,6 +280,52 @@ def handover_rows(config: Any, repeats: int, token_counts: tuple[int, ...]) -> l
     return rows
 
 
+def served_rows(config: Any, num_each: int, logs_dir: Path) -> list[dict[str, Any]]:
+    """5. Requests streamed one at a time through the served baseline: each one's client TTFT and mean gap."""
+    import asyncio
+
+    from bench.load_generator import PromptBuilder, filler_document, run_closed_loop
+    from bench.systems import SYSTEMS
+    from bench.traces import TraceRequest
+
+    requests = [TraceRequest(request_id=index, arrival_s=0.0, prompt_tokens=size, output_tokens=SERVED_OUTPUT_TOKENS)
+                for index, size in enumerate(SERVED_PROMPTS * num_each)]
+    builder = PromptBuilder(config.model.path, filler_document())
+    prompts = [builder.build(request.request_id, request.prompt_tokens) for request in requests]
+    model = config.model.served_name
+    with SYSTEMS["collocated"].start(logs_dir) as base_url:
+        # Untimed first: each prompt size's first run pays one-time costs on either engine.
+        asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=requests[:2 * len(SERVED_PROMPTS)],
+                                    prompts=[builder.build(-1 - index, request.prompt_tokens) for index, request
+                                             in enumerate(requests[:2 * len(SERVED_PROMPTS)])],
+                                    concurrency=1, is_progress_shown=False))
+        records = asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=requests, prompts=prompts,
+                                              concurrency=1, description="served, one at a time"))
+    failed = [record.error for record in records if not record.is_ok]
+    if failed:
+        raise RuntimeError(f"{len(failed)} served requests failed, e.g. {failed[0]}")
+    # The server's own token counts, where it gave them (a built prompt may tokenize a token off its target).
+    return [{"num_prompt_tokens": record.prompt_tokens or request.prompt_tokens,
+             "num_output_tokens": record.output_tokens or request.output_tokens,
+             "ttft_s": record.ttft_s, "mean_gap_s": record.tpot_s}
+            for request, record in zip(requests, records, strict=True)]
+
+
+def fit_served(rows: list[dict[str, Any]], model: dict[str, float]) -> dict[str, float]:
+    """What the served path adds to the fitted engine: per streamed token (a client's mean gap over the engine's
+    steps for the same sequence, one at a time) and per request (its TTFT over the prompt's step); medians."""
+    if not rows:
+        return {}
+    per_token, per_request = [], []
+    for row in rows:
+        n, num_output = row["num_prompt_tokens"], row["num_output_tokens"]
+        engine_steps = [fitted_s(model, Step("decode", 0, 1, n + index, 0.0)) for index in range(1, num_output)]
+        per_token.append(row["mean_gap_s"] - float(np.mean(engine_steps)))
+        per_request.append(row["ttft_s"] - fitted_s(model, Step("prefill", n, 0, 0, 0.0, pairs(n))))
+    return {"served_token_s": max(0.0, float(np.median(per_token))),
+            "served_request_s": max(0.0, float(np.median(per_request)))}
+
+
 STEP_TERMS = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s")
 
 
@@ -358,6 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--handover-repeats", type=int, default=8)
     parser.add_argument("--quick", action="store_true", help="a few cells only (a smoke run)")
     parser.add_argument("--no-handover", action="store_true", help="skip the KV hand-over measurements")
+    parser.add_argument("--served-requests", type=int, default=8,
+                        help="requests of each size streamed through the served app (0: skip it)")
     parser.add_argument("--in-process", action="store_true",
                         help="the EngineCore in this process (pinned to the role's cores), each step as composed")
     parser.add_argument("--kv-connector", choices=["nixl"],
@@ -388,7 +445,8 @@ def main(argv: list[str] | None = None) -> None:
         probe.served.is_recording = True
     steps: list[Step] = []
     splitwise_rows: list[dict[str, Any]] = []
-    with tqdm(total=3 + (0 if args.no_handover else 1), desc="profile", unit="sweep") as progress:
+    num_served = 0 if args.quick else args.served_requests
+    with tqdm(total=3 + (0 if args.no_handover else 1) + bool(num_served), desc="profile", unit="sweep") as progress:
         steps += prefill_steps(probe, args.repeats, prompt_sizes, batches)
         progress.update()
         for prompt_size, batch_size in cells:
@@ -405,11 +463,18 @@ def main(argv: list[str] | None = None) -> None:
         handovers = [] if args.no_handover else handover_rows(config, args.handover_repeats,
                                                               HANDOVER_TOKENS[:2] if args.quick else HANDOVER_TOKENS)
         progress.update(0 if args.no_handover else 1)
+        # The app's logs go to a folder of their own, out of the results.
+        served = served_rows(config, num_served, Path(tempfile.mkdtemp(prefix="profile-served-"))) \
+            if num_served else []
+        progress.update(bool(num_served))
     model = fit_steps(steps) | fit_handovers(handovers)
+    model |= fit_served(served, model)
     errors = fit_errors(steps, model)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_csv([asdict(step) for step in steps], STEP_FIELDS, args.out / "steps.csv")
     _write_csv(splitwise_rows, SPLITWISE_FIELDS, args.out / "perf_model.csv")
+    if served:
+        _write_csv(served, ("num_prompt_tokens", "num_output_tokens", "ttft_s", "mean_gap_s"), args.out / "served.csv")
     if handovers:
         _write_csv(handovers, ("backend", "num_prompt_tokens", "num_bytes", "seconds"), args.out / "transfers.csv")
     _write_csv([{"parameter": name, "value": value} for name, value in model.items()], ("parameter", "value"),
@@ -423,16 +488,17 @@ def main(argv: list[str] | None = None) -> None:
                 "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": args.in_process,
                 "kv_connector": args.kv_connector, **transfer_update},
             "model": model, "fit_errors": errors,
-            "num_steps": len(steps), "num_handovers": len(handovers)}
+            "num_steps": len(steps), "num_handovers": len(handovers), "num_served": len(served)}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
     lines = ["# The engine's profile on this host", "",
              f"`{' '.join(['python -m bench.profile', *(sys.argv[1:] if argv is None else argv)])}`",
              f"at commit {origin['commit']}{' (dirty tree)' if origin['is_dirty'] else ''}, "
              f"{meta['started_at']}, {meta['wall_s'] / 60:.1f} min: {len(steps)} engine steps, "
-             f"{len(handovers)} hand-overs.", "",
+             f"{len(handovers)} hand-overs, {len(served)} requests served one at a time.", "",
              "step seconds = step_s0 + decode_step_s0 (if any sequence decodes) + prompt_token_s · prompt tokens + "
              "prompt_pair_s · prompt token pairs (attention's quadratic part) + "
-             "decode_seq_s · decode sequences + context_token_s · KV tokens read", "",
+             "decode_seq_s · decode sequences + context_token_s · KV tokens read; served through the app, "
+             "served_token_s more per decode sequence and served_request_s more before the first token", "",
              "| parameter | value |", "| --- | --- |",
              *[f"| {name} | {value:.4g} |" for name, value in model.items()], "",
              "The fit's error per kind of step, |fitted / measured - 1|:", "",
@@ -440,7 +506,8 @@ def main(argv: list[str] | None = None) -> None:
              *[f"| {kind} | {e['num_steps']} | {e['median']:.1%} | {e['p90']:.1%} |" for kind, e in errors.items()],
              "", "![fit](fit.png)", "",
              "Every step is in [steps.csv](steps.csv), SplitwiseSim's cells in [perf_model.csv](perf_model.csv)"
-             + (", the hand-overs in [transfers.csv](transfers.csv)." if handovers else ".")]
+             + (", the hand-overs in [transfers.csv](transfers.csv)" if handovers else "")
+             + (", the served requests in [served.csv](served.csv)." if served else ".")]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -14,6 +14,12 @@ computed attends over c·k + c·(c+1)/2 pairs (on this host's CPU a 1,536-token 
 `decode_step_s0` is what a step with decode sequences costs beyond one without (on a GPU, reading the weights for
 a memory-bound step; SplitwiseSim's profiles show it as a token step's floor above a small prompt's).
 
+Served, the engine is not alone: each token it streams goes through its frontend, the Serve replica, the router and
+the proxy, whose processes share the host's cores with it. `served_token_s` is what that adds to a step per
+sequence it extends (the client's gap over the engine's own step, one request at a time), `served_request_s` the
+latency the served path adds to a request's first token (the client's TTFT over the engine's prompt step). Both are
+measured by streaming through the app (bench.profile's last phase); 0 for an engine on its own.
+
 A hand-over is a line in the prompt's tokens (their KV moves). bench.profile measures and fits both on the host it
 runs on; `PerfModel.from_profile` reads its CSV.
 """
@@ -43,12 +49,15 @@ class PerfModel(BaseModel):
     context_token_s: float = Field(0.0, ge=0)  # per KV token the decode sequences attend to
     handover_s0: float = Field(0.0, ge=0)  # a KV hand-over's fixed cost
     handover_token_s: float = Field(0.0, ge=0)  # per prompt token whose KV moves
+    served_token_s: float = Field(0.0, ge=0)  # per sequence a step extends: the served output path's share of it
+    served_request_s: float = Field(0.0, ge=0)  # a request's latency through the served path, before its first token
 
     def step_s(self, num_prompt_tokens: int, num_decode_seqs: int, num_context_tokens: int,
                num_prompt_pairs: int = 0) -> float:
         return (self.step_s0 + (self.decode_step_s0 if num_decode_seqs else 0.0)
                 + self.prompt_token_s * num_prompt_tokens + self.prompt_pair_s * num_prompt_pairs
-                + self.decode_seq_s * num_decode_seqs + self.context_token_s * num_context_tokens)
+                + (self.decode_seq_s + self.served_token_s) * num_decode_seqs
+                + self.context_token_s * num_context_tokens)
 
     def handover_s(self, num_prompt_tokens: int) -> float:
         return self.handover_s0 + self.handover_token_s * num_prompt_tokens
@@ -58,7 +67,8 @@ class PerfModel(BaseModel):
         """bench.profile's fitted model: rows `parameter,value` (a hand-over's per backend, `handover_s0@nixl`)."""
         with open(path, newline="") as handle:
             values = {row["parameter"]: float(row["value"]) for row in csv.DictReader(handle)}
-        terms = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s")
+        terms = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s",
+                 "served_token_s", "served_request_s")
         fields = {name: values[name] for name in terms if name in values}
         for name in ("handover_s0", "handover_token_s"):
             if f"{name}@{backend}" in values:

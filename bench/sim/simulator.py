@@ -15,7 +15,9 @@ A request's life:
    router, so its view is exact), and the book is re-keyed under the current rates once per
    `scheduling.load_report_period_s` of simulated time, as the router does when reports come.
 5. Every request ends as a bench `RequestRecord` (times from its arrival), so bench.result_files writes the same
-   CSVs and SLO arithmetic as a measured run.
+   CSVs and SLO arithmetic as a measured run. The served path's own latency (the model's `served_request_s`: the
+   proxy, router and replica between a client and its engine) is added to its first token and end; it holds no
+   engine, so no machine waits on it.
 """
 
 from __future__ import annotations
@@ -224,8 +226,9 @@ class Simulator:
         if error is not None or request.done_s is None:
             record.error = error or "not finished when the simulation ended"
             return record
-        record.ttft_s = request.first_token_s - request.arrival_s
-        record.e2e_s = request.done_s - request.arrival_s
+        served_s = self.model.served_request_s
+        record.ttft_s = request.first_token_s - request.arrival_s + served_s
+        record.e2e_s = request.done_s - request.arrival_s + served_s
         if request.gaps_s is not None or request.num_generated < 2:
             record.tbt_s = list(request.gaps_s or ())
         else:  # gaps not kept: one mean gap stands for them (a request's TBT is right, all-gap tails are not)

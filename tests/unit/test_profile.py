@@ -80,3 +80,24 @@ def test_served_steps_are_read_back_from_the_cores_outputs():
                      ("batched_prefill", 150, 0, 0, 0.299)]
     assert [step.num_prompt_pairs for step in served.steps] == [5050, 0, 1275, 0, 0, 5050 + 1275]
     assert served.in_flight == set()  # every request finished
+
+
+def test_the_served_paths_cost_is_what_a_client_sees_beyond_the_fitted_engine(tmp_path):
+    """One request at a time through the app: a client's gap over the engine's step for the same sequence is the
+    served output path's cost per token, its TTFT over the prompt's step the path's latency (medians)."""
+    from bench.profile import SERVED_OUTPUT_TOKENS, fit_served, fitted_s
+
+    model = fit_steps(_steps())
+    rows = []
+    for n, token_extra, request_extra in ((128, 0.006, 0.030), (512, 0.005, 0.020), (1024, 0.007, 0.025)):
+        engine_gaps = [fitted_s(model, Step("decode", 0, 1, n + i, 0.0)) for i in range(1, SERVED_OUTPUT_TOKENS)]
+        rows.append({"num_prompt_tokens": n, "num_output_tokens": SERVED_OUTPUT_TOKENS,
+                     "ttft_s": fitted_s(model, Step("prefill", n, 0, 0, 0.0, pairs(n))) + request_extra,
+                     "mean_gap_s": sum(engine_gaps) / len(engine_gaps) + token_extra})
+    served = fit_served(rows, model)
+    assert served == pytest.approx({"served_token_s": 0.006, "served_request_s": 0.025})
+    assert fit_served([], model) == {}
+    # The simulator's step pays it per sequence it extends; a prompt alone does not.
+    read = PerfModel(**{**model, **served})
+    assert read.step_s(0, 4, 0) - PerfModel(**model).step_s(0, 4, 0) == pytest.approx(4 * 0.006)
+    assert read.step_s(512, 0, 0) == pytest.approx(PerfModel(**model).step_s(512, 0, 0))

@@ -61,6 +61,18 @@ def test_a_split_prefills_hands_the_kv_over_and_decodes_on_the_other_machine():
     _assert_nothing_held(result)
 
 
+def test_the_served_path_stretches_each_token_and_delays_the_first_by_its_measured_cost():
+    """bench.profile's served terms: 5 ms more per sequence a step extends (the output path's processes on the
+    same cores), 30 ms before the first token (proxy, router, replica), which holds no machine."""
+    served = MODEL.model_copy(update={"served_token_s": 0.005, "served_request_s": 0.03})
+    config = SimConfig(model=served, cluster=ClusterConfig(mode="collocated", num_prefill=0, num_decode=1))
+    (record,) = Simulator(config).run([_request(0, 0.0, 100, 3)]).records
+    # The prompt's step 0.2 s, as without the served path, then 30 ms of its latency; each decode step
+    # 0.1 + 0.01 + 0.005 s.
+    assert record.ttft_s == pytest.approx(0.23)
+    assert record.tbt_s == pytest.approx([0.115, 0.115]) and record.e2e_s == pytest.approx(0.23 + 0.23)
+
+
 def test_a_long_prompt_runs_in_chunks_of_the_token_budget():
     small = MachineConfig(max_batch_tokens=64)
     result = Simulator(_config(mode="collocated", num_prefill=0, num_decode=1, decode=small)).run(
