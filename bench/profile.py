@@ -27,8 +27,9 @@
 5. The served path: the app as bench.compare's baseline runs it (collocated: two engines, the router, Serve's
    proxy), one streamed request at a time through the OpenAI API. A client's gap over the fitted engine step for
    the same sequence is what the served output path adds per token (`served_token_s`: its processes share the
-   cores with the engine); its TTFT over the fitted prompt step, the path's latency (`served_request_s`). Medians
-   over the requests: served.csv. Without it the simulator was 8-18% fast on TBT one at a time (bench/results/sim
+   cores with the engine); its TTFT over the fitted prompt step, the path's latency (`served_request_s`). Then two
+   streams at a time, one on each engine: their gap over the one-at-a-time gap of the same prompt size is what an
+   engine loses while the other computes (`shared_host_slowdown`). Medians over the requests: served.csv. Without it the simulator was 8-18% fast on TBT one at a time (bench/results/sim
    at cfd1787: the engine stepped 44 ms, a client saw 50).
 """
 
@@ -66,6 +67,7 @@ MIXED = ((1, 64), (1, 512), (4, 64), (4, 512), (8, 256), (15, 64), (15, 1024))
 HANDOVER_TOKENS = (128, 512, 1024, 2048)
 SERVED_PROMPTS = (128, 512, 1024)  # 5.: streamed one at a time, `--served-requests` of each
 SERVED_OUTPUT_TOKENS = 48
+SHARED_PROMPT = SERVED_PROMPTS[0]  # two at a time (one per engine): prompts this size, 2 × `--served-requests`
 STEP_FIELDS = ("kind", "num_prompt_tokens", "num_decode_seqs", "num_context_tokens", "seconds", "num_prompt_pairs")
 SPLITWISE_FIELDS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
                     "e2e_time", "tensor_parallel")
@@ -281,49 +283,65 @@ def handover_rows(config: Any, repeats: int, token_counts: tuple[int, ...]) -> l
 
 
 def served_rows(config: Any, num_each: int, logs_dir: Path) -> list[dict[str, Any]]:
-    """5. Requests streamed one at a time through the served baseline: each one's client TTFT and mean gap."""
+    """5. Requests streamed through the served baseline, one at a time and then two at a time (Serve's choice of
+    the less loaded replica puts one on each engine): each one's client TTFT and mean gap."""
     import asyncio
 
     from bench.load_generator import PromptBuilder, filler_document, run_closed_loop
     from bench.systems import SYSTEMS
     from bench.traces import TraceRequest
 
-    requests = [TraceRequest(request_id=index, arrival_s=0.0, prompt_tokens=size, output_tokens=SERVED_OUTPUT_TOKENS)
-                for index, size in enumerate(SERVED_PROMPTS * num_each)]
+    sizes = {1: SERVED_PROMPTS * num_each, 2: (SHARED_PROMPT,) * (2 * num_each)}
     builder = PromptBuilder(config.model.path, filler_document())
-    prompts = [builder.build(request.request_id, request.prompt_tokens) for request in requests]
     model = config.model.served_name
+    rows: list[dict[str, Any]] = []
     with SYSTEMS["collocated"].start(logs_dir) as base_url:
+        def run(concurrency: int, prompt_sizes: tuple[int, ...], first_id: int, description: str) -> list[Any]:
+            requests = [TraceRequest(request_id=first_id + index, arrival_s=0.0, prompt_tokens=size,
+                                     output_tokens=SERVED_OUTPUT_TOKENS) for index, size in enumerate(prompt_sizes)]
+            prompts = [builder.build(request.request_id, request.prompt_tokens) for request in requests]
+            records = asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=requests, prompts=prompts,
+                                                  concurrency=concurrency, description=description,
+                                                  is_progress_shown=bool(description)))
+            return list(zip(requests, records, strict=True))
+
         # Untimed first: each prompt size's first run pays one-time costs on either engine.
-        asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=requests[:2 * len(SERVED_PROMPTS)],
-                                    prompts=[builder.build(-1 - index, request.prompt_tokens) for index, request
-                                             in enumerate(requests[:2 * len(SERVED_PROMPTS)])],
-                                    concurrency=1, is_progress_shown=False))
-        records = asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=requests, prompts=prompts,
-                                              concurrency=1, description="served, one at a time"))
-    failed = [record.error for record in records if not record.is_ok]
-    if failed:
-        raise RuntimeError(f"{len(failed)} served requests failed, e.g. {failed[0]}")
-    # The server's own token counts, where it gave them (a built prompt may tokenize a token off its target).
-    return [{"num_prompt_tokens": record.prompt_tokens or request.prompt_tokens,
-             "num_output_tokens": record.output_tokens or request.output_tokens,
-             "ttft_s": record.ttft_s, "mean_gap_s": record.tpot_s}
-            for request, record in zip(requests, records, strict=True)]
+        run(1, SERVED_PROMPTS * 2, -100, "")
+        for concurrency, prompt_sizes in sizes.items():
+            for request, record in run(concurrency, prompt_sizes, 1000 * concurrency,
+                                       f"served, {concurrency} at a time"):
+                if not record.is_ok:
+                    raise RuntimeError(f"a served request failed: {record.error}")
+                # The server's own token counts, where it gave them (a built prompt may tokenize a token off).
+                rows.append({"concurrency": concurrency,
+                             "num_prompt_tokens": record.prompt_tokens or request.prompt_tokens,
+                             "num_output_tokens": record.output_tokens or request.output_tokens,
+                             "ttft_s": record.ttft_s, "mean_gap_s": record.tpot_s})
+    return rows
 
 
 def fit_served(rows: list[dict[str, Any]], model: dict[str, float]) -> dict[str, float]:
-    """What the served path adds to the fitted engine: per streamed token (a client's mean gap over the engine's
-    steps for the same sequence, one at a time) and per request (its TTFT over the prompt's step); medians."""
-    if not rows:
+    """What the served path adds to the fitted engine, from the one-at-a-time requests: per streamed token (a
+    client's mean gap over the engine's steps for the same sequence) and per request (its TTFT over the prompt's
+    step); and from the two-at-a-time ones, their gap over the one-at-a-time gap at the same prompt size, less 1
+    (`shared_host_slowdown`). Medians."""
+    alone = [row for row in rows if row.get("concurrency", 1) == 1]
+    if not alone:
         return {}
     per_token, per_request = [], []
-    for row in rows:
+    for row in alone:
         n, num_output = row["num_prompt_tokens"], row["num_output_tokens"]
         engine_steps = [fitted_s(model, Step("decode", 0, 1, n + index, 0.0)) for index in range(1, num_output)]
         per_token.append(row["mean_gap_s"] - float(np.mean(engine_steps)))
         per_request.append(row["ttft_s"] - fitted_s(model, Step("prefill", n, 0, 0, 0.0, pairs(n))))
-    return {"served_token_s": max(0.0, float(np.median(per_token))),
-            "served_request_s": max(0.0, float(np.median(per_request)))}
+    fitted = {"served_token_s": max(0.0, float(np.median(per_token))),
+              "served_request_s": max(0.0, float(np.median(per_request)))}
+    shared = [row["mean_gap_s"] for row in rows if row.get("concurrency", 1) == 2]
+    alone_same_size = [row["mean_gap_s"] for row in alone
+                       if abs(row["num_prompt_tokens"] - SHARED_PROMPT) <= SHARED_PROMPT // 8]
+    if shared and alone_same_size:
+        fitted["shared_host_slowdown"] = max(0.0, float(np.median(shared) / np.median(alone_same_size)) - 1.0)
+    return fitted
 
 
 STEP_TERMS = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s")
@@ -474,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
     _write_csv([asdict(step) for step in steps], STEP_FIELDS, args.out / "steps.csv")
     _write_csv(splitwise_rows, SPLITWISE_FIELDS, args.out / "perf_model.csv")
     if served:
-        _write_csv(served, ("num_prompt_tokens", "num_output_tokens", "ttft_s", "mean_gap_s"), args.out / "served.csv")
+        _write_csv(served, ("concurrency", "num_prompt_tokens", "num_output_tokens", "ttft_s", "mean_gap_s"),
+                   args.out / "served.csv")
     if handovers:
         _write_csv(handovers, ("backend", "num_prompt_tokens", "num_bytes", "seconds"), args.out / "transfers.csv")
     _write_csv([{"parameter": name, "value": value} for name, value in model.items()], ("parameter", "value"),
@@ -494,11 +513,12 @@ def main(argv: list[str] | None = None) -> None:
              f"`{' '.join(['python -m bench.profile', *(sys.argv[1:] if argv is None else argv)])}`",
              f"at commit {origin['commit']}{' (dirty tree)' if origin['is_dirty'] else ''}, "
              f"{meta['started_at']}, {meta['wall_s'] / 60:.1f} min: {len(steps)} engine steps, "
-             f"{len(handovers)} hand-overs, {len(served)} requests served one at a time.", "",
+             f"{len(handovers)} hand-overs, {len(served)} requests served through the app.", "",
              "step seconds = step_s0 + decode_step_s0 (if any sequence decodes) + prompt_token_s · prompt tokens + "
              "prompt_pair_s · prompt token pairs (attention's quadratic part) + "
              "decode_seq_s · decode sequences + context_token_s · KV tokens read; served through the app, "
-             "served_token_s more per decode sequence and served_request_s more before the first token", "",
+             "served_token_s more per decode sequence and served_request_s more before the first token; "
+             "an iteration shared_host_slowdown longer while the host's other engine computes", "",
              "| parameter | value |", "| --- | --- |",
              *[f"| {name} | {value:.4g} |" for name, value in model.items()], "",
              "The fit's error per kind of step, |fitted / measured - 1|:", "",

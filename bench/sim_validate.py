@@ -55,11 +55,12 @@ def machine_config(role: Any, model: Any) -> MachineConfig:
 
 
 def sim_config(name: str, serve_config: dict[str, Any], profile: Path) -> SimConfig | None:
-    """The simulated cluster standing for one measured system, None where the simulator has none."""
+    """The simulated cluster standing for one measured system, None where the simulator has none. Every engine of
+    a comparison ran on this one host: they are one host's machines (`machines_per_host`)."""
     if name.startswith("ray-serve-llm"):
         args = app_config()  # the peer runs the same engine settings on 1 prefill + 1 decode engine
         return SimConfig(profile=profile, scheduling={"policy": "always_split"},
-                         cluster=ClusterConfig(num_prefill=1, num_decode=1,
+                         cluster=ClusterConfig(num_prefill=1, num_decode=1, machines_per_host=2,
                                                prefill=machine_config(args.prefill, args.model),
                                                decode=machine_config(args.decode, args.model)))
     args = app_config(serve_config)
@@ -67,10 +68,11 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path) -> SimCon
     if args.mode == "collocated":
         return SimConfig(profile=profile, transfer_backend=backend, cluster=ClusterConfig(
             mode="collocated", num_prefill=0, num_decode=args.collocated.num_replicas,
-            decode=machine_config(args.collocated, args.model)))
+            machines_per_host=args.collocated.num_replicas, decode=machine_config(args.collocated, args.model)))
     return SimConfig(profile=profile, transfer_backend=backend,
                      scheduling=args.scheduling.model_dump(),
                      cluster=ClusterConfig(num_prefill=args.prefill.num_replicas, num_decode=args.decode.num_replicas,
+                                           machines_per_host=args.prefill.num_replicas + args.decode.num_replicas,
                                            prefill=machine_config(args.prefill, args.model),
                                            decode=machine_config(args.decode, args.model)))
 

@@ -45,6 +45,9 @@ class ClusterConfig(_Frozen):
     num_decode: int = Field(1, ge=0)  # disaggregated: the decode pool; collocated: every machine, both phases
     prefill: MachineConfig = MachineConfig()
     decode: MachineConfig = MachineConfig()
+    # Machines that share one host, in order (the prefill pool's, then the decode pool's): an iteration that starts
+    # while another machine of its host computes takes the model's `shared_host_slowdown` longer. 1: a host each.
+    machines_per_host: int = Field(1, ge=1)
 
     @model_validator(mode="after")
     def has_machines(self) -> ClusterConfig:

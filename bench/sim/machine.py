@@ -96,6 +96,7 @@ class Machine:
     _segment_start_s: float = 0.0
     _num_steps: int = 1
     _first_step_s: float = 0.0
+    _stretch: float = 1.0
 
     # 1. Arrivals.
     def add_prompt(self, request: SimRequest) -> None:
@@ -128,13 +129,14 @@ class Machine:
         return self.config.kv_capacity_tokens - self.kv_used
 
     # 2. One iteration.
-    def plan_iteration(self, now: float = 0.0) -> float | None:
+    def plan_iteration(self, now: float = 0.0, stretch: float = 1.0) -> float | None:
         """Forms the next batch and returns how long it runs; None when there is nothing it can run.
 
         Pure decode with nothing waiting (no prompt, no handed-over KV) runs as one segment of k iterations up to
         the first sequence's last token, each iteration timed as its own (the KV read grows a token per sequence
         per iteration): the same times as k single iterations, at the cost of one event. A request that arrives
-        meanwhile cuts the segment at the iteration in flight (`cut`)."""
+        meanwhile cuts the segment at the iteration in flight (`cut`). `stretch`: how much longer each iteration
+        takes than the model's line (another machine of its host computing as the segment starts)."""
         while self.arrived and len(self.running) < self.config.max_num_seqs \
                 and self.free_kv >= self.arrived[0].prompt_tokens + 1:
             request = self.arrived.popleft()
@@ -165,15 +167,17 @@ class Machine:
         self._decoding, self._chunks = decoding, chunks
         self.last_num_decoding, self.last_num_prompt_tokens = num_decoding, num_prompt_tokens
         self._segment_start_s, self._num_steps = now, num_steps
-        self._first_step_s = self.model.step_s(num_prompt_tokens, num_decoding,
-                                               sum(request.kv_tokens for request in decoding), num_prompt_pairs)
+        self._stretch = stretch
+        self._first_step_s = stretch * self.model.step_s(num_prompt_tokens, num_decoding,
+                                                         sum(request.kv_tokens for request in decoding),
+                                                         num_prompt_pairs)
         self.last_step_s = self._steps_s(num_steps)
         self.is_busy = True
         return self.last_step_s
 
     def _steps_s(self, num_steps: int) -> float:
         """The first `num_steps` iterations of the segment: each reads one more token per sequence than the last."""
-        growth = self.model.context_token_s * self.last_num_decoding
+        growth = self._stretch * self.model.context_token_s * self.last_num_decoding
         return num_steps * self._first_step_s + growth * num_steps * (num_steps - 1) / 2
 
     def cut(self, now: float) -> float | None:

@@ -19,6 +19,9 @@ the proxy, whose processes share the host's cores with it. `served_token_s` is w
 sequence it extends (the client's gap over the engine's own step, one request at a time), `served_request_s` the
 latency the served path adds to a request's first token (the client's TTFT over the engine's prompt step). Both are
 measured by streaming through the app (bench.profile's last phase); 0 for an engine on its own.
+`shared_host_slowdown` is how much longer an iteration takes while another engine of the same host computes (each
+on cores of its own, but one memory, one cache and the served path's processes between them): the client's gap
+with a stream on each of the host's two engines over the gap with one stream on the host, less 1.
 
 A hand-over is a line in the prompt's tokens (their KV moves). bench.profile measures and fits both on the host it
 runs on; `PerfModel.from_profile` reads its CSV.
@@ -51,6 +54,7 @@ class PerfModel(BaseModel):
     handover_token_s: float = Field(0.0, ge=0)  # per prompt token whose KV moves
     served_token_s: float = Field(0.0, ge=0)  # per sequence a step extends: the served output path's share of it
     served_request_s: float = Field(0.0, ge=0)  # a request's latency through the served path, before its first token
+    shared_host_slowdown: float = Field(0.0, ge=0)  # an iteration's extra share while another engine on its host computes
 
     def step_s(self, num_prompt_tokens: int, num_decode_seqs: int, num_context_tokens: int,
                num_prompt_pairs: int = 0) -> float:
@@ -68,7 +72,7 @@ class PerfModel(BaseModel):
         with open(path, newline="") as handle:
             values = {row["parameter"]: float(row["value"]) for row in csv.DictReader(handle)}
         terms = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s",
-                 "served_token_s", "served_request_s")
+                 "served_token_s", "served_request_s", "shared_host_slowdown")
         fields = {name: values[name] for name in terms if name in values}
         for name in ("handover_s0", "handover_token_s"):
             if f"{name}@{backend}" in values:

@@ -69,6 +69,12 @@ class Simulator:
                                  can_fast_forward=can_fast_forward)
                          for index, (role, machine_config) in enumerate(roles)]
         self.by_engine = {machine.engine_id: machine for machine in self.machines}
+        # Each machine's host-mates (machines_per_host in index order): an iteration that starts while one of them
+        # computes is stretched by the model's shared_host_slowdown. Empty with a host each.
+        per_host = cluster.machines_per_host
+        self._host_mates = [[other for other in self.machines[index - index % per_host:][:per_host]
+                             if other is not machine] if per_host > 1 and self.model.shared_host_slowdown else []
+                            for index, machine in enumerate(self.machines)]
         self.rates = Rates(min_observations=config.scheduling.min_observations)
         self.book = LoadBook(drain_time=self.rates.drain_s)
         self.policy = policy or make_policy(config.scheduling,
@@ -157,7 +163,8 @@ class Simulator:
         """New work, or an iteration over: the machine starts its next iteration, or cuts a running segment of
         decode iterations short so that the new work joins after the one in flight."""
         if not machine.is_busy:
-            duration = machine.plan_iteration(now)
+            is_shared = any(mate.is_busy for mate in self._host_mates[machine.index])
+            duration = machine.plan_iteration(now, 1.0 + self.model.shared_host_slowdown if is_shared else 1.0)
             if duration is not None:
                 self._push(now + duration, _ITERATION_END, (machine, machine.version))
         elif (end := machine.cut(now)) is not None:

@@ -94,9 +94,13 @@ def test_the_served_paths_cost_is_what_a_client_sees_beyond_the_fitted_engine(tm
         rows.append({"num_prompt_tokens": n, "num_output_tokens": SERVED_OUTPUT_TOKENS,
                      "ttft_s": fitted_s(model, Step("prefill", n, 0, 0, 0.0, pairs(n))) + request_extra,
                      "mean_gap_s": sum(engine_gaps) / len(engine_gaps) + token_extra})
-    served = fit_served(rows, model)
-    assert served == pytest.approx({"served_token_s": 0.006, "served_request_s": 0.025})
+    assert fit_served(rows, model) == pytest.approx({"served_token_s": 0.006, "served_request_s": 0.025})
     assert fit_served([], model) == {}
+    # Two at a time, one stream per engine: their gaps 20% over the one-at-a-time gap of the same prompt size.
+    rows += [{**rows[0], "concurrency": 2, "mean_gap_s": rows[0]["mean_gap_s"] * 1.2} for _ in range(3)]
+    served = fit_served(rows, model)
+    assert served == pytest.approx({"served_token_s": 0.006, "served_request_s": 0.025,
+                                    "shared_host_slowdown": 0.2})
     # The simulator's step pays it per sequence it extends; a prompt alone does not.
     read = PerfModel(**{**model, **served})
     assert read.step_s(0, 4, 0) - PerfModel(**model).step_s(0, 4, 0) == pytest.approx(4 * 0.006)

@@ -73,6 +73,23 @@ def test_the_served_path_stretches_each_token_and_delays_the_first_by_its_measur
     assert record.tbt_s == pytest.approx([0.115, 0.115]) and record.e2e_s == pytest.approx(0.23 + 0.23)
 
 
+def test_machines_of_one_host_stretch_the_iterations_that_start_while_the_other_computes():
+    """Two machines on one host (`machines_per_host: 2`), an iteration 50% longer when it starts while the other
+    machine computes: two prompts arriving together take 0.3 s each instead of 0.2 s; on hosts of their own, 0.2."""
+    shared = MODEL.model_copy(update={"shared_host_slowdown": 0.5})
+    requests = [_request(0, 0.0, 100, 1), _request(1, 0.0, 100, 1)]
+
+    def ttfts(machines_per_host: int) -> list[float]:
+        cluster = ClusterConfig(mode="collocated", num_prefill=0, num_decode=2, machines_per_host=machines_per_host)
+        return [record.ttft_s for record in Simulator(SimConfig(model=shared, cluster=cluster)).run(requests).records]
+
+    # The first machine starts alone (0.2 s); the second starts while the first computes (0.3 s).
+    assert sorted(ttfts(2)) == pytest.approx([0.2, 0.3])
+    assert ttfts(1) == pytest.approx([0.2, 0.2])
+    with pytest.raises(ValidationError, match="machines_per_host"):
+        ClusterConfig(machines_per_host=0)
+
+
 def test_a_long_prompt_runs_in_chunks_of_the_token_budget():
     small = MachineConfig(max_batch_tokens=64)
     result = Simulator(_config(mode="collocated", num_prefill=0, num_decode=1, decode=small)).run(
