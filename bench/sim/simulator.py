@@ -69,12 +69,14 @@ class Simulator:
                                  can_fast_forward=can_fast_forward)
                          for index, (role, machine_config) in enumerate(roles)]
         self.by_engine = {machine.engine_id: machine for machine in self.machines}
-        # Each machine's host-mates (machines_per_host in index order): an iteration that starts while one of them
-        # computes is stretched by the model's shared_host_slowdown. Empty with a host each.
-        per_host = cluster.machines_per_host
-        self._host_mates = [[other for other in self.machines[index - index % per_host:][:per_host]
-                             if other is not machine] if per_host > 1 and self.model.shared_host_slowdown else []
-                            for index, machine in enumerate(self.machines)]
+        # Each machine's host-mates (hosts of machines_per_host machines, in index order): an iteration that starts
+        # while one of them computes is stretched by the model's shared_host_slowdown. Empty with a host each, or
+        # with no slowdown to apply, so that a large run pays nothing for it.
+        per_host = cluster.machines_per_host if self.model.shared_host_slowdown else 1
+        self._host_mates: list[list[Machine]] = []
+        for machine in self.machines:
+            first = machine.index - machine.index % per_host
+            self._host_mates.append([mate for mate in self.machines[first:first + per_host] if mate is not machine])
         self.rates = Rates(min_observations=config.scheduling.min_observations)
         self.book = LoadBook(drain_time=self.rates.drain_s)
         self.policy = policy or make_policy(config.scheduling,
