@@ -66,6 +66,9 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     # the other role's idle EngineCore, spinning after its step, is what slows decode's step.
     "nixl_pinned": {"transfer": {"backend": "nixl"}, "prefill": {"pin_engine_processes": True},
                     "decode": {"pin_engine_processes": True}},
+    # NIXL with its progress thread waking every 20 ms instead of 5 (transfer.nixl_progress_interval_us): whether
+    # the thread's passes over a used agent are what slow decode's step after real transfers.
+    "nixl_progress_20ms": {"transfer": {"backend": "nixl", "nixl_progress_interval_us": 20000}},
 }
 NUM_WARM_UP_REQUESTS = 2
 NUM_OUTPUT_TOKENS = 16
