@@ -262,9 +262,14 @@ class Predictive:
 
     def _decode_can_stream(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
         """One more stream keeps the decode engine's step within the mean bound of its own single-stream step."""
+        return self._one_more_stream_fits(engine_id, book, rates, busy_share=0.0)
+
+    def _one_more_stream_fits(self, engine_id: str, book: LoadBook, rates: Rates, *, busy_share: float) -> bool:
+        """The engine's step with one more stream, stretched by the share of its time prompts take, stays within
+        the mean bound of its own single-stream step."""
         base = rates.decode_step_s(engine_id, 1)
-        running = book.engine(engine_id).num_requests
-        return rates.decode_step_s(engine_id, running + 1) <= self.config.tbt_mean_slowdown * base
+        step = rates.decode_step_s(engine_id, book.engine(engine_id).num_requests + 1)
+        return step / (1 - busy_share) <= self.config.tbt_mean_slowdown * base
 
     def _prefill_can_decode(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
         """P computes no prompt now, and one more stream there keeps its mean gap, its step stretched by the share
@@ -276,10 +281,7 @@ class Predictive:
         if base <= 0:
             return False
         busy_share = self.prompt_busy_share(engine_id, book, rates)
-        if busy_share >= 1:
-            return False
-        step = rates.decode_step_s(engine_id, engine.num_requests + 1)
-        return step / (1 - busy_share) <= self.config.tbt_mean_slowdown * base
+        return busy_share < 1 and self._one_more_stream_fits(engine_id, book, rates, busy_share=busy_share)
 
     @staticmethod
     def prompt_busy_share(engine_id: str, book: LoadBook, rates: Rates) -> float:
