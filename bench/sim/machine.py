@@ -273,11 +273,27 @@ class Machine:
         # The end of each iteration of the segment (one, unless pure decode ran several).
         ends = [self._segment_start_s + self._steps_s(step) for step in range(1, num_steps)] + [now] \
             if num_steps > 1 and self.keeps_gaps else None
-        for request in self._decoding:
-            request.kv_tokens += num_steps
-            if num_steps > 1:
-                self._tokens(request, num_steps, ends)
-            self._token(request, now, outcomes)
+        if self.keeps_gaps:
+            for request in self._decoding:
+                request.kv_tokens += num_steps
+                if num_steps > 1:
+                    self._tokens(request, num_steps, ends)
+                self._token(request, now, outcomes)
+        else:  # `_tokens` then `_token` with no gaps to keep, spelled out: a large run's innermost loop
+            running = self.running
+            for request in self._decoding:
+                request.kv_tokens += num_steps
+                request.num_generated += num_steps
+                if request.first_token_s is None:
+                    request.first_token_s = now
+                    outcomes.append((Outcome.FIRST_TOKEN, request))
+                request.last_token_s = now
+                if request.num_generated >= request.output_tokens:
+                    request.done_s = now
+                    running.remove(request)
+                    self.kv_used -= request.kv_tokens
+                    request.kv_tokens = 0
+                    outcomes.append((Outcome.DONE, request))
         stats.num_decode_tokens += num_steps * len(self._decoding)
         for request, chunk in self._chunks:
             was_partial = request.num_computed > 0

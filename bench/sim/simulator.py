@@ -82,6 +82,7 @@ class Simulator:
         self.policy = policy or make_policy(config.scheduling,
                                             decode_chunk_tokens=cluster.decode.num_prefill_chunk_tokens,
                                             prefill_chunk_tokens=cluster.prefill.num_prefill_chunk_tokens)
+        self._observe_output = getattr(self.policy, "observe_output", None)  # what the router tells a policy
         self._random = random.Random(config.seed)
         self._events: list[tuple[float, int, int, object]] = []
         self._seq = 0
@@ -100,12 +101,13 @@ class Simulator:
         num_events, now, next_arrival = 0, 0.0, 0
         progress = tqdm(total=len(arrivals), desc="arrivals", unit="req", disable=not is_progress_shown,
                         miniters=max(1, len(arrivals) // 100))
-        while next_arrival < len(arrivals) or self._events:
-            is_event_next = self._events and (next_arrival == len(arrivals)
-                                              or self._events[0][0] <= arrivals[next_arrival].arrival_s)
-            if is_event_next:
-                now, _, kind, payload = heapq.heappop(self._events)
-                self.book.now_s = now
+        events, book, num_arrivals = self._events, self.book, len(arrivals)
+        rekey_period_s = self.config.scheduling.load_report_period_s
+        next_arrival_s = arrivals[0].arrival_s if arrivals else 0.0
+        while next_arrival < num_arrivals or events:
+            if events and (next_arrival == num_arrivals or events[0][0] <= next_arrival_s):
+                now, _, kind, payload = heapq.heappop(events)
+                book.now_s = now
                 if kind == _ITERATION_END:
                     machine, version = payload
                     if version != machine.version:
@@ -116,13 +118,15 @@ class Simulator:
             else:
                 request = arrivals[next_arrival]
                 next_arrival += 1
-                now = self.book.now_s = request.arrival_s
+                if next_arrival < num_arrivals:
+                    next_arrival_s = arrivals[next_arrival].arrival_s
+                now = book.now_s = request.arrival_s
                 decisions[self._arrive(request, now)] += 1
                 progress.update()
             num_events += 1
             if now >= self._next_rekey_s:
-                self.book.refresh_keys()
-                self._next_rekey_s = now + self.config.scheduling.load_report_period_s
+                book.refresh_keys()
+                self._next_rekey_s = now + rekey_period_s
         progress.close()
         return SimResult(records=[self._record(request) for request in arrivals], requests=arrivals,
                          machines=self.machines, model=self.model, decisions=decisions, num_events=num_events,
@@ -165,7 +169,8 @@ class Simulator:
         """New work, or an iteration over: the machine starts its next iteration, or cuts a running segment of
         decode iterations short so that the new work joins after the one in flight."""
         if not machine.is_busy:
-            is_shared = any(mate.is_busy for mate in self._host_mates[machine.index])
+            mates = self._host_mates[machine.index]
+            is_shared = bool(mates) and any(mate.is_busy for mate in mates)
             duration = machine.plan_iteration(now, 1.0 + self.model.shared_host_slowdown if is_shared else 1.0)
             if duration is not None:
                 self._push(now + duration, _ITERATION_END, (machine, machine.version))
@@ -181,10 +186,8 @@ class Simulator:
                 self._prefilled(request, machine, now)
             elif outcome == Outcome.FIRST_TOKEN:
                 self._first_token(request, machine, now)
-            else:
-                observe = getattr(self.policy, "observe_output", None)
-                if observe is not None:
-                    observe(request.num_generated)
+            elif self._observe_output is not None:
+                self._observe_output(request.num_generated)
         if num_decoding and not had_prompts:
             # A pure decode step, as the engines time and report them.
             self.rates.observe_decode_step(machine.engine_id, num_decoding, step_s)
@@ -215,12 +218,12 @@ class Simulator:
             self.rates.observe_prefill(request.times_prefill_of, request.prompt_tokens, now - request.arrival_s)
 
     def _report(self, machine: Machine) -> None:
-        self.book.report(EngineLoad(engine_id=machine.engine_id, role=machine.role,
-                                    num_pending_prompt_tokens=machine.num_pending_prompt_tokens,
-                                    num_running=len(machine.running),
-                                    num_waiting=len(machine.waiting) + len(machine.arrived),
-                                    kv_usage=machine.kv_used / machine.config.kv_capacity_tokens,
-                                    num_prompt_tokens_computed=machine.stats.num_prompt_tokens))
+        # Positional, in EngineLoad's order: engine, role, pending prompt tokens, running, waiting, KV in use,
+        # prompt tokens computed (one per machine change: the hottest line of a large run).
+        self.book.report(EngineLoad(machine.engine_id, machine.role, machine.num_pending_prompt_tokens,
+                                    len(machine.running), len(machine.waiting) + len(machine.arrived),
+                                    machine.kv_used / machine.config.kv_capacity_tokens,
+                                    machine.stats.num_prompt_tokens))
 
     def _push(self, at: float, kind: int, payload: object) -> None:
         self._seq += 1

@@ -25,7 +25,7 @@ import heapq
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, NamedTuple
 
 Role = Literal["prefill", "decode"]
 # How far back an engine's prompt throughput looks (an exponentially decaying window, seconds): about the life of a
@@ -33,9 +33,10 @@ Role = Literal["prefill", "decode"]
 PROMPT_RATE_HORIZON_S = 10.0
 
 
-@dataclass(frozen=True)
-class EngineLoad:
-    """One engine's report. `engine_id` is the replica's; counts are the engine's own, across all routers."""
+class EngineLoad(NamedTuple):
+    """One engine's report. `engine_id` is the replica's; counts are the engine's own, across all routers. A named
+    tuple, immutable like a frozen dataclass and built in a third of its time: a simulator makes one per engine
+    change, millions a run."""
 
     engine_id: str
     role: Role
@@ -53,6 +54,7 @@ class _Engine:
     reported: EngineLoad
     # This router's dispatches to the engine not yet done: dispatch number -> prompt tokens still pending.
     live: dict[int, int] = field(default_factory=dict)
+    num_live_pending: int = 0  # the sum of `live`'s values, kept as they change
     version: int = 0
     # Prompt tokens computed per second, a decaying sum over PROMPT_RATE_HORIZON_S, as of `rate_at_s`.
     prompt_tokens_per_s: float = 0.0
@@ -77,12 +79,20 @@ class _Engine:
     @property
     def num_pending_prompt_tokens(self) -> int:
         others = self.reported.num_pending_prompt_tokens - self.reported.num_own_pending_prompt_tokens
-        return max(0, others) + sum(self.live.values())
+        return (others if others > 0 else 0) + self.num_live_pending
 
     @property
     def num_requests(self) -> int:
         others = self.reported.num_running + self.reported.num_waiting - self.reported.num_own_requests
-        return max(0, others) + len(self.live)
+        return (others if others > 0 else 0) + len(self.live)
+
+    def set_live(self, seq: int, num_prompt_tokens: int | None) -> bool:
+        """This router's dispatch `seq` now has `num_prompt_tokens` pending (None: done). Whether it was live."""
+        was = self.live.pop(seq, None) if num_prompt_tokens is None else self.live.get(seq)
+        if num_prompt_tokens is not None:
+            self.live[seq] = num_prompt_tokens
+        self.num_live_pending += (num_prompt_tokens or 0) - (was or 0)
+        return was is not None
 
     @property
     def num_own_requests(self) -> int:
@@ -125,19 +135,19 @@ class LoadBook:
         """Dispatch `seq` was sent to the engine; it will compute `num_prompt_tokens` of prompt (0: KV arrives)."""
         engine = self._engines.get(engine_id)
         if engine is not None:
-            engine.live[seq] = num_prompt_tokens
+            engine.set_live(seq, num_prompt_tokens)
             self._push(engine)
 
     def prompt_done(self, engine_id: str, seq: int) -> None:
         """The engine's first token (or KV handle) came back: its prompt tokens are computed."""
         engine = self._engines.get(engine_id)
         if engine is not None and engine.live.get(seq):
-            engine.live[seq] = 0
+            engine.set_live(seq, 0)
             self._push(engine)
 
     def request_done(self, engine_id: str, seq: int) -> None:
         engine = self._engines.get(engine_id)
-        if engine is not None and engine.live.pop(seq, None) is not None:
+        if engine is not None and engine.set_live(seq, None):
             self._push(engine)
 
     # 3. Queries.
@@ -172,8 +182,9 @@ class LoadBook:
         """Every engine pushed again with its drain time under the current rates: O(engines), for the router to
         run when the rates changed, not per decision."""
         heaps: dict[str, list[tuple[float, int, int, str, int]]] = {"prefill": [], "decode": []}
+        entry = self._entry
         for engine in self._engines.values():  # the entries one push each would make, in the same order
-            heaps[engine.reported.role].append(self._entry(engine))
+            heaps[engine.reported.role].append(entry(engine))
         for role, entries in heaps.items():  # every older entry is stale now: a fresh heap, built in O(engines)
             heapq.heapify(entries)
             self._heaps[role] = entries
@@ -192,11 +203,18 @@ class LoadBook:
         return self.drain_time(engine_id, pending) if pending > 0 else 0.0
 
     def _entry(self, engine: _Engine) -> tuple[float, int, int, str, int]:
-        """The engine's heap entry under its current load and rates; older entries of it go stale."""
+        """The engine's heap entry under its current load and rates; older entries of it go stale. (drain_s and
+        num_requests, spelled out: a simulator makes millions of entries.)"""
         engine.version += 1
         self._tie += 1
-        engine_id = engine.reported.engine_id
-        return self.drain_s(engine_id), engine.num_requests, self._tie, engine_id, engine.version
+        reported = engine.reported
+        engine_id = reported.engine_id
+        others = reported.num_pending_prompt_tokens - reported.num_own_pending_prompt_tokens
+        pending = (others if others > 0 else 0) + engine.num_live_pending
+        others = reported.num_running + reported.num_waiting - reported.num_own_requests
+        num_requests = (others if others > 0 else 0) + len(engine.live)
+        drain = self.drain_time(engine_id, pending) if pending > 0 else 0.0
+        return drain, num_requests, self._tie, engine_id, engine.version
 
     def _push(self, engine: _Engine) -> None:
         role = engine.reported.role

@@ -31,9 +31,13 @@ class WeightedLine:
     _sxy: float = 0.0
     num_observations: int = 0
     _line: tuple[float, float] | None = field(default=None, repr=False, compare=False)
+    _keep: float = field(init=False, repr=False, compare=False)  # an old observation's weight after one more
+
+    def __post_init__(self) -> None:
+        self._keep = 0.5 ** (1.0 / self.half_life)
 
     def observe(self, x: float, y: float) -> None:
-        keep = 0.5 ** (1.0 / self.half_life)
+        keep = self._keep
         self._weight = keep * self._weight + 1.0
         self._sx = keep * self._sx + x
         self._sy = keep * self._sy + y
@@ -44,13 +48,13 @@ class WeightedLine:
 
     @property
     def slope(self) -> float:
-        return self._fitted()[1]
+        return self.fitted()[1]
 
     @property
     def intercept(self) -> float:
-        return self._fitted()[0]
+        return self.fitted()[0]
 
-    def _fitted(self) -> tuple[float, float]:
+    def fitted(self) -> tuple[float, float]:
         """(intercept, slope), computed once per observation: a router or a simulator predicts far more often
         than it observes."""
         if self._line is None:
@@ -69,7 +73,7 @@ class WeightedLine:
         return max(0.0, (self._sxy / self._weight - mean_x * mean_y) / spread)  # work never gets cheaper with size
 
     def predict(self, x: float) -> float:
-        intercept, slope = self._fitted()
+        intercept, slope = self.fitted()
         return intercept + slope * x
 
     def summary(self) -> dict[str, float]:
@@ -95,18 +99,18 @@ class EngineLines:
         line = self.by_engine.get(engine_id)
         if line is None:
             line = self.by_engine[engine_id] = WeightedLine(half_life=self.half_life)
-        was_trusted = self.is_trusted(line)
+        was_trusted = line.num_observations >= self.min_observations
         if was_trusted:
-            self._add(line, -1.0)
+            intercept, slope = line.fitted()
+            self._sum_intercept -= intercept
+            self._sum_slope -= slope
         line.observe(x, y)
         self.num_observations += 1
-        if self.is_trusted(line):
-            self._add(line, 1.0)
+        if line.num_observations >= self.min_observations:
+            intercept, slope = line.fitted()
+            self._sum_intercept += intercept
+            self._sum_slope += slope
             self.num_trusted += 0 if was_trusted else 1
-
-    def _add(self, line: WeightedLine, sign: float) -> None:
-        self._sum_intercept += sign * line.intercept
-        self._sum_slope += sign * line.slope
 
     def is_trusted(self, line: WeightedLine | None) -> bool:
         return line is not None and line.num_observations >= self.min_observations
@@ -114,8 +118,9 @@ class EngineLines:
     def estimate(self, engine_id: str, x: float) -> float:
         """The engine's own line once trusted; before that, the mean of the engines that have one (0: none yet)."""
         line = self.by_engine.get(engine_id)
-        if self.is_trusted(line):
-            return line.predict(x)
+        if line is not None and line.num_observations >= self.min_observations:
+            intercept, slope = line._line or line.fitted()
+            return intercept + slope * x
         if not self.num_trusted:
             return 0.0
         return (self._sum_intercept + self._sum_slope * x) / self.num_trusted

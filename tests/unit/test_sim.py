@@ -167,6 +167,28 @@ def test_decode_segments_give_the_same_times_as_iteration_by_iteration_with_fewe
     assert alone.num_events == (3 if mode == "collocated" else 5) and len(alone.records[0].tbt_s) == 99
 
 
+@pytest.mark.parametrize("policy", ["always_split", "predictive"])
+def test_a_run_without_token_gaps_is_the_same_run(policy):
+    """Large runs keep no gaps (`keeps_token_gaps: false`, the scale benchmark's setting): every decision, first
+    token, end and token count must be those of the run that keeps them; only the gaps themselves go."""
+    rng = random.Random(5)
+    arrival, requests = 0.0, []
+    for request_id in range(300):
+        arrival += rng.expovariate(8.0)
+        requests.append(_request(request_id, arrival, rng.randint(20, 700), rng.randint(1, 80)))
+    tight = MachineConfig(max_batch_tokens=512, max_num_seqs=8, kv_capacity_tokens=1_500)
+    runs = [Simulator(SimConfig(model=MODEL.model_copy(update={"context_token_s": 1e-6}), keeps_token_gaps=keeps,
+                                cluster=ClusterConfig(num_prefill=2, num_decode=2, prefill=tight, decode=tight),
+                                scheduling={"policy": policy, "min_observations": 2})).run(requests)
+            for keeps in (True, False)]
+    kept, dropped = ([(r.path, r.prefill_engine_id, r.ttft_s, r.e2e_s, r.output_tokens) for r in run.records]
+                     for run in runs)
+    assert kept == dropped and runs[0].decisions == runs[1].decisions
+    assert all(request.gaps_s is None for request in runs[1].requests)
+    assert sum(len(record.tbt_s) for record in runs[0].records) > len(requests)
+    _assert_nothing_held(runs[1])
+
+
 def test_the_policy_is_the_live_routers_own_and_never_sees_an_output_length():
     assert sim_module.make_policy is live_policies.make_policy
     seen = []
