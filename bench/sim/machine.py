@@ -132,10 +132,12 @@ class Machine:
     def plan_iteration(self, now: float = 0.0, stretch: float = 1.0) -> float | None:
         """Forms the next batch and returns how long it runs; None when there is nothing it can run.
 
-        Pure decode with nothing waiting (no prompt, no handed-over KV) runs as one segment of k iterations up to
-        the first sequence's last token, each iteration timed as its own (the KV read grows a token per sequence
-        per iteration): the same times as k single iterations, at the cost of one event. A request that arrives
-        meanwhile cuts the segment at the iteration in flight (`cut`). `stretch`: how much longer each iteration
+        Pure decode with no prompt waiting runs as one segment of k iterations up to the first sequence's last
+        token, each iteration timed as its own (the KV read grows a token per sequence per iteration): the same
+        times as k single iterations, at the cost of one event. Handed-over KV waiting for memory or a sequence
+        slot does not stop a segment: what it waits for (a sequence that ends and frees both) comes only at the
+        segment's end, since until then every sequence grows and none leaves. A request that arrives meanwhile
+        cuts the segment at the iteration in flight (`cut`). `stretch`: how much longer each iteration
         takes than the model's line (another machine of its host computing as the segment starts)."""
         while self.arrived and len(self.running) < self.config.max_num_seqs \
                 and self.free_kv >= self.arrived[0].prompt_tokens + 1:
@@ -153,7 +155,7 @@ class Machine:
         num_decoding = len(decoding)
         self.kv_used += num_decoding  # each sequence's next token
         num_steps = 1
-        if self.can_fast_forward and not chunks and not self.waiting and not self.arrived \
+        if self.can_fast_forward and not chunks and not self.waiting \
                 and num_decoding == len(self.running):
             num_steps = min(request.output_tokens - request.num_generated for request in decoding)
             if any(request.num_generated == 0 for request in decoding):

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 import deployments.scheduling.policies as live_policies
 from bench.sim import simulator as sim_module
 from bench.sim.config import ClusterConfig, MachineConfig, SimConfig
+from bench.sim.machine import Machine
 from bench.sim.model import PerfModel
 from bench.sim.simulator import Simulator
 from bench.traces import TraceRequest
@@ -140,19 +141,32 @@ def test_a_loaded_trace_keeps_the_event_loops_invariants(policy):
 
 
 @pytest.mark.parametrize("mode", ["disaggregated", "collocated"])
-def test_decode_segments_give_the_same_times_as_iteration_by_iteration_with_fewer_events(mode):
-    """Pure decode runs as one event per segment; arrivals cut segments at the iteration in flight. Every
-    request's times must equal the iteration-by-iteration run's (always_split: decisions that use no rates)."""
+@pytest.mark.parametrize("decode", [MachineConfig(max_num_seqs=8, kv_capacity_tokens=3_000),
+                                    MachineConfig(max_num_seqs=3, kv_capacity_tokens=1_500)], ids=["roomy", "tight"])
+def test_decode_segments_give_the_same_times_as_iteration_by_iteration_with_fewer_events(mode, decode, monkeypatch):
+    """Pure decode runs as one event per segment, also while handed-over KV waits for memory or a sequence slot
+    (the tight machines); arrivals cut segments at the iteration in flight. Every request's times must equal the
+    iteration-by-iteration run's (always_split: decisions that use no rates)."""
     rng = random.Random(3)
     arrival, requests = 0.0, []
     for request_id in range(200):
         arrival += rng.expovariate(3.0)
         requests.append(_request(request_id, arrival, rng.randint(10, 400), rng.randint(1, 120)))
-    cluster = {"mode": mode, "num_prefill": 0 if mode == "collocated" else 1, "num_decode": 2,
-               "decode": MachineConfig(max_num_seqs=8, kv_capacity_tokens=3_000)}
+    cluster = {"mode": mode, "num_prefill": 0 if mode == "collocated" else 1, "num_decode": 2, "decode": decode}
     config = SimConfig(model=MODEL.model_copy(update={"context_token_s": 2e-5}), cluster=cluster,
                        scheduling={"policy": "always_split"})
+    segments_beside_waiting_kv = []
+    plan = Machine.plan_iteration
+
+    def counting_plan(machine, *args):
+        duration = plan(machine, *args)
+        if machine.arrived and machine.num_steps_in_flight > 1:
+            segments_beside_waiting_kv.append(machine.engine_id)
+        return duration
+
+    monkeypatch.setattr(Machine, "plan_iteration", counting_plan)
     fast, slow = Simulator(config).run(requests), Simulator(config, can_fast_forward=False).run(requests)
+    assert bool(segments_beside_waiting_kv) == (mode == "disaggregated")  # collocated hands no KV over
     for quick, plain in zip(fast.records, slow.records, strict=True):
         assert quick.error is None and plain.error is None
         assert quick.ttft_s == pytest.approx(plain.ttft_s, abs=1e-9)
