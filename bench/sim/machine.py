@@ -147,7 +147,7 @@ class Machine:
             self.running.append(request)
         while True:
             decoding = self._grow_running()
-            chunks = self._prompt_chunks(len(decoding), now)
+            chunks = self._prompt_chunks(len(decoding), now) if self.waiting else []
             if decoding or chunks or not self._make_room():
                 break
         if not decoding and not chunks:
@@ -155,23 +155,35 @@ class Machine:
         num_decoding = len(decoding)
         self.kv_used += num_decoding  # each sequence's next token
         num_steps = 1
-        if self.can_fast_forward and not chunks and not self.waiting \
-                and num_decoding == len(self.running):
-            num_steps = min(request.output_tokens - request.num_generated for request in decoding)
-            if any(request.num_generated == 0 for request in decoding):
-                num_steps = 1  # a handed-over request's first token: its own event (the router observes it)
+        num_context_tokens = 0
+        if self.can_fast_forward and not chunks and not self.waiting and num_decoding == len(self.running):
+            # One pass for what the segment needs: its first sequence to end, whether a first token is due (a
+            # handed-over request's first token is its own event: the router observes it) and the KV it reads.
+            num_steps = self.config.kv_capacity_tokens
+            for request in decoding:
+                num_left = request.output_tokens - request.num_generated
+                if num_left < num_steps:
+                    num_steps = num_left
+                if request.num_generated == 0:
+                    num_steps = 0
+                num_context_tokens += request.kv_tokens
             num_steps = max(1, min(num_steps, 1 + self.free_kv // num_decoding))
             self.kv_used += (num_steps - 1) * num_decoding
-        self.stats.peak_kv_tokens = max(self.stats.peak_kv_tokens, self.kv_used)
-        num_prompt_tokens = sum(chunk for _, chunk in chunks)
-        # Attention's pairs: a chunk attends to the prompt's tokens computed before it and to its own.
-        num_prompt_pairs = sum(prompt_pairs(chunk, request.num_computed) for request, chunk in chunks)
+        else:
+            num_context_tokens = sum(request.kv_tokens for request in decoding)
+        if self.kv_used > self.stats.peak_kv_tokens:
+            self.stats.peak_kv_tokens = self.kv_used
+        if chunks:
+            num_prompt_tokens = sum(chunk for _, chunk in chunks)
+            # Attention's pairs: a chunk attends to the prompt's tokens computed before it and to its own.
+            num_prompt_pairs = sum(prompt_pairs(chunk, request.num_computed) for request, chunk in chunks)
+        else:
+            num_prompt_tokens = num_prompt_pairs = 0
         self._decoding, self._chunks = decoding, chunks
         self.last_num_decoding, self.last_num_prompt_tokens = num_decoding, num_prompt_tokens
         self._segment_start_s, self._num_steps = now, num_steps
         self._stretch = stretch
-        self._first_step_s = stretch * self.model.step_s(num_prompt_tokens, num_decoding,
-                                                         sum(request.kv_tokens for request in decoding),
+        self._first_step_s = stretch * self.model.step_s(num_prompt_tokens, num_decoding, num_context_tokens,
                                                          num_prompt_pairs)
         self.last_step_s = self._steps_s(num_steps)
         self.is_busy = True

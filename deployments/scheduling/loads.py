@@ -11,7 +11,8 @@
    on (drain time of its pending prompt tokens, requests it holds), refreshed lazily (an engine whose load changed
    is pushed again; stale entries are skipped when they reach the top). Drain time comes from the learned rates
    (rates.py); until they are known it is the pending tokens themselves, which is token join-the-shortest-queue.
-   `refresh_keys` re-keys every engine when the rates have changed (the router does it between reports).
+   `refresh_keys` re-keys the book under new rates (the router does it between reports): as if every engine were
+   pushed again in the order they joined the book, in O(changed engines · log engines), not O(engines).
 4. `prompt_tokens_per_s(engine)`: the prompt tokens the engine computed per second lately, every router's, from
    the growth of its own count between reports: the load a stream placed on that engine would meet (a prefill
    engine computes every split's prompt between its local stream's tokens).
@@ -31,6 +32,8 @@ Role = Literal["prefill", "decode"]
 # How far back an engine's prompt throughput looks (an exponentially decaying window, seconds): about the life of a
 # stream, whose gaps meet the prompts its engine computes meanwhile, and short enough to follow a change of load.
 PROMPT_RATE_HORIZON_S = 10.0
+# Ties of entries pushed since the last re-key start here, above every re-keyed entry's (its engine's rank).
+_PUSHED_TIE_BASE = 1 << 48
 
 
 class EngineLoad(NamedTuple):
@@ -52,6 +55,7 @@ class EngineLoad(NamedTuple):
 @dataclass
 class _Engine:
     reported: EngineLoad
+    rank: int = 0  # the order it joined the book in: its tie once re-keyed
     # This router's dispatches to the engine not yet done: dispatch number -> prompt tokens still pending.
     live: dict[int, int] = field(default_factory=dict)
     num_live_pending: int = 0  # the sum of `live`'s values, kept as they change
@@ -109,8 +113,14 @@ class LoadBook:
     # Per role, entries (drain seconds, requests held, tie, engine id, version): the smallest is the shortest queue.
     _heaps: dict[str, list[tuple[float, int, int, str, int]]] = field(
         default_factory=lambda: {"prefill": [], "decode": []})
-    _tie: int = 0  # insertion order breaks ties: of two equal queues, the one that has waited longer goes first
+    _tie: int = 0  # push order breaks ties: of two equal queues, the one that has waited longer goes first
     _num_engines: dict[str, int] = field(default_factory=lambda: {"prefill": 0, "decode": 0})
+    _num_joined: int = 0
+    # What a re-key must push again: engines pushed since the last one (their ties become their ranks), and
+    # engines with prompts pending (the rates turn those into their drain time; with none it is 0 whatever the
+    # rates). Every other engine's entry already is what a re-key would make.
+    _moved: set[str] = field(default_factory=set)
+    _with_pending: set[str] = field(default_factory=set)
     now_s: float = 0.0  # the driver's clock (the router's monotonic seconds, a simulator's time), set before use
 
     # 1. Reports.
@@ -118,7 +128,8 @@ class LoadBook:
         engine = self._engines.get(load.engine_id)
         if engine is None or engine.reported.role != load.role:
             self.remove(load.engine_id)
-            engine = self._engines[load.engine_id] = _Engine(reported=load)
+            self._num_joined += 1
+            engine = self._engines[load.engine_id] = _Engine(reported=load, rank=self._num_joined)
             self._num_engines[load.role] += 1
         engine.take_computed(load, self.now_s)
         engine.reported = load
@@ -179,15 +190,14 @@ class LoadBook:
         return self._num_engines[role]
 
     def refresh_keys(self) -> None:
-        """Every engine pushed again with its drain time under the current rates: O(engines), for the router to
-        run when the rates changed, not per decision."""
-        heaps: dict[str, list[tuple[float, int, int, str, int]]] = {"prefill": [], "decode": []}
-        entry = self._entry
-        for engine in self._engines.values():  # the entries one push each would make, in the same order
-            heaps[engine.reported.role].append(entry(engine))
-        for role, entries in heaps.items():  # every older entry is stale now: a fresh heap, built in O(engines)
-            heapq.heapify(entries)
-            self._heaps[role] = entries
+        """The book under the current rates, ordered as if every engine were pushed again in the order it joined
+        (its rank breaks ties): for the router to run when the rates changed, not per decision. Only the engines
+        whose entry that would change are pushed (`_moved`, `_with_pending`): O(those · log engines)."""
+        engine_ids, self._moved = self._moved | self._with_pending, set()
+        for engine_id in engine_ids:
+            engine = self._engines.get(engine_id)
+            if engine is not None:
+                heapq.heappush(self._heaps[engine.reported.role], self._entry(engine, engine.rank))
 
     def engine_ids(self, role: Role) -> list[str]:
         return [engine_id for engine_id, engine in self._engines.items() if engine.reported.role == role]
@@ -202,26 +212,32 @@ class LoadBook:
         pending = self._engines[engine_id].num_pending_prompt_tokens
         return self.drain_time(engine_id, pending) if pending > 0 else 0.0
 
-    def _entry(self, engine: _Engine) -> tuple[float, int, int, str, int]:
+    def _entry(self, engine: _Engine, tie: int) -> tuple[float, int, int, str, int]:
         """The engine's heap entry under its current load and rates; older entries of it go stale. (drain_s and
         num_requests, spelled out: a simulator makes millions of entries.)"""
         engine.version += 1
-        self._tie += 1
         reported = engine.reported
         engine_id = reported.engine_id
         others = reported.num_pending_prompt_tokens - reported.num_own_pending_prompt_tokens
         pending = (others if others > 0 else 0) + engine.num_live_pending
         others = reported.num_running + reported.num_waiting - reported.num_own_requests
         num_requests = (others if others > 0 else 0) + len(engine.live)
-        drain = self.drain_time(engine_id, pending) if pending > 0 else 0.0
-        return drain, num_requests, self._tie, engine_id, engine.version
+        if pending > 0:
+            drain = self.drain_time(engine_id, pending)
+            self._with_pending.add(engine_id)
+        else:
+            drain = 0.0
+            self._with_pending.discard(engine_id)
+        return drain, num_requests, tie, engine_id, engine.version
 
     def _push(self, engine: _Engine) -> None:
         role = engine.reported.role
-        heapq.heappush(self._heaps[role], self._entry(engine))
+        self._tie += 1
+        self._moved.add(engine.reported.engine_id)
+        heapq.heappush(self._heaps[role], self._entry(engine, _PUSHED_TIE_BASE + self._tie))
         # Stale entries are dropped when they surface; a heap far larger than its engines is rebuilt, so memory
         # stays O(engines) however many updates arrive.
-        if len(self._heaps[role]) > 4 * max(16, len(self._engines)):
+        if len(self._heaps[role]) > 4 * max(16, self._num_engines[role]):
             self._heaps[role] = [entry for entry in self._heaps[role]
                                  if (live := self._engines.get(entry[-2])) is not None and live.version == entry[-1]]
             heapq.heapify(self._heaps[role])

@@ -203,13 +203,15 @@ class Predictive:
             return _split_jsq(book, "learning the rates (token JSQ)")
         n = request.num_prompt_tokens
         options: list[tuple[float, Decision]] = []
-        prefill, decode = book.least_loaded("prefill"), book.least_loaded("decode")
+        # The decode engines in drain order, of which the first is the split's (one pass over the heap for both).
+        candidates = book.first_loaded("decode", NUM_GUARDED_CANDIDATES)
+        prefill, decode = book.least_loaded("prefill"), candidates[0] if candidates else None
         if prefill is not None and decode is not None:
             num_ahead = book.engine(decode).num_requests
             kv_ready_s = book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.handover_s(decode, n, num_ahead)
             ttft = max(kv_ready_s, book.drain_s(decode)) + rates.decode_step_s(decode, num_ahead + 1)
             options.append((ttft, Decision(Path.SPLIT, prefill, decode, "lowest predicted TTFT", ttft)))
-        for candidate in book.first_loaded("decode", NUM_GUARDED_CANDIDATES):
+        for candidate in candidates:
             if self._decode_can_take(candidate, n, book, rates):
                 ttft = book.drain_s(candidate) + rates.prefill_s(candidate, n) + self._chunk_steps_s(candidate, n,
                                                                                                   book, rates)
