@@ -239,6 +239,37 @@ def test_rekeying_follows_new_rates():
     assert book.least_loaded("prefill") == "p0"
 
 
+def test_a_rekey_orders_the_book_as_a_full_rebuild_would_while_pushing_only_what_changed():
+    """Random reports, dispatches and rate changes on 40 engines: after every re-key the book's order must be the
+    one a rebuild from scratch gives (drain time under the current rates, requests held, the order engines joined),
+    though a re-key pushes only engines pushed since the last one or with prompts pending."""
+    rng = __import__("random").Random(4)
+    seconds_per_token = {f"e{index}": 0.001 for index in range(40)}
+    book = LoadBook(drain_time=lambda engine_id, num_tokens: num_tokens * seconds_per_token[engine_id])
+    for engine_id in seconds_per_token:
+        book.report(EngineLoad(engine_id, "prefill", num_pending_prompt_tokens=rng.choice((0, 0, 100, 300))))
+    joined = list(seconds_per_token)
+    num_rekeyed = []
+    for seq in range(1, 401):
+        engine_id = rng.choice(joined)
+        action = rng.random()
+        if action < 0.3:
+            book.report(EngineLoad(engine_id, "prefill", num_pending_prompt_tokens=rng.choice((0, 0, 50, 200)),
+                                   num_running=rng.randint(0, 2)))
+        elif action < 0.6:
+            book.dispatched(engine_id, seq, rng.choice((0, 120)))
+        elif action < 0.7:
+            seconds_per_token[engine_id] = rng.choice((0.0005, 0.001, 0.004))  # its rate moved: no push
+        if seq % 10 == 0:
+            num_entries = len(book._heaps["prefill"])
+            book.refresh_keys()
+            num_rekeyed.append(len(book._heaps["prefill"]) - num_entries)
+            expected = sorted(joined, key=lambda e: (book.drain_s(e), book.engine(e).num_requests, joined.index(e)))
+            assert book.first_loaded("prefill", len(joined)) == expected, seq
+    # Engines idle and untouched since the last re-key keep their entries: a re-key pushes fewer than all of them.
+    assert max(num_rekeyed[1:]) < len(joined)  # (the first re-keys every engine: each was pushed on joining)
+
+
 def test_jsq_ties_go_to_the_engine_unchanged_longest_and_rotate():
     book = _book({"p0": 0, "p1": 0, "p2": 0}, {"d0": 0})
     chosen = []
