@@ -169,14 +169,17 @@ class LoadBook:
 
     def first_loaded(self, role: Role, count: int, *, skip: frozenset[str] = frozenset()) -> list[str]:
         """Up to `count` engines of `role` in drain-time order: O(count · log engines) amortised."""
-        heap, found, popped = self._heaps[role], [], []
+        heap, engines, found, popped = self._heaps[role], self._engines, [], []
         while heap and len(found) < count:
-            entry = heapq.heappop(heap)
-            *_, engine_id, version = entry
-            engine = self._engines.get(engine_id)
+            *_, engine_id, version = heap[0]
+            engine = engines.get(engine_id)
             if engine is None or engine.version != version or engine.reported.role != role:
-                continue  # stale: the engine changed since (a fresher entry exists) or is gone
-            popped.append(entry)
+                heapq.heappop(heap)  # stale: the engine changed since (a fresher entry exists) or is gone
+                continue
+            if count - len(found) == 1 and engine_id not in skip:
+                found.append(engine_id)  # the last one wanted is at the top: read, not popped
+                break
+            popped.append(heapq.heappop(heap))
             if engine_id not in skip:
                 found.append(engine_id)
         for entry in popped:

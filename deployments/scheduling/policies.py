@@ -202,7 +202,8 @@ class Predictive:
         if not rates.is_known():
             return _split_jsq(book, "learning the rates (token JSQ)")
         n = request.num_prompt_tokens
-        options: list[tuple[float, Decision]] = []
+        # Each path's (predicted TTFT, prefill engine, decode engine); the Decision is made for the winner only.
+        options: list[tuple[float, Path, str | None, str | None]] = []
         # The decode engines in drain order, of which the first is the split's (one pass over the heap for both).
         candidates = book.first_loaded("decode", NUM_GUARDED_CANDIDATES)
         prefill, decode = book.least_loaded("prefill"), candidates[0] if candidates else None
@@ -210,23 +211,27 @@ class Predictive:
             num_ahead = book.engine(decode).num_requests
             kv_ready_s = book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.handover_s(decode, n, num_ahead)
             ttft = max(kv_ready_s, book.drain_s(decode)) + rates.decode_step_s(decode, num_ahead + 1)
-            options.append((ttft, Decision(Path.SPLIT, prefill, decode, "lowest predicted TTFT", ttft)))
+            options.append((ttft, Path.SPLIT, prefill, decode))
         for candidate in candidates:
             if self._decode_can_take(candidate, n, book, rates):
                 ttft = book.drain_s(candidate) + rates.prefill_s(candidate, n) + self._chunk_steps_s(candidate, n,
                                                                                                   book, rates)
-                options.append((ttft, Decision(Path.DECODE_LOCAL, None, candidate, "lowest predicted TTFT", ttft)))
+                options.append((ttft, Path.DECODE_LOCAL, None, candidate))
                 break  # candidates come in drain order: the first that passes has the lowest TTFT of them
         if prefill is not None and self._prefill_can_decode(prefill, book, rates) and (
                 self.config.prefill_local == "idle" or decode is None
                 or not self._decode_can_stream(decode, book, rates)):
             ttft = book.drain_s(prefill) + rates.prefill_s(prefill, n) + self._chunk_steps_s(
                 prefill, n, book, rates, chunk_tokens=self.prefill_chunk_tokens)
-            options.append((ttft, Decision(Path.PREFILL_LOCAL, prefill, None, "lowest predicted TTFT", ttft)))
+            options.append((ttft, Path.PREFILL_LOCAL, prefill, None))
         if not options:
             return _split_jsq(book, "no path predicted")
-        # Ties go to the split, then decode-local: the order they were added in.
-        return min(options, key=lambda option: option[0])[1]
+        best = options[0]
+        for option in options[1:]:  # ties go to the split, then decode-local: the order they were added in
+            if option[0] < best[0]:
+                best = option
+        ttft, path, prefill_engine, decode_engine = best
+        return Decision(path, prefill_engine, decode_engine, "lowest predicted TTFT", ttft)
 
     def _chunk_steps_s(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates, *,
                        chunk_tokens: int | None = None) -> float:
