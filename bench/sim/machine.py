@@ -256,7 +256,7 @@ class Machine:
     def _grow_running(self) -> list[SimRequest]:
         """The running sequences that grow this iteration: the newest are preempted until the rest fit."""
         decoding = list(self.running)
-        while len(decoding) > self.free_kv:
+        while len(decoding) > self.config.kv_capacity_tokens - self.kv_used:  # (free_kv, without a call)
             victim = next((request for request in reversed(decoding)
                            if request.num_preemptions < self.config.max_preemptions), None)
             if victim is None:

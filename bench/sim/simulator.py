@@ -22,6 +22,7 @@ A request's life:
 
 from __future__ import annotations
 
+import gc
 import heapq
 import random
 import time
@@ -93,6 +94,17 @@ class Simulator:
 
     # The run.
     def run(self, requests: Iterable[TraceRequest], *, is_progress_shown: bool = False) -> SimResult:
+        # The run makes millions of objects and no reference cycle: Python's cycle collector would only walk them
+        # over and over (10% of a large run). Reference counting still frees everything.
+        is_collecting = gc.isenabled()
+        gc.disable()
+        try:
+            return self._run(requests, is_progress_shown)
+        finally:
+            if is_collecting:
+                gc.enable()
+
+    def _run(self, requests: Iterable[TraceRequest], is_progress_shown: bool) -> SimResult:
         began = time.perf_counter()
         arrivals = sorted((SimRequest(request_id=request.request_id, arrival_s=request.arrival_s,
                                       prompt_tokens=request.prompt_tokens, output_tokens=request.output_tokens)

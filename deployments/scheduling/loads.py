@@ -56,6 +56,7 @@ class EngineLoad(NamedTuple):
 class _Engine:
     reported: EngineLoad
     rank: int = 0  # the order it joined the book in: its tie once re-keyed
+    keyed_drain_s: float = 0.0  # the drain time in its latest heap entry
     # This router's dispatches to the engine not yet done: dispatch number -> prompt tokens still pending.
     live: dict[int, int] = field(default_factory=dict)
     num_live_pending: int = 0  # the sum of `live`'s values, kept as they change
@@ -131,7 +132,8 @@ class LoadBook:
             self._num_joined += 1
             engine = self._engines[load.engine_id] = _Engine(reported=load, rank=self._num_joined)
             self._num_engines[load.role] += 1
-        engine.take_computed(load, self.now_s)
+        if load.num_prompt_tokens_computed != engine.reported.num_prompt_tokens_computed or engine.rate_at_s is None:
+            engine.take_computed(load, self.now_s)  # (else nothing to take: most reports, in a simulator)
         engine.reported = load
         self._push(engine)
 
@@ -196,11 +198,14 @@ class LoadBook:
         """The book under the current rates, ordered as if every engine were pushed again in the order it joined
         (its rank breaks ties): for the router to run when the rates changed, not per decision. Only the engines
         whose entry that would change are pushed (`_moved`, `_with_pending`): O(those · log engines)."""
-        engine_ids, self._moved = self._moved | self._with_pending, set()
-        for engine_id in engine_ids:
+        moved, self._moved = self._moved, set()
+        for engine_id in moved | self._with_pending:
             engine = self._engines.get(engine_id)
-            if engine is not None:
-                heapq.heappush(self._heaps[engine.reported.role], self._entry(engine, engine.rank))
+            if engine is None:
+                continue
+            if engine_id not in moved and self.drain_s(engine_id) == engine.keyed_drain_s:
+                continue  # not pushed since the last re-key, which ranked its entry, and its drain time stands
+            heapq.heappush(self._heaps[engine.reported.role], self._entry(engine, engine.rank))
 
     def engine_ids(self, role: Role) -> list[str]:
         return [engine_id for engine_id, engine in self._engines.items() if engine.reported.role == role]
@@ -231,6 +236,7 @@ class LoadBook:
         else:
             drain = 0.0
             self._with_pending.discard(engine_id)
+        engine.keyed_drain_s = drain
         return drain, num_requests, tie, engine_id, engine.version
 
     def _push(self, engine: _Engine) -> None:

@@ -189,7 +189,9 @@ class Rates:
         """What the load book orders engines by: the seconds to compute `num_tokens` of pending prompt once the rates
         are known; until then the tokens themselves (token join-the-shortest-queue). The router and the simulator
         both hand this to their LoadBook."""
-        return self.prefill_s(engine_id, num_tokens) if self.is_known() else float(num_tokens)
+        if self._is_known or self.is_known():  # (the flag first: the book asks this for every entry it makes)
+            return self._prefill.estimate(engine_id, num_tokens)
+        return float(num_tokens)
 
     def decode_step_s(self, engine_id: str, num_running: int) -> float:
         """Seconds of one decode step with `num_running` requests in the engine's batch."""
