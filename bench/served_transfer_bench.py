@@ -187,7 +187,8 @@ def _run_splitserve(name: str, update: dict[str, Any], prompts: list[str], arriv
 def _summary(rows_by_system: dict[str, list[dict[str, float]]],
              transfers_by_system: dict[str, list[float]] | None = None,
              is_loaded: bool = False,
-             decode_steps_by_system: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
+             decode_steps_by_system: dict[str, list[float]] | None = None,
+             second_token_steps_by_system: dict[str, list[float]] | None = None) -> list[dict[str, Any]]:
     def median(system: str, key: str) -> float:
         return statistics.median(row[key] for row in rows_by_system[system])
 
@@ -222,6 +223,9 @@ def _summary(rows_by_system: dict[str, list[dict[str, float]]],
         if decode_steps:  # the engine's own decode step (its step trace), p50 and p90
             entry["engine_step_p50_ms"] = round(_percentile(decode_steps, 50) * 1e3, 1)
             entry["engine_step_p90_ms"] = round(_percentile(decode_steps, 90) * 1e3, 1)
+        second_token_steps = (second_token_steps_by_system or {}).get(system)
+        if second_token_steps:  # the engine's step that made each request's second token, p50
+            entry["second_token_step_p50_ms"] = round(_percentile(second_token_steps, 50) * 1e3, 1)
         transfers = (transfers_by_system or {}).get(system)
         if transfers:
             entry["load_p50_ms"] = round(_percentile(transfers, 50) * 1e3, 1)
@@ -252,6 +256,25 @@ def generation_step_seconds(trace: Path) -> list[float]:
     return seconds
 
 
+def second_token_step_seconds(trace: Path) -> list[float]:
+    """From an engine's step trace: per request, the step that makes its second token, i.e. the time from the step
+    that finished its prompt (on decode, the load's first token) to the next step, when that one decodes and
+    finishes no prompt. Against the engine's steady step it shows what the first steps after a prompt or a load
+    cost beyond it."""
+    from deployments.step_trace import COLUMNS as STEP_COLUMNS
+
+    columns = {name: index for index, name in enumerate(STEP_COLUMNS)}
+    steps = [line.split("\t") for line in trace.read_text().splitlines()
+             if line and not line.startswith(STEP_COLUMNS[0])]
+    seconds = []
+    for step, following in zip(steps, steps[1:]):
+        if int(step[columns["num_prompts_finished"]]) > 0 and int(step[columns["num_generation_tokens"]]) > 0 \
+                and int(following[columns["num_generation_tokens"]]) > 0 \
+                and int(following[columns["num_prompts_finished"]]) == 0:
+            seconds.append(float(following[columns["wall_s"]]) - float(step[columns["wall_s"]]))
+    return seconds
+
+
 def _measure_one_system(system: str, prompts: list[str], arrivals: list[float], rows_path: Path) -> None:
     """One system, in a process of its own: Serve's client state does not survive moving between clusters."""
     from deployments.step_trace import STEP_TRACE_DIR_ENV
@@ -259,6 +282,7 @@ def _measure_one_system(system: str, prompts: list[str], arrivals: list[float], 
     logs = PROJECT_ROOT / ".cache" / "bench-logs"
     logs.mkdir(parents=True, exist_ok=True)
     steps: list[float] = []
+    second_token_steps: list[float] = []
     if SYSTEMS[system] is None:
         rows, transfers = _run_collocated(_serve_config({})[1], prompts, arrivals, logs)
     else:
@@ -268,10 +292,13 @@ def _measure_one_system(system: str, prompts: list[str], arrivals: list[float], 
         os.environ[STEP_TRACE_DIR_ENV] = str(trace_dir)
         rows, transfers = _run_splitserve(system, SYSTEMS[system], prompts, arrivals, logs)
         role = "decode" if _serve_config(SYSTEMS[system])[1].is_disaggregated else "collocated"
-        steps = [seconds for trace in sorted(trace_dir.glob(f"{role}-*.steps.tsv"))
-                 for seconds in generation_step_seconds(trace)]
+        traces = sorted(trace_dir.glob(f"{role}-*.steps.tsv"))
+        steps = [seconds for trace in traces for seconds in generation_step_seconds(trace)]
+        # The warm-up requests' steps are in the traces too: only the measured requests' second tokens count.
+        second_token_steps = [seconds for trace in traces
+                              for seconds in second_token_step_seconds(trace)][NUM_WARM_UP_REQUESTS:]
     rows_path.write_text(json.dumps({"rows": rows[NUM_WARM_UP_REQUESTS:], "transfers": transfers,
-                                     "decode_steps": steps}))
+                                     "decode_steps": steps, "second_token_steps": second_token_steps}))
 
 
 def main() -> None:
@@ -297,6 +324,7 @@ def main() -> None:
     rows_by_system: dict[str, list[dict[str, float]]] = {}
     transfers_by_system: dict[str, list[float]] = {}
     decode_steps_by_system: dict[str, list[float]] = {}
+    second_token_steps_by_system: dict[str, list[float]] = {}
     for index, system in enumerate(tqdm(args.systems, desc="served transfer bench", unit="system")):
         prompts_path, rows_path = scratch / f"{system}-prompts.json", scratch / f"{system}-rows.json"
         # Fresh prompts for every system: no prefix cache anywhere can help.
@@ -309,6 +337,7 @@ def main() -> None:
         measured = json.loads(rows_path.read_text())
         rows_by_system[system], transfers_by_system[system] = measured["rows"], measured["transfers"]
         decode_steps_by_system[system] = measured["decode_steps"]
+        second_token_steps_by_system[system] = measured.get("second_token_steps", [])
 
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "requests.csv", "w", newline="") as handle:
@@ -323,7 +352,8 @@ def main() -> None:
         writer.writerow(["system", "load_s"])
         writer.writerows([system, seconds] for system, transfers in transfers_by_system.items() for seconds in transfers)
     summary = _summary(rows_by_system, transfers_by_system, is_loaded=args.rate is not None,
-                       decode_steps_by_system=decode_steps_by_system)
+                       decode_steps_by_system=decode_steps_by_system,
+                       second_token_steps_by_system=second_token_steps_by_system)
     fields = list(dict.fromkeys(key for entry in summary for key in entry))
     with open(args.out / "summary.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
@@ -344,7 +374,9 @@ def main() -> None:
               f"hand-over) is of medians, with a 95% bootstrap interval (`_95`); one whose interval crosses 1 is "
               f"not separable. first_chunk: prefill's answer -> decode's first chunk, as the router timed it (the "
               f"hand-over plus decode's first step). engine_step: the decode engine's own time between two decode "
-              f"steps, from its step trace (no trace for the plain engine).", ""]
+              f"steps, from its step trace (no trace for the plain engine); second_token_step: the engine's step "
+              f"that made each request's second token (from the step that finished its prompt or load to the "
+              f"next).", ""]
     (args.out / "report.md").write_text("\n".join(header + table) + "\n")
     print("\n".join(table))
 

@@ -83,3 +83,27 @@ def test_the_engine_step_is_the_time_between_two_decode_steps_and_reaches_the_su
     row = {"prompt_tokens": 1000, "ttft_s": 1.0, "second_token_s": 0.02, "e2e_s": 1.3}
     (entry,) = _summary({"nixl": [row]}, decode_steps_by_system={"nixl": [0.06, 0.07]})
     assert entry["engine_step_p50_ms"] == 65.0 and entry["engine_step_p90_ms"] == 69.0
+
+
+def test_the_second_tokens_step_follows_the_step_that_finished_the_prompt_or_load(tmp_path):
+    from bench.served_transfer_bench import _summary, second_token_step_seconds
+    from deployments.step_trace import COLUMNS
+
+    def step(wall_s, num_prompts_finished, num_generation_tokens):
+        return f"{wall_s}\t{num_prompts_finished}\t0\t{num_generation_tokens}\t1\t0\t0.1\t0"
+
+    trace = tmp_path / "decode-x.steps.tsv"
+    trace.write_text("\n".join(["\t".join(COLUMNS),
+                                step(10.0, 0, 0),     # the KV loading
+                                step(10.5, 1, 1),     # first token: the load finished
+                                step(10.562, 0, 1),   # second token: 62 ms later
+                                step(10.617, 0, 1),   # a steady step: not a second token
+                                step(11.0, 0, 0),     # idle
+                                step(12.0, 1, 1),     # another request's first token...
+                                step(12.05, 1, 1),    # ...followed by a third's: no second token for it
+                                step(12.11, 0, 1)]) + "\n")  # the third's second token: 60 ms
+    assert [round(seconds, 3) for seconds in second_token_step_seconds(trace)] == [0.062, 0.06]
+
+    row = {"prompt_tokens": 1000, "ttft_s": 1.0, "second_token_s": 0.07, "e2e_s": 1.3}
+    (entry,) = _summary({"nixl": [row]}, second_token_steps_by_system={"nixl": [0.062, 0.06]})
+    assert entry["second_token_step_p50_ms"] == 61.0
