@@ -20,7 +20,8 @@ it in TTFT, not between the first and the second token.
                                           [--out bench/results/served_transfer]
 
 Writes, under --out: requests.csv (every measured request), transfers.csv (each KV load's own seconds, as decode's
-engine timed it), summary.csv (per system) and report.md (the command, then the summary as a table).
+engine timed it), summary.csv (per system), report.md (the command, then the summary as a table) and steps/<system>/
+(every splitserve engine's step trace, deployments/step_trace.py; `python -m bench.second_token_steps` reads them).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import csv
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -340,6 +342,10 @@ def main() -> None:
         second_token_steps_by_system[system] = measured.get("second_token_steps", [])
 
     args.out.mkdir(parents=True, exist_ok=True)
+    for system in args.systems:  # the engines' step traces, raw, beside what was computed from them
+        for trace in sorted((scratch / f"{system}-steps").glob("*.steps.tsv")):
+            (args.out / "steps" / system).mkdir(parents=True, exist_ok=True)
+            shutil.copy(trace, args.out / "steps" / system / trace.name)
     with open(args.out / "requests.csv", "w", newline="") as handle:
         fields = ["system", "prompt_tokens", "ttft_s", "second_token_s", "e2e_s", "first_chunk_s", "transfer_s",
                   "num_kv_bytes", "num_prompt_tokens_recomputed"]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 from bench.served_transfer_bench import _arrivals, _summary
 
 
@@ -107,3 +109,25 @@ def test_the_second_tokens_step_follows_the_step_that_finished_the_prompt_or_loa
     row = {"prompt_tokens": 1000, "ttft_s": 1.0, "second_token_s": 0.07, "e2e_s": 1.3}
     (entry,) = _summary({"nixl": [row]}, second_token_steps_by_system={"nixl": [0.062, 0.06]})
     assert entry["second_token_step_p50_ms"] == 61.0
+
+
+def test_second_token_steps_reads_a_runs_traces_and_leaves_the_warm_ups_out(tmp_path):
+    from bench import second_token_steps
+    from deployments.step_trace import COLUMNS
+
+    def step(wall_s, num_prompts_finished, num_generation_tokens):
+        return f"{wall_s}\t{num_prompts_finished}\t0\t{num_generation_tokens}\t1\t0\t0.1\t0"
+
+    lines, wall_s = ["\t".join(COLUMNS)], 0.0
+    for second_token_s in (0.2, 0.2, 0.06, 0.06, 0.06):  # two warm-ups (slow), then three measured requests
+        wall_s += 1.0
+        lines += [step(wall_s, 1, 1), step(wall_s + second_token_s, 0, 1), step(wall_s + second_token_s + 0.05, 0, 1),
+                  step(wall_s + second_token_s + 0.1, 0, 1)]
+    (tmp_path / "run" / "steps" / "nixl").mkdir(parents=True)
+    (tmp_path / "run" / "steps" / "nixl" / "decode-d.steps.tsv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "run" / "steps" / "nixl" / "prefill-p.steps.tsv").write_text("\t".join(COLUMNS) + "\n")
+    second_token_steps.main([str(tmp_path / "run"), "--out", str(tmp_path / "out")])
+    (row,) = list(csv.DictReader(open(tmp_path / "out" / "second_token_steps.csv")))
+    assert (row["system"], row["num_requests"], row["steady_step_p50_ms"], row["second_token_step_p50_ms"]) == \
+        ("nixl", "3", "50.0", "60.0")
+    assert float(row["ratio"]) == 1.2
