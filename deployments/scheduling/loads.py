@@ -142,6 +142,8 @@ class LoadBook:
         engine = self._engines.pop(engine_id, None)
         if engine is not None:
             self._num_engines[engine.reported.role] -= 1
+            self._moved.discard(engine_id)
+            self._with_pending.discard(engine_id)
 
     # 2. The router's own traffic between reports.
     def dispatched(self, engine_id: str, seq: int, num_prompt_tokens: int) -> None:

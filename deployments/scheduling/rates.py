@@ -119,7 +119,7 @@ class EngineLines:
         """The engine's own line once trusted; before that, the mean of the engines that have one (0: none yet)."""
         line = self.by_engine.get(engine_id)
         if line is not None and line.num_observations >= self.min_observations:
-            intercept, slope = line._line or line.fitted()
+            intercept, slope = line.fitted()
             return intercept + slope * x
         if not self.num_trusted:
             return 0.0
