@@ -78,6 +78,10 @@ class Simulator:
         for machine in self.machines:
             first = machine.index - machine.index % per_host
             self._host_mates.append([mate for mate in self.machines[first:first + per_host] if mate is not machine])
+        # Whether each machine computed when its host-mates last planned: when that changes, their segments of
+        # decode steps are cut at the step in flight, so that each later step is stretched (or not) as it would be
+        # planned on its own.
+        self._was_busy = [False] * len(self.machines)
         self.rates = Rates(min_observations=config.scheduling.min_observations)
         self.book = LoadBook(drain_time=self.rates.drain_s)
         self.policy = policy or make_policy(config.scheduling,
@@ -188,6 +192,11 @@ class Simulator:
                 self._push(now + duration, _ITERATION_END, (machine, machine.version))
         elif (end := machine.cut(now)) is not None:
             self._push(end, _ITERATION_END, (machine, machine.version))
+        if machine.is_busy != self._was_busy[machine.index]:
+            self._was_busy[machine.index] = machine.is_busy
+            for mate in self._host_mates[machine.index]:  # none with a host each
+                if (end := mate.cut(now)) is not None:
+                    self._push(end, _ITERATION_END, (mate, mate.version))
         self._report(machine)
 
     def _iteration_ended(self, machine: Machine, now: float) -> None:

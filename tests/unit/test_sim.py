@@ -143,18 +143,22 @@ def test_a_loaded_trace_keeps_the_event_loops_invariants(policy):
 @pytest.mark.parametrize("mode", ["disaggregated", "collocated"])
 @pytest.mark.parametrize("decode", [MachineConfig(max_num_seqs=8, kv_capacity_tokens=3_000),
                                     MachineConfig(max_num_seqs=3, kv_capacity_tokens=1_500)], ids=["roomy", "tight"])
-def test_decode_segments_give_the_same_times_as_iteration_by_iteration_with_fewer_events(mode, decode, monkeypatch):
+@pytest.mark.parametrize("slowdown", [0.0, 0.5], ids=["own-hosts", "shared-host"])
+def test_decode_segments_give_the_same_times_as_iteration_by_iteration_with_fewer_events(mode, decode, slowdown,
+                                                                                       monkeypatch):
     """Pure decode runs as one event per segment, also while handed-over KV waits for memory or a sequence slot
-    (the tight machines); arrivals cut segments at the iteration in flight. Every request's times must equal the
-    iteration-by-iteration run's (always_split: decisions that use no rates)."""
+    (the tight machines); arrivals cut segments at the iteration in flight, and so does a host-mate that starts or
+    stops computing (two machines a host, each step stretched while the other computes). Every request's times
+    must equal the iteration-by-iteration run's (always_split: decisions that use no rates)."""
     rng = random.Random(3)
     arrival, requests = 0.0, []
     for request_id in range(200):
         arrival += rng.expovariate(3.0)
         requests.append(_request(request_id, arrival, rng.randint(10, 400), rng.randint(1, 120)))
-    cluster = {"mode": mode, "num_prefill": 0 if mode == "collocated" else 1, "num_decode": 2, "decode": decode}
-    config = SimConfig(model=MODEL.model_copy(update={"context_token_s": 2e-5}), cluster=cluster,
-                       scheduling={"policy": "always_split"})
+    cluster = {"mode": mode, "num_prefill": 0 if mode == "collocated" else 1, "num_decode": 2, "decode": decode,
+               "machines_per_host": 2}
+    config = SimConfig(model=MODEL.model_copy(update={"context_token_s": 2e-5, "shared_host_slowdown": slowdown}),
+                       cluster=cluster, scheduling={"policy": "always_split"})
     segments_beside_waiting_kv = []
     plan = Machine.plan_iteration
 
