@@ -12,6 +12,8 @@ scales (Splitwise's throughput-against-machines figure), from simulations that f
    TBT and E2E are within Splitwise's nine bounds (bench/slo.py), failed requests counting as misses.
 3. For the asked rate: the fewest machines (and its split) that meet them, per design. For the figure: each
    design's goodput (the highest rate it meets them at, by bisection) at each machine count, best split.
+   `--windows K` replays K stretches of the trace (its bursts differ by stretch): a design meets the SLOs at a
+   rate when it does in every window, and its goodput is the median of the windows' with their range.
 4. Every simulation is one Ray task, on whatever cluster `ray.init` finds (a local one otherwise), with a progress
    bar. plan.md, plan.csv and plan.png under --out.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -57,13 +60,15 @@ def design_config(base: SimConfig, design: str, num_machines: int, num_prefill: 
 
 
 def simulate_margin(config_json: str, trace: str, rate: float, duration_s: float, is_scaled: bool,
-                    reference_json: str) -> dict[str, Any]:
-    """One simulation: the design at the rate; its SLO margin (≤ 1 meets all nine bounds)."""
+                    reference_json: str, window: int = 0, num_windows: int = 1) -> dict[str, Any]:
+    """One simulation: the design at the rate, on one window of the trace; its SLO margin (≤ 1 meets all nine
+    bounds)."""
     from bench.sim.simulator import Simulator
     from bench.simulate import trace_requests
 
     config = SimConfig.model_validate_json(config_json)
-    requests = trace_requests(trace, rate_per_s=rate, duration_s=duration_s, is_scaled=is_scaled)
+    requests = trace_requests(trace, rate_per_s=rate, duration_s=duration_s, is_scaled=is_scaled, window=window,
+                              num_windows=num_windows)
     result = Simulator(config).run(requests)
     fit = Reference.model_validate_json(reference_json).for_trace(trace)
     samples = [_sample(record) for record in result.records]
@@ -105,6 +110,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--policies", nargs="+", default=["predictive", "always_split", "token_jsq"])
     parser.add_argument("--reference", type=Path, help="a measured reference.json (default: simulated)")
     parser.add_argument("--no-token-scaling", action="store_true", help="the trace's own token counts")
+    parser.add_argument("--windows", type=int, default=1,
+                        help="stretches of the trace each design is simulated on (its bursts differ by stretch)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     base = SimConfig.from_yaml(args.config).model_copy(update={"keeps_token_gaps": False})
@@ -116,12 +123,17 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     remote = ray.remote(num_cpus=1)(simulate_margin)
     designs = [COLLOCATED, *args.policies]
-    points = [(design, machines, prefill) for design in designs for machines in args.machines
-              for prefill in ([0] if design == COLLOCATED else range(1, machines))]
+    if args.windows < 1:
+        parser.error(f"--windows must be at least 1, not {args.windows}")
+    designs_points = [(design, machines, prefill) for design in designs for machines in args.machines
+                      for prefill in ([0] if design == COLLOCATED else range(1, machines))]
+    # Every design on every window: a point is (design, machines, prefill, window).
+    points = [(*design_point, window) for design_point in designs_points for window in range(args.windows)]
 
     def run_all(rates: dict[tuple, float]) -> dict[tuple, dict[str, Any]]:
-        futures = {point: remote.remote(design_config(base, *point).model_dump_json(), args.trace, rate,
-                                        args.duration, is_scaled, reference.model_dump_json())
+        futures = {point: remote.remote(design_config(base, *point[:3]).model_dump_json(), args.trace, rate,
+                                        args.duration, is_scaled, reference.model_dump_json(), point[3],
+                                        args.windows)
                    for point, rate in rates.items()}
         results = {}
         with tqdm(total=len(futures), desc="simulations", unit="sim", leave=False) as progress:
@@ -143,12 +155,9 @@ def main(argv: list[str] | None = None) -> None:
                 (low if found["margin"] <= 1 else high)[point] = middle[point]
     finally:
         ray.shutdown()
-    rows = [{"design": design, "num_machines": machines, "num_prefill": prefill,
-             "num_decode": machines - prefill if design != COLLOCATED else machines,
-             "margin_at_rate": round(at_rate[(design, machines, prefill)]["margin"], 3),
-             "meets_at_rate": at_rate[(design, machines, prefill)]["margin"] <= 1,
-             "goodput_req_s": round(low[(design, machines, prefill)], 3)}
-            for design, machines, prefill in points]
+    rows = [design_row(design_point, [at_rate[(*design_point, window)]["margin"] for window in range(args.windows)],
+                       [low[(*design_point, window)] for window in range(args.windows)])
+            for design_point in designs_points]
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "plan.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -160,6 +169,19 @@ def main(argv: list[str] | None = None) -> None:
     (args.out / "run.json").write_text(json.dumps({**provenance(), "argv": argv, "reference": json.loads(
         reference.model_dump_json()), "perf_model": json.loads(base.model.model_dump_json())}, indent=2))
     print("\n".join(lines))
+
+
+def design_row(design_point: tuple[str, int, int], margins: list[float], goodputs: list[float]) -> dict[str, Any]:
+    """One design's row over its windows: it meets the SLOs at the rate when it does in every window; its margin
+    and goodput are the windows' medians, the goodput's range beside it."""
+    design, machines, prefill = design_point
+    return {"design": design, "num_machines": machines, "num_prefill": prefill,
+            "num_decode": machines - prefill if design != COLLOCATED else machines,
+            "margin_at_rate": round(statistics.median(margins), 3),
+            "meets_at_rate": all(margin <= 1 for margin in margins),
+            "num_windows_meeting": sum(margin <= 1 for margin in margins), "num_windows": len(margins),
+            "goodput_req_s": round(statistics.median(goodputs), 3),
+            "goodput_min_req_s": round(min(goodputs), 3), "goodput_max_req_s": round(max(goodputs), 3)}
 
 
 def plan_lines(rows: list[dict[str, Any]], args: argparse.Namespace, reference: Reference,
@@ -181,11 +203,29 @@ def plan_lines(rows: list[dict[str, Any]], args: argparse.Namespace, reference: 
               "| design | " + " | ".join(str(m) for m in sorted({r["num_machines"] for r in rows})) + " |",
               "|" + " --- |" * (1 + len({r["num_machines"] for r in rows}))]
     for design in dict.fromkeys(row["design"] for row in rows):
-        best = [max((r["goodput_req_s"] for r in rows if r["design"] == design and r["num_machines"] == machines),
-                    default=0.0) for machines in sorted({r["num_machines"] for r in rows})]
-        lines.append(f"| {design} | " + " | ".join(f"{value:g}" for value in best) + " |")
+        best = [best_split(rows, design, machines) for machines in sorted({r["num_machines"] for r in rows})]
+        lines.append(f"| {design} | " + " | ".join(_goodput_cell(row) for row in best) + " |")
+    num_windows = getattr(args, "windows", 1)
+    if num_windows > 1:
+        lines += ["", f"Each design ran on {num_windows} windows of the trace: it meets the SLOs at the asked rate "
+                  "when it does in every window; goodput is the windows' median [their range], best split by "
+                  "median."]
     lines += ["", "![plan](plan.png)", "", "Every design is in [plan.csv](plan.csv)."]
     return lines
+
+
+def best_split(rows: list[dict[str, Any]], design: str, machines: int) -> dict[str, Any] | None:
+    """The design's row with the highest (median) goodput at that machine count."""
+    return max((row for row in rows if row["design"] == design and row["num_machines"] == machines),
+               key=lambda row: row["goodput_req_s"], default=None)
+
+
+def _goodput_cell(row: dict[str, Any] | None) -> str:
+    if row is None:
+        return "0"
+    if row.get("num_windows", 1) > 1:
+        return f"{row['goodput_req_s']:g} [{row['goodput_min_req_s']:g}-{row['goodput_max_req_s']:g}]"
+    return f"{row['goodput_req_s']:g}"
 
 
 def draw(rows: list[dict[str, Any]], path: Path, trace: str) -> None:
@@ -197,9 +237,11 @@ def draw(rows: list[dict[str, Any]], path: Path, trace: str) -> None:
     figure, axis = plt.subplots(figsize=(6.5, 4.5))
     machine_counts = sorted({row["num_machines"] for row in rows})
     for design in dict.fromkeys(row["design"] for row in rows):
-        best = [max((r["goodput_req_s"] for r in rows if r["design"] == design and r["num_machines"] == machines),
-                    default=0.0) for machines in machine_counts]
-        axis.plot(machine_counts, best, marker="o", label=design)
+        best = [best_split(rows, design, machines) for machines in machine_counts]
+        medians = [row["goodput_req_s"] if row else 0.0 for row in best]
+        lows = [median - (row.get("goodput_min_req_s", median) if row else 0.0) for median, row in zip(medians, best)]
+        highs = [(row.get("goodput_max_req_s", median) if row else 0.0) - median for median, row in zip(medians, best)]
+        axis.errorbar(machine_counts, medians, yerr=[lows, highs], marker="o", capsize=3, label=design)
     axis.set(xlabel="machines", ylabel="goodput, requests/s (all nine SLOs)", title=f"{trace}: goodput per design")
     axis.legend()
     figure.tight_layout()

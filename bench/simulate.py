@@ -40,17 +40,24 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "sim" / "run"
 SPLITWISE_STATISTICS = ("mean", "std", "min", "max", "median", "p50", "p90", "p95", "p99", "p999")
 
 
-def trace_requests(trace: str, *, rate_per_s: float | None, duration_s: float,
-                   is_scaled: bool = True) -> list[TraceRequest]:
+def trace_requests(trace: str, *, rate_per_s: float | None, duration_s: float, is_scaled: bool = True,
+                   window: int = 0, num_windows: int = 1) -> list[TraceRequest]:
     """A trace by name (conv, code) or path, at its own times, or replayed at `rate_per_s` for `duration_s`; a
-    named trace's token counts scaled as bench.compare scales them for this host unless `is_scaled` is False."""
+    named trace's token counts scaled as bench.compare scales them for this host unless `is_scaled` is False.
+    Replayed, `window` of `num_windows` picks which stretch of the trace: window 0 starts at its first request,
+    the last one ends at its last, the others are spread evenly between (the trace's own bursts differ by window)."""
     requests = read_trace(TRACES_DIR / TRACE_FILES[trace] if trace in TRACE_FILES else Path(trace))
     tokens = DEFAULT_TOKEN_SCALING.get(trace) if is_scaled else None
     token_fields = tokens.model_dump() if tokens is not None else {}
     if rate_per_s is None:
         return scale_trace(requests, Scaling(**token_fields)) if token_fields else requests
+    start_s = 0.0
+    if window:
+        arrivals = sorted(request.arrival_s for request in requests)
+        num_spare = max(0, len(arrivals) - max(1, round(rate_per_s * duration_s)) - 1)
+        start_s = arrivals[window * num_spare // max(1, num_windows - 1)]
     return scale_trace(requests, scaling_for_rate(requests, rate_per_s=rate_per_s, duration_s=duration_s,
-                                                  **token_fields))
+                                                  start_s=start_s, **token_fields))
 
 
 def cell_requests(name: str) -> list[TraceRequest]:

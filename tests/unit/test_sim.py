@@ -379,3 +379,26 @@ def test_planning_designs_and_the_cheapest_pools():
     lines = plan_lines(rows, args, Reference(system="x", commit="y", fits={}), 0.0)
     assert "| collocated | 4 | both phases | 0.7 |" in lines and "| predictive | 2 | 1:1 | 0.9 |" in lines
     assert "| predictive | 1.1 | 2.6 |" in lines
+
+
+def test_planning_over_windows_of_the_trace_meets_only_where_every_window_does():
+    import argparse
+
+    from bench.sim_plan import design_row, plan_lines
+    from bench.simulate import trace_requests
+    from bench.slo import Reference
+
+    # Windows are different stretches of the trace, each at the asked rate; window 0 is the single-window replay.
+    windows = [trace_requests("conv", rate_per_s=1.0, duration_s=60.0, window=window, num_windows=3)
+               for window in range(3)]
+    assert windows[0] == trace_requests("conv", rate_per_s=1.0, duration_s=60.0)
+    assert all(55 <= len(requests) <= 65 for requests in windows)
+    assert len({tuple(request.prompt_tokens for request in requests[:10]) for requests in windows}) == 3
+    row = design_row(("predictive", 4, 1), margins=[0.8, 1.2, 0.9], goodputs=[1.5, 0.9, 1.2])
+    assert (row["meets_at_rate"], row["num_windows_meeting"], row["margin_at_rate"]) == (False, 2, 0.9)
+    assert (row["goodput_req_s"], row["goodput_min_req_s"], row["goodput_max_req_s"]) == (1.2, 0.9, 1.5)
+    collocated = design_row(("collocated", 4, 0), margins=[0.8, 0.7, 0.9], goodputs=[1.0, 1.1, 0.8])
+    args = argparse.Namespace(trace="conv", rate=1.0, duration=60.0, config="host.yaml", windows=3)
+    lines = plan_lines([row, collocated], args, Reference(system="x", commit="y", fits={}), 0.0)
+    assert "| collocated | 4 | both phases | 0.8 |" in lines and "| predictive | none of [4] | – | – |" in lines
+    assert "| predictive | 1.2 [0.9-1.5] |" in lines and "| collocated | 1 [0.8-1.1] |" in lines
