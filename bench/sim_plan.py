@@ -181,7 +181,9 @@ def design_row(design_point: tuple[str, int, int], margins: list[float], goodput
             "meets_at_rate": all(margin <= 1 for margin in margins),
             "num_windows_meeting": sum(margin <= 1 for margin in margins), "num_windows": len(margins),
             "goodput_req_s": round(statistics.median(goodputs), 3),
-            "goodput_min_req_s": round(min(goodputs), 3), "goodput_max_req_s": round(max(goodputs), 3)}
+            "goodput_min_req_s": round(min(goodputs), 3), "goodput_max_req_s": round(max(goodputs), 3),
+            # Each window's, in window order: designs see the same windows, so two designs pair window by window.
+            "goodput_by_window": ";".join(f"{goodput:.3f}" for goodput in goodputs)}
 
 
 def plan_lines(rows: list[dict[str, Any]], args: argparse.Namespace, reference: Reference,

@@ -397,6 +397,7 @@ def test_planning_over_windows_of_the_trace_meets_only_where_every_window_does()
     row = design_row(("predictive", 4, 1), margins=[0.8, 1.2, 0.9], goodputs=[1.5, 0.9, 1.2])
     assert (row["meets_at_rate"], row["num_windows_meeting"], row["margin_at_rate"]) == (False, 2, 0.9)
     assert (row["goodput_req_s"], row["goodput_min_req_s"], row["goodput_max_req_s"]) == (1.2, 0.9, 1.5)
+    assert row["goodput_by_window"] == "1.500;0.900;1.200"
     collocated = design_row(("collocated", 4, 0), margins=[0.8, 0.7, 0.9], goodputs=[1.0, 1.1, 0.8])
     args = argparse.Namespace(trace="conv", rate=1.0, duration=60.0, config="host.yaml", windows=3)
     lines = plan_lines([row, collocated], args, Reference(system="x", commit="y", fits={}), 0.0)
