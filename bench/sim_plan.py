@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="stretches of the trace each design is simulated on (its bursts differ by stretch)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
+    if args.windows < 1:
+        parser.error(f"--windows must be at least 1, not {args.windows}")
     base = SimConfig.from_yaml(args.config).model_copy(update={"keeps_token_gaps": False})
     base = base.model_copy(update={"model": base.perf_model(), "profile": None})  # the tasks need no file
     is_scaled = not args.no_token_scaling
@@ -123,8 +125,6 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     remote = ray.remote(num_cpus=1)(simulate_margin)
     designs = [COLLOCATED, *args.policies]
-    if args.windows < 1:
-        parser.error(f"--windows must be at least 1, not {args.windows}")
     designs_points = [(design, machines, prefill) for design in designs for machines in args.machines
                       for prefill in ([0] if design == COLLOCATED else range(1, machines))]
     # Every design on every window: a point is (design, machines, prefill, window).

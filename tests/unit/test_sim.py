@@ -403,3 +403,11 @@ def test_planning_over_windows_of_the_trace_meets_only_where_every_window_does()
     lines = plan_lines([row, collocated], args, Reference(system="x", commit="y", fits={}), 0.0)
     assert "| collocated | 4 | both phases | 0.8 |" in lines and "| predictive | none of [4] | – | – |" in lines
     assert "| predictive | 1.2 [0.9-1.5] |" in lines and "| collocated | 1 [0.8-1.1] |" in lines
+
+
+def test_planning_refuses_no_windows_before_starting_ray(capsys):
+    from bench import sim_plan
+
+    with pytest.raises(SystemExit):
+        sim_plan.main(["--config", "bench/sim/configs/host_1p1d.yaml", "--rate", "1", "--windows", "0"])
+    assert "--windows must be at least 1, not 0" in capsys.readouterr().err
