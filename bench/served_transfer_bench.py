@@ -240,21 +240,25 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-def generation_step_seconds(trace: Path) -> list[float]:
-    """From an engine's step trace (deployments/step_trace.py): the time between each two consecutive steps that
-    both generated tokens and finished no prompt, i.e. the engine's decode step as its frontend saw it."""
+def _trace_steps(trace: Path) -> list[tuple[float, int, int]]:
+    """An engine's step trace (deployments/step_trace.py) as (wall seconds, prompts finished, tokens generated)."""
     from deployments.step_trace import COLUMNS as STEP_COLUMNS
 
-    lines = trace.read_text().splitlines()
     columns = {name: index for index, name in enumerate(STEP_COLUMNS)}
-    steps = [line.split("\t") for line in lines if line and not line.startswith(STEP_COLUMNS[0])]
+    return [(float(fields[columns["wall_s"]]), int(fields[columns["num_prompts_finished"]]),
+             int(fields[columns["num_generation_tokens"]]))
+            for line in trace.read_text().splitlines() if line and not line.startswith(STEP_COLUMNS[0])
+            for fields in [line.split("\t")]]
+
+
+def generation_step_seconds(trace: Path) -> list[float]:
+    """From an engine's step trace: the time between each two consecutive steps that both generated tokens and
+    finished no prompt, i.e. the engine's decode step as its frontend saw it."""
     seconds, previous = [], None
-    for step in steps:
-        is_generating = int(step[columns["num_generation_tokens"]]) > 0
-        is_decode_only = is_generating and int(step[columns["num_prompts_finished"]]) == 0
-        if is_decode_only and previous is not None:
-            seconds.append(float(step[columns["wall_s"]]) - previous)
-        previous = float(step[columns["wall_s"]]) if is_generating else None
+    for wall_s, num_prompts_finished, num_generated in _trace_steps(trace):
+        if num_generated > 0 and num_prompts_finished == 0 and previous is not None:
+            seconds.append(wall_s - previous)
+        previous = wall_s if num_generated > 0 else None
     return seconds
 
 
@@ -263,18 +267,9 @@ def second_token_step_seconds(trace: Path) -> list[float]:
     that finished its prompt (on decode, the load's first token) to the next step, when that one decodes and
     finishes no prompt. Against the engine's steady step it shows what the first steps after a prompt or a load
     cost beyond it."""
-    from deployments.step_trace import COLUMNS as STEP_COLUMNS
-
-    columns = {name: index for index, name in enumerate(STEP_COLUMNS)}
-    steps = [line.split("\t") for line in trace.read_text().splitlines()
-             if line and not line.startswith(STEP_COLUMNS[0])]
-    seconds = []
-    for step, following in zip(steps, steps[1:]):
-        if int(step[columns["num_prompts_finished"]]) > 0 and int(step[columns["num_generation_tokens"]]) > 0 \
-                and int(following[columns["num_generation_tokens"]]) > 0 \
-                and int(following[columns["num_prompts_finished"]]) == 0:
-            seconds.append(float(following[columns["wall_s"]]) - float(step[columns["wall_s"]]))
-    return seconds
+    steps = _trace_steps(trace)
+    return [following[0] - step[0] for step, following in zip(steps, steps[1:])
+            if step[1] > 0 and step[2] > 0 and following[2] > 0 and following[1] == 0]
 
 
 def _measure_one_system(system: str, prompts: list[str], arrivals: list[float], rows_path: Path) -> None:

@@ -294,7 +294,6 @@ class Machine:
                     self._tokens(request, num_steps, ends)
                 self._token(request, now, outcomes)
         else:  # `_tokens` then `_token` with no gaps to keep, spelled out: a large run's innermost loop
-            running = self.running
             for request in self._decoding:
                 request.kv_tokens += num_steps
                 request.num_generated += num_steps
@@ -303,11 +302,7 @@ class Machine:
                     outcomes.append((Outcome.FIRST_TOKEN, request))
                 request.last_token_s = now
                 if request.num_generated >= request.output_tokens:
-                    request.done_s = now
-                    running.remove(request)
-                    self.kv_used -= request.kv_tokens
-                    request.kv_tokens = 0
-                    outcomes.append((Outcome.DONE, request))
+                    self._done(request, now, outcomes)
         stats.num_decode_tokens += num_steps * len(self._decoding)
         for request, chunk in self._chunks:
             was_partial = request.num_computed > 0
@@ -351,8 +346,12 @@ class Machine:
             request.gaps_s.append(now - request.last_token_s)
         request.last_token_s = now
         if request.num_generated >= request.output_tokens:
-            request.done_s = now
-            self.running.remove(request)
-            self.kv_used -= request.kv_tokens
-            request.kv_tokens = 0
-            outcomes.append((Outcome.DONE, request))
+            self._done(request, now, outcomes)
+
+    def _done(self, request: SimRequest, now: float, outcomes: list[tuple[Outcome, SimRequest]]) -> None:
+        """Its last token is out: it leaves the batch and frees its KV."""
+        request.done_s = now
+        self.running.remove(request)
+        self.kv_used -= request.kv_tokens
+        request.kv_tokens = 0
+        outcomes.append((Outcome.DONE, request))

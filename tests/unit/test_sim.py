@@ -32,6 +32,17 @@ def _request(request_id: int, arrival_s: float, prompt: int, output: int) -> Tra
     return TraceRequest(request_id=request_id, arrival_s=arrival_s, prompt_tokens=prompt, output_tokens=output)
 
 
+def _poisson_requests(seed: int, rate_per_s: float, count: int, prompts: tuple[int, int],
+                      outputs: tuple[int, int]) -> list[TraceRequest]:
+    """`count` requests at Poisson arrivals, prompt and output sizes uniform in the given ranges (one seed)."""
+    rng = random.Random(seed)
+    arrival, requests = 0.0, []
+    for request_id in range(count):
+        arrival += rng.expovariate(rate_per_s)
+        requests.append(_request(request_id, arrival, rng.randint(*prompts), rng.randint(*outputs)))
+    return requests
+
+
 def test_one_machine_runs_a_prompt_then_decodes_and_batches_a_second_prompt_with_the_first_ones_tokens():
     result = Simulator(_config(mode="collocated", num_prefill=0, num_decode=1)).run(
         [_request(0, 0.0, 100, 3), _request(1, 0.1, 50, 1)])
@@ -117,11 +128,7 @@ def test_a_prompts_attention_pairs_cost_the_same_whole_or_in_chunks():
 def test_a_loaded_trace_keeps_the_event_loops_invariants(policy):
     """Every request completes exactly once with every token, no machine holds more KV than it has (small
     caches force preemptions), and every machine ends empty."""
-    rng = random.Random(7)
-    arrival, requests = 0.0, []
-    for request_id in range(300):
-        arrival += rng.expovariate(8.0)
-        requests.append(_request(request_id, arrival, rng.randint(20, 700), rng.randint(1, 80)))
+    requests = _poisson_requests(7, 8.0, 300, (20, 700), (1, 80))
     tight = MachineConfig(max_batch_tokens=512, max_num_seqs=8, kv_capacity_tokens=1_500)
     config = SimConfig(model=MODEL.model_copy(update={"context_token_s": 1e-6}),
                        cluster=ClusterConfig(num_prefill=2, num_decode=2, prefill=tight, decode=tight),
@@ -150,11 +157,7 @@ def test_decode_segments_give_the_same_times_as_iteration_by_iteration_with_fewe
     (the tight machines); arrivals cut segments at the iteration in flight, and so does a host-mate that starts or
     stops computing (two machines a host, each step stretched while the other computes). Every request's times
     must equal the iteration-by-iteration run's (always_split: decisions that use no rates)."""
-    rng = random.Random(3)
-    arrival, requests = 0.0, []
-    for request_id in range(200):
-        arrival += rng.expovariate(3.0)
-        requests.append(_request(request_id, arrival, rng.randint(10, 400), rng.randint(1, 120)))
+    requests = _poisson_requests(3, 3.0, 200, (10, 400), (1, 120))
     cluster = {"mode": mode, "num_prefill": 0 if mode == "collocated" else 1, "num_decode": 2, "decode": decode,
                "machines_per_host": 2}
     config = SimConfig(model=MODEL.model_copy(update={"context_token_s": 2e-5, "shared_host_slowdown": slowdown}),
@@ -189,11 +192,7 @@ def test_decode_segments_give_the_same_times_as_iteration_by_iteration_with_fewe
 def test_a_run_without_token_gaps_is_the_same_run(policy):
     """Large runs keep no gaps (`keeps_token_gaps: false`, the scale benchmark's setting): every decision, first
     token, end and token count must be those of the run that keeps them; only the gaps themselves go."""
-    rng = random.Random(5)
-    arrival, requests = 0.0, []
-    for request_id in range(300):
-        arrival += rng.expovariate(8.0)
-        requests.append(_request(request_id, arrival, rng.randint(20, 700), rng.randint(1, 80)))
+    requests = _poisson_requests(5, 8.0, 300, (20, 700), (1, 80))
     tight = MachineConfig(max_batch_tokens=512, max_num_seqs=8, kv_capacity_tokens=1_500)
     runs = [Simulator(SimConfig(model=MODEL.model_copy(update={"context_token_s": 1e-6}), keeps_token_gaps=keeps,
                                 cluster=ClusterConfig(num_prefill=2, num_decode=2, prefill=tight, decode=tight),
@@ -293,11 +292,7 @@ DECISIONS = Path(__file__).parent / "data" / "policy_decisions.json"
 
 def _replayed_decisions() -> dict[str, list[list]]:
     """Every policy's path and engines for 400 requests through 3 prefill + 3 decode simulated machines."""
-    rng = random.Random(11)
-    arrival, requests = 0.0, []
-    for request_id in range(400):
-        arrival += rng.expovariate(6.0)
-        requests.append(_request(request_id, arrival, rng.randint(16, 900), rng.randint(1, 90)))
+    requests = _poisson_requests(11, 6.0, 400, (16, 900), (1, 90))
     model = PerfModel(step_s0=0.02, prompt_token_s=0.0004, decode_seq_s=0.003, context_token_s=2e-6,
                       handover_s0=0.01, handover_token_s=1e-5)
     decided = {}
