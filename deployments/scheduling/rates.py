@@ -99,14 +99,14 @@ class EngineLines:
         line = self.by_engine.get(engine_id)
         if line is None:
             line = self.by_engine[engine_id] = WeightedLine(half_life=self.half_life)
-        was_trusted = line.num_observations >= self.min_observations
+        was_trusted = self.is_trusted(line)
         if was_trusted:
             intercept, slope = line.fitted()
             self._sum_intercept -= intercept
             self._sum_slope -= slope
         line.observe(x, y)
         self.num_observations += 1
-        if line.num_observations >= self.min_observations:
+        if self.is_trusted(line):
             intercept, slope = line.fitted()
             self._sum_intercept += intercept
             self._sum_slope += slope
@@ -118,9 +118,8 @@ class EngineLines:
     def estimate(self, engine_id: str, x: float) -> float:
         """The engine's own line once trusted; before that, the mean of the engines that have one (0: none yet)."""
         line = self.by_engine.get(engine_id)
-        if line is not None and line.num_observations >= self.min_observations:
-            intercept, slope = line.fitted()
-            return intercept + slope * x
+        if self.is_trusted(line):
+            return line.predict(x)
         if not self.num_trusted:
             return 0.0
         return (self._sum_intercept + self._sum_slope * x) / self.num_trusted
