@@ -223,15 +223,10 @@ class LoadBook:
         return self.drain_time(engine_id, pending) if pending > 0 else 0.0
 
     def _entry(self, engine: _Engine, tie: int) -> tuple[float, int, int, str, int]:
-        """The engine's heap entry under its current load and rates; older entries of it go stale. (drain_s and
-        num_requests, spelled out: a simulator makes millions of entries.)"""
+        """The engine's heap entry under its current load and rates; older entries of it go stale."""
         engine.version += 1
-        reported = engine.reported
-        engine_id = reported.engine_id
-        others = reported.num_pending_prompt_tokens - reported.num_own_pending_prompt_tokens
-        pending = (others if others > 0 else 0) + engine.num_live_pending
-        others = reported.num_running + reported.num_waiting - reported.num_own_requests
-        num_requests = (others if others > 0 else 0) + len(engine.live)
+        engine_id = engine.reported.engine_id
+        pending = engine.num_pending_prompt_tokens
         if pending > 0:
             drain = self.drain_time(engine_id, pending)
             self._with_pending.add(engine_id)
@@ -239,7 +234,7 @@ class LoadBook:
             drain = 0.0
             self._with_pending.discard(engine_id)
         engine.keyed_drain_s = drain
-        return drain, num_requests, tie, engine_id, engine.version
+        return drain, engine.num_requests, tie, engine_id, engine.version
 
     def _push(self, engine: _Engine) -> None:
         role = engine.reported.role
