@@ -14,12 +14,18 @@ Life cycle of one run:
 Paths:
 - memcpy: one numpy copy between two preallocated buffers;
 - object_store: our transport as the connector uses it. This process plays prefill (open, then one `ray.put`
-  per layer, 30 layers, the references handed to the store in one message after the last; object_store_one_send:
-  all layers in one object); a Ray actor in another process plays decode (claim, map, copy into its own
-  preallocated blocks, release). Timed from open to the receiver's copy being done. The per-layer row puts back to
-  back, with no compute between layers to hide the per-put cost, so it is a floor on what the app's overlap
-  gives. The object store is warm, as in a server that has run for a while: its pages were written and read once
-  before timing, since a first touch of shared memory costs more than the copy;
+  per layer, 30 layers, the references handed to the store in one message after the last, and the transfer's
+  receipt taken; object_store_one_send: all layers in one object); a Ray actor in another process plays decode
+  (reads the parts by the receipt, with no store call: maps them, copies them into its own preallocated blocks,
+  then releases). Timed as prefill's part (open to receipt) plus decode's (receipt in hand to copy done): the
+  receipt's trip to decode is the KV handle's, which every backend's request makes and the NIXL rows do not time
+  either; object_store_one_send_handoff times it too (one actor call carrying the receipt), from open to the copy
+  being done. object_store_claimed is the fallback where the handle has no receipt (vLLM's workers in processes
+  of their own): decode claims the parts from the store while prefill sends, as before receipts, from open to
+  the copy being done. The per-layer row puts back to back, with no compute between layers to hide the per-put
+  cost, so it is a floor on what the app's overlap gives. The object store is warm, as in a server that has run
+  for a while: its pages were written and read once before timing, since a first touch of shared memory costs
+  more than the copy;
 - nixl (only where NIXL is installed): the app's shape. A Ray actor in another process plays prefill: its NIXL
   agent (UCX) owns 30 registered DRAM layers. Both agents run NIXL's progress thread with the app's delay
   (`transfer.nixl_progress_interval_us`), and prefill's agent makes no NIXL call while decode reads, as an engine
@@ -151,13 +157,15 @@ class Receiver:
         for block in self._blocks:
             block.fill(0)  # fault the pages in now, as a running engine's KV cache already is
 
-    def receive(self, key: str) -> float:
-        parts = self._transport.receive(self._source, key, self._layout, timeout_s=60)
+    def receive(self, key: str, receipt: str | None = None) -> tuple[float, float]:
+        """(when decode had the receipt in hand, when its copy was done): by the receipt, or claimed from the store."""
+        started = time.perf_counter()
+        parts = self._transport.receive(self._source, key, self._layout, timeout_s=60, receipt=receipt)
         for block, (segment,) in zip(self._blocks, parts, strict=True):
             np.copyto(block, segment)
         done = time.perf_counter()
         self._transport.release(self._source, key)
-        return done
+        return started, done
 
     def touch(self, wrapped_ref: list) -> None:
         payload = ray.get(wrapped_ref[0])
@@ -179,8 +187,10 @@ def warm_object_store(remote: dict[str, Any] | None = None) -> None:
     ray.kill(reader)
 
 
-def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None],
-                         is_layer_by_layer: bool = True, remote: dict[str, Any] | None = None) -> list[float]:
+def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None], is_layer_by_layer: bool = True,
+                         remote: dict[str, Any] | None = None, by: str = "receipt") -> list[float]:
+    """`by`: "receipt" (prefill's part plus decode's, the handle's trip not timed), "handoff" (the receipt's trip in
+    one actor call timed too) or "claim" (no receipt: decode claims from the store while prefill sends)."""
     from kv_transfer.layout import KVLayout
     from kv_transfer.object_store.store import create_store
     from kv_transfer.object_store.transport import ObjectStoreTransport
@@ -198,14 +208,21 @@ def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None],
         flush()
         started = time.perf_counter()
         ticket = transport.open(key, layout)
-        done = receiver.receive.remote(key)  # decode asks while prefill is still sending, as in the app
+        if by == "claim":
+            done = receiver.receive.remote(key)  # decode asks the store while prefill is still sending
         if is_layer_by_layer:  # one send per layer, back to back: no compute to hide the per-call cost
             for index, part in enumerate(parts):
                 transport.send(ticket, index, [part])
         else:  # every layer in one send (one store call)
             transport.send(ticket, 0, parts)
-        finished = ray.get(done)  # both processes share this host's perf_counter clock
-        seconds.append(finished - started)
+        if by == "claim":
+            _, finished = ray.get(done)  # both processes share this host's perf_counter clock
+            seconds.append(finished - started)
+            continue
+        receipt = transport.take_receipt(key)
+        sent = time.perf_counter()
+        decode_started, finished = ray.get(receiver.receive.remote(key, receipt))
+        seconds.append(finished - started if by == "handoff" else (sent - started) + (finished - decode_started))
     ray.kill(receiver)
     ray.kill(store)
     return seconds[1:]  # the first transfer pays the actors' first calls
@@ -473,8 +490,10 @@ def paths() -> dict[str, Measure]:
     """The KV paths to measure after memcpy; the NIXL ones only where NIXL is installed (it is optional)."""
     measures: dict[str, Measure] = {
         "object_store": measure_object_store,
-        "object_store_one_send": lambda nbytes, repeats, flush: measure_object_store(nbytes, repeats, flush,
-                                                                                   is_layer_by_layer=False),
+        "object_store_one_send": functools.partial(measure_object_store, is_layer_by_layer=False),
+        "object_store_one_send_handoff": functools.partial(measure_object_store, is_layer_by_layer=False,
+                                                           by="handoff"),
+        "object_store_claimed": functools.partial(measure_object_store, is_layer_by_layer=False, by="claim"),
     }
     if importlib.util.find_spec("nixl") is not None:
         measures |= {"nixl": measure_nixl,

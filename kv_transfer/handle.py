@@ -111,6 +111,9 @@ class RemoteKV(BaseModel):
     transfer_key: str
     num_tokens: int = Field(ge=1)
     num_blocks: int = Field(ge=1)
+    # Where the parts lie in Ray's object store (kv_transfer/object_store/receipt.py), so that decode reads them
+    # without a store call; None when prefill's worker half could not leave one (decode claims them instead).
+    receipt: str | None = None
 
 
 def remote_kv_to_params(remote: RemoteKV) -> dict[str, Any]:

@@ -8,10 +8,11 @@ one kept for tests (tests/unit/in_process_transport.py).
    says where the receiver finds it, and travels in the KV handle. A store that is full refuses it, and the
    receiver gets `KVStoreFullError` (the sender may skip sending once it knows);
 2. `send(ticket, first_index, parts)` hands over parts (layers) as they are computed, without waiting for them
-   to arrive; a part is an array or a list of segments (runs of blocks);
-3. `receive(source, key, expected, timeout_s)` on the receiver waits for every part (and, briefly, for an `open`
-   still on its way) and returns each as its segments, in the expected layout (`KVPayloadError` otherwise), valid
-   until `release`;
+   to arrive; a part is an array or a list of segments (runs of blocks). Once every part is sent,
+   `take_receipt(key)` may give a text that lets a receiver find the parts without asking the store (None: it asks);
+3. `receive(source, key, expected, timeout_s, receipt)` on the receiver reads the parts by the receipt, or else
+   waits in the store for every part (and, briefly, for an `open` still on its way), and returns each as its
+   segments, in the expected layout (`KVPayloadError` otherwise), valid until `release`;
 4. `release(source, key)` frees everything the transfer held, on both sides.
 Failures are the types in errors.py, so that the caller picks its policy (decode recomputes) by kind.
 """
@@ -47,7 +48,10 @@ class KVTransport(Protocol):
 
     def send(self, ticket: KVTicket, first_index: int, parts: list[Part]) -> None: ...
 
-    def receive(self, source: str, key: str, expected: KVLayout, timeout_s: float) -> list[list[np.ndarray]]: ...
+    def take_receipt(self, key: str) -> str | None: ...
+
+    def receive(self, source: str, key: str, expected: KVLayout, timeout_s: float,
+                receipt: str | None = None) -> list[list[np.ndarray]]: ...
 
     def release(self, source: str, key: str) -> None: ...
 

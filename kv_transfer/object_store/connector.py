@@ -1,6 +1,8 @@
 """SplitserveConnector: our vLLM KV connector over the Ray object store. vLLM builds it twice per engine:
-once with the SCHEDULER role (scheduler_side.py) and once with the WORKER role (worker_side.py), in different
-processes; only `SplitserveConnectorMetadata` (metadata.py) crosses between them.
+once with the SCHEDULER role (scheduler_side.py) and once with the WORKER role (worker_side.py). With one worker
+(vLLM's uniprocess executor) both live in the EngineCore process; with several, the workers have processes of
+their own. `SplitserveConnectorMetadata` (metadata.py) goes from the scheduler half to the workers each step;
+transfer receipts come back through the process's receipt box (receipt_box.py) where the halves share a process.
 
 Named in kv_transfer/backend.py, which builds its `kv_transfer_config`; it reads `ObjectStoreExtraConfig` back
 (kv_transfer/config.py). Its stats speak kv_transfer/stats.py's vocabulary.

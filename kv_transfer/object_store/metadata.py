@@ -18,8 +18,8 @@ class SaveRequest:
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """Decode: fetch `transfer_key` from `source` and write its blocks, from `first_remote_block` on, into
-    `block_ids`."""
+    """Decode: fetch `transfer_key` from `source` (by its receipt when the handle carries one) and write its
+    blocks, from `first_remote_block` on, into `block_ids`."""
 
     request_id: str
     source: str
@@ -27,6 +27,7 @@ class LoadRequest:
     num_remote_blocks: int
     first_remote_block: int
     block_ids: tuple[int, ...]
+    receipt: str | None = None  # where the parts lie (receipt.py); None: claim them from the store
 
 
 @dataclass

@@ -3,7 +3,8 @@
 Prefill request (kv_transfer_params `do_remote_decode`):
 1. `build_connector_meta`: on the step that computes the prompt's last token, ask the worker to stage every
    prompt block (`SaveRequest`), keyed by the request id.
-2. `request_finished`: the params returned say where decode finds the KV (`RemoteKV`). The blocks stay allocated
+2. `request_finished`: the params returned say where decode finds the KV (`RemoteKV`), with the receipt the
+   worker half left in this process's receipt box (receipt_box.py) when it runs here. The blocks stay allocated
    until the worker has put them into the store (it reports them in `get_finished`), since it reads them in
    place instead of copying them first.
 Decode request (params carry a `RemoteKV`):
@@ -19,13 +20,15 @@ import math
 from typing import Any
 
 from kv_transfer.object_store.metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
+from kv_transfer.object_store.receipt_box import PROCESS_RECEIPTS, ReceiptBox
 from kv_transfer.handle import RemoteKV, is_remote_decode_request, remote_kv_from_params, remote_kv_to_params
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int, source: str = ""):
+    def __init__(self, block_size: int, source: str = "", receipts: ReceiptBox = PROCESS_RECEIPTS):
         self.block_size = block_size
         self.source = source  # where this engine's KV goes (its store's name); prefill only
+        self._receipts = receipts
         # prefill: request id -> block ids allocated so far, for requests whose KV goes to a remote decoder
         self._producing_block_ids: dict[str, list[int]] = {}
         self._num_prompt_tokens: dict[str, int] = {}
@@ -72,7 +75,7 @@ class SchedulerSide:
         block_ids = tuple(blocks.get_block_ids()[0][first_remote_block:num_needed_blocks])
         self._pending_loads.append(LoadRequest(
             request_id=request.request_id, source=remote.source, transfer_key=remote.transfer_key, num_remote_blocks=remote.num_blocks,
-            first_remote_block=first_remote_block, block_ids=block_ids,
+            first_remote_block=first_remote_block, block_ids=block_ids, receipt=remote.receipt,
         ))
         # The KV is in flight now: a second call (after the load) must not load it again.
         request.kv_transfer_params = {**request.kv_transfer_params, "do_remote_prefill": False}
@@ -113,6 +116,7 @@ class SchedulerSide:
             return False, None
         self._saved.discard(request_id)
         remote = RemoteKV(source=self.source, transfer_key=request_id, num_tokens=num_prompt_tokens,
-                          num_blocks=math.ceil(num_prompt_tokens / self.block_size))
+                          num_blocks=math.ceil(num_prompt_tokens / self.block_size),
+                          receipt=self._receipts.take(request_id))
         # True: vLLM frees the blocks only when the worker reports this request's send done.
         return True, remote_kv_to_params(remote)

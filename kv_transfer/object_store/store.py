@@ -7,10 +7,13 @@ Life cycle of one transfer (key = the request's id):
 2. `add_parts(key, layout, first_index, located)`: prefill hands over the object references of every part (layer)
    in one message once the last layer is staged, again without waiting. It carries the layout too: Ray does not
    order an async actor's calls, so it may arrive first and open the transfer itself.
-3. `claim(key)`: decode waits until every part has arrived (and, for `OPEN_GRACE_S`, for an `open` still on its
-   way), then gets the references and a renewed lease: the only store call on a request's path.
-4. `release(key)`: decode has copied the KV into its own blocks; the store drops the references, so Ray frees
-   the objects. A lease that runs out first drops them the same way (`KVExpiredError` for a late claim).
+3. Decode reads the references from the receipt its KV handle carries (receipt.py): no store call on the
+   request's path. Only a handle without one (prefill's worker half ran in another process than the engine's
+   scheduler) makes decode `claim(key)`: it waits until every part has arrived (and, for `OPEN_GRACE_S`, for an
+   `open` still on its way), then gets the references and a renewed lease.
+4. `release(key, is_fetched)`: decode has copied the KV into its own blocks (`is_fetched`: by receipt, counted as a
+   claim); the store drops the references, so Ray frees the objects. A lease that runs out first drops them the
+   same way (`KVExpiredError` for a late claim).
 
 Ownership: the store holds references, never the bytes; an object lives as long as the process that put it
 (prefill's engine worker) and as long as the store references it. Each prefill replica creates its own store
@@ -147,9 +150,10 @@ class KVStoreActor:
                     raise KVTimeoutError(f"the KV of {key!r} did not fully arrive within {timeout_s} s") from None
             return self._state.claim(key)  # raises the reason for an unknown or closed key
 
-    async def release(self, key: str) -> bool:
+    async def release(self, key: str, is_fetched: bool = False) -> bool:
+        """`is_fetched`: decode read the parts by the handle's receipt, without claiming them."""
         self._condition()
-        is_released = self._state.release(key)
+        is_released = self._state.release(key, is_fetched=is_fetched)
         self._metrics.publish(self._state.counters())
         return is_released
 

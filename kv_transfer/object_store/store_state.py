@@ -136,13 +136,17 @@ class KVStoreState:
         entry.expires_at = self._clock() + self.lease_s  # the claimer gets a full lease to copy the KV out
         return [entry.parts[index] for index in range(entry.ticket.layout.num_parts)]
 
-    def release(self, key: str) -> bool:
+    def release(self, key: str, is_fetched: bool = False) -> bool:
         """Drops the transfer; False if it was not there (released twice, expired, or not yet opened: a release
-        can overtake prefill's messages, which then find the key closed)."""
-        if self._entries.pop(key, None) is None:
+        can overtake prefill's messages, which then find the key closed). `is_fetched`: the receiver read the parts
+        by the handle's receipt instead of claiming them, which counts as its claim."""
+        entry = self._entries.pop(key, None)
+        if entry is None:
             if key not in self._closed_keys:
                 self._close(key, "released")
             return False
+        if is_fetched and not entry.is_claimed:
+            self._counts["num_claimed"] += 1
         self._close(key, "released")
         self._counts["num_released"] += 1
         return True

@@ -5,12 +5,14 @@ Sender (prefill's worker), with no store call it waits for:
 1. `open` announces the transfer to this engine's own store and returns at once;
 2. each `send` puts its batch of parts (layers) as one object (`ray.put`: the one copy into shared memory, straight
    from the KV cache's blocks) and keeps the reference;
-3. the send that completes the transfer hands every reference to the store in one message. Once the store's
-   answer to `open` is known to be a refusal (full), later sends of that transfer put nothing.
-Receiver (decode's worker): `receive` asks the store named in the KV handle for the references once every part is
-in (the one store call on the request's path); `ray.get` maps them without a copy (same node) or pulls them (other
-node), and the caller copies them into its own blocks. `release` drops the store's references, so Ray frees the
-objects.
+3. the send that completes the transfer hands every reference to the store in one message, and leaves the
+   transfer's receipt (receipt.py) for `take_receipt`, which the KV handle carries. Once the store's answer to
+   `open` is known to be a refusal (full), later sends of that transfer put nothing and leave no receipt.
+Receiver (decode's worker): `receive` with the handle's receipt rebuilds the references and maps them, with no store
+call; without one (the sender's worker half ran in another process than its scheduler half), it asks the store
+named in the handle for the references once every part is in. `ray.get` maps them without a copy (same node) or
+pulls them (other node), and the caller copies them into its own blocks. `release` drops the store's references, so
+Ray frees the objects, and tells the store whether the parts were fetched by receipt (its count of claims).
 """
 
 from __future__ import annotations
@@ -22,14 +24,17 @@ from typing import Any
 import numpy as np
 import ray
 
-from kv_transfer.errors import KVNotFoundError, KVPayloadError
+from kv_transfer.errors import KVNotFoundError, KVPayloadError, KVTimeoutError
 from kv_transfer.layout import KVLayout
+from kv_transfer.object_store.receipt import Receipt, read_refs, write_receipt
 from kv_transfer.transport import KVTicket, Part
 
 STORE_CALL_TIMEOUT_S = 30.0
 # Every layer of a transfer is sent within one engine step; parts still unsent after this never will be (the
 # sender gave up on the transfer): their references are dropped, and the store's lease ends the transfer.
 PENDING_TIMEOUT_S = 60.0
+# Receipts the sender's caller never took (a transfer it gave up on) are dropped past this many.
+NUM_KEPT_RECEIPTS = 1_000
 
 
 @dataclass
@@ -50,6 +55,8 @@ class ObjectStoreTransport:
         self._namespace = namespace
         self._stores: dict[str, Any] = {}
         self._pending: dict[str, _Pending] = {}
+        self._receipts: dict[str, str] = {}  # sent whole, receipt not yet taken (insertion order: oldest first)
+        self._fetched_by_receipt: set[str] = set()  # received without a claim, not yet released
 
     def _store(self, name: str) -> Any:
         # Found once by name; a restarted store keeps its name and its handle stays valid.
@@ -87,7 +94,15 @@ class ObjectStoreTransport:
             del self._pending[ticket.key]
             located = [pending.located[index] for index in range(ticket.layout.num_parts)]
             # Fire and forget: the receiver's claim waits for the parts; a lost message surfaces there as a timeout.
+            # Until the store has them, the message's arguments keep the objects alive.
             self._store(ticket.source).add_parts.remote(ticket.key, ticket.layout, 0, located)
+            while len(self._receipts) >= NUM_KEPT_RECEIPTS:
+                del self._receipts[next(iter(self._receipts))]
+            self._receipts[ticket.key] = write_receipt([(chunk[0], position) for chunk, position in located]).to_text()
+
+    def take_receipt(self, key: str) -> str | None:
+        """The receipt of a transfer sent whole, once; None if it is not (yet) sent or was refused."""
+        return self._receipts.pop(key, None)
 
     @staticmethod
     def _is_refused(pending: _Pending) -> bool:
@@ -95,20 +110,43 @@ class ObjectStoreTransport:
         ready, _ = ray.wait([pending.opened], timeout=0)
         return bool(ready) and ray.get(ready[0]) is False
 
-    def receive(self, source: str, key: str, expected: KVLayout, timeout_s: float) -> list[list[np.ndarray]]:
+    def receive(self, source: str, key: str, expected: KVLayout, timeout_s: float,
+                receipt: str | None = None) -> list[list[np.ndarray]]:
         """Every part as its list of segments, read-only and valid until `release`."""
-        located = ray.get(self._store(source).claim.remote(key, timeout_s), timeout=timeout_s + STORE_CALL_TIMEOUT_S)
+        if receipt is not None:
+            located = self._located_by_receipt(key, receipt)
+        else:
+            claimed = ray.get(self._store(source).claim.remote(key, timeout_s), timeout=timeout_s + STORE_CALL_TIMEOUT_S)
+            located = [(wrapped[0], position) for wrapped, position in claimed]
         if len(located) != expected.num_parts:
             raise KVPayloadError(f"{key!r} has {len(located)} parts; expected {expected.num_parts}")
-        refs = list(dict.fromkeys(wrapped[0] for wrapped, _ in located))
-        chunks = dict(zip(refs, ray.get(refs, timeout=timeout_s), strict=True))
+        refs = list(dict.fromkeys(ref for ref, _ in located))
+        try:
+            chunks = dict(zip(refs, ray.get(refs, timeout=timeout_s), strict=True))
+        except ray.exceptions.GetTimeoutError:
+            raise KVTimeoutError(f"the KV of {key!r} was not readable within {timeout_s} s") from None
+        except ray.exceptions.RayError as exc:  # e.g. evicted after its lease ended, or its sender died
+            raise KVNotFoundError(f"the KV of {key!r} is gone from the object store: {type(exc).__name__}") from None
+        if receipt is not None:
+            self._fetched_by_receipt.add(key)
         parts = []
-        for index, (wrapped, position) in enumerate(located):
-            chunk = chunks[wrapped[0]]
+        for index, (ref, position) in enumerate(located):
+            chunk = chunks[ref]
             if not isinstance(chunk, list) or not 0 <= position < len(chunk):
                 raise KVPayloadError(f"part {index} of {key!r} is not in its chunk (a {type(chunk).__name__})")
             parts.append(expected.check_part(index, chunk[position]))
         return parts
 
+    def _located_by_receipt(self, key: str, receipt: str) -> list[tuple[Any, int]]:
+        try:
+            read = Receipt.from_text(receipt)
+            refs = read_refs(read)
+            located = [(refs[chunk], position) for chunk, position in read.parts]
+        except (ValueError, IndexError) as exc:
+            raise KVPayloadError(f"the receipt of {key!r} is unreadable: {exc}") from None
+        return located
+
     def release(self, source: str, key: str) -> None:
-        ray.get(self._store(source).release.remote(key), timeout=STORE_CALL_TIMEOUT_S)
+        is_fetched = key in self._fetched_by_receipt
+        self._fetched_by_receipt.discard(key)
+        ray.get(self._store(source).release.remote(key, is_fetched), timeout=STORE_CALL_TIMEOUT_S)

@@ -9,15 +9,17 @@ Prefill (KV out):
    of a CUDA cache made on a side stream (host_staging.py);
 2. the sender thread announces the transfer and puts the layers into the object store while later layers still
    compute; layers that are ready together go as one object. `ray.put` is the only copy on this side, and the
-   transport hands all references to the store in one message after the last layer;
-3. `wait_for_save`, at the end of the step, waits until this step's transfers are announced to the store (at
-   layer 0, without waiting for the store's answer, so normally done by then): prefill's answer never leaves
-   before the announcement. Without layer-by-layer overlap (`is_layer_by_layer: false`), all layers are queued
-   here and sent before the step ends, as a connector that hands over KV only after prefill would;
+   transport hands all references to the store in one message after the last layer, and the transfer's receipt
+   (receipt.py) to the scheduler half through the process's receipt box (receipt_box.py);
+3. `wait_for_save`, at the end of the step, waits until this step's transfers are wholly in the store (the last
+   layer's put, as the others overlapped the compute): prefill's answer never leaves before its KV, and carries
+   its receipt. Without layer-by-layer overlap (`is_layer_by_layer: false`), all layers are queued here and sent
+   before the step ends, as a connector that hands over KV only after prefill would;
 4. once a request's last layer is in the store, `get_finished` reports it as sent, and vLLM frees its blocks.
 Decode (KV in):
-1. `start_load_kv`: a loader thread receives each requested transfer (waiting for parts still in flight) and
-   writes the blocks into this engine's cache; a third thread releases the transfer in the store afterwards;
+1. `start_load_kv`: a loader thread receives each requested transfer (by its receipt, or from the store, waiting
+   for parts still in flight) and writes the blocks into this engine's cache; a third thread releases the transfer
+   in the store afterwards;
 2. `get_finished` reports loaded requests to the scheduler; failed loads report their blocks through
    `get_block_ids_with_load_errors`, and vLLM recomputes them.
 """
@@ -38,6 +40,7 @@ from kv_transfer.errors import KVTransferError
 from kv_transfer.layout import KVLayout
 from kv_transfer.object_store.host_staging import HostStaging, Staged
 from kv_transfer.object_store.metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
+from kv_transfer.object_store.receipt_box import PROCESS_RECEIPTS, ReceiptBox
 from kv_transfer.transport import KVTicket, KVTransport, TransportFactory
 from kv_transfer.wire import block_runs
 
@@ -51,8 +54,7 @@ class _Send:
     save: SaveRequest
     first_index: int
     staged: list[Staged]  # one per layer, from the first: its blocks on the host (host_staging.py)
-    opened: threading.Event | None = None  # set once the transfer is announced (first layer only)
-    sent: threading.Event | None = None  # set once the last layer is in the store (no overlap only)
+    sent: threading.Event | None = None  # set once the last layer is in the store (first layer only)
 
     @property
     def parts(self) -> list[list[np.ndarray]]:
@@ -61,7 +63,7 @@ class _Send:
 
 class WorkerSide:
     def __init__(self, transport_factory: TransportFactory, num_blocks: int, load_timeout_s: float,
-                 is_layer_by_layer: bool = True):
+                 is_layer_by_layer: bool = True, receipts: ReceiptBox = PROCESS_RECEIPTS):
         self._transport_factory = transport_factory
         self._transport: KVTransport | None = None
         self._num_blocks = num_blocks
@@ -76,7 +78,8 @@ class WorkerSide:
         self._failed_block_ids: set[int] = set()
         self._stats = stats.empty_connector_stats()
         self._sends: queue.SimpleQueue[_Send] = queue.SimpleQueue()
-        self._opened: dict[str, threading.Event] = {}
+        self._sent: dict[str, threading.Event] = {}
+        self._receipts = receipts
         self._loads: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
         self._releases: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
         for loop, name in ((self._send_loop, "send"), (self._load_loop, "load"), (self._release_loop, "release")):
@@ -109,18 +112,18 @@ class WorkerSide:
         for save in metadata.saves:
             self._queue(save, index, [kv_layer])
 
-    def _queue(self, save: SaveRequest, first_index: int, layers: list[torch.Tensor],
-               sent: threading.Event | None = None) -> None:
-        opened = None
+    def _queue(self, save: SaveRequest, first_index: int, layers: list[torch.Tensor]) -> None:
+        sent = None
         if first_index == 0:
-            opened = self._opened[save.transfer_key] = threading.Event()
+            sent = self._sent[save.transfer_key] = threading.Event()
         # CPU: views (the blocks stay allocated until this request is reported sent, so ray.put copies once);
         # CUDA: pinned host copies made on a side stream while later layers compute.
         staged = [self._staging.stage_out(layer, save.block_ids) for layer in layers]
-        self._sends.put(_Send(save, first_index, staged, opened, sent))
+        self._sends.put(_Send(save, first_index, staged, sent))
 
     def _send_loop(self) -> None:
         tickets: dict[str, KVTicket] = {}
+        sent_events: dict[str, threading.Event] = {}
         while True:
             batch = [self._sends.get()]
             while True:  # whatever else is ready goes along: fewer objects and store calls
@@ -130,6 +133,8 @@ class WorkerSide:
                     break
             for run in self._runs(batch):
                 first, last = run[0], run[-1]
+                if first.sent is not None:
+                    sent_events[first.save.transfer_key] = first.sent
                 for item in run:
                     for layer in item.staged:
                         layer.wait()  # a device-to-host copy still on its way (CUDA only)
@@ -138,11 +143,16 @@ class WorkerSide:
                     for layer in item.staged:
                         layer.release()
                 if last.first_index + len(last.parts) == len(self._layers):
-                    tickets.pop(last.save.transfer_key, None)
+                    key = last.save.transfer_key
+                    if tickets.pop(key, None) is not None:
+                        receipt = self.transport().take_receipt(key)
+                        if receipt is not None:
+                            self._receipts.post(key, receipt)
                     with self._lock:
                         self._finished_sends.add(last.save.request_id)
-                    if last.sent is not None:
-                        last.sent.set()
+                    event = sent_events.pop(key, None)
+                    if event is not None:
+                        event.set()
 
     @staticmethod
     def _runs(batch: list[_Send]) -> list[list[_Send]]:
@@ -161,12 +171,8 @@ class WorkerSide:
     def _send(self, first: _Send, parts: list[list[np.ndarray]], tickets: dict[str, KVTicket]) -> None:
         save = first.save
         try:
-            if first.opened is not None:
-                try:
-                    tickets[save.transfer_key] = self.transport().open(save.transfer_key,
-                                                                       self.layout(len(save.block_ids)))
-                finally:
-                    first.opened.set()
+            if first.first_index == 0:
+                tickets[save.transfer_key] = self.transport().open(save.transfer_key, self.layout(len(save.block_ids)))
             ticket = tickets.get(save.transfer_key)
             if ticket is not None:  # else opening failed (store full, store gone): decode will recompute
                 self.transport().send(ticket, first.first_index, parts)
@@ -178,13 +184,10 @@ class WorkerSide:
         started = time.perf_counter()
         for save in metadata.saves:
             if not self._is_layer_by_layer:
-                sent = threading.Event()
-                self._queue(save, 0, self._layers, sent=sent)
-                if not sent.wait(timeout_s):
-                    logger.warning("KV of %s: not sent within %.0f s", save.request_id, timeout_s)
-            opened = self._opened.pop(save.transfer_key, None)
-            if opened is not None and not opened.wait(timeout_s):
-                logger.warning("KV of %s: not announced to the store within %.0f s", save.request_id, timeout_s)
+                self._queue(save, 0, self._layers)
+            sent = self._sent.pop(save.transfer_key, None)
+            if sent is not None and not sent.wait(timeout_s):
+                logger.warning("KV of %s: not in the store within %.0f s", save.request_id, timeout_s)
         if metadata.saves:  # the engine's step waited this long on KV hand-over instead of computing
             with self._lock:
                 self._stats[stats.SEND_WAIT_DURATION].append(time.perf_counter() - started)
@@ -229,7 +232,7 @@ class WorkerSide:
             raise KVTransferError(f"{load.request_id} needs blocks {first}..{first + count} of "
                                   f"{load.num_remote_blocks}")
         parts = self.transport().receive(load.source, load.transfer_key, self.layout(load.num_remote_blocks),
-                                         self._load_timeout_s)
+                                         self._load_timeout_s, receipt=load.receipt)
         # Where each remote block goes, as runs: remote block `first + offset` and the next `length - 1` land in
         # local blocks `local_first`..; a fresh request's blocks are usually one run, so a layer is one plain copy
         # (index_copy_ scatters block by block, slower than one copy of the same bytes).

@@ -1,9 +1,11 @@
 """KV transfer faults on the live app: every request still gets the exact answer, by recompute, and the failure
 is counted.
 
-- object_store: the prefill replica's KV store is killed while transfers wait in it. Their loads fail, decode
-  recomputes those prompts, Ray restarts the store (its owner, the prefill replica, lives on), and the next
-  request's KV goes through the restarted store.
+- object_store: the prefill replica's KV store is killed while transfers wait in it. Decode reads their parts by
+  the receipts in their handles (the objects outlive the store's references until Ray evicts them) or, where a
+  part is gone, recomputes that prompt: every answer exact, every transfer either loaded or counted as failed.
+  Ray restarts the store (its owner, the prefill replica, lives on), and the next request's KV goes through the
+  restarted store.
 - nixl: decode gets a KV handle whose prefill engine cannot be reached. The load fails, and vLLM's recompute
   policy computes the prompt on decode.
 - both: a KV handle that this app's prefill did not sign (altered after signing, or never signed), or one past
@@ -54,11 +56,13 @@ def test_killing_the_kv_store_mid_transfer(app, ray_driver, openai_client, refer
         ray_driver.kill(store, no_restart=False)
         outputs = [future.result(timeout=300) for future in futures]
 
-    # 2. Every answer is still exact; the lost transfers were recomputed on decode, and counted.
+    # 2. Every answer is still exact; each transfer was loaded by its receipt or, lost, recomputed on decode and
+    #    counted as failed (a prompt is computed on decode only for a failed load or a decode-local decision).
     assert [output["token_ids"] for output in outputs] == [expected] * NUM_CONCURRENT_REQUESTS
     during = engines.delta(engines.counters("decode"), before)
-    assert during["num_kv_failed_transfers"] >= 1
-    assert during["num_prompt_tokens_computed"] >= outputs[0]["usage"]["prompt_tokens"] - 1
+    num_prompt_tokens = outputs[0]["usage"]["prompt_tokens"]
+    assert during["num_kv_transfers"] + during["num_kv_failed_transfers"] >= 1
+    assert during["num_prompt_tokens_computed"] >= during["num_kv_failed_transfers"] * (num_prompt_tokens - 1)
     app.injected["num_failed_loads"] += during["num_kv_failed_transfers"]
 
     # 3. Ray restarted the store (empty, same name); the next request's KV goes through it, nothing recomputed.

@@ -163,6 +163,7 @@ def test_a_kv_transfer_that_times_out_is_recomputed(app, ray_driver, reference_o
     decode = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
     handle = prefill.prefill.remote(request).result(timeout_s=120)
     prefill.release.remote(handle).result(timeout_s=30)  # its real KV is not the point here
+    assert handle.connector_params["splitserve"]["receipt"]  # the app's handles carry one: decode claims nothing
 
     # 1. A transfer that is opened in prefill's store and never completed: decode waits `load_timeout_s` (10 s
     #    in the suite) for it, then recomputes the prompt.
@@ -171,8 +172,9 @@ def test_a_kv_transfer_that_times_out_is_recomputed(app, ray_driver, reference_o
     stalled_key = f"stalled-{uuid.uuid4().hex}"
     ray_driver.get(store.open.remote(stalled_key, KVLayout(num_parts=1, part_shape=(1,), block_dim=0,
                                                             dtype="float32")))
+    # Without a receipt (as from an engine whose halves run in two processes), decode claims it from the store.
     params = {**handle.connector_params, "splitserve": {**handle.connector_params["splitserve"],
-                                                        "transfer_key": stalled_key}}
+                                                        "transfer_key": stalled_key, "receipt": None}}
     stalled = HandleSigner(app.kv_handle_key).sign(handle.model_copy(update={"connector_params": params}))
     before = engines.counters("decode")
     started = time.monotonic()

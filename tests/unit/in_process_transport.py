@@ -74,7 +74,12 @@ class InProcessTransport:
             store.state.add_parts(ticket.key, first_index, copies, layout=ticket.layout)
             store.changed.notify_all()
 
-    def receive(self, source: str, key: str, expected: KVLayout, timeout_s: float) -> list[list[np.ndarray]]:
+    def take_receipt(self, key: str) -> str | None:
+        """None: this transport's receiver always claims from the store (the fallback path of the object store's)."""
+        return None
+
+    def receive(self, source: str, key: str, expected: KVLayout, timeout_s: float,
+                receipt: str | None = None) -> list[list[np.ndarray]]:
         store = self._stores.get(source)
         deadline = time.monotonic() + timeout_s
         with store.changed:

@@ -1,8 +1,10 @@
 """Our connector's two halves, step by step as vLLM drives them, with real tensors and a real KV-store actor.
 
-Prefill: match → alloc → build meta (save) → save_kv_layer per layer → wait_for_save → request_finished (params
-out, blocks held) → get_finished reports the send (blocks freed).
-Decode: match → alloc → build meta (load) → start_load_kv → get_finished → blocks equal prefill's.
+Prefill: match → alloc → build meta (save) → save_kv_layer per layer → wait_for_save (the KV wholly in the store)
+→ request_finished (params out, with the transfer's receipt, blocks held) → get_finished reports the send (blocks
+freed).
+Decode: match → alloc → build meta (load) → start_load_kv (reads by the receipt; claims from the store without
+one) → get_finished → blocks equal prefill's.
 Each story ends with the store, both scheduler halves and both workers holding nothing.
 """
 
@@ -18,6 +20,7 @@ import ray
 import torch
 
 from kv_transfer.object_store.metadata import LoadRequest, SaveRequest
+from kv_transfer.object_store.receipt_box import PROCESS_RECEIPTS, ReceiptBox
 from kv_transfer.handle import remote_kv_from_params
 from kv_transfer.object_store.scheduler_side import SchedulerSide
 from kv_transfer.object_store.store import create_store
@@ -56,9 +59,10 @@ def store():
     ray.shutdown()
 
 
-def _worker(kv_caches, is_prefill: bool = False, is_layer_by_layer: bool = True) -> WorkerSide:
+def _worker(kv_caches, is_prefill: bool = False, is_layer_by_layer: bool = True,
+            receipts: ReceiptBox = PROCESS_RECEIPTS) -> WorkerSide:
     worker = WorkerSide(lambda: ObjectStoreTransport(home_store=STORE if is_prefill else None), NUM_BLOCKS,
-                        load_timeout_s=5, is_layer_by_layer=is_layer_by_layer)
+                        load_timeout_s=5, is_layer_by_layer=is_layer_by_layer, receipts=receipts)
     worker.register_kv_caches(kv_caches)
     return worker
 
@@ -75,11 +79,13 @@ def _wait_finished(worker: WorkerSide, timeout_s: float = 10) -> tuple[set[str],
 
 
 def _prefill(prompt_len: int, block_ids: list[int], dtype: torch.dtype = torch.float32,
-             is_layer_by_layer: bool = True) -> tuple[dict, dict]:
-    """Walk one prefill request; returns its kv caches and the params vLLM hands back to the router."""
+             is_layer_by_layer: bool = True, is_one_process: bool = True) -> tuple[dict, dict]:
+    """Walk one prefill request; returns its kv caches and the params vLLM hands back to the router.
+    `is_one_process`: the two halves share the process's receipt box, as under vLLM's uniprocess executor."""
     kv = {name: torch.randn(LAYER_SHAPE).to(dtype) for name in LAYER_NAMES}
     scheduler = SchedulerSide(BLOCK_SIZE, source=STORE)
-    worker = _worker(kv, is_prefill=True, is_layer_by_layer=is_layer_by_layer)
+    worker = _worker(kv, is_prefill=True, is_layer_by_layer=is_layer_by_layer,
+                     receipts=PROCESS_RECEIPTS if is_one_process else ReceiptBox())
     # vLLM's request ids are unique (it appends a random suffix); the store remembers closed keys, so reuse none.
     request_id = f"p1-{uuid.uuid4().hex[:8]}"
     request = SimpleNamespace(request_id=request_id, prompt_token_ids=list(range(prompt_len)),
@@ -94,8 +100,9 @@ def _prefill(prompt_len: int, block_ids: list[int], dtype: torch.dtype = torch.f
     assert metadata.saves == [SaveRequest(request_id, transfer_key=request_id, block_ids=tuple(block_ids))]
     for name in LAYER_NAMES:  # as the attention layers finish, in order
         worker.save_kv_layer(metadata, name, kv[name])
-    worker.wait_for_save(metadata)  # end of the step: the transfer is announced before anyone hears of it
+    worker.wait_for_save(metadata)  # end of the step: the KV is in the store before anyone hears of it
     delay_free, params = scheduler.request_finished(request, block_ids)
+    assert (remote_kv_from_params(params).receipt is not None) == is_one_process
 
     assert delay_free is True  # the worker reads the blocks in place: vLLM keeps them until the send is done
     assert _wait_finished(worker) == ({request_id}, set())  # now vLLM frees them
@@ -128,6 +135,7 @@ def _assert_store_empty(store, timeout_s: float = 5) -> None:
 
 
 def test_prefill_save_then_decode_load_moves_exactly_the_prompt_blocks(store):
+    before = ray.get(store.counters.remote())
     prefill_kv, params = _prefill(prompt_len=10, block_ids=[5, 2, 7])
     remote = remote_kv_from_params(params)
     assert (remote.source, remote.transfer_key, remote.num_tokens, remote.num_blocks) == (STORE, remote.transfer_key, 10, 3)
@@ -149,6 +157,24 @@ def test_prefill_save_then_decode_load_moves_exactly_the_prompt_blocks(store):
     assert worker.get_block_ids_with_load_errors() == set()
     assert scheduler.num_tracked_requests == 0
     _assert_store_empty(store)
+    after = ray.get(store.counters.remote())  # read by its receipt: decode's release counts as its claim
+    assert (after.num_claimed - before.num_claimed, after.num_released - before.num_released) == (1, 1)
+    assert len(PROCESS_RECEIPTS) == 0
+
+
+def test_without_a_receipt_decode_claims_the_kv_from_the_store(store):
+    # vLLM with several workers runs them in processes of their own: the scheduler half gets no receipt, the
+    # handle carries none, and decode asks prefill's store for the parts.
+    before = ray.get(store.counters.remote())
+    prefill_kv, params = _prefill(prompt_len=10, block_ids=[5, 2, 7], is_one_process=False)
+    decode_kv, scheduler, worker, request = _decode_load(params, [1, 6, 3], request_id="d8")
+    for name in LAYER_NAMES:
+        assert torch.equal(decode_kv[name][[1, 6, 3]], prefill_kv[name][[5, 2, 7]])
+    scheduler.request_finished(request, [1, 6, 3])
+    _assert_store_empty(store)
+    after = ray.get(store.counters.remote())
+    assert (after.num_claimed - before.num_claimed, after.num_released - before.num_released) == (1, 1)
+    assert len(PROCESS_RECEIPTS) == 0
 
 
 def test_decode_loads_only_what_its_prefix_cache_lacks(store):

@@ -83,7 +83,8 @@ def test_transfer_bench_writes_csv_and_table(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "transfer.csv")))
     nixl_paths = ["nixl", "nixl_polled_source", "nixl_one_process"] if HAS_NIXL else []
-    assert [row["path"] for row in rows] == ["memcpy", "object_store", "object_store_one_send", *nixl_paths]
+    assert [row["path"] for row in rows] == ["memcpy", "object_store", "object_store_one_send",
+                                             "object_store_one_send_handoff", "object_store_claimed", *nixl_paths]
     assert [row["repeats"] for row in rows] == ["3"] + ["2"] * (len(rows) - 1)
     assert all(float(row["gb_per_s"]) > 0 for row in rows)
     assert all(float(row["p10_ms"]) <= float(row["median_ms"]) <= float(row["p90_ms"]) for row in rows)

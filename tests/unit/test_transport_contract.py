@@ -267,3 +267,79 @@ def test_a_store_that_does_not_exist_is_not_found(make_transport):
     transport = make_transport()
     with pytest.raises(KVNotFoundError, match="no KV store named 'gone'"):
         transport.receiver.receive("gone", "r1", LAYOUT, timeout_s=1)
+
+
+# --- the object store's receipts (receipt.py): decode reads the parts without a store call -------------------------
+
+
+@pytest.fixture
+def object_store_sides(ray_cluster):
+    cleanups: list[Callable[[], None]] = []
+    sides = _object_store_sides(f"store-{uuid.uuid4().hex[:8]}", 1 << 30, 30.0, cleanups)
+    yield sides
+    counters = sides.counters()
+    assert (counters.num_open, counters.num_bytes_in_use) == (0, 0), counters
+    for cleanup in cleanups:
+        cleanup()
+
+
+def test_a_receipt_reads_the_parts_without_claiming_them(object_store_sides):
+    sides = object_store_sides
+    parts = _parts(2)
+    ticket = sides.open("r1", LAYOUT)
+    sides.send(ticket, 0, parts[:2])
+    assert sides.sender.take_receipt("r1") is None  # not sent whole yet
+    sides.send(ticket, 2, parts[2:])
+    receipt = sides.sender.take_receipt("r1")
+    assert receipt is not None and sides.sender.take_receipt("r1") is None  # taken once
+
+    received = sides.receiver.receive(sides.source, "r1", LAYOUT, timeout_s=10, receipt=receipt)
+    assert all(np.array_equal(np.concatenate(got, axis=LAYOUT.block_dim), sent)
+               for got, sent in zip(received, parts, strict=True))
+    assert sides.counters().num_claimed == 0  # no claim reached the store...
+    sides.release("r1")
+    counters = sides.counters()  # ...and the release counted the read as decode's claim
+    assert (counters.num_opened, counters.num_claimed, counters.num_released) == (1, 1, 1)
+
+
+def test_a_refused_transfer_leaves_no_receipt(ray_cluster):
+    cleanups: list[Callable[[], None]] = []
+    sides = _object_store_sides(f"store-{uuid.uuid4().hex[:8]}", 16, 30.0, cleanups)  # smaller than any part
+    ticket = sides.open("r1", LAYOUT)
+    deadline = time.monotonic() + 30
+    while sides.counters().num_rejected_full == 0:  # the sender learns of the refusal without waiting for it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    sides.send(ticket, 0, _parts())
+    assert sides.sender.take_receipt("r1") is None
+    with pytest.raises(KVStoreFullError):
+        sides.receive("r1", LAYOUT, timeout_s=5)
+    for cleanup in cleanups:
+        cleanup()
+
+
+def test_a_receipt_of_objects_ray_no_longer_has_fails_the_load(object_store_sides):
+    import base64
+    import os
+
+    from kv_transfer.object_store.receipt import Receipt
+
+    sides = object_store_sides
+    sides.send(sides.open("r1", LAYOUT), 0, _parts())
+    receipt = Receipt.from_text(sides.sender.take_receipt("r1"))
+    # An object id its owner never made (or freed, and Ray evicted it): what a receipt read after the lease is.
+    gone = receipt.model_copy(update={"objects": tuple(
+        stored.model_copy(update={"object_id": base64.b64encode(os.urandom(28)).decode()})
+        for stored in receipt.objects)})
+    with pytest.raises((KVNotFoundError, KVTimeoutError), match="r1"):
+        sides.receiver.receive(sides.source, "r1", LAYOUT, timeout_s=2, receipt=gone.to_text())
+    sides.release("r1")
+
+
+def test_an_unreadable_receipt_is_a_payload_error(object_store_sides):
+    sides = object_store_sides
+    sides.send(sides.open("r1", LAYOUT), 0, _parts())
+    receipt = sides.sender.take_receipt("r1")
+    with pytest.raises(KVPayloadError, match="receipt"):
+        sides.receiver.receive(sides.source, "r1", LAYOUT, timeout_s=2, receipt=receipt[:-5])
+    sides.release("r1")
