@@ -17,15 +17,16 @@ Paths:
   per layer, 30 layers, the references handed to the store in one message after the last, and the transfer's
   receipt taken; object_store_one_send: all layers in one object); a Ray actor in another process plays decode
   (reads the parts by the receipt, with no store call: maps them, copies them into its own preallocated blocks,
-  then releases). Timed as prefill's part (open to receipt) plus decode's (receipt in hand to copy done): the
+  then releases). As the app's engines on a host with fewer cores than Ray's 6 copy threads, the sender cuts each
+  layer into buffers below Ray's parallel-copy threshold (1 MiB; kv_transfer/object_store/transport.py). Timed as prefill's part (open to receipt) plus decode's (receipt in hand to copy done): the
   receipt's trip to decode is the KV handle's, which every backend's request makes and the NIXL rows do not time
   either; object_store_one_send_handoff times it too (one actor call carrying the receipt), from open to the copy
   being done. object_store_claimed is the fallback where the handle has no receipt (vLLM's workers in processes
   of their own): decode claims the parts from the store while prefill sends, as before receipts, from open to
   the copy being done. The per-layer row puts back to back, with no compute between layers to hide the per-put
   cost, so it is a floor on what the app's overlap gives. The object store is warm, as in a server that has run
-  for a while: its pages were written and read once before timing, since a first touch of shared memory costs
-  more than the copy;
+  for a while: its pages were written once by this process and read once by the very receiver that is timed
+  (each process maps shared memory on its own first touch, which costs more than the copy);
 - nixl (only where NIXL is installed): the app's shape. A Ray actor in another process plays prefill: its NIXL
   agent (UCX) owns 30 registered DRAM layers. Both agents run NIXL's progress thread with the app's delay
   (`transfer.nixl_progress_interval_us`), and prefill's agent makes no NIXL call while decode reads, as an engine
@@ -174,21 +175,24 @@ class Receiver:
         np.copyto(self._scratch, payload)
 
 
-def warm_object_store(remote: dict[str, Any] | None = None) -> None:
-    """Write and read every page of the object store once, in this process and in a reader's (on the other node's
-    store too with `remote`), as a server's steady state has; freed objects leave their pages mapped for the next
-    ones."""
-    reader = Receiver.options(**(remote or {})).remote("none", (1,))
+def warm_object_store(remote: dict[str, Any] | None = None, reader: Any = None) -> None:
+    """Write and read every page of the object store once, in this process and in `reader`'s (a throwaway one by
+    default; on the other node's store too with `remote`), as a server's steady state has: each process maps a page
+    on its first touch, and freed objects leave their pages mapped for the next ones."""
+    is_throwaway = reader is None
+    if is_throwaway:
+        reader = Receiver.options(**(remote or {})).remote("none", (1,))
     payload = np.ones(WARM_UP_OBJECT_BYTES, dtype=np.uint8)
     for _ in range(2 * OBJECT_STORE_BYTES // WARM_UP_OBJECT_BYTES):
         ref = ray.put(payload)
         ray.get(reader.touch.remote([ref]))
         del ref
-    ray.kill(reader)
+    if is_throwaway:
+        ray.kill(reader)
 
 
 def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None], is_layer_by_layer: bool = True,
-                         remote: dict[str, Any] | None = None, by: str = "receipt") -> list[float]:
+                         remote: dict[str, Any] | None = None, by: str = "receipt", is_warm: bool = True) -> list[float]:
     """`by`: "receipt" (prefill's part plus decode's, the handle's trip not timed), "handoff" (the receipt's trip in
     one actor call timed too) or "claim" (no receipt: decode claims from the store while prefill sends)."""
     from kv_transfer.layout import KVLayout
@@ -200,6 +204,8 @@ def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None], i
     name = f"bench-store-{uuid.uuid4().hex[:6]}"
     store = create_store(name=name, capacity_bytes=1 << 31, lease_s=60)
     receiver = Receiver.options(**(remote or {})).remote(name, part_shape)
+    if is_warm:  # decode's engine has read from the object store for a while: its mappings are in place
+        warm_object_store(remote, reader=receiver)
     transport = ObjectStoreTransport(home_store=name)
     parts = [np.random.default_rng(i).integers(0, 255, part_shape, dtype=np.uint8) for i in range(NUM_LAYERS)]
     seconds = []
@@ -447,10 +453,10 @@ def measure_tcp(nbytes: int, repeats: int, flush: Callable[[], None], remote: di
     return seconds[1:]  # the first pays the connection's start
 
 
-def cross_node_paths() -> dict[str, Measure]:
+def cross_node_paths(is_warm: bool = True) -> dict[str, Measure]:
     """The paths whose remote side runs on the second node."""
     measures: dict[str, Measure] = {
-        "object_store_cross_node": functools.partial(measure_object_store, remote=OTHER_NODE),
+        "object_store_cross_node": functools.partial(measure_object_store, remote=OTHER_NODE, is_warm=is_warm),
         "tcp_cross_node": functools.partial(measure_tcp, remote=OTHER_NODE),
     }
     if importlib.util.find_spec("nixl") is not None:
@@ -486,14 +492,14 @@ def two_node_cluster() -> Iterator[str]:
                 processes.stop(proc, first_signal=signal.SIGTERM, grace_s=30)
 
 
-def paths() -> dict[str, Measure]:
+def paths(is_warm: bool = True) -> dict[str, Measure]:
     """The KV paths to measure after memcpy; the NIXL ones only where NIXL is installed (it is optional)."""
+    object_store = functools.partial(measure_object_store, is_warm=is_warm)
     measures: dict[str, Measure] = {
-        "object_store": measure_object_store,
-        "object_store_one_send": functools.partial(measure_object_store, is_layer_by_layer=False),
-        "object_store_one_send_handoff": functools.partial(measure_object_store, is_layer_by_layer=False,
-                                                           by="handoff"),
-        "object_store_claimed": functools.partial(measure_object_store, is_layer_by_layer=False, by="claim"),
+        "object_store": object_store,
+        "object_store_one_send": functools.partial(object_store, is_layer_by_layer=False),
+        "object_store_one_send_handoff": functools.partial(object_store, is_layer_by_layer=False, by="handoff"),
+        "object_store_claimed": functools.partial(object_store, is_layer_by_layer=False, by="claim"),
     }
     if importlib.util.find_spec("nixl") is not None:
         measures |= {"nixl": measure_nixl,
@@ -535,11 +541,11 @@ def main() -> None:
     # raylets, which live in sessions of their own, are stopped by id on the way out instead of outliving us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
-    flush, measures = CacheFlusher(), paths()
+    flush, measures = CacheFlusher(), paths(is_warm=not args.cold_object_store)
     namespace = f"transfer-bench-{uuid.uuid4().hex[:6]}"
     with contextlib.ExitStack() as stack:
         if args.cross_node:
-            measures |= cross_node_paths()
+            measures |= cross_node_paths(is_warm=not args.cold_object_store)
             ray.init(address=stack.enter_context(two_node_cluster()), logging_level="ERROR", log_to_driver=False,
                      namespace=namespace)
         else:

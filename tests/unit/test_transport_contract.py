@@ -343,3 +343,37 @@ def test_an_unreadable_receipt_is_a_payload_error(object_store_sides):
     with pytest.raises(KVPayloadError, match="receipt"):
         sides.receiver.receive(sides.source, "r1", LAYOUT, timeout_s=2, receipt=receipt[:-5])
     sides.release("r1")
+
+
+def test_segments_are_cut_below_rays_parallel_copy_and_arrive_whole(ray_cluster):
+    # Ray copies a buffer of 1 MiB or more with 6 threads; a process with fewer cores cuts them (transport.py).
+    from kv_transfer.object_store.transport import RAY_PARALLEL_COPY_BYTES
+
+    cleanups: list[Callable[[], None]] = []
+    name = f"store-{uuid.uuid4().hex[:8]}"
+    store = create_store(name=name, capacity_bytes=1 << 30, lease_s=30)
+    cleanups.append(lambda: ray.kill(store))
+    sender = ObjectStoreTransport(home_store=name, is_cutting_segments=True)
+    layout = KVLayout(num_parts=2, part_shape=(40, 2, 16, 512), dtype="float32")  # 64 KiB blocks, 2.5 MiB parts
+    rng = np.random.default_rng(3)
+    parts = [rng.standard_normal(layout.part_shape, dtype=np.float32) for _ in range(layout.num_parts)]
+    sender.send(sender.open("r1", layout), 0, [[parts[0][:25], parts[0][25:]], parts[1]])
+    received = ObjectStoreTransport().receive(name, "r1", layout, timeout_s=10, receipt=sender.take_receipt("r1"))
+    for segments, sent in zip(received, parts, strict=True):
+        assert len(segments) > 2 and all(segment.nbytes < RAY_PARALLEL_COPY_BYTES for segment in segments)
+        assert np.array_equal(np.concatenate(segments), sent)
+    ObjectStoreTransport().release(name, "r1")
+    assert ray.get(store.counters.remote()).num_open == 0
+    for cleanup in cleanups:
+        cleanup()
+
+
+def test_only_segments_whose_blocks_lead_are_cut():
+    from kv_transfer.object_store.transport import RAY_PARALLEL_COPY_BYTES, cut_below_parallel_copy
+
+    blocks_first = np.zeros((40, 16384), dtype=np.float32)  # 64 KiB blocks: 15 to a cut segment
+    cut = cut_below_parallel_copy([blocks_first, blocks_first[:3]], block_dim=0)
+    assert [segment.shape[0] for segment in cut] == [15, 15, 10, 3]
+    assert all(segment.flags.c_contiguous and segment.nbytes < RAY_PARALLEL_COPY_BYTES for segment in cut)
+    kv_first = np.zeros((2, 40, 8192), dtype=np.float32)  # (K/V, blocks, ...): a cut would not be contiguous
+    assert cut_below_parallel_copy([kv_first], block_dim=1)[0] is kv_first
