@@ -162,8 +162,11 @@ class Receiver:
         """(when decode had the receipt in hand, when its copy was done): by the receipt, or claimed from the store."""
         started = time.perf_counter()
         parts = self._transport.receive(self._source, key, self._layout, timeout_s=60, receipt=receipt)
-        for block, (segment,) in zip(self._blocks, parts, strict=True):
-            np.copyto(block, segment)
+        for block, segments in zip(self._blocks, parts, strict=True):
+            start = 0  # a layer may arrive cut into several segments (transport.py)
+            for segment in segments:
+                np.copyto(block[start:start + len(segment)], segment)
+                start += len(segment)
         done = time.perf_counter()
         self._transport.release(self._source, key)
         return started, done
