@@ -37,8 +37,8 @@ STORE_CALL_TIMEOUT_S = 30.0
 PENDING_TIMEOUT_S = 60.0
 # Ray's put copies each buffer of 1 MiB or more with 6 threads (kMemcopyDefaultThreshold and MEMCOPY_THREADS in
 # Ray's python/ray/includes/serialization.pxi, fixed at build time), starting them afresh for every buffer. A process
-# allowed fewer cores than that (an engine pinned to its own core) time-slices them: measured on a 2-core host, a
-# 64 MB put of 30 buffers of 2.1 MB took 12.5 ms, of 120 buffers of 0.53 MB 7.3 ms, and a plain copy 6.2 ms. There,
+# allowed fewer cores than that (an engine pinned to its own core) time-slices them: on a 2-core host a 64 MB put of
+# 30 buffers of 2.1 MB took 11.1 ms, of 120 buffers of 0.53 MB 7.2 ms, a plain copy 5.2 ms (bench.put_probe). There,
 # segments are cut below the threshold along the block dimension (views, no copy), so that each is one plain copy.
 RAY_PARALLEL_COPY_BYTES = 1 << 20
 RAY_PARALLEL_COPY_THREADS = 6

@@ -111,3 +111,14 @@ def test_the_cross_node_rows_run_on_a_second_ray_node_of_this_host(tmp_path):
     cross = ["object_store_cross_node", "tcp_cross_node", *(["nixl_cross_node"] if HAS_NIXL else [])]
     assert paths[-len(cross):] == cross
     assert "127.0.0.2" in (tmp_path / "report.md").read_text()
+
+
+def test_put_probe_writes_its_table(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "bench.put_probe", "--repeats", "1", "--out", str(tmp_path)],
+                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader(open(tmp_path / "probe.csv")))
+    assert [(row["case"], row["num_buffers"]) for row in rows][:3] == [("put_small", "1"), ("put_16mb", "1"),
+                                                                        ("put_16mb", "30")]
+    assert all(float(row["put_ms"]) > 0 and float(row["copy_ms"]) > 0 for row in rows)
+    assert "python -m bench.put_probe" in (tmp_path / "report.md").read_text()
