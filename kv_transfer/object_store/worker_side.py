@@ -9,8 +9,8 @@ Prefill (KV out):
    of a CUDA cache made on a side stream (host_staging.py);
 2. the sender thread announces the transfer and puts the layers into the object store while later layers still
    compute; layers that are ready together go as one object. `ray.put` is the only copy on this side, and the
-   transport hands all references to the store in one message after the last layer, and the transfer's receipt
-   (receipt.py) to the scheduler half through the process's receipt box (receipt_box.py);
+   transport hands all references to the store in one message after the last layer, and keeps the transfer's
+   receipt (receipt.py) for `take_receipts`, which vLLM carries to the scheduler half with the step's output;
 3. `wait_for_save`, at the end of the step, waits until this step's transfers are wholly in the store (the last
    layer's put, as the others overlapped the compute): prefill's answer never leaves before its KV, and carries
    its receipt. Without layer-by-layer overlap (`is_layer_by_layer: false`), all layers are queued here and sent
@@ -40,7 +40,6 @@ from kv_transfer.errors import KVTransferError
 from kv_transfer.layout import KVLayout
 from kv_transfer.object_store.host_staging import HostStaging, Staged
 from kv_transfer.object_store.metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
-from kv_transfer.object_store.receipt_box import PROCESS_RECEIPTS, ReceiptBox
 from kv_transfer.transport import KVTicket, KVTransport, TransportFactory
 from kv_transfer.wire import block_runs
 
@@ -63,7 +62,7 @@ class _Send:
 
 class WorkerSide:
     def __init__(self, transport_factory: TransportFactory, num_blocks: int, load_timeout_s: float,
-                 is_layer_by_layer: bool = True, receipts: ReceiptBox = PROCESS_RECEIPTS):
+                 is_layer_by_layer: bool = True):
         self._transport_factory = transport_factory
         self._transport: KVTransport | None = None
         self._num_blocks = num_blocks
@@ -79,7 +78,7 @@ class WorkerSide:
         self._stats = stats.empty_connector_stats()
         self._sends: queue.SimpleQueue[_Send] = queue.SimpleQueue()
         self._sent: dict[str, threading.Event] = {}
-        self._receipts = receipts
+        self._receipts: dict[str, str] = {}  # transfer key -> receipt, until the step's end takes them
         self._loads: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
         self._releases: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
         for loop, name in ((self._send_loop, "send"), (self._load_loop, "load"), (self._release_loop, "release")):
@@ -147,7 +146,8 @@ class WorkerSide:
                     if tickets.pop(key, None) is not None:
                         receipt = self.transport().take_receipt(key)
                         if receipt is not None:
-                            self._receipts.post(key, receipt)
+                            with self._lock:
+                                self._receipts[key] = receipt
                     with self._lock:
                         self._finished_sends.add(last.save.request_id)
                     event = sent_events.pop(key, None)
@@ -242,6 +242,13 @@ class WorkerSide:
             offset += length
         for layer, segments in zip(self._layers, parts, strict=True):
             self._staging.stage_in(layer, segments, runs)
+
+    def take_receipts(self) -> dict[str, str]:
+        """Receipts of the transfers wholly sent since the last call: asked at the end of every engine step, after
+        `wait_for_save`, so a step's transfers are in its own output."""
+        with self._lock:
+            receipts, self._receipts = self._receipts, {}
+        return receipts
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         """(requests whose KV is now in the store, requests whose KV is now loaded)."""

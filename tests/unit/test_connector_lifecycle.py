@@ -1,8 +1,8 @@
 """Our connector's two halves, step by step as vLLM drives them, with real tensors and a real KV-store actor.
 
 Prefill: match → alloc → build meta (save) → save_kv_layer per layer → wait_for_save (the KV wholly in the store)
-→ request_finished (params out, with the transfer's receipt, blocks held) → get_finished reports the send (blocks
-freed).
+→ request_finished (params out, blocks held) → the step's worker meta (the transfer's receipt) attached to those
+params → get_finished reports the send (blocks freed).
 Decode: match → alloc → build meta (load) → start_load_kv (reads by the receipt; claims from the store without
 one) → get_finished → blocks equal prefill's.
 Each story ends with the store, both scheduler halves and both workers holding nothing.
@@ -20,7 +20,6 @@ import ray
 import torch
 
 from kv_transfer.object_store.metadata import LoadRequest, SaveRequest
-from kv_transfer.object_store.receipt_box import PROCESS_RECEIPTS, ReceiptBox
 from kv_transfer.handle import remote_kv_from_params
 from kv_transfer.object_store.scheduler_side import SchedulerSide
 from kv_transfer.object_store.store import create_store
@@ -59,10 +58,9 @@ def store():
     ray.shutdown()
 
 
-def _worker(kv_caches, is_prefill: bool = False, is_layer_by_layer: bool = True,
-            receipts: ReceiptBox = PROCESS_RECEIPTS) -> WorkerSide:
+def _worker(kv_caches, is_prefill: bool = False, is_layer_by_layer: bool = True) -> WorkerSide:
     worker = WorkerSide(lambda: ObjectStoreTransport(home_store=STORE if is_prefill else None), NUM_BLOCKS,
-                        load_timeout_s=5, is_layer_by_layer=is_layer_by_layer, receipts=receipts)
+                        load_timeout_s=5, is_layer_by_layer=is_layer_by_layer)
     worker.register_kv_caches(kv_caches)
     return worker
 
@@ -79,13 +77,12 @@ def _wait_finished(worker: WorkerSide, timeout_s: float = 10) -> tuple[set[str],
 
 
 def _prefill(prompt_len: int, block_ids: list[int], dtype: torch.dtype = torch.float32,
-             is_layer_by_layer: bool = True, is_one_process: bool = True) -> tuple[dict, dict]:
+             is_layer_by_layer: bool = True, is_receipt_in_step: bool = True) -> tuple[dict, dict]:
     """Walk one prefill request; returns its kv caches and the params vLLM hands back to the router.
-    `is_one_process`: the two halves share the process's receipt box, as under vLLM's uniprocess executor."""
+    `is_receipt_in_step`: the step's worker output carries the transfer's receipt (else it missed its step)."""
     kv = {name: torch.randn(LAYER_SHAPE).to(dtype) for name in LAYER_NAMES}
     scheduler = SchedulerSide(BLOCK_SIZE, source=STORE)
-    worker = _worker(kv, is_prefill=True, is_layer_by_layer=is_layer_by_layer,
-                     receipts=PROCESS_RECEIPTS if is_one_process else ReceiptBox())
+    worker = _worker(kv, is_prefill=True, is_layer_by_layer=is_layer_by_layer)
     # vLLM's request ids are unique (it appends a random suffix); the store remembers closed keys, so reuse none.
     request_id = f"p1-{uuid.uuid4().hex[:8]}"
     request = SimpleNamespace(request_id=request_id, prompt_token_ids=list(range(prompt_len)),
@@ -102,7 +99,10 @@ def _prefill(prompt_len: int, block_ids: list[int], dtype: torch.dtype = torch.f
         worker.save_kv_layer(metadata, name, kv[name])
     worker.wait_for_save(metadata)  # end of the step: the KV is in the store before anyone hears of it
     delay_free, params = scheduler.request_finished(request, block_ids)
-    assert (remote_kv_from_params(params).receipt is not None) == is_one_process
+    receipts = worker.take_receipts()  # the step's worker meta, which vLLM hands the scheduler after request_finished
+    assert set(receipts) == {request_id} and worker.take_receipts() == {}
+    scheduler.update_connector_output(receipts if is_receipt_in_step else {})
+    assert (remote_kv_from_params(params).receipt is not None) == is_receipt_in_step
 
     assert delay_free is True  # the worker reads the blocks in place: vLLM keeps them until the send is done
     assert _wait_finished(worker) == ({request_id}, set())  # now vLLM frees them
@@ -159,14 +159,13 @@ def test_prefill_save_then_decode_load_moves_exactly_the_prompt_blocks(store):
     _assert_store_empty(store)
     after = ray.get(store.counters.remote())  # read by its receipt: decode's release counts as its claim
     assert (after.num_claimed - before.num_claimed, after.num_released - before.num_released) == (1, 1)
-    assert len(PROCESS_RECEIPTS) == 0
 
 
 def test_without_a_receipt_decode_claims_the_kv_from_the_store(store):
-    # vLLM with several workers runs them in processes of their own: the scheduler half gets no receipt, the
-    # handle carries none, and decode asks prefill's store for the parts.
+    # A receipt that misses its step (the save outlasted wait_for_save): the handle carries none, and decode asks
+    # prefill's store for the parts.
     before = ray.get(store.counters.remote())
-    prefill_kv, params = _prefill(prompt_len=10, block_ids=[5, 2, 7], is_one_process=False)
+    prefill_kv, params = _prefill(prompt_len=10, block_ids=[5, 2, 7], is_receipt_in_step=False)
     decode_kv, scheduler, worker, request = _decode_load(params, [1, 6, 3], request_id="d8")
     for name in LAYER_NAMES:
         assert torch.equal(decode_kv[name][[1, 6, 3]], prefill_kv[name][[5, 2, 7]])
@@ -174,7 +173,6 @@ def test_without_a_receipt_decode_claims_the_kv_from_the_store(store):
     _assert_store_empty(store)
     after = ray.get(store.counters.remote())
     assert (after.num_claimed - before.num_claimed, after.num_released - before.num_released) == (1, 1)
-    assert len(PROCESS_RECEIPTS) == 0
 
 
 def test_decode_loads_only_what_its_prefix_cache_lacks(store):
@@ -227,6 +225,7 @@ def test_a_prefill_whose_store_refuses_still_frees_its_blocks(store):
         worker.save_kv_layer(metadata, name, kv[name])
     worker.wait_for_save(metadata)
     assert _wait_finished(worker) == ({"p9"}, set())  # nothing was sent, and vLLM may free the blocks
+    assert worker.take_receipts() == {}  # and no receipt: decode, finding no transfer, recomputes
     _assert_store_empty(store)
 
 
@@ -242,3 +241,26 @@ def test_blocks_land_in_runs_that_cross_the_senders_segments(store):
     scheduler.request_finished(request, [1, 5, 6])
     assert scheduler.num_tracked_requests == 0
     _assert_store_empty(store)
+
+
+def test_receipts_cross_from_worker_to_scheduler_as_vllm_carries_worker_metadata(store):
+    # The connector as vLLM calls it: the worker's metadata of a step (pickled across vLLM's worker process
+    # boundary, aggregated over workers) reaches the scheduler after request_finished, in the same pass.
+    import pickle
+
+    from kv_transfer.object_store.metadata import SplitserveWorkerMetadata
+
+    first, second = SplitserveWorkerMetadata({"a": "receipt-a"}), SplitserveWorkerMetadata({"b": "receipt-b"})
+    merged = pickle.loads(pickle.dumps(first)).aggregate(second)
+    assert merged.receipts == {"a": "receipt-a", "b": "receipt-b"}
+    scheduler = SchedulerSide(BLOCK_SIZE, source=STORE)
+    request = SimpleNamespace(request_id="a", prompt_token_ids=list(range(6)), kv_transfer_params={"do_remote_decode": True})
+    scheduler.get_num_new_matched_tokens(request, 0)
+    scheduler.update_state_after_alloc(request, FakeBlocks([0, 1]), 0)
+    scheduler.build_connector_meta(FakeSchedulerOutput(
+        scheduled_new_reqs=[SimpleNamespace(req_id="a", block_ids=([0, 1],), num_computed_tokens=0)],
+        num_scheduled_tokens={"a": 6}))
+    _, params = scheduler.request_finished(request, [0, 1])
+    scheduler.update_connector_output(merged.receipts)
+    assert remote_kv_from_params(params).receipt == "receipt-a"
+    assert scheduler.num_tracked_requests == 0
