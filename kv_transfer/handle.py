@@ -112,7 +112,7 @@ class RemoteKV(BaseModel):
     num_tokens: int = Field(ge=1)
     num_blocks: int = Field(ge=1)
     # Where the parts lie in Ray's object store (kv_transfer/object_store/receipt.py), so that decode reads them
-    # without a store call; None when prefill's worker half could not leave one (decode claims them instead).
+    # without a store call; None when the receipt missed its engine step (decode claims them instead).
     receipt: str | None = None
 
 

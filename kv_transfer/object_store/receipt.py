@@ -14,8 +14,8 @@ so that decode fetches the parts without asking the KV store (no actor call on t
 
 Ray has no public call for this: pickling a reference outside a task pins its object for the life of the process
 (a leak of every transfer). The two private calls used here are the ones Ray's own serializer makes for a reference
-inside a task's arguments, without that pin; Ray is pinned in pyproject.toml, and the round trip is tested against
-the installed Ray (tests/unit/test_transport_contract.py).
+inside a task's arguments, without that pin; Ray is pinned in pyproject.toml, and both the round trip and the
+absence of a pin are tested against the installed Ray (tests/unit/test_receipt.py, test_transport_contract.py).
 """
 
 from __future__ import annotations
