@@ -11,8 +11,8 @@ Sender (prefill's worker), with no store call it waits for:
 Receiver (decode's worker): `receive` with the handle's receipt rebuilds the references and maps them, with no store
 call; without one (a receipt that missed its engine step), it asks the store named in the handle for the references
 once every part is in. `ray.get` maps them without a copy (same node) or pulls them (other node), and the caller
-copies them into its own blocks. `release` drops the store's references, so
-Ray frees the objects, and tells the store whether the parts were fetched by receipt (its count of claims).
+copies them into its own blocks. `release` drops the store's references, so Ray frees the objects, and tells the
+store whether the parts were fetched by receipt (its count of claims).
 """
 
 from __future__ import annotations

@@ -143,12 +143,10 @@ class WorkerSide:
                         layer.release()
                 if last.first_index + len(last.parts) == len(self._layers):
                     key = last.save.transfer_key
-                    if tickets.pop(key, None) is not None:
-                        receipt = self.transport().take_receipt(key)
-                        if receipt is not None:
-                            with self._lock:
-                                self._receipts[key] = receipt
+                    receipt = self.transport().take_receipt(key) if tickets.pop(key, None) is not None else None
                     with self._lock:
+                        if receipt is not None:
+                            self._receipts[key] = receipt
                         self._finished_sends.add(last.save.request_id)
                     event = sent_events.pop(key, None)
                     if event is not None:
