@@ -158,10 +158,12 @@ class Receiver:
         for block in self._blocks:
             block.fill(0)  # fault the pages in now, as a running engine's KV cache already is
 
-    def receive(self, key: str, receipt: str | None = None) -> tuple[float, float]:
-        """(when decode had the receipt in hand, when its copy was done): by the receipt, or claimed from the store."""
+    def receive(self, key: str, receipt: str | None = None) -> tuple[float, float, float]:
+        """(when decode had the receipt in hand, when the parts were mapped, when its copy was done): by the
+        receipt, or claimed from the store."""
         started = time.perf_counter()
         parts = self._transport.receive(self._source, key, self._layout, timeout_s=60, receipt=receipt)
+        mapped = time.perf_counter()
         for block, segments in zip(self._blocks, parts, strict=True):
             start = 0  # a layer may arrive cut into several segments (transport.py)
             for segment in segments:
@@ -169,7 +171,7 @@ class Receiver:
                 start += len(segment)
         done = time.perf_counter()
         self._transport.release(self._source, key)
-        return started, done
+        return started, mapped, done
 
     def touch(self, wrapped_ref: list) -> None:
         payload = ray.get(wrapped_ref[0])
@@ -225,12 +227,12 @@ def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None], i
         else:  # every layer in one send (one store call)
             transport.send(ticket, 0, parts)
         if by == "claim":
-            _, finished = ray.get(done)  # both processes share this host's perf_counter clock
+            *_, finished = ray.get(done)  # both processes share this host's perf_counter clock
             seconds.append(finished - started)
             continue
         receipt = transport.take_receipt(key)
         sent = time.perf_counter()
-        decode_started, finished = ray.get(receiver.receive.remote(key, receipt))
+        decode_started, _, finished = ray.get(receiver.receive.remote(key, receipt))
         seconds.append(finished - started if by == "handoff" else (sent - started) + (finished - decode_started))
     ray.kill(receiver)
     ray.kill(store)
