@@ -24,6 +24,7 @@ from enum import IntEnum
 
 from bench.sim.config import MachineConfig
 from bench.sim.model import PerfModel, prompt_pairs
+from deployments.scheduling.loads import Role
 
 
 @dataclass(slots=True, eq=False)
@@ -73,7 +74,7 @@ class IterationStats:
 class Machine:
     index: int
     engine_id: str
-    role: str  # "prefill" or "decode": the pool the scheduler sees it in
+    role: Role  # "prefill" or "decode": the pool the scheduler sees it in
     config: MachineConfig
     model: PerfModel
     keeps_gaps: bool = True
@@ -329,7 +330,7 @@ class Machine:
     def _tokens(self, request: SimRequest, num_steps: int, ends: list[float] | None) -> None:
         """All but the last token of a segment (the last one goes through `_token`, which ends the request)."""
         request.num_generated += num_steps - 1
-        if ends is not None:
+        if ends is not None and request.last_token_s is not None:  # (set: a segment decodes after a first token)
             if request.gaps_s is None:
                 request.gaps_s = []
             request.gaps_s += [end - previous for previous, end in zip([request.last_token_s, *ends[:-2]], ends[:-1])]

@@ -29,15 +29,16 @@ import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from tqdm import tqdm
 
 from bench.load_generator import RequestRecord
-from bench.sim.config import SimConfig
+from bench.sim.config import MachineConfig, SimConfig
 from bench.sim.machine import Machine, Outcome, SimRequest
 from bench.sim.model import PerfModel
 from bench.traces import TraceRequest
-from deployments.scheduling.loads import EngineLoad, LoadBook
+from deployments.scheduling.loads import EngineLoad, LoadBook, Role
 from deployments.scheduling.policies import Path, Policy, RequestFacts, make_policy
 from deployments.scheduling.rates import Rates
 
@@ -63,8 +64,9 @@ class Simulator:
         self.model = model or config.perf_model()
         cluster = config.cluster
         self.is_collocated = cluster.mode == "collocated"
-        roles = [("decode", cluster.decode)] * cluster.num_decode if self.is_collocated else \
-            [("prefill", cluster.prefill)] * cluster.num_prefill + [("decode", cluster.decode)] * cluster.num_decode
+        decode: list[tuple[Role, MachineConfig]] = [("decode", cluster.decode)] * cluster.num_decode
+        prefill: list[tuple[Role, MachineConfig]] = [("prefill", cluster.prefill)] * cluster.num_prefill
+        roles = decode if self.is_collocated else prefill + decode
         self.machines = [Machine(index=index, engine_id=f"{role}-{index}", role=role, config=machine_config,
                                  model=self.model, keeps_gaps=config.keeps_token_gaps,
                                  can_fast_forward=can_fast_forward)
@@ -89,7 +91,7 @@ class Simulator:
                                             prefill_chunk_tokens=cluster.prefill.num_prefill_chunk_tokens)
         self._observe_output = getattr(self.policy, "observe_output", None)  # what the router tells a policy
         self._random = random.Random(config.seed)
-        self._events: list[tuple[float, int, int, object]] = []
+        self._events: list[tuple[float, int, int, Any]] = []  # (time, push order, kind, its payload)
         self._seq = 0
         self._errors: dict[int, str] = {}
         self._next_rekey_s = 0.0
@@ -174,7 +176,7 @@ class Simulator:
         self._kick(machine, now)
         return path.value
 
-    def _serve_pick(self, role: str) -> str:
+    def _serve_pick(self, role: Role) -> str:
         """Serve's own choice: two replicas at random, the one holding fewer requests."""
         engines = self.book.engine_ids(role)
         first, second = self._random.choice(engines), self._random.choice(engines)
@@ -246,7 +248,7 @@ class Simulator:
                                     machine.kv_used / machine.config.kv_capacity_tokens,
                                     machine.stats.num_prompt_tokens))
 
-    def _push(self, at: float, kind: int, payload: object) -> None:
+    def _push(self, at: float, kind: int, payload: Any) -> None:
         self._seq += 1
         heapq.heappush(self._events, (at, self._seq, kind, payload))
 
@@ -259,13 +261,14 @@ class Simulator:
         if error is not None or request.done_s is None:
             record.error = error or "not finished when the simulation ended"
             return record
-        served_s = self.model.served_request_s
-        record.ttft_s = request.first_token_s - request.arrival_s + served_s
-        record.e2e_s = request.done_s - request.arrival_s + served_s
+        served_s, done_s = self.model.served_request_s, request.done_s
+        first_token_s = request.first_token_s if request.first_token_s is not None else done_s  # (set: it is done)
+        record.ttft_s = first_token_s - request.arrival_s + served_s
+        record.e2e_s = done_s - request.arrival_s + served_s
         if request.gaps_s is not None or request.num_generated < 2:
             record.tbt_s = list(request.gaps_s or ())
         else:  # gaps not kept: one mean gap stands for them (a request's TBT is right, all-gap tails are not)
-            record.tbt_s = [(request.done_s - request.first_token_s) / (request.num_generated - 1)]
+            record.tbt_s = [(done_s - first_token_s) / (request.num_generated - 1)]
         record.predicted_ttft_s = request.predicted_ttft_s
         if request.prefilled_s is not None:
             record.prefill_s = request.prefilled_s - request.arrival_s

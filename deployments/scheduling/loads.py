@@ -173,7 +173,9 @@ class LoadBook:
 
     def first_loaded(self, role: Role, count: int, *, skip: frozenset[str] = frozenset()) -> list[str]:
         """Up to `count` engines of `role` in drain-time order: O(count · log engines) amortised."""
-        heap, engines, found, popped = self._heaps[role], self._engines, [], []
+        heap, engines = self._heaps[role], self._engines
+        found: list[str] = []
+        popped: list[tuple[float, int, int, str, int]] = []
         while heap and len(found) < count:
             *_, engine_id, version = heap[0]
             engine = engines.get(engine_id)
@@ -192,6 +194,11 @@ class LoadBook:
 
     def engine(self, engine_id: str) -> _Engine | None:
         return self._engines.get(engine_id)
+
+    def entry(self, engine_id: str) -> _Engine:
+        """The entry of an engine the book holds: what a policy reads of an engine the book itself just named
+        (KeyError where it holds none)."""
+        return self._engines[engine_id]
 
     def num_engines(self, role: Role) -> int:
         return self._num_engines[role]

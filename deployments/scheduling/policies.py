@@ -11,11 +11,12 @@ Every decision looks at a bounded number of engines per pool through the book's 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Protocol
 
-from deployments.scheduling.loads import LoadBook
+from deployments.scheduling.loads import LoadBook, Role
 from deployments.scheduling.rates import Rates
 from serve_app.config import SchedulingConfig
 
@@ -90,7 +91,7 @@ class Conditional:
             return Decision(Path.DECODE_LOCAL, None, book.least_loaded("decode"),
                             f"prompt of {request.num_prompt_tokens} tokens is short")
         prefill = book.least_loaded("prefill")
-        queue = book.engine(prefill).num_requests if prefill is not None else 0
+        queue = book.entry(prefill).num_requests if prefill is not None else 0
         if queue >= self.config.max_prefill_queue_requests:
             return Decision(Path.DECODE_LOCAL, None, book.least_loaded("decode"),
                             f"prefill's shortest queue holds {queue} requests")
@@ -123,14 +124,14 @@ class MixedPool:
         if mixed_decode is not None and (prefill is None or book.drain_s(mixed_decode) < book.drain_s(prefill)):
             return Decision(Path.DECODE_LOCAL, None, mixed_decode, "prefill pool over its threshold: mixed pool")
         mixed_prefill = _least_of(book, self.borrowed_prefill)
-        if mixed_prefill is not None and (decode is None or book.engine(mixed_prefill).num_requests
-                                          < book.engine(decode).num_requests):
+        if mixed_prefill is not None and (decode is None or book.entry(mixed_prefill).num_requests
+                                          < book.entry(decode).num_requests):
             return Decision(Path.PREFILL_LOCAL, mixed_prefill, None, "decode pool over its threshold: mixed pool")
         return Decision(Path.SPLIT, prefill, decode, "pools under their thresholds" if not (
             self.borrowed_decode or self.borrowed_prefill) else "split: the pools' own queues are the shortest")
 
     @staticmethod
-    def _least_loaded(book: LoadBook, pool: str, lent: set[str]) -> str | None:
+    def _least_loaded(book: LoadBook, pool: Role, lent: set[str]) -> str | None:
         """The pool's least-loaded engine that is not lent, else (every one lent) its least-loaded engine."""
         return book.least_loaded(pool, skip=frozenset(lent)) or book.least_loaded(pool)
 
@@ -140,7 +141,7 @@ class MixedPool:
         self.borrowed_prefill = {engine_id for engine_id in self.borrowed_prefill if book.engine(engine_id)}
         # The shortest queue of a pool says whether all of it is over the threshold: O(log engines).
         prefill = self._least_loaded(book, "prefill", self.borrowed_prefill)
-        shortest_tokens = book.engine(prefill).num_pending_prompt_tokens if prefill is not None else 0
+        shortest_tokens = book.entry(prefill).num_pending_prompt_tokens if prefill is not None else 0
         if prefill is not None and shortest_tokens > self.config.borrow_tokens:
             lender = book.least_loaded("decode", skip=frozenset(self.borrowed_decode))
             if lender is not None:
@@ -148,7 +149,7 @@ class MixedPool:
         elif shortest_tokens < self.config.return_tokens:
             self.borrowed_decode.clear()
         decode = self._least_loaded(book, "decode", self.borrowed_decode)
-        shortest_requests = book.engine(decode).num_requests if decode is not None else 0
+        shortest_requests = book.entry(decode).num_requests if decode is not None else 0
         if decode is not None and shortest_requests > self.config.borrow_requests:
             lender = book.least_loaded("prefill", skip=frozenset(self.borrowed_prefill))
             if lender is not None:
@@ -160,7 +161,7 @@ class MixedPool:
 def _least_of(book: LoadBook, members: set[str]) -> str | None:
     """The least-loaded engine among a (small) borrowed set."""
     live = [engine_id for engine_id in members if book.engine(engine_id) is not None]
-    return min(live, key=lambda engine_id: (book.drain_s(engine_id), book.engine(engine_id).num_requests),
+    return min(live, key=lambda engine_id: (book.drain_s(engine_id), book.entry(engine_id).num_requests),
                default=None)
 
 
@@ -208,7 +209,7 @@ class Predictive:
         candidates = book.first_loaded("decode", NUM_GUARDED_CANDIDATES)
         prefill, decode = book.least_loaded("prefill"), candidates[0] if candidates else None
         if prefill is not None and decode is not None:
-            num_ahead = book.engine(decode).num_requests
+            num_ahead = book.entry(decode).num_requests
             kv_ready_s = book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.handover_s(decode, n, num_ahead)
             ttft = max(kv_ready_s, book.drain_s(decode)) + rates.decode_step_s(decode, num_ahead + 1)
             options.append((ttft, Path.SPLIT, prefill, decode))
@@ -236,12 +237,12 @@ class Predictive:
     def _chunk_steps_s(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates, *,
                        chunk_tokens: int | None = None) -> float:
         """What running streams add to a local prompt: each step that carries one of its chunks decodes them too."""
-        running = book.engine(engine_id).num_requests
+        running = book.entry(engine_id).num_requests
         num_chunks = -(-num_tokens // (chunk_tokens or self.chunk_tokens))
         return 0.0 if running == 0 else num_chunks * rates.decode_step_s(engine_id, running)
 
     def _decode_can_take(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates) -> bool:
-        running = book.engine(engine_id).num_requests
+        running = book.entry(engine_id).num_requests
         if running == 0:
             return True  # no stream to slow down: only this request's own TTFT, which the prediction weighs
         base = rates.decode_step_s(engine_id, 1)
@@ -258,7 +259,7 @@ class Predictive:
         # streams running the step alone passed 1.25x, every prompt was split however small, and in the policies
         # run (f5fcfff) every code request whose TTFT went past 3x its reference was a split prompt of 9-88 tokens
         # waiting behind a long one on prefill (TTFT P99 slowdown 23.8-45.9 at code 0.42-0.84/s).
-        pending = num_tokens + book.engine(engine_id).num_pending_prompt_tokens
+        pending = num_tokens + book.entry(engine_id).num_pending_prompt_tokens
         extra_per_token = self._chunk_cost_s(engine_id, pending, rates) / max(1.0, self.expected_output_tokens)
         return extra_per_token <= (self.config.tbt_mean_slowdown - 1) * base
 
@@ -275,13 +276,13 @@ class Predictive:
         """The engine's step with one more stream, stretched by the share of its time prompts take, stays within
         the mean bound of its own single-stream step."""
         base = rates.decode_step_s(engine_id, 1)
-        step = rates.decode_step_s(engine_id, book.engine(engine_id).num_requests + 1)
+        step = rates.decode_step_s(engine_id, book.entry(engine_id).num_requests + 1)
         return step / (1 - busy_share) <= self.config.tbt_mean_slowdown * base
 
     def _prefill_can_decode(self, engine_id: str, book: LoadBook, rates: Rates) -> bool:
         """P computes no prompt now, and one more stream there keeps its mean gap, its step stretched by the share
         of its time prompts took lately, within the mean bound of its own single-stream step."""
-        engine = book.engine(engine_id)
+        engine = book.entry(engine_id)
         if engine.num_pending_prompt_tokens > 0:
             return False
         base = rates.decode_step_s(engine_id, 1)  # its own step, or its peers' until it has one
@@ -300,7 +301,7 @@ class Predictive:
 def make_policy(config: SchedulingConfig, *, decode_chunk_tokens: int = 256,
                 prefill_chunk_tokens: int = 2048) -> Policy:
     """`*_chunk_tokens`: what each pool's engines compute of one prompt per step beside their streams."""
-    policies = {"always_split": lambda: AlwaysSplit(), "token_jsq": lambda: TokenJSQ(),
+    policies: dict[str, Callable[[], Policy]] = {"always_split": lambda: AlwaysSplit(), "token_jsq": lambda: TokenJSQ(),
                 "conditional": lambda: Conditional(config), "mixed_pool": lambda: MixedPool(config),
                 "predictive": lambda: Predictive(config, chunk_tokens=decode_chunk_tokens,
                                                      prefill_chunk_tokens=prefill_chunk_tokens)}

@@ -17,6 +17,7 @@ transfer). Until an estimate has `min_observations`, `is_known` is False and a p
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TypeGuard
 
 
 @dataclass
@@ -112,7 +113,7 @@ class EngineLines:
             self._sum_slope += slope
             self.num_trusted += 0 if was_trusted else 1
 
-    def is_trusted(self, line: WeightedLine | None) -> bool:
+    def is_trusted(self, line: WeightedLine | None) -> TypeGuard[WeightedLine]:
         return line is not None and line.num_observations >= self.min_observations
 
     def estimate(self, engine_id: str, x: float) -> float:
@@ -198,7 +199,8 @@ class Rates:
 
     def transfer_s(self, num_tokens: int) -> float:
         """The hand-over of `num_tokens` of KV to an idle decode engine (0 until one was timed)."""
-        return self._transfer.predict(num_tokens) if self._is_transfer_timed() else 0.0
+        transfer = self._transfer
+        return transfer.predict(num_tokens) if transfer is not None and self._is_transfer_timed() else 0.0
 
     def _is_transfer_timed(self) -> bool:
         return self._transfer is not None and self._transfer.num_observations >= self.min_observations
