@@ -31,12 +31,15 @@ REQUEST_FIELDS = ["workload", "repeat", "request_id", "arrival_s", "start_s", "p
                   "first_chunk_s", "path", "predicted_ttft_s"]
 # The scheduler's paths, as splitserve's Server-Timing names them (a request without one has none).
 PATHS = ("split", "decode_local", "prefill_local")
+# The checkout a compiled copy of the sources was built from (bench/sim_compile.py): where its runs' commit is read.
+CHECKOUT_ENV = "SPLITSERVE_CHECKOUT"
 
 
 def measured_commit() -> str:
     """The commit a result measured, `-dirty` when the working tree had uncommitted changes outside bench/results/;
-    `unknown` outside git."""
-    root = Path(__file__).resolve().parent.parent
+    `unknown` outside git. A run from a compiled copy of the sources (bench/sim_compile.py) names the checkout it
+    was built from in CHECKOUT_ENV."""
+    root = Path(os.environ.get(CHECKOUT_ENV) or Path(__file__).resolve().parent.parent)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()

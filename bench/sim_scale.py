@@ -2,6 +2,7 @@
 
     python -m bench.sim_scale                                  # the target: 1,000 machines, 1,000,000 requests
     python -m bench.sim_scale --machines 100 --requests 100000 --profile   # where the time goes (cProfile)
+    python -m bench.sim_scale --compiled                       # the same run, compiled by mypyc (bench/sim_compile.py)
 
 1. A Poisson trace of `--requests` requests with the conv trace's prompt and output sizes (clipped to the
    model's window), at the rate that keeps the cluster at `--load` of its prompt capacity under the profile's
@@ -9,7 +10,8 @@
 2. A disaggregated cluster of `--machines` machines (a quarter prefill), the default policy (predictive), token
    gaps not kept (only each request's first, last and count: what SplitwiseSim keeps).
 3. Prints and writes (bench/results/sim/scale.json, scale.md): wall seconds, events, events per second,
-   requests done, simulated seconds, the commit; with `--profile`, the 15 functions that took the most time.
+   requests done, simulated seconds, the commit, which modules ran compiled; with `--profile`, the 15 functions
+   that took the most time. `--compiled` runs all of it from bench.sim_compile's compiled copy of the sources.
 Not a test: a benchmark that prints the time.
 """
 
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 
 from bench.provenance import provenance
+from bench.sim_compile import compiled_modules
 from bench.sim.config import ClusterConfig, SimConfig
 from bench.sim.model import PerfModel
 from bench.sim.simulator import Simulator
@@ -55,7 +58,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-csv", type=Path, default=DEFAULT_PROFILE, help="bench.profile's model.csv")
     parser.add_argument("--profile", action="store_true", help="cProfile the run and print where the time goes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--compiled", action="store_true",
+                        help="run from a copy of the sources compiled by mypyc (bench/sim_compile.py; built if missing)")
     args = parser.parse_args(argv)
+    if args.compiled:  # the same command in a process that imports the compiled copy
+        from bench.sim_compile import run_compiled
+
+        sys.exit(run_compiled("bench.sim_scale", [arg for arg in (sys.argv[1:] if argv is None else argv)
+                                                  if arg != "--compiled"]))
     num_prefill = max(1, args.machines // 4)
     config = SimConfig(profile=args.profile_csv, keeps_token_gaps=False, scheduling={"policy": args.policy},
                        cluster=ClusterConfig(num_prefill=num_prefill, num_decode=args.machines - num_prefill))
@@ -76,12 +86,14 @@ def main(argv: list[str] | None = None) -> None:
              "wall_s": round(result.wall_s, 2), "trace_build_s": round(trace_s, 2), "num_events": result.num_events,
              "events_per_s": round(result.num_events / result.wall_s), "num_done": num_done,
              "simulated_s": round(result.simulated_s, 1), "decisions": dict(result.decisions),
-             "is_profiled": profiler is not None, **provenance()}
+             "is_profiled": profiler is not None, "compiled_modules": compiled_modules(), **provenance()}
     print(json.dumps(facts, indent=2))
-    command = " ".join(["python -m bench.sim_scale", *(sys.argv[1:] if argv is None else argv)])
+    command = " ".join(["python -m bench.sim_scale", *(sys.argv[1:] if argv is None else argv),
+                        *(["--compiled"] if facts["compiled_modules"] else [])])
     lines = ["# Simulator scale", "", f"`{command}`",
              f"at commit {facts['commit']}: {args.machines} machines ({num_prefill} prefill), {args.requests:,} "
-             f"requests at {rate:.1f} req/s, policy {args.policy}: **{result.wall_s:.1f} s** on one core "
+             f"requests at {rate:.1f} req/s, policy {args.policy}: **{result.wall_s:.1f} s** on one core"
+             f"{' (compiled: ' + ', '.join(facts['compiled_modules']) + ')' if facts['compiled_modules'] else ''} "
              f"({result.num_events:,} events, {facts['events_per_s']:,}/s; {num_done:,} requests done in "
              f"{result.simulated_s:,.0f} simulated s).", ""]
     if profiler is not None:
