@@ -3,16 +3,16 @@
 A large run spends its time in five modules: the simulator's (bench/sim/simulator.py, machine.py) and the
 scheduler's (deployments/scheduling/loads.py, rates.py, policies.py: the very source the live router imports).
 mypyc, mypy's compiler (pinned in the `bench` extra), turns them into C extensions from their own type annotations,
-the same source with the same decisions (tests/unit/test_sim_compile.py replays a run both ways), about 2.4 times
-faster.
+the same source with the same decisions (tests/unit/test_sim_compile.py replays a run both ways), 2.2 times faster
+on the scale benchmark (bench/results/sim/scale_compiled).
 
 1. `compiled_tree()`: the copy for the sources as they are now, under .cache/sim-compiled/<hash of every source
    file of the project's packages>/: the packages' .py files copied, their data folders linked (traces, results),
    then the five modules compiled in place, where their extensions take precedence over the .py beside them.
    Built once per version of the sources (about 15 s, said as it starts) and kept until they change.
 2. `run_compiled(module, args)`: runs `python -m module args` in a process whose imports come from that copy (its
-   folder first on sys.path), in this working directory. The checkout itself never holds an extension, so the live app and every edit to a
-   source run the source; an edited source builds a fresh copy.
+   folder first on sys.path), in this working directory. The checkout itself never holds an extension, so the live
+   app and every edit to a source run the source; an edited source builds a fresh copy.
 3. `compiled_modules()`: which of the five modules a process imported compiled, for a run to say what it ran.
 
     python -m bench.sim_compile        # build (or find) the copy and print its folder
@@ -111,7 +111,7 @@ def compiled_modules() -> list[str]:
 def source_files(root: Path) -> list[Path]:
     """The project's Python sources under `root`, in a fixed order (the data folders left out)."""
     return sorted(path for package in PACKAGES for path in (root / package).rglob("*.py")
-                  if not any(data in path.relative_to(root).as_posix() for data in LINKED_DATA))
+                  if not any(path.relative_to(root).is_relative_to(data) for data in LINKED_DATA))
 
 
 def _mypy_version() -> str:

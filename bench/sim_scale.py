@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.provenance import provenance
-from bench.sim_compile import compiled_modules
+from bench.sim_compile import compiled_modules, run_compiled
 from bench.sim.config import ClusterConfig, SimConfig
 from bench.sim.model import PerfModel
 from bench.sim.simulator import Simulator
@@ -59,11 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", action="store_true", help="cProfile the run and print where the time goes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--compiled", action="store_true",
-                        help="run from a copy of the sources compiled by mypyc (bench/sim_compile.py; built if missing)")
+                        help="run from a copy of the sources compiled by mypyc (bench/sim_compile.py; built once)")
     args = parser.parse_args(argv)
     if args.compiled:  # the same command in a process that imports the compiled copy
-        from bench.sim_compile import run_compiled
-
         sys.exit(run_compiled("bench.sim_scale", [arg for arg in (sys.argv[1:] if argv is None else argv)
                                                   if arg != "--compiled"]))
     num_prefill = max(1, args.machines // 4)
