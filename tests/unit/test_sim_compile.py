@@ -19,7 +19,7 @@ from bench.processes import PROJECT_ROOT
 SIMULATION = ["--config", "bench/sim/configs/host_1p1d.yaml", "--trace", "conv", "--rate", "1.2", "--duration", "300"]
 
 
-def test_a_compiled_run_decides_and_times_exactly_as_thesource_files(tmp_path, capfd):
+def test_a_compiled_run_decides_and_times_exactly_as_the_sources(tmp_path, capfd):
     # 1. Built or found.
     tree = sim_compile.compiled_tree()
     assert (tree / "COMPILED").exists() and tree.parent == sim_compile.TREES_DIR
