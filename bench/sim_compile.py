@@ -2,9 +2,10 @@
 
 A large run spends its time in five modules: the simulator's (bench/sim/simulator.py, machine.py) and the
 scheduler's (deployments/scheduling/loads.py, rates.py, policies.py: the very source the live router imports).
-mypyc, mypy's compiler (pinned in the `bench` extra), turns them into C extensions from their own type annotations,
-the same source with the same decisions (tests/unit/test_sim_compile.py replays a run both ways), 2.2 times faster
-on the scale benchmark (bench/results/sim/scale_compiled).
+mypyc, mypy's compiler (the Makefile installs it, pinned, into .venv/tools/mypyc: beside the app it made the e2e
+suite's concurrent requests reach the router one at a time), turns them into C extensions from their own type
+annotations, the same source with the same decisions (tests/unit/test_sim_compile.py replays a run both ways),
+2.2 times faster on the scale benchmark (bench/results/sim/scale_compiled).
 
 1. `compiled_tree()`: the copy for the sources as they are now, under .cache/sim-compiled/<hash of every source
    file of the project's packages>/: the packages' .py files copied, their data folders linked (traces, results),
@@ -30,7 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from importlib.metadata import PackageNotFoundError, version
+from importlib.metadata import distributions
 from pathlib import Path
 
 from bench.processes import PROJECT_ROOT
@@ -44,6 +45,7 @@ COMPILED_MODULES = ("bench/sim/simulator.py", "bench/sim/machine.py", "deploymen
 MYPYC_ARGS = ("--ignore-missing-imports", "--follow-imports=skip")
 LINKED_DATA = ("bench/data", "bench/results")  # read (traces, the profile) and written (results) where they are
 TREES_DIR = PROJECT_ROOT / ".cache" / "sim-compiled"
+MYPYC_TOOL = Path(sys.prefix) / "tools" / "mypyc"  # `make setup`'s (the Makefile's MYPYC_TOOL), never on sys.path
 
 
 def source_hash(root: Path = PROJECT_ROOT) -> str:
@@ -74,11 +76,13 @@ def compiled_tree(root: Path = PROJECT_ROOT, trees_dir: Path = TREES_DIR) -> Pat
     log = building / "mypyc.log"
     with open(log, "w") as output:
         built = subprocess.run([sys.executable, "-m", "mypyc", *MYPYC_ARGS, *COMPILED_MODULES], cwd=building,
-                               stdout=output, stderr=subprocess.STDOUT)
+                               stdout=output, stderr=subprocess.STDOUT,
+                               env={**os.environ, "PYTHONPATH": str(MYPYC_TOOL)})
     if built.returncode != 0:
         tail = log.read_text()[-3000:]
         shutil.rmtree(building, ignore_errors=True)
-        raise RuntimeError(f"mypyc could not compile the simulator (exit {built.returncode}):\n{tail}")
+        raise RuntimeError(f"mypyc could not compile the simulator (exit {built.returncode}; mypyc is installed in "
+                           f"{MYPYC_TOOL} by `make setup`):\n{tail}")
     shutil.rmtree(building / "build", ignore_errors=True)  # intermediate C sources and objects
     (building / "COMPILED").write_text("\n".join(COMPILED_MODULES) + "\n")
     try:
@@ -115,10 +119,8 @@ def source_files(root: Path) -> list[Path]:
 
 
 def _mypy_version() -> str:
-    try:
-        return version("mypy")
-    except PackageNotFoundError:  # not installed: the build says so with Python's own message
-        return "none"
+    found = [distribution.version for distribution in distributions(name="mypy", path=[str(MYPYC_TOOL)])]
+    return found[0] if found else "none"  # not installed: the build says so (`make setup` installs it)
 
 
 def main(argv: list[str] | None = None) -> None:
