@@ -2,10 +2,10 @@
 
 A large run spends its time in five modules: the simulator's (bench/sim/simulator.py, machine.py) and the
 scheduler's (deployments/scheduling/loads.py, rates.py, policies.py: the very source the live router imports).
-mypyc, mypy's compiler (the Makefile installs it, pinned, into .venv/tools/mypyc: beside the app it made the e2e
-suite's concurrent requests reach the router one at a time), turns them into C extensions from their own type
-annotations, the same source with the same decisions (tests/unit/test_sim_compile.py replays a run both ways),
-2.2 times faster on the scale benchmark (bench/results/sim/scale_compiled).
+mypyc, mypy's compiler (the Makefile installs it, pinned, into .venv/tools/mypyc, apart from the app's packages:
+the app never needs a compiler), turns them into C extensions from their own type annotations: the same source
+with the same decisions (tests/unit/test_sim_compile.py replays a run both ways), 2.2 times faster on the scale
+benchmark (bench/results/sim/scale_compiled).
 
 1. `compiled_tree()`: the copy for the sources as they are now, under .cache/sim-compiled/<hash of every source
    file of the project's packages>/: the packages' .py files copied, their data folders linked (traces, results),
