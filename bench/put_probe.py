@@ -25,6 +25,7 @@ import argparse
 import csv
 import os
 import time
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +42,8 @@ from bench.transfer_bench import NUM_LAYERS, OBJECT_STORE_BYTES, CacheFlusher, R
 SMALL_BYTES = 200_000
 SIZES_MB = (16, 64)
 NUM_BUFFERS = (1, 30, 60, 120, 240)
+# The transfer's stages (prefill's, then decode's), then Ray's floors measured beside them.
+STAGES = ("open_ms", "send_ms", "take_receipt_ms", "receive_ms", "copy_ms", "ray_actor_call_ms", "ray_put_ms")
 
 
 def _median_ms(action, repeats: int, flush) -> float:
@@ -75,8 +78,6 @@ def measure(repeats: int) -> list[dict]:
 
 def measure_stages(repeats: int) -> list[dict]:
     """Per size, the median ms of each stage of one send of 30 layers (life cycle step 3)."""
-    import uuid
-
     from kv_transfer.layout import KVLayout
     from kv_transfer.object_store.store import create_store
     from kv_transfer.object_store.transport import (RAY_PARALLEL_COPY_THREADS, ObjectStoreTransport,
@@ -129,10 +130,6 @@ def measure_stages(repeats: int) -> list[dict]:
     return rows
 
 
-# The transfer's stages (prefill's, then decode's), then Ray's floors measured beside them.
-STAGES = ("open_ms", "send_ms", "take_receipt_ms", "receive_ms", "copy_ms", "ray_actor_call_ms", "ray_put_ms")
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
@@ -167,7 +164,8 @@ def main() -> None:
         table += [f"| {r['mb']} | {r['num_segments']} | " + " | ".join(str(r[stage]) for stage in STAGES)
                   + f" | {r['transfer_ms']} |" for r in stage_rows]
     stages_flag = " --stages" if args.stages else ""
-    header = (f"# What a ray.put costs\n\n`python -m bench.put_probe --repeats {args.repeats}{stages_flag} --out {args.out}`, "
+    header = (f"# What a ray.put costs\n\n`python -m bench.put_probe --repeats {args.repeats}{stages_flag} "
+              f"--out {args.out}`, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {measured_commit()}, on a host with "
               f"{os.cpu_count()} CPUs: medians of {args.repeats} puts (and plain numpy copies of the same bytes), "
               "each from a flushed cache, the object store warmed first.\n")
