@@ -46,9 +46,12 @@ def test_killing_the_kv_store_mid_transfer(app, ray_driver, openai_client, refer
     expected = reference_outputs["completion_long_faults"]["token_ids"]
     before = engines.counters("decode")
 
-    # 1. Long prompts in flight; as soon as one transfer sits in the store unclaimed, kill the store.
+    # 1. Long prompts in flight; as soon as one transfer sits in the store unclaimed, kill the store. Each prompt
+    #    has its own `cache_salt`: decode's prefix cache must not lend one request the blocks another loaded or
+    #    recomputed, or a failed load would recompute only the prompt's last block and step 2 could not count it.
     with ThreadPoolExecutor(NUM_CONCURRENT_REQUESTS) as pool:
-        futures = [pool.submit(send, openai_client, endpoint, body) for _ in range(NUM_CONCURRENT_REQUESTS)]
+        futures = [pool.submit(send, openai_client, endpoint, body, extra={"cache_salt": f"store-kill-{i}"})
+                   for i in range(NUM_CONCURRENT_REQUESTS)]
         deadline = time.monotonic() + 120
         while not ((c := ray_driver.get(store.counters.remote(), timeout=30)).num_opened > c.num_claimed):
             assert time.monotonic() < deadline, "no transfer ever waited in the store"
