@@ -20,8 +20,11 @@
    steps.csv; each SplitwiseSim cell a row of perf_model.csv in its columns (times in ms).
 3. KV hand-overs per backend, at the KV sizes of 128 to 2,048 prompt tokens, measured as bench.transfer_bench
    measures them (the app's shape: another process, flushed cache): transfers.csv.
-4. The fit: least squares of a step's seconds on 1, prompt tokens, decode sequences and KV tokens read; a line in
-   the prompt's tokens per backend for the hand-over. model.csv (`parameter,value`) is what
+4. The fit: least squares of a step's seconds on 1, prompt tokens, decode sequences and KV tokens read; then, for
+   steps that only decode, the median of what each batch size takes beyond that line (`decode_batch_s@<b>`: on
+   this host's CPU 2 sequences step slower than 1 or 3, bench/results/profile); a line in the prompt's tokens per
+   backend for the hand-over. `--refit` fits the measurements already under --out again (the model's form
+   changed, the measurements did not). model.csv (`parameter,value`) is what
    `bench.sim.model.PerfModel.from_profile` reads; fit.png draws the fit against every measurement; report.md
    gives the fit's error per kind of step.
 5. The served path: the app as bench.compare's baseline runs it (collocated: two engines, the router, Serve's
@@ -59,7 +62,10 @@ DEFAULT_OUT = Path(__file__).parent / "results" / "profile"
 PROMPT_SIZES = (16, 64, 128, 256, 512, 1024, 1536, 2000)  # + its output within max_model_len
 BATCHED_PROMPTS = ((2, 512), (4, 256), (8, 128), (16, 64), (4, 512), (2, 1024), (8, 256))
 # SplitwiseSim's cells: (prompt size, batch size); every batch's prompts fit one step of 2,048 tokens.
-SPLITWISE_CELLS = ((128, 1), (128, 4), (128, 16), (512, 1), (512, 2), (512, 4), (1024, 1), (1024, 2), (2000, 1))
+# (128, 2) and the batches of 3: pure decode steps are not a line in their sequences (fit_decode_batches), so every
+# small batch size is measured.
+SPLITWISE_CELLS = ((128, 1), (128, 2), (128, 3), (128, 4), (128, 16), (512, 1), (512, 2), (512, 3), (512, 4),
+                   (1024, 1), (1024, 2), (2000, 1))
 TOKEN_SIZE = 32
 # (running sequences, new prompt tokens): the new request needs a free sequence slot (max_num_seqs is 16) to join
 # the running batch's next step.
@@ -68,6 +74,7 @@ HANDOVER_TOKENS = (128, 512, 1024, 2048)
 SERVED_PROMPTS = (128, 512, 1024)  # 5.: streamed one at a time, `--served-requests` of each
 SERVED_OUTPUT_TOKENS = 48
 SHARED_PROMPT = SERVED_PROMPTS[0]  # two at a time (one per engine): prompts this size, 2 × `--served-requests`
+MIN_STEPS_PER_BATCH = 5  # a batch size's decode steps needed for its own entry in the decode_batch_s table
 STEP_FIELDS = ("kind", "num_prompt_tokens", "num_decode_seqs", "num_context_tokens", "seconds", "num_prompt_pairs")
 SPLITWISE_FIELDS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
                     "e2e_time", "tensor_parallel")
@@ -369,7 +376,28 @@ def fit_steps(steps: list[Step]) -> dict[str, float]:
 
 
 def fitted_s(model: dict[str, float], step: Step) -> float:
-    return sum(model[name] * term for name, term in zip(STEP_TERMS, _terms(step), strict=True))
+    line = sum(model[name] * term for name, term in zip(STEP_TERMS, _terms(step), strict=True))
+    if step.num_decode_seqs and not step.num_prompt_tokens:  # PerfModel.step_s's rule
+        largest = sum(name.startswith("decode_batch_s@") for name in model)
+        if largest:
+            line += model[f"decode_batch_s@{min(step.num_decode_seqs, largest)}"]
+    return line
+
+
+def fit_decode_batches(steps: list[Step], model: dict[str, float]) -> dict[str, float]:
+    """What a pure decode step of b sequences takes beyond the line (`decode_batch_s@b`): the median residual of
+    the steps of each batch size measured MIN_STEPS_PER_BATCH times or more, sizes between them interpolated,
+    below the first the first's, up to the largest measured (PerfModel takes the last entry past it)."""
+    residuals: dict[int, list[float]] = {}
+    for step in steps:
+        if step.num_decode_seqs and not step.num_prompt_tokens:
+            residuals.setdefault(step.num_decode_seqs, []).append(step.seconds - fitted_s(model, step))
+    measured = sorted(size for size, values in residuals.items() if len(values) >= MIN_STEPS_PER_BATCH)
+    if not measured:
+        return {}
+    medians = [float(np.median(residuals[size])) for size in measured]
+    return {f"decode_batch_s@{size}": float(np.interp(size, measured, medians))
+            for size in range(1, measured[-1] + 1)}
 
 
 def fit_handovers(rows: list[dict[str, Any]]) -> dict[str, float]:
@@ -425,6 +453,32 @@ def _write_csv(rows: list[dict[str, Any]], fields: tuple[str, ...] | list[str], 
         writer.writerows(rows)
 
 
+def read_measurements(folder: Path) -> tuple[list[Step], list[dict[str, Any]], list[dict[str, Any]]]:
+    """A profile's measurements (steps, hand-overs, served requests) as `main` wrote them under `folder`."""
+    def rows(name: str) -> list[dict[str, Any]]:
+        if not (folder / name).exists():
+            return []
+        with open(folder / name, newline="") as handle:
+            return [{key: value if key in ("kind", "backend") else float(value) for key, value in row.items()}
+                    for row in csv.DictReader(handle)]
+
+    steps = [Step(row["kind"], int(row["num_prompt_tokens"]), int(row["num_decode_seqs"]),
+                  int(row["num_context_tokens"]), row["seconds"], int(row["num_prompt_pairs"]))
+             for row in rows("steps.csv")]
+    if not steps:
+        raise SystemExit(f"{folder} holds no steps.csv to fit")
+    served = [{**row, "concurrency": int(row["concurrency"]), "num_prompt_tokens": int(row["num_prompt_tokens"]),
+               "num_output_tokens": int(row["num_output_tokens"])} for row in rows("served.csv")]
+    return steps, rows("transfers.csv"), served
+
+
+def fit(steps: list[Step], handovers: list[dict[str, Any]], served: list[dict[str, Any]]) -> dict[str, float]:
+    """4.-5.: the step line, the hand-overs' lines, the decode batch table over the line, the served path's terms."""
+    model = fit_steps(steps) | fit_handovers(handovers)
+    model |= fit_decode_batches(steps, model)
+    return model | fit_served(served, model)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3, help="runs of each prompt and mixed sweep")
@@ -441,7 +495,14 @@ def main(argv: list[str] | None = None) -> None:
                         help="with --kv-connector nixl: its progress thread's wait between passes (`none`: no "
                              "thread); default serve_config.yaml's")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--refit", action="store_true",
+                        help="measure nothing: fit the measurements under --out again, rewriting its model.csv, "
+                             "report.md and fit.png (run.json keeps when and where they were measured)")
     args = parser.parse_args(argv)
+    command = ["python -m bench.profile", *(sys.argv[1:] if argv is None else argv)]
+    if args.refit:
+        refit(args.out, command)
+        return
     # Before Ray is imported (it reads RAY_AUTH_MODE once, at import): the hand-overs' Ray cluster and this driver
     # share one token (Ray 2.60's token auth); without it, on a machine with ~/.ray/auth_token the cluster refused
     # the driver and the whole profile was lost at its last sweep.
@@ -485,8 +546,7 @@ def main(argv: list[str] | None = None) -> None:
         served = served_rows(config, num_served, Path(tempfile.mkdtemp(prefix="profile-served-"))) \
             if num_served else []
         progress.update(bool(num_served))
-    model = fit_steps(steps) | fit_handovers(handovers)
-    model |= fit_served(served, model)
+    model = fit(steps, handovers, served)
     errors = fit_errors(steps, model)
     args.out.mkdir(parents=True, exist_ok=True)
     _write_csv([asdict(step) for step in steps], STEP_FIELDS, args.out / "steps.csv")
@@ -507,28 +567,64 @@ def main(argv: list[str] | None = None) -> None:
                 "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": args.in_process,
                 "kv_connector": args.kv_connector, **transfer_update},
             "model": model, "fit_errors": errors,
-            "num_steps": len(steps), "num_handovers": len(handovers), "num_served": len(served)}
+            "num_steps": len(steps), "num_handovers": len(handovers), "num_served": len(served),
+            "command": " ".join(command)}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
+    write_report(args.out, meta, steps, model, errors, has_handovers=bool(handovers), has_served=bool(served))
+
+
+def refit(out: Path, command: list[str]) -> None:
+    """--refit: the measurements under `out` fitted by this commit's code; run.json keeps what measured them and
+    says who refitted them."""
+    steps, handovers, served = read_measurements(out)
+    model = fit(steps, handovers, served)
+    errors = fit_errors(steps, model)
+    _write_csv([{"parameter": name, "value": value} for name, value in model.items()], ("parameter", "value"),
+               out / "model.csv")
+    draw(steps, model, out / "fit.png")
+    meta = json.loads((out / "run.json").read_text())
+    origin = provenance()
+    meta |= {"model": model, "fit_errors": errors,
+             "refit": {"commit": origin["commit"], "is_dirty": origin["is_dirty"],
+                       "at": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(command)}}
+    (out / "run.json").write_text(json.dumps(meta, indent=2))
+    write_report(out, meta, steps, model, errors, has_handovers=bool(handovers), has_served=bool(served))
+
+
+def write_report(out: Path, meta: dict[str, Any], steps: list[Step], model: dict[str, float],
+                 errors: dict[str, dict[str, float]], *, has_handovers: bool, has_served: bool) -> None:
+    refitted = meta.get("refit")
+    line = {name: value for name, value in model.items() if not name.startswith("decode_batch_s@")}
+    batches = [(name.split("@")[1], value) for name, value in model.items() if name.startswith("decode_batch_s@")]
     lines = ["# The engine's profile on this host", "",
-             f"`{' '.join(['python -m bench.profile', *(sys.argv[1:] if argv is None else argv)])}`",
-             f"at commit {origin['commit']}{' (dirty tree)' if origin['is_dirty'] else ''}, "
-             f"{meta['started_at']}, {meta['wall_s'] / 60:.1f} min: {len(steps)} engine steps, "
-             f"{len(handovers)} hand-overs, {len(served)} requests served through the app.", "",
+             f"`{meta.get('command', 'python -m bench.profile')}`",
+             f"at commit {meta['commit']}{' (dirty tree)' if meta['is_dirty'] else ''}, "
+             f"{meta['started_at']}, {meta['wall_s'] / 60:.1f} min: {meta['num_steps']} engine steps, "
+             f"{meta['num_handovers']} hand-overs, {meta['num_served']} requests served through the app."
+             + (f" **Refitted**: `{refitted['command']}` at commit {refitted['commit']}"
+                f"{' (dirty tree)' if refitted['is_dirty'] else ''}, {refitted['at']}: the same measurements, that "
+                "commit's fit." if refitted else ""), "",
              "step seconds = step_s0 + decode_step_s0 (if any sequence decodes) + prompt_token_s · prompt tokens + "
              "prompt_pair_s · prompt token pairs (attention's quadratic part) + "
-             "decode_seq_s · decode sequences + context_token_s · KV tokens read; served through the app, "
-             "served_token_s more per decode sequence and served_request_s more before the first token; "
-             "an iteration shared_host_slowdown longer while the host's other engine computes", "",
+             "decode_seq_s · decode sequences + context_token_s · KV tokens read"
+             + (" + decode_batch_s@b where a step only decodes, b sequences" if batches else "")
+             + "; served through the app, served_token_s more per decode sequence and served_request_s more before "
+             "the first token; an iteration shared_host_slowdown longer while the host's other engine computes", "",
              "| parameter | value |", "| --- | --- |",
-             *[f"| {name} | {value:.4g} |" for name, value in model.items()], "",
-             "The fit's error per kind of step, |fitted / measured - 1|:", "",
-             "| steps | n | median | p90 |", "| --- | --- | --- | --- |",
-             *[f"| {kind} | {e['num_steps']} | {e['median']:.1%} | {e['p90']:.1%} |" for kind, e in errors.items()],
-             "", "![fit](fit.png)", "",
-             "Every step is in [steps.csv](steps.csv), SplitwiseSim's cells in [perf_model.csv](perf_model.csv)"
-             + (", the hand-overs in [transfers.csv](transfers.csv)" if handovers else "")
-             + (", the served requests in [served.csv](served.csv)." if served else ".")]
-    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+             *[f"| {name} | {value:.4g} |" for name, value in line.items()], ""]
+    if batches:
+        lines += ["What a step that only decodes b sequences takes beyond the line, ms (`decode_batch_s@b`; "
+                  "past the last, the last):", "",
+                  "| b | " + " | ".join(size for size, _ in batches) + " |", "|" + " --- |" * (len(batches) + 1),
+                  "| ms | " + " | ".join(f"{value * 1e3:.1f}" for _, value in batches) + " |", ""]
+    lines += ["The fit's error per kind of step, |fitted / measured - 1|:", "",
+              "| steps | n | median | p90 |", "| --- | --- | --- | --- |",
+              *[f"| {kind} | {e['num_steps']} | {e['median']:.1%} | {e['p90']:.1%} |" for kind, e in errors.items()],
+              "", "![fit](fit.png)", "",
+              "Every step is in [steps.csv](steps.csv), SplitwiseSim's cells in [perf_model.csv](perf_model.csv)"
+              + (", the hand-overs in [transfers.csv](transfers.csv)" if has_handovers else "")
+              + (", the served requests in [served.csv](served.csv)." if has_served else ".")]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

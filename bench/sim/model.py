@@ -23,6 +23,12 @@ measured by streaming through the app (bench.profile's last phase); 0 for an eng
 on cores of its own, but one memory, one cache and the served path's processes between them): the client's gap
 with a stream on each of the host's two engines over the gap with one stream on the host, less 1.
 
+A step that only decodes is not a line in its sequences on every engine: on this host's CPU (oneDNN's float32
+kernels, weights read from memory each step) 2 sequences step 59-61 ms where 1 steps 50 and 3-5 step 45-51, so a
+line misfits both (bench.profile's decode steps). `decode_batch_s[b - 1]` is what a pure decode step of b sequences
+takes beyond the line (measured, as SplitwiseSim's profiles are tables per batch size); past the table, its last
+entry. A step that also computes prompt tokens keeps the line: its matrices are as tall as its tokens.
+
 A hand-over is a line in the prompt's tokens (their KV moves). bench.profile measures and fits both on the host it
 runs on; `PerfModel.from_profile` reads its CSV.
 """
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -55,13 +62,18 @@ class PerfModel(BaseModel):
     served_token_s: float = Field(0.0, ge=0)  # per sequence a step extends: the served output path's share of it
     served_request_s: float = Field(0.0, ge=0)  # a request's latency through the served path, before its first token
     shared_host_slowdown: float = Field(0.0, ge=0)  # an iteration's extra share while another engine on its host computes
+    decode_batch_s: tuple[float, ...] = ()  # a pure decode step of b sequences: [b - 1] more than the line (may be < 0)
 
     def step_s(self, num_prompt_tokens: int, num_decode_seqs: int, num_context_tokens: int,
                num_prompt_pairs: int = 0) -> float:
-        return (self.step_s0 + (self.decode_step_s0 if num_decode_seqs else 0.0)
+        line = (self.step_s0 + (self.decode_step_s0 if num_decode_seqs else 0.0)
                 + self.prompt_token_s * num_prompt_tokens + self.prompt_pair_s * num_prompt_pairs
                 + (self.decode_seq_s + self.served_token_s) * num_decode_seqs
                 + self.context_token_s * num_context_tokens)
+        if num_decode_seqs and not num_prompt_tokens and self.decode_batch_s:
+            table = self.decode_batch_s
+            line += table[min(num_decode_seqs, len(table)) - 1]
+        return line
 
     def handover_s(self, num_prompt_tokens: int) -> float:
         return self.handover_s0 + self.handover_token_s * num_prompt_tokens
@@ -71,10 +83,23 @@ class PerfModel(BaseModel):
         """bench.profile's fitted model: rows `parameter,value` (a hand-over's per backend, `handover_s0@nixl`)."""
         with open(path, newline="") as handle:
             values = {row["parameter"]: float(row["value"]) for row in csv.DictReader(handle)}
+        try:
+            return cls.from_fitted(values, backend=backend)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
+
+    @classmethod
+    def from_fitted(cls, values: dict[str, float], *, backend: str = "nixl") -> PerfModel:
+        """The model from bench.profile's named values (`handover_s0@<backend>`, `decode_batch_s@<b>`)."""
         terms = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s",
                  "served_token_s", "served_request_s", "shared_host_slowdown")
-        fields = {name: values[name] for name in terms if name in values}
+        fields: dict[str, Any] = {name: values[name] for name in terms if name in values}
         for name in ("handover_s0", "handover_token_s"):
             if f"{name}@{backend}" in values:
                 fields[name] = values[f"{name}@{backend}"]
+        batches = sorted(int(name.split("@")[1]) for name in values if name.startswith("decode_batch_s@"))
+        if batches:
+            if batches != list(range(1, len(batches) + 1)):
+                raise ValueError(f"decode_batch_s needs every batch size from 1 on, has {batches}")
+            fields["decode_batch_s"] = tuple(values[f"decode_batch_s@{size}"] for size in batches)
         return cls(**fields)

@@ -4,6 +4,7 @@ and the hand-over line per backend; the simulator reads the model it writes."""
 from __future__ import annotations
 
 import csv
+import json
 
 import pytest
 
@@ -105,3 +106,74 @@ def test_the_served_paths_cost_is_what_a_client_sees_beyond_the_fitted_engine(tm
     read = PerfModel(**{**model, **served})
     assert read.step_s(0, 4, 0) - PerfModel(**model).step_s(0, 4, 0) == pytest.approx(4 * 0.006)
     assert read.step_s(512, 0, 0) == pytest.approx(PerfModel(**model).step_s(512, 0, 0))
+
+
+def _decode_steps(offsets: dict[int, float], num_each: int = 6) -> list[Step]:
+    """Pure decode steps of the _steps() engine at several contexts, each batch size `offsets[b]` off its line (on
+    this host's CPU 2 sequences step slower than 1 or 3: bench/results/profile)."""
+    steps = []
+    for size, offset in offsets.items():
+        for index in range(num_each):
+            context = size * (128 + 40 * index)
+            seconds = 0.02 + 0.015 + 0.003 * size + 2e-6 * context + offset
+            steps.append(Step("decode", 0, size, context, seconds, 0))
+    return steps
+
+
+def test_pure_decode_steps_get_a_table_per_batch_size_over_the_line():
+    from bench.profile import fit_decode_batches, fitted_s
+
+    offsets = {1: 0.002, 2: 0.008, 4: -0.006, 8: 0.0}
+    steps = _steps() + _decode_steps(offsets) + _decode_steps({6: 0.05}, num_each=2)  # 6: too few for its own
+    line = fit_steps(steps)
+    table = fit_decode_batches(steps, line)
+    assert sorted(table) == sorted(f"decode_batch_s@{size}" for size in range(1, 9))  # up to the largest measured
+    model = line | table
+    # Each measured size's steps fit better than by the line alone; 3 lies between 2 and 4, 6 between 4 and 8.
+    for size in (1, 2, 4, 8):
+        mine = [step for step in steps if step.kind == "decode" and step.num_decode_seqs == size]
+        with_table = sorted(abs(fitted_s(model, step) - step.seconds) for step in mine)[len(mine) // 2]
+        line_only = sorted(abs(fitted_s(line, step) - step.seconds) for step in mine)[len(mine) // 2]
+        assert with_table <= line_only and with_table < 1.5e-3, size
+    assert table["decode_batch_s@3"] == pytest.approx((table["decode_batch_s@2"] + table["decode_batch_s@4"]) / 2)
+    assert table["decode_batch_s@6"] == pytest.approx((table["decode_batch_s@4"] + table["decode_batch_s@8"]) / 2)
+    # Steps that compute prompt tokens keep the line: their matrices are as tall as their tokens.
+    mixed = Step("mixed", 256, 2, 600, 0.0, pairs(256))
+    assert fitted_s(model, mixed) == pytest.approx(fitted_s(line, mixed))
+    # The simulator reads the same table and applies the same rule; past the table, its last entry.
+    read = PerfModel.from_fitted(model)
+    for step in (Step("decode", 0, 2, 300, 0.0), Step("decode", 0, 12, 3000, 0.0), mixed,
+                 Step("prefill", 512, 0, 0, 0.0, pairs(512))):
+        assert read.step_s(step.num_prompt_tokens, step.num_decode_seqs, step.num_context_tokens,
+                           step.num_prompt_pairs) == pytest.approx(fitted_s(model, step))
+    assert read.step_s(0, 12, 0) - PerfModel.from_fitted(line).step_s(0, 12, 0) == \
+        pytest.approx(table["decode_batch_s@8"])
+    with pytest.raises(ValueError, match="every batch size"):
+        PerfModel.from_fitted({**line, "decode_batch_s@1": 0.0, "decode_batch_s@3": 0.0})
+
+
+def test_a_refit_fits_the_committed_measurements_again_and_says_so(tmp_path):
+    from bench.profile import STEP_FIELDS, _write_csv, read_measurements, refit
+
+    steps = _steps() + _decode_steps({1: 0.002, 2: 0.008, 4: -0.006})
+    _write_csv([step.__dict__ for step in steps], STEP_FIELDS, tmp_path / "steps.csv")
+    _write_csv([{"backend": "nixl", "num_prompt_tokens": tokens, "num_bytes": tokens * 10,
+                 "seconds": 0.004 + 1e-5 * tokens} for tokens in (128, 512, 2048)],
+               ("backend", "num_prompt_tokens", "num_bytes", "seconds"), tmp_path / "transfers.csv")
+    measured = {"started_at": "2026-12-06 00:43:21", "wall_s": 540.0, "commit": "67c255e", "is_dirty": False,
+                "host": {"cpu": "AMD EPYC"}, "num_steps": len(steps), "num_handovers": 3, "num_served": 0,
+                "model": {"step_s0": 1.0}}
+    (tmp_path / "run.json").write_text(json.dumps(measured))
+
+    refit(tmp_path, ["python -m bench.profile", "--refit", "--out", str(tmp_path)])
+
+    assert read_measurements(tmp_path)[0] == steps  # the measurements are untouched
+    model = PerfModel.from_profile(tmp_path / "model.csv")
+    assert len(model.decode_batch_s) == 4 and model.handover_s(1000) == pytest.approx(0.004 + 0.01)
+    after = json.loads((tmp_path / "run.json").read_text())
+    assert {key: after[key] for key in ("started_at", "commit", "host")} == \
+        {key: measured[key] for key in ("started_at", "commit", "host")}  # when and where they were measured
+    assert after["model"]["step_s0"] == pytest.approx(model.step_s0) != 1.0  # this fit, not the one before
+    assert after["refit"]["command"].endswith(str(tmp_path))
+    report = (tmp_path / "report.md").read_text()
+    assert "at commit 67c255e" in report and "Refitted" in report and "decode_batch_s@b" in report
