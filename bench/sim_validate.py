@@ -54,9 +54,19 @@ def machine_config(role: Any, model: Any) -> MachineConfig:
                          long_prefill_token_threshold=role.long_prefill_token_threshold or None)
 
 
+def host_cores(bindings: list[str]) -> list[int]:
+    """The simulator's `host_cores` for engines bound to these cores (vLLM's binding strings, in machine order):
+    engines bound alike share their cores; `auto` shares with none. Empty where every engine has its own."""
+    ids: dict[str, int] = {}
+    cores = [ids.setdefault(binding if binding != "auto" else f"auto-{index}", len(ids))
+             for index, binding in enumerate(bindings)]
+    return cores if len(set(cores)) < len(cores) else []
+
+
 def sim_config(name: str, serve_config: dict[str, Any], profile: Path) -> SimConfig | None:
     """The simulated cluster standing for one measured system, None where the simulator has none. Every engine of
-    a comparison ran on this one host: they are one host's machines (`machines_per_host`)."""
+    a comparison ran on this one host: they are one host's machines (`machines_per_host`), engines bound to the
+    same core share it (`host_cores`: 2 prefill + 1 decode engines on two cores)."""
     if name.startswith("ray-serve-llm"):
         args = app_config()  # the peer runs the same engine settings on 1 prefill + 1 decode engine
         return SimConfig(profile=profile, scheduling={"policy": "always_split"},
@@ -69,10 +79,12 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path) -> SimCon
         return SimConfig(profile=profile, transfer_backend=backend, cluster=ClusterConfig(
             mode="collocated", num_prefill=0, num_decode=args.collocated.num_replicas,
             machines_per_host=args.collocated.num_replicas, decode=machine_config(args.collocated, args.model)))
+    bindings = [args.prefill.cpu_binding_for(rank) for rank in range(args.prefill.num_replicas)] \
+        + [args.decode.cpu_binding_for(rank) for rank in range(args.decode.num_replicas)]
     return SimConfig(profile=profile, transfer_backend=backend,
                      scheduling=args.scheduling.model_dump(),
                      cluster=ClusterConfig(num_prefill=args.prefill.num_replicas, num_decode=args.decode.num_replicas,
-                                           machines_per_host=args.prefill.num_replicas + args.decode.num_replicas,
+                                           machines_per_host=len(bindings), host_cores=host_cores(bindings),
                                            prefill=machine_config(args.prefill, args.model),
                                            decode=machine_config(args.decode, args.model)))
 

@@ -157,6 +157,14 @@ SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
     "decode": {"pin_engine_processes": True}}
 
 
+# 2 prefill + 1 decode engines on this host's two cores: both prefill engines bound to core 0 (serve_config.yaml's
+# prefill binding), taking turns on it, decode on core 1. The simulator's second shape to validate against, as
+# always_split and as the default policy.
+TWO_PREFILL = {"prefill": {"num_replicas": 2}}
+SPLITSERVE_UPDATES["splitserve-2p1d-nixl"] = {**SPLITSERVE_UPDATES["splitserve-nixl"], **TWO_PREFILL}
+SPLITSERVE_UPDATES["splitserve-2p1d-predictive"] = {**SPLITSERVE_UPDATES["splitserve-predictive"], **TWO_PREFILL}
+
+
 # vLLM's own queues between an engine's processes (a 1 s sched_yield spin), instead of our plugin's sleeping readers
 # (deployments/engine_ipc.py): what sleeping buys, measured against the same systems with vLLM's spin.
 VLLM_SPIN = {"SPLITSERVE_ENGINE_SPIN_S": "vllm"}
@@ -200,6 +208,10 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, prefill-local only while decode can take no more streams"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
+    _variant("splitserve-2p1d-nixl",
+             "splitserve PD on NIXL, always_split, 2 prefill engines (sharing core 0) + 1 decode"),
+    _variant("splitserve-2p1d-predictive",
+             "splitserve PD on NIXL, predictive, 2 prefill engines (sharing core 0) + 1 decode"),
     *[_variant(name, f"{of}, its engines' processes waiting for each other with vLLM's 1 s spin", env=VLLM_SPIN)
       for name, of in SPIN_SYSTEMS.items()],
 ]}

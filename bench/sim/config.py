@@ -48,9 +48,16 @@ class ClusterConfig(_Frozen):
     # Machines that share one host, in order (the prefill pool's, then the decode pool's): an iteration that starts
     # while another machine of its host computes takes the model's `shared_host_slowdown` longer. 1: a host each.
     machines_per_host: int = Field(1, ge=1)
+    # The core of each machine of a host, in the same order (e.g. [0, 0, 1]: two prefill engines sharing core 0,
+    # decode on core 1). Machines on one core take turns on it: while k of them compute, each runs at 1/k of its
+    # speed. Empty: a core each.
+    host_cores: list[int] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def has_machines(self) -> ClusterConfig:
+        if self.host_cores and len(self.host_cores) != self.machines_per_host:
+            raise ValueError(f"cluster.host_cores {self.host_cores} names {len(self.host_cores)} cores: give one per "
+                             f"machine of a host (machines_per_host is {self.machines_per_host}), or none")
         if self.num_decode < 1:
             raise ValueError(f"cluster.num_decode is {self.num_decode}: every cluster needs at least one machine "
                              "that decodes")

@@ -98,6 +98,7 @@ class Machine:
     _num_steps: int = 1
     _first_step_s: float = 0.0
     _stretch: float = 1.0
+    _share_stretch: float = 1.0  # the iteration in flight's stretch now (its core's share may change midway)
 
     # 1. Arrivals.
     def add_prompt(self, request: SimRequest) -> None:
@@ -183,7 +184,7 @@ class Machine:
         self._decoding, self._chunks = decoding, chunks
         self.last_num_decoding, self.last_num_prompt_tokens = num_decoding, num_prompt_tokens
         self._segment_start_s, self._num_steps = now, num_steps
-        self._stretch = stretch
+        self._stretch = self._share_stretch = stretch
         self._first_step_s = stretch * self.model.step_s(num_prompt_tokens, num_decoding, num_context_tokens,
                                                          num_prompt_pairs)
         self.last_step_s = self._steps_s(num_steps)
@@ -211,6 +212,22 @@ class Machine:
         self.last_step_s = self._steps_s(num_steps)
         self.version += 1
         return self._segment_start_s + self.last_step_s
+
+    def reshare(self, now: float, stretch: float) -> float | None:
+        """Another machine on this one's core started or stopped computing at `now`: the segment ends after the
+        iteration in flight (as `cut`), and that iteration's rest runs at the new share of the core (`stretch` over
+        the one it had: processor sharing). Returns the new end, None if nothing changes."""
+        if not self.is_busy:
+            return None
+        is_cut = self.cut(now) is not None
+        end = self._segment_start_s + self.last_step_s
+        if stretch == self._share_stretch or end <= now:
+            return end if is_cut else None
+        end = now + (end - now) * stretch / self._share_stretch
+        self._share_stretch = stretch
+        self.last_step_s = end - self._segment_start_s
+        self.version += 1
+        return end
 
     def _prompt_chunks(self, num_decoding: int, now: float) -> list[tuple[SimRequest, int]]:
         """The waiting prompts' chunks, in order, within the token budget, the sequence cap and memory."""

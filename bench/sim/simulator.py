@@ -72,14 +72,21 @@ class Simulator:
                                  can_fast_forward=can_fast_forward)
                          for index, (role, machine_config) in enumerate(roles)]
         self.by_engine = {machine.engine_id: machine for machine in self.machines}
-        # Each machine's host-mates (hosts of machines_per_host machines, in index order): an iteration that starts
-        # while one of them computes is stretched by the model's shared_host_slowdown. Empty with a host each, or
-        # with no slowdown to apply, so that a large run pays nothing for it.
-        per_host = cluster.machines_per_host if self.model.shared_host_slowdown else 1
+        # Each machine's host-mates (hosts of machines_per_host machines, in index order) on other cores: an
+        # iteration that starts while one of them computes is stretched by the model's shared_host_slowdown (none
+        # listed without a slowdown to apply, so that a large run pays nothing for it). Its core-mates
+        # (`host_cores`) share its core: while k machines of a core compute, each runs at 1/k of its speed.
+        per_host, cores = cluster.machines_per_host, cluster.host_cores
         self._host_mates: list[list[Machine]] = []
+        self._core_mates: list[list[Machine]] = []
         for machine in self.machines:
             first = machine.index - machine.index % per_host
-            self._host_mates.append([mate for mate in self.machines[first:first + per_host] if mate is not machine])
+            host = [mate for mate in self.machines[first:first + per_host] if mate is not machine]
+            same_core = [mate for mate in host
+                         if cores and cores[mate.index - first] == cores[machine.index - first]]
+            self._core_mates.append(same_core)
+            self._host_mates.append([mate for mate in host if mate not in same_core]
+                                    if self.model.shared_host_slowdown else [])
         # Whether each machine computed when its host-mates last planned: when that changes, their segments of
         # decode steps are cut at the step in flight, so that each later step is stretched (or not) as it would be
         # planned on its own.
@@ -187,9 +194,7 @@ class Simulator:
         """New work, or an iteration over: the machine starts its next iteration, or cuts a running segment of
         decode iterations short so that the new work joins after the one in flight."""
         if not machine.is_busy:
-            mates = self._host_mates[machine.index]
-            is_shared = bool(mates) and any(mate.is_busy for mate in mates)
-            duration = machine.plan_iteration(now, 1.0 + self.model.shared_host_slowdown if is_shared else 1.0)
+            duration = machine.plan_iteration(now, self._stretch_of(machine))
             if duration is not None:
                 self._push(now + duration, _ITERATION_END, (machine, machine.version))
         elif (end := machine.cut(now)) is not None:
@@ -199,7 +204,22 @@ class Simulator:
             for mate in self._host_mates[machine.index]:  # none with a host each
                 if (end := mate.cut(now)) is not None:
                     self._push(end, _ITERATION_END, (mate, mate.version))
+            for mate in self._core_mates[machine.index]:  # none with a core each
+                if (end := mate.reshare(now, self._stretch_of(mate))) is not None:
+                    self._push(end, _ITERATION_END, (mate, mate.version))
         self._report(machine)
+
+    def _stretch_of(self, machine: Machine) -> float:
+        """How much longer than the model's line an iteration of `machine` takes now: its share of its core, and
+        the shared-host slowdown while a machine on another core of its host computes."""
+        stretch = 1.0
+        for mate in self._core_mates[machine.index]:
+            if mate.is_busy:
+                stretch += 1.0
+        for mate in self._host_mates[machine.index]:
+            if mate.is_busy:
+                return stretch * (1.0 + self.model.shared_host_slowdown)
+        return stretch
 
     def _iteration_ended(self, machine: Machine, now: float) -> None:
         num_decoding, had_prompts = machine.last_num_decoding, machine.last_num_prompt_tokens > 0

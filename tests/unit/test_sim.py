@@ -102,6 +102,27 @@ def test_machines_of_one_host_stretch_the_iterations_that_start_while_the_other_
         ClusterConfig(machines_per_host=0)
 
 
+def test_machines_of_one_core_take_turns_on_it():
+    """Two machines on one core (`host_cores: [0, 0]`): while both compute, each runs at half its speed, and the
+    one still computing speeds up when the other stops (processor sharing), worked by hand:
+    - together at 0 s, 0.2 s of work each: both end at 0.4 s (on cores of their own, 0.2 s);
+    - the second at 0.1 s: the first, alone until then, has 0.1 s of work left and ends at 0.3 s (0.1 s at half
+      speed); the second did 0.1 s of its work by then and does the rest alone, ending at 0.4 s (TTFT 0.3 s)."""
+    def ttfts(requests: list[TraceRequest], host_cores: list[int]) -> list[float]:
+        cluster = ClusterConfig(mode="collocated", num_prefill=0, num_decode=2, machines_per_host=2,
+                                host_cores=host_cores)
+        result = Simulator(SimConfig(model=MODEL, cluster=cluster)).run(requests)
+        assert sorted(machine.stats.num_iterations for machine in result.machines) == [1, 1]  # one prompt each
+        return [record.ttft_s for record in result.records]
+
+    together = [_request(0, 0.0, 100, 1), _request(1, 0.0, 100, 1)]
+    assert ttfts(together, [0, 0]) == pytest.approx([0.4, 0.4])
+    assert ttfts(together, [0, 1]) == pytest.approx([0.2, 0.2])  # cores of their own (no host slowdown here)
+    assert ttfts([_request(0, 0.0, 100, 1), _request(1, 0.1, 100, 1)], [0, 0]) == pytest.approx([0.3, 0.3])
+    with pytest.raises(ValidationError, match="host_cores"):
+        ClusterConfig(machines_per_host=2, host_cores=[0, 0, 1])
+
+
 def test_a_long_prompt_runs_in_chunks_of_the_token_budget():
     small = MachineConfig(max_batch_tokens=64)
     result = Simulator(_config(mode="collocated", num_prefill=0, num_decode=1, decode=small)).run(
