@@ -8,7 +8,8 @@ Prefill (`stage_out`, called as each layer's KV is written):
    sender thread, before `ray.put`) waits for that copy only. `release` gives the buffer back for reuse once the
    store has its own copy.
 Decode (`stage_in`, on the loader thread):
-3. CPU cache: each run copied straight from the received array into the cache's blocks.
+3. CPU cache: each run copied straight from the received array into the cache's blocks, with numpy on views of
+   both (a few µs a segment, where torch's views and copy_ took ~25: 2.2 ms of a 64 MB transfer's 90 segments).
 4. CUDA cache: the received layer copied once into a pinned buffer, then run by run to the device on a side stream,
    synchronized before the request is reported loaded.
 Pinned buffers are pooled by size: a steady stream of transfers allocates none after the first few.
@@ -16,7 +17,6 @@ Pinned buffers are pooled by size: a steady stream of transfers allocates none a
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -84,26 +84,42 @@ class HostStaging:
     def stage_in(self, layer: torch.Tensor, segments: list[np.ndarray], runs: Runs) -> None:
         """Each run (remote first block, local first block, number of blocks) from `segments` (the remote blocks,
         in order, cut into runs of their own) into `layer`."""
-        if self._is_cuda:  # whatever the engine queued on these blocks (their allocation) goes first
-            self._in_stream.wait_stream(torch.cuda.current_stream(self._device))
+        if not self._is_cuda:
+            self._stage_in_host(layer, segments, runs)
+            return
+        # 4. Whatever the engine queued on these blocks (their allocation) goes first.
+        self._in_stream.wait_stream(torch.cuda.current_stream(self._device))
         start = 0  # the remote index of the segment's first block
         for segment in segments:
             length = segment.shape[self._block_dim]
             source = from_wire(segment, layer.dtype)
-            if self._is_cuda:
-                pinned = self._take(tuple(source.shape), source.dtype)
-                pinned.copy_(source)
-                source = pinned
-            with torch.cuda.stream(self._in_stream) if self._is_cuda else contextlib.nullcontext():
+            pinned = self._take(tuple(source.shape), source.dtype)
+            pinned.copy_(source)
+            with torch.cuda.stream(self._in_stream):
                 for remote_first, local_first, count in runs:
                     low, high = max(remote_first, start), min(remote_first + count, start + length)
                     if low < high:
                         target = layer.narrow(self._block_dim, local_first + low - remote_first, high - low)
-                        target.copy_(source.narrow(self._block_dim, low - start, high - low),
-                                     non_blocking=self._is_cuda)
-            if self._is_cuda:
-                self._in_stream.synchronize()  # the pinned buffer is reused, and the engine reads these blocks next
-                self._give_back(source)
+                        target.copy_(pinned.narrow(self._block_dim, low - start, high - low), non_blocking=True)
+            self._in_stream.synchronize()  # the pinned buffer is reused, and the engine reads these blocks next
+            self._give_back(pinned)
+            start += length
+
+    def _stage_in_host(self, layer: torch.Tensor, segments: list[np.ndarray], runs: Runs) -> None:
+        """3. `stage_in` for a CPU cache: the cache's memory as numpy (`to_wire`: the very bytes the received arrays
+        hold, bfloat16 as int16), each overlap of a segment and a run one `np.copyto`."""
+        cache = to_wire(layer)
+        target: list[slice] = [slice(None)] * cache.ndim
+        source: list[slice] = [slice(None)] * cache.ndim
+        start = 0  # the remote index of the segment's first block
+        for segment in segments:
+            length = segment.shape[self._block_dim]
+            for remote_first, local_first, count in runs:
+                low, high = max(remote_first, start), min(remote_first + count, start + length)
+                if low < high:
+                    target[self._block_dim] = slice(local_first + low - remote_first, local_first + high - remote_first)
+                    source[self._block_dim] = slice(low - start, high - start)
+                    np.copyto(cache[tuple(target)], segment[tuple(source)], casting="no")
             start += length
 
     # The pool.

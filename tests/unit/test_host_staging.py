@@ -35,3 +35,21 @@ def test_bfloat16_travels_as_its_bit_pattern_and_comes_back_equal():
     target = torch.zeros_like(cache)
     staging.stage_in(target, [array.copy() for array in staged.arrays], runs=[(0, 0, 2)])
     assert torch.equal(target[:2], cache[2:])
+
+
+def test_blocks_along_the_second_dimension_arrive_in_place_and_other_bytes_are_refused():
+    """vLLM's CPU layout, (K and V, blocks, heads, block size, dim): a run of blocks is two slabs, both land; an
+    array of another dtype than the cache's is refused (the load fails and the prompt is recomputed), never cast."""
+    import numpy as np
+    import pytest
+
+    cache = torch.randn(2, 10, 2, 4, 3)
+    staging = HostStaging("cpu", block_dim=1)
+    staged = staging.stage_out(cache, (2, 3, 4, 8))
+    target = torch.zeros_like(cache)
+    staging.stage_in(target, [array.copy() for array in staged.arrays], runs=[(0, 5, 3), (3, 1, 1)])
+    assert torch.equal(target[:, 5:8], cache[:, 2:5]) and torch.equal(target[:, 1], cache[:, 8])
+    assert torch.count_nonzero(target[:, [0, 2, 3, 4, 8, 9]]) == 0
+    with pytest.raises(TypeError):
+        staging.stage_in(torch.zeros_like(cache), [array.astype(np.float16) for array in staged.arrays],
+                         runs=[(0, 5, 3), (3, 1, 1)])
