@@ -63,7 +63,8 @@ def host_cores(bindings: list[str]) -> list[int]:
     return cores if len(set(cores)) < len(cores) else []
 
 
-def sim_config(name: str, serve_config: dict[str, Any], profile: Path) -> SimConfig | None:
+def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
+               is_core_shared: bool = True) -> SimConfig | None:
     """The simulated cluster standing for one measured system, None where the simulator has none. Every engine of
     a comparison ran on this one host: they are one host's machines (`machines_per_host`), engines bound to the
     same core share it (`host_cores`: 2 prefill + 1 decode engines on two cores)."""
@@ -84,7 +85,8 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path) -> SimCon
     return SimConfig(profile=profile, transfer_backend=backend,
                      scheduling=args.scheduling.model_dump(),
                      cluster=ClusterConfig(num_prefill=args.prefill.num_replicas, num_decode=args.decode.num_replicas,
-                                           machines_per_host=len(bindings), host_cores=host_cores(bindings),
+                                           machines_per_host=len(bindings),
+                                           host_cores=host_cores(bindings) if is_core_shared else [],
                                            prefill=machine_config(args.prefill, args.model),
                                            decode=machine_config(args.decode, args.model)))
 
@@ -169,6 +171,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--allow-other-host", action="store_true",
                         help="validate even when the profile was measured on another kind of host than the "
                              "comparison (the report says so)")
+    parser.add_argument("--no-core-sharing", action="store_true",
+                        help="an ablation: every engine simulated on a core of its own, whatever its cpu_binding")
     args = parser.parse_args(argv)
     run = json.loads((args.compare / "run.json").read_text())
     hosts = host_mismatch(run, args.profile)
@@ -180,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for system in run["systems"]:
         try:
-            config = sim_config(system["name"], system["config"], args.profile)
+            config = sim_config(system["name"], system["config"], args.profile,
+                                is_core_shared=not args.no_core_sharing)
         except ValueError as exc:  # a config of older code (pydantic's errors are ValueErrors)
             print(f"{system['name']}: skipped, its config does not validate now: {str(exc)[:300]}")
             continue
@@ -220,7 +225,8 @@ def report_lines(rows: list[dict[str, Any]], run: dict[str, Any], args: argparse
     where = f"both on {run.get('host', {}).get('cpu', 'an unrecorded host')}" if hosts is None else \
         f"**the profile on {hosts[0]}, the comparison on {hosts[1]}: not a validation, other hosts**"
     lines = ["# The simulator against the measured comparison", "",
-             f"`python -m bench.sim_validate --compare {args.compare} --profile {args.profile}` at commit "
+             f"`python -m bench.sim_validate --compare {args.compare} --profile {args.profile}"
+             f"{' --no-core-sharing' if args.no_core_sharing else ''}` at commit "
              f"{origin['commit']}: the requests of the comparison measured at {run.get('measured_commit')} "
              f"({run.get('started_at')}), replayed in the simulator with the profile alone ({where}). Ratios are "
              "simulated over measured on the same requests, with paired 95% bootstrap intervals.", "",
