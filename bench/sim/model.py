@@ -23,11 +23,13 @@ measured by streaming through the app (bench.profile's last phase); 0 for an eng
 on cores of its own, but one memory, one cache and the served path's processes between them): the client's gap
 with a stream on each of the host's two engines over the gap with one stream on the host, less 1.
 
-A step that only decodes is not a line in its sequences on every engine: on this host's CPU (oneDNN's float32
-kernels, weights read from memory each step) 2 sequences step 59-61 ms where 1 steps 50 and 3-5 step 45-51, so a
-line misfits both (bench.profile's decode steps). `decode_batch_s[b - 1]` is what a pure decode step of b sequences
-takes beyond the line (measured, as SplitwiseSim's profiles are tables per batch size); past the table, its last
-entry. A step that also computes prompt tokens keeps the line: its matrices are as tall as its tokens.
+A step that only decodes is not a line in its sequences on every engine: on this host's CPU, at ~530 tokens a
+sequence, 1 sequence steps 49.0 ms, 2 step 59.9 and 4 step 50.0 (bench/results/profile's decode steps), because
+each step reads all the float32 weights from memory and oneDNN's kernels for 1-2 rows read them slower than those
+for 3-6 (bench/results/gemm_rows: 38.6 and 44.9 ms against 30.3-32.4). `decode_batch_s[b - 1]` is what a pure
+decode step of b sequences takes beyond the line (measured, as SplitwiseSim's profiles are tables per batch size);
+past the table, its last entry. A step that also computes prompt tokens keeps the line: its matrices are as tall
+as its tokens.
 
 A hand-over is a line in the prompt's tokens (their KV moves). bench.profile measures and fits both on the host it
 runs on; `PerfModel.from_profile` reads its CSV.
