@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from bench import processes
 from bench.provenance import provenance
+from bench.sim.model import decode_batch_extra_s, decode_batch_table
 from bench.sim.model import prompt_pairs as pairs  # a whole prompt in one step: pairs(n) = n·(n+1)/2
 from bench.systems import app_config
 
@@ -376,12 +377,9 @@ def fit_steps(steps: list[Step]) -> dict[str, float]:
 
 
 def fitted_s(model: dict[str, float], step: Step) -> float:
-    line = sum(model[name] * term for name, term in zip(STEP_TERMS, _terms(step), strict=True))
-    if step.num_decode_seqs and not step.num_prompt_tokens:  # PerfModel.step_s's rule
-        largest = sum(name.startswith("decode_batch_s@") for name in model)
-        if largest:
-            line += model[f"decode_batch_s@{min(step.num_decode_seqs, largest)}"]
-    return line
+    """The engine's step as fitted (the served path's terms left out: they are measured over it)."""
+    return (sum(model[name] * term for name, term in zip(STEP_TERMS, _terms(step), strict=True))
+            + decode_batch_extra_s(decode_batch_table(model), step.num_prompt_tokens, step.num_decode_seqs))
 
 
 def fit_decode_batches(steps: list[Step], model: dict[str, float]) -> dict[str, float]:

@@ -56,7 +56,8 @@ def machine_config(role: Any, model: Any) -> MachineConfig:
 
 def host_cores(bindings: list[str]) -> list[int]:
     """The simulator's `host_cores` for engines bound to these cores (vLLM's binding strings, in machine order):
-    engines bound alike share their cores; `auto` shares with none. Empty where every engine has its own."""
+    engines bound alike share their cores; `auto` shares with none (nor do overlapping bindings like "0" and "0-1":
+    only equal ones). Empty where every engine has its own."""
     ids: dict[str, int] = {}
     cores = [ids.setdefault(binding if binding != "auto" else f"auto-{index}", len(ids))
              for index, binding in enumerate(bindings)]
@@ -77,9 +78,11 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
     args = app_config(serve_config)
     backend = args.transfer.backend if args.transfer.backend != "auto" else "nixl"
     if args.mode == "collocated":
+        bindings = [args.collocated.cpu_binding_for(rank) for rank in range(args.collocated.num_replicas)]
         return SimConfig(profile=profile, transfer_backend=backend, cluster=ClusterConfig(
-            mode="collocated", num_prefill=0, num_decode=args.collocated.num_replicas,
-            machines_per_host=args.collocated.num_replicas, decode=machine_config(args.collocated, args.model)))
+            mode="collocated", num_prefill=0, num_decode=len(bindings), machines_per_host=len(bindings),
+            host_cores=host_cores(bindings) if is_core_shared else [],
+            decode=machine_config(args.collocated, args.model)))
     bindings = [args.prefill.cpu_binding_for(rank) for rank in range(args.prefill.num_replicas)] \
         + [args.decode.cpu_binding_for(rank) for rank in range(args.decode.num_replicas)]
     return SimConfig(profile=profile, transfer_backend=backend,

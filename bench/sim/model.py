@@ -44,6 +44,22 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 
+def decode_batch_table(values: dict[str, float]) -> tuple[float, ...]:
+    """bench.profile's `decode_batch_s@<b>` values as the table PerfModel holds ([b - 1]); empty without them."""
+    sizes = sorted(int(name.split("@")[1]) for name in values if name.startswith("decode_batch_s@"))
+    if sizes != list(range(1, len(sizes) + 1)):
+        raise ValueError(f"decode_batch_s needs every batch size from 1 on, has {sizes}")
+    return tuple(values[f"decode_batch_s@{size}"] for size in sizes)
+
+
+def decode_batch_extra_s(table: tuple[float, ...], num_prompt_tokens: int, num_decode_seqs: int) -> float:
+    """What a step takes beyond the line by the table: only a step that decodes and computes no prompt token;
+    past the table, its last entry."""
+    if not table or not num_decode_seqs or num_prompt_tokens:
+        return 0.0
+    return table[min(num_decode_seqs, len(table)) - 1]
+
+
 def prompt_pairs(num_tokens: int, num_before: int = 0) -> int:
     """Attention's pairs of a chunk of `num_tokens` prompt tokens after `num_before` of the same prompt: each token
     attends to the ones before it and to itself."""
@@ -68,14 +84,11 @@ class PerfModel(BaseModel):
 
     def step_s(self, num_prompt_tokens: int, num_decode_seqs: int, num_context_tokens: int,
                num_prompt_pairs: int = 0) -> float:
-        line = (self.step_s0 + (self.decode_step_s0 if num_decode_seqs else 0.0)
+        return (self.step_s0 + (self.decode_step_s0 if num_decode_seqs else 0.0)
                 + self.prompt_token_s * num_prompt_tokens + self.prompt_pair_s * num_prompt_pairs
                 + (self.decode_seq_s + self.served_token_s) * num_decode_seqs
-                + self.context_token_s * num_context_tokens)
-        if num_decode_seqs and not num_prompt_tokens and self.decode_batch_s:
-            table = self.decode_batch_s
-            line += table[min(num_decode_seqs, len(table)) - 1]
-        return line
+                + self.context_token_s * num_context_tokens
+                + decode_batch_extra_s(self.decode_batch_s, num_prompt_tokens, num_decode_seqs))
 
     def handover_s(self, num_prompt_tokens: int) -> float:
         return self.handover_s0 + self.handover_token_s * num_prompt_tokens
@@ -99,9 +112,4 @@ class PerfModel(BaseModel):
         for name in ("handover_s0", "handover_token_s"):
             if f"{name}@{backend}" in values:
                 fields[name] = values[f"{name}@{backend}"]
-        batches = sorted(int(name.split("@")[1]) for name in values if name.startswith("decode_batch_s@"))
-        if batches:
-            if batches != list(range(1, len(batches) + 1)):
-                raise ValueError(f"decode_batch_s needs every batch size from 1 on, has {batches}")
-            fields["decode_batch_s"] = tuple(values[f"decode_batch_s@{size}"] for size in batches)
-        return cls(**fields)
+        return cls(**fields, decode_batch_s=decode_batch_table(values))
