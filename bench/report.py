@@ -27,7 +27,7 @@ from bench.bootstrap import RatioInterval, paired_ratio_interval
 from bench.load_generator import MAX_SEND_LAG_P99_S, RequestRecord
 from bench.provenance import MEASURED_PATHS, PLAN_PATHS, changed_since
 from bench.result_files import request_values, span_s
-from bench.slo import SLO_FACTORS, Reference
+from bench.slo import SLO_FACTORS, Goodput, Reference, goodput
 
 # A cell measured on a host more than this much slower or faster than when the reference was measured is flagged:
 # the tightest bounds (TBT and E2E P50 within 1.25x) leave little room for a host that is itself 15% slower.
@@ -181,6 +181,15 @@ def first_saturated_rate(delivered_share_by_rate: dict[float, float]) -> float |
     """The lowest rate whose delivered share of the offered requests/s is below SATURATED_SHARE; None: none is."""
     return next((rate for rate in sorted(delivered_share_by_rate)
                  if delivered_share_by_rate[rate] < SATURATED_SHARE), None)
+
+
+def saturation_rate(delivered_share_by_rate: dict[float, float]) -> Goodput:
+    """Where a sweep's delivered share of the offered requests/s falls to SATURATED_SHARE: interpolated linearly
+    between the last rate that keeps up and the first that does not (slo.goodput's rule, on the share), so that two
+    sweeps of the same rates can be compared closer than their spacing; `at_least` the top rate where every rate
+    kept up, `below_lowest` where the lowest did not."""
+    # As a margin that is at most 1 exactly while the share reaches SATURATED_SHARE (rounded, as attainment's).
+    return goodput({rate: round(1 + SATURATED_SHARE - share, 12) for rate, share in delivered_share_by_rate.items()})
 
 
 def saturation_lines(sweep: list[dict[str, Any]], rates: list[float]) -> list[str]:

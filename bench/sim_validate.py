@@ -8,12 +8,17 @@
    engine settings (batch tokens, sequences, the KV cache in tokens of this model), the timing only from
    bench.profile's model.csv: nothing is fitted to a cell.
 2. Each system's cells are replayed in the order it ran them, in one simulation (its scheduler's learned rates
-   carry over as they did live), at the arrival times and with the token counts its run recorded.
+   carry over as they did live), at the arrival times and with the token counts its run recorded; a request the
+   app refused or the client gave up on (no counts recorded) with the sizes the comparison's plan sent it, so that
+   a saturated cell offers the simulator the load it offered the app. A simulated request still running past the
+   client's timeout (run.json's `request_timeout_s`) is a miss, as it was live.
 3. Per cell: simulated over measured TTFT, TBT (a request's mean gap) and E2E at p50 and p90, each with a paired
    request-level 95% bootstrap interval; a p50 is within target when the ratio is within 10% of 1 or its interval
-   holds 1, counted for the cells below 80% of the system's measured saturation. Saturation per trace: the first
-   rate whose delivered requests/s fall below 0.9 of the offered, measured and simulated.
-4. validation.csv, validation.md and validation.png under --out.
+   holds 1, counted for the cells below 80% of the system's measured saturation. Saturation per trace: the rate
+   at which delivered requests/s fall to 0.9 of the offered, measured and simulated, interpolated between the
+   last rate that keeps up and the first that does not (the rates' spacing would otherwise decide the 15%).
+4. validation.csv, validation.md and validation.png under --out; `--compiled` replays from bench.sim_compile's
+   compiled copy (the same decisions and times, tests/unit/test_sim_compile.py), which the report says.
 """
 
 from __future__ import annotations
@@ -29,18 +34,22 @@ import numpy as np
 from bench.bootstrap import paired_ratio_interval
 from bench.load_generator import RequestRecord
 from bench.provenance import provenance
-from bench.report import SATURATED_SHARE, first_saturated_rate
+from bench.report import SATURATED_SHARE, saturation_rate
 from bench.result_files import read_requests_csv, span_s
 from bench.sim.config import ClusterConfig, MachineConfig, SimConfig
 from bench.sim.model import PerfModel
 from bench.sim.simulator import Simulator
+from bench.sim_compile import add_compiled_argument, compiled_modules, run_compiled_instead
+from bench.slo import Goodput
 from bench.systems import app_config
 from bench.traces import TraceRequest
+from bench.workloads import Plan
 
 RESULTS = Path(__file__).parent / "results"
 GAP_BETWEEN_CELLS_S = 5.0
 WITHIN = 0.10  # a simulated p50 within 10% of the measured one
 BELOW_SATURATION = 0.8
+SATURATION_WITHIN = 0.15  # the simulated saturation rate within 15% of the measured one
 METRICS = (("ttft", "TTFT"), ("tpot", "TBT"), ("e2e", "E2E"))
 
 
@@ -94,18 +103,33 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
                                            decode=machine_config(args.decode, args.model)))
 
 
-def replay(config: SimConfig, measured: dict[str, list[RequestRecord]]) -> dict[str, list[RequestRecord]]:
+def planned_requests(run: dict[str, Any]) -> dict[str, dict[int, TraceRequest]]:
+    """Cell name -> request id -> the request the comparison's plan sent (bench.workloads, the same seeds); empty
+    for a run.json without its plan."""
+    if "plan" not in run:
+        return {}
+    cells = Plan.model_validate(run["plan"]).workloads(run.get("unit_rates_per_s"))
+    return {cell.name: {request.request_id: request for request in cell.requests} for cell in cells}
+
+
+def replay(config: SimConfig, measured: dict[str, list[RequestRecord]],
+           planned: dict[str, dict[int, TraceRequest]] | None = None,
+           timeout_s: float | None = None) -> dict[str, list[RequestRecord]]:
     """Every cell in its measured order, one after another in one simulation; records back per cell, each with
-    its cell's own clock."""
+    its cell's own clock. A request with no counts recorded (refused, or given up on) gets its `planned` sizes;
+    a simulated one that ends past `timeout_s` after its arrival is a miss."""
     requests, cell_of, offset = [], {}, 0.0
     for cell, records in measured.items():
         base = min(record.arrival_s for record in records)
         for record in records:
             request_id = len(requests)
             cell_of[request_id] = (cell, record.request_id, offset - base)
+            sizes = (record.prompt_tokens, record.output_tokens)
+            sent = (planned or {}).get(cell, {}).get(record.request_id)
+            if not record.is_ok and record.prompt_tokens < 1 and sent is not None:
+                sizes = (sent.prompt_tokens, sent.output_tokens)
             requests.append(TraceRequest(request_id=request_id, arrival_s=offset + record.arrival_s - base,
-                                         prompt_tokens=max(1, record.prompt_tokens),
-                                         output_tokens=max(1, record.output_tokens)))
+                                         prompt_tokens=max(1, sizes[0]), output_tokens=max(1, sizes[1])))
         longest = max((record.e2e_s or 0.0) + record.arrival_s - base for record in records)
         offset += longest + GAP_BETWEEN_CELLS_S
     simulated: dict[str, list[RequestRecord]] = {cell: [] for cell in measured}
@@ -114,6 +138,8 @@ def replay(config: SimConfig, measured: dict[str, list[RequestRecord]]) -> dict[
         record.request_id, record.arrival_s, record.start_s = request_id, record.arrival_s - shift, \
             record.arrival_s - shift
         record.workload = cell
+        if timeout_s is not None and record.is_ok and (record.e2e_s or 0.0) > timeout_s:
+            record.error = f"still running {timeout_s:g} s after its arrival (the client's timeout)"
         simulated[cell].append(record)
     return simulated
 
@@ -142,9 +168,15 @@ def compare_cell(simulated: list[RequestRecord], measured: list[RequestRecord]) 
     return row
 
 
-def saturation(rows: list[dict[str, Any]], side: str) -> float | None:
-    """The first rate whose delivered requests/s fall below SATURATED_SHARE of the offered."""
-    return first_saturated_rate({row["rate_per_s"]: row[f"{side}_delivered_share"] for row in rows})
+def saturation(rows: list[dict[str, Any]], side: str) -> Goodput:
+    """Where delivered requests/s fall to SATURATED_SHARE of the offered, interpolated (report.saturation_rate)."""
+    return saturation_rate({row["rate_per_s"]: row[f"{side}_delivered_share"] for row in rows})
+
+
+def saturation_text(found: Goodput) -> str:
+    if found.kind == "interpolated":
+        return f"{found.rate_per_s:.2f}/s"
+    return f"not reached (≥ {found.rate_per_s:g}/s)" if found.kind == "at_least" else "below the lowest rate"
 
 
 def is_within(row: dict[str, Any], key: str) -> bool:
@@ -176,7 +208,10 @@ def main(argv: list[str] | None = None) -> None:
                              "comparison (the report says so)")
     parser.add_argument("--no-core-sharing", action="store_true",
                         help="an ablation: every engine simulated on a core of its own, whatever its cpu_binding")
+    add_compiled_argument(parser)
     args = parser.parse_args(argv)
+    if args.compiled:
+        run_compiled_instead("bench.sim_validate", argv)
     run = json.loads((args.compare / "run.json").read_text())
     hosts = host_mismatch(run, args.profile)
     if hosts is not None and not args.allow_other_host:
@@ -184,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                          "timed by one host's engine cannot be validated against another's (profile this host with "
                          "`python -m bench.profile`, or pass --allow-other-host to see the mismatch anyway)")
     cells = {cell["name"]: cell for cell in run["cells"]}
+    planned = planned_requests(run)
     rows: list[dict[str, Any]] = []
     for system in run["systems"]:
         try:
@@ -200,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
             if record.repeat == 0:
                 measured.setdefault(record.workload, []).append(record)
         measured = {name: measured[name] for name in cells if name in measured}
-        simulated = replay(config, measured)
+        simulated = replay(config, measured, planned, run.get("request_timeout_s"))
         for name, records in measured.items():
             cell = cells[name]
             row = {"system": system["name"], "policy": config.scheduling.policy, "cell": name,
@@ -217,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
         writer = csv.DictWriter(handle, fieldnames=fields, restval="")
         writer.writeheader()
         writer.writerows(rows)
-    lines = report_lines(rows, run, args, provenance(), hosts)
+    lines = report_lines(rows, run, args, {**provenance(), "compiled_modules": compiled_modules()}, hosts)
     (args.out / "validation.md").write_text("\n".join(lines) + "\n")
     draw(rows, args.out / "validation.png")
     print("\n".join(lines))
@@ -229,7 +265,8 @@ def report_lines(rows: list[dict[str, Any]], run: dict[str, Any], args: argparse
         f"**the profile on {hosts[0]}, the comparison on {hosts[1]}: not a validation, other hosts**"
     lines = ["# The simulator against the measured comparison", "",
              f"`python -m bench.sim_validate --compare {args.compare} --profile {args.profile}"
-             f"{' --no-core-sharing' if args.no_core_sharing else ''}` at commit "
+             f"{' --no-core-sharing' if args.no_core_sharing else ''}"
+             f"{' --compiled' if origin.get('compiled_modules') else ''}` at commit "
              f"{origin['commit']}: the requests of the comparison measured at {run.get('measured_commit')} "
              f"({run.get('started_at')}), replayed in the simulator with the profile alone ({where}). Ratios are "
              "simulated over measured on the same requests, with paired 95% bootstrap intervals.", "",
@@ -256,15 +293,18 @@ def report_lines(rows: list[dict[str, Any]], run: dict[str, Any], args: argparse
             if not sweep:
                 continue
             measured, simulated = saturation(sweep, "measured"), saturation(sweep, "simulated")
-            close = "–" if measured is None or simulated is None else \
-                ("yes" if abs(simulated / measured - 1) <= 0.15 else "no")
-            limit = measured if measured is not None else float("inf")
+            if measured.kind == simulated.kind == "interpolated":
+                close = "yes" if abs(simulated.rate_per_s / measured.rate_per_s - 1) <= SATURATION_WITHIN else "no"
+            else:  # one side past the sweep's top (or under its bottom): a bound, not a rate to compare
+                close = "–" if measured.kind == simulated.kind else "no"
+            limit = {"interpolated": measured.rate_per_s, "at_least": float("inf")}.get(measured.kind, 0.0)
             below = [row for row in sweep if row["rate_per_s"] < BELOW_SATURATION * limit]
             counts = [f"{sum(is_within(row, key) for row in below)} of {len(below)}" for key, _ in METRICS]
-            lines.append(f"| {system} | {trace} | {measured or 'not reached'} | {simulated or 'not reached'} | "
+            lines.append(f"| {system} | {trace} | {saturation_text(measured)} | {saturation_text(simulated)} | "
                          f"{close} | {len(below)} | " + " | ".join(counts) + " |")
     lines += ["", f"A p50 is within target when the ratio is within {WITHIN:.0%} of 1 or its interval holds 1. "
-              f"Saturation: the first rate delivering under {SATURATED_SHARE} of the offered requests/s. "
+              f"Saturation: the rate at which delivered requests/s fall to {SATURATED_SHARE} of the offered, "
+              "interpolated between the last rate that keeps up and the first that does not. "
               "Every row is in [validation.csv](validation.csv).", "", "![validation](validation.png)"]
     return lines
 

@@ -348,7 +348,41 @@ def test_validation_pairs_requests_and_finds_saturation():
     assert row["e2e_p50_ratio"] == pytest.approx(1.0) and is_within(row, "ttft") and is_within(row, "e2e")
     sweep = [{"rate_per_s": rate, "measured_delivered_share": measured_share, "simulated_delivered_share": share}
              for rate, measured_share, share in ((0.5, 0.97, 0.98), (1.0, 0.93, 0.85), (2.0, 0.6, 0.5))]
-    assert saturation(sweep, "measured") == 2.0 and saturation(sweep, "simulated") == 1.0
+    # Interpolated where the share crosses 0.9: measured 0.93 at 1/s and 0.6 at 2/s, 3/33 of the way from 1 to 2;
+    # simulated 0.98 at 0.5/s and 0.85 at 1/s, 8/13 of the way from 0.5 to 1.
+    measured_rate, simulated_rate = saturation(sweep, "measured"), saturation(sweep, "simulated")
+    assert measured_rate.kind == simulated_rate.kind == "interpolated"
+    assert measured_rate.rate_per_s == pytest.approx(1 + 3 / 33) and simulated_rate.rate_per_s == pytest.approx(
+        0.5 + 0.5 * 8 / 13)
+    kept_up = [{**row, "measured_delivered_share": 0.95} for row in sweep]
+    assert saturation(kept_up, "measured").kind == "at_least" and saturation(kept_up, "measured").rate_per_s == 2.0
+    never = [{**row, "measured_delivered_share": 0.5} for row in sweep]
+    assert saturation(never, "measured").kind == "below_lowest"
+
+
+def test_validation_replays_refused_requests_at_their_planned_sizes_and_times_out_as_the_client():
+    """A request the app refused (503, no counts recorded) is offered to the simulator at the size the plan sent
+    it, so a saturated cell offers both the same load; a simulated request past the client's timeout is a miss."""
+    from bench.load_generator import RequestRecord
+    from bench.sim_validate import replay
+
+    config = SimConfig.from_yaml(Path("bench/sim/configs/host_1p1d.yaml"))
+    served = RequestRecord(request_id=0, arrival_s=0.0, prompt_tokens=200, output_tokens=8, start_s=0.0,
+                           ttft_s=0.5, e2e_s=1.0, tbt_s=[0.07] * 7)
+    refused = RequestRecord(request_id=1, arrival_s=0.1, prompt_tokens=0, output_tokens=0, start_s=0.1,
+                            error="InternalServerError: Error code: 503 - the decode role is at capacity")
+    planned = {"code@9/s": {0: TraceRequest(request_id=0, arrival_s=0.0, prompt_tokens=190, output_tokens=8),
+                            1: TraceRequest(request_id=1, arrival_s=0.1, prompt_tokens=700, output_tokens=20)}}
+    simulated = {record.request_id: record for record in
+                 replay(config, {"code@9/s": [served, refused]}, planned)["code@9/s"]}
+    assert (simulated[0].prompt_tokens, simulated[0].output_tokens) == (200, 8)  # as the server counted it
+    assert (simulated[1].prompt_tokens, simulated[1].output_tokens) == (700, 20)  # as the plan sent it
+    assert simulated[1].is_ok  # served in the simulator, which has no admission bound
+    without_plan = {record.request_id: record
+                    for record in replay(config, {"code@9/s": [served, refused]})["code@9/s"]}
+    assert without_plan[1].prompt_tokens == 1
+    timed_out = replay(config, {"code@9/s": [served, refused]}, planned, timeout_s=0.2)["code@9/s"]
+    assert not any(record.is_ok for record in timed_out) and all("timeout" in record.error for record in timed_out)
 
 
 def test_validation_refuses_a_profile_from_another_host(tmp_path):
