@@ -23,6 +23,7 @@ benchmark (bench/results/sim/scale_compiled).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import importlib
 import json
@@ -33,11 +34,14 @@ import sys
 import tempfile
 from importlib.metadata import distributions
 from pathlib import Path
+from typing import Any, NoReturn
 
 from bench.processes import PROJECT_ROOT
 from bench.result_files import CHECKOUT_ENV
 
 PACKAGES = ("bench", "deployments", "kv_transfer", "serve_app")
+COMPILED_FLAG = "--compiled"
+COMPILED_TREE_ENV = "SPLITSERVE_COMPILED_TREE"  # set in a process run_compiled starts: its copy
 COMPILED_MODULES = ("bench/sim/simulator.py", "bench/sim/machine.py", "deployments/scheduling/loads.py",
                     "deployments/scheduling/rates.py", "deployments/scheduling/policies.py")
 # Imports outside the five are taken as they come (typed Any): checking them (pydantic, the engines' packages) took
@@ -102,8 +106,32 @@ def run_compiled(module: str, args: list[str], root: Path = PROJECT_ROOT) -> int
     # mean here) and of the checkout's own install.
     launcher = (f"import runpy, sys; sys.path.insert(0, {str(tree)!r}); sys.argv = [{module!r}, *sys.argv[1:]]; "
                 f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
-    environment = {**os.environ, CHECKOUT_ENV: str(root)}  # its results name the checkout's commit
+    # Its results name the checkout's commit; init_ray finds the copy for the Ray workers it starts.
+    environment = {**os.environ, CHECKOUT_ENV: str(root), COMPILED_TREE_ENV: str(tree)}
     return subprocess.run([sys.executable, "-c", launcher, *args], env=environment).returncode
+
+
+def init_ray(**kwargs: Any) -> None:
+    """`ray.init` for a command that may run from the copy (bench.sim_plan's tasks). Ray puts the driver's working
+    directory first on its workers' sys.path, where the checkout's own `bench` would shadow the copy's: a run from
+    the copy starts Ray in the copy's folder, so that its tasks import what the driver imports (they read no
+    relative path)."""
+    import ray
+
+    tree = os.environ.get(COMPILED_TREE_ENV)
+    with contextlib.chdir(tree) if tree else contextlib.nullcontext():
+        ray.init(**kwargs)
+
+
+def add_compiled_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(COMPILED_FLAG, action="store_true",
+                        help="run from a copy of the sources compiled by mypyc (bench/sim_compile.py; built once)")
+
+
+def run_compiled_instead(module: str, argv: list[str] | None) -> NoReturn:
+    """A command given COMPILED_FLAG: the same command in a process that imports the compiled copy, whose exit
+    status this process exits with."""
+    sys.exit(run_compiled(module, [arg for arg in (sys.argv[1:] if argv is None else argv) if arg != COMPILED_FLAG]))
 
 
 def compiled_modules() -> list[str]:

@@ -15,7 +15,8 @@ scales (Splitwise's throughput-against-machines figure), from simulations that f
    `--windows K` replays K stretches of the trace (its bursts differ by stretch): a design meets the SLOs at a
    rate when it does in every window, and its goodput is the median of the windows' with their range.
 4. Every simulation is one Ray task, on whatever cluster `ray.init` finds (a local one otherwise), with a progress
-   bar. plan.md, plan.csv and plan.png under --out.
+   bar; `--compiled` runs the driver and the local cluster's tasks from bench.sim_compile's compiled copy (run.json
+   says which modules each ran compiled). plan.md, plan.csv and plan.png under --out.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from tqdm import tqdm
 
 from bench import processes
 from bench.provenance import provenance
+from bench.sim_compile import add_compiled_argument, compiled_modules, init_ray, run_compiled_instead
 from bench.sim.config import SimConfig
 from bench.slo import Reference, RequestSample, fit_reference, slo_margin, slowdown_percentiles, slowdowns
 
@@ -73,7 +75,8 @@ def simulate_margin(config_json: str, trace: str, rate: float, duration_s: float
     fit = Reference.model_validate_json(reference_json).for_trace(trace)
     samples = [_sample(record) for record in result.records]
     margin = slo_margin(slowdown_percentiles(slowdowns(samples, fit)))
-    return {"margin": margin, "num_done": sum(sample is not None for sample in samples), "wall_s": result.wall_s}
+    return {"margin": margin, "num_done": sum(sample is not None for sample in samples), "wall_s": result.wall_s,
+            "compiled_modules": compiled_modules()}
 
 
 def simulated_reference(base: SimConfig, trace: str, is_scaled: bool) -> Reference:
@@ -113,7 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--windows", type=int, default=1,
                         help="stretches of the trace each design is simulated on (its bursts differ by stretch)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    add_compiled_argument(parser)
     args = parser.parse_args(argv)
+    if args.compiled:
+        run_compiled_instead("bench.sim_plan", argv)
     if args.windows < 1:
         parser.error(f"--windows must be at least 1, not {args.windows}")
     base = SimConfig.from_yaml(args.config).model_copy(update={"keeps_token_gaps": False})
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     reference = Reference.model_validate_json(args.reference.read_text()) if args.reference else \
         simulated_reference(base, args.trace, is_scaled)
     began = time.time()
-    ray.init(ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
+    init_ray(ignore_reinit_error=True, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     remote = ray.remote(num_cpus=1)(simulate_margin)
     designs = [COLLOCATED, *args.policies]
     designs_points = [(design, machines, prefill) for design in designs for machines in args.machines
@@ -166,8 +172,11 @@ def main(argv: list[str] | None = None) -> None:
     lines = plan_lines(rows, args, reference, began)
     (args.out / "plan.md").write_text("\n".join(lines) + "\n")
     draw(rows, args.out / "plan.png", args.trace)
+    task_modules = sorted({tuple(found["compiled_modules"]) for found in at_rate.values()})
     (args.out / "run.json").write_text(json.dumps({**provenance(), "argv": argv, "reference": json.loads(
-        reference.model_dump_json()), "perf_model": json.loads(base.model.model_dump_json())}, indent=2))
+        reference.model_dump_json()), "perf_model": json.loads(base.model.model_dump_json()),
+        "compiled_modules": compiled_modules(), "tasks_compiled_modules": [list(found) for found in task_modules]},
+        indent=2))
     print("\n".join(lines))
 
 

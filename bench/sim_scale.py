@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from bench.provenance import provenance
-from bench.sim_compile import compiled_modules, run_compiled
+from bench.sim_compile import add_compiled_argument, compiled_modules, run_compiled_instead
 from bench.sim.config import ClusterConfig, SimConfig
 from bench.sim.model import PerfModel
 from bench.sim.simulator import Simulator
@@ -58,12 +58,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile-csv", type=Path, default=DEFAULT_PROFILE, help="bench.profile's model.csv")
     parser.add_argument("--profile", action="store_true", help="cProfile the run and print where the time goes")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--compiled", action="store_true",
-                        help="run from a copy of the sources compiled by mypyc (bench/sim_compile.py; built once)")
+    add_compiled_argument(parser)
     args = parser.parse_args(argv)
-    if args.compiled:  # the same command in a process that imports the compiled copy
-        sys.exit(run_compiled("bench.sim_scale", [arg for arg in (sys.argv[1:] if argv is None else argv)
-                                                  if arg != "--compiled"]))
+    if args.compiled:
+        run_compiled_instead("bench.sim_scale", argv)
     num_prefill = max(1, args.machines // 4)
     config = SimConfig(profile=args.profile_csv, keeps_token_gaps=False, scheduling={"policy": args.policy},
                        cluster=ClusterConfig(num_prefill=num_prefill, num_decode=args.machines - num_prefill))

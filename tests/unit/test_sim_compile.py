@@ -52,3 +52,19 @@ def test_a_compiled_run_decides_and_times_exactly_as_the_sources(tmp_path, capfd
     rates = edited / "deployments" / "scheduling" / "rates.py"
     rates.write_text(rates.read_text() + "\n# an edit\n")
     assert sim_compile.source_hash(edited) != sim_compile.source_hash(PROJECT_ROOT)
+
+
+def test_a_compiled_plan_runs_its_ray_tasks_from_the_copy_too(tmp_path):
+    """Ray puts the driver's working directory (the checkout) first on its workers' sys.path: a plan run from the
+    copy must still simulate in the copy (sim_compile.init_ray), and plan exactly as the sources do."""
+    plan = ["--config", "bench/sim/configs/host_1p1d.yaml", "--trace", "conv", "--rate", "1", "--duration", "30",
+            "--machines", "2", "--policies", "predictive"]
+    subprocess.run([sys.executable, "-m", "bench.sim_plan", *plan, "--out", str(tmp_path / "source")],
+                   cwd=PROJECT_ROOT, check=True, capture_output=True)
+    assert sim_compile.run_compiled("bench.sim_plan", [*plan, "--out", str(tmp_path / "compiled")]) == 0
+    every_module = [path.removesuffix(".py").replace("/", ".") for path in sim_compile.COMPILED_MODULES]
+    runs = {side: json.loads((tmp_path / side / "run.json").read_text()) for side in ("source", "compiled")}
+    assert runs["compiled"]["compiled_modules"] == every_module
+    assert runs["compiled"]["tasks_compiled_modules"] == [every_module]
+    assert runs["source"]["tasks_compiled_modules"] == [[]]
+    assert (tmp_path / "compiled" / "plan.csv").read_text() == (tmp_path / "source" / "plan.csv").read_text()
