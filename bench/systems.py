@@ -165,6 +165,13 @@ SPLITSERVE_UPDATES["splitserve-2p1d-nixl"] = {**SPLITSERVE_UPDATES["splitserve-n
 SPLITSERVE_UPDATES["splitserve-2p1d-predictive"] = {**SPLITSERVE_UPDATES["splitserve-predictive"], **TWO_PREFILL}
 
 
+# always_split with each engine replica taking only its batch (`max_ongoing_requests` 16, the default before
+# max_queued_requests was added to it): requests past it wait in Serve's router, which retries the chosen replica
+# with backoff until it has room. What queueing in the engines instead buys at saturation (docs/benchmarks.md).
+SERVE_QUEUE = {"prefill": {"max_ongoing_requests": 16}, "decode": {"max_ongoing_requests": 16}}
+SPLITSERVE_UPDATES["splitserve-nixl-serve-queue"] = {**SPLITSERVE_UPDATES["splitserve-nixl"], **SERVE_QUEUE}
+
+
 # vLLM's own queues between an engine's processes (a 1 s sched_yield spin), instead of our plugin's sleeping readers
 # (deployments/engine_ipc.py): what sleeping buys, measured against the same systems with vLLM's spin.
 VLLM_SPIN = {"SPLITSERVE_ENGINE_SPIN_S": "vllm"}
@@ -212,6 +219,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, always_split, 2 prefill engines (sharing core 0) + 1 decode"),
     _variant("splitserve-2p1d-predictive",
              "splitserve PD on NIXL, predictive, 2 prefill engines (sharing core 0) + 1 decode"),
+    _variant("splitserve-nixl-serve-queue",
+             "splitserve PD on NIXL, always_split, engine replicas taking only their batch (the rest queued in Serve)"),
     *[_variant(name, f"{of}, its engines' processes waiting for each other with vLLM's 1 s spin", env=VLLM_SPIN)
       for name, of in SPIN_SYSTEMS.items()],
 ]}

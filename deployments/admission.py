@@ -6,10 +6,11 @@
 2. `prefill_done` when prefill has answered (or failed): the request leaves the prefill stage.
 3. `finished` when the request is over, whatever the outcome: it leaves decode's count.
 
-Bounds are per role, `num_replicas * max_ongoing_requests + max_queued_requests` (EngineRoleConfig), shared out
-over the router's replicas: each router replica admits its part. Counting at the router covers both stages at
-once, which Serve's per-deployment `max_queued_requests` cannot: a request refused by decode after its prefill
-would have wasted that prefill and held its KV.
+Bounds are per role, `num_replicas * (max_ongoing_requests or max_num_seqs) + max_queued_requests`
+(EngineRoleConfig), shared out over the router's replicas: each router replica admits its part. Counting at the
+router covers both stages at once, which Serve's per-deployment `max_queued_requests` cannot: a request refused by
+decode after its prefill would have wasted that prefill and held its KV. The engine replicas take the queued ones
+too (their `max_ongoing_requests`), so an admitted request waits in its engine's scheduler, not in Serve's router.
 """
 
 from __future__ import annotations

@@ -137,7 +137,10 @@ class EngineRoleConfig(PlacedConfig):
     # and worker processes (which inherit it) poll on the engine's own cores: after each step they spin for up to a
     # second on any core otherwise, beside the other role's engine. Off: only the model's threads are pinned.
     pin_engine_processes: bool = False
-    # Requests one replica works on at once (Serve's max_ongoing_requests); None: max_num_seqs, the engine's batch.
+    # Requests one replica takes at once (Serve's max_ongoing_requests); None: max_num_seqs, the engine's batch, plus
+    # max_queued_requests, so that requests past the batch wait in vLLM's scheduler for the engine chosen for them.
+    # Held back in Serve's router instead, each one retries that replica with backoff until it has room: at
+    # saturation the router and the prefill replica spent a third of a 2-core host on it (docs/benchmarks.md).
     max_ongoing_requests: int | None = Field(None, ge=1)
     # Overload bound: requests that may wait for this role beyond what its replicas work on. The router answers
     # the next one with 503 and Retry-After instead of queueing it.
@@ -182,6 +185,11 @@ class EngineRoleConfig(PlacedConfig):
 
     @property
     def num_ongoing_per_replica(self) -> int:
+        return self.max_ongoing_requests or self.max_num_seqs + self.max_queued_requests
+
+    @property
+    def num_working_per_replica(self) -> int:
+        """Requests one replica works on, not counting those queued in its engine: what the overload bound counts."""
         return self.max_ongoing_requests or self.max_num_seqs
 
     @property
@@ -194,7 +202,7 @@ class EngineRoleConfig(PlacedConfig):
         """Requests this role may hold in all, working and waiting, before new ones are refused. An autoscaled role
         is bounded by its largest size: the queue that builds meanwhile is what makes it grow."""
         most = self.num_replicas if self.autoscaling is None else self.autoscaling.max_replicas
-        return most * self.num_ongoing_per_replica + self.max_queued_requests
+        return most * self.num_working_per_replica + self.max_queued_requests
 
 
 class RouterConfig(PlacedConfig):

@@ -59,3 +59,13 @@ def test_a_directory_without_config_json_is_not_a_model(tmp_path):
     args["model"]["path"] = str(tmp_path)
     with pytest.raises(ValidationError, match="no config.json"):
         AppConfig.model_validate(args)
+
+
+def test_an_engine_replica_takes_its_batch_and_the_role_queue_while_the_overload_bound_stays():
+    """Requests past an engine's batch wait in vLLM's scheduler (Serve's max_ongoing_requests covers them), not in
+    Serve's router retrying the chosen replica; the router's overload bound counts the same requests as before."""
+    role = EngineRoleConfig(num_replicas=2, max_num_seqs=16, max_queued_requests=32)
+    assert role.num_ongoing_per_replica == 16 + 32
+    assert role.num_admissible == 2 * 16 + 32
+    chosen = EngineRoleConfig(num_replicas=2, max_num_seqs=16, max_queued_requests=32, max_ongoing_requests=20)
+    assert chosen.num_ongoing_per_replica == 20 and chosen.num_admissible == 2 * 20 + 32
