@@ -1,0 +1,37 @@
+"""bench.process_cpu: CPU seconds per kind of process over the busiest window of a run."""
+
+from __future__ import annotations
+
+import os
+
+from bench import process_cpu
+
+
+def _snapshot(t: float, **processes: tuple[str, float]) -> dict:
+    return {"t": t, "processes": dict(processes)}
+
+
+def test_cpu_is_summed_by_name_over_the_busiest_window():
+    samples = [_snapshot(0, a=("router", 1.0), b=("VLLM::Worker", 10.0)),
+               _snapshot(5, a=("router", 1.5), b=("VLLM::Worker", 12.0)),
+               _snapshot(10, a=("router", 2.0), b=("VLLM::Worker", 21.0), c=("router", 3.0)),  # c born in between
+               _snapshot(15, a=("router", 2.1), b=("VLLM::Worker", 22.0), c=("router", 3.1))]
+    assert process_cpu.used(samples[1], samples[2]) == {"router": 3.5, "VLLM::Worker": 9.0}
+    # 10 s windows: 0-10 used 15.0, 5-15 used 13.7 (c counts from zero in both): the first is the busiest.
+    assert process_cpu.busiest_window(samples, 10.0) == (0, 2)
+    assert process_cpu.busiest_window(samples, 20.0) is None
+    lines, rows = process_cpu.report_lines(samples, (0, 2), ["true"], {"commit": "abc"})
+    assert [row["name"] for row in rows] == ["VLLM::Worker", "router"] and rows[0]["cpu_s"] == 11.0
+    assert any("`VLLM::Worker` | 11.0" in line for line in lines)
+
+
+def test_a_pid_reused_by_another_process_counts_from_zero():
+    first, last = _snapshot(0, a=("raylet", 50.0)), _snapshot(5, a=("gcs_server", 2.0))
+    assert process_cpu.used(first, last) == {"gcs_server": 2.0}
+
+
+def test_a_sample_holds_this_process():
+    found = process_cpu.sample()
+    name, cpu_s = found[str(os.getpid())]
+    assert "python" in name or "pytest" in name
+    assert cpu_s > 0
