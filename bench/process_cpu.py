@@ -4,12 +4,13 @@
 
 1. Every `--every-s` seconds (5) a sample of every process on the host: its user + system CPU seconds from
    /proc/<pid>/stat, and what it is (`name`: the command line's first words for Python and Ray processes, which
-   all share one `comm`; `comm` otherwise: vLLM's `VLLM::Worker`, `VLLM::EngineCore`, `raylet`, ...).
+   all share one `comm`, a Ray actor's without the method it runs now, which Ray writes into its title; `comm`
+   otherwise: vLLM's `VLLM::Worker`, `VLLM::EngineCore`, `raylet`, ...).
 2. The command runs meanwhile, its output passed through; when it ends, the last sample is taken.
 3. The window: the `--window-s` seconds (85, a loaded cell of bench.compare) in which the host used the most CPU,
    i.e. the one under the most load. CPU seconds per name over it, against the window's capacity (its seconds
    times the cores), into cpu.csv and cpu.md (the command, the commit, the window); samples.jsonl.gz keeps every
-   sample.
+   sample, run.json the command and its commit (`--report-only` reports from them again).
 """
 
 from __future__ import annotations
@@ -44,17 +45,28 @@ def sample() -> dict[str, tuple[str, float]]:
         comm = stat[stat.index("(") + 1: stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2:].split()
         cpu_s = (int(fields[11]) + int(fields[12])) / TICKS_PER_S
-        is_python = "python" in comm or command.startswith("ray::")
-        found[pid] = ((command.strip()[:NAME_WORDS] if is_python else comm), cpu_s)
+        found[pid] = (process_name(comm, command), cpu_s)
     return found
 
 
+def process_name(comm: str, command: str) -> str:
+    is_python = "python" in comm or command.startswith("ray::")
+    return without_method(command.strip()[:NAME_WORDS] if is_python else comm)
+
+
+def without_method(name: str) -> str:
+    """A Ray actor's name without the method Ray wrote into its title ("ray::ServeReplica:app:Router.handle_request"
+    while it runs that one), so that one process keeps one name."""
+    return name.split()[0].split(".")[0] if name.startswith("ray::") else name
+
+
 def used(first: dict[str, Any], last: dict[str, Any]) -> dict[str, float]:
-    """CPU seconds per name between two samples (a process born between them counts from zero)."""
+    """CPU seconds per name (the later one: vLLM's processes rename themselves once started) between two samples;
+    a process born between them counts from zero (as does a pid reused by one with less CPU time)."""
     by_name: dict[str, float] = defaultdict(float)
     for pid, (name, cpu_s) in last["processes"].items():
         earlier = first["processes"].get(pid)
-        by_name[name] += cpu_s - (earlier[1] if earlier and earlier[0] == name else 0.0)
+        by_name[name] += cpu_s - (earlier[1] if earlier and earlier[1] <= cpu_s else 0.0)
     return dict(by_name)
 
 
@@ -96,12 +108,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--every-s", type=float, default=5.0)
     parser.add_argument("--window-s", type=float, default=85.0)
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: report again from --out's samples.jsonl.gz and run.json")
     parser.add_argument("command", nargs=argparse.REMAINDER, help="after --: the command to run while sampling")
     args = parser.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if args.report_only:
+        with gzip.open(args.out / "samples.jsonl.gz", "rt") as handle:
+            samples = [json.loads(line) for line in handle]
+        write_report(args, samples, json.loads((args.out / "run.json").read_text()))
+        return
     if not command:
         parser.error("give the command to run after --")
     args.out.mkdir(parents=True, exist_ok=True)
+    run = {"command": command, **provenance()}  # what ran, at which commit
+    (args.out / "run.json").write_text(json.dumps(run, indent=2))
     samples: list[dict[str, Any]] = []
     done = threading.Event()
 
@@ -119,17 +140,23 @@ def main(argv: list[str] | None = None) -> None:
     sampler.join()
     with gzip.open(args.out / "samples.jsonl.gz", "wt") as handle:
         handle.writelines(json.dumps(one) + "\n" for one in samples)
+    write_report(args, samples, run)
+    raise SystemExit(status)
+
+
+def write_report(args: argparse.Namespace, samples: list[dict[str, Any]], run: dict[str, Any]) -> None:
+    for one in samples:  # samples taken before names dropped the method, named as now
+        one["processes"] = {pid: (without_method(name), cpu_s) for pid, (name, cpu_s) in one["processes"].items()}
     window = busiest_window(samples, args.window_s)
     if window is None:
         raise SystemExit(f"the command ran under --window-s ({args.window_s:g} s): nothing to report")
-    lines, rows = report_lines(samples, window, command, provenance())
+    lines, rows = report_lines(samples, window, run["command"], run)
     with open(args.out / "cpu.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["name", "cpu_s", "share_of_host"])
         writer.writeheader()
         writer.writerows(rows)
     (args.out / "cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    raise SystemExit(status)
 
 
 if __name__ == "__main__":

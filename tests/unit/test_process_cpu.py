@@ -25,9 +25,19 @@ def test_cpu_is_summed_by_name_over_the_busiest_window():
     assert any("`VLLM::Worker` | 11.0" in line for line in lines)
 
 
-def test_a_pid_reused_by_another_process_counts_from_zero():
+def test_a_pid_reused_by_another_process_counts_from_zero_and_a_renamed_one_from_where_it_was():
     first, last = _snapshot(0, a=("raylet", 50.0)), _snapshot(5, a=("gcs_server", 2.0))
     assert process_cpu.used(first, last) == {"gcs_server": 2.0}
+    # vLLM's worker renames itself once started: its CPU before the window is not the window's.
+    first, last = _snapshot(0, a=("python -c from multiprocessing.spawn", 30.0)), _snapshot(5, a=("VLLM::Worker", 34.0))
+    assert process_cpu.used(first, last) == {"VLLM::Worker": 4.0}
+
+
+def test_a_ray_actor_keeps_one_name_whatever_method_it_runs():
+    assert process_cpu.process_name("ray::ServeRepli", "ray::ServeReplica:app:Router.handle_request_with_rejection"
+                                    ) == "ray::ServeReplica:app:Router"
+    assert process_cpu.without_method("ray::ServeReplica:app:Router") == "ray::ServeReplica:app:Router"
+    assert process_cpu.process_name("raylet", "/path/raylet --flags") == "raylet"
 
 
 def test_a_sample_holds_this_process():
