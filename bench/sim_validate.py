@@ -106,9 +106,11 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
 def planned_requests(run: dict[str, Any]) -> dict[str, dict[int, TraceRequest]]:
     """Cell name -> request id -> the request the comparison's plan sent (bench.workloads, the same seeds); empty
     for a run.json without its plan."""
-    if "plan" not in run:
+    try:
+        cells = Plan.model_validate(run["plan"]).workloads(run.get("unit_rates_per_s"))
+    except (KeyError, ValueError) as exc:  # no plan, or one of older code (pydantic's errors are ValueErrors)
+        print(f"the comparison's plan is not expanded ({str(exc)[:200]}): refused requests keep their recorded sizes")
         return {}
-    cells = Plan.model_validate(run["plan"]).workloads(run.get("unit_rates_per_s"))
     return {cell.name: {request.request_id: request for request in cell.requests} for cell in cells}
 
 
