@@ -85,18 +85,19 @@ def busiest_window(samples: list[dict[str, Any]], window_s: float) -> tuple[int,
     return None if best is None else (best[1], best[2])
 
 
-def report_lines(samples: list[dict[str, Any]], window: tuple[int, int], command: list[str],
-                 origin: dict[str, Any], num_shown: int = 15) -> tuple[list[str], list[dict[str, Any]]]:
+def report_lines(samples: list[dict[str, Any]], window: tuple[int, int], run: dict[str, Any],
+                 num_shown: int = 15) -> tuple[list[str], list[dict[str, Any]]]:
     first, last = samples[window[0]], samples[window[1]]
     seconds = last["t"] - first["t"]
-    capacity = seconds * (os.cpu_count() or 1)
+    num_cores = run.get("num_cores") or os.cpu_count() or 1  # the measured host's (runs before it was kept: this)
+    capacity = seconds * num_cores
     rows = [{"name": name, "cpu_s": round(cpu_s, 2), "share_of_host": round(cpu_s / capacity, 4)}
             for name, cpu_s in sorted(used(first, last).items(), key=lambda item: -item[1]) if cpu_s > 0]
     lines = ["# Where the host's CPU went", "",
-             f"`python -m bench.process_cpu -- {' '.join(command)}` at commit {origin['commit']}, "
+             f"`python -m bench.process_cpu -- {' '.join(run['command'])}` at commit {run['commit']}, "
              f"{time.strftime('%Y-%m-%d %H:%M:%S', time.gmtime(samples[0]['t']))} UTC: the busiest "
              f"{seconds:.1f} s ({sum(row['cpu_s'] for row in rows):.1f} of {capacity:.1f} CPU-seconds on "
-             f"{os.cpu_count()} cores), the processes that used most of it:", "",
+             f"{num_cores} cores), the processes that used most of it:", "",
              "| process | CPU s | share of the host |", "| --- | --- | --- |"]
     lines += [f"| `{row['name']}` | {row['cpu_s']:.1f} | {row['share_of_host']:.1%} |" for row in rows[:num_shown]]
     lines += ["", "Every process is in [cpu.csv](cpu.csv), every sample in samples.jsonl.gz."]
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     if not command:
         parser.error("give the command to run after --")
     args.out.mkdir(parents=True, exist_ok=True)
-    run = {"command": command, **provenance()}  # what ran, at which commit
+    run = {"command": command, "num_cores": os.cpu_count(), **provenance()}  # what ran, where, at which commit
     (args.out / "run.json").write_text(json.dumps(run, indent=2))
     samples: list[dict[str, Any]] = []
     done = threading.Event()
@@ -150,7 +151,7 @@ def write_report(args: argparse.Namespace, samples: list[dict[str, Any]], run: d
     window = busiest_window(samples, args.window_s)
     if window is None:
         raise SystemExit(f"the command ran under --window-s ({args.window_s:g} s): nothing to report")
-    lines, rows = report_lines(samples, window, run["command"], run)
+    lines, rows = report_lines(samples, window, run)
     with open(args.out / "cpu.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["name", "cpu_s", "share_of_host"])
         writer.writeheader()

@@ -20,7 +20,7 @@ def test_cpu_is_summed_by_name_over_the_busiest_window():
     # 10 s windows: 0-10 used 15.0, 5-15 used 13.7 (c counts from zero in both): the first is the busiest.
     assert process_cpu.busiest_window(samples, 10.0) == (0, 2)
     assert process_cpu.busiest_window(samples, 20.0) is None
-    lines, rows = process_cpu.report_lines(samples, (0, 2), ["true"], {"commit": "abc"})
+    lines, rows = process_cpu.report_lines(samples, (0, 2), {"command": ["true"], "commit": "abc"})
     assert [row["name"] for row in rows] == ["VLLM::Worker", "router"] and rows[0]["cpu_s"] == 11.0
     assert any("`VLLM::Worker` | 11.0" in line for line in lines)
 
