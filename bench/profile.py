@@ -32,8 +32,13 @@
    the same sequence is what the served output path adds per token (`served_token_s`: its processes share the
    cores with the engine); its TTFT over the fitted prompt step, the path's latency (`served_request_s`). Then two
    streams at a time, one on each engine: their gap over the one-at-a-time gap of the same prompt size is what an
-   engine loses while the other computes (`shared_host_slowdown`). Medians over the requests: served.csv. Without it the simulator was 8-18% fast on TBT one at a time (bench/results/sim
-   at cfd1787: the engine stepped 44 ms, a client saw 50).
+   engine loses while the other computes (`shared_host_slowdown`). Then the split app (always_split, NIXL), one at
+   a time: its TTFT over the prompt's step, the hand-over, decode's step and the terms above is what the split path
+   itself adds (`served_split_s`: the router's second call, prefill's answer, decode's wait for the KV; on the Xeon
+   host about 95 ms from prefill's answer to decode's first chunk where the engine parts took ~60), split by the
+   router's phases in report.md. Medians over the requests: served.csv. Without these terms the simulator was 8-18%
+   fast on TBT one at a time (bench/results/sim at cfd1787: the engine stepped 44 ms, a client saw 50), and
+   always_split's TTFT 0.57-0.82 of measured (bench/results/xeon_session).
 """
 
 from __future__ import annotations
@@ -75,7 +80,10 @@ HANDOVER_TOKENS = (128, 512, 1024, 2048)
 SERVED_PROMPTS = (128, 512, 1024)  # 5.: streamed one at a time, `--served-requests` of each
 SERVED_OUTPUT_TOKENS = 48
 SHARED_PROMPT = SERVED_PROMPTS[0]  # two at a time (one per engine): prompts this size, 2 × `--served-requests`
+SPLIT_SYSTEM = "splitserve-nixl"  # 5.: the split path served (always_split, NIXL: the simulator's default hand-over)
 MIN_STEPS_PER_BATCH = 5  # a batch size's decode steps needed for its own entry in the decode_batch_s table
+SERVED_FIELDS = ("system", "concurrency", "num_prompt_tokens", "num_output_tokens", "ttft_s", "mean_gap_s",
+                 "prefill_s", "first_chunk_s")
 STEP_FIELDS = ("kind", "num_prompt_tokens", "num_decode_seqs", "num_context_tokens", "seconds", "num_prompt_pairs")
 SPLITWISE_FIELDS = ("model", "hardware", "prompt_size", "batch_size", "token_size", "prompt_time", "token_time",
                     "e2e_time", "tensor_parallel")
@@ -292,48 +300,67 @@ def handover_rows(config: Any, repeats: int, token_counts: tuple[int, ...]) -> l
 
 def served_rows(config: Any, num_each: int, logs_dir: Path) -> list[dict[str, Any]]:
     """5. Requests streamed through the served baseline, one at a time and then two at a time (Serve's choice of
-    the less loaded replica puts one on each engine): each one's client TTFT and mean gap."""
+    the less loaded replica puts one on each engine), then one at a time through the split app (`SPLIT_SYSTEM`):
+    each one's client TTFT and mean gap, and for a split the router's phases (its Server-Timing header)."""
     import asyncio
 
     from bench.load_generator import PromptBuilder, filler_document, run_closed_loop
     from bench.systems import SYSTEMS
     from bench.traces import TraceRequest
 
-    sizes = {1: SERVED_PROMPTS * num_each, 2: (SHARED_PROMPT,) * (2 * num_each)}
     builder = PromptBuilder(config.model.path, filler_document())
     model = config.model.served_name
     rows: list[dict[str, Any]] = []
-    with SYSTEMS["collocated"].start(logs_dir) as base_url:
-        def run(concurrency: int, prompt_sizes: tuple[int, ...], first_id: int, description: str) -> list[Any]:
-            requests = [TraceRequest(request_id=first_id + index, arrival_s=0.0, prompt_tokens=size,
-                                     output_tokens=SERVED_OUTPUT_TOKENS) for index, size in enumerate(prompt_sizes)]
-            prompts = [builder.build(request.request_id, request.prompt_tokens) for request in requests]
-            records = asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=requests, prompts=prompts,
-                                                  concurrency=concurrency, description=description,
-                                                  is_progress_shown=bool(description)))
-            return list(zip(requests, records, strict=True))
 
-        # Untimed first: each prompt size's first run pays one-time costs on either engine.
-        run(1, SERVED_PROMPTS * 2, -100, "")
-        for concurrency, prompt_sizes in sizes.items():
-            for request, record in run(concurrency, prompt_sizes, 1000 * concurrency,
-                                       f"served, {concurrency} at a time"):
-                if not record.is_ok:
-                    raise RuntimeError(f"a served request failed: {record.error}")
-                # The server's own token counts, where it gave them (a built prompt may tokenize a token off).
-                rows.append({"concurrency": concurrency,
-                             "num_prompt_tokens": record.prompt_tokens or request.prompt_tokens,
-                             "num_output_tokens": record.output_tokens or request.output_tokens,
-                             "ttft_s": record.ttft_s, "mean_gap_s": record.tpot_s})
+    def run(base_url: str, concurrency: int, prompt_sizes: tuple[int, ...], first_id: int,
+            description: str) -> list[Any]:
+        requests = [TraceRequest(request_id=first_id + index, arrival_s=0.0, prompt_tokens=size,
+                                 output_tokens=SERVED_OUTPUT_TOKENS) for index, size in enumerate(prompt_sizes)]
+        prompts = [builder.build(request.request_id, request.prompt_tokens) for request in requests]
+        records = asyncio.run(run_closed_loop(base_url=base_url, model=model, requests=requests, prompts=prompts,
+                                              concurrency=concurrency, description=description,
+                                              is_progress_shown=bool(description)))
+        return list(zip(requests, records, strict=True))
+
+    def measure(base_url: str, system: str, concurrency: int, prompt_sizes: tuple[int, ...]) -> None:
+        for request, record in run(base_url, concurrency, prompt_sizes, 1000 * concurrency + len(rows),
+                                   f"served {system}, {concurrency} at a time"):
+            if not record.is_ok:
+                raise RuntimeError(f"a served request failed: {record.error}")
+            # The server's own token counts, where it gave them (a built prompt may tokenize a token off).
+            rows.append({"system": system, "concurrency": concurrency,
+                         "num_prompt_tokens": record.prompt_tokens or request.prompt_tokens,
+                         "num_output_tokens": record.output_tokens or request.output_tokens,
+                         "ttft_s": record.ttft_s, "mean_gap_s": record.tpot_s,
+                         "prefill_s": record.prefill_s, "first_chunk_s": record.first_chunk_s})
+
+    for name, system, sizes in (("collocated", "collocated", {1: SERVED_PROMPTS * num_each,
+                                                              2: (SHARED_PROMPT,) * (2 * num_each)}),
+                                (SPLIT_SYSTEM, "split", {1: SERVED_PROMPTS * num_each})):
+        with SYSTEMS[name].start(logs_dir) as base_url:
+            # Untimed first: each prompt size's first run pays one-time costs on either engine.
+            run(base_url, 1, SERVED_PROMPTS * 2, -100, "")
+            for concurrency, prompt_sizes in sizes.items():
+                measure(base_url, system, concurrency, prompt_sizes)
     return rows
+
+
+def _is_collocated(row: dict[str, Any]) -> bool:
+    return row.get("system", "collocated") in ("collocated", "")  # served.csv before split rows had no system
+
+
+def _handover_s(model: dict[str, float], num_prompt_tokens: int, backend: str = "nixl") -> float:
+    return model.get(f"handover_s0@{backend}", 0.0) + model.get(f"handover_token_s@{backend}", 0.0) * num_prompt_tokens
 
 
 def fit_served(rows: list[dict[str, Any]], model: dict[str, float]) -> dict[str, float]:
     """What the served path adds to the fitted engine, from the one-at-a-time requests: per streamed token (a
     client's mean gap over the engine's steps for the same sequence) and per request (its TTFT over the prompt's
-    step); and from the two-at-a-time ones, their gap over the one-at-a-time gap at the same prompt size, less 1
-    (`shared_host_slowdown`). Medians."""
-    alone = [row for row in rows if row.get("concurrency", 1) == 1]
+    step); from the two-at-a-time ones, their gap over the one-at-a-time gap at the same prompt size, less 1
+    (`shared_host_slowdown`); from the split app's, their TTFT over everything the simulator already puts in a
+    split's first token (the prompt's step, the NIXL hand-over, one decode step and the two terms above):
+    `served_split_s`, the router's second call, prefill's answer and decode's wait for the KV. Medians."""
+    alone = [row for row in rows if row.get("concurrency", 1) == 1 and _is_collocated(row)]
     if not alone:
         return {}
     per_token, per_request = [], []
@@ -344,12 +371,46 @@ def fit_served(rows: list[dict[str, Any]], model: dict[str, float]) -> dict[str,
         per_request.append(row["ttft_s"] - fitted_s(model, Step("prefill", n, 0, 0, 0.0, pairs(n))))
     fitted = {"served_token_s": max(0.0, float(np.median(per_token))),
               "served_request_s": max(0.0, float(np.median(per_request)))}
-    shared = [row["mean_gap_s"] for row in rows if row.get("concurrency", 1) == 2]
+    shared = [row["mean_gap_s"] for row in rows if row.get("concurrency", 1) == 2 and _is_collocated(row)]
     alone_same_size = [row["mean_gap_s"] for row in alone
                        if abs(row["num_prompt_tokens"] - SHARED_PROMPT) <= SHARED_PROMPT // 8]
     if shared and alone_same_size:
         fitted["shared_host_slowdown"] = max(0.0, float(np.median(shared) / np.median(alone_same_size)) - 1.0)
+    split = [row["ttft_s"] - split_parts_s(model | fitted, row["num_prompt_tokens"])["total"]
+             for row in rows if row.get("system") == "split"]
+    if split:
+        fitted["served_split_s"] = max(0.0, float(np.median(split)))
     return fitted
+
+
+def split_parts_s(model: dict[str, float], num_prompt_tokens: int) -> dict[str, float]:
+    """A split request's first token one at a time as the simulator composes it before `served_split_s`: the
+    prompt's step on prefill, the hand-over, decode's step that makes the first token (the served output path's
+    share of it included), and the served path's latency."""
+    n = num_prompt_tokens
+    parts = {"prefill": fitted_s(model, Step("prefill", n, 0, 0, 0.0, pairs(n))),
+             "handover": _handover_s(model, n),
+             "decode_step": fitted_s(model, Step("decode", 0, 1, n, 0.0)) + model.get("served_token_s", 0.0),
+             "served_request": model.get("served_request_s", 0.0)}
+    return parts | {"total": sum(parts.values())}
+
+
+def split_breakdown(rows: list[dict[str, Any]], model: dict[str, float]) -> dict[str, float]:
+    """Where a split's `served_split_s` lies, from the router's phases (medians, seconds): from dispatch to
+    prefill's answer beyond the prompt's fitted step (`prefill_extra_s`), and from that answer to decode's first
+    chunk beyond the hand-over and decode's step (`decode_extra_s`); the rest is outside the router's phases."""
+    split = [row for row in rows if row.get("system") == "split" and row.get("prefill_s") not in (None, "")
+             and row.get("first_chunk_s") not in (None, "")]
+    if not split:
+        return {}
+    prefill_extra, decode_extra = [], []
+    for row in split:
+        parts = split_parts_s(model, row["num_prompt_tokens"])
+        prefill_extra.append(float(row["prefill_s"]) - parts["prefill"])
+        decode_extra.append(float(row["first_chunk_s"]) - parts["handover"] - parts["decode_step"])
+    return {"prefill_extra_s": float(np.median(prefill_extra)), "decode_extra_s": float(np.median(decode_extra)),
+            "first_chunk_s": float(np.median([float(row["first_chunk_s"]) for row in split])),
+            "num_requests": len(split)}
 
 
 STEP_TERMS = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s")
@@ -457,8 +518,8 @@ def read_measurements(folder: Path) -> tuple[list[Step], list[dict[str, Any]], l
         if not (folder / name).exists():
             return []
         with open(folder / name, newline="") as handle:
-            return [{key: value if key in ("kind", "backend") else float(value) for key, value in row.items()}
-                    for row in csv.DictReader(handle)]
+            return [{key: value if key in ("kind", "backend", "system") else float(value) if value != "" else None
+                     for key, value in row.items()} for row in csv.DictReader(handle)]
 
     steps = [Step(row["kind"], int(row["num_prompt_tokens"]), int(row["num_decode_seqs"]),
                   int(row["num_context_tokens"]), row["seconds"], int(row["num_prompt_pairs"]))
@@ -550,8 +611,7 @@ def main(argv: list[str] | None = None) -> None:
     _write_csv([asdict(step) for step in steps], STEP_FIELDS, args.out / "steps.csv")
     _write_csv(splitwise_rows, SPLITWISE_FIELDS, args.out / "perf_model.csv")
     if served:
-        _write_csv(served, ("concurrency", "num_prompt_tokens", "num_output_tokens", "ttft_s", "mean_gap_s"),
-                   args.out / "served.csv")
+        _write_csv(served, SERVED_FIELDS, args.out / "served.csv")
     if handovers:
         _write_csv(handovers, ("backend", "num_prompt_tokens", "num_bytes", "seconds"), args.out / "transfers.csv")
     _write_csv([{"parameter": name, "value": value} for name, value in model.items()], ("parameter", "value"),
@@ -564,7 +624,7 @@ def main(argv: list[str] | None = None) -> None:
                 "max_num_seqs": config.decode.max_num_seqs, "kv_cache_gib": config.decode.kv_cache_gib,
                 "cpu_binding": config.decode.cpu_binding, "is_engine_core_in_process": args.in_process,
                 "kv_connector": args.kv_connector, **transfer_update},
-            "model": model, "fit_errors": errors,
+            "model": model, "fit_errors": errors, "split_breakdown": split_breakdown(served, model),
             "num_steps": len(steps), "num_handovers": len(handovers), "num_served": len(served),
             "command": " ".join(command)}
     (args.out / "run.json").write_text(json.dumps(meta, indent=2))
@@ -582,7 +642,7 @@ def refit(out: Path, command: list[str]) -> None:
     draw(steps, model, out / "fit.png")
     meta = json.loads((out / "run.json").read_text())
     origin = provenance()
-    meta |= {"model": model, "fit_errors": errors,
+    meta |= {"model": model, "fit_errors": errors, "split_breakdown": split_breakdown(served, model),
              "refit": {"commit": origin["commit"], "is_dirty": origin["is_dirty"],
                        "at": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(command)}}
     (out / "run.json").write_text(json.dumps(meta, indent=2))
@@ -607,7 +667,8 @@ def write_report(out: Path, meta: dict[str, Any], steps: list[Step], model: dict
              "decode_seq_s · decode sequences + context_token_s · KV tokens read"
              + (" + decode_batch_s@b where a step only decodes, b sequences" if batches else "")
              + "; served through the app, served_token_s more per decode sequence and served_request_s more before "
-             "the first token; an iteration shared_host_slowdown longer while the host's other engine computes", "",
+             "the first token (a split, served_split_s more between prefill and decode); an iteration "
+             "shared_host_slowdown longer while the host's other engine computes", "",
              "| parameter | value |", "| --- | --- |",
              *[f"| {name} | {value:.4g} |" for name, value in line.items()], ""]
     if batches:
@@ -615,6 +676,13 @@ def write_report(out: Path, meta: dict[str, Any], steps: list[Step], model: dict
                   "past the last, the last):", "",
                   "| b | " + " | ".join(size for size, _ in batches) + " |", "|" + " --- |" * (len(batches) + 1),
                   "| ms | " + " | ".join(f"{value * 1e3:.1f}" for _, value in batches) + " |", ""]
+    if split := meta.get("split_breakdown"):
+        lines += [f"A split request one at a time ({split['num_requests']} through `{SPLIT_SYSTEM}`): its TTFT beyond "
+                  "the prompt's step, the hand-over, one decode step and the served path is `served_split_s` "
+                  f"({model.get('served_split_s', 0.0) * 1e3:.1f} ms, median). By the router's phases: dispatch to "
+                  f"prefill's answer {split['prefill_extra_s'] * 1e3:.1f} ms beyond the prompt's fitted step; that "
+                  f"answer to decode's first chunk {split['first_chunk_s'] * 1e3:.1f} ms, "
+                  f"{split['decode_extra_s'] * 1e3:.1f} beyond the hand-over and decode's step.", ""]
     lines += ["The fit's error per kind of step, |fitted / measured - 1|:", "",
               "| steps | n | median | p90 |", "| --- | --- | --- | --- |",
               *[f"| {kind} | {e['num_steps']} | {e['median']:.1%} | {e['p90']:.1%} |" for kind, e in errors.items()],

@@ -17,8 +17,10 @@ a memory-bound step; SplitwiseSim's profiles show it as a token step's floor abo
 Served, the engine is not alone: each token it streams goes through its frontend, the Serve replica, the router and
 the proxy, whose processes share the host's cores with it. `served_token_s` is what that adds to a step per
 sequence it extends (the client's gap over the engine's own step, one request at a time), `served_request_s` the
-latency the served path adds to a request's first token (the client's TTFT over the engine's prompt step). Both are
-measured by streaming through the app (bench.profile's last phase); 0 for an engine on its own.
+latency the served path adds to a request's first token (the client's TTFT over the engine's prompt step). A split
+request pays `served_split_s` more between prefill and decode (the router's second call, prefill's answer, decode's
+wait for the remote KV: a split's TTFT beyond its engine parts and the hand-over). All are measured by streaming
+through the app (bench.profile's last phase); 0 for an engine on its own.
 `shared_host_slowdown` is how much longer an iteration takes while another engine of the same host computes (each
 on cores of its own, but one memory, one cache and the served path's processes between them): the client's gap
 with a stream on each of the host's two engines over the gap with one stream on the host, less 1.
@@ -79,6 +81,7 @@ class PerfModel(BaseModel):
     handover_token_s: float = Field(0.0, ge=0)  # per prompt token whose KV moves
     served_token_s: float = Field(0.0, ge=0)  # per sequence a step extends: the served output path's share of it
     served_request_s: float = Field(0.0, ge=0)  # a request's latency through the served path, before its first token
+    served_split_s: float = Field(0.0, ge=0)  # a split's latency beyond that, between prefill's end and decode
     shared_host_slowdown: float = Field(0.0, ge=0)  # an iteration's extra share while another engine on its host computes
     decode_batch_s: tuple[float, ...] = ()  # a pure decode step of b sequences: [b - 1] more than the line (may be < 0)
 
@@ -92,6 +95,11 @@ class PerfModel(BaseModel):
 
     def handover_s(self, num_prompt_tokens: int) -> float:
         return self.handover_s0 + self.handover_token_s * num_prompt_tokens
+
+    def split_handover_s(self, num_prompt_tokens: int) -> float:
+        """From a split's prompt step ending on prefill to its KV being on decode: the hand-over and the served
+        split path's latency."""
+        return self.handover_s(num_prompt_tokens) + self.served_split_s
 
     @classmethod
     def from_profile(cls, path: Path, *, backend: str = "nixl") -> PerfModel:
@@ -107,7 +115,7 @@ class PerfModel(BaseModel):
     def from_fitted(cls, values: dict[str, float], *, backend: str = "nixl") -> PerfModel:
         """The model from bench.profile's named values (`handover_s0@<backend>`, `decode_batch_s@<b>`)."""
         terms = ("step_s0", "decode_step_s0", "prompt_token_s", "prompt_pair_s", "decode_seq_s", "context_token_s",
-                 "served_token_s", "served_request_s", "shared_host_slowdown")
+                 "served_token_s", "served_request_s", "served_split_s", "shared_host_slowdown")
         fields: dict[str, Any] = {name: values[name] for name in terms if name in values}
         for name in ("handover_s0", "handover_token_s"):
             if f"{name}@{backend}" in values:

@@ -5,9 +5,10 @@ A request's life:
    for the router) sees what a live router sees, the prompt's size and never its output length, and the same
    LoadBook and Rates, and chooses the path and machines. Where it leaves a machine to Serve (always_split), the
    machine is Serve's power-of-two choice on requests held.
-2. split: the prefill machine computes the prompt; its KV moves to the decode machine (the model's hand-over time)
-   and is freed on the prefill machine once there; the decode machine streams every token. decode-local and
-   prefill-local: one machine computes the prompt and streams.
+2. split: the prefill machine computes the prompt; its KV moves to the decode machine (the model's hand-over time,
+   and the served split path's latency: the router's second call) and is freed on the prefill machine once there;
+   the decode machine streams every token. decode-local and prefill-local: one machine computes the prompt and
+   streams.
 3. Each machine runs iteration after iteration while it has work (machine.py); an iteration's end is an event.
 4. What the router observes feeds the rates as the router feeds them (deployments/scheduler.py): a prompt sent to
    an idle engine times its prefill, a split's decode call to first token its hand-over, pure decode steps the
@@ -242,7 +243,7 @@ class Simulator:
             self.rates.observe_prefill(request.times_prefill_of, request.prompt_tokens, now - request.arrival_s)
         decode = self.by_engine[request.decode_engine or self._serve_pick("decode")]
         request.decode_engine, request.num_ahead = decode.engine_id, decode.num_requests
-        self._push(now + self.model.handover_s(request.prompt_tokens), _KV_ARRIVED, (request, machine, decode))
+        self._push(now + self.model.split_handover_s(request.prompt_tokens), _KV_ARRIVED, (request, machine, decode))
 
     def _kv_arrived(self, payload: tuple[SimRequest, Machine, Machine], now: float) -> None:
         request, prefill, decode = payload

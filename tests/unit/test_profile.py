@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from bench.profile import Step, fit_errors, fit_handovers, fit_steps, pairs
@@ -106,6 +107,39 @@ def test_the_served_paths_cost_is_what_a_client_sees_beyond_the_fitted_engine(tm
     read = PerfModel(**{**model, **served})
     assert read.step_s(0, 4, 0) - PerfModel(**model).step_s(0, 4, 0) == pytest.approx(4 * 0.006)
     assert read.step_s(512, 0, 0) == pytest.approx(PerfModel(**model).step_s(512, 0, 0))
+
+
+def test_a_split_served_one_at_a_time_gives_what_the_split_path_adds_beyond_its_engine_parts():
+    """The split app's TTFT over the prompt's step, the NIXL hand-over, decode's step and the served path's terms
+    is `served_split_s` (median); the router's phases place it before and after prefill's answer."""
+    from bench.profile import SERVED_OUTPUT_TOKENS, fit_served, fitted_s, split_breakdown, split_parts_s
+
+    model = fit_steps(_steps()) | {"handover_s0@nixl": 0.004, "handover_token_s@nixl": 1e-5}
+    collocated = [{"system": "collocated", "concurrency": 1, "num_prompt_tokens": n,
+                   "num_output_tokens": SERVED_OUTPUT_TOKENS,
+                   "ttft_s": fitted_s(model, Step("prefill", n, 0, 0, 0.0, pairs(n))) + 0.025,
+                   "mean_gap_s": float(np.mean([fitted_s(model, Step("decode", 0, 1, n + i, 0.0))
+                                                for i in range(1, SERVED_OUTPUT_TOKENS)])) + 0.006}
+                  for n in (128, 512, 1024)]
+    served = fit_served(collocated, model)
+    assert "served_split_s" not in served
+    split = []
+    for n, before, after in ((128, 0.010, 0.030), (512, 0.012, 0.028), (1024, 0.011, 0.034)):
+        parts = split_parts_s(model | served, n)
+        # The router's phases: prefill's answer `before` beyond its step, decode's first chunk `after` beyond
+        # the hand-over and its step; the client sees the served path's latency beside them.
+        split.append({"system": "split", "concurrency": 1, "num_prompt_tokens": n,
+                      "num_output_tokens": SERVED_OUTPUT_TOKENS, "ttft_s": parts["total"] + before + after,
+                      "mean_gap_s": 0.06, "prefill_s": parts["prefill"] + before,
+                      "first_chunk_s": parts["handover"] + parts["decode_step"] + after})
+    fitted = fit_served(collocated + split, model)
+    # Medians (0.040, 0.040, 0.045); the split rows change nothing else.
+    assert fitted == pytest.approx(served | {"served_split_s": 0.040})
+    breakdown = split_breakdown(collocated + split, model | fitted)
+    assert breakdown["prefill_extra_s"] == pytest.approx(0.011) and breakdown["decode_extra_s"] == pytest.approx(0.030)
+    assert breakdown["num_requests"] == 3
+    assert PerfModel.from_fitted(model | fitted).split_handover_s(1000) == pytest.approx(0.004 + 0.01 + 0.040)
+    assert split_breakdown(collocated, model) == {}
 
 
 def _decode_steps(offsets: dict[int, float], num_each: int = 6) -> list[Step]:

@@ -85,6 +85,23 @@ def test_the_served_path_stretches_each_token_and_delays_the_first_by_its_measur
     assert record.tbt_s == pytest.approx([0.115, 0.115]) and record.e2e_s == pytest.approx(0.23 + 0.23)
 
 
+def test_a_splits_served_latency_comes_between_prefills_step_and_decodes():
+    """bench.profile's `served_split_s` (the router's second call, prefill's answer, decode's wait for the KV): 40 ms
+    more between prefill's step and decode's, held by no engine; the collocated path does not pay it."""
+    split = MODEL.model_copy(update={"served_split_s": 0.04})
+    config = SimConfig(model=split, cluster=ClusterConfig(num_prefill=1, num_decode=1),
+                       scheduling={"policy": "always_split"})
+    result = Simulator(config).run([_request(0, 0.0, 100, 3)])
+    (record,) = result.records
+    # 1. Prefill computes the prompt by 0.2 s; 2. its KV reaches decode at 0.2 + 0.05 + 0.04 s; 3. decode's first
+    #    iteration with it gives the first token 0.11 s later, then one token per 0.11 s.
+    assert record.prefill_s == pytest.approx(0.2)
+    assert record.ttft_s == pytest.approx(0.40) and record.tbt_s == pytest.approx([0.11, 0.11])
+    collocated = SimConfig(model=split, cluster=ClusterConfig(mode="collocated", num_prefill=0, num_decode=1))
+    assert Simulator(collocated).run([_request(0, 0.0, 100, 3)]).records[0].ttft_s == pytest.approx(0.2)
+    _assert_nothing_held(result)
+
+
 def test_machines_of_one_host_stretch_the_iterations_that_start_while_the_other_computes():
     """Two machines on one host (`machines_per_host: 2`), an iteration 50% longer when it starts while the other
     machine computes: two prompts arriving together take 0.3 s each instead of 0.2 s; on hosts of their own, 0.2."""
