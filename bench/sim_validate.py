@@ -10,8 +10,9 @@
 2. Each system's cells are replayed in the order it ran them, in one simulation (its scheduler's learned rates
    carry over as they did live), at the arrival times and with the token counts its run recorded; a request the
    app refused or the client gave up on (no counts recorded) with the sizes the comparison's plan sent it, so that
-   a saturated cell offers the simulator the load it offered the app. A simulated request still running past the
-   client's timeout (run.json's `request_timeout_s`) is a miss, as it was live.
+   a saturated cell offers the simulator the load it offered the app. A simulated request still running at the
+   client's timeout (run.json's `request_timeout_s`) is aborted where it is, freeing its engine for the next cell,
+   and is a miss, as it was live.
 3. Per cell: simulated over measured TTFT, TBT (a request's mean gap) and E2E at p50 and p90, each with a paired
    request-level 95% bootstrap interval; a p50 is within target when the ratio is within 10% of 1 or its interval
    holds 1, counted for the cells below 80% of the system's measured saturation. Saturation per trace: the rate
@@ -119,7 +120,8 @@ def replay(config: SimConfig, measured: dict[str, list[RequestRecord]],
            timeout_s: float | None = None) -> dict[str, list[RequestRecord]]:
     """Every cell in its measured order, one after another in one simulation; records back per cell, each with
     its cell's own clock. A request with no counts recorded (refused, or given up on) gets its `planned` sizes;
-    a simulated one that ends past `timeout_s` after its arrival is a miss."""
+    a simulated one still running `timeout_s` after its arrival is aborted, its engine freed, as live, and a miss
+    (as is one whose served path's latency takes it past the timeout)."""
     requests, cell_of, offset = [], {}, 0.0
     for cell, records in measured.items():
         base = min(record.arrival_s for record in records)
@@ -132,9 +134,13 @@ def replay(config: SimConfig, measured: dict[str, list[RequestRecord]],
                 sizes = (sent.prompt_tokens, sent.output_tokens)
             requests.append(TraceRequest(request_id=request_id, arrival_s=offset + record.arrival_s - base,
                                          prompt_tokens=max(1, sizes[0]), output_tokens=max(1, sizes[1])))
-        longest = max((record.e2e_s or 0.0) + record.arrival_s - base for record in records)
+        # Live, the next cell began once every request had ended or its client had given up (at the timeout).
+        longest = max((record.e2e_s if record.e2e_s is not None else timeout_s or 0.0) + record.arrival_s - base
+                      for record in records)
         offset += longest + GAP_BETWEEN_CELLS_S
     simulated: dict[str, list[RequestRecord]] = {cell: [] for cell in measured}
+    if timeout_s is not None:  # the simulated client gives up as the live one did, freeing its engine
+        config = config.model_copy(update={"request_timeout_s": timeout_s})
     for record in Simulator(config).run(requests).records:
         cell, request_id, shift = cell_of[record.request_id]
         record.request_id, record.arrival_s, record.start_s = request_id, record.arrival_s - shift, \

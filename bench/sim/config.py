@@ -78,6 +78,9 @@ class SimConfig(_Frozen):
     scheduling: SchedulingConfig = SchedulingConfig()
     seed: int = 0  # Serve's power-of-two choices where a policy leaves the replica to Serve
     keeps_token_gaps: bool = True  # every gap per request (all-gap TBT tails); off for very large runs
+    # The client's timeout from a request's arrival: one not done by then is aborted, its engine freed (as the
+    # router cancels a request whose client went). None: every request runs to its end.
+    request_timeout_s: float | None = Field(None, gt=0)
 
     @model_validator(mode="before")
     @classmethod

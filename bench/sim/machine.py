@@ -51,6 +51,8 @@ class SimRequest:
     prefilled_s: float | None = None  # a split's prefill answer (its KV handle)
     decode_engine: str = ""  # a split's decode engine: the policy's, or Serve's pick once prefill answered
     num_ahead: int = 0  # requests already on the decode engine when the split's decode call went out
+    is_aborted: bool = False  # the client gave up on it (its timeout): it leaves whatever it was doing
+    on_machine: int = -1  # index of the machine it was last given to (a split in hand-over: still prefill's)
 
 
 class Outcome(IntEnum):
@@ -99,15 +101,43 @@ class Machine:
     _first_step_s: float = 0.0
     _stretch: float = 1.0
     _share_stretch: float = 1.0  # the iteration in flight's stretch now (its core's share may change midway)
+    _aborting: list[SimRequest] = field(default_factory=list)  # aborted in the iteration in flight: out at its end
 
     # 1. Arrivals.
     def add_prompt(self, request: SimRequest) -> None:
+        request.on_machine = self.index
         request.num_to_compute, request.num_computed = request.prompt_tokens + request.num_generated, 0
         self.waiting.append(request)
         self.num_pending_prompt_tokens += request.num_to_compute
 
     def add_decode(self, request: SimRequest) -> None:
+        request.on_machine = self.index
         self.arrived.append(request)
+
+    def abort(self, request: SimRequest) -> None:
+        """Its client gave up: it leaves the machine and frees its KV, as vLLM aborts a request between two steps
+        (one in the iteration in flight leaves at that iteration's end). A split's KV held for its hand-over is the
+        simulator's to release (`release`)."""
+        request.is_aborted = True
+        if self.is_busy and (request in self._decoding or any(chunk[0] is request for chunk in self._chunks)):
+            self._aborting.append(request)
+            return
+        self._remove(request)
+
+    def _remove(self, request: SimRequest) -> None:
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.arrived:
+            self.arrived.remove(request)
+            return  # its KV was counted on no machine yet (the prefill machine holds it)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+            self.num_pending_prompt_tokens -= request.num_to_compute - request.num_computed
+            self._num_partial -= request.num_computed > 0
+        else:
+            return  # done, or handed over: nothing of it here
+        self.kv_used -= request.kv_tokens
+        request.kv_tokens = 0
 
     def release(self, request: SimRequest) -> None:
         """A split's KV has reached the decode machine: the prefill machine frees it."""
@@ -342,6 +372,15 @@ class Machine:
             self._token(request, now, outcomes)
         self._decoding, self._chunks = [], []
         self.is_busy = False
+        if self._aborting:  # what its client gave up on during the iteration leaves now, with no outcome
+            aborted, self._aborting = self._aborting, []
+            for request in aborted:
+                if request.path == "split" and request.prefill_machine == self.index \
+                        and request.num_computed >= request.num_to_compute:
+                    self.release(request)  # prefilled in this very iteration: no hand-over will take its KV
+                else:
+                    self._remove(request)
+            outcomes = [outcome for outcome in outcomes if not outcome[1].is_aborted]
         return outcomes
 
     def _tokens(self, request: SimRequest, num_steps: int, ends: list[float] | None) -> None:

@@ -43,7 +43,7 @@ from deployments.scheduling.loads import EngineLoad, LoadBook, Role
 from deployments.scheduling.policies import Path, Policy, RequestFacts, make_policy
 from deployments.scheduling.rates import Rates
 
-_ITERATION_END, _KV_ARRIVED = 0, 1
+_ITERATION_END, _KV_ARRIVED, _CLIENT_GAVE_UP = 0, 1, 2
 
 
 @dataclass
@@ -139,8 +139,10 @@ class Simulator:
                     if version != machine.version:
                         continue  # a segment cut short since: its new end is queued
                     self._iteration_ended(machine, now)
-                else:
+                elif kind == _KV_ARRIVED:
                     self._kv_arrived(payload, now)
+                else:
+                    self._give_up(payload, now)
             else:
                 request = arrivals[next_arrival]
                 next_arrival += 1
@@ -182,7 +184,19 @@ class Simulator:
             request.times_prefill_of = machine.engine_id
         machine.add_prompt(request)
         self._kick(machine, now)
+        if self.config.request_timeout_s is not None:
+            self._push(now + self.config.request_timeout_s, _CLIENT_GAVE_UP, request)
         return path.value
+
+    def _give_up(self, request: SimRequest, now: float) -> None:
+        """The client's timeout: a request still running is aborted where it is, its KV freed, as the router
+        cancels the engine's request when its client goes (a split in hand-over: once its KV arrives)."""
+        if request.done_s is not None or request.is_aborted:
+            return
+        self._errors[request.request_id] = f"timeout after {self.config.request_timeout_s:g} s (the client gave up)"
+        machine = self.machines[request.on_machine]
+        machine.abort(request)
+        self._kick(machine, now)  # (and the book hears of it)
 
     def _serve_pick(self, role: Role) -> str:
         """Serve's own choice: two replicas at random, the one holding fewer requests."""
@@ -249,6 +263,8 @@ class Simulator:
         request, prefill, decode = payload
         prefill.release(request)
         self._kick(prefill, now)
+        if request.is_aborted:  # its client gave up during the hand-over
+            return
         decode.add_decode(request)
         self._kick(decode, now)
 

@@ -102,6 +102,57 @@ def test_a_splits_served_latency_comes_between_prefills_step_and_decodes():
     _assert_nothing_held(result)
 
 
+def test_a_request_whose_client_gave_up_leaves_its_engine_and_frees_its_kv():
+    """The client's timeout (`request_timeout_s`), as the router cancels a request whose client went: aborted
+    between two iterations wherever it is, a miss, and the machine is free for the next request at once."""
+    def run(cluster: ClusterConfig, requests: list[TraceRequest], timeout_s: float):
+        scheduling = {"policy": "always_split"} if cluster.mode != "collocated" else {}
+        config = SimConfig(model=MODEL, cluster=cluster, scheduling=scheduling, request_timeout_s=timeout_s)
+        return Simulator(config).run(requests)
+
+    one = ClusterConfig(mode="collocated", num_prefill=0, num_decode=1)
+    # 1. Decoding: the prompt by 0.2 s, then a token per 0.11 s; at 0.5 s (its 3rd token's step in flight) its
+    #    client goes; it leaves at that step's end, 0.53 s, and a request arriving at 0.6 s finds the machine idle.
+    result = run(one, [_request(0, 0.0, 100, 50), _request(1, 0.6, 100, 1)], timeout_s=0.5)
+    first, second = result.records
+    assert first.error == "timeout after 0.5 s (the client gave up)" and not first.is_ok
+    assert second.ttft_s == pytest.approx(0.2) and second.error is None
+    assert result.machines[0].stats.num_decode_tokens == 3  # the step in flight at 0.5 s ran; none after it
+    _assert_nothing_held(result)
+    # 2. A prompt half computed (chunks of 60 tokens) and one not begun: both leave at once, the KV and pending
+    #    tokens they held freed; one in the iteration in flight leaves at its end.
+    machine = Machine(index=0, engine_id="decode-0", role="decode",
+                      config=MachineConfig(max_batch_tokens=60), model=MODEL)
+    half, queued, in_flight = (sim_module.SimRequest(index, 0.0, 100, 2) for index in range(3))
+    machine.add_prompt(half)
+    machine.plan_iteration()
+    machine.finish_iteration(0.16)  # 60 of its 100 tokens
+    machine.add_prompt(queued)
+    machine.abort(half)
+    machine.abort(queued)
+    assert machine.kv_used == 0 and machine.num_pending_prompt_tokens == 0 and not machine.has_work
+    machine.add_prompt(in_flight)
+    machine.plan_iteration()
+    machine.abort(in_flight)
+    assert machine.has_work  # its chunk is computing
+    assert machine.finish_iteration(0.32) == [] and machine.kv_used == 0 and not machine.has_work
+    # 3. In its hand-over (prefill done at 0.2 s, KV on decode at 0.25): its client goes at 0.22; prefill's copy
+    #    of the KV is freed when the transfer ends and decode never runs it.
+    split = ClusterConfig(num_prefill=1, num_decode=1)
+    result = run(split, [_request(0, 0.0, 100, 3)], timeout_s=0.22)
+    assert not result.records[0].is_ok and result.requests[0].prefilled_s == pytest.approx(0.2)
+    prefill, decode = result.machines
+    assert prefill.stats.num_prompt_tokens == 100 and decode.stats.num_decode_tokens == 0
+    _assert_nothing_held(result)
+    # 4. Its prompt in flight on prefill: it leaves at the iteration's end, with no hand-over.
+    result = run(split, [_request(0, 0.0, 100, 3)], timeout_s=0.1)
+    assert not result.records[0].is_ok and result.requests[0].prefilled_s is None
+    assert result.machines[1].stats.num_decode_tokens == 0
+    _assert_nothing_held(result)
+    with pytest.raises(ValidationError, match="request_timeout_s"):
+        SimConfig(model=MODEL, request_timeout_s=0)
+
+
 def test_machines_of_one_host_stretch_the_iterations_that_start_while_the_other_computes():
     """Two machines on one host (`machines_per_host: 2`), an iteration 50% longer when it starts while the other
     machine computes: two prompts arriving together take 0.3 s each instead of 0.2 s; on hosts of their own, 0.2."""
