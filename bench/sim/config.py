@@ -32,6 +32,10 @@ class MachineConfig(_Frozen):
     kv_capacity_tokens: int = Field(22_000, ge=1)  # its KV cache over the model's KV bytes per token
     long_prefill_token_threshold: int | None = Field(None, ge=1)  # a prompt's largest chunk per iteration
     max_preemptions: int = Field(2, ge=0)  # per request; at the cap it is never chosen to make room again
+    # Iterations a handed-over KV's load spans on a busy engine before its request is scheduled: our connectors
+    # load asynchronously, as vLLM's do (the load starts in the step after the request reached the engine and is
+    # seen done at that step's end), so 1; 0 for a load inside the step that computes the request.
+    kv_load_steps: int = Field(1, ge=0)
 
     @property
     def num_prefill_chunk_tokens(self) -> int:

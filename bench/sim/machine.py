@@ -53,6 +53,7 @@ class SimRequest:
     num_ahead: int = 0  # requests already on the decode engine when the split's decode call went out
     is_aborted: bool = False  # the client gave up on it (its timeout): it leaves whatever it was doing
     on_machine: int = -1  # index of the machine it was last given to (a split in hand-over: still prefill's)
+    num_load_steps: int = 0  # iterations of its decode machine to end before its loaded KV can be scheduled
 
 
 class Outcome(IntEnum):
@@ -112,6 +113,9 @@ class Machine:
 
     def add_decode(self, request: SimRequest) -> None:
         request.on_machine = self.index
+        # A busy engine ends the iteration in flight, then runs `kv_load_steps` more while the KV loads; an idle
+        # one loads it at once (its empty steps poll the load within milliseconds).
+        request.num_load_steps = 1 + self.config.kv_load_steps if self.is_busy and self.config.kv_load_steps else 0
         self.arrived.append(request)
 
     def abort(self, request: SimRequest) -> None:
@@ -171,7 +175,10 @@ class Machine:
         segment's end, since until then every sequence grows and none leaves. A request that arrives meanwhile
         cuts the segment at the iteration in flight (`cut`). `stretch`: how much longer each iteration
         takes than the model's line (another machine of its host computing as the segment starts)."""
-        while self.arrived and len(self.running) < self.config.max_num_seqs \
+        if self.arrived and not self.running and not self.waiting:
+            for request in self.arrived:  # nothing else to compute: the engine's empty steps see the loads done
+                request.num_load_steps = 0
+        while self.arrived and not self.arrived[0].num_load_steps and len(self.running) < self.config.max_num_seqs \
                 and self.free_kv >= self.arrived[0].prompt_tokens + 1:
             request = self.arrived.popleft()
             request.kv_tokens = request.prompt_tokens
@@ -188,7 +195,9 @@ class Machine:
         self.kv_used += num_decoding  # each sequence's next token
         num_steps = 1
         num_context_tokens = 0
-        if self.can_fast_forward and not chunks and not self.waiting and num_decoding == len(self.running):
+        is_loading = bool(self.arrived) and self.arrived[-1].num_load_steps > 0  # (the newest loads longest)
+        if self.can_fast_forward and not chunks and not self.waiting and num_decoding == len(self.running) \
+                and not is_loading:
             # One pass for what the segment needs: its first sequence to end, whether a first token is due (a
             # handed-over request's first token is its own event: the router observes it) and the KV it reads.
             num_steps = self.config.kv_capacity_tokens
@@ -372,6 +381,9 @@ class Machine:
             self._token(request, now, outcomes)
         self._decoding, self._chunks = [], []
         self.is_busy = False
+        for request in self.arrived:  # (a few at most: handed-over KV not yet scheduled)
+            if request.num_load_steps:
+                request.num_load_steps -= 1
         if self._aborting:  # what its client gave up on during the iteration leaves now, with no outcome
             aborted, self._aborting = self._aborting, []
             for request in aborted:

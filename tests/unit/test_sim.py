@@ -102,6 +102,27 @@ def test_a_splits_served_latency_comes_between_prefills_step_and_decodes():
     _assert_nothing_held(result)
 
 
+def test_kv_that_reaches_a_busy_decode_engine_loads_through_one_more_step_before_its_request_runs():
+    """vLLM's asynchronous KV load, which our connectors use: a request whose KV reaches an engine in the middle of
+    a step is seen by the next step, which starts the load, and is computed in the step after it (`kv_load_steps`
+    1); on an idle engine at once."""
+    def ttfts(kv_load_steps: int) -> list[float]:
+        decode = MachineConfig(kv_load_steps=kv_load_steps)
+        config = SimConfig(model=MODEL, cluster=ClusterConfig(num_prefill=1, num_decode=1, decode=decode),
+                           scheduling={"policy": "always_split"})
+        result = Simulator(config).run([_request(0, 0.0, 100, 10), _request(1, 0.3, 50, 2)])
+        _assert_nothing_held(result)
+        return [record.ttft_s for record in result.records]
+
+    # 1. The first request: prefill by 0.2 s, its KV on the idle decode engine at 0.25, its first token at 0.36
+    #    (as without the load step), then a token every 0.11 s: steps end at 0.47, 0.58, 0.69, ...
+    # 2. The second: prefill 0.3-0.45 s, its KV on decode at 0.5, in the step 0.47-0.58. The step 0.58-0.69 loads
+    #    it; the step 0.69-0.81 (two sequences) computes its first token: TTFT 0.51 s. Loaded inside the step
+    #    that computes it, that step would be 0.58-0.70: TTFT 0.40 s.
+    assert ttfts(1) == pytest.approx([0.36, 0.51])
+    assert ttfts(0) == pytest.approx([0.36, 0.40])
+
+
 def test_a_request_whose_client_gave_up_leaves_its_engine_and_frees_its_kv():
     """The client's timeout (`request_timeout_s`), as the router cancels a request whose client went: aborted
     between two iterations wherever it is, a miss, and the machine is free for the next request at once."""
@@ -380,14 +401,16 @@ DECISIONS = Path(__file__).parent / "data" / "policy_decisions.json"
 
 
 def _replayed_decisions() -> dict[str, list[list]]:
-    """Every policy's path and engines for 400 requests through 3 prefill + 3 decode simulated machines."""
+    """Every policy's path and engines for 400 requests through 3 prefill + 3 decode simulated machines (KV loads
+    inside the step that computes the request, `kv_load_steps: 0`, as the machines ran when the fixture was made)."""
     requests = _poisson_requests(11, 6.0, 400, (16, 900), (1, 90))
     model = PerfModel(step_s0=0.02, prompt_token_s=0.0004, decode_seq_s=0.003, context_token_s=2e-6,
                       handover_s0=0.01, handover_token_s=1e-5)
     decided = {}
     for policy in ("always_split", "token_jsq", "conditional", "mixed_pool", "predictive"):
         config = SimConfig(model=model, cluster=ClusterConfig(num_prefill=3, num_decode=3, decode=MachineConfig(
-            max_num_seqs=8, kv_capacity_tokens=4000)), scheduling={"policy": policy, "min_observations": 3})
+            max_num_seqs=8, kv_capacity_tokens=4000, kv_load_steps=0)),
+            scheduling={"policy": policy, "min_observations": 3})
         result = Simulator(config).run(requests)
         decided[policy] = [[request.path, request.prefill_machine if request.path == "split" else -1,
                             request.decode_engine] for request in result.requests]
