@@ -54,14 +54,15 @@ SATURATION_WITHIN = 0.15  # the simulated saturation rate within 15% of the meas
 METRICS = (("ttft", "TTFT"), ("tpot", "TBT"), ("e2e", "E2E"))
 
 
-def machine_config(role: Any, model: Any) -> MachineConfig:
+def machine_config(role: Any, model: Any, kv_load_steps: int | None = None) -> MachineConfig:
     from bench.engines import kv_bytes_per_block  # imports Ray: only when a cluster is built
 
     block = model.block_size or 128
     bytes_per_token = kv_bytes_per_block(model.path, block) / block
     return MachineConfig(max_batch_tokens=role.max_num_batched_tokens, max_num_seqs=role.max_num_seqs,
                          kv_capacity_tokens=int(role.kv_cache_gib * 2**30 / bytes_per_token),
-                         long_prefill_token_threshold=role.long_prefill_token_threshold or None)
+                         long_prefill_token_threshold=role.long_prefill_token_threshold or None,
+                         **({} if kv_load_steps is None else {"kv_load_steps": kv_load_steps}))
 
 
 def host_cores(bindings: list[str]) -> list[int]:
@@ -75,7 +76,7 @@ def host_cores(bindings: list[str]) -> list[int]:
 
 
 def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
-               is_core_shared: bool = True) -> SimConfig | None:
+               is_core_shared: bool = True, kv_load_steps: int | None = None) -> SimConfig | None:
     """The simulated cluster standing for one measured system, None where the simulator has none. Every engine of
     a comparison ran on this one host: they are one host's machines (`machines_per_host`), engines bound to the
     same core share it (`host_cores`: 2 prefill + 1 decode engines on two cores)."""
@@ -83,8 +84,8 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
         args = app_config()  # the peer runs the same engine settings on 1 prefill + 1 decode engine
         return SimConfig(profile=profile, scheduling={"policy": "always_split"},
                          cluster=ClusterConfig(num_prefill=1, num_decode=1, machines_per_host=2,
-                                               prefill=machine_config(args.prefill, args.model),
-                                               decode=machine_config(args.decode, args.model)))
+                                               prefill=machine_config(args.prefill, args.model, kv_load_steps),
+                                               decode=machine_config(args.decode, args.model, kv_load_steps)))
     args = app_config(serve_config)
     backend = args.transfer.backend if args.transfer.backend != "auto" else "nixl"
     if args.mode == "collocated":
@@ -100,8 +101,8 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
                      cluster=ClusterConfig(num_prefill=args.prefill.num_replicas, num_decode=args.decode.num_replicas,
                                            machines_per_host=len(bindings),
                                            host_cores=host_cores(bindings) if is_core_shared else [],
-                                           prefill=machine_config(args.prefill, args.model),
-                                           decode=machine_config(args.decode, args.model)))
+                                           prefill=machine_config(args.prefill, args.model, kv_load_steps),
+                                           decode=machine_config(args.decode, args.model, kv_load_steps)))
 
 
 def planned_requests(run: dict[str, Any]) -> dict[str, dict[int, TraceRequest]]:
@@ -217,6 +218,9 @@ def main(argv: list[str] | None = None) -> None:
                              "comparison (the report says so)")
     parser.add_argument("--no-core-sharing", action="store_true",
                         help="an ablation: every engine simulated on a core of its own, whatever its cpu_binding")
+    parser.add_argument("--kv-load-steps", type=int, metavar="N",
+                        help="a what-if: a split's KV load spans N steps of a busy decode engine (the app's "
+                             "asynchronous load: 1, the default; 0: loaded inside the step that computes it)")
     add_compiled_argument(parser)
     args = parser.parse_args(argv)
     if args.compiled:
@@ -233,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     for system in run["systems"]:
         try:
             config = sim_config(system["name"], system["config"], args.profile,
-                                is_core_shared=not args.no_core_sharing)
+                                is_core_shared=not args.no_core_sharing, kv_load_steps=args.kv_load_steps)
         except ValueError as exc:  # a config of older code (pydantic's errors are ValueErrors)
             print(f"{system['name']}: skipped, its config does not validate now: {str(exc)[:300]}")
             continue
@@ -275,6 +279,7 @@ def report_lines(rows: list[dict[str, Any]], run: dict[str, Any], args: argparse
     lines = ["# The simulator against the measured comparison", "",
              f"`python -m bench.sim_validate --compare {args.compare} --profile {args.profile}"
              f"{' --no-core-sharing' if args.no_core_sharing else ''}"
+             f"{f' --kv-load-steps {args.kv_load_steps}' if args.kv_load_steps is not None else ''}"
              f"{' --compiled' if origin.get('compiled_modules') else ''}` at commit "
              f"{origin['commit']}: the requests of the comparison measured at {run.get('measured_commit')} "
              f"({run.get('started_at')}), replayed in the simulator with the profile alone ({where}). Ratios are "

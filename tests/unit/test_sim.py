@@ -496,6 +496,24 @@ def test_validation_refuses_a_profile_from_another_host(tmp_path):
     assert host_mismatch({"host": {"cpu": "Intel(R) Xeon(R) Processor"}}, profile / "model.csv") is None
 
 
+def test_validation_can_ask_what_a_load_inside_the_step_would_give(tmp_path):
+    """`--kv-load-steps 0`: the measured system's machines, every one loading a split's KV inside the step that
+    computes it, where the app's asynchronous load takes a step more (1, the default)."""
+    import copy
+
+    from bench.sim_validate import sim_config
+    from bench.systems import SPLITSERVE_UPDATES, serve_config
+
+    profile = tmp_path / "model.csv"
+    profile.write_text("parameter,value\nstep_s0,0.03\nprompt_token_s,0.001\ndecode_seq_s,0.001\n")
+    app = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-nixl"]))
+    measured = sim_config("splitserve-nixl", app, profile)
+    what_if = sim_config("splitserve-nixl", app, profile, kv_load_steps=0)
+    assert (measured.cluster.decode.kv_load_steps, what_if.cluster.decode.kv_load_steps) == (1, 0)
+    assert what_if.cluster.prefill.kv_load_steps == 0
+    assert what_if.cluster.decode.max_num_seqs == measured.cluster.decode.max_num_seqs  # nothing else changes
+
+
 def test_planning_designs_and_the_cheapest_pools():
     import argparse
 
