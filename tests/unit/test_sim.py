@@ -103,7 +103,7 @@ def test_a_splits_served_latency_comes_between_prefills_step_and_decodes():
 
 
 def test_kv_that_reaches_a_busy_decode_engine_loads_through_one_more_step_before_its_request_runs():
-    """vLLM's asynchronous KV load, which our connectors use: a request whose KV reaches an engine in the middle of
+    """vLLM's asynchronous KV load, which our connectors use: a split request that reaches an engine in the middle of
     a step is seen by the next step, which starts the load, and is computed in the step after it (`kv_load_steps`
     1); on an idle engine at once."""
     def ttfts(kv_load_steps: int) -> list[float]:
