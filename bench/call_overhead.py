@@ -146,7 +146,8 @@ def report_lines(rows: list[dict[str, Any]], steps: dict[int, float], meta: dict
              f"at commit {meta['commit']}{' (dirty tree)' if meta['is_dirty'] else ''}, {meta['started_at']}, on "
              f"{meta['host'].get('cpu', 'an unrecorded host')}; one request at a time, a second apart. Milliseconds, "
              "median [p10-p90]; the profile's step is the median of its measured single-prompt steps of that size "
-             f"({meta['profile']}).", "",
+             f"({meta['profile']}). Output to call end: a split's prefill call ends with its answer, a collocated "
+             "call with the rest of its stream.", "",
              "| system | prompt tokens | n | call start to prompt output | profile's step | beyond it | "
              "output to call end | router: prefill | router: first chunk |", "|" + " --- |" * 9]
     for system in dict.fromkeys(row["system"] for row in rows):
@@ -178,7 +179,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-tokens", type=int, default=4)
     parser.add_argument("--profile", type=Path, default=DEFAULT_PROFILE, help="bench.profile's steps.csv")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: write report.md again from --out's calls.csv and run.json")
     args = parser.parse_args(argv)
+    if args.report_only:
+        meta = json.loads((args.out / "run.json").read_text())
+        with open(args.out / "calls.csv", newline="") as handle:
+            rows = [{key: value if key == "system" else int(value) if key == "num_prompt_tokens"
+                     else float(value) if value else None for key, value in row.items()}
+                    for row in csv.DictReader(handle)]
+        lines = report_lines(rows, profile_steps(Path(meta["profile"])), meta)
+        (args.out / "report.md").write_text("\n".join(lines) + "\n")
+        print("\n".join(lines))
+        return
     command = " ".join(["python -m bench.call_overhead", *(sys.argv[1:] if argv is None else argv)])
     began, origin = time.strftime("%Y-%m-%d %H:%M:%S"), provenance()
     work = Path(tempfile.mkdtemp(prefix="call-overhead-"))
