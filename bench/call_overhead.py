@@ -76,14 +76,15 @@ def match(calls: list[tuple[float, float]], outputs: list[float]) -> list[tuple[
 
 
 def profile_steps(path: Path) -> dict[int, float]:
-    """bench.profile's measured single-prompt steps: median seconds per prompt size."""
+    """bench.profile's measured single-prompt steps (its steps.csv at `path`): median seconds per prompt size."""
+    from bench.profile import read_measurements
+
     if not path.exists():
         return {}
     sizes: dict[int, list[float]] = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            if row["kind"] == "prefill":
-                sizes.setdefault(int(row["num_prompt_tokens"]), []).append(float(row["seconds"]))
+    for step in read_measurements(path.parent)[0]:
+        if step.kind == "prefill":
+            sizes.setdefault(step.num_prompt_tokens, []).append(step.seconds)
     return {size: float(np.median(values)) for size, values in sizes.items()}
 
 

@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from bench import processes
 from bench.provenance import provenance
-from bench.sim.model import decode_batch_extra_s, decode_batch_table
+from bench.sim.model import PerfModel, decode_batch_extra_s, decode_batch_table
 from bench.sim.model import prompt_pairs as pairs  # a whole prompt in one step: pairs(n) = n·(n+1)/2
 from bench.systems import app_config
 
@@ -349,10 +349,6 @@ def _is_collocated(row: dict[str, Any]) -> bool:
     return row.get("system", "collocated") in ("collocated", "")  # served.csv before split rows had no system
 
 
-def _handover_s(model: dict[str, float], num_prompt_tokens: int, backend: str = "nixl") -> float:
-    return model.get(f"handover_s0@{backend}", 0.0) + model.get(f"handover_token_s@{backend}", 0.0) * num_prompt_tokens
-
-
 def fit_served(rows: list[dict[str, Any]], model: dict[str, float]) -> dict[str, float]:
     """What the served path adds to the fitted engine, from the one-at-a-time requests: per streamed token (a
     client's mean gap over the engine's steps for the same sequence) and per request (its TTFT over the prompt's
@@ -389,7 +385,7 @@ def split_parts_s(model: dict[str, float], num_prompt_tokens: int) -> dict[str, 
     share of it included), and the served path's latency."""
     n = num_prompt_tokens
     parts = {"prefill": fitted_s(model, Step("prefill", n, 0, 0, 0.0, pairs(n))),
-             "handover": _handover_s(model, n),
+             "handover": PerfModel.from_fitted(model).handover_s(n),  # NIXL's, the simulator's default
              "decode_step": fitted_s(model, Step("decode", 0, 1, n, 0.0)) + model.get("served_token_s", 0.0),
              "served_request": model.get("served_request_s", 0.0)}
     return parts | {"total": sum(parts.values())}
@@ -399,17 +395,17 @@ def split_breakdown(rows: list[dict[str, Any]], model: dict[str, float]) -> dict
     """Where a split's `served_split_s` lies, from the router's phases (medians, seconds): from dispatch to
     prefill's answer beyond the prompt's fitted step (`prefill_extra_s`), and from that answer to decode's first
     chunk beyond the hand-over and decode's step (`decode_extra_s`); the rest is outside the router's phases."""
-    split = [row for row in rows if row.get("system") == "split" and row.get("prefill_s") not in (None, "")
-             and row.get("first_chunk_s") not in (None, "")]
+    split = [row for row in rows if row.get("system") == "split" and row.get("prefill_s") is not None
+             and row.get("first_chunk_s") is not None]
     if not split:
         return {}
     prefill_extra, decode_extra = [], []
     for row in split:
         parts = split_parts_s(model, row["num_prompt_tokens"])
-        prefill_extra.append(float(row["prefill_s"]) - parts["prefill"])
-        decode_extra.append(float(row["first_chunk_s"]) - parts["handover"] - parts["decode_step"])
+        prefill_extra.append(row["prefill_s"] - parts["prefill"])
+        decode_extra.append(row["first_chunk_s"] - parts["handover"] - parts["decode_step"])
     return {"prefill_extra_s": float(np.median(prefill_extra)), "decode_extra_s": float(np.median(decode_extra)),
-            "first_chunk_s": float(np.median([float(row["first_chunk_s"]) for row in split])),
+            "first_chunk_s": float(np.median([row["first_chunk_s"] for row in split])),
             "num_requests": len(split)}
 
 
