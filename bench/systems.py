@@ -150,6 +150,12 @@ SPLITSERVE_UPDATES["splitserve-predictive-prefill-when-decode-full"] = {
     "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "prefill_local": "decode_full"}}
 
 
+# The predictive policy whose TBT guard never yields (`split_late_slowdown: null`, the rule before it could): a prompt
+# the split would make late stays off a busy decode engine all the same.
+SPLITSERVE_UPDATES["splitserve-predictive-guard-holds"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive"],
+    "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "split_late_slowdown": None}}
+
 # The predictive policy with each engine's whole replica process pinned to its cores (`pin_engine_processes`), so
 # that vLLM's EngineCore, which spins on its queue through every step of its worker, spins on its own engine's core.
 SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
@@ -213,6 +219,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, prefill engines run the shortest waiting prompt first (aged)"),
     _variant("splitserve-predictive-prefill-when-decode-full",
              "splitserve PD on NIXL, predictive, prefill-local only while decode can take no more streams"),
+    _variant("splitserve-predictive-guard-holds",
+             "splitserve PD on NIXL, predictive, its TBT guard never yielding to a prompt the split makes late"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
     _variant("splitserve-2p1d-nixl",

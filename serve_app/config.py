@@ -247,6 +247,10 @@ class SchedulingConfig(_Frozen):
     # mean bound weighs what the prompt adds, not the stream that joins the batch on every path.
     tbt_mean_slowdown: float = Field(1.25, gt=1)
     tbt_gap_slowdown: float = Field(5.0, gt=1)
+    # predictive: where the split's predicted TTFT is past this multiple of its TTFT on idle engines (Splitwise's
+    # P90 TTFT SLO, 3x) and a decode engine would start the prompt within that, the bounds above yield and the
+    # prompt runs decode-local; null: they never yield.
+    split_late_slowdown: float | None = Field(3.0, gt=1)
     # What the guard charges a decode step for a local prompt's chunk: "request", the engine's whole learned prefill
     # time (its line's intercept too: a request's own calls and forward pass), or "compute", the line's slope only
     # (the chunk rides in a step that runs for the streams anyway). "compute" is being measured (docs/benchmarks.md).

@@ -186,6 +186,10 @@ class Predictive:
                    and TBT p50 1.13-1.16x collocated's at conv 0.39/s and code 0.42/s; bench/results/asleep_light.
                    Without the busy-share guard the default run's worst streams were prefill-local, per-request
                    mean gaps 0.86-0.92 s at code 0.48-0.9/s, 3eb988b.)
+    The guard yields where the split is late: when the split's TTFT is predicted past `split_late_slowdown` times
+    its TTFT on idle engines (Splitwise's P90 TTFT bound, 3x) and a decode engine would start the prompt within
+    that, decode-local is offered whatever the streams' bounds say. A prompt that would miss its TTFT bound on
+    the split is saved at a price its streams' gaps pay; one that decode could not save either leaves them be.
     Until the rates are known it acts as token_jsq, which is how it learns them."""
 
     config: SchedulingConfig
@@ -208,17 +212,30 @@ class Predictive:
         # The decode engines in drain order, of which the first is the split's (one pass over the heap for both).
         candidates = book.first_loaded("decode", NUM_GUARDED_CANDIDATES)
         prefill, decode = book.least_loaded("prefill"), candidates[0] if candidates else None
+        late_after_s = None  # past this, a first token misses its TTFT bound (`split_late_slowdown`)
+        is_split_late = False
         if prefill is not None and decode is not None:
             num_ahead = book.entry(decode).num_requests
             kv_ready_s = book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.handover_s(decode, n, num_ahead)
             ttft = max(kv_ready_s, book.drain_s(decode)) + rates.decode_step_s(decode, num_ahead + 1)
             options.append((ttft, Path.SPLIT, prefill, decode))
+            if self.config.split_late_slowdown is not None:
+                late_after_s = self.config.split_late_slowdown * self._idle_split_s(prefill, decode, n, rates)
+                is_split_late = ttft > late_after_s
+        is_guard_yielded = False
         for candidate in candidates:
+            ttft = book.drain_s(candidate) + rates.prefill_s(candidate, n) + self._chunk_steps_s(candidate, n,
+                                                                                              book, rates)
             if self._decode_can_take(candidate, n, book, rates):
-                ttft = book.drain_s(candidate) + rates.prefill_s(candidate, n) + self._chunk_steps_s(candidate, n,
-                                                                                                  book, rates)
                 options.append((ttft, Path.DECODE_LOCAL, None, candidate))
                 break  # candidates come in drain order: the first that passes has the lowest TTFT of them
+            # The split misses the prompt's TTFT bound and decode would meet it: the streams' guard yields, once
+            # per prompt it saves (on the code trace, 2 cores, the guard otherwise left prompts queued on prefill
+            # for tens of seconds while decode's streams kept their gaps: saturation 0.70x collocated's).
+            if is_split_late and late_after_s is not None and ttft <= late_after_s:
+                options.append((ttft, Path.DECODE_LOCAL, None, candidate))
+                is_guard_yielded = True
+                break
         if prefill is not None and self._prefill_can_decode(prefill, book, rates) and (
                 self.config.prefill_local == "idle" or decode is None
                 or not self._decode_can_stream(decode, book, rates)):
@@ -232,7 +249,15 @@ class Predictive:
             if option[0] < best[0]:
                 best = option
         ttft, path, prefill_engine, decode_engine = best
-        return Decision(path, prefill_engine, decode_engine, "lowest predicted TTFT", ttft)
+        reason = "split late, TBT guard yields" if path == Path.DECODE_LOCAL and is_guard_yielded \
+            else "lowest predicted TTFT"
+        return Decision(path, prefill_engine, decode_engine, reason, ttft)
+
+    @staticmethod
+    def _idle_split_s(prefill: str, decode: str, num_tokens: int, rates: Rates) -> float:
+        """The split's TTFT on idle engines: what the prompt's TTFT bound is a multiple of."""
+        return rates.prefill_s(prefill, num_tokens) + rates.handover_s(decode, num_tokens, 0) \
+            + rates.decode_step_s(decode, 1)
 
     def _chunk_steps_s(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates, *,
                        chunk_tokens: int | None = None) -> float:

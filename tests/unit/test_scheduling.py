@@ -548,16 +548,49 @@ def test_predictive_sends_a_short_prompt_to_busy_decode_when_prefill_is_queued()
     book = _book({"p0": 4000}, {"d0": 0}, decode_requests={"d0": 4}, rates=rates)
     decision = Predictive(config, chunk_tokens=2048, expected_output_tokens=32).decide(_request(23), book, rates)
     assert (decision.path, decision.decode_engine) == (Path.DECODE_LOCAL, "d0")
-    # A long prompt there would cost every running token far more: it is split, however long prefill's queue.
+    # A long prompt there would cost every running token far more: it is split while prefill's queue leaves its
+    # TTFT within its bound (the next test: past it, the guard yields).
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=1000, num_waiting=1))
     assert Predictive(config, chunk_tokens=2048, expected_output_tokens=32).decide(
         _request(1500), book, rates).path == Path.SPLIT
+
+
+def test_the_tbt_guard_yields_a_prompt_the_split_would_make_late_to_a_decode_engine_that_would_not():
+    """xeon_split_term's sweep (code 2.4-4.2/s): the guard kept long prompts off decode while prefill's queue grew
+    to tens of seconds, and predictive delivered 0.62-0.84 of the offered rate where collocated kept up."""
+    config = SchedulingConfig(policy="predictive")  # split_late_slowdown 3: Splitwise's P90 TTFT bound
+    rates = _learned()  # a 1,500-token prompt: 3.76 s of prefill; idle, the split's first token comes at 3.85 s
+    policy = Predictive(config, chunk_tokens=2048, expected_output_tokens=32)
+    # 1. Prefill holds 1,000 tokens: the split's first token is due at 6.4 s, within 3x 3.85 s. The guard holds
+    #    (the prompt's compute would add 118 ms to each of decode's running tokens): split.
+    book = _book({"p0": 1000}, {"d0": 0}, decode_requests={"d0": 4}, rates=rates)
+    assert policy.decide(_request(1500), book, rates).path == Path.SPLIT
+    # 2. Prefill holds 4,000 tokens: the split is due at 13.9 s, past 11.6 s, and decode would start the prompt at
+    #    once (3.85 s): the guard yields, and the decision says so.
+    book.report(EngineLoad("p0", "prefill", num_pending_prompt_tokens=4000, num_waiting=4))
+    decision = policy.decide(_request(1500), book, rates)
+    assert (decision.path, decision.decode_engine, decision.reason) == (
+        Path.DECODE_LOCAL, "d0", "split late, TBT guard yields")
+    assert decision.predicted_ttft_s == pytest.approx(3.76 + 0.083, abs=0.01)
+    # 3. Decode has a prompt of its own queued (4,000 tokens): the prompt would be late there too, so nothing is
+    #    saved by slowing the streams: the guard holds, and the split (the earlier of the two) is taken.
+    book.report(EngineLoad("d0", "decode", num_pending_prompt_tokens=4000, num_running=4))
+    assert policy.decide(_request(1500), book, rates).path == Path.SPLIT
+    # 4. `split_late_slowdown: null`: the guard never yields.
+    book.report(EngineLoad("d0", "decode", num_running=4))
+    never = Predictive(SchedulingConfig(policy="predictive", split_late_slowdown=None), chunk_tokens=2048,
+                       expected_output_tokens=32)
+    assert policy.decide(_request(1500), book, rates).path == Path.DECODE_LOCAL
+    assert never.decide(_request(1500), book, rates).path == Path.SPLIT
 
 
 def test_the_guard_charges_the_prompt_not_the_stream_that_joins_decode_on_every_path():
     """In the policies run (f5fcfff) every code request whose TTFT passed 3x its reference was a 9-88 token prompt,
     split, waiting behind a long prompt on prefill: decode's batch alone stepped past 1.25x its single-stream step,
-    and the guard charged that batch to the local path, though the split's stream joins the same batch."""
-    policy = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=256, expected_output_tokens=32)
+    and the guard charged that batch to the local path, though the split's stream joins the same batch. (The guard
+    alone: it never yields here, `split_late_slowdown: null`.)"""
+    policy = Predictive(SchedulingConfig(policy="predictive", split_late_slowdown=None), chunk_tokens=256,
+                        expected_output_tokens=32)
     rates = _learned(step_ms_per_stream=10.0)  # 12 streams step 205 ms, 2.4x one stream's 85 ms
     book = _book({"p0": 4000}, {"d0": 0}, decode_requests={"d0": 12}, rates=rates)
     # 1. A 9-token prompt adds 1 ms to a running request's mean gap (its 33 ms over 32 tokens), within a quarter of
@@ -572,7 +605,7 @@ def test_the_guard_charges_a_local_chunk_a_requests_fixed_cost_or_only_its_compu
     """As served here a prefill line has a large intercept (a request's calls and its own forward pass): a 23-token
     prompt costs 0.21 s alone, of which 0.06 s is compute. Charged as a request, it would add 26 ms to each of a
     running request's 8 tokens, over a quarter of the 77 ms step (the 1.25x bound); charged its compute (it rides a
-    step that runs anyway), 7 ms."""
+    step that runs anyway), 7 ms. (The guard alone: it never yields here, `split_late_slowdown: null`.)"""
     rates = Rates(min_observations=4)
     for tokens in (100, 400, 800, 1600):
         rates.observe_prefill("p0", tokens, 0.150 + 0.0025 * tokens)
@@ -583,10 +616,11 @@ def test_the_guard_charges_a_local_chunk_a_requests_fixed_cost_or_only_its_compu
         rates.observe_handover("d0", tokens, 0, 0.015)
     assert rates.prompt_compute_s("d0", 23) == pytest.approx(0.0575)
     book = _book({"p0": 4000}, {"d0": 0}, decode_requests={"d0": 4}, rates=rates)
-    as_request = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=2048, expected_output_tokens=8)
-    assert as_request.decide(_request(23), book, rates).path == Path.SPLIT
-    as_compute = Predictive(SchedulingConfig(policy="predictive", tbt_guard_charge="compute"), chunk_tokens=2048,
+    as_request = Predictive(SchedulingConfig(policy="predictive", split_late_slowdown=None), chunk_tokens=2048,
                             expected_output_tokens=8)
+    assert as_request.decide(_request(23), book, rates).path == Path.SPLIT
+    as_compute = Predictive(SchedulingConfig(policy="predictive", tbt_guard_charge="compute",
+                                             split_late_slowdown=None), chunk_tokens=2048, expected_output_tokens=8)
     assert as_compute.decide(_request(23), book, rates).path == Path.DECODE_LOCAL
     # A long prompt is still refused either way: 1,500 tokens of compute is 0.47 s on each of 8 tokens.
     assert as_compute.decide(_request(1500), book, rates).path == Path.SPLIT
@@ -697,6 +731,7 @@ def test_a_splits_first_token_is_predicted_behind_the_prompts_decode_is_computin
     ({"return_requests": 20}, "return_requests (20) must be below borrow_requests (12)"),
     ({"tbt_mean_slowdown": 0.9}, "tbt_mean_slowdown"),
     ({"tbt_mean_slowdown": 3, "tbt_gap_slowdown": 2}, "tbt_gap_slowdown (2.0) is below tbt_mean_slowdown (3.0)"),
+    ({"split_late_slowdown": 1}, "split_late_slowdown"),
 ])
 def test_bad_scheduling_config_is_refused_with_the_value_named(section, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):

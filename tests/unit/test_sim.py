@@ -402,7 +402,9 @@ DECISIONS = Path(__file__).parent / "data" / "policy_decisions.json"
 
 def _replayed_decisions() -> dict[str, list[list]]:
     """Every policy's path and engines for 400 requests through 3 prefill + 3 decode simulated machines (KV loads
-    inside the step that computes the request, `kv_load_steps: 0`, as the machines ran when the fixture was made)."""
+    inside the step that computes the request, `kv_load_steps: 0`, as the machines ran when the fixture was made;
+    predictive's TBT guard never yielding, `split_late_slowdown: null`, as it was then: with it off, every decision
+    of the policy that gained it is the same)."""
     requests = _poisson_requests(11, 6.0, 400, (16, 900), (1, 90))
     model = PerfModel(step_s0=0.02, prompt_token_s=0.0004, decode_seq_s=0.003, context_token_s=2e-6,
                       handover_s0=0.01, handover_token_s=1e-5)
@@ -410,7 +412,7 @@ def _replayed_decisions() -> dict[str, list[list]]:
     for policy in ("always_split", "token_jsq", "conditional", "mixed_pool", "predictive"):
         config = SimConfig(model=model, cluster=ClusterConfig(num_prefill=3, num_decode=3, decode=MachineConfig(
             max_num_seqs=8, kv_capacity_tokens=4000, kv_load_steps=0)),
-            scheduling={"policy": policy, "min_observations": 3})
+            scheduling={"policy": policy, "min_observations": 3, "split_late_slowdown": None})
         result = Simulator(config).run(requests)
         decided[policy] = [[request.path, request.prefill_machine if request.path == "split" else -1,
                             request.decode_engine] for request in result.requests]
