@@ -25,8 +25,10 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import csv
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,37 @@ def host_cores(bindings: list[str]) -> list[int]:
     cores = [ids.setdefault(binding if binding != "auto" else f"auto-{index}", len(ids))
              for index, binding in enumerate(bindings)]
     return cores if len(set(cores)) < len(cores) else []
+
+
+# Settings added to the app after comparisons were recorded, with the commit that added each and the value that
+# stands for the behaviour before it. A recorded config names only what serve_config.yaml and the system set, so
+# a setting it leaves out took the default of the code it measured: replayed now, it would take today's.
+FORMER_DEFAULTS: dict[tuple[str, str], tuple[str, Any]] = {
+    ("scheduling", "split_late_slowdown"): ("dcd0b91", None),  # the TBT guard never yielded
+}
+
+
+def is_ancestor(commit: str, of: str) -> bool | None:
+    """Whether `commit` is in the history of `of` (a measured commit, `-dirty` or not); None where git cannot say."""
+    try:
+        found = subprocess.run(["git", "merge-base", "--is-ancestor", commit, of.removesuffix("-dirty")],
+                               cwd=Path(__file__).resolve().parent, capture_output=True, check=False)
+    except OSError:
+        return None
+    return {0: True, 1: False}.get(found.returncode)
+
+
+def as_measured(serve_config: dict[str, Any], measured_commit: str | None) -> dict[str, Any]:
+    """The config with each later setting it leaves out at its former value, where the comparison was measured
+    before the setting existed (`FORMER_DEFAULTS`); unchanged where git cannot tell."""
+    config = copy.deepcopy(serve_config)
+    args = config["applications"][0]["args"]
+    for (section, key), (added_in, former) in FORMER_DEFAULTS.items():
+        if key in (args.get(section) or {}) or measured_commit is None:
+            continue
+        if is_ancestor(added_in, measured_commit) is False:
+            args[section] = {**(args.get(section) or {}), key: former}
+    return config
 
 
 def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
@@ -236,7 +269,8 @@ def main(argv: list[str] | None = None) -> None:
     rows: list[dict[str, Any]] = []
     for system in run["systems"]:
         try:
-            config = sim_config(system["name"], system["config"], args.profile,
+            measured_config = as_measured(system["config"], run.get("measured_commit"))
+            config = sim_config(system["name"], measured_config, args.profile,
                                 is_core_shared=not args.no_core_sharing, kv_load_steps=args.kv_load_steps)
         except ValueError as exc:  # a config of older code (pydantic's errors are ValueErrors)
             print(f"{system['name']}: skipped, its config does not validate now: {str(exc)[:300]}")

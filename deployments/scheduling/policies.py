@@ -212,7 +212,7 @@ class Predictive:
         # The decode engines in drain order, of which the first is the split's (one pass over the heap for both).
         candidates = book.first_loaded("decode", NUM_GUARDED_CANDIDATES)
         prefill, decode = book.least_loaded("prefill"), candidates[0] if candidates else None
-        late_after_s = None  # past this, a first token misses its TTFT bound (`split_late_slowdown`)
+        late_after_s: float | None = None  # past this, a first token misses its TTFT bound (`split_late_slowdown`)
         is_split_late = False
         if prefill is not None and decode is not None:
             num_ahead = book.entry(decode).num_requests

@@ -572,3 +572,29 @@ def test_planning_refuses_no_windows_before_starting_ray(capsys):
     with pytest.raises(SystemExit):
         sim_plan.main(["--config", "bench/sim/configs/host_1p1d.yaml", "--rate", "1", "--windows", "0"])
     assert "--windows must be at least 1, not 0" in capsys.readouterr().err
+
+
+def test_a_comparison_measured_before_a_setting_existed_is_replayed_with_its_former_value(monkeypatch):
+    """A recorded config names only what serve_config.yaml and its system set: a comparison measured before the
+    TBT guard could yield (`split_late_slowdown`, added in dcd0b91) replays with it never yielding, one measured
+    since with the default, and a config that names the setting keeps its own value."""
+    import copy
+
+    from bench import sim_validate
+    from bench.systems import SPLITSERVE_UPDATES, serve_config
+
+    app = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-predictive"]))
+    app["applications"][0]["args"]["scheduling"] = {"policy": "predictive"}  # as older run.json files hold it
+    monkeypatch.setattr(sim_validate, "is_ancestor", lambda commit, of: of != "before")
+
+    def scheduling(config):
+        return config["applications"][0]["args"]["scheduling"]
+
+    assert scheduling(sim_validate.as_measured(app, "before")) == {"policy": "predictive", "split_late_slowdown": None}
+    assert scheduling(sim_validate.as_measured(app, "since")) == {"policy": "predictive"}
+    assert scheduling(app) == {"policy": "predictive"}  # the recorded config itself is left as it was
+    named = copy.deepcopy(app)
+    scheduling(named)["split_late_slowdown"] = 4.0
+    assert scheduling(sim_validate.as_measured(named, "before"))["split_late_slowdown"] == 4.0
+    monkeypatch.setattr(sim_validate, "is_ancestor", lambda commit, of: None)  # git cannot tell: left as it is
+    assert scheduling(sim_validate.as_measured(app, "before")) == {"policy": "predictive"}
