@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import csv
+import functools
 import json
 import subprocess
 from pathlib import Path
@@ -85,6 +86,7 @@ FORMER_DEFAULTS: dict[tuple[str, str], tuple[str, Any]] = {
 }
 
 
+@functools.cache
 def is_ancestor(commit: str, of: str) -> bool | None:
     """Whether `commit` is in the history of `of` (a measured commit, `-dirty` or not); None where git cannot say."""
     try:
@@ -147,6 +149,15 @@ def planned_requests(run: dict[str, Any]) -> dict[str, dict[int, TraceRequest]]:
         print(f"the comparison's plan is not expanded ({str(exc)[:200]}): refused requests keep their recorded sizes")
         return {}
     return {cell.name: {request.request_id: request for request in cell.requests} for cell in cells}
+
+
+def recorded_requests(path: Path, cell_names: list[str]) -> dict[str, list[RequestRecord]]:
+    """A requests_*.csv's first repeat, by cell, in the comparison's cell order."""
+    by_cell: dict[str, list[RequestRecord]] = {}
+    for record in read_requests_csv(path):
+        if record.repeat == 0:
+            by_cell.setdefault(record.workload, []).append(record)
+    return {name: by_cell[name] for name in cell_names if name in by_cell}
 
 
 def replay(config: SimConfig, measured: dict[str, list[RequestRecord]],
@@ -278,11 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         path = args.compare / f"requests_{system['name']}.csv"
         if config is None or not path.exists():
             continue
-        measured: dict[str, list[RequestRecord]] = {}
-        for record in read_requests_csv(path):
-            if record.repeat == 0:
-                measured.setdefault(record.workload, []).append(record)
-        measured = {name: measured[name] for name in cells if name in measured}
+        measured = recorded_requests(path, list(cells))
         simulated = replay(config, measured, planned, run.get("request_timeout_s"))
         for name, records in measured.items():
             cell = cells[name]

@@ -24,15 +24,23 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from bench.load_generator import RequestRecord
 from bench.provenance import provenance
-from bench.result_files import read_requests_csv, span_s, summary_row
-from bench.sim_validate import as_measured, planned_requests, replay, saturation, saturation_text, sim_config
+from bench.result_files import span_s, summary_row
+from bench.sim_validate import (
+    as_measured,
+    planned_requests,
+    recorded_requests,
+    replay,
+    saturation,
+    saturation_text,
+    sim_config,
+)
 from bench.slo import Reference
 
 COLUMNS = ("delivered_share", "slo_margin", "slo_attainment", "ttft_p50_ms", "slowdown_ttft_p90",
@@ -63,25 +71,15 @@ def variant_config(run: dict[str, Any], system: str, overrides: dict[str, Any]) 
     return config
 
 
-def recorded_requests(compare: Path, system: str, cell_names: list[str]) -> dict[str, list[RequestRecord]]:
-    """The first repeat's requests of each cell, in the comparison's cell order."""
-    by_cell: dict[str, list[RequestRecord]] = {}
-    for record in read_requests_csv(compare / f"requests_{system}.csv"):
-        if record.repeat == 0:
-            by_cell.setdefault(record.workload, []).append(record)
-    return {name: by_cell[name] for name in cell_names if name in by_cell}
-
-
-def whatif_rows(compare: Path, profile: Path, variants: list[tuple[str, str, dict[str, Any]]],
+def whatif_rows(compare: Path, run: dict[str, Any], profile: Path, variants: list[tuple[str, str, dict[str, Any]]],
                 requests_of: str | None = None) -> list[dict[str, Any]]:
-    run = json.loads((compare / "run.json").read_text())
     reference = Reference.model_validate_json((compare / "reference.json").read_text())
     cells = {cell["name"]: cell for cell in run["cells"]}
     systems = {entry["name"] for entry in run["systems"]}
     for _, system, _ in variants:
         if system not in systems:
             raise SystemExit(f"no system {system!r} in the comparison: it ran {', '.join(sorted(systems))}")
-    measured = recorded_requests(compare, requests_of or variants[0][1], list(cells))
+    measured = recorded_requests(compare / f"requests_{requests_of or variants[0][1]}.csv", list(cells))
     planned = planned_requests(run)
     rows: list[dict[str, Any]] = []
     for label, system, overrides in variants:
@@ -143,14 +141,14 @@ def main(argv: list[str] | None = None) -> None:
                                               "variant's system)")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(argv)
-    rows = whatif_rows(args.compare, args.profile, args.variant, args.requests_of)
+    run = json.loads((args.compare / "run.json").read_text())
+    rows = whatif_rows(args.compare, run, args.profile, args.variant, args.requests_of)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "whatif.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
         writer.writeheader()
         writer.writerows(rows)
-    command = "python -m bench.sim_whatif " + " ".join(argv if argv is not None else __import__("sys").argv[1:])
-    run = json.loads((args.compare / "run.json").read_text())
+    command = "python -m bench.sim_whatif " + " ".join(argv if argv is not None else sys.argv[1:])
     lines = report_lines(rows, command, provenance(), run)
     (args.out / "whatif.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

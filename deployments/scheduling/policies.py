@@ -212,16 +212,16 @@ class Predictive:
         # The decode engines in drain order, of which the first is the split's (one pass over the heap for both).
         candidates = book.first_loaded("decode", NUM_GUARDED_CANDIDATES)
         prefill, decode = book.least_loaded("prefill"), candidates[0] if candidates else None
-        late_after_s: float | None = None  # past this, a first token misses its TTFT bound (`split_late_slowdown`)
-        is_split_late = False
+        # Where the split's first token misses its TTFT bound (`split_late_slowdown`): the bound; else None.
+        late_after_s: float | None = None
         if prefill is not None and decode is not None:
             num_ahead = book.entry(decode).num_requests
             kv_ready_s = book.drain_s(prefill) + rates.prefill_s(prefill, n) + rates.handover_s(decode, n, num_ahead)
             ttft = max(kv_ready_s, book.drain_s(decode)) + rates.decode_step_s(decode, num_ahead + 1)
             options.append((ttft, Path.SPLIT, prefill, decode))
             if self.config.split_late_slowdown is not None:
-                late_after_s = self.config.split_late_slowdown * self._idle_split_s(prefill, decode, n, rates)
-                is_split_late = ttft > late_after_s
+                bound_s = self.config.split_late_slowdown * self._idle_split_s(prefill, decode, n, rates)
+                late_after_s = bound_s if ttft > bound_s else None
         is_guard_yielded = False
         for candidate in candidates:
             ttft = book.drain_s(candidate) + rates.prefill_s(candidate, n) + self._chunk_steps_s(candidate, n,
@@ -232,7 +232,7 @@ class Predictive:
             # The split misses the prompt's TTFT bound and decode would meet it: the streams' guard yields, once
             # per prompt it saves (on the code trace, 2 cores, the guard otherwise left prompts queued on prefill
             # for tens of seconds while decode's streams kept their gaps: saturation 0.70x collocated's).
-            if is_split_late and late_after_s is not None and ttft <= late_after_s:
+            if late_after_s is not None and ttft <= late_after_s:
                 options.append((ttft, Path.DECODE_LOCAL, None, candidate))
                 is_guard_yielded = True
                 break
