@@ -12,8 +12,9 @@ the default) or under load (`--rate`: open-loop Poisson arrivals at that many re
   the transfer plus decode's first step), p50 and p90.
 
 Systems, one after another on this host: `collocated` (one vLLM engine, no disaggregation: the baseline),
-`object_store` (layer-by-layer overlap), `object_store_no_overlap` (KV handed over after the forward pass) and
-`nixl`. In splitserve the router streams decode's tokens, so the transfer lands before the first token: expect
+`object_store` (layer-by-layer overlap, KV loaded inside decode's step), `object_store_no_overlap` (KV handed over
+after the forward pass), `object_store_in_background` (decode loads in the background and computes a step later)
+and `nixl`. In splitserve the router streams decode's tokens, so the transfer lands before the first token: expect
 it in TTFT, not between the first and the second token.
 
     python -m bench.served_transfer_bench [--num-requests 8] [--prompt-tokens 1000] [--rate R] [--systems ...]
@@ -63,6 +64,9 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     "serve_path": {"mode": "collocated", "collocated": {"num_replicas": 1, "cpu_binding": ["0"]}},
     "object_store": {"transfer": {"backend": "object_store", "is_layer_by_layer": True}},
     "object_store_no_overlap": {"transfer": {"backend": "object_store", "is_layer_by_layer": False}},
+    # Every load in the background, the request scheduled the step after (transfer.is_load_in_step: false), as
+    # vLLM's NIXL connector loads: what loading inside the step buys.
+    "object_store_in_background": {"transfer": {"backend": "object_store", "is_load_in_step": False}},
     "nixl": {"transfer": {"backend": "nixl"}},
     # The same with each engine's processes pinned to its own core (EngineRoleConfig.pin_engine_processes): whether
     # the other role's idle EngineCore, spinning after its step, is what slows decode's step.

@@ -113,6 +113,10 @@ SPLITSERVE_UPDATES: dict[str, dict[str, Any]] = {
     "splitserve-object-store": {"transfer": {"backend": "object_store"}, "scheduling": ALWAYS_SPLIT},
     "splitserve-nixl": {"transfer": {"backend": "nixl"}, "scheduling": ALWAYS_SPLIT},
 }
+# The object store with every KV loaded in the background (`is_load_in_step: false`, the only way before): what
+# loading inside decode's step buys a split.
+SPLITSERVE_UPDATES["splitserve-object-store-in-background"] = {
+    "transfer": {"backend": "object_store", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
 POLICY_SYSTEMS = {"splitserve-token-jsq": "token_jsq", "splitserve-conditional": "conditional",
                   "splitserve-mixed-pool": "mixed_pool", "splitserve-predictive": "predictive"}
 for _name, _policy in POLICY_SYSTEMS.items():

@@ -122,6 +122,9 @@ class CountingStatLogger(StatLoggerBase):
             if scheduler_stats.kv_connector_stats:
                 stats = TransferStats.from_connector_stats(scheduler_stats.kv_connector_stats)
                 self._accumulator.add(
+                    # A load that failed inside its step: vLLM counted its tokens as loaded, the engine computed them.
+                    num_prompt_tokens_computed=stats.num_recomputed_tokens,
+                    num_prompt_tokens_external=-stats.num_recomputed_tokens,
                     num_kv_transfers=stats.num_transfers,
                     num_kv_bytes_transferred=stats.num_bytes,
                     num_kv_failed_transfers=stats.num_failed,

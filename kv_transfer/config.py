@@ -40,6 +40,13 @@ class TransferConfig(BaseModel):
     # object_store: send each layer's KV while later layers still compute (Splitwise's overlap). Off, the KV is
     # handed over after the forward pass, as vLLM's disaggregation connectors do; for comparison.
     is_layer_by_layer: bool = True
+    # object_store: load a KV whose handle carries its receipt (every part already in the store) inside the engine
+    # step that computes the request's next token (vLLM's synchronous load), instead of in the background with the
+    # request scheduled a step later: under load that later step is a whole decode step of TTFT. The step's other
+    # streams wait for the copy (~15-30 ms for a 1,000-token prompt here). A handle without a receipt always loads in
+    # the background, since its parts may still be on their way. Off: every load in the background, as vLLM's NIXL
+    # connector does.
+    is_load_in_step: bool = True
     # nixl: microseconds NIXL's progress thread waits between passes (docs/kv-transfer.md). Without the thread a
     # READ moves only when prefill's engine loop polls, between steps: under load each hand-over waits out a whole
     # forward pass (seconds on a CPU). 5,000 µs: ~1% of a core per idle agent here, READs as fast as at 200 µs.
@@ -78,6 +85,7 @@ class ObjectStoreExtraConfig(BaseModel):
     store_name: str | None
     load_timeout_s: float
     is_layer_by_layer: bool
+    is_load_in_step: bool
 
 
 class NixlExtraConfig(BaseModel):

@@ -23,9 +23,14 @@ NUM_FAILED_NOTIFICATIONS = "num_failed_notifications"
 NUM_KV_EXPIRED_REQS = "num_kv_expired_reqs"
 # Ours: seconds prefill's engine step waited on handing KV over instead of computing.
 SEND_WAIT_DURATION = "send_wait_duration"
+# Ours: prompt tokens of a load that failed inside its engine step (vLLM's synchronous load). vLLM counted them as
+# loaded when it scheduled the request and then computes them again without counting that: the engine counters
+# (deployments/engine_counters.py) move them back to computed.
+FAILED_IN_STEP_TOKENS = "failed_in_step_tokens"
 # As vLLM's own NIXL stats count them: a failed read, handshake or notification is a failed transfer.
 _FAILURE_KEYS = (NUM_FAILED_TRANSFERS, NUM_FAILED_HANDSHAKES, NUM_FAILED_NOTIFICATIONS)
-OBJECT_STORE_KEYS = (TRANSFER_DURATION, BYTES_TRANSFERRED, NUM_FAILED_TRANSFERS, SEND_WAIT_DURATION)
+OBJECT_STORE_KEYS = (TRANSFER_DURATION, BYTES_TRANSFERRED, NUM_FAILED_TRANSFERS, SEND_WAIT_DURATION,
+                     FAILED_IN_STEP_TOKENS)
 
 
 def empty_connector_stats() -> dict[str, list[float]]:
@@ -43,6 +48,7 @@ class TransferStats(BaseModel):
     send_wait_seconds: tuple[float, ...] = ()
     num_failed: int = 0
     num_expired: int = 0
+    num_recomputed_tokens: int = 0  # loaded by vLLM's count, computed in fact (FAILED_IN_STEP_TOKENS)
 
     @classmethod
     def from_connector_stats(cls, data: Mapping[str, Sequence[Any]] | None) -> TransferStats:
@@ -57,6 +63,7 @@ class TransferStats(BaseModel):
             send_wait_seconds=tuple(float(value) for value in values(SEND_WAIT_DURATION)),
             num_failed=int(sum(sum(values(key)) for key in _FAILURE_KEYS)),
             num_expired=int(sum(values(NUM_KV_EXPIRED_REQS))),
+            num_recomputed_tokens=int(sum(values(FAILED_IN_STEP_TOKENS))),
         )
 
     @property
@@ -77,7 +84,8 @@ class TransferStats(BaseModel):
 
     @property
     def is_empty(self) -> bool:
-        return not (self.transfer_seconds or self.send_wait_seconds or self.num_failed or self.num_expired)
+        return not (self.transfer_seconds or self.send_wait_seconds or self.num_failed or self.num_expired
+                    or self.num_recomputed_tokens)
 
     def summary(self) -> dict[str, int | float]:
         """The interval in a few numbers, for vLLM's periodic log line."""

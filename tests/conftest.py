@@ -55,6 +55,14 @@ def _run_reference(requests: dict[str, tuple[str, dict]], logs_dir: Path) -> dic
         return {name: send(client, *request_body(name)) for name in requests}
 
 
+def loaded_prompt_counts(resolved_backend: str, num_prompt_tokens: int) -> tuple[int, int]:
+    """(prompt tokens computed, prompt tokens external) on decode's engine counters for a split whose KV loaded.
+    Decode computes the prompt's last token either way, to sample from it. NIXL loads in the background and vLLM
+    then counts that token as loaded; the object store loads inside the step that computes it (serve_config.yaml's
+    `transfer.is_load_in_step`), where vLLM counts it as computed. Nothing else of the prompt is computed."""
+    return (0, num_prompt_tokens) if resolved_backend == "nixl" else (1, num_prompt_tokens - 1)
+
+
 def send(client: Any, endpoint: str, body: dict[str, Any], stream: bool = False,
          extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """One request through the official client (`extra`: more of vLLM's own request fields); returns text,

@@ -77,7 +77,7 @@ class SplitserveConnector(KVConnectorBase_V1):
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             self._scheduler = SchedulerSide(block_size=vllm_config.cache_config.block_size,
-                                            source=extra.store_name or "")
+                                            source=extra.store_name or "", is_load_in_step=extra.is_load_in_step)
         else:
             self._worker = WorkerSide(_object_store_transport_factory(extra), kv_cache_config.num_blocks,
                                       load_timeout_s=extra.load_timeout_s, is_layer_by_layer=extra.is_layer_by_layer)
@@ -114,7 +114,8 @@ class SplitserveConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # Loads are whole-request and asynchronous: a request is scheduled only after its KV is in.
+        # Loads are whole-request: an in-step load is done before the forward pass starts (start_load_kv), and a
+        # background one before vLLM schedules its request.
         return None
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:

@@ -20,7 +20,8 @@ class SaveRequest:
 @dataclass(frozen=True)
 class LoadRequest:
     """Decode: fetch `transfer_key` from `source` (by its receipt when the handle carries one) and write its
-    blocks, from `first_remote_block` on, into `block_ids`."""
+    blocks, from `first_remote_block` on, into `block_ids`. `is_in_step`: before this step's forward pass, which
+    computes the request's next token (else in the background, reported done in `get_finished`)."""
 
     request_id: str
     source: str
@@ -29,6 +30,8 @@ class LoadRequest:
     first_remote_block: int
     block_ids: tuple[int, ...]
     receipt: str | None = None  # where the parts lie (receipt.py); None: claim them from the store
+    is_in_step: bool = False
+    num_tokens: int = 0  # the prompt tokens this load brings in (vLLM counts them as not computed here)
 
 
 @dataclass

@@ -10,10 +10,14 @@ Prefill request (kv_transfer_params `do_remote_decode`):
    (`SplitserveWorkerMetadata`) are attached to the params just returned, before vLLM sends them on. A receipt that
    misses its step (the worker's save outlasted `wait_for_save`) is dropped: decode then claims the KV instead.
 Decode request (params carry a `RemoteKV`):
-1. `get_num_new_matched_tokens`: every prompt token not already in the local prefix cache will be loaded,
-   asynchronously (the request waits; others keep decoding).
+1. `get_num_new_matched_tokens`: every prompt token not already in the local prefix cache will be loaded. With a
+   receipt (`is_load_in_step`), inside the step that computes the prompt's last token: all but that token, which
+   vLLM computes to sample from. Without one, asynchronously: the request waits, others keep decoding, and vLLM
+   computes the last token again once every token is in.
 2. `update_state_after_alloc`: the blocks vLLM allocated for them become a `LoadRequest` for the worker.
-3. The worker reports the load done (or failed: vLLM's `recompute` policy then computes those tokens).
+3. The worker loads before the step's forward pass, or reports the background load done in `get_finished`; a
+   failed load's blocks go back through `get_block_ids_with_load_errors`, and vLLM's `recompute` policy computes
+   them.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ from kv_transfer.object_store.metadata import LoadRequest, SaveRequest, Splitser
 
 
 class SchedulerSide:
-    def __init__(self, block_size: int, source: str = ""):
+    def __init__(self, block_size: int, source: str = "", is_load_in_step: bool = False):
         self.block_size = block_size
         self.source = source  # where this engine's KV goes (its store's name); prefill only
+        self.is_load_in_step = is_load_in_step  # decode: a KV with a receipt loads inside the step that uses it
         # prefill: params returned this scheduler pass, waiting for their receipts (request id -> params)
         self._awaiting_receipts: dict[str, dict[str, Any]] = {}
         # prefill: request id -> block ids allocated so far, for requests whose KV goes to a remote decoder
@@ -61,12 +66,16 @@ class SchedulerSide:
         remote = remote_kv_from_params(params)
         if remote is None:
             return 0, False
-        num_tokens = min(remote.num_tokens, len(request.prompt_token_ids or []))
+        num_prompt_tokens = len(request.prompt_token_ids or [])
+        # Every part of a KV with a receipt is in the store already: the step that needs it can load it. vLLM then
+        # computes the prompt's last token in that step (a step must compute one), so that one is not loaded.
+        is_in_step = self.is_load_in_step and remote.receipt is not None
+        num_tokens = min(remote.num_tokens, num_prompt_tokens - 1 if is_in_step else num_prompt_tokens)
         count = num_tokens - num_computed_tokens
         if count <= 0:
             return 0, False
         self._num_local_tokens[request.request_id] = num_computed_tokens
-        return count, True
+        return count, not is_in_step
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         if is_remote_decode_request(request.kv_transfer_params):
@@ -84,6 +93,7 @@ class SchedulerSide:
         self._pending_loads.append(LoadRequest(
             request_id=request.request_id, source=remote.source, transfer_key=remote.transfer_key, num_remote_blocks=remote.num_blocks,
             first_remote_block=first_remote_block, block_ids=block_ids, receipt=remote.receipt,
+            is_in_step=self.is_load_in_step and remote.receipt is not None, num_tokens=num_external_tokens,
         ))
         # The KV is in flight now: a second call (after the load) must not load it again.
         request.kv_transfer_params = {**request.kv_transfer_params, "do_remote_prefill": False}

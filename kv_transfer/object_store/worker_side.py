@@ -17,11 +17,13 @@ Prefill (KV out):
    before the step ends, as a connector that hands over KV only after prefill would;
 4. once a request's last layer is in the store, `get_finished` reports it as sent, and vLLM frees its blocks.
 Decode (KV in):
-1. `start_load_kv`: a loader thread receives each requested transfer (by its receipt, or from the store, waiting
-   for parts still in flight) and writes the blocks into this engine's cache; a third thread releases the transfer
-   in the store afterwards;
-2. `get_finished` reports loaded requests to the scheduler; failed loads report their blocks through
-   `get_block_ids_with_load_errors`, and vLLM recomputes them.
+1. `start_load_kv`, before the step's forward pass: an in-step load (its handle's receipt says every part is in the
+   store) is received by its receipt and written into this engine's cache right here, since this very step computes
+   its request; any other goes to a loader thread, which receives it (by its receipt, or from the store, waiting for
+   parts still in flight) and writes its blocks while steps go on. A third thread releases each transfer in the
+   store afterwards;
+2. `get_finished` reports background loads done to the scheduler; a failed load of either kind reports its blocks
+   through `get_block_ids_with_load_errors` at the end of the step, and vLLM recomputes them.
 """
 
 from __future__ import annotations
@@ -194,27 +196,35 @@ class WorkerSide:
 
     def start_load_kv(self, metadata: SplitserveConnectorMetadata) -> None:
         for load in metadata.loads:
-            self._loads.put(load)
+            if load.is_in_step:
+                self._load_and_account(load)
+            else:
+                self._loads.put(load)
 
     def _load_loop(self) -> None:
         while True:
             load = self._loads.get()
-            started = time.perf_counter()
-            try:
-                self._load(load)
-                with self._lock:
-                    self._stats[stats.TRANSFER_DURATION].append(time.perf_counter() - started)
-                    self._stats[stats.BYTES_TRANSFERRED].append(self.layout(len(load.block_ids)).nbytes)
-            except Exception as exc:
-                logger.warning("KV of %s not loaded (recomputing): %s", load.request_id, exc)
-                with self._lock:
-                    self._failed_block_ids.update(load.block_ids)
-                    self._stats[stats.NUM_FAILED_TRANSFERS].append(1)
+            self._load_and_account(load)
             with self._lock:
                 self._finished_loads.add(load.request_id)
-            # Dropping the store's copy is bookkeeping, not on any request's path: its own thread, so that the
-            # next load never waits for a store call.
-            self._releases.put(load)
+
+    def _load_and_account(self, load: LoadRequest) -> None:
+        started = time.perf_counter()
+        try:
+            self._load(load)
+            with self._lock:
+                self._stats[stats.TRANSFER_DURATION].append(time.perf_counter() - started)
+                self._stats[stats.BYTES_TRANSFERRED].append(self.layout(len(load.block_ids)).nbytes)
+        except Exception as exc:
+            logger.warning("KV of %s not loaded (recomputing): %s", load.request_id, exc)
+            with self._lock:
+                self._failed_block_ids.update(load.block_ids)
+                self._stats[stats.NUM_FAILED_TRANSFERS].append(1)
+                if load.is_in_step:
+                    self._stats[stats.FAILED_IN_STEP_TOKENS].append(load.num_tokens)
+        # Dropping the store's copy is bookkeeping, not on any request's path: its own thread, so that neither the
+        # next load nor the step waits for a store call.
+        self._releases.put(load)
 
     def _release_loop(self) -> None:
         while True:

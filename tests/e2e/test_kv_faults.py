@@ -25,7 +25,7 @@ from ray import serve
 from bench import engines, processes
 from bench.engines import APP_NAME
 from kv_transfer.handle_signing import HandleSigner
-from tests.conftest import send
+from tests.conftest import loaded_prompt_counts, send
 from tests.e2e.workload import request_body
 
 NUM_CONCURRENT_REQUESTS = 3
@@ -76,7 +76,10 @@ def test_killing_the_kv_store_mid_transfer(app, ray_driver, openai_client, refer
     endpoint, body = request_body("completion_short_faults")
     assert send(openai_client, endpoint, body)["token_ids"] == reference_outputs["completion_short_faults"]["token_ids"]
     after = engines.delta(engines.counters("decode"), before)
-    assert (after["num_prompt_tokens_computed"], after["num_kv_failed_transfers"], after["num_kv_transfers"]) == (0, 0, 1)
+    num_prompt_tokens = reference_outputs["completion_short_faults"]["usage"]["prompt_tokens"]
+    assert (after["num_prompt_tokens_computed"], after["num_prompt_tokens_external"]) \
+        == loaded_prompt_counts(app.resolved_backend, num_prompt_tokens), after
+    assert (after["num_kv_failed_transfers"], after["num_kv_transfers"]) == (0, 1), after
     restarted = ray_driver.get(store.counters.remote())
     assert restarted.num_opened - restarted_before.num_opened == 1
     assert restarted.num_open == 0
@@ -104,6 +107,43 @@ def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs
     assert during["num_prompt_tokens_computed"] == response.usage.prompt_tokens  # recomputed, not loaded
     assert during["num_kv_failed_transfers"] >= 1
     app.injected["num_failed_loads"] += _failed_loads_settled(decode, request, before)["num_kv_failed_transfers"]
+
+
+def test_an_object_store_load_that_fails_inside_its_step_is_recomputed(app, ray_driver, reference_outputs):
+    if app.resolved_backend != "object_store":
+        pytest.skip("forges an object-store receipt")
+    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+
+    _, body = request_body("completion_short_faults")
+    request = CompletionRequest(**body, return_token_ids=True)
+    expected = reference_outputs["completion_short_faults"]["token_ids"]
+    prefill = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME)
+    decode = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
+    store_before = engines.store_counters()
+
+    # 1. A real handle, signed as prefill would, whose receipt no longer reads. A receipt says every part is in the
+    #    store, so decode loads inside the step that computes the prompt's last token, and the load fails there.
+    handle = prefill.prefill.remote(request).result(timeout_s=120)
+    remote = handle.connector_params["splitserve"]
+    assert remote.get("receipt"), "prefill's handle carries no receipt: the in-step path is not under test"
+    broken = HandleSigner(app.kv_handle_key).sign(handle.model_copy(update={"connector_params": {
+        **handle.connector_params, "splitserve": {**remote, "receipt": "unreadable"}}}))
+    before = engines.counters("decode")
+    (response,) = list(decode.options(stream=True).decode.remote(request, broken))
+
+    # 2. vLLM drops that step's output and computes the prompt; the answer is exact, and the counters say the
+    #    prompt was computed on decode, not loaded (vLLM had counted it as loaded when it scheduled the request).
+    assert list(response.choices[0].token_ids) == expected
+    during = engines.delta(engines.counters("decode"), before)
+    assert (during["num_prompt_tokens_computed"], during["num_prompt_tokens_external"]) \
+        == (response.usage.prompt_tokens, 0), during
+    assert (during["num_kv_failed_transfers"], during["num_kv_transfers"]) == (1, 0), during
+    app.injected["num_failed_loads"] += 1
+
+    # 3. Decode released the transfer its handle named, unread: the store holds nothing more than before.
+    processes.wait_until(lambda: engines.store_counters().num_open == store_before.num_open, timeout_s=30,
+                         what="the failed transfer's release", log_path=app.log_path, interval_s=0.2)
+    app.injected["num_released_unclaimed"] += 1
 
 
 def _failed_loads_settled(decode, request, before, *, quiet_s: float = 8.0, timeout_s: float = 60.0) -> dict:
@@ -165,7 +205,9 @@ def test_a_kv_handle_the_app_did_not_sign_or_past_its_lease_is_never_used(app, r
     (response,) = list(decode.options(stream=True).decode.remote(request, handle))
     assert list(response.choices[0].token_ids) == expected
     during = engines.delta(engines.counters("decode"), before)
-    assert (during["num_prompt_tokens_computed"], during["num_kv_transfers"]) == (0, 1), during
+    assert (during["num_prompt_tokens_computed"], during["num_prompt_tokens_external"]) \
+        == loaded_prompt_counts(app.resolved_backend, response.usage.prompt_tokens), during
+    assert during["num_kv_transfers"] == 1, during
     if app.resolved_backend == "object_store":
         store = engines.store_counters()
         assert (store.num_open, store.num_opened - store_before.num_opened) == (store_before.num_open, 1), store

@@ -25,7 +25,7 @@ import openai
 import pytest
 
 from bench import engines, processes, replicas
-from tests.conftest import TEST_KV_HANDLE_KEY, TEST_OVERRIDES, connect_driver, send
+from tests.conftest import TEST_KV_HANDLE_KEY, TEST_OVERRIDES, connect_driver, loaded_prompt_counts, send
 from tests.e2e.workload import request_body
 
 PREFILL_NODE = processes.Node(node_ip="127.0.0.2", labels={"splitserve/pool": "prefill"})
@@ -88,7 +88,9 @@ def test_answers_are_exact_with_the_kv_moved_across_nodes(two_nodes, reference_o
     output = send(_client(two_nodes), *request_body(name))
     after = engines.delta(engines.counters("decode"), before)
     assert output["token_ids"] == reference_outputs[name]["token_ids"]
-    assert after["num_prompt_tokens_computed"] == 0, after  # decode loaded every prompt token's KV
+    num_prompt_tokens = output["usage"]["prompt_tokens"]
+    assert (after["num_prompt_tokens_computed"], after["num_prompt_tokens_external"]) \
+        == loaded_prompt_counts(two_nodes.backend, num_prompt_tokens), after  # decode loaded the prompt's KV
     assert after["num_kv_transfers"] == 1 and after["num_kv_failed_transfers"] == 0, after
 
 

@@ -4,7 +4,8 @@ Prefill: match → alloc → build meta (save) → save_kv_layer per layer → w
 → request_finished (params out, blocks held) → the step's worker meta (the transfer's receipt) attached to those
 params → get_finished reports the send (blocks freed).
 Decode: match → alloc → build meta (load) → start_load_kv (reads by the receipt; claims from the store without
-one) → get_finished → blocks equal prefill's.
+one) → get_finished → blocks equal prefill's. With in-step loads (a receipt in hand), start_load_kv itself writes
+the blocks before the step's forward pass, and vLLM never waits for a report.
 Each story ends with the store, both scheduler halves and both workers holding nothing.
 """
 
@@ -112,6 +113,7 @@ def _prefill(prompt_len: int, block_ids: list[int], dtype: torch.dtype = torch.f
 
 def _decode_load(params: dict, block_ids: list[int], request_id: str = "d1", num_local_tokens: int = 0,
                  dtype: torch.dtype = torch.float32) -> tuple[dict, SchedulerSide, WorkerSide, SimpleNamespace]:
+    """A background load (the connector's mode without `is_load_in_step`, and for handles without a receipt)."""
     decode_kv = {name: torch.zeros(LAYER_SHAPE, dtype=dtype) for name in LAYER_NAMES}
     scheduler, worker = SchedulerSide(BLOCK_SIZE), _worker(decode_kv)
     remote = remote_kv_from_params(params)
@@ -264,3 +266,58 @@ def test_receipts_cross_from_worker_to_scheduler_as_vllm_carries_worker_metadata
     scheduler.update_connector_output(merged.receipts)
     assert remote_kv_from_params(params).receipt == "receipt-a"
     assert scheduler.num_tracked_requests == 0
+
+
+def test_a_kv_with_its_receipt_loads_inside_the_step_that_computes_the_last_prompt_token(store):
+    # 1. Prefill: 9 prompt tokens in blocks [5, 2, 7] (4 tokens a block: the 9th alone in block 7).
+    prefill_kv, params = _prefill(prompt_len=9, block_ids=[5, 2, 7])
+    decode_kv = {name: torch.zeros(LAYER_SHAPE) for name in LAYER_NAMES}
+    scheduler, worker = SchedulerSide(BLOCK_SIZE, is_load_in_step=True), _worker(decode_kv)
+    request = SimpleNamespace(request_id="d10", prompt_token_ids=list(range(9)), kv_transfer_params=params)
+    # 2. Match: all but the last token, synchronously; vLLM computes that one in the same step to sample from it.
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (8, False)
+    scheduler.update_state_after_alloc(request, FakeBlocks([1, 6, 3]), 8)
+    (load,) = scheduler.build_connector_meta(FakeSchedulerOutput()).loads
+    assert (load.is_in_step, load.num_tokens, load.block_ids) == (True, 8, (1, 6))
+    # 3. The step: start_load_kv returns with the blocks written, before the forward pass reads them.
+    worker.start_load_kv(SimpleNamespace(loads=[load]))
+    for name in LAYER_NAMES:
+        assert torch.equal(decode_kv[name][[1, 6]], prefill_kv[name][[5, 2]])
+        assert not decode_kv[name][3].any()  # the last token's block: computed by decode, not loaded
+    # 4. vLLM hears of no background load, no error; the transfer is counted, the store emptied.
+    assert worker.get_finished() == (set(), set())
+    assert worker.get_block_ids_with_load_errors() == set()
+    stats = worker.take_stats()
+    assert (len(stats["transfer_duration"]), stats["num_failed_transfers"], stats["failed_in_step_tokens"]) == (1, [], [])
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)  # a rescheduled request recomputes
+    scheduler.request_finished(request, [1, 6, 3])
+    assert scheduler.num_tracked_requests == 0
+    _assert_store_empty(store)
+
+
+def test_without_a_receipt_even_an_in_step_decoder_loads_in_the_background(store):
+    # The parts may still be on their way: the step must not wait for them.
+    _, params = _prefill(prompt_len=10, block_ids=[5, 2, 7], is_receipt_in_step=False)
+    scheduler = SchedulerSide(BLOCK_SIZE, is_load_in_step=True)
+    request = SimpleNamespace(request_id="d11", prompt_token_ids=list(range(10)), kv_transfer_params=params)
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (10, True)
+    scheduler.update_state_after_alloc(request, FakeBlocks([1, 6, 3]), 10)
+    (load,) = scheduler.build_connector_meta(FakeSchedulerOutput()).loads
+    assert not load.is_in_step
+    worker = _worker({name: torch.zeros(LAYER_SHAPE) for name in LAYER_NAMES})
+    worker.start_load_kv(SimpleNamespace(loads=[load]))
+    assert _wait_finished(worker) == (set(), {"d11"})
+    scheduler.request_finished(request, [1, 6, 3])
+    _assert_store_empty(store)
+
+
+def test_an_in_step_load_that_fails_reports_its_blocks_at_the_end_of_its_step(store):
+    worker = _worker({name: torch.zeros(LAYER_SHAPE) for name in LAYER_NAMES})
+    load = LoadRequest("d12", STORE, "never-prefilled", num_remote_blocks=2, first_remote_block=0, block_ids=(3, 4),
+                       receipt="not a receipt", is_in_step=True, num_tokens=7)
+    worker.start_load_kv(SimpleNamespace(loads=[load]))  # returns: the step goes on, its output is dropped
+    assert worker.get_block_ids_with_load_errors() == {3, 4}  # vLLM recomputes these blocks
+    assert worker.get_finished() == (set(), set())
+    stats = worker.take_stats()
+    assert (stats["num_failed_transfers"], stats["failed_in_step_tokens"]) == ([1], [7])  # counted as computed
+    _assert_store_empty(store)

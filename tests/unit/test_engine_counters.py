@@ -63,3 +63,20 @@ def test_each_transfer_keeps_its_own_time_and_only_the_latest_are_kept(monkeypat
     # 2. Bounded: the oldest is gone, the order is the engine's.
     assert accumulator.recent_transfer_seconds() == [0.02, 0.5, 0.03]
     assert accumulator.snapshot().num_kv_transfers == 4
+
+
+def test_a_load_that_failed_inside_its_step_counts_its_tokens_as_computed():
+    # vLLM counted 299 tokens as loaded when it scheduled the request (an in-step load: the last one is computed),
+    # then the load failed and the engine computed all 300 again: the counters say so.
+    factory, accumulator = counting_stat_logger()
+    logger = factory(vllm_config=None)
+    iteration = IterationStats()
+    iteration.prompt_token_stats.update_from_output(
+        PrefillStats(num_prompt_tokens=300, num_computed_tokens=1, num_cached_tokens=299,
+                     num_local_cached_tokens=0, num_external_cached_tokens=299))
+    logger.record(SchedulerStats(kv_connector_stats={"num_failed_transfers": [1], "failed_in_step_tokens": [299]}),
+                  iteration)
+
+    counters = accumulator.snapshot()
+    assert (counters.num_prompt_tokens_computed, counters.num_prompt_tokens_external) == (300, 0)
+    assert counters.num_kv_failed_transfers == 1 and counters.num_kv_transfers == 0

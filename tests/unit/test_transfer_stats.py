@@ -31,6 +31,13 @@ def test_a_failure_alone_is_not_an_empty_interval():
     assert not TransferStats.from_connector_stats(data).is_empty
 
 
+def test_tokens_of_a_failed_in_step_load_read_as_recomputed():
+    data = stats.empty_connector_stats()
+    data[stats.FAILED_IN_STEP_TOKENS] += [9, 30]
+    parsed = TransferStats.from_connector_stats(data)
+    assert parsed.num_recomputed_tokens == 39 and not parsed.is_empty
+
+
 def test_the_worker_writes_exactly_the_keys_this_module_reads():
     worker = WorkerSide(lambda: None, num_blocks=2, load_timeout_s=1)
     worker.register_kv_caches({"layer": torch.zeros(2, 1, 4, 2)})
