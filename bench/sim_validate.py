@@ -83,6 +83,7 @@ def host_cores(bindings: list[str]) -> list[int]:
 # a setting it leaves out took the default of the code it measured: replayed now, it would take today's.
 FORMER_DEFAULTS: dict[tuple[str, str], tuple[str, Any]] = {
     ("scheduling", "split_late_slowdown"): ("dcd0b91", None),  # the TBT guard never yielded
+    ("transfer", "is_load_in_step"): ("e80d35d", False),  # the object store loaded every KV in the background
 }
 
 
@@ -123,6 +124,8 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
                                                decode=machine_config(args.decode, args.model, kv_load_steps)))
     args = app_config(serve_config)
     backend = args.transfer.backend if args.transfer.backend != "auto" else "nixl"
+    if kv_load_steps is None and backend == "object_store" and args.transfer.is_load_in_step:
+        kv_load_steps = 0  # a KV with its receipt (every one the app hands over in time) loads inside its step
     if args.mode == "collocated":
         bindings = [args.collocated.cpu_binding_for(rank) for rank in range(args.collocated.num_replicas)]
         return SimConfig(profile=profile, transfer_backend=backend, cluster=ClusterConfig(

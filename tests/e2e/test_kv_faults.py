@@ -85,16 +85,22 @@ def test_killing_the_kv_store_mid_transfer(app, ray_driver, openai_client, refer
     assert restarted.num_open == 0
 
 
-def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs):
-    if app.resolved_backend != "nixl":
-        pytest.skip("forges a NIXL handle")
+def _prefilled(name: str):
+    """A workload request as the decode deployment takes it, the two deployments' handles, and the KV handle prefill
+    made for it (its KV held by prefill until decode reads or releases it)."""
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-    _, body = request_body("completion_short_faults")
+    _, body = request_body(name)
     request = CompletionRequest(**body, return_token_ids=True)
     prefill = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME)
     decode = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
-    handle = prefill.prefill.remote(request).result(timeout_s=120)
+    return request, prefill, decode, prefill.prefill.remote(request).result(timeout_s=120)
+
+
+def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs):
+    if app.resolved_backend != "nixl":
+        pytest.skip("forges a NIXL handle")
+    request, _, decode, handle = _prefilled("completion_short_faults")
     # The same blocks, said to be held by an engine decode has never met, where nothing listens: decode must
     # handshake with it first (it would reuse a known engine's connection), and that fails.
     unreachable = HandleSigner(app.kv_handle_key).sign(handle.model_copy(update={"connector_params": {
@@ -112,18 +118,12 @@ def test_a_nixl_load_that_fails_is_recomputed(app, ray_driver, reference_outputs
 def test_an_object_store_load_that_fails_inside_its_step_is_recomputed(app, ray_driver, reference_outputs):
     if app.resolved_backend != "object_store":
         pytest.skip("forges an object-store receipt")
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    _, body = request_body("completion_short_faults")
-    request = CompletionRequest(**body, return_token_ids=True)
-    expected = reference_outputs["completion_short_faults"]["token_ids"]
-    prefill = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME)
-    decode = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
     store_before = engines.store_counters()
 
     # 1. A real handle, signed as prefill would, whose receipt no longer reads. A receipt says every part is in the
     #    store, so decode loads inside the step that computes the prompt's last token, and the load fails there.
-    handle = prefill.prefill.remote(request).result(timeout_s=120)
+    request, _, decode, handle = _prefilled("completion_short_faults")
+    expected = reference_outputs["completion_short_faults"]["token_ids"]
     remote = handle.connector_params["splitserve"]
     assert remote.get("receipt"), "prefill's handle carries no receipt: the in-step path is not under test"
     broken = HandleSigner(app.kv_handle_key).sign(handle.model_copy(update={"connector_params": {
@@ -167,18 +167,12 @@ def _failed_loads_settled(decode, request, before, *, quiet_s: float = 8.0, time
 
 
 def test_a_kv_handle_the_app_did_not_sign_or_past_its_lease_is_never_used(app, ray_driver, reference_outputs):
-    from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-    _, body = request_body("completion_forged_handle")
-    request = CompletionRequest(**body, return_token_ids=True)
     expected = reference_outputs["completion_forged_handle"]["token_ids"]
-    prefill = serve.get_deployment_handle("PrefillServer", app_name=APP_NAME)
-    decode = serve.get_deployment_handle("DecodeServer", app_name=APP_NAME)
     store_before = engines.store_counters()
 
     # 1. Prefill makes a real, signed handle; a caller alters where it points (keeping the signature) or strips
     #    the signature off.
-    handle = prefill.prefill.remote(request).result(timeout_s=120)
+    request, prefill, decode, handle = _prefilled("completion_forged_handle")
     altered = handle.model_copy(update={"request_id": "someone-else", "prefill_engine_id": "another-prefill"})
     unsigned = handle.model_copy(update={"signature": ""})
     # A genuine handle whose lease ran out: what a request that waited long for a decode replica would carry.

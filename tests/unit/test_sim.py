@@ -514,6 +514,12 @@ def test_validation_can_ask_what_a_load_inside_the_step_would_give(tmp_path):
     assert (measured.cluster.decode.kv_load_steps, what_if.cluster.decode.kv_load_steps) == (1, 0)
     assert what_if.cluster.prefill.kv_load_steps == 0
     assert what_if.cluster.decode.max_num_seqs == measured.cluster.decode.max_num_seqs  # nothing else changes
+    # The object store loads inside the step as the app ships it (transfer.is_load_in_step), and did not before.
+    object_store = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-object-store"]))
+    assert sim_config("splitserve-object-store", object_store, profile).cluster.decode.kv_load_steps == 0
+    in_background = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-object-store-in-background"]))
+    assert sim_config("splitserve-object-store-in-background", in_background,
+                      profile).cluster.decode.kv_load_steps == 1
 
 
 def test_planning_designs_and_the_cheapest_pools():
