@@ -288,7 +288,8 @@ def test_a_kv_with_its_receipt_loads_inside_the_step_that_computes_the_last_prom
     assert worker.get_finished() == (set(), set())
     assert worker.get_block_ids_with_load_errors() == set()
     stats = worker.take_stats()
-    assert (len(stats["transfer_duration"]), stats["num_failed_transfers"], stats["failed_in_step_tokens"]) == (1, [], [])
+    assert len(stats["transfer_duration"]) == 1
+    assert (stats["num_failed_transfers"], stats["failed_in_step_tokens"]) == ([], [])
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)  # a rescheduled request recomputes
     scheduler.request_finished(request, [1, 6, 3])
     assert scheduler.num_tracked_requests == 0
