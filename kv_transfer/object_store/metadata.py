@@ -21,7 +21,8 @@ class SaveRequest:
 class LoadRequest:
     """Decode: fetch `transfer_key` from `source` (by its receipt when the handle carries one) and write its
     blocks, from `first_remote_block` on, into `block_ids`. `is_in_step`: before this step's forward pass, which
-    computes the request's next token (else in the background, reported done in `get_finished`)."""
+    computes the request's next token (else in the background, reported done in `get_finished`). No `block_ids`:
+    nothing is read, the transfer is only released (decode computes the prompt itself)."""
 
     request_id: str
     source: str

@@ -46,15 +46,16 @@ class SchedulerSide:
         self._producing_block_ids: dict[str, list[int]] = {}
         self._num_prompt_tokens: dict[str, int] = {}
         self._saved: set[str] = set()
-        # decode: local prefix-cache hits seen at matching time, and loads waiting for the next step
-        self._num_local_tokens: dict[str, int] = {}
+        # decode: at matching time, the local prefix-cache hit and whether the load is in-step; then loads (and
+        # releases of transfers nothing is loaded from) waiting for the next step
+        self._matched: dict[str, tuple[int, bool]] = {}
         self._pending_loads: list[LoadRequest] = []
 
     @property
     def num_tracked_requests(self) -> int:
         """Requests this half still keeps state for: 0 once every request has finished."""
         return len(self._producing_block_ids.keys() | self._num_prompt_tokens.keys() | self._saved
-                   | self._num_local_tokens.keys() | self._awaiting_receipts.keys()) + len(self._pending_loads)
+                   | self._matched.keys() | self._awaiting_receipts.keys()) + len(self._pending_loads)
 
     # --- decode ---------------------------------------------------------------------------------------------
 
@@ -68,24 +69,36 @@ class SchedulerSide:
             return 0, False
         num_prompt_tokens = len(request.prompt_token_ids or [])
         # Every part of a KV with a receipt is in the store already: the step that needs it can load it. vLLM then
-        # computes the prompt's last token in that step (a step must compute one), so that one is not loaded.
-        is_in_step = self.is_load_in_step and remote.receipt is not None
-        num_tokens = min(remote.num_tokens, num_prompt_tokens - 1 if is_in_step else num_prompt_tokens)
-        count = num_tokens - num_computed_tokens
+        # computes the prompt's last token in that step (a step must compute one), so that one is not loaded; where
+        # that leaves nothing to load (a one-token prompt, or a local hit on all but the last token), the load
+        # goes in the background as without a receipt, so that the transfer is read and released as always.
+        num_in_step = min(remote.num_tokens, num_prompt_tokens - 1) - num_computed_tokens
+        if self.is_load_in_step and remote.receipt is not None and num_in_step > 0:
+            self._matched[request.request_id] = (num_computed_tokens, True)
+            return num_in_step, False
+        count = min(remote.num_tokens, num_prompt_tokens) - num_computed_tokens
         if count <= 0:
             return 0, False
-        self._num_local_tokens[request.request_id] = num_computed_tokens
-        return count, not is_in_step
+        self._matched[request.request_id] = (num_computed_tokens, False)
+        return count, True
 
     def update_state_after_alloc(self, request: Any, blocks: Any, num_external_tokens: int) -> None:
         if is_remote_decode_request(request.kv_transfer_params):
             self._producing_block_ids[request.request_id] = list(blocks.get_block_ids()[0])
             return
-        if num_external_tokens == 0:
-            return
         remote = remote_kv_from_params(request.kv_transfer_params)
+        if num_external_tokens == 0:
+            self._matched.pop(request.request_id, None)
+            if remote is not None:
+                # Nothing of it is loaded (vLLM kept a local hit instead, or the prompt needs nothing): release the
+                # transfer now, as a load would after reading it, instead of holding it until its lease ends.
+                self._pending_loads.append(LoadRequest(
+                    request_id=request.request_id, source=remote.source, transfer_key=remote.transfer_key,
+                    num_remote_blocks=remote.num_blocks, first_remote_block=0, block_ids=()))
+                request.kv_transfer_params = {**request.kv_transfer_params, "do_remote_prefill": False}
+            return
         assert remote is not None, "external tokens were promised only for requests with RemoteKV"
-        num_local_tokens = self._num_local_tokens.pop(request.request_id, 0)
+        num_local_tokens, is_in_step = self._matched.pop(request.request_id, (0, False))
         # Local prefix-cache hits cover whole blocks; the rest of the prompt's blocks come from prefill.
         first_remote_block = num_local_tokens // self.block_size
         num_needed_blocks = math.ceil((num_local_tokens + num_external_tokens) / self.block_size)
@@ -93,7 +106,7 @@ class SchedulerSide:
         self._pending_loads.append(LoadRequest(
             request_id=request.request_id, source=remote.source, transfer_key=remote.transfer_key, num_remote_blocks=remote.num_blocks,
             first_remote_block=first_remote_block, block_ids=block_ids, receipt=remote.receipt,
-            is_in_step=self.is_load_in_step and remote.receipt is not None, num_tokens=num_external_tokens,
+            is_in_step=is_in_step, num_tokens=num_external_tokens,
         ))
         # The KV is in flight now: a second call (after the load) must not load it again.
         request.kv_transfer_params = {**request.kv_transfer_params, "do_remote_prefill": False}
@@ -128,7 +141,7 @@ class SchedulerSide:
     def request_finished(self, request: Any, block_ids: Any) -> tuple[bool, dict[str, Any] | None]:
         request_id = request.request_id
         self._producing_block_ids.pop(request_id, None)
-        self._num_local_tokens.pop(request_id, None)
+        self._matched.pop(request_id, None)
         num_prompt_tokens = self._num_prompt_tokens.pop(request_id, 0)
         if request_id not in self._saved:
             return False, None

@@ -196,7 +196,9 @@ class WorkerSide:
 
     def start_load_kv(self, metadata: SplitserveConnectorMetadata) -> None:
         for load in metadata.loads:
-            if load.is_in_step:
+            if not load.block_ids:  # nothing to read: the transfer is only released
+                self._releases.put(load)
+            elif load.is_in_step:
                 self._load_and_account(load)
             else:
                 self._loads.put(load)

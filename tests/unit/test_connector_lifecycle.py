@@ -322,3 +322,46 @@ def test_an_in_step_load_that_fails_reports_its_blocks_at_the_end_of_its_step(st
     stats = worker.take_stats()
     assert (stats["num_failed_transfers"], stats["failed_in_step_tokens"]) == ([1], [7])  # counted as computed
     _assert_store_empty(store)
+
+
+def test_an_in_step_decoder_with_nothing_to_load_before_the_last_token_loads_in_the_background(store):
+    # A one-token prompt: in the step, vLLM would compute that token and load nothing, and the transfer would
+    # stay in the store until its lease ran out. So it loads in the background, read and released as always.
+    prefill_kv, params = _prefill(prompt_len=1, block_ids=[5])
+    scheduler = SchedulerSide(BLOCK_SIZE, is_load_in_step=True)
+    request = SimpleNamespace(request_id="d13", prompt_token_ids=[0], kv_transfer_params=params)
+    assert scheduler.get_num_new_matched_tokens(request, 0) == (1, True)
+    scheduler.update_state_after_alloc(request, FakeBlocks([2]), 1)
+    (load,) = scheduler.build_connector_meta(FakeSchedulerOutput()).loads
+    assert not load.is_in_step and load.block_ids == (2,)
+    decode_kv = {name: torch.zeros(LAYER_SHAPE) for name in LAYER_NAMES}
+    worker = _worker(decode_kv)
+    worker.start_load_kv(SimpleNamespace(loads=[load]))
+    assert _wait_finished(worker) == (set(), {"d13"})
+    for name in LAYER_NAMES:
+        assert torch.equal(decode_kv[name][2], prefill_kv[name][5])
+    scheduler.request_finished(request, [2])
+    assert scheduler.num_tracked_requests == 0
+    _assert_store_empty(store)
+
+
+def test_a_transfer_nothing_is_loaded_from_is_released_at_once(store):
+    # vLLM scheduled the request with no external tokens (it kept a local hit instead): nobody will read the
+    # transfer, so decode releases it unread in the next step instead of leaving it to its lease.
+    before = ray.get(store.counters.remote())
+    _, params = _prefill(prompt_len=10, block_ids=[5, 2, 7])
+    scheduler, worker = SchedulerSide(BLOCK_SIZE, is_load_in_step=True), _worker(
+        {name: torch.zeros(LAYER_SHAPE) for name in LAYER_NAMES})
+    request = SimpleNamespace(request_id="d14", prompt_token_ids=list(range(10)), kv_transfer_params=params)
+    scheduler.update_state_after_alloc(request, FakeBlocks([1, 6, 3]), 0)
+    (release,) = scheduler.build_connector_meta(FakeSchedulerOutput()).loads
+    assert release.block_ids == ()
+    worker.start_load_kv(SimpleNamespace(loads=[release]))
+    assert worker.get_finished() == (set(), set()) and worker.take_stats()["transfer_duration"] == []
+    scheduler.update_state_after_alloc(request, FakeBlocks([1, 6, 3, 4]), 0)  # later allocations release nothing
+    assert scheduler.build_connector_meta(FakeSchedulerOutput()).loads == []
+    scheduler.request_finished(request, [1, 6, 3, 4])
+    assert scheduler.num_tracked_requests == 0
+    _assert_store_empty(store)
+    after = ray.get(store.counters.remote())
+    assert (after.num_claimed - before.num_claimed, after.num_released - before.num_released) == (0, 1)
