@@ -7,14 +7,21 @@ from vllm.v1.metrics.stats import IterationStats, PrefillStats, SchedulerStats
 from deployments.engine_counters import counting_stat_logger
 
 
+def _prompt_step(num_prompt_tokens: int, num_external: int) -> IterationStats:
+    """A step in which one prompt finished, `num_external` of its tokens counted by vLLM as loaded."""
+    iteration = IterationStats()
+    iteration.prompt_token_stats.update_from_output(
+        PrefillStats(num_prompt_tokens=num_prompt_tokens, num_computed_tokens=num_prompt_tokens - num_external,
+                     num_cached_tokens=num_external, num_local_cached_tokens=0,
+                     num_external_cached_tokens=num_external))
+    return iteration
+
+
 def test_counts_prompt_tokens_by_source_and_connector_transfers():
     factory, accumulator = counting_stat_logger()
     logger = factory(vllm_config=None)
 
-    iteration = IterationStats()
-    iteration.prompt_token_stats.update_from_output(
-        PrefillStats(num_prompt_tokens=300, num_computed_tokens=0, num_cached_tokens=300,
-                     num_local_cached_tokens=0, num_external_cached_tokens=300))
+    iteration = _prompt_step(300, num_external=300)
     iteration.num_generation_tokens = 1
     scheduler = SchedulerStats(num_running_reqs=1, kv_cache_usage=0.25, kv_connector_stats={
         "transfer_duration": [0.002], "bytes_transferred": [5898240], "num_failed_transfers": [],
@@ -70,12 +77,8 @@ def test_a_load_that_failed_inside_its_step_counts_its_tokens_as_computed():
     # then the load failed and the engine computed all 300 again: the counters say so.
     factory, accumulator = counting_stat_logger()
     logger = factory(vllm_config=None)
-    iteration = IterationStats()
-    iteration.prompt_token_stats.update_from_output(
-        PrefillStats(num_prompt_tokens=300, num_computed_tokens=1, num_cached_tokens=299,
-                     num_local_cached_tokens=0, num_external_cached_tokens=299))
     logger.record(SchedulerStats(kv_connector_stats={"num_failed_transfers": [1], "failed_in_step_tokens": [299]}),
-                  iteration)
+                  _prompt_step(300, num_external=299))
 
     counters = accumulator.snapshot()
     assert (counters.num_prompt_tokens_computed, counters.num_prompt_tokens_external) == (300, 0)
