@@ -117,6 +117,11 @@ SPLITSERVE_UPDATES: dict[str, dict[str, Any]] = {
 # loading inside decode's step buys a split.
 SPLITSERVE_UPDATES["splitserve-object-store-in-background"] = {
     "transfer": {"backend": "object_store", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
+# NIXL and the default policy with every KV loaded in the background, as vLLM's NixlConnector loads.
+SPLITSERVE_UPDATES["splitserve-nixl-in-background"] = {
+    "transfer": {"backend": "nixl", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
+SPLITSERVE_UPDATES["splitserve-predictive-in-background"] = {
+    "transfer": {"backend": "nixl", "is_load_in_step": False}, "scheduling": {"policy": "predictive"}}
 POLICY_SYSTEMS = {"splitserve-token-jsq": "token_jsq", "splitserve-conditional": "conditional",
                   "splitserve-mixed-pool": "mixed_pool", "splitserve-predictive": "predictive"}
 for _name, _policy in POLICY_SYSTEMS.items():
@@ -230,6 +235,10 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
     _variant("splitserve-object-store-in-background",
              "splitserve PD, KV through Ray's object store, every KV loaded in the background (computed a step later)"),
+    _variant("splitserve-nixl-in-background",
+             "splitserve PD on NIXL, always_split, every KV loaded in the background (computed a step later)"),
+    _variant("splitserve-predictive-in-background",
+             "splitserve PD on NIXL, predictive, every KV loaded in the background (computed a step later)"),
     _variant("splitserve-2p1d-nixl",
              "splitserve PD on NIXL, always_split, 2 prefill engines (sharing core 0) + 1 decode"),
     _variant("splitserve-2p1d-predictive",

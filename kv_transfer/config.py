@@ -35,16 +35,17 @@ class TransferConfig(BaseModel):
     # object_store: each prefill replica's KV-store memory bound; a transfer that would exceed it is refused and
     # decode recomputes that prompt.
     store_capacity_gib: float = Field(2.0, gt=0)
-    # object_store: how long decode waits for a prompt's KV before recomputing it.
+    # How long decode waits for a prompt's KV before recomputing it (NIXL: an in-step READ).
     load_timeout_s: float = Field(60.0, gt=0)
     # object_store: send each layer's KV while later layers still compute (Splitwise's overlap). Off, the KV is
     # handed over after the forward pass, as vLLM's disaggregation connectors do; for comparison.
     is_layer_by_layer: bool = True
-    # object_store: load a KV whose handle carries its receipt (every part already in the store) inside the engine
-    # step that computes the request's next token (vLLM's synchronous load), instead of in the background with the
-    # request scheduled a step later: under load that later step is a whole decode step of TTFT. The step's other
-    # streams wait for the copy (~15-30 ms for a 1,000-token prompt here). A handle without a receipt always loads in
-    # the background, since its parts may still be on their way. Off: every load in the background, as vLLM's NIXL
+    # Load a split's KV inside the engine step that computes the request's next token (vLLM's synchronous load),
+    # instead of in the background with the request scheduled a step later: under load that later step is a whole
+    # decode step of TTFT. The step's other streams wait for the copy (~15-30 ms for a 1,000-token prompt here).
+    # object_store: a handle without a receipt always loads in the background, since its parts may still be on
+    # their way. nixl: a split from a prefill engine decode has no connection to yet loads in the background,
+    # which makes the connection without holding up the step. Off: every load in the background, as vLLM's NIXL
     # connector does.
     is_load_in_step: bool = True
     # nixl: microseconds NIXL's progress thread waits between passes (docs/kv-transfer.md). Without the thread a
@@ -99,8 +100,11 @@ class NixlExtraConfig(BaseModel):
     # vLLM's own key: prefill frees a finished request's blocks after this many seconds unless decode's reads
     # renew the lease.
     kv_lease_duration: int
+    is_load_in_step: bool
+    load_timeout_s: float  # how long decode's step waits for an in-step READ before recomputing it
 
     @classmethod
     def from_transfer(cls, transfer: TransferConfig) -> NixlExtraConfig:
         return cls(progress_interval_us=transfer.nixl_progress_interval_us,
-                   keep_engine_affinity=transfer.keep_engine_affinity, kv_lease_duration=transfer.kv_lease_s)
+                   keep_engine_affinity=transfer.keep_engine_affinity, kv_lease_duration=transfer.kv_lease_s,
+                   is_load_in_step=transfer.is_load_in_step, load_timeout_s=transfer.load_timeout_s)

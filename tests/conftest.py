@@ -55,12 +55,15 @@ def _run_reference(requests: dict[str, tuple[str, dict]], logs_dir: Path) -> dic
         return {name: send(client, *request_body(name)) for name in requests}
 
 
-def loaded_prompt_counts(resolved_backend: str, num_prompt_tokens: int) -> tuple[int, int]:
-    """(prompt tokens computed, prompt tokens external) on decode's engine counters for a split whose KV loaded.
-    Decode computes the prompt's last token either way, to sample from it. NIXL loads in the background and vLLM
-    then counts that token as loaded; the object store loads inside the step that computes it (serve_config.yaml's
-    `transfer.is_load_in_step`), where vLLM counts it as computed. Nothing else of the prompt is computed."""
-    return (0, num_prompt_tokens) if resolved_backend == "nixl" else (1, num_prompt_tokens - 1)
+def loaded_prompt_counts(resolved_backend: str, num_prompt_tokens: int) -> set[tuple[int, int]]:
+    """The (prompt tokens computed, prompt tokens external) decode's engine counters may show for a split whose KV
+    loaded. Decode computes the prompt's last token either way, to sample from it, and nothing else of the prompt.
+    Inside the step that computes it (serve_config.yaml's `transfer.is_load_in_step`) vLLM counts that token as
+    computed; a load in the background makes vLLM count it as loaded. The object store loads every split that
+    carries its receipt in step; NIXL every split from a prefill engine decode already holds a connection to, and
+    the first from each engine in the background (kv_transfer/nixl/in_step.py)."""
+    in_step = (1, num_prompt_tokens - 1)
+    return {in_step} if resolved_backend == "object_store" else {in_step, (0, num_prompt_tokens)}
 
 
 def send(client: Any, endpoint: str, body: dict[str, Any], stream: bool = False,

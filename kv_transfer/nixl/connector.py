@@ -14,6 +14,9 @@ cache over UCX (DRAM here, RDMA/GPU-direct where available) and renews the lease
    thread that waits `transfer.nixl_progress_interval_us` between passes: transfers move during the forward pass
    at ~3% of a core per agent.
 Both are configurable (`transfer.keep_engine_affinity`, `transfer.nixl_progress_interval_us`).
+
+It also loads a split's KV inside the decode step that computes it, where vLLM's loads it a step earlier in the
+background (`transfer.is_load_in_step`; kv_transfer/nixl/in_step.py, scheduler_side.py, worker_side.py).
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker as _nixl_base_worker
-from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlPullConnector
+from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlBaseConnector, NixlPullConnector
 
 from kv_transfer.config import NixlExtraConfig
+from kv_transfer.nixl.in_step import ReadyEngines, SplitserveNixlStats
+from kv_transfer.nixl.scheduler_side import InStepNixlScheduler
+from kv_transfer.nixl.worker_side import InStepNixlWorker
 
 
 @contextlib.contextmanager
@@ -61,12 +67,29 @@ def _agent_progress(interval_us: int | None) -> Iterator[None]:
 
 class SplitserveNixlConnector(NixlPullConnector):
     def __init__(self, vllm_config: Any, role: KVConnectorRole, kv_cache_config: Any):
-        if role != KVConnectorRole.WORKER:
-            super().__init__(vllm_config, role, kv_cache_config)
-            return
+        # vLLM's NixlPullConnector.__init__, with our scheduler and worker halves in place of vLLM's.
+        NixlBaseConnector.__init__(self, vllm_config, role, kv_cache_config)
         extra = NixlExtraConfig.model_validate(vllm_config.kv_transfer_config.kv_connector_extra_config or {})
+        self._reported_engines: frozenset[str] | None = None
+        if role == KVConnectorRole.SCHEDULER:
+            self.connector_scheduler = InStepNixlScheduler(vllm_config, self.engine_id, kv_cache_config,
+                                                           is_load_in_step=extra.is_load_in_step)
+            return
         affinity = os.sched_getaffinity(0)
         with _agent_progress(extra.progress_interval_us):
-            super().__init__(vllm_config, role, kv_cache_config)
+            self.connector_worker = InStepNixlWorker(vllm_config, self.engine_id, kv_cache_config,
+                                                     load_timeout_s=extra.load_timeout_s)
         if extra.keep_engine_affinity:
             os.sched_setaffinity(0, affinity)
+
+    def build_connector_worker_meta(self) -> ReadyEngines | None:
+        """The prefill engines the worker holds a connection to, when they changed (in_step.py, step 1)."""
+        engine_ids = self.connector_worker.ready_engine_ids()
+        if engine_ids == self._reported_engines:
+            return None
+        self._reported_engines = engine_ids
+        return ReadyEngines(engine_ids)
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> SplitserveNixlStats:
+        return SplitserveNixlStats(data=data) if data is not None else SplitserveNixlStats()

@@ -78,7 +78,7 @@ def test_killing_the_kv_store_mid_transfer(app, ray_driver, openai_client, refer
     after = engines.delta(engines.counters("decode"), before)
     num_prompt_tokens = reference_outputs["completion_short_faults"]["usage"]["prompt_tokens"]
     assert (after["num_prompt_tokens_computed"], after["num_prompt_tokens_external"]) \
-        == loaded_prompt_counts(app.resolved_backend, num_prompt_tokens), after
+        in loaded_prompt_counts(app.resolved_backend, num_prompt_tokens), after
     assert (after["num_kv_failed_transfers"], after["num_kv_transfers"]) == (0, 1), after
     restarted = ray_driver.get(store.counters.remote())
     assert restarted.num_opened - restarted_before.num_opened == 1
@@ -200,7 +200,7 @@ def test_a_kv_handle_the_app_did_not_sign_or_past_its_lease_is_never_used(app, r
     assert list(response.choices[0].token_ids) == expected
     during = engines.delta(engines.counters("decode"), before)
     assert (during["num_prompt_tokens_computed"], during["num_prompt_tokens_external"]) \
-        == loaded_prompt_counts(app.resolved_backend, response.usage.prompt_tokens), during
+        in loaded_prompt_counts(app.resolved_backend, response.usage.prompt_tokens), during
     assert during["num_kv_transfers"] == 1, during
     if app.resolved_backend == "object_store":
         store = engines.store_counters()

@@ -128,7 +128,7 @@ def test_each_path_answers_like_one_engine_and_its_engine_computed_the_prompt(np
     if path == "split":
         assert prefill_prompt_tokens == [0, num_prompt_tokens]  # one prefill engine ran it
         assert (decode["num_prompt_tokens_computed"], decode["num_prompt_tokens_external"]) \
-            == loaded_prompt_counts(npmd.backend, num_prompt_tokens), decode  # decode loaded it
+            in loaded_prompt_counts(npmd.backend, num_prompt_tokens), decode  # decode loaded it
     elif path == "decode_local":
         assert prefill_prompt_tokens == [0, 0]
         assert decode["num_prompt_tokens"] == num_prompt_tokens and decode["num_prompt_tokens_external"] == 0

@@ -42,13 +42,35 @@ def test_output_equals_single_engine_and_decode_loads_prompt_kv(name, openai_cli
     #    every decoder computes to sample from (counted as loaded or computed by how the KV loaded)...
     assert decode_delta["num_prompt_tokens"] == num_prompt_tokens
     assert (decode_delta["num_prompt_tokens_computed"], decode_delta["num_prompt_tokens_external"]) \
-        == loaded_prompt_counts(app.resolved_backend, num_prompt_tokens), decode_delta
+        in loaded_prompt_counts(app.resolved_backend, num_prompt_tokens), decode_delta
     # 4. ...in one transfer of exactly the prompt's blocks.
     expected_bytes = engines.num_blocks(num_prompt_tokens, CPU_BLOCK_SIZE) * engines.kv_bytes_per_block(
         app.model_path, CPU_BLOCK_SIZE)
     assert decode_delta["num_kv_transfers"] == 1, decode_delta
     assert decode_delta["num_kv_bytes_transferred"] == expected_bytes, decode_delta
     assert decode_delta["num_kv_failed_transfers"] == 0
+
+
+def test_a_split_loads_inside_the_decode_step_that_computes_it(openai_client, reference_outputs, app):
+    """`transfer.is_load_in_step` (on by default): decode loads a split's KV inside the engine step that computes
+    the prompt's last token. The object store does so for every handle with its receipt; NIXL once decode holds a
+    connection to the prefill engine, which the first split from that engine makes (kv_transfer/nixl/in_step.py).
+    Both prompts are shorter than a block, so neither engine's prefix cache can hold them."""
+    # 1. One split, so that decode is connected to prefill's engine (NIXL; the object store needs no connection).
+    warm = send(openai_client, *request_body("completion_short"))
+    assert warm["token_ids"] == reference_outputs["completion_short"]["token_ids"]
+
+    # 2. The next split is loaded in step: decode computes exactly the last prompt token, and loads the rest in
+    #    one transfer.
+    before = engines.counters("decode")
+    output = send(openai_client, *request_body("chat_capital"))
+    during = engines.delta(engines.counters("decode"), before)
+    num_prompt_tokens = output["usage"]["prompt_tokens"]
+    assert 2 <= num_prompt_tokens < CPU_BLOCK_SIZE
+    assert output["token_ids"] == reference_outputs["chat_capital"]["token_ids"]
+    assert (during["num_prompt_tokens_computed"], during["num_prompt_tokens_external"]) \
+        == (1, num_prompt_tokens - 1), during
+    assert (during["num_kv_transfers"], during["num_kv_failed_transfers"]) == (1, 0), during
 
 
 @pytest.mark.parametrize("name", ["chat_multi_turn", "completion_long"])

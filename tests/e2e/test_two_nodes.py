@@ -90,7 +90,7 @@ def test_answers_are_exact_with_the_kv_moved_across_nodes(two_nodes, reference_o
     assert output["token_ids"] == reference_outputs[name]["token_ids"]
     num_prompt_tokens = output["usage"]["prompt_tokens"]
     assert (after["num_prompt_tokens_computed"], after["num_prompt_tokens_external"]) \
-        == loaded_prompt_counts(two_nodes.backend, num_prompt_tokens), after  # decode loaded the prompt's KV
+        in loaded_prompt_counts(two_nodes.backend, num_prompt_tokens), after  # decode loaded the prompt's KV
     assert after["num_kv_transfers"] == 1 and after["num_kv_failed_transfers"] == 0, after
 
 
