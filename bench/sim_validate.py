@@ -85,6 +85,9 @@ FORMER_DEFAULTS: dict[tuple[str, str], tuple[str, Any]] = {
     ("scheduling", "split_late_slowdown"): ("dcd0b91", None),  # the TBT guard never yielded
     ("transfer", "is_load_in_step"): ("e80d35d", False),  # the object store loaded every KV in the background
 }
+# NIXL loaded every KV in the background until 666a193, whatever `transfer.is_load_in_step` said (it covered the
+# object store only): a NIXL comparison measured before it replays with the setting off.
+NIXL_LOAD_IN_STEP_SINCE = "666a193"
 
 
 @functools.cache
@@ -108,6 +111,10 @@ def as_measured(serve_config: dict[str, Any], measured_commit: str | None) -> di
             continue
         if is_ancestor(added_in, measured_commit) is False:
             args[section] = {**(args.get(section) or {}), key: former}
+    transfer = args.get("transfer") or {}
+    if args.get("mode", "disaggregated") == "disaggregated" and transfer.get("backend", "auto") in ("auto", "nixl") \
+            and measured_commit is not None and is_ancestor(NIXL_LOAD_IN_STEP_SINCE, measured_commit) is False:
+        args["transfer"] = {**transfer, "is_load_in_step": False}
     return config
 
 
@@ -124,8 +131,10 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
                                                decode=machine_config(args.decode, args.model, kv_load_steps)))
     args = app_config(serve_config)
     backend = args.transfer.backend if args.transfer.backend != "auto" else "nixl"
-    if kv_load_steps is None and backend == "object_store" and args.transfer.is_load_in_step:
-        kv_load_steps = 0  # a KV with its receipt (every one the app hands over in time) loads inside its step
+    if kv_load_steps is None and args.transfer.is_load_in_step:
+        # The object store loads a KV with its receipt (every one the app hands over in time) inside its step, NIXL
+        # every split after the first from each prefill engine.
+        kv_load_steps = 0
     if args.mode == "collocated":
         bindings = [args.collocated.cpu_binding_for(rank) for rank in range(args.collocated.num_replicas)]
         return SimConfig(profile=profile, transfer_backend=backend, cluster=ClusterConfig(

@@ -508,15 +508,16 @@ def test_validation_can_ask_what_a_load_inside_the_step_would_give(tmp_path):
 
     profile = tmp_path / "model.csv"
     profile.write_text("parameter,value\nstep_s0,0.03\nprompt_token_s,0.001\ndecode_seq_s,0.001\n")
-    app = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-nixl"]))
-    measured = sim_config("splitserve-nixl", app, profile)
-    what_if = sim_config("splitserve-nixl", app, profile, kv_load_steps=0)
+    app = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-nixl-in-background"]))
+    measured = sim_config("splitserve-nixl-in-background", app, profile)
+    what_if = sim_config("splitserve-nixl-in-background", app, profile, kv_load_steps=0)
     assert (measured.cluster.decode.kv_load_steps, what_if.cluster.decode.kv_load_steps) == (1, 0)
     assert what_if.cluster.prefill.kv_load_steps == 0
     assert what_if.cluster.decode.max_num_seqs == measured.cluster.decode.max_num_seqs  # nothing else changes
-    # The object store loads inside the step as the app ships it (transfer.is_load_in_step), and did not before.
-    object_store = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-object-store"]))
-    assert sim_config("splitserve-object-store", object_store, profile).cluster.decode.kv_load_steps == 0
+    # Both backends load inside the step as the app ships them (transfer.is_load_in_step), and did not before.
+    for name in ("splitserve-object-store", "splitserve-nixl"):
+        shipped = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[name]))
+        assert sim_config(name, shipped, profile).cluster.decode.kv_load_steps == 0
     in_background = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-object-store-in-background"]))
     assert sim_config("splitserve-object-store-in-background", in_background,
                       profile).cluster.decode.kv_load_steps == 1
@@ -604,3 +605,25 @@ def test_a_comparison_measured_before_a_setting_existed_is_replayed_with_its_for
     assert scheduling(sim_validate.as_measured(named, "before"))["split_late_slowdown"] == 4.0
     monkeypatch.setattr(sim_validate, "is_ancestor", lambda commit, of: None)  # git cannot tell: left as it is
     assert scheduling(sim_validate.as_measured(app, "before")) == {"policy": "predictive"}
+
+
+def test_a_nixl_comparison_measured_before_nixl_loaded_in_step_is_replayed_loading_in_the_background(monkeypatch):
+    """`transfer.is_load_in_step` covered the object store only until NIXL loaded in step too (666a193): a NIXL comparison
+    measured before that replays with the setting off even where its recorded config says true (serve_config.yaml's
+    default since e80d35d); one measured since, and the object store, as recorded."""
+    import copy
+
+    from bench import sim_validate
+    from bench.systems import SPLITSERVE_UPDATES, serve_config
+
+    def transfer(name, measured):
+        app = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[name]))
+        return sim_validate.as_measured(app, measured)["applications"][0]["args"]["transfer"]
+
+    monkeypatch.setattr(sim_validate, "is_ancestor", lambda commit, of: of == "since")
+    assert transfer("splitserve-nixl", "before")["is_load_in_step"] is False
+    assert transfer("splitserve-nixl", "since")["is_load_in_step"] is True  # serve_config.yaml's, as recorded
+    monkeypatch.setattr(sim_validate, "is_ancestor",
+                        lambda commit, of: of == "since" or commit == sim_validate.FORMER_DEFAULTS[
+                            ("transfer", "is_load_in_step")][0])
+    assert transfer("splitserve-object-store", "before")["is_load_in_step"] is True
