@@ -117,11 +117,17 @@ SPLITSERVE_UPDATES: dict[str, dict[str, Any]] = {
 # loading inside decode's step buys a split.
 SPLITSERVE_UPDATES["splitserve-object-store-in-background"] = {
     "transfer": {"backend": "object_store", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
-# NIXL and the default policy with every KV loaded in the background, as vLLM's NixlConnector loads.
+# NIXL and the default policy with every KV loaded in the background, as vLLM's NixlConnector loads (named; NIXL's
+# default since 2026-12-07, and the only way before 666a193).
 SPLITSERVE_UPDATES["splitserve-nixl-in-background"] = {
     "transfer": {"backend": "nixl", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
 SPLITSERVE_UPDATES["splitserve-predictive-in-background"] = {
     "transfer": {"backend": "nixl", "is_load_in_step": False}, "scheduling": {"policy": "predictive"}}
+# NIXL and the default policy with each split loaded inside decode's step (not NIXL's default: docs/benchmarks.md).
+SPLITSERVE_UPDATES["splitserve-nixl-in-step"] = {
+    "transfer": {"backend": "nixl", "is_load_in_step": True}, "scheduling": ALWAYS_SPLIT}
+SPLITSERVE_UPDATES["splitserve-predictive-in-step"] = {
+    "transfer": {"backend": "nixl", "is_load_in_step": True}, "scheduling": {"policy": "predictive"}}
 POLICY_SYSTEMS = {"splitserve-token-jsq": "token_jsq", "splitserve-conditional": "conditional",
                   "splitserve-mixed-pool": "mixed_pool", "splitserve-predictive": "predictive"}
 for _name, _policy in POLICY_SYSTEMS.items():
@@ -239,6 +245,10 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, always_split, every KV loaded in the background (computed a step later)"),
     _variant("splitserve-predictive-in-background",
              "splitserve PD on NIXL, predictive, every KV loaded in the background (computed a step later)"),
+    _variant("splitserve-nixl-in-step",
+             "splitserve PD on NIXL, always_split, each split loaded inside decode's step"),
+    _variant("splitserve-predictive-in-step",
+             "splitserve PD on NIXL, predictive, each split loaded inside decode's step"),
     _variant("splitserve-2p1d-nixl",
              "splitserve PD on NIXL, always_split, 2 prefill engines (sharing core 0) + 1 decode"),
     _variant("splitserve-2p1d-predictive",

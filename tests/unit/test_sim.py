@@ -514,10 +514,10 @@ def test_validation_can_ask_what_a_load_inside_the_step_would_give(tmp_path):
     assert (measured.cluster.decode.kv_load_steps, what_if.cluster.decode.kv_load_steps) == (1, 0)
     assert what_if.cluster.prefill.kv_load_steps == 0
     assert what_if.cluster.decode.max_num_seqs == measured.cluster.decode.max_num_seqs  # nothing else changes
-    # Both backends load inside the step as the app ships them (transfer.is_load_in_step), and did not before.
-    for name in ("splitserve-object-store", "splitserve-nixl"):
+    # The object store loads inside the step as the app ships it (transfer.is_load_in_step), NIXL where set to.
+    for name, kv_load_steps in (("splitserve-object-store", 0), ("splitserve-nixl", 1), ("splitserve-nixl-in-step", 0)):
         shipped = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[name]))
-        assert sim_config(name, shipped, profile).cluster.decode.kv_load_steps == 0
+        assert sim_config(name, shipped, profile).cluster.decode.kv_load_steps == kv_load_steps
     in_background = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-object-store-in-background"]))
     assert sim_config("splitserve-object-store-in-background", in_background,
                       profile).cluster.decode.kv_load_steps == 1
@@ -608,8 +608,8 @@ def test_a_comparison_measured_before_a_setting_existed_is_replayed_with_its_for
 
 
 def test_a_nixl_comparison_measured_before_nixl_loaded_in_step_is_replayed_loading_in_the_background(monkeypatch):
-    """`transfer.is_load_in_step` covered the object store only until NIXL loaded in step too (666a193): a NIXL comparison
-    measured before that replays with the setting off even where its recorded config says true (serve_config.yaml's
+    """`transfer.is_load_in_step` covered the object store only until NIXL could load in step too (666a193): a NIXL
+    comparison measured before that replays with the setting off even where its recorded config says true (serve_config.yaml's
     default since e80d35d); one measured since, and the object store, as recorded."""
     import copy
 
@@ -622,8 +622,8 @@ def test_a_nixl_comparison_measured_before_nixl_loaded_in_step_is_replayed_loadi
 
     monkeypatch.setattr(sim_validate, "is_ancestor", lambda commit, of: of == "since")
     assert transfer("splitserve-nixl", "before")["is_load_in_step"] is False
-    assert transfer("splitserve-nixl", "since")["is_load_in_step"] is True  # serve_config.yaml's, as recorded
+    assert transfer("splitserve-nixl-in-step", "since")["is_load_in_step"] is True  # as recorded
     monkeypatch.setattr(sim_validate, "is_ancestor",
                         lambda commit, of: of == "since" or commit == sim_validate.FORMER_DEFAULTS[
                             ("transfer", "is_load_in_step")][0])
-    assert transfer("splitserve-object-store", "before")["is_load_in_step"] is True
+    assert transfer("splitserve-object-store", "before")["is_load_in_step"] is None  # serve_config.yaml's, as recorded
