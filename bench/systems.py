@@ -118,7 +118,7 @@ SPLITSERVE_UPDATES: dict[str, dict[str, Any]] = {
 SPLITSERVE_UPDATES["splitserve-object-store-in-background"] = {
     "transfer": {"backend": "object_store", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
 # NIXL and the default policy with every KV loaded in the background, as vLLM's NixlConnector loads (named; NIXL's
-# default since 2026-12-07, and the only way before 666a193).
+# default since 19b28e4, and the only way before 666a193).
 SPLITSERVE_UPDATES["splitserve-nixl-in-background"] = {
     "transfer": {"backend": "nixl", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
 SPLITSERVE_UPDATES["splitserve-predictive-in-background"] = {

@@ -45,14 +45,9 @@ class InStepNixlWorker(NixlPullConnectorWorker):
             self._await_in_step(in_step)
 
     def get_transfer_results(self) -> KVConnectorTransferResults:
+        # An abandoned READ left vLLM's books in `_abandon` (handles and metadata), so vLLM never reports it here.
         self._hold(super().get_transfer_results())
         results, self._held = self._held, KVConnectorTransferResults()
-        # An abandoned READ's handles and metadata left vLLM's books in `_abandon`, so this is only a guard: vLLM's
-        # scheduler must never see it, as it never sees an in-step request.
-        late = (results.finished_recving | results.failed_recving) & self._abandoned
-        self._abandoned -= late
-        results.finished_recving -= late
-        results.failed_recving -= late
         return results
 
     def ready_engine_ids(self) -> frozenset[str]:
