@@ -3,8 +3,9 @@ requests awaited before the forward pass that uses them (kv_transfer/nixl/in_ste
 
 One engine step on decode:
 1. `start_load_kv` (before the forward pass when the step has in-step loads): vLLM's pull worker starts every READ
-   of the step. We then poll NIXL until each in-step request's READ is done or has failed, for at most
-   `transfer.load_timeout_s`; whatever else completes meanwhile (background loads) is held for step 4.
+   of the step. We then poll the in-step READs' own NIXL handles until each is done or has failed, for at most
+   `transfer.load_timeout_s`, and only then read vLLM's results (whatever else completed meanwhile, background
+   loads, is held for step 4).
 2. A failed in-step READ: vLLM's worker queues its blocks as load errors, which vLLM reads at the end of this
    step and recomputes; we record its tokens. A READ that outlives the timeout is abandoned the same way.
 3. The forward pass computes the in-step requests' last prompt token over the loaded blocks.
@@ -64,13 +65,14 @@ class InStepNixlWorker(NixlPullConnectorWorker):
             self._drop_abandoned_handshakes()
             while not self._ready_requests.empty():
                 self._read_blocks_for_req(*self._ready_requests.get_nowait())
-            results = super().get_transfer_results()
-            done = (results.finished_recving | results.failed_recving) & pending
-            failed |= results.failed_recving & done
-            pending -= done
-            results.finished_recving -= done
-            results.failed_recving -= done
-            self._hold(results)
+            if self._may_have_news(pending):
+                results = super().get_transfer_results()
+                done = (results.finished_recving | results.failed_recving) & pending
+                failed |= results.failed_recving & done
+                pending -= done
+                results.finished_recving -= done
+                results.failed_recving -= done
+                self._hold(results)
             if pending and time.monotonic() > deadline:
                 self._abandon(pending)
                 failed |= pending
@@ -79,6 +81,20 @@ class InStepNixlWorker(NixlPullConnectorWorker):
                 time.sleep(_POLL_INTERVAL_S)
         for req_id in failed:
             self.xfer_stats.record_failed_in_step(in_step[req_id])
+
+    def _may_have_news(self, pending: set[str]) -> bool:
+        """Whether vLLM's results can report a pending request now: one of them has no READ in flight (done, failed,
+        or not started yet) or a failure is queued. A poll asks NIXL about the step's own handles only: vLLM's whole
+        get_transfer_results also reads notifications, reaps leases and cleans up engines, all of which can wait."""
+        if not self._failed_recv_reqs.empty() or self._recv_failures & pending:
+            return True
+        return any(not any(map(self._is_in_flight, self._recving_transfers.get(req_id, ()))) for req_id in pending)
+
+    def _is_in_flight(self, handle: int) -> bool:
+        try:
+            return self.nixl_wrapper.check_xfer_state(handle) == "PROC"
+        except Exception:  # vLLM's results check it again, and log and count the failure
+            return False
 
     def _abandon(self, req_ids: set[str]) -> None:
         """READs that outlived the timeout: release their handles and report their blocks as load errors now, so

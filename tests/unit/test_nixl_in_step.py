@@ -87,6 +87,23 @@ class _ScriptedPull:
         return self.results.pop(0) if self.results else KVConnectorTransferResults()
 
 
+class _Handles:
+    """NIXL's check_xfer_state for the handles of a test: each handle's states in turn, its last one kept (NIXL keeps
+    a finished transfer's status)."""
+
+    def __init__(self, **states: list[str]):
+        self.states = {int(name.removeprefix("h")): list(seq) for name, seq in states.items()}
+        self.num_checks = 0
+
+    def check_xfer_state(self, handle: int) -> str:
+        self.num_checks += 1
+        seq = self.states.setdefault(handle, ["PROC"])
+        return seq.pop(0) if len(seq) > 1 else seq[0]
+
+    def peek(self, handle: int) -> str:
+        return self.states.setdefault(handle, ["PROC"])[0]
+
+
 def _worker(monkeypatch, pull: _ScriptedPull, load_timeout_s: float = 5.0) -> InStepNixlWorker:
     worker = object.__new__(InStepNixlWorker)  # vLLM's __init__ needs an engine; these are the fields we use
     worker.xfer_stats = SplitserveNixlStats()
@@ -100,6 +117,9 @@ def _worker(monkeypatch, pull: _ScriptedPull, load_timeout_s: float = 5.0) -> In
     worker._is_hma_required = False
     worker._handshake_lock = threading.Lock()
     worker._remote_agents = {}
+    worker._failed_recv_reqs = queue.Queue()
+    worker._recv_failures = set()
+    worker.nixl_wrapper = _Handles()
     monkeypatch.setattr(NixlPullConnectorWorker, "start_load_kv", lambda self, metadata: None)
     monkeypatch.setattr(NixlPullConnectorWorker, "get_transfer_results", lambda self: pull.next())
     return worker
@@ -126,6 +146,47 @@ def test_an_in_step_read_is_awaited_and_never_reported_as_received(monkeypatch):
     assert (results.finished_recving, results.failed_recving) == ({"b"}, set())
     assert worker.get_transfer_results().finished_recving == set()  # held results are given once
     assert worker.xfer_stats.data["failed_in_step_tokens"] == []
+
+
+def test_the_wait_polls_the_steps_own_handles_and_reads_vllms_results_once_they_are_done(monkeypatch):
+    # 1. "a"'s READ is two handles in flight. vLLM's results report it (and a background "b") once both are done.
+    worker = _worker(monkeypatch, _ScriptedPull())
+    worker._recving_transfers["a"] = [1, 2]
+    worker.nixl_wrapper = _Handles(h1=["PROC", "DONE"], h2=["PROC", "PROC", "DONE"])
+    num_results = []
+
+    def vllms_results(self):
+        num_results.append(1)
+        if "a" in worker._recving_transfers and all(worker.nixl_wrapper.peek(handle) == "DONE"
+                                                    for handle in worker._recving_transfers["a"]):
+            del worker._recving_transfers["a"]
+            return KVConnectorTransferResults(finished_recving={"a", "b"})
+        return KVConnectorTransferResults()
+
+    monkeypatch.setattr(NixlPullConnectorWorker, "get_transfer_results", vllms_results)
+
+    # 2. Each poll asks NIXL about "a"'s handles only; vLLM's whole results are read once, when neither is in flight.
+    worker.start_load_kv(_metadata(a=99))
+    assert len(num_results) == 1
+    assert worker.nixl_wrapper.num_checks >= 3
+    assert worker.get_transfer_results().finished_recving == {"b"}
+
+    # 3. A check that raises is news too: vLLM's results check the handle again, and log and count the failure.
+    worker._recving_transfers["d"] = [4]
+    worker.nixl_wrapper.states[4] = []  # an empty script: the check raises
+    monkeypatch.setattr(NixlPullConnectorWorker, "get_transfer_results",
+                        lambda self: KVConnectorTransferResults(finished_recving={"d"}, failed_recving={"d"}))
+    worker.start_load_kv(_metadata(d=5))
+    assert worker.xfer_stats.data["failed_in_step_tokens"] == [5]
+
+    # 4. A queued failure (a handshake that failed) sends the wait to vLLM's results at once.
+    pull = _ScriptedPull(KVConnectorTransferResults(finished_recving={"c"}, failed_recving={"c"}))
+    monkeypatch.setattr(NixlPullConnectorWorker, "get_transfer_results", lambda self: pull.next())
+    worker._recving_transfers["c"] = [3]
+    worker._failed_recv_reqs.put("c")
+    worker.start_load_kv(_metadata(c=10))
+    assert pull.num_calls == 1
+    assert worker.xfer_stats.data["failed_in_step_tokens"] == [5, 10]
 
 
 def test_an_in_step_read_that_fails_is_counted_and_left_to_vllms_load_errors(monkeypatch):
