@@ -59,7 +59,7 @@ def kv_transfer_config(*, is_cpu_fixed: bool) -> dict[str, Any]:
     config = {"kv_connector": "NixlConnector", "kv_role": "kv_both", "kv_buffer_device": "cpu"}
     if is_cpu_fixed:
         # Our connector's defaults (no busy progress thread, the engine's own cores), as serve_config.yaml has them.
-        extra = NixlExtraConfig.from_transfer(TransferConfig())
+        extra = NixlExtraConfig.from_transfer(TransferConfig(is_load_in_step=False))  # vLLM's own load
         config |= {"kv_connector": FIXED_CONNECTOR, "kv_connector_module_path": FIXED_CONNECTOR_MODULE,
                    "kv_connector_extra_config": extra.model_dump()}
     return config

@@ -14,7 +14,7 @@ the default) or under load (`--rate`: open-loop Poisson arrivals at that many re
 Systems, one after another on this host: `collocated` (one vLLM engine, no disaggregation: the baseline),
 `object_store` (layer-by-layer overlap, KV loaded inside decode's step), `object_store_no_overlap` (KV handed over
 after the forward pass), `object_store_in_background` (decode loads in the background and computes a step later),
-`nixl` (its default: in the background), `nixl_in_background` (the same, named) and `nixl_in_step`.
+`nixl` (its default: in step), `nixl_in_step` (the same, named) and `nixl_in_background`.
 In splitserve the router streams decode's tokens, so the transfer lands before the first token: expect
 it in TTFT, not between the first and the second token.
 
@@ -69,7 +69,7 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     # vLLM's NIXL connector loads: what loading inside the step buys.
     "object_store_in_background": {"transfer": {"backend": "object_store", "is_load_in_step": False}},
     "nixl": {"transfer": {"backend": "nixl"}},
-    # NIXL as vLLM's connector loads (its default here): every KV in the background, the request computed a step later.
+    # NIXL as vLLM's connector loads: every KV in the background, the request computed a step later.
     "nixl_in_background": {"transfer": {"backend": "nixl", "is_load_in_step": False}},
     # NIXL loading each split (after the first from its prefill engine) inside decode's step.
     "nixl_in_step": {"transfer": {"backend": "nixl", "is_load_in_step": True}},

@@ -115,6 +115,10 @@ def as_measured(serve_config: dict[str, Any], measured_commit: str | None) -> di
     if args.get("mode", "disaggregated") == "disaggregated" and transfer.get("backend", "auto") in ("auto", "nixl") \
             and measured_commit is not None and is_ancestor(NIXL_LOAD_IN_STEP_SINCE, measured_commit) is False:
         args["transfer"] = {**transfer, "is_load_in_step": False}
+    elif "is_load_in_step" in transfer and transfer["is_load_in_step"] is None:
+        # Recorded from 19b28e4 until the in-step load became both backends' default: null, the object store in step
+        # and NIXL in the background.
+        args["transfer"] = {**transfer, "is_load_in_step": transfer.get("backend", "auto") == "object_store"}
     return config
 
 
@@ -131,7 +135,7 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
                                                decode=machine_config(args.decode, args.model, kv_load_steps)))
     args = app_config(serve_config)
     backend = args.transfer.backend if args.transfer.backend != "auto" else "nixl"
-    if kv_load_steps is None and args.transfer.loads_in_step(backend):
+    if kv_load_steps is None and args.transfer.is_load_in_step:
         # The object store loads a KV with its receipt (every one the app hands over in time) inside its step; NIXL,
         # where set to, every split after the first from each prefill engine.
         kv_load_steps = 0

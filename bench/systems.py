@@ -117,13 +117,14 @@ SPLITSERVE_UPDATES: dict[str, dict[str, Any]] = {
 # loading inside decode's step buys a split.
 SPLITSERVE_UPDATES["splitserve-object-store-in-background"] = {
     "transfer": {"backend": "object_store", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
-# NIXL and the default policy with every KV loaded in the background, as vLLM's NixlConnector loads (named; NIXL's
-# default since 19b28e4, and the only way before 666a193).
+# NIXL and the default policy with every KV loaded in the background, as vLLM's NixlConnector loads (NIXL's default
+# from 19b28e4 until the in-step load became it, and the only way before 666a193).
 SPLITSERVE_UPDATES["splitserve-nixl-in-background"] = {
     "transfer": {"backend": "nixl", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
 SPLITSERVE_UPDATES["splitserve-predictive-in-background"] = {
     "transfer": {"backend": "nixl", "is_load_in_step": False}, "scheduling": {"policy": "predictive"}}
-# NIXL and the default policy with each split loaded inside decode's step (not NIXL's default: docs/benchmarks.md).
+# NIXL and the default policy with each split loaded inside decode's step (named: the default since the wait polls
+# only its own READs, docs/benchmarks.md).
 SPLITSERVE_UPDATES["splitserve-nixl-in-step"] = {
     "transfer": {"backend": "nixl", "is_load_in_step": True}, "scheduling": ALWAYS_SPLIT}
 SPLITSERVE_UPDATES["splitserve-predictive-in-step"] = {

@@ -45,10 +45,9 @@ class TransferConfig(BaseModel):
     # decode step of TTFT. The step's other streams wait for the copy (~15-30 ms for a 1,000-token prompt here).
     # object_store: a handle without a receipt always loads in the background, since its parts may still be on
     # their way. nixl: a split from a prefill engine decode has no connection to yet loads in the background,
-    # which makes the connection without holding up the step. null (the default): each backend as measured best
-    # on a 2-core host (docs/benchmarks.md): the object store in step, NIXL in the background, as vLLM's NIXL
-    # connector loads (in step, the streams' gaps and prefill's queue grew more than the hand-over shrank).
-    is_load_in_step: bool | None = None
+    # which makes the connection without holding up the step. On by default for both, as measured on a 2-core host
+    # (docs/benchmarks.md); false is the background load of vLLM's own connectors.
+    is_load_in_step: bool = True
     # nixl: microseconds NIXL's progress thread waits between passes (docs/kv-transfer.md). Without the thread a
     # READ moves only when prefill's engine loop polls, between steps: under load each hand-over waits out a whole
     # forward pass (seconds on a CPU). 5,000 µs: ~1% of a core per idle agent here, READs as fast as at 200 µs.
@@ -68,12 +67,6 @@ class TransferConfig(BaseModel):
     # this environment variable where the app is built, if set (one key across redeploys and apps), else it is
     # made afresh for each deploy. The key itself never enters the config.
     handle_key_env: str = "SPLITSERVE_KV_HANDLE_KEY"
-
-    def loads_in_step(self, backend: Backend) -> bool:
-        """Whether `backend` loads a split's KV inside decode's step: `is_load_in_step`, or its backend's default."""
-        if self.is_load_in_step is not None:
-            return self.is_load_in_step
-        return backend == "object_store"
 
     @property
     def store_capacity_bytes(self) -> int:
@@ -114,4 +107,4 @@ class NixlExtraConfig(BaseModel):
     def from_transfer(cls, transfer: TransferConfig) -> NixlExtraConfig:
         return cls(progress_interval_us=transfer.nixl_progress_interval_us,
                    keep_engine_affinity=transfer.keep_engine_affinity, kv_lease_duration=transfer.kv_lease_s,
-                   is_load_in_step=transfer.loads_in_step("nixl"), load_timeout_s=transfer.load_timeout_s)
+                   is_load_in_step=transfer.is_load_in_step, load_timeout_s=transfer.load_timeout_s)

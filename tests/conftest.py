@@ -59,9 +59,9 @@ def loaded_prompt_counts(resolved_backend: str, num_prompt_tokens: int) -> set[t
     """The (prompt tokens computed, prompt tokens external) decode's engine counters may show for a split whose KV
     loaded. Decode computes the prompt's last token either way, to sample from it, and nothing else of the prompt.
     Inside the step that computes it (`transfer.is_load_in_step`) vLLM counts that token as computed; a load in the
-    background makes vLLM count it as loaded. The object store loads every split that carries its receipt in step
-    (its default); NIXL, where set to, every split from a prefill engine decode already holds a connection to, and
-    the first from each engine in the background (kv_transfer/nixl/in_step.py); by default, all in the background."""
+    background makes vLLM count it as loaded. By default the object store loads every split that carries its
+    receipt in step; NIXL every split from a prefill engine decode already holds a connection to, and the first from
+    each engine in the background (kv_transfer/nixl/in_step.py)."""
     in_step = (1, num_prompt_tokens - 1)
     return {in_step} if resolved_backend == "object_store" else {in_step, (0, num_prompt_tokens)}
 
@@ -129,10 +129,8 @@ API_KEYS = {"auto": None, "auto-without-nixl": "splitserve-test-key"}
 # A KV handle key the suite knows (else each deploy makes its own), so that fault tests can sign the handles they
 # forge on purpose, as a prefill replica would.
 TEST_KV_HANDLE_KEY = "splitserve-test-kv-handle-key-0123456789abcdef"
-# `is_load_in_step: true`: the suite's apps load every split inside decode's step on both backends (NIXL's default is
-# the background load, vLLM's own; the npmd app of test_scheduling_paths.py and the comparison smoke test run it).
 TEST_OVERRIDES = {"prefill": {"max_queued_requests": 4}, "decode": {"max_queued_requests": 4},
-                  "transfer": {"load_timeout_s": 10, "is_load_in_step": True}, "scheduling": {"policy": "always_split"}}
+                  "transfer": {"load_timeout_s": 10}, "scheduling": {"policy": "always_split"}}
 
 
 @dataclass(frozen=True)

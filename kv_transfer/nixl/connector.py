@@ -15,8 +15,8 @@ cache over UCX (DRAM here, RDMA/GPU-direct where available) and renews the lease
    at ~3% of a core per agent.
 Both are configurable (`transfer.keep_engine_affinity`, `transfer.nixl_progress_interval_us`).
 
-It can also load a split's KV inside the decode step that computes it, where vLLM's loads it a step earlier in the
-background (`transfer.is_load_in_step: true`, not the default; kv_transfer/nixl/in_step.py, scheduler_side.py,
+It also loads a split's KV inside the decode step that computes it, where vLLM's loads it in the background and
+computes it a step later (`transfer.is_load_in_step`, the default; kv_transfer/nixl/in_step.py, scheduler_side.py,
 worker_side.py).
 """
 

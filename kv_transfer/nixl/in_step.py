@@ -2,10 +2,9 @@
 
 vLLM's NixlConnector loads a split's KV asynchronously: a request that reaches a busy decode engine is seen by the
 next step, which starts the READ, and is computed in the step after; under load that is one whole decode step of
-TTFT per split (docs/kv-transfer.md, "Decode: KV in"). With `transfer.is_load_in_step: true` (not NIXL's default:
-measured on a 2-core host, the streams' gaps and prefill's queue grew more than the hand-over shrank) our connector
-loads it inside the step that computes it, as vLLM's synchronous load, wherever that cannot stall the step on a
-handshake:
+TTFT per split (docs/kv-transfer.md, "Decode: KV in"). With `transfer.is_load_in_step` (the default since
+the wait polls only its own READs: docs/benchmarks.md) our connector loads it inside the step that computes it, as
+vLLM's synchronous load, wherever that cannot stall the step on a handshake:
 
 1. The worker half reports, as vLLM's worker metadata, the prefill engines it holds a NIXL connection to
    (`ReadyEngines`), whenever that set changes.

@@ -65,13 +65,11 @@ def test_the_nixl_extra_config_carries_the_in_step_setting_and_its_timeout():
     assert (extra.is_load_in_step, extra.load_timeout_s) == (True, 7)
 
 
-def test_by_default_the_object_store_loads_in_step_and_nixl_in_the_background():
-    """As measured on a 2-core host (docs/benchmarks.md); either can be set for both."""
-    default = TransferConfig()
-    assert (default.loads_in_step("object_store"), default.loads_in_step("nixl")) == (True, False)
-    assert NixlExtraConfig.from_transfer(default).is_load_in_step is False
-    for value in (True, False):
-        assert {TransferConfig(is_load_in_step=value).loads_in_step(b) for b in ("object_store", "nixl")} == {value}
+def test_by_default_both_backends_load_in_step_and_false_is_vllms_background_load():
+    """As measured on a 2-core host (docs/benchmarks.md)."""
+    assert TransferConfig().is_load_in_step is True
+    assert NixlExtraConfig.from_transfer(TransferConfig()).is_load_in_step is True
+    assert NixlExtraConfig.from_transfer(TransferConfig(is_load_in_step=False)).is_load_in_step is False
 
 
 class _ScriptedPull:

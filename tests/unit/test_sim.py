@@ -514,8 +514,9 @@ def test_validation_can_ask_what_a_load_inside_the_step_would_give(tmp_path):
     assert (measured.cluster.decode.kv_load_steps, what_if.cluster.decode.kv_load_steps) == (1, 0)
     assert what_if.cluster.prefill.kv_load_steps == 0
     assert what_if.cluster.decode.max_num_seqs == measured.cluster.decode.max_num_seqs  # nothing else changes
-    # The object store loads inside the step as the app ships it (transfer.is_load_in_step), NIXL where set to.
-    for name, kv_load_steps in (("splitserve-object-store", 0), ("splitserve-nixl", 1), ("splitserve-nixl-in-step", 0)):
+    # Both backends load inside the step as the app ships them (transfer.is_load_in_step), unless set not to.
+    for name, kv_load_steps in (("splitserve-object-store", 0), ("splitserve-nixl", 0),
+                                ("splitserve-nixl-in-background", 1)):
         shipped = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[name]))
         assert sim_config(name, shipped, profile).cluster.decode.kv_load_steps == kv_load_steps
     in_background = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES["splitserve-object-store-in-background"]))
@@ -626,4 +627,11 @@ def test_a_nixl_comparison_measured_before_nixl_loaded_in_step_is_replayed_loadi
     monkeypatch.setattr(sim_validate, "is_ancestor",
                         lambda commit, of: of == "since" or commit == sim_validate.FORMER_DEFAULTS[
                             ("transfer", "is_load_in_step")][0])
-    assert transfer("splitserve-object-store", "before")["is_load_in_step"] is None  # serve_config.yaml's, as recorded
+    assert transfer("splitserve-object-store", "before")["is_load_in_step"] is True  # serve_config.yaml's, as recorded
+
+    # Recorded as null (19b28e4 until both loaded in step by default): the object store in step, NIXL in the background.
+    for name, is_in_step in (("splitserve-object-store", True), ("splitserve-nixl", False)):
+        app = serve_config(**copy.deepcopy(SPLITSERVE_UPDATES[name]))
+        app["applications"][0]["args"]["transfer"]["is_load_in_step"] = None
+        assert sim_validate.as_measured(app, "since")["applications"][0]["args"]["transfer"]["is_load_in_step"] \
+            is is_in_step
