@@ -136,8 +136,8 @@ def sim_config(name: str, serve_config: dict[str, Any], profile: Path, *,
     args = app_config(serve_config)
     backend = args.transfer.backend if args.transfer.backend != "auto" else "nixl"
     if kv_load_steps is None and args.transfer.is_load_in_step:
-        # The object store loads a KV with its receipt (every one the app hands over in time) inside its step; NIXL,
-        # where set to, every split after the first from each prefill engine.
+        # The object store loads a KV with its receipt (every one the app hands over in time) inside its step; NIXL
+        # every split after the first from each prefill engine.
         kv_load_steps = 0
     if args.mode == "collocated":
         bindings = [args.collocated.cpu_binding_for(rank) for rank in range(args.collocated.num_replicas)]
