@@ -88,7 +88,10 @@ class InStepNixlWorker(NixlPullConnectorWorker):
         get_transfer_results also reads notifications, reaps leases and cleans up engines, all of which can wait."""
         if not self._failed_recv_reqs.empty() or self._recv_failures & pending:
             return True
-        return any(not any(map(self._is_in_flight, self._recving_transfers.get(req_id, ()))) for req_id in pending)
+        for req_id in pending:
+            if not any(self._is_in_flight(handle) for handle in self._recving_transfers.get(req_id, ())):
+                return True
+        return False
 
     def _is_in_flight(self, handle: int) -> bool:
         try:
@@ -98,7 +101,8 @@ class InStepNixlWorker(NixlPullConnectorWorker):
 
     def _abandon(self, req_ids: set[str]) -> None:
         """READs that outlived the timeout: release their handles and report their blocks as load errors now, so
-        that vLLM recomputes them in this step; a late completion is dropped from the results."""
+        that vLLM recomputes them in this step. Their handles and metadata leave vLLM's books, so vLLM never reports
+        them later."""
         for req_id in req_ids:
             logger.warning("in-step NIXL load of %s took over %.1f s: recomputing it", req_id, self._load_timeout_s)
             for handle in self._recving_transfers.pop(req_id, []):

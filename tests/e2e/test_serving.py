@@ -52,10 +52,10 @@ def test_output_equals_single_engine_and_decode_loads_prompt_kv(name, openai_cli
 
 
 def test_a_split_loads_inside_the_decode_step_that_computes_it(openai_client, reference_outputs, app):
-    """`transfer.is_load_in_step` (the default on both backends): decode loads a
-    split's KV inside the engine step that computes the prompt's last token. The object store does so for every
-    handle with its receipt; NIXL once decode holds a connection to the prefill engine, which the first split from
-    that engine makes (kv_transfer/nixl/in_step.py).
+    """`transfer.is_load_in_step` (the default on both backends): decode loads a split's KV inside the engine step
+    that computes the prompt's last token. The object store does so for every handle with its receipt; NIXL once
+    decode holds a connection to the prefill engine, which the first split from that engine makes
+    (kv_transfer/nixl/in_step.py).
     Both prompts are shorter than a block, so neither engine's prefix cache can hold them."""
     # 1. One split, so that decode is connected to prefill's engine (NIXL; the object store needs no connection).
     warm = send(openai_client, *request_body("completion_short"))
