@@ -34,7 +34,8 @@ class MachineConfig(_Frozen):
     max_preemptions: int = Field(2, ge=0)  # per request; at the cap it is never chosen to make room again
     # Iterations a handed-over KV's load spans on a busy engine before its request is scheduled: our connectors
     # load asynchronously, as vLLM's do (the load starts in the step after the request reached the engine and is
-    # seen done at that step's end), so 1; 0 for a load inside the step that computes the request.
+    # seen done at that step's end), so 1; 0 for a load inside the step that computes the request (the app's
+    # default, transfer.is_load_in_step): that step then waits out the hand-over, its streams with it (machine.py).
     kv_load_steps: int = Field(1, ge=0)
 
     @property

@@ -2,8 +2,9 @@
 
 A request's life on a machine:
 1. It arrives with a prompt to compute (`add_prompt`: a split's prefill, or a whole request) or with its prompt's
-   KV handed over (`add_decode`: a split's decode side). Prompts wait first come, first served; a handed-over
-   request joins the running batch as soon as its KV fits in memory.
+   KV handed over (`add_decode`: a split's decode side; loaded in step, its KV moves inside the iteration that
+   computes it). Prompts wait first come, first served; a handed-over request joins the running batch as soon as
+   its KV fits in memory.
 2. Each iteration (`plan_iteration`) runs every running sequence for one token, then fills the rest of the token
    budget (`max_batch_tokens`) with chunks of the waiting prompts in order (chunked prefill; no prompt passes one
    that does not fit). KV memory is counted in tokens: a chunk reserves its tokens, a decode step one per sequence.
@@ -39,6 +40,7 @@ class SimRequest:
     num_computed: int = 0
     num_generated: int = 0
     kv_tokens: int = 0  # KV it holds on the machine it runs on now
+    handover_kv_tokens: int = 0  # a split's KV its prefill machine holds until the hand-over is done (`release`)
     num_preemptions: int = 0
     prompt_start_s: float | None = None  # its prompt's first chunk ran (SplitwiseSim's queue time ends)
     first_token_s: float | None = None
@@ -54,12 +56,14 @@ class SimRequest:
     is_aborted: bool = False  # the client gave up on it (its timeout): it leaves whatever it was doing
     on_machine: int = -1  # index of the machine it was last given to (a split in hand-over: still prefill's)
     num_load_steps: int = 0  # iterations of its decode machine to end before its loaded KV can be scheduled
+    load_s: float = 0.0  # its KV's load inside the decode iteration that computes it: that iteration waits it out
 
 
 class Outcome(IntEnum):
     PREFILLED = 0  # a split's prompt is computed: its KV leaves for the decode machine
-    FIRST_TOKEN = 1
-    DONE = 2
+    LOADED = 1  # a split's KV was loaded inside this iteration: the prefill machine may free it
+    FIRST_TOKEN = 2
+    DONE = 3
 
 
 @dataclass(slots=True)
@@ -103,6 +107,7 @@ class Machine:
     _stretch: float = 1.0
     _share_stretch: float = 1.0  # the iteration in flight's stretch now (its core's share may change midway)
     _aborting: list[SimRequest] = field(default_factory=list)  # aborted in the iteration in flight: out at its end
+    _loading: list[SimRequest] = field(default_factory=list)  # KV loaded inside the iteration in flight
 
     # 1. Arrivals.
     def add_prompt(self, request: SimRequest) -> None:
@@ -112,10 +117,15 @@ class Machine:
         self.num_pending_prompt_tokens += request.num_to_compute
 
     def add_decode(self, request: SimRequest) -> None:
+        """A split's decode call has reached this machine. Loaded in the background (`kv_load_steps` ≥ 1), its KV
+        is here already (the hand-over ran before the call), and a busy engine ends the iteration in flight, then
+        runs `kv_load_steps` more before scheduling it; an idle one loads it at once (its empty steps poll the load
+        within milliseconds). Loaded in step (`kv_load_steps` 0), the iteration that computes it first waits out
+        the hand-over (`load_s`): every sequence of that iteration waits with it, as decode's streams wait out a
+        READ inside the step."""
         request.on_machine = self.index
-        # A busy engine ends the iteration in flight, then runs `kv_load_steps` more while the KV loads; an idle
-        # one loads it at once (its empty steps poll the load within milliseconds).
         request.num_load_steps = 1 + self.config.kv_load_steps if self.is_busy and self.config.kv_load_steps else 0
+        request.load_s = 0.0 if self.config.kv_load_steps else self.model.handover_s(request.prompt_tokens)
         self.arrived.append(request)
 
     def abort(self, request: SimRequest) -> None:
@@ -144,9 +154,9 @@ class Machine:
         request.kv_tokens = 0
 
     def release(self, request: SimRequest) -> None:
-        """A split's KV has reached the decode machine: the prefill machine frees it."""
-        self.kv_used -= request.kv_tokens
-        request.kv_tokens = 0
+        """A split's KV has reached the decode machine (or never will): the prefill machine frees it."""
+        self.kv_used -= request.handover_kv_tokens
+        request.handover_kv_tokens = 0
 
     @property
     def num_requests(self) -> int:
@@ -184,6 +194,8 @@ class Machine:
             request.kv_tokens = request.prompt_tokens
             self.kv_used += request.kv_tokens
             self.running.append(request)
+            if request.load_s:
+                self._loading.append(request)
         while True:
             decoding = self._grow_running()
             chunks = self._prompt_chunks(len(decoding), now) if self.waiting else []
@@ -226,6 +238,8 @@ class Machine:
         self._stretch = self._share_stretch = stretch
         self._first_step_s = stretch * self.model.step_s(num_prompt_tokens, num_decoding, num_context_tokens,
                                                          num_prompt_pairs)
+        for request in self._loading:  # (a loading request samples its first token here: a segment of one step)
+            self._first_step_s += request.load_s
         self.last_step_s = self._steps_s(num_steps)
         self.is_busy = True
         return self.last_step_s
@@ -330,6 +344,7 @@ class Machine:
         self.kv_used -= victim.kv_tokens
         victim.kv_tokens = 0
         victim.num_preemptions += 1
+        victim.load_s = 0.0  # its loaded KV is gone too: computed again, nothing to load
         victim.num_to_compute, victim.num_computed = victim.prompt_tokens + victim.num_generated, 0
         self.waiting.appendleft(victim)
         self.num_pending_prompt_tokens += victim.num_to_compute
@@ -337,6 +352,11 @@ class Machine:
     # 3. Its end.
     def finish_iteration(self, now: float) -> list[tuple[Outcome, SimRequest]]:
         outcomes: list[tuple[Outcome, SimRequest]] = []
+        if self._loading:  # first, so that the prefill machine frees the KV before what follows
+            outcomes += [(Outcome.LOADED, request) for request in self._loading]
+            for request in self._loading:
+                request.load_s = 0.0
+            self._loading = []
         stats = self.stats
         num_steps = self._num_steps
         stats.num_iterations += num_steps
@@ -373,6 +393,7 @@ class Machine:
             self.waiting.remove(request)
             if request.path == "split" and request.prefill_machine == self.index:
                 outcomes.append((Outcome.PREFILLED, request))  # its KV stays until the hand-over is done
+                request.handover_kv_tokens, request.kv_tokens = request.kv_tokens, 0
                 continue
             # The iteration that computes a prompt's last token samples the next one (its KV is written by the
             # next step, which reserves it).
@@ -392,7 +413,8 @@ class Machine:
                     self.release(request)  # prefilled in this very iteration: no hand-over will take its KV
                 else:
                     self._remove(request)
-            outcomes = [outcome for outcome in outcomes if not outcome[1].is_aborted]
+            # (a load that ran still frees the prefill machine's KV)
+            outcomes = [outcome for outcome in outcomes if not outcome[1].is_aborted or outcome[0] == Outcome.LOADED]
         return outcomes
 
     def _tokens(self, request: SimRequest, num_steps: int, ends: list[float] | None) -> None:

@@ -7,8 +7,10 @@ A request's life:
    machine is Serve's power-of-two choice on requests held.
 2. split: the prefill machine computes the prompt; its KV moves to the decode machine (the model's hand-over time,
    and the served split path's latency: the router's second call) and is freed on the prefill machine once there;
-   the decode machine streams every token. decode-local and prefill-local: one machine computes the prompt and
-   streams.
+   the decode machine streams every token. A decode machine that loads in step (`kv_load_steps` 0, the app's
+   default) gets the call after the served path's latency alone and moves the KV inside the iteration that
+   computes the request, which waits it out; the prefill machine frees it at that iteration's end. decode-local
+   and prefill-local: one machine computes the prompt and streams.
 3. Each machine runs iteration after iteration while it has work (machine.py); an iteration's end is an event.
 4. What the router observes feeds the rates as the router feeds them (deployments/scheduler.py): a prompt sent to
    an idle engine times its prefill, a split's decode call to first token its hand-over, pure decode steps the
@@ -196,6 +198,10 @@ class Simulator:
         self._errors[request.request_id] = f"timeout after {self.config.request_timeout_s:g} s (the client gave up)"
         machine = self.machines[request.on_machine]
         machine.abort(request)
+        if request.load_s and request not in machine.running:
+            # It waited on decode for the iteration that would have loaded its KV (one in flight holds it in
+            # `running` and frees prefill's at its end): prefill frees it now.
+            self._release_prefill(request, now)
         self._kick(machine, now)  # (and the book hears of it)
 
     def _serve_pick(self, role: Role) -> str:
@@ -239,15 +245,20 @@ class Simulator:
     def _iteration_ended(self, machine: Machine, now: float) -> None:
         num_decoding, had_prompts = machine.last_num_decoding, machine.last_num_prompt_tokens > 0
         step_s = machine.last_step_s / machine.num_steps_in_flight  # a segment's mean step
+        had_first_token = False
         for outcome, request in machine.finish_iteration(now):
             if outcome == Outcome.PREFILLED:
                 self._prefilled(request, machine, now)
+            elif outcome == Outcome.LOADED:
+                self._release_prefill(request, now)
             elif outcome == Outcome.FIRST_TOKEN:
+                had_first_token = True
                 self._first_token(request, machine, now)
             elif self._observe_output is not None:
                 self._observe_output(request.num_generated)
-        if num_decoding and not had_prompts:
-            # A pure decode step, as the engines time and report them.
+        if num_decoding and not had_prompts and not had_first_token:
+            # A pure decode step, as the engines time and report them: vLLM's inter-token gaps of a step in which
+            # no request got its first token (a handed-over request's first step, with its load, is not one).
             self.rates.observe_decode_step(machine.engine_id, num_decoding, step_s)
         self._kick(machine, now)
 
@@ -257,16 +268,26 @@ class Simulator:
             self.rates.observe_prefill(request.times_prefill_of, request.prompt_tokens, now - request.arrival_s)
         decode = self.by_engine[request.decode_engine or self._serve_pick("decode")]
         request.decode_engine, request.num_ahead = decode.engine_id, decode.num_requests
-        self._push(now + self.model.split_handover_s(request.prompt_tokens), _KV_ARRIVED, (request, machine, decode))
+        # Loaded in step, the KV moves inside decode's iteration (machine.py): the call arrives after the served
+        # path's latency alone.
+        handover_s = self.model.split_handover_s(request.prompt_tokens) if decode.config.kv_load_steps \
+            else self.model.served_split_s
+        self._push(now + handover_s, _KV_ARRIVED, (request, decode))
 
-    def _kv_arrived(self, payload: tuple[SimRequest, Machine, Machine], now: float) -> None:
-        request, prefill, decode = payload
-        prefill.release(request)
-        self._kick(prefill, now)
+    def _kv_arrived(self, payload: tuple[SimRequest, Machine], now: float) -> None:
+        request, decode = payload
         if request.is_aborted:  # its client gave up during the hand-over
+            self._release_prefill(request, now)
             return
         decode.add_decode(request)
+        if not request.load_s:  # moved before the call (in the background): prefill frees it now
+            self._release_prefill(request, now)
         self._kick(decode, now)
+
+    def _release_prefill(self, request: SimRequest, now: float) -> None:
+        prefill = self.machines[request.prefill_machine]
+        prefill.release(request)
+        self._kick(prefill, now)
 
     def _first_token(self, request: SimRequest, machine: Machine, now: float) -> None:
         if request.prefilled_s is not None:

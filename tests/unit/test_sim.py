@@ -103,24 +103,65 @@ def test_a_splits_served_latency_comes_between_prefills_step_and_decodes():
 
 
 def test_kv_that_reaches_a_busy_decode_engine_loads_through_one_more_step_before_its_request_runs():
-    """vLLM's asynchronous KV load, which our connectors use: a split request that reaches an engine in the middle of
-    a step is seen by the next step, which starts the load, and is computed in the step after it (`kv_load_steps`
-    1); on an idle engine at once."""
-    def ttfts(kv_load_steps: int) -> list[float]:
+    """vLLM's asynchronous KV load (`kv_load_steps` 1): a split request that reaches an engine in the middle of a
+    step is seen by the next step, which starts the load, and is computed in the step after it; on an idle engine
+    at once. Loaded in step (`kv_load_steps` 0, the app's default), the call reaches decode without waiting for the
+    hand-over, and the step that computes the request waits out its load: so do the streams in that step."""
+    def run(kv_load_steps: int):
         decode = MachineConfig(kv_load_steps=kv_load_steps)
         config = SimConfig(model=MODEL, cluster=ClusterConfig(num_prefill=1, num_decode=1, decode=decode),
                            scheduling={"policy": "always_split"})
         result = Simulator(config).run([_request(0, 0.0, 100, 10), _request(1, 0.3, 50, 2)])
         _assert_nothing_held(result)
-        return [record.ttft_s for record in result.records]
+        return result.records
 
+    # In the background:
     # 1. The first request: prefill by 0.2 s, its KV on the idle decode engine at 0.25, its first token at 0.36
     #    (as without the load step), then a token every 0.11 s: steps end at 0.47, 0.58, 0.69, ...
     # 2. The second: prefill 0.3-0.45 s, its KV on decode at 0.5, in the step 0.47-0.58. The step 0.58-0.69 loads
-    #    it; the step 0.69-0.81 (two sequences) computes its first token: TTFT 0.51 s. Loaded inside the step
-    #    that computes it, that step would be 0.58-0.70: TTFT 0.40 s.
-    assert ttfts(1) == pytest.approx([0.36, 0.51])
-    assert ttfts(0) == pytest.approx([0.36, 0.40])
+    #    it; the step 0.69-0.81 (two sequences) computes its first token: TTFT 0.51 s.
+    first, second = run(1)
+    assert (first.ttft_s, second.ttft_s) == pytest.approx((0.36, 0.51))
+    assert first.tbt_s[:4] == pytest.approx([0.11, 0.11, 0.11, 0.12])
+    # In step:
+    # 1. The first request's call reaches the idle decode engine at 0.2 s; its step loads (0.05 s) and computes
+    #    (0.11 s): its first token at 0.36 s again, then steps end at 0.47, ...
+    # 2. The second's call reaches decode at 0.45 s, in the step 0.36-0.47; the step 0.47-0.64 loads it and computes
+    #    both sequences (0.05 + 0.12 s): TTFT 0.34 s, and the first request's gap in that step is 0.17 s.
+    first, second = run(0)
+    assert (first.ttft_s, second.ttft_s) == pytest.approx((0.36, 0.34))
+    assert first.tbt_s[:3] == pytest.approx([0.11, 0.17, 0.12])
+
+
+def test_kv_loaded_in_step_stays_on_the_prefill_machine_until_its_load_ran_and_leaks_nowhere_when_a_client_goes():
+    """The prefill machine frees a split's KV when decode's iteration that loads it ends (the READ is done), not when
+    the call reaches decode; a client that gives up while its KV waits for that iteration, or during it, leaves no
+    KV held on either machine."""
+    # 1. One decode machine, step by step: the iteration that admits the handed-over request waits out its load
+    #    (0.05 s) beside the step (0.11 s), and reports the load before the first token.
+    decode = Machine(index=1, engine_id="decode-0", role="decode", config=MachineConfig(kv_load_steps=0), model=MODEL)
+    request = sim_module.SimRequest(0, 0.0, 100, 3, path="split", prefill_machine=0)
+    decode.add_decode(request)
+    assert request.load_s == pytest.approx(0.05)
+    assert decode.plan_iteration() == pytest.approx(0.16)
+    outcomes = decode.finish_iteration(0.16)
+    assert [outcome for outcome, _ in outcomes] == [sim_module.Outcome.LOADED, sim_module.Outcome.FIRST_TOKEN]
+    # The rest, one segment of two pure decode steps, loads nothing: 0.11 s each.
+    assert request.load_s == 0.0 and decode.plan_iteration() == pytest.approx(0.22)
+    # 2. Through the simulator, clients that give up at every moment of a split's life (timeouts 10 ms apart over
+    #    the requests' whole lives): in its prompt, during the hand-over, while its call waits on a busy decode
+    #    engine, during the loading iteration, after it. Nothing stays held, whichever it was.
+    requests = [_request(index, 0.05 * index, 60 + 20 * index, 3 + 4 * index) for index in range(4)]
+    num_given_up = set()
+    for timeout_ms in range(100, 2600, 10):  # (the last request ends at 2.49 s + its arrival)
+        config = SimConfig(model=MODEL, cluster=ClusterConfig(num_prefill=1, num_decode=1,
+                                                              decode=MachineConfig(kv_load_steps=0)),
+                           scheduling={"policy": "always_split"}, request_timeout_s=timeout_ms / 1000)
+        result = Simulator(config).run(requests)
+        _assert_nothing_held(result)
+        assert all(request.handover_kv_tokens == 0 for request in result.requests)
+        num_given_up.add(sum(not record.is_ok for record in result.records))
+    assert num_given_up == {0, 1, 2, 3, 4}
 
 
 def test_a_request_whose_client_gave_up_leaves_its_engine_and_frees_its_kv():
