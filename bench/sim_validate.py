@@ -12,7 +12,8 @@
    app refused or the client gave up on (no counts recorded) with the sizes the comparison's plan sent it, so that
    a saturated cell offers the simulator the load it offered the app. A simulated request still running at the
    client's timeout (run.json's `request_timeout_s`) is aborted where it is, freeing its engine for the next cell,
-   and is a miss, as it was live.
+   and is a miss, as it was live. `--paths-as-measured`: each request takes the path it took live, so that a cell
+   whose simulated policy went another way can still check the machines' model on the live decisions.
 3. Per cell: simulated over measured TTFT, TBT (a request's mean gap) and E2E at p50 and p90, each with a paired
    request-level 95% bootstrap interval; a p50 is within target when the ratio is within 10% of 1 or its interval
    holds 1, counted for the cells below 80% of the system's measured saturation. Saturation per trace: the rate
@@ -48,6 +49,7 @@ from bench.slo import Goodput
 from bench.systems import app_config
 from bench.traces import TraceRequest
 from bench.workloads import Plan
+from deployments.scheduling.policies import Path as RequestPath
 
 RESULTS = Path(__file__).parent / "results"
 GAP_BETWEEN_CELLS_S = 5.0
@@ -55,6 +57,7 @@ WITHIN = 0.10  # a simulated p50 within 10% of the measured one
 BELOW_SATURATION = 0.8
 SATURATION_WITHIN = 0.15  # the simulated saturation rate within 15% of the measured one
 METRICS = (("ttft", "TTFT"), ("tpot", "TBT"), ("e2e", "E2E"))
+LIVE_PATHS = frozenset(path.value for path in RequestPath)  # what a run's requests CSV records as `path`
 
 
 def machine_config(role: Any, model: Any, kv_load_steps: int | None = None) -> MachineConfig:
@@ -178,12 +181,14 @@ def recorded_requests(path: Path, cell_names: list[str]) -> dict[str, list[Reque
 
 def replay(config: SimConfig, measured: dict[str, list[RequestRecord]],
            planned: dict[str, dict[int, TraceRequest]] | None = None,
-           timeout_s: float | None = None) -> dict[str, list[RequestRecord]]:
+           timeout_s: float | None = None, *, is_path_as_measured: bool = False) -> dict[str, list[RequestRecord]]:
     """Every cell in its measured order, one after another in one simulation; records back per cell, each with
     its cell's own clock. A request with no counts recorded (refused, or given up on) gets its `planned` sizes;
     a simulated one still running `timeout_s` after its arrival is aborted, its engine freed, as live, and a miss
-    (as is one whose served path's latency takes it past the timeout)."""
+    (as is one whose served path's latency takes it past the timeout). `is_path_as_measured`: each request takes
+    the path it took live (where the run recorded one), whatever the policy decides in the simulation."""
     requests, cell_of, offset = [], {}, 0.0
+    paths: dict[int, str] = {}
     for cell, records in measured.items():
         base = min(record.arrival_s for record in records)
         for record in records:
@@ -195,6 +200,8 @@ def replay(config: SimConfig, measured: dict[str, list[RequestRecord]],
                 sizes = (sent.prompt_tokens, sent.output_tokens)
             requests.append(TraceRequest(request_id=request_id, arrival_s=offset + record.arrival_s - base,
                                          prompt_tokens=max(1, sizes[0]), output_tokens=max(1, sizes[1])))
+            if is_path_as_measured and record.path in LIVE_PATHS:
+                paths[request_id] = record.path
         # Live, the next cell began once every request had ended or its client had given up (at the timeout).
         longest = max((record.e2e_s if record.e2e_s is not None else timeout_s or 0.0) + record.arrival_s - base
                       for record in records)
@@ -202,7 +209,7 @@ def replay(config: SimConfig, measured: dict[str, list[RequestRecord]],
     simulated: dict[str, list[RequestRecord]] = {cell: [] for cell in measured}
     if timeout_s is not None:  # the simulated client gives up as the live one did, freeing its engine
         config = config.model_copy(update={"request_timeout_s": timeout_s})
-    for record in Simulator(config).run(requests).records:
+    for record in Simulator(config).run(requests, paths=paths).records:
         cell, request_id, shift = cell_of[record.request_id]
         record.request_id, record.arrival_s, record.start_s = request_id, record.arrival_s - shift, \
             record.arrival_s - shift
@@ -278,6 +285,9 @@ def main(argv: list[str] | None = None) -> None:
                              "comparison (the report says so)")
     parser.add_argument("--no-core-sharing", action="store_true",
                         help="an ablation: every engine simulated on a core of its own, whatever its cpu_binding")
+    parser.add_argument("--paths-as-measured", action="store_true",
+                        help="an ablation: each request takes the path it took live, whatever the policy decides "
+                             "in the simulation (the machines' model apart from the policy's dynamics)")
     parser.add_argument("--kv-load-steps", type=int, metavar="N",
                         help="a what-if: a split's KV load spans N steps of a busy decode engine (the app's "
                              "asynchronous load: 1, the default; 0: loaded inside the step that computes it)")
@@ -306,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         if config is None or not path.exists():
             continue
         measured = recorded_requests(path, list(cells))
-        simulated = replay(config, measured, planned, run.get("request_timeout_s"))
+        simulated = replay(config, measured, planned, run.get("request_timeout_s"),
+                           is_path_as_measured=args.paths_as_measured)
         for name, records in measured.items():
             cell = cells[name]
             row = {"system": system["name"], "policy": config.scheduling.policy, "cell": name,
@@ -336,6 +347,7 @@ def report_lines(rows: list[dict[str, Any]], run: dict[str, Any], args: argparse
     lines = ["# The simulator against the measured comparison", "",
              f"`python -m bench.sim_validate --compare {args.compare} --profile {args.profile}"
              f"{' --no-core-sharing' if args.no_core_sharing else ''}"
+             f"{' --paths-as-measured' if getattr(args, 'paths_as_measured', False) else ''}"
              f"{f' --kv-load-steps {args.kv_load_steps}' if args.kv_load_steps is not None else ''}"
              f"{' --compiled' if origin.get('compiled_modules') else ''}` at commit "
              f"{origin['commit']}: the requests of the comparison measured at {run.get('measured_commit')} "

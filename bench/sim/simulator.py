@@ -105,11 +105,17 @@ class Simulator:
         self._seq = 0
         self._errors: dict[int, str] = {}
         self._next_rekey_s = 0.0
+        self._forced_paths: dict[int, str] = {}
         for machine in self.machines:
             self._report(machine)
 
     # The run.
-    def run(self, requests: Iterable[TraceRequest], *, is_progress_shown: bool = False) -> SimResult:
+    def run(self, requests: Iterable[TraceRequest], *, is_progress_shown: bool = False,
+            paths: dict[int, str] | None = None) -> SimResult:
+        """`paths`: a request id's path, taken whatever the policy decides (a replay of a live run's decisions:
+        the machines' model apart from the policy's dynamics). The policy still decides every request, and names
+        the engines where it named one for that role; Serve's choice where it did not."""
+        self._forced_paths = paths or {}
         # The run makes millions of objects and no reference cycle: Python's cycle collector would only walk them
         # over and over (10% of a large run). Reference counting still frees everything.
         is_collecting = gc.isenabled()
@@ -168,7 +174,11 @@ class Simulator:
         facts = RequestFacts(str(request.request_id), request.prompt_tokens)  # never the output length
         decision = self.policy.decide(facts, self.book, self.rates)
         path = Path.DECODE_LOCAL if self.is_collocated else decision.path
-        request.path, request.predicted_ttft_s = path.value, decision.predicted_ttft_s
+        forced = self._forced_paths.get(request.request_id)
+        if forced is not None and not self.is_collocated and forced != path.value:
+            path = Path(forced)
+        request.path = path.value
+        request.predicted_ttft_s = decision.predicted_ttft_s if path == decision.path else None  # (another path's)
         if path == Path.DECODE_LOCAL:
             machine = self.by_engine[decision.decode_engine or self._serve_pick("decode")]
         else:

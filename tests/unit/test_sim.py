@@ -164,6 +164,24 @@ def test_kv_loaded_in_step_stays_on_the_prefill_machine_until_its_load_ran_and_l
     assert num_given_up == {0, 1, 2, 3, 4}
 
 
+def test_a_replay_can_take_each_requests_path_as_measured_whatever_the_policy_decides():
+    """`paths` (bench.sim_validate --paths-as-measured): a request takes the path its live run took, so that the
+    machines' model can be checked on the live decisions where the simulated policy would go another way."""
+    requests = [_request(0, 0.0, 100, 3), _request(1, 0.0, 50, 2)]
+    result = Simulator(_config(num_prefill=1, num_decode=1)).run(requests, paths={0: "decode_local"})
+    first, second = result.records
+    # 1. always_split would split both; the first runs decode-local: the decode machine computes its prompt
+    #    (0.1 + 100 × 0.001 s) and streams it, the prefill machine never sees it.
+    assert (first.path, second.path) == ("decode_local", "split")
+    assert first.ttft_s == pytest.approx(0.2) and first.prefill_s is None
+    prefill, decode = result.machines
+    assert (prefill.stats.num_prompt_tokens, decode.stats.num_prompt_tokens) == (50, 100)
+    # 2. Without the paths, the policy's own decisions.
+    unforced = Simulator(_config(num_prefill=1, num_decode=1)).run(requests)
+    assert [record.path for record in unforced.records] == ["split", "split"]
+    _assert_nothing_held(result)
+
+
 def test_a_request_whose_client_gave_up_leaves_its_engine_and_frees_its_kv():
     """The client's timeout (`request_timeout_s`), as the router cancels a request whose client went: aborted
     between two iterations wherever it is, a miss, and the machine is free for the next request at once."""
