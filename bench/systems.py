@@ -172,6 +172,12 @@ SPLITSERVE_UPDATES["splitserve-predictive-guard-holds"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive"],
     "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "split_late_slowdown": None}}
 
+# The predictive policy whose yield keeps the gap bound (`is_gap_bound_kept_on_yield`): only prompts short enough for
+# decode's streams are saved from a late split (xeon_in_step: the yield fed a loop of long prompts on decode).
+SPLITSERVE_UPDATES["splitserve-predictive-gap-kept"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive"],
+    "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "is_gap_bound_kept_on_yield": True}}
+
 # The predictive policy with each engine's whole replica process pinned to its cores (`pin_engine_processes`), so
 # that vLLM's EngineCore, which spins on its queue through every step of its worker, spins on its own engine's core.
 SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
@@ -238,6 +244,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, prefill-local only while decode can take no more streams"),
     _variant("splitserve-predictive-guard-holds",
              "splitserve PD on NIXL, predictive, its TBT guard never yielding to a prompt the split makes late"),
+    _variant("splitserve-predictive-gap-kept",
+             "splitserve PD on NIXL, predictive, its TBT guard yielding only within the gap bound"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
     _variant("splitserve-object-store-in-background",

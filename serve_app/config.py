@@ -251,6 +251,12 @@ class SchedulingConfig(_Frozen):
     # P90 TTFT SLO, 3x) and a decode engine would start the prompt within that, the bounds above yield and the
     # prompt runs decode-local; null: they never yield.
     split_late_slowdown: float | None = Field(3.0, gt=1)
+    # predictive: whether a yield still keeps the gap bound (the step that carries the prompt, beside the prompts
+    # already waiting on that engine, within `tbt_gap_slowdown` of its single-stream step), so that it saves only
+    # prompts short enough for decode's streams. false: it lifts both bounds. Under load on the code trace the
+    # yield fed a loop, long prompts on decode, its steps 1-2 s, every split waiting for one and so predicted late
+    # (bench/results/xeon_in_step, docs/benchmarks.md); true is being measured against it.
+    is_gap_bound_kept_on_yield: bool = False
     # What the guard charges a decode step for a local prompt's chunk: "request", the engine's whole learned prefill
     # time (its line's intercept too: a request's own calls and forward pass), or "compute", the line's slope only
     # (the chunk rides in a step that runs for the streams anyway). "compute" is being measured (docs/benchmarks.md).

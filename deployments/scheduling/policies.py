@@ -188,8 +188,9 @@ class Predictive:
                    mean gaps 0.86-0.92 s at code 0.48-0.9/s, 3eb988b.)
     The guard yields where the split is late: when the split's TTFT is predicted past `split_late_slowdown` times
     its TTFT on idle engines (Splitwise's P90 TTFT bound, 3x) and a decode engine would start the prompt within
-    that, decode-local is offered whatever the streams' bounds say. A prompt that would miss its TTFT bound on
-    the split is saved at a price its streams' gaps pay; one that decode could not save either leaves them be.
+    that, decode-local is offered whatever the streams' bounds say (`is_gap_bound_kept_on_yield`: whatever the
+    mean bound says, the gap bound still holding). A prompt that would miss its TTFT bound on the split is saved
+    at a price its streams' gaps pay; one that decode could not save either leaves them be.
     Until the rates are known it acts as token_jsq, which is how it learns them."""
 
     config: SchedulingConfig
@@ -232,7 +233,8 @@ class Predictive:
             # The split misses the prompt's TTFT bound and decode would meet it: the streams' guard yields, once
             # per prompt it saves (on the code trace, 2 cores, the guard otherwise left prompts queued on prefill
             # for tens of seconds while decode's streams kept their gaps: saturation 0.70x collocated's).
-            if late_after_s is not None and ttft <= late_after_s:
+            if late_after_s is not None and ttft <= late_after_s and (
+                    not self.config.is_gap_bound_kept_on_yield or self._keeps_gap_bound(candidate, n, book, rates)):
                 options.append((ttft, Path.DECODE_LOCAL, None, candidate))
                 is_guard_yielded = True
                 break
@@ -287,6 +289,18 @@ class Predictive:
         pending = num_tokens + book.entry(engine_id).num_pending_prompt_tokens
         extra_per_token = self._chunk_cost_s(engine_id, pending, rates) / max(1.0, self.expected_output_tokens)
         return extra_per_token <= (self.config.tbt_mean_slowdown - 1) * base
+
+    def _keeps_gap_bound(self, engine_id: str, num_tokens: int, book: LoadBook, rates: Rates) -> bool:
+        """The step that would carry the prompt's first chunk, with the prompts already waiting on the engine (vLLM
+        batches them into the same step, up to its token budget), stays within the gap bound of its own
+        single-stream step."""
+        engine = book.entry(engine_id)
+        if engine.num_requests == 0:
+            return True
+        chunk = min(num_tokens + engine.num_pending_prompt_tokens, self.chunk_tokens)
+        step_with_chunk = rates.decode_step_s(engine_id, engine.num_requests + 1) + self._chunk_cost_s(
+            engine_id, chunk, rates)
+        return step_with_chunk <= self.config.tbt_gap_slowdown * rates.decode_step_s(engine_id, 1)
 
     def _chunk_cost_s(self, engine_id: str, num_tokens: int, rates: Rates) -> float:
         if self.config.tbt_guard_charge == "compute":

@@ -584,6 +584,31 @@ def test_the_tbt_guard_yields_a_prompt_the_split_would_make_late_to_a_decode_eng
     assert never.decide(_request(1500), book, rates).path == Path.SPLIT
 
 
+def test_the_yield_can_keep_the_gap_bound_so_that_long_prompts_stay_off_a_busy_decode_engine():
+    """xeon_in_step, code 2.4/s: the yield sent long prompts to decode, its steps took 1-2 s, every split waited
+    for one of them and so was predicted late, and the yield took more long prompts (docs/benchmarks.md).
+    `is_gap_bound_kept_on_yield` lets it lift the mean bound only."""
+    rates = _learned()  # prefill 10 ms + 2.5 ms a token; decode's step 77 ms alone, 85 ms with 5 streams
+    book = _book({"p0": 4000}, {"d0": 0}, decode_requests={"d0": 4}, rates=rates)
+    shipped = Predictive(SchedulingConfig(policy="predictive"), chunk_tokens=2048, expected_output_tokens=8)
+    kept = Predictive(SchedulingConfig(policy="predictive", is_gap_bound_kept_on_yield=True), chunk_tokens=2048,
+                      expected_output_tokens=8)
+    # 1. 1,500 tokens, the split late behind prefill's 4,000: on decode its step would take 85 ms + 3.76 s, past
+    #    5x 77 ms. Shipped, the guard yields all the same; with the gap bound kept, it is split.
+    assert shipped.decide(_request(1500), book, rates).path == Path.DECODE_LOCAL
+    assert kept.decide(_request(1500), book, rates).path == Path.SPLIT
+    # 2. 80 tokens: the mean bound refuses it (0.21 s over 8 expected tokens, 26 ms a token, past a quarter of
+    #    77 ms), the gap bound does not (85 + 210 ms within 385): both yield.
+    for policy in (shipped, kept):
+        decision = policy.decide(_request(80), book, rates)
+        assert (decision.path, decision.reason) == (Path.DECODE_LOCAL, "split late, TBT guard yields")
+    # 3. 200 tokens already waiting on decode join the prompt's step (vLLM batches them): 85 ms + 0.71 s. With the
+    #    gap bound kept, the prompt is split; shipped, it still goes to decode (TTFT 0.8 s within its 0.9 s bound).
+    book.report(EngineLoad("d0", "decode", num_pending_prompt_tokens=200, num_running=4))
+    assert kept.decide(_request(80), book, rates).path == Path.SPLIT
+    assert shipped.decide(_request(80), book, rates).path == Path.DECODE_LOCAL
+
+
 def test_the_guard_charges_the_prompt_not_the_stream_that_joins_decode_on_every_path():
     """In the policies run (f5fcfff) every code request whose TTFT passed 3x its reference was a 9-88 token prompt,
     split, waiting behind a long prompt on prefill: decode's batch alone stepped past 1.25x its single-stream step,
