@@ -178,6 +178,11 @@ SPLITSERVE_UPDATES["splitserve-predictive-gap-kept"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive"],
     "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "is_gap_bound_kept_on_yield": True}}
 
+# The same, with decode computing a local prompt 128 tokens a step (its step with a chunk, ~65 + 190 ms here, within
+# the gap bound of 5x its ~60 ms step): a yielded long prompt rides several short steps instead of stalling one.
+SPLITSERVE_UPDATES["splitserve-predictive-gap-kept-chunked"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive-gap-kept"], "decode": {"long_prefill_token_threshold": 128}}
+
 # The predictive policy with each engine's whole replica process pinned to its cores (`pin_engine_processes`), so
 # that vLLM's EngineCore, which spins on its queue through every step of its worker, spins on its own engine's core.
 SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
@@ -246,6 +251,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, its TBT guard never yielding to a prompt the split makes late"),
     _variant("splitserve-predictive-gap-kept",
              "splitserve PD on NIXL, predictive, its TBT guard yielding only within the gap bound"),
+    _variant("splitserve-predictive-gap-kept-chunked",
+             "splitserve PD on NIXL, predictive, yielding within the gap bound, decode prompts 128 tokens a step"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
     _variant("splitserve-object-store-in-background",
