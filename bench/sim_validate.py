@@ -347,7 +347,7 @@ def report_lines(rows: list[dict[str, Any]], run: dict[str, Any], args: argparse
     lines = ["# The simulator against the measured comparison", "",
              f"`python -m bench.sim_validate --compare {args.compare} --profile {args.profile}"
              f"{' --no-core-sharing' if args.no_core_sharing else ''}"
-             f"{' --paths-as-measured' if getattr(args, 'paths_as_measured', False) else ''}"
+             f"{' --paths-as-measured' if args.paths_as_measured else ''}"
              f"{f' --kv-load-steps {args.kv_load_steps}' if args.kv_load_steps is not None else ''}"
              f"{' --compiled' if origin.get('compiled_modules') else ''}` at commit "
              f"{origin['commit']}: the requests of the comparison measured at {run.get('measured_commit')} "

@@ -275,9 +275,7 @@ class Predictive:
         base = rates.decode_step_s(engine_id, 1)
         if base <= 0:
             return False
-        chunk = min(num_tokens, self.chunk_tokens)
-        step_with_chunk = rates.decode_step_s(engine_id, running + 1) + self._chunk_cost_s(engine_id, chunk, rates)
-        if step_with_chunk > self.config.tbt_gap_slowdown * base:
+        if not self._is_within_gap_bound(engine_id, running, min(num_tokens, self.chunk_tokens), rates):
             return False
         # The prompt's compute (and that of the prompts already pending there), spread over a running request's
         # expected output: what each of its tokens waits longer on average. Only that is this path's to answer
@@ -295,11 +293,14 @@ class Predictive:
         batches them into the same step, up to its token budget), stays within the gap bound of its own
         single-stream step."""
         engine = book.entry(engine_id)
-        if engine.num_requests == 0:
-            return True
         chunk = min(num_tokens + engine.num_pending_prompt_tokens, self.chunk_tokens)
-        step_with_chunk = rates.decode_step_s(engine_id, engine.num_requests + 1) + self._chunk_cost_s(
-            engine_id, chunk, rates)
+        return engine.num_requests == 0 or self._is_within_gap_bound(engine_id, engine.num_requests, chunk, rates)
+
+    def _is_within_gap_bound(self, engine_id: str, num_running: int, chunk_tokens: int, rates: Rates) -> bool:
+        """A step of the engine's streams and one more, carrying `chunk_tokens` of a prompt, within the gap bound of
+        its single-stream step."""
+        step_with_chunk = rates.decode_step_s(engine_id, num_running + 1) + self._chunk_cost_s(engine_id, chunk_tokens,
+                                                                                               rates)
         return step_with_chunk <= self.config.tbt_gap_slowdown * rates.decode_step_s(engine_id, 1)
 
     def _chunk_cost_s(self, engine_id: str, num_tokens: int, rates: Rates) -> float:
