@@ -183,12 +183,6 @@ SPLITSERVE_UPDATES["splitserve-predictive-gap-kept"] = {
 SPLITSERVE_UPDATES["splitserve-predictive-gap-kept-chunked"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive-gap-kept"], "decode": {"long_prefill_token_threshold": 128}}
 
-# The predictive policy learning a busy decode engine's hand-over wait with the prompts queued there in it (the rule
-# before `is_handover_net_of_queue`): the split's prediction then counted decode's queue twice.
-SPLITSERVE_UPDATES["splitserve-predictive-gross-handover"] = {
-    **SPLITSERVE_UPDATES["splitserve-predictive"],
-    "scheduling": {**SPLITSERVE_UPDATES["splitserve-predictive"]["scheduling"], "is_handover_net_of_queue": False}}
-
 # The predictive policy with each engine's whole replica process pinned to its cores (`pin_engine_processes`), so
 # that vLLM's EngineCore, which spins on its queue through every step of its worker, spins on its own engine's core.
 SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
@@ -259,8 +253,6 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, its TBT guard yielding only within the gap bound"),
     _variant("splitserve-predictive-gap-kept-chunked",
              "splitserve PD on NIXL, predictive, yielding within the gap bound, decode prompts 128 tokens a step"),
-    _variant("splitserve-predictive-gross-handover",
-             "splitserve PD on NIXL, predictive, a busy decode's hand-over wait learned with its queued prompts in it"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
     _variant("splitserve-object-store-in-background",

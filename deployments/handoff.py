@@ -187,7 +187,6 @@ class PDHandoff(Handoff):
         # Without a handle (prefill failed) decode computes the prompt: its load says so.
         decode_engine = self._scheduler.book.engine(decision.decode_engine) if decision.decode_engine else None
         num_ahead = decode_engine.num_requests if decode_engine is not None else 0
-        queued_s = self._scheduler.queued_s(decision.decode_engine)
         decode_flight = self._scheduler.dispatch(decision.decode_engine, 0 if handle is not None else num_prompt_tokens)
         stream = self._decode.options(stream=True).decode.remote(request, handle, dispatch=decode_flight.dispatch)
 
@@ -195,7 +194,7 @@ class PDHandoff(Handoff):
             seconds = decode_flight.prompt_done()
             if handle is not None and request.stream:
                 self._scheduler.observed_handover(decision.decode_engine, handle.num_prompt_tokens, seconds,
-                                                  num_ahead, queued_s)
+                                                  num_ahead)
             self._decided(decision, time.perf_counter() - started if request.stream else None, request.request_id)
 
         return await self._first_chunk(stream, request.request_id, timing, on_unread=lambda: self._release(handle),

@@ -164,23 +164,14 @@ class Scheduler:
         if engine_id is not None and num_prompt_tokens > 0:
             self.rates.observe_prefill(engine_id, num_prompt_tokens, seconds)
 
-    def queued_s(self, decode_engine: str | None) -> float:
-        """What a split's decode call waits for on its engine beyond the hand-over, as the policy predicts it: the
-        prompts queued there now (their drain time). 0 until the hand-over's wait is learned net of them
-        (`scheduling.is_handover_net_of_queue` false: the rule before it was)."""
-        if decode_engine is None or not self.config.is_handover_net_of_queue or self.book.engine(decode_engine) is None:
-            return 0.0
-        return self.book.drain_s(decode_engine)
-
     def observed_handover(self, decode_engine: str | None, num_prompt_tokens: int, seconds: float,
-                          num_ahead: int, queued_s: float = 0.0) -> None:
-        """A split's decode call to its first token, sent with `num_ahead` requests already on the decode engine and
-        `queued_s` of prompts queued there (`queued_s()` then): the KV hand-over (and the engine's wait when busy)
-        plus one decode step of the batch it joined."""
+                          num_ahead: int) -> None:
+        """A split's decode call to its first token, sent with `num_ahead` requests already on the decode engine:
+        the KV hand-over (and the engine's wait when busy) plus one decode step of the batch it joined."""
         if decode_engine is None:
             return  # Serve's own pick: which engine waited is unknown
         step_s = self.rates.decode_step_s(decode_engine, num_ahead + 1)
-        self.rates.observe_handover(decode_engine, num_prompt_tokens, num_ahead, max(0.0, seconds - step_s), queued_s)
+        self.rates.observe_handover(decode_engine, num_prompt_tokens, num_ahead, max(0.0, seconds - step_s))
 
     def observed_output(self, num_tokens: int) -> None:
         """A request answered in full had `num_tokens` output tokens: policies that weigh output length learn it."""

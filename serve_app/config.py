@@ -261,11 +261,6 @@ class SchedulingConfig(_Frozen):
     # time (its line's intercept too: a request's own calls and forward pass), or "compute", the line's slope only
     # (the chunk rides in a step that runs for the streams anyway). "compute" is being measured (docs/benchmarks.md).
     tbt_guard_charge: Literal["request", "compute"] = "request"
-    # predictive: whether a split's hand-over wait on a busy decode engine is learned net of the prompts queued there
-    # when its decode call went out. The split's prediction charges those apart (the later of its KV and decode's
-    # queue), so a wait learned with them counted them twice; under load on the code trace that made every split
-    # look late and fed the yield's loop (docs/benchmarks.md). false: the rule before it.
-    is_handover_net_of_queue: bool = True
     # When predictive offers a whole request to a prefill engine (within the mean bound either way): "idle", whenever
     # it computes no prompt (at light load the two engines share the streams, as collocated's do); "decode_full",
     # only while decode's least-loaded engine could take no more streams within the mean bound (before ebcbefc).

@@ -53,7 +53,6 @@ class SimRequest:
     prefilled_s: float | None = None  # a split's prefill answer (its KV handle)
     decode_engine: str = ""  # a split's decode engine: the policy's, or Serve's pick once prefill answered
     num_ahead: int = 0  # requests already on the decode engine when the split's decode call went out
-    queued_s: float = 0.0  # and the drain time of the prompts queued there then (the router's Scheduler.queued_s)
     is_aborted: bool = False  # the client gave up on it (its timeout): it leaves whatever it was doing
     on_machine: int = -1  # index of the machine it was last given to (a split in hand-over: still prefill's)
     num_load_steps: int = 0  # iterations of its decode machine to end before its loaded KV can be scheduled

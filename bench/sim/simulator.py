@@ -278,8 +278,6 @@ class Simulator:
             self.rates.observe_prefill(request.times_prefill_of, request.prompt_tokens, now - request.arrival_s)
         decode = self.by_engine[request.decode_engine or self._serve_pick("decode")]
         request.decode_engine, request.num_ahead = decode.engine_id, decode.num_requests
-        if self.config.scheduling.is_handover_net_of_queue:
-            request.queued_s = self.book.drain_s(decode.engine_id)
         # Loaded in step, the KV moves inside decode's iteration (machine.py): the call arrives after the served
         # path's latency alone.
         handover_s = self.model.split_handover_s(request.prompt_tokens) if decode.config.kv_load_steps \
@@ -306,7 +304,7 @@ class Simulator:
             # As the router: the decode call's time to first token, less one step of the batch it joined.
             step_s = self.rates.decode_step_s(machine.engine_id, request.num_ahead + 1)
             self.rates.observe_handover(machine.engine_id, request.prompt_tokens, request.num_ahead,
-                                        max(0.0, now - request.prefilled_s - step_s), request.queued_s)
+                                        max(0.0, now - request.prefilled_s - step_s))
         elif request.times_prefill_of:
             self.rates.observe_prefill(request.times_prefill_of, request.prompt_tokens, now - request.arrival_s)
 

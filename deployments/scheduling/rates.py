@@ -2,14 +2,11 @@
 
 1. `observe_prefill(engine, tokens, seconds)`: a prompt of `tokens` took `seconds` from dispatch to its first token
    on an engine that had nothing queued ahead of it: the engine's prefill rate, tokens/s.
-2. `observe_handover(engine, tokens, num_ahead, seconds, queued_s)`: a split request's hand-over (prefill's answer
-   to decode's first token, less one decode step). On an idle decode engine (`num_ahead` 0) it is the transfer
-   itself, a line seconds = a + b · tokens, shared by the pool; on a busy one, what it took beyond that and beyond
-   `queued_s` (the compute of the prompts queued on the engine when the call went out) is the engine's wait, a line
-   against the requests ahead (the KV moves only as the engine's loop polls it, between steps). Kept apart, so that
-   hand-overs timed under load never pass for the transfer of an idle engine, and the other way round. The queued
-   prompts are not the wait's: a split's prediction charges them on their own (policies.py, `max(KV ready,
-   drain(D))`), and a wait that held them too counted them twice.
+2. `observe_handover(engine, tokens, num_ahead, seconds)`: a split request's hand-over (prefill's answer to decode's
+   first token, less one decode step). On an idle decode engine (`num_ahead` 0) it is the transfer itself, a line
+   seconds = a + b · tokens, shared by the pool; on a busy one, what it took beyond that is the engine's wait, a
+   line against the requests ahead (the KV moves only as the engine's loop polls it, between steps). Kept apart,
+   so that hand-overs timed under load never pass for the transfer of an idle engine, and the other way round.
 3. `observe_decode_step(engine, num_running, seconds)`: a decode step with `num_running` requests in the batch: a
    line, seconds = c + d · num_running.
 Each is an exponentially weighted estimate (recent observations count more; `half_life` observations halve an old
@@ -160,14 +157,13 @@ class Rates:
     def observe_decode_step(self, engine_id: str, num_running: int, seconds: float) -> None:
         self._decode_step.observe(engine_id, num_running, seconds)
 
-    def observe_handover(self, engine_id: str, num_tokens: int, num_ahead: int, seconds: float,
-                         queued_s: float = 0.0) -> None:
+    def observe_handover(self, engine_id: str, num_tokens: int, num_ahead: int, seconds: float) -> None:
         if num_ahead == 0:
             if self._transfer is None:
                 self._transfer = WeightedLine(half_life=self.half_life)
             self._transfer.observe(num_tokens, seconds)
         else:
-            wait = max(0.0, seconds - queued_s - self.transfer_s(num_tokens))
+            wait = max(0.0, seconds - self.transfer_s(num_tokens))
             self._handover_wait.observe(engine_id, num_ahead, wait)
 
     # Estimates.
