@@ -183,6 +183,14 @@ SPLITSERVE_UPDATES["splitserve-predictive-gap-kept"] = {
 SPLITSERVE_UPDATES["splitserve-predictive-gap-kept-chunked"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive-gap-kept"], "decode": {"long_prefill_token_threshold": 128}}
 
+# The predictive policy with decode computing a local prompt 64 tokens a step and its TBT guard charging a chunk its
+# compute only: a yielded long prompt rides several steps within the gap bound (at ~3.5 ms a token and ~80 ms
+# steps, a 64-token step is ~0.3 s, under 5x the step) instead of stalling one, and a split's first token, which
+# vLLM schedules beside the running chunk, no longer waits for whole local prompts.
+SPLITSERVE_UPDATES["splitserve-predictive-chunked-compute"] = {
+    **SPLITSERVE_UPDATES["splitserve-predictive-compute-guard"],
+    "decode": {"long_prefill_token_threshold": DECODE_CHUNK_TOKENS}}
+
 # The predictive policy with each engine's whole replica process pinned to its cores (`pin_engine_processes`), so
 # that vLLM's EngineCore, which spins on its queue through every step of its worker, spins on its own engine's core.
 SPLITSERVE_UPDATES["splitserve-predictive-pinned"] = {
@@ -253,6 +261,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, its TBT guard yielding only within the gap bound"),
     _variant("splitserve-predictive-gap-kept-chunked",
              "splitserve PD on NIXL, predictive, yielding within the gap bound, decode prompts 128 tokens a step"),
+    _variant("splitserve-predictive-chunked-compute",
+             f"splitserve PD on NIXL, predictive, decode prompts {DECODE_CHUNK_TOKENS} tokens a step, compute-charged guard"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
     _variant("splitserve-object-store-in-background",
