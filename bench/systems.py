@@ -262,7 +262,8 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
     _variant("splitserve-predictive-gap-kept-chunked",
              "splitserve PD on NIXL, predictive, yielding within the gap bound, decode prompts 128 tokens a step"),
     _variant("splitserve-predictive-chunked-compute",
-             f"splitserve PD on NIXL, predictive, decode prompts {DECODE_CHUNK_TOKENS} tokens a step, compute-charged guard"),
+             f"splitserve PD on NIXL, predictive, decode prompts {DECODE_CHUNK_TOKENS} tokens a step, "
+             "compute-charged guard"),
     _variant("splitserve-predictive-pinned",
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
     _variant("splitserve-object-store-in-background",
