@@ -184,9 +184,9 @@ SPLITSERVE_UPDATES["splitserve-predictive-gap-kept-chunked"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive-gap-kept"], "decode": {"long_prefill_token_threshold": 128}}
 
 # The predictive policy with decode computing a local prompt 64 tokens a step and its TBT guard charging a chunk its
-# compute only: a yielded long prompt rides several steps within the gap bound (at ~3.5 ms a token and ~80 ms
-# steps, a 64-token step is ~0.3 s, under 5x the step) instead of stalling one, and a split's first token, which
-# vLLM schedules beside the running chunk, no longer waits for whole local prompts.
+# compute only, so that a yielded long prompt rides several steps within the gap bound (at ~3.5 ms a token and ~80
+# ms steps, a 64-token step is ~0.3 s, under 5x the step) instead of stalling one. Measured worse than the default
+# (bench/results/chunked_compute): more long gaps, fewer prompts taken on decode.
 SPLITSERVE_UPDATES["splitserve-predictive-chunked-compute"] = {
     **SPLITSERVE_UPDATES["splitserve-predictive-compute-guard"],
     "decode": {"long_prefill_token_threshold": DECODE_CHUNK_TOKENS}}
