@@ -40,6 +40,12 @@ Paths:
 - nixl_one_process: both agents in this one process, no thread (the reader also polls the source's
   notifications). Not how the app runs; kept because UCX may pick another transport within a process, so the gap
   between the rows shows how much the process boundary costs.
+- kernel_read: the nixl row's blocks read into the same layers by the kernel's cross-memory attach
+  (process_vm_readv, one iovec per block), the single copy UCX itself makes for a READ between two processes of
+  one host (its `cma` transport): the floor under the nixl row, so that the gap between them is NIXL's and UCX's;
+- `--block-tokens N ...`: the nixl and kernel_read rows again with descriptors of N-token blocks
+  (`nixl_blockN`, `kernel_read_blockN`; the app's blocks are vLLM's CPU default of 128 tokens, one descriptor per
+  block of a layer's K or V: 96 KiB for the default model): what a larger block (`model.block_size`) would give.
 
 Cross-node (`--cross-node`): the bench starts a Ray head (127.0.0.1) and a second node on its own loopback address
 (127.0.0.2) on this host, each with its own raylet and object store, as two machines would have; the remote side of
@@ -53,6 +59,7 @@ each path (decode's receiver for the object store, prefill's agent for NIXL) run
 
     python -m bench.transfer_bench [--sizes-mb 1 2 4 8 16 32 64] [--repeats 15] [--memcpy-repeats 51]
                                    [--out bench/results/transfer] [--cold-object-store] [--cross-node]
+                                   [--block-tokens 512 ...] [--paths nixl kernel_read ...]
 """
 
 from __future__ import annotations
@@ -60,8 +67,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import ctypes
 import functools
 import importlib.util
+import os
 import signal
 import socket
 import sys
@@ -91,9 +100,13 @@ from kv_transfer.config import TransferConfig  # noqa: E402
 NUM_LAYERS = 30
 OBJECT_STORE_BYTES = 1 << 30
 WARM_UP_OBJECT_BYTES = 64 << 20
-# The default model's KV block of one layer, K or V apart: 128 tokens (vLLM's CPU block size) x 3 KV heads x 64
-# dims x 4 bytes (float32). vLLM's NixlConnector posts one descriptor per such block.
-NIXL_BLOCK_BYTES = 128 * 3 * 64 * 4
+# The default model's KV block of one layer, K or V apart: block tokens x 3 KV heads x 64 dims x 4 bytes (float32).
+# vLLM's NixlConnector posts one descriptor per such block; the app's blocks are vLLM's CPU default, 128 tokens.
+KV_BYTES_PER_TOKEN_PER_LAYER = 3 * 64 * 4
+APP_BLOCK_TOKENS = 128
+NIXL_BLOCK_BYTES = APP_BLOCK_TOKENS * KV_BYTES_PER_TOKEN_PER_LAYER
+# process_vm_readv takes at most this many iovecs per call (Linux's IOV_MAX).
+IOV_MAX = 1024
 NIXL_TIMEOUT_S = 60.0
 # The app's progress-thread delay: transfer.nixl_progress_interval_us as shipped.
 APP_PROGRESS_INTERVAL_US = TransferConfig.model_fields["nixl_progress_interval_us"].default
@@ -261,10 +274,11 @@ def layer_pattern(layer: int, layer_bytes: int) -> np.ndarray:
     return np.random.default_rng(layer).integers(0, 255, layer_bytes, dtype=np.uint8)
 
 
-def block_descriptors(layer_addresses: Sequence[int], layer_bytes: int) -> np.ndarray:
-    """NIXL's (address, length, device) rows: every layer cut into NIXL_BLOCK_BYTES blocks (the last one shorter)."""
-    offsets = np.arange(0, layer_bytes, NIXL_BLOCK_BYTES, dtype=np.uint64)
-    lengths = np.minimum(NIXL_BLOCK_BYTES, layer_bytes - offsets)
+def block_descriptors(layer_addresses: Sequence[int], layer_bytes: int,
+                      block_bytes: int = NIXL_BLOCK_BYTES) -> np.ndarray:
+    """NIXL's (address, length, device) rows: every layer cut into `block_bytes` blocks (the last one shorter)."""
+    offsets = np.arange(0, layer_bytes, block_bytes, dtype=np.uint64)
+    lengths = np.minimum(block_bytes, layer_bytes - offsets)
     rows = [np.stack([address + offsets, lengths, np.zeros_like(offsets)], axis=1) for address in layer_addresses]
     return np.concatenate(rows).astype(np.uint64)
 
@@ -277,6 +291,7 @@ class NixlHandshake:
     agent_metadata: bytes
     layer_addresses: list[int]
     layer_bytes: int
+    pid: int  # for the kernel's own cross-process read of the same layers (`kernel_read`)
 
 
 class NixlSource:
@@ -294,7 +309,7 @@ class NixlSource:
 
     def handshake(self) -> NixlHandshake:
         return NixlHandshake(self._agent.get_agent_metadata(), [layer.ctypes.data for layer in self._layers],
-                             self._layer_bytes)
+                             self._layer_bytes, os.getpid())
 
     def poll_notifications(self) -> int:
         return sum(len(messages) for messages in self._agent.get_new_notifs().values())
@@ -322,7 +337,8 @@ class NixlReader:
     """Decode's side: its own registered layers, prefill's agent loaded from the handshake, and both descriptor
     lists prepared once (vLLM does this at the handshake too), so a transfer only makes and posts the READ."""
 
-    def __init__(self, handshake: NixlHandshake, progress_interval_us: int | None = None):
+    def __init__(self, handshake: NixlHandshake, progress_interval_us: int | None = None,
+                 block_bytes: int = NIXL_BLOCK_BYTES):
         self._agent = new_nixl_agent("decode", progress_interval_us)
         self._layer_bytes = handshake.layer_bytes
         self.layers = [np.zeros(handshake.layer_bytes, dtype=np.uint8) for _ in range(NUM_LAYERS)]
@@ -330,11 +346,12 @@ class NixlReader:
         self._registration = self._agent.register_memory(
             [(address, handshake.layer_bytes, 0, "") for address in addresses], "DRAM")
         self._remote = self._agent.add_remote_agent(handshake.agent_metadata)
-        local = block_descriptors(addresses, handshake.layer_bytes)
-        self._local_side = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", local, "DRAM")
-        self._remote_side = self._agent.prep_xfer_dlist(
-            self._remote, block_descriptors(handshake.layer_addresses, handshake.layer_bytes), "DRAM")
-        self._indices = np.arange(len(local), dtype=np.int32)
+        self._local_rows = block_descriptors(addresses, handshake.layer_bytes, block_bytes)
+        self._remote_rows = block_descriptors(handshake.layer_addresses, handshake.layer_bytes, block_bytes)
+        self._local_side = self._agent.prep_xfer_dlist("NIXL_INIT_AGENT", self._local_rows, "DRAM")
+        self._remote_side = self._agent.prep_xfer_dlist(self._remote, self._remote_rows, "DRAM")
+        self._indices = np.arange(len(self._local_rows), dtype=np.int32)
+        self._source_pid = handshake.pid
 
     def read(self, notification: bytes, poll_source: Callable[[], Any] | None = None) -> float:
         """READ every block of prefill's layers into ours and poll until done; returns the seconds from making the
@@ -355,6 +372,14 @@ class NixlReader:
             raise RuntimeError(f"NIXL READ ended in state {state}")
         return elapsed
 
+    def read_by_kernel(self) -> float:
+        """The same blocks into the same layers by the kernel's cross-memory attach (process_vm_readv, one iovec per
+        block), which UCX uses between two processes of one host: the floor under a NIXL READ here. Returns its
+        seconds."""
+        started = time.perf_counter()
+        process_vm_read(self._source_pid, self._local_rows, self._remote_rows)
+        return time.perf_counter() - started
+
     def check_layers(self) -> None:
         for layer, received in enumerate(self.layers):
             if not np.array_equal(received, layer_pattern(layer, self._layer_bytes)):
@@ -367,15 +392,46 @@ class NixlReader:
         self._agent.deregister_memory(self._registration)
 
 
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+def process_vm_read(pid: int, local_rows: np.ndarray, remote_rows: np.ndarray) -> None:
+    """Copies every remote (address, length) row of process `pid` into the local row beside it, at most IOV_MAX
+    rows per process_vm_readv call."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    for start in range(0, len(local_rows), IOV_MAX):
+        local, remote = local_rows[start:start + IOV_MAX], remote_rows[start:start + IOV_MAX]
+        local_iov = (_IoVec * len(local))(*[_IoVec(int(address), int(length)) for address, length, _ in local])
+        remote_iov = (_IoVec * len(remote))(*[_IoVec(int(address), int(length)) for address, length, _ in remote])
+        expected = int(local[:, 1].sum())
+        moved = libc.process_vm_readv(pid, local_iov, len(local), remote_iov, len(remote), 0)
+        if moved != expected:
+            raise OSError(ctypes.get_errno(), f"process_vm_readv moved {moved} of {expected} bytes")
+
+
 def measure_nixl(nbytes: int, repeats: int, flush: Callable[[], None],
                  progress_interval_us: int | None = APP_PROGRESS_INTERVAL_US,
-                 remote: dict[str, Any] | None = None) -> list[float]:
+                 remote: dict[str, Any] | None = None, block_bytes: int = NIXL_BLOCK_BYTES,
+                 by: str = "nixl") -> list[float]:
     """Prefill's agent in a Ray actor (another process, on another node with `remote`), decode's here: the app's
     shape. Both agents get the app's progress thread unless `progress_interval_us` is None (then prefill's agent is
-    polled back to back)."""
+    polled back to back). `block_bytes`: one descriptor per block of that many bytes of a layer. `by="kernel"`:
+    the same blocks read by process_vm_readv instead of NIXL (the source sees no notification then)."""
     source = NixlSourceActor.options(**(remote or {})).remote(nbytes // NUM_LAYERS, progress_interval_us)
     try:
-        reader = NixlReader(ray.get(source.handshake.remote()), progress_interval_us)
+        reader = NixlReader(ray.get(source.handshake.remote()), progress_interval_us, block_bytes)
+        if by == "kernel":
+            try:
+                seconds = []
+                for _ in range(repeats + 1):
+                    flush()
+                    seconds.append(reader.read_by_kernel())
+                reader.check_layers()
+            finally:
+                reader.close()
+            ray.get(source.close.remote())
+            return seconds[1:]
         try:
             served = source.serve_reads.remote(repeats + 1, NIXL_TIMEOUT_S * (repeats + 1))
             seconds = []
@@ -497,8 +553,9 @@ def two_node_cluster() -> Iterator[str]:
                 processes.stop(proc, first_signal=signal.SIGTERM, grace_s=30)
 
 
-def paths(is_warm: bool = True) -> dict[str, Measure]:
-    """The KV paths to measure after memcpy; the NIXL ones only where NIXL is installed (it is optional)."""
+def paths(is_warm: bool = True, block_tokens: Sequence[int] = ()) -> dict[str, Measure]:
+    """The KV paths to measure after memcpy; the NIXL ones only where NIXL is installed (it is optional).
+    `block_tokens`: blocks other than the app's for which the nixl and kernel_read rows are measured too."""
     object_store = functools.partial(measure_object_store, is_warm=is_warm)
     measures: dict[str, Measure] = {
         "object_store": object_store,
@@ -509,7 +566,13 @@ def paths(is_warm: bool = True) -> dict[str, Measure]:
     if importlib.util.find_spec("nixl") is not None:
         measures |= {"nixl": measure_nixl,
                      "nixl_polled_source": lambda nbytes, repeats, flush: measure_nixl(nbytes, repeats, flush, None),
-                     "nixl_one_process": measure_nixl_one_process}
+                     "nixl_one_process": measure_nixl_one_process,
+                     "kernel_read": functools.partial(measure_nixl, by="kernel")}
+        for tokens in block_tokens:
+            block_bytes = tokens * KV_BYTES_PER_TOKEN_PER_LAYER
+            measures |= {f"nixl_block{tokens}": functools.partial(measure_nixl, block_bytes=block_bytes),
+                         f"kernel_read_block{tokens}": functools.partial(measure_nixl, block_bytes=block_bytes,
+                                                                         by="kernel")}
     return measures
 
 
@@ -541,16 +604,26 @@ def main() -> None:
     parser.add_argument("--cold-object-store", action="store_true", help="do not warm the object store first")
     parser.add_argument("--cross-node", action="store_true",
                         help="also the cross-node rows, on a second Ray node of this host (127.0.0.2)")
+    parser.add_argument("--block-tokens", type=int, nargs="*", default=[],
+                        help=f"also the nixl and kernel_read rows with KV blocks of these many tokens (the app's: "
+                             f"{APP_BLOCK_TOKENS}): one descriptor per block of a layer's K or V")
+    parser.add_argument("--paths", nargs="*", default=None,
+                        help="only these rows after memcpy (default: every path this host has)")
     args = parser.parse_args()
     # A stop by SIGTERM (a timeout, a test's clean-up) unwinds like Ctrl-C, so that the cross-node cluster's
     # raylets, which live in sessions of their own, are stopped by id on the way out instead of outliving us.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
-    flush, measures = CacheFlusher(), paths(is_warm=not args.cold_object_store)
+    flush, measures = CacheFlusher(), paths(is_warm=not args.cold_object_store, block_tokens=args.block_tokens)
+    if args.cross_node:
+        measures |= cross_node_paths(is_warm=not args.cold_object_store)
+    if args.paths is not None:
+        if unknown := set(args.paths) - set(measures):
+            parser.error(f"--paths: no such path here: {sorted(unknown)} (known: {sorted(measures)})")
+        measures = {path: measure for path, measure in measures.items() if path in args.paths}
     namespace = f"transfer-bench-{uuid.uuid4().hex[:6]}"
     with contextlib.ExitStack() as stack:
         if args.cross_node:
-            measures |= cross_node_paths(is_warm=not args.cold_object_store)
             ray.init(address=stack.enter_context(two_node_cluster()), logging_level="ERROR", log_to_driver=False,
                      namespace=namespace)
         else:
@@ -562,7 +635,7 @@ def main() -> None:
 
 
 def _measure(args: argparse.Namespace, measures: dict[str, Measure], flush: Callable[[], None]) -> list[dict]:
-    if not args.cold_object_store:
+    if not args.cold_object_store and any(path.startswith("object_store") for path in measures):
         warm_object_store()
         if args.cross_node:
             warm_object_store(OTHER_NODE)
@@ -576,7 +649,16 @@ def _measure(args: argparse.Namespace, measures: dict[str, Measure], flush: Call
             progress.update()
             for path, measure in measures.items():
                 progress.set_postfix_str(f"{size_mb} MB {path}")
-                rows.append(summarize(size_mb, path, nbytes, measure(nbytes, args.repeats, flush), memcpy_seconds))
+                try:
+                    seconds = measure(nbytes, args.repeats, flush)
+                except OSError as error:
+                    if not path.startswith("kernel_read"):
+                        raise
+                    # A host that forbids reading another process's memory (seccomp, Yama's ptrace scope) has no
+                    # kernel row; UCX then cannot use it either, and the nixl rows show what it used instead.
+                    tqdm.write(f"{path} skipped at {size_mb} MB: {error}")
+                else:
+                    rows.append(summarize(size_mb, path, nbytes, seconds, memcpy_seconds))
                 progress.update()
     return rows
 
@@ -596,7 +678,10 @@ def _write(args: argparse.Namespace, rows: list[dict]) -> None:
               f"memcpy is memcpy's median over the path's at the same size in the same run, with a 95% bootstrap "
               f"interval (object store {warmth}; nixl: prefill's agent in another process, both with the app's "
               f"progress thread ({APP_PROGRESS_INTERVAL_US} us), prefill's never polled; nixl_polled_source: no "
-              f"thread, prefill's agent polled back to back; nixl_one_process: both agents in this one"
+              f"thread, prefill's agent polled back to back; nixl_one_process: both agents in this one process; "
+              f"kernel_read: nixl's blocks read by process_vm_readv, the kernel's copy UCX uses between two "
+              f"processes of one host; *_block<N>: descriptors of N-token blocks, the app's being "
+              f"{APP_BLOCK_TOKENS}"
               + ("; *_cross_node: the remote side on a second Ray node of this host at "
                  f"{OTHER_NODE_IP}, tcp_cross_node a plain TCP copy from it" if args.cross_node else "")
               + "). Every row is in [transfer.csv](transfer.csv).", ""]

@@ -41,6 +41,33 @@ def test_block_descriptors_cut_each_layer_into_blocks_with_a_shorter_last_one():
     assert rows[:, 2].tolist() == [0] * 6  # DRAM is device 0
 
 
+def test_block_descriptors_follow_the_block_size_asked_for():
+    block = 512 * transfer_bench.KV_BYTES_PER_TOKEN_PER_LAYER
+    rows = transfer_bench.block_descriptors([4096], 3 * block, block)
+    assert rows[:, 0].tolist() == [4096, 4096 + block, 4096 + 2 * block] and rows[:, 1].tolist() == [block] * 3
+
+
+@needs_nixl
+def test_the_kernel_reads_the_same_blocks_as_nixl_from_another_process(tmp_path):
+    """`kernel_read` and `nixl_block512`, the source in another process: the bytes arrive (check_layers) and each
+    row is timed; an unknown path is refused with the known ones named."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.transfer_bench", "--sizes-mb", "1", "--repeats", "2", "--memcpy-repeats", "3",
+         "--block-tokens", "512", "--paths", "kernel_read", "nixl_block512", "kernel_read_block512",
+         "--out", str(tmp_path)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    paths = [row["path"] for row in csv.DictReader(open(tmp_path / "transfer.csv"))]
+    expected = ["memcpy", "kernel_read", "nixl_block512", "kernel_read_block512"]
+    if "kernel_read skipped" in result.stderr:
+        expected = ["memcpy", "nixl_block512"]
+    assert paths == expected
+    refused = subprocess.run([sys.executable, "-m", "bench.transfer_bench", "--paths", "nixl_fast"],
+                             cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "nixl_fast" in refused.stderr and "kernel_read" in refused.stderr
+
+
 def test_summary_row_has_percentiles_and_a_ratio_interval_around_it():
     memcpy = [0.001 * (1 + i / 100) for i in range(51)]
     row = transfer_bench.summarize(1, "slow", 1 << 20, [0.004, 0.002, 0.003, 0.005, 0.001], memcpy)
@@ -82,7 +109,9 @@ def test_transfer_bench_writes_csv_and_table(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     rows = list(csv.DictReader(open(tmp_path / "transfer.csv")))
-    nixl_paths = ["nixl", "nixl_polled_source", "nixl_one_process"] if HAS_NIXL else []
+    nixl_paths = ["nixl", "nixl_polled_source", "nixl_one_process", "kernel_read"] if HAS_NIXL else []
+    if HAS_NIXL and "kernel_read skipped" in result.stderr:  # a host that forbids process_vm_readv says so
+        nixl_paths.remove("kernel_read")
     assert [row["path"] for row in rows] == ["memcpy", "object_store", "object_store_one_send",
                                              "object_store_one_send_handoff", "object_store_claimed", *nixl_paths]
     assert [row["repeats"] for row in rows] == ["3"] + ["2"] * (len(rows) - 1)
