@@ -399,33 +399,31 @@ class _IoVec(ctypes.Structure):
     _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
 
 
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
 @dataclass(frozen=True)
 class KernelRead:
     """One process_vm_readv call per IOV_MAX rows of (address, length) descriptors, its iovec arrays built once
     (as NIXL prepares its descriptor lists once), so that a timed read is the kernel's copy alone."""
 
     pid: int
-    calls: list[tuple[Any, Any, int, int]]  # (local iovecs, remote iovecs, count, bytes)
+    calls: list[tuple[Any, Any, int]]  # (local iovecs, remote iovecs, the bytes they cover)
 
     @classmethod
     def prepare(cls, pid: int, local_rows: np.ndarray, remote_rows: np.ndarray) -> KernelRead:
-        calls = []
-        for start in range(0, len(local_rows), IOV_MAX):
-            local, remote = local_rows[start:start + IOV_MAX], remote_rows[start:start + IOV_MAX]
-            local_iov = (_IoVec * len(local))(*[_IoVec(int(address), int(length)) for address, length, _ in local])
-            remote_iov = (_IoVec * len(remote))(*[_IoVec(int(address), int(length)) for address, length, _ in remote])
-            calls.append((local_iov, remote_iov, len(local), int(local[:, 1].sum())))
-        return cls(pid, calls)
+        def iovecs(rows: np.ndarray) -> Any:
+            return (_IoVec * len(rows))(*[_IoVec(int(address), int(length)) for address, length, _ in rows])
+
+        return cls(pid, [(iovecs(local_rows[start:start + IOV_MAX]), iovecs(remote_rows[start:start + IOV_MAX]),
+                          int(local_rows[start:start + IOV_MAX, 1].sum()))
+                         for start in range(0, len(local_rows), IOV_MAX)])
 
     def __call__(self) -> None:
-        readv = _LIBC.process_vm_readv
-        for local_iov, remote_iov, count, expected in self.calls:
-            moved = readv(self.pid, local_iov, count, remote_iov, count, 0)
+        for local_iov, remote_iov, expected in self.calls:
+            moved = _LIBC.process_vm_readv(self.pid, local_iov, len(local_iov), remote_iov, len(remote_iov), 0)
             if moved != expected:
                 raise OSError(ctypes.get_errno(), f"process_vm_readv moved {moved} of {expected} bytes")
-
-
-_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def measure_nixl(nbytes: int, repeats: int, flush: Callable[[], None],
@@ -439,24 +437,14 @@ def measure_nixl(nbytes: int, repeats: int, flush: Callable[[], None],
     source = NixlSourceActor.options(**(remote or {})).remote(nbytes // NUM_LAYERS, progress_interval_us)
     try:
         reader = NixlReader(ray.get(source.handshake.remote()), progress_interval_us, block_bytes)
-        if by == "kernel":
-            try:
-                seconds = []
-                for _ in range(repeats + 1):
-                    flush()
-                    seconds.append(reader.read_by_kernel())
-                reader.check_layers()
-            finally:
-                reader.close()
-            ray.get(source.close.remote())
-            return seconds[1:]
+        is_nixl = by == "nixl"
         try:
-            served = source.serve_reads.remote(repeats + 1, NIXL_TIMEOUT_S * (repeats + 1))
+            served = source.serve_reads.remote(repeats + 1, NIXL_TIMEOUT_S * (repeats + 1)) if is_nixl else None
             seconds = []
             for repeat in range(repeats + 1):
                 flush()
-                seconds.append(reader.read(f"bench-{repeat}".encode()))
-            if (seen := ray.get(served)) != repeats + 1:
+                seconds.append(reader.read(f"bench-{repeat}".encode()) if is_nixl else reader.read_by_kernel())
+            if served is not None and (seen := ray.get(served)) != repeats + 1:
                 raise RuntimeError(f"prefill saw {seen} of {repeats + 1} READs' notifications")
             reader.check_layers()
         finally:

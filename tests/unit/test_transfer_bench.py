@@ -49,9 +49,9 @@ def test_block_descriptors_follow_the_block_size_asked_for():
 
 @needs_nixl
 def test_other_blocks_add_their_own_nixl_and_kernel_rows():
-    names = list(transfer_bench.paths(block_tokens=[512]))
-    assert names[-3:] == ["kernel_read", "nixl_block512", "kernel_read_block512"]
-    assert transfer_bench.paths(block_tokens=[512])["nixl_block512"].keywords["block_bytes"] == 512 * 3 * 64 * 4
+    measures = transfer_bench.paths(block_tokens=[512])
+    assert list(measures)[-3:] == ["kernel_read", "nixl_block512", "kernel_read_block512"]
+    assert measures["nixl_block512"].keywords["block_bytes"] == 512 * 3 * 64 * 4
 
 
 def test_an_unknown_path_is_refused_with_the_known_ones_named():
