@@ -139,6 +139,9 @@ def wait_until(predicate: Callable[[], bool], *, timeout_s: float, what: str, lo
     raise TimeoutError(f"{what}: not ready after {timeout_s:.0f} s; log tail:\n{_tail(log_path)}")
 
 
+CONFIG_ERROR = "splitserve cannot start with this config"  # serve_app/builder.py's AppConfigError, as Serve logs it
+
+
 def _deploy_failed(serve_log: Path) -> str | None:
     """`serve run` of a config file keeps running when the app cannot be built (Serve's controller logs "Deploying
     app '...' failed with exception" and marks it DEPLOY_FAILED): the reason, instead of waiting out the start-up
@@ -147,7 +150,15 @@ def _deploy_failed(serve_log: Path) -> str | None:
     marker = text.find("failed with exception")
     if marker < 0:
         return None
-    reasons = [line.strip() for line in text[marker:].splitlines()[1:40] if "Error: " in line]
+    lines = text[marker:].splitlines()[1:40]
+    # The app's own config error (serve_app/builder.py's AppConfigError) is its message, from the next line on (a
+    # pydantic error spans several, each with the controller's prefix); anything else is a traceback, whose last
+    # "...Error: " line says what failed.
+    if lines and CONFIG_ERROR in lines[0]:
+        prefix = lines[0][:lines[0].find(CONFIG_ERROR)]
+        message = [line.removeprefix(prefix).strip() for line in lines if line.startswith(prefix)]
+        return "the app failed to deploy: " + " | ".join(filter(None, message))
+    reasons = [line.strip() for line in lines if "Error: " in line]
     return "the app failed to deploy: " + (reasons[-1] if reasons else text[marker:marker + 500])
 
 

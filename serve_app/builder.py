@@ -6,7 +6,10 @@
                               their load through Serve's routing stats)
     collocated (baseline):    Router -> CollocatedServer (prompt and tokens on one engine)
 
-`serve run serve_config.yaml` calls it with the YAML's `args`; they are validated here, once.
+`serve run serve_config.yaml` calls it with the YAML's `args`; they are validated here, once. A config no retry can
+fix (a bad value, a placement no node can take, a short KV handle key) fails the deploy at once, with its message, as
+an AppConfigError: Serve reports a RayServeException from the build without retrying it, while any other exception
+makes it build the whole app four times over (about 20 s each here, importing vLLM) before it gives up.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Any
 
 from ray.serve import Application
 from ray.serve.config import RequestRouterConfig
+from ray.serve.exceptions import RayServeException
 
 from deployments.collocated import CollocatedServer
 from deployments.decode import DecodeServer
@@ -32,8 +36,21 @@ from serve_app.placement import ray_actor_options, replica_count
 STREAM_DRAIN_S = 300
 
 
+class AppConfigError(RayServeException, ValueError):
+    """The app's config cannot start (a ValueError, as pydantic's own are): Serve fails the deploy at once with it."""
+
+
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
-    config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
+    try:
+        return _build(args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {}))
+    except AppConfigError:
+        raise
+    except ValueError as error:  # pydantic's ValidationError is one; so are placement's and the key's
+        # bench/processes.py finds this sentence in `serve run`'s output.
+        raise AppConfigError(f"splitserve cannot start with this config: {error}") from error
+
+
+def _build(config: AppConfig) -> Application:
     if not config.is_disaggregated:
         collocated = _engines(CollocatedServer, "collocated", config.collocated, config)
         return _router(config.router).bind(config, collocated=collocated)

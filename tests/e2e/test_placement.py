@@ -2,7 +2,8 @@
 
 1. serve_config.yaml with prefill asking for a GPU, on this CPU-only host: the app's build stops with the role, what
    it asks and what the node has (serve_app/placement.py), and `serve run` reports it within seconds of the build,
-   where Serve alone would keep the deployment DEPLOYING for ever.
+   where Serve alone would keep the deployment DEPLOYING for ever. The app is built once: the error is one Serve
+   does not retry (serve_app/builder.py's AppConfigError), since no retry could fix it.
 2. Nothing is left running: `serve_run` stops the head and everything it started on the way out.
 """
 
@@ -15,7 +16,7 @@ import pytest
 from bench import processes
 from tests.conftest import TEST_OVERRIDES
 
-REFUSED_WITHIN_S = 180  # a Ray head and the app's build; no engine starts
+REFUSED_WITHIN_S = 180  # a Ray head and one build of the app; no engine starts
 
 
 def test_gpus_asked_on_a_cpu_only_cluster_stop_the_start_up_with_the_reason(logs_dir):
@@ -29,3 +30,5 @@ def test_gpus_asked_on_a_cpu_only_cluster_stop_the_start_up_with_the_reason(logs
         with processes.serve_run(config, name="unplaceable", logs_dir=logs_dir, startup_timeout_s=REFUSED_WITHIN_S):
             pass
     assert time.monotonic() - began < REFUSED_WITHIN_S
+    serve_log = (logs_dir / "serve-run-unplaceable.log").read_text(errors="replace")
+    assert serve_log.count("Importing application 'splitserve'") == 1, serve_log[-3000:]

@@ -809,3 +809,17 @@ def test_every_policy_builds_an_app_whose_engines_route_by_the_chosen_replica(po
         config = router.init_kwargs[role]._bound_deployment._deployment_config.request_router_config
         assert config.request_router_class == "deployments.replica_choice.ChosenReplicaRouter"
         assert config.request_routing_stats_period_s == 0.25
+
+
+@pytest.mark.parametrize("args, named", [({"scheduling": {"policy": "nope"}}, "nope"),
+                                         ({"prefill": {"num_gpus": -1}}, "num_gpus")])
+def test_a_config_that_cannot_start_fails_the_build_as_one_error_serve_does_not_retry(args, named):
+    """Serve retries a build that raises (three more times, each importing vLLM again) unless the exception is a
+    RayServeException: a bad config is one, and still a ValueError, with the value named."""
+    from ray.serve.exceptions import RayServeException
+
+    from serve_app.builder import AppConfigError, build_app
+
+    with pytest.raises(AppConfigError, match=f"(?s)cannot start with this config: .*{named}") as raised:
+        build_app({**args, "transfer": {"backend": "object_store"}})
+    assert isinstance(raised.value, RayServeException) and isinstance(raised.value, ValueError)
