@@ -117,6 +117,8 @@ def reference_outputs(logs_dir: Path) -> dict[str, dict]:
 # (NIXL installed, UCX over DRAM works); with NIXL made unavailable to every process of the cluster it must
 # fall back to the object store, and the app must still pass every test.
 TRANSFER_BACKENDS = ["auto", "auto-without-nixl"]
+# Package-scoped app fixtures, each shared by the modules of one folder (tests/e2e/npmd/conftest.py).
+FOLDER_APP_FIXTURES = ("npmd",)
 RESOLVED_BACKENDS = {"auto": "nixl", "auto-without-nixl": "object_store"}
 # The second run also requires an API key (router.api_key_env), so that every test there goes through the auth path.
 API_KEYS = {"auto": None, "auto-without-nixl": "splitserve-test-key"}
@@ -125,7 +127,7 @@ API_KEYS = {"auto": None, "auto-without-nixl": "splitserve-test-key"}
 # requests all take the split path (`always_split`), the one that moves KV, which every transfer, fault and leak
 # test here is about: the default policy (`predictive`) would run most of these one-at-a-time prompts on an idle
 # decode engine. The default policy and each of its paths are tested on an app of their own
-# (test_scheduling_paths.py).
+# (tests/e2e/npmd/test_scheduling_paths.py).
 # A KV handle key the suite knows (else each deploy makes its own), so that fault tests can sign the handles they
 # forge on purpose, as a prefill replica would.
 TEST_KV_HANDLE_KEY = "splitserve-test-kv-handle-key-0123456789abcdef"
@@ -228,7 +230,9 @@ def pytest_collection_modifyitems(items: list) -> None:
     """Unit tests first (a broken piece fails fast); then the end-to-end modules with apps of their own, in pytest's
     order (grouped by their own fixtures' parameters, each module's leak check last in its file); then, per
     transfer backend of the shared app, every end-to-end test with the leak check last, since it walks the end of
-    the whole life cycle. Moving a module's own leak check out of its group would start its app again."""
+    the whole life cycle. Moving a module's own leak check out of its group would start its app again.
+    A folder's app (tests/e2e/npmd: one app for several modules) keeps its place; within it, per parameter, its
+    tests come first, then the leak checks, then the tests marked `ends_app`, after which the app cannot serve."""
     def order(item) -> tuple:
         is_e2e = "tests/e2e" in str(item.fspath)
         callspec = getattr(item, "callspec", None)
@@ -238,6 +242,18 @@ def pytest_collection_modifyitems(items: list) -> None:
         return is_e2e, TRANSFER_BACKENDS.index(backend), item.name.startswith("test_nothing_leaked")
 
     items.sort(key=order)
+    for name in FOLDER_APP_FIXTURES:
+        positions = [index for index, item in enumerate(items)
+                     if name in getattr(getattr(item, "callspec", None), "params", {})]
+        params = list(dict.fromkeys(items[index].callspec.params[name] for index in positions))
+
+        def within(item, name=name, params=params) -> tuple:
+            is_leak_check = item.name.startswith("test_nothing_leaked")
+            stage = 2 if item.get_closest_marker("ends_app") else 1 if is_leak_check else 0
+            return params.index(item.callspec.params[name]), stage
+
+        for index, item in zip(positions, sorted((items[index] for index in positions), key=within)):
+            items[index] = item
 
 
 _session_exit_status: list[int] = []

@@ -44,8 +44,8 @@ FAULT_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "completion_kv_timeout": ("completion", {"prompt": "The colours of the rainbow, in order, are", "max_tokens": 16}),
     "completion_forged_handle": ("completion", {"prompt": "The five oceans of the world are", "max_tokens": 16}),
 }
-# Requests of the scheduling tests (test_scheduling_paths.py): each path must answer them exactly like the reference,
-# greedy and with a fixed sampling seed.
+# Requests of the scheduling tests (npmd/test_scheduling_paths.py): each path must answer them exactly like the
+# reference, greedy and with a fixed sampling seed.
 SCHEDULING_REQUESTS: dict[str, tuple[str, dict[str, Any]]] = {
     "chat_paths": ("chat", {"messages": [{"role": "user", "content": "Name three rivers of Europe."}],
                             "max_tokens": 24}),

@@ -1,19 +1,20 @@
 """The scheduler on the real app: two prefill engines and one decode engine (nPmD with small KV caches, on two
 cores, prefill ordering prompts shortest first), the shipped default policy (`predictive`), and the operator's
 path override so that each path is driven on purpose; once per KV backend (NIXL: decode reads from two prefill
-agents; the object store: each prefill replica's own store).
+agents; the object store: each prefill replica's own store). The app is this folder's (conftest.py): two routers in
+front, the prefill pool on a second Ray node.
 
 1. Each path (split, decode-local, prefill-local) answers exactly like the reference engine, greedy and with a
    fixed sampling seed, and the engine counters show which engine computed the prompt (none on decode for a
    split: its KV came through the connector).
-2. Concurrent prompts are spread over both prefill engines (token JSQ on the reported loads plus the router's own
+2. Concurrent prompts are spread over both prefill engines (token JSQ on the reported loads plus each router's own
    dispatches); `Server-Timing` names the engine that ran each.
 3. A call addressed to one prefill replica (how the router sends a KV release to the handle's owner) reaches that
    replica and no other (its KV store's counters show it, on the object store).
 4. The predictive policy learns its rates from the engines' reports and the router's observations, and then
    predicts each request's TTFT (/health shows the error).
-5. Nothing leaked: every engine idle with no KV block held, both KV stores empty (object store), the router
-   holding no admission slot, and the scheduler's estimate of every engine back to zero.
+5. Nothing leaked: every engine idle with no KV block held, both KV stores empty (object store), and every router
+   holding no admission slot, with its estimate of every engine, and of its own requests there, back to zero.
 """
 
 from __future__ import annotations
@@ -21,75 +22,18 @@ from __future__ import annotations
 import concurrent.futures
 import re
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from bench import engines, processes, replicas
+from bench import engines, replicas
 from bench.load_generator import filler_document
-from tests.conftest import TEST_KV_HANDLE_KEY, connect_driver, loaded_prompt_counts, send
+from tests.conftest import loaded_prompt_counts, send
+from tests.e2e.npmd.conftest import NUM_PREFILL_REPLICAS, NPMDApp, health_by_router
 from tests.e2e.workload import MODEL, SCHEDULING_REQUESTS, request_body
 
 PATHS = ("split", "decode_local", "prefill_local")
-NUM_PREFILL_REPLICAS = 2
-
-
-@dataclass
-class NPMDApp:
-    backend: str
-    base_url: str
-    log_path: Path
-    prefill_replicas: list[str]  # Serve replica ids
-    decode_replica: str
-    # Releases this module made on purpose, per prefill replica: the leak check expects exactly these.
-    released_unclaimed: dict[str, int] = field(default_factory=dict)
-
-
-def _config(backend: str) -> dict[str, Any]:
-    from bench.systems import serve_config as shipped_config
-
-    serve_config = shipped_config()  # serve_config.yaml (on a share of a GPU under SPLITSERVE_DEVICE=cuda)
-    args = serve_config["applications"][0]["args"]
-    # Two prefill engines share core 0, decode has core 1; KV caches of 1 GiB each (vLLM's CPU minimum). The
-    # prefill engines order their prompts shortest first (vLLM's priority scheduling, each request's priority set by
-    # its replica), so that every path and the leak check below run through it on the real engine.
-    args["prefill"].update({"num_replicas": NUM_PREFILL_REPLICAS, "cpu_binding": ["0"], "kv_cache_gib": 1,
-                            "scheduling_policy": "shortest_first"})
-    args["decode"].update({"kv_cache_gib": 1})
-    # serve_config.yaml's own policy (null: the mode's default), which step 4 checks is predictive.
-    args["scheduling"].update({"allow_path_override": True, "load_report_period_s": 0.25})
-    args["transfer"]["backend"] = backend
-    return serve_config
-
-
-def _engines_reported(base_url: str) -> dict[str, str]:
-    """Serve replica id -> role, of every engine the router's scheduler has a load report from."""
-    scheduling = replicas.health(base_url).get("scheduling", {})
-    return {replica_id: load["role"] for replica_id, load in scheduling.get("engines", {}).items()}
-
-
-@pytest.fixture(scope="module", params=["nixl", "object_store"])
-def npmd(request, reference_outputs, logs_dir) -> Iterator[NPMDApp]:
-    import ray
-
-    env = {"SPLITSERVE_KV_HANDLE_KEY": TEST_KV_HANDLE_KEY}
-    backend = request.param
-    with processes.serve_run(_config(backend), name=f"npmd-{backend}", logs_dir=logs_dir, env=env) as served:
-        deadline = time.monotonic() + 60
-        while len(reported := _engines_reported(served.base_url)) < NUM_PREFILL_REPLICAS + 1:
-            assert time.monotonic() < deadline, f"load reports from {reported} only"
-            time.sleep(0.5)
-        connect_driver(served.ray_address)
-        try:
-            yield NPMDApp(backend=backend, base_url=served.base_url, log_path=served.log_path,
-                          prefill_replicas=sorted(r for r, role in reported.items() if role == "prefill"),
-                          decode_replica=next(r for r, role in reported.items() if role == "decode"))
-        finally:
-            engines.disconnect_driver()
 
 
 def _all_counters(app: NPMDApp) -> dict[str, Any]:
@@ -106,10 +50,7 @@ def _deltas(after: dict[str, Any], before: dict[str, Any]) -> dict[str, dict[str
 @pytest.mark.parametrize("name", list(SCHEDULING_REQUESTS))
 def test_each_path_answers_like_one_engine_and_its_engine_computed_the_prompt(npmd, reference_outputs, name,
                                                                             path):
-    import openai
-
-    client = openai.OpenAI(base_url=f"{npmd.base_url}/v1", api_key="unused", max_retries=0, timeout=300,
-                           default_headers={"X-Splitserve-Path": path})
+    client = npmd.client(path)
     endpoint, body = request_body(name)
     before = _all_counters(npmd)
 
@@ -189,9 +130,10 @@ def test_a_call_addressed_to_one_prefill_replica_reaches_it(npmd):
 def test_predictive_learns_the_rates_and_predicts_ttft(npmd):
     scheduling = replicas.health(npmd.base_url)["scheduling"]
     assert scheduling["policy"] == "predictive"  # the default: serve_config.yaml leaves it to the mode
-    # Unforced streams, one at a time, until the rates are learned (a response sent whole times no first token,
-    # so only streams teach them); then its decisions carry predictions.
-    for index in range(16):
+    # Unforced streams, one at a time, until a router has learned the rates (a response sent whole times no first
+    # token, so only streams teach them) and its decisions carry predictions. Serve's proxy spreads the streams over
+    # both routers, each learning from its own.
+    for index in range(32):
         body = {"model": MODEL, "prompt": filler_document(first_year=1000 + 10 * index)[: 600 + 150 * (index % 6)],
                 "max_tokens": 8, "temperature": 0, "stream": True}
         with httpx.stream("POST", f"{npmd.base_url}/v1/completions", json=body, timeout=300) as response:
@@ -204,27 +146,31 @@ def test_predictive_learns_the_rates_and_predicts_ttft(npmd):
     assert scheduling["rates_known"], scheduling
     assert scheduling["num_recent_predictions"] >= 3, scheduling
     assert scheduling["ttft_prediction_median_abs_error"] is not None
-    assert sum(scheduling["decisions"].values()) >= len(PATHS) * len(SCHEDULING_REQUESTS) + 4
+    by_router = health_by_router(npmd.base_url)
+    num_decisions = sum(sum(health["scheduling"]["decisions"].values()) for health in by_router.values())
+    assert num_decisions >= len(PATHS) * len(SCHEDULING_REQUESTS) + 4, by_router
+
+
+def _is_router_idle(health: dict) -> bool:
+    return set(health["admission"].values()) == {0} and all(
+        (load["num_pending_prompt_tokens"], load["num_requests"], load["num_own_requests"]) == (0, 0, 0)
+        for load in health["scheduling"]["engines"].values())
 
 
 def test_nothing_leaked_in_the_npmd_app(npmd):
+    by_router = health_by_router(npmd.base_url, until=lambda seen: all(map(_is_router_idle, seen.values())))
     deadline = time.monotonic() + 60
     while True:
         counters = _all_counters(npmd)
         stores = ({replica: engines.store_counters(replica) for replica in npmd.prefill_replicas}
                   if npmd.backend == "object_store" else {})
-        health = replicas.health(npmd.base_url)
-        estimates = health["scheduling"]["engines"]
         is_idle = (all((c.num_running_requests, c.num_waiting_requests, c.kv_cache_usage) == (0, 0, 0.0)
                        for c in counters.values())
-                   and all((store.num_open, store.num_bytes_in_use) == (0, 0) for store in stores.values())
-                   and all((load["num_pending_prompt_tokens"], load["num_requests"]) == (0, 0)
-                           for load in estimates.values()))
+                   and all((store.num_open, store.num_bytes_in_use) == (0, 0) for store in stores.values()))
         if is_idle or time.monotonic() > deadline:
             break
         time.sleep(1)
-    assert is_idle, (counters, stores, estimates)
-    assert set(health["admission"].values()) == {0}, health["admission"]
+    assert is_idle, (counters, stores, by_router)
     for replica, store in stores.items():
         assert store.num_expired == 0, store
         assert store.num_opened == store.num_released, store
