@@ -80,6 +80,9 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     # NIXL with its progress thread waking every 20 ms instead of 5 (transfer.nixl_progress_interval_us): whether
     # the thread's passes over a used agent are what slow decode's step after real transfers.
     "nixl_progress_20ms": {"transfer": {"backend": "nixl", "nixl_progress_interval_us": 20000}},
+    # NIXL with no progress thread (transfers move when the engines poll): decode's worker has one core, and the
+    # thread's passes preempt the model thread in the middle of an in-step READ (bench/results/nixl_load_syscalls).
+    "nixl_no_progress_thread": {"transfer": {"backend": "nixl", "nixl_progress_interval_us": None}},
     # NIXL with 512-token KV blocks (model.block_size; vLLM's CPU default is 128): a READ posts one descriptor per
     # block of a layer's K or V, and the kernel's copy between two processes (UCX's cma) pays per descriptor.
     "nixl_block512": {"model": {"block_size": 512}, "transfer": {"backend": "nixl"}},
