@@ -9,7 +9,7 @@ import sys
 GAP_S = 0.05
 calls, entered = [], {}
 for line in open(sys.argv[1]):
-    found = re.match(r"\s*(\d+)\s+([\d.]+):\s+syscalls:sys_(enter|exit)_process_vm_readv:\s*(.*)", line)
+    found = re.match(r"\s*(\d+)\s+(?:\[\d+\]\s+)?([\d.]+):\s+syscalls:sys_(enter|exit)_process_vm_readv:\s*(.*)", line)
     if not found:
         continue
     tid, time_s, kind, rest = int(found[1]), float(found[2]), found[3], found[4]
@@ -18,7 +18,9 @@ for line in open(sys.argv[1]):
         entered[tid] = (time_s, int(iovcnt[1], 16) if iovcnt else 0)
     elif tid in entered:
         start, iovcnt = entered.pop(tid)
-        calls.append((start, time_s, tid, iovcnt, int(rest.split()[0], 16)))
+        num_bytes = int(rest.split()[0], 16)
+        if num_bytes < 1 << 62:  # a failed call returns a negative errno
+            calls.append((start, time_s, tid, iovcnt, num_bytes))
 calls.sort()
 loads, current = [], [calls[0]]
 for call in calls[1:]:
