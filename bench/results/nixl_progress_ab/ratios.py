@@ -1,0 +1,24 @@
+"""nixl_no_progress_thread against nixl over both rounds (two starts each, pooled): ratios of medians with 95%
+bootstrap intervals (bench.bootstrap.ratio_interval), per round and pooled."""
+
+import csv
+from pathlib import Path
+
+from bench.bootstrap import ratio_interval
+
+HERE = Path(__file__).parent
+
+
+def column(path: Path, system: str, name: str) -> list[float]:
+    return [float(row[name]) for row in csv.DictReader(open(path)) if row["system"] == system]
+
+
+for rounds in (["round1"], ["round2"], ["round1", "round2"]):
+    print(" + ".join(rounds))
+    for file, name in (("transfers.csv", "load_s"), ("requests.csv", "ttft_s"), ("requests.csv", "second_token_s"),
+                       ("requests.csv", "e2e_s")):
+        without = [v for r in rounds for v in column(HERE / r / file, "nixl_no_progress_thread", name)]
+        with_thread = [v for r in rounds for v in column(HERE / r / file, "nixl", name)]
+        interval = ratio_interval(without, with_thread)
+        print(f"  {name}: {interval.ratio:.2f}x [{interval.low:.2f}-{interval.high:.2f}] "
+              f"(n={len(without)}/{len(with_thread)})")
