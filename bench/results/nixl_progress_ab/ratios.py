@@ -1,7 +1,9 @@
 """nixl_no_progress_thread against nixl over both rounds (two starts each, pooled): ratios of medians with 95%
-bootstrap intervals (bench.bootstrap.ratio_interval), per round and pooled."""
+bootstrap intervals (bench.bootstrap.ratio_interval), per round and pooled; or over the folders named
+(`ratios.py load`: the run under load)."""
 
 import csv
+import sys
 from pathlib import Path
 
 from bench.bootstrap import ratio_interval
@@ -13,7 +15,7 @@ def column(path: Path, system: str, name: str) -> list[float]:
     return [float(row[name]) for row in csv.DictReader(open(path)) if row["system"] == system]
 
 
-for rounds in (["round1"], ["round2"], ["round1", "round2"]):
+for rounds in ([sys.argv[1:]] if sys.argv[1:] else (["round1"], ["round2"], ["round1", "round2"])):
     print(" + ".join(rounds))
     for file, name in (("transfers.csv", "load_s"), ("requests.csv", "ttft_s"), ("requests.csv", "second_token_s"),
                        ("requests.csv", "e2e_s")):
