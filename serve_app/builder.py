@@ -43,8 +43,6 @@ class AppConfigError(RayServeException, ValueError):
 def build_app(args: dict[str, Any] | AppConfig | None = None) -> Application:
     try:
         return _build(args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {}))
-    except AppConfigError:
-        raise
     except ValueError as error:  # pydantic's ValidationError is one; so are placement's and the key's
         # bench/processes.py finds this sentence in `serve run`'s output.
         raise AppConfigError(f"splitserve cannot start with this config: {error}") from error

@@ -90,14 +90,8 @@ def test_the_prefill_node_stopped_mid_load_leaves_exact_answers_or_clean_errors_
             assert isinstance(output["error"], dict) and output["error"].get("message"), output
 
     # 3. Decode and both routers hold nothing: no request, no KV block, no admission slot, no load estimate.
-    deadline = time.monotonic() + 60
-    while True:
-        decode = engines.counters("decode")
-        is_idle = (decode.num_running_requests, decode.num_waiting_requests, decode.kv_cache_usage) == (0, 0, 0.0)
-        if is_idle or time.monotonic() > deadline:
-            break
-        time.sleep(1)
-    assert is_idle, decode
+    idle = engines.wait_idle(("decode",), is_object_store=False)
+    assert idle.is_idle, idle.counters
 
     def holds_nothing(health: dict) -> bool:
         decode_loads = [load for load in health["scheduling"]["engines"].values() if load["role"] == "decode"]
