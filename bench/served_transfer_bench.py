@@ -83,6 +83,9 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     # NIXL with no progress thread (transfers move when the engines poll): decode's worker has one core, and the
     # thread's passes preempt the model thread in the middle of an in-step READ (bench/results/nixl_load_syscalls).
     "nixl_no_progress_thread": {"transfer": {"backend": "nixl", "nixl_progress_interval_us": None}},
+    # NIXL with UCX's default spinlock on the worker (the default is its mutex, transfer.nixl_ucx_lock): the progress
+    # thread spins out its time slice on decode's one core while the model thread holds the worker mid-READ.
+    "nixl_ucx_spin": {"transfer": {"backend": "nixl", "nixl_ucx_lock": "spin"}},
     # NIXL with 512-token KV blocks (model.block_size; vLLM's CPU default is 128): a READ posts one descriptor per
     # block of a layer's K or V, and the kernel's copy between two processes (UCX's cma) pays per descriptor.
     "nixl_block512": {"model": {"block_size": 512}, "transfer": {"backend": "nixl"}},

@@ -110,6 +110,7 @@ IOV_MAX = 1024
 NIXL_TIMEOUT_S = 60.0
 # The app's progress-thread delay: transfer.nixl_progress_interval_us as shipped.
 APP_PROGRESS_INTERVAL_US = TransferConfig.model_fields["nixl_progress_interval_us"].default
+APP_UCX_LOCK = TransferConfig.model_fields["nixl_ucx_lock"].default
 FALLBACK_LAST_LEVEL_CACHE_BYTES = 256 << 20
 CACHE_LINE_BYTES = 64
 PERCENTILES = (10, 50, 90)
@@ -254,8 +255,9 @@ def measure_object_store(nbytes: int, repeats: int, flush: Callable[[], None], i
 
 def new_nixl_agent(role: str, progress_interval_us: int | None = None) -> Any:
     """A NIXL agent (UCX) as the app builds one: with `progress_interval_us`, NIXL's progress thread waiting that
-    long between passes (the app's `transfer.nixl_progress_interval_us`, set through the connector's own guard);
-    None: no thread, so someone must poll the agent for a READ from it to move."""
+    long between passes (the app's `transfer.nixl_progress_interval_us`, set through the connector's own guard,
+    with the app's `transfer.nixl_ucx_lock`); None: no thread, so someone must poll the agent for a READ from it to
+    move."""
     from nixl._api import nixl_agent, nixl_agent_config
 
     name = f"bench-{role}-{uuid.uuid4().hex[:8]}"
@@ -263,7 +265,7 @@ def new_nixl_agent(role: str, progress_interval_us: int | None = None) -> Any:
         return nixl_agent(name, nixl_agent_config(enable_prog_thread=False, backends=["UCX"]))
     from kv_transfer.nixl.connector import _agent_progress
 
-    with _agent_progress(progress_interval_us):
+    with _agent_progress(progress_interval_us, APP_UCX_LOCK):
         from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 
         return nixl_agent(name, base_worker.nixl_agent_config(backends=["UCX"]))

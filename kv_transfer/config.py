@@ -53,6 +53,13 @@ class TransferConfig(BaseModel):
     # forward pass (seconds on a CPU). 5,000 µs: ~1% of a core per idle agent here, READs as fast as at 200 µs.
     # 0 is NIXL's own busy poll (a core per agent); null: no thread, transfers progress from the engine loops alone.
     nixl_progress_interval_us: int | None = Field(5000, ge=0)
+    # nixl: how a thread waits for UCX's worker while another holds it (UCX_USE_MT_MUTEX). With the progress thread,
+    # two threads of an engine share that worker, and each engine computes on the cores of its `cpu_binding`. UCX's
+    # default, `spin`, lets the progress thread spin out its time slice on decode's one core while the model thread
+    # that holds the worker waits, mid-READ, for the core: an in-step READ took twice the kernel's copy
+    # (bench/results/nixl_mt_mutex). `mutex` makes the waiter sleep. A UCX_USE_MT_MUTEX already in the engines'
+    # environment is left as the user set it.
+    nixl_ucx_lock: Literal["mutex", "spin"] = "mutex"
     # nixl: where NIXL reads KV from. `auto`: the engine's own KV cache (GPU-direct on CUDA, DRAM on CPU). `cpu` on a
     # GPU host stages KV through host memory, for networks or GPUs that cannot register device memory.
     nixl_buffer_device: Literal["auto", "cuda", "cpu"] = "auto"
@@ -96,6 +103,7 @@ class NixlExtraConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     progress_interval_us: int | None  # None: no progress thread
+    ucx_lock: Literal["mutex", "spin"]  # how a thread waits for the UCX worker another thread holds
     keep_engine_affinity: bool
     # vLLM's own key: prefill frees a finished request's blocks after this many seconds unless decode's reads
     # renew the lease.
@@ -105,6 +113,6 @@ class NixlExtraConfig(BaseModel):
 
     @classmethod
     def from_transfer(cls, transfer: TransferConfig) -> NixlExtraConfig:
-        return cls(progress_interval_us=transfer.nixl_progress_interval_us,
+        return cls(progress_interval_us=transfer.nixl_progress_interval_us, ucx_lock=transfer.nixl_ucx_lock,
                    keep_engine_affinity=transfer.keep_engine_affinity, kv_lease_duration=transfer.kv_lease_s,
                    is_load_in_step=transfer.is_load_in_step, load_timeout_s=transfer.load_timeout_s)

@@ -13,7 +13,12 @@ cache over UCX (DRAM here, RDMA/GPU-direct where available) and renews the lease
    hand-over waited out one of prefill's forward passes (seconds on a CPU). We build the agent with a progress
    thread that waits `transfer.nixl_progress_interval_us` between passes: transfers move during the forward pass
    at ~3% of a core per agent.
-Both are configurable (`transfer.keep_engine_affinity`, `transfer.nixl_progress_interval_us`).
+3. With that thread, two threads of an engine share its UCX worker, on the engine's own cores. UCX's default lock
+   spins: while decode's model thread held the worker mid-READ and waited for the core, the progress thread spun
+   out its time slice, and an in-step READ took twice the kernel's copy. We build the agent with UCX's mutex
+   (UCX_USE_MT_MUTEX), so that the waiting thread sleeps (bench/results/nixl_mt_mutex).
+All three are configurable (`transfer.keep_engine_affinity`, `transfer.nixl_progress_interval_us`,
+`transfer.nixl_ucx_lock`).
 
 It also loads a split's KV inside the decode step that computes it, where vLLM's loads it in the background and
 computes it a step later (`transfer.is_load_in_step`, the default; kv_transfer/nixl/in_step.py, scheduler_side.py,
@@ -38,11 +43,31 @@ from kv_transfer.nixl.scheduler_side import InStepNixlScheduler
 from kv_transfer.nixl.worker_side import InStepNixlWorker
 
 
+# UCX reads its configuration from the environment when NIXL makes the agent's UCX context.
+UCX_LOCK_ENV = "UCX_USE_MT_MUTEX"
+_UCX_LOCK_VALUES = {"mutex": "y", "spin": "n"}
+
+
 @contextlib.contextmanager
-def _agent_progress(interval_us: int | None) -> Iterator[None]:
-    """Agents built inside get NIXL's progress thread waiting `interval_us` between passes (None: no thread).
-    vLLM builds its agent from `nixl_agent_config(...)` and NIXL's Python agent then sets the thread's delay to 0
-    on the C++ config; neither exposes it, so both calls are wrapped for as long as vLLM builds its worker."""
+def _ucx_lock(kind: str) -> Iterator[None]:
+    """UCX contexts made inside wait for a busy worker as `kind` says ("mutex": asleep, "spin": UCX's default),
+    unless the environment already sets UCX_USE_MT_MUTEX (the user's own UCX setting wins)."""
+    if UCX_LOCK_ENV in os.environ:
+        yield
+        return
+    os.environ[UCX_LOCK_ENV] = _UCX_LOCK_VALUES[kind]
+    try:
+        yield
+    finally:
+        del os.environ[UCX_LOCK_ENV]
+
+
+@contextlib.contextmanager
+def _agent_progress(interval_us: int | None, ucx_lock: str) -> Iterator[None]:
+    """Agents built inside get NIXL's progress thread waiting `interval_us` between passes (None: no thread), and
+    UCX's `ucx_lock` on their worker. vLLM builds its agent from `nixl_agent_config(...)` and NIXL's Python agent
+    then sets the thread's delay to 0 on the C++ config; neither exposes it, so both calls are wrapped for as long
+    as vLLM builds its worker."""
     original_config = _nixl_base_worker.nixl_agent_config
     if original_config is None:  # NIXL not importable: let vLLM raise its own clear error
         yield
@@ -61,7 +86,8 @@ def _agent_progress(interval_us: int | None) -> Iterator[None]:
 
     _nixl_base_worker.nixl_agent_config, bindings.nixlAgent = config_with_progress, agent_with_delay
     try:
-        yield
+        with _ucx_lock(ucx_lock):
+            yield
     finally:
         _nixl_base_worker.nixl_agent_config, bindings.nixlAgent = original_config, original_agent
 
@@ -77,7 +103,7 @@ class SplitserveNixlConnector(NixlPullConnector):
                                                            is_load_in_step=extra.is_load_in_step)
             return
         affinity = os.sched_getaffinity(0)
-        with _agent_progress(extra.progress_interval_us):
+        with _agent_progress(extra.progress_interval_us, extra.ucx_lock):
             self.connector_worker = InStepNixlWorker(vllm_config, self.engine_id, kv_cache_config,
                                                      load_timeout_s=extra.load_timeout_s)
         if extra.keep_engine_affinity:

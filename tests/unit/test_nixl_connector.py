@@ -33,7 +33,7 @@ def _source(conn, interval_us: int | None) -> None:
     from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 
     torch.set_num_threads(1)
-    with _agent_progress(interval_us):  # 1. as vLLM's NixlConnectorWorker builds it
+    with _agent_progress(interval_us, TransferConfig().nixl_ucx_lock):  # 1. as vLLM's NixlConnectorWorker builds it
         agent = base_worker.NixlWrapper("source", base_worker.nixl_agent_config(capture_telemetry=True))
     source = torch.arange(NUM_BYTES, dtype=torch.int64).to(torch.uint8)
     agent.register_memory(source)
@@ -103,9 +103,31 @@ def test_the_guard_sets_the_thread_and_restores_vllm():
     from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
 
     original = base_worker.nixl_agent_config
-    with _agent_progress(None):
+    with _agent_progress(None, "mutex"):
         assert base_worker.nixl_agent_config(num_threads=4).enable_pthread is False
-    with _agent_progress(500):
+    with _agent_progress(500, "mutex"):
         config = base_worker.nixl_agent_config(num_threads=4, capture_telemetry=True)
         assert config.enable_pthread is True and config.num_threads == 4
     assert base_worker.nixl_agent_config is original  # 4.
+
+
+def test_the_guard_gives_ucx_its_lock_kind_while_the_agent_is_built_and_leaves_the_users_own(monkeypatch):
+    from nixl._api import nixl_agent
+    from vllm.distributed.kv_transfer.kv_connector.v1.nixl import base_worker
+
+    from kv_transfer.nixl import connector
+
+    monkeypatch.delenv(connector.UCX_LOCK_ENV, raising=False)
+    for kind, value in (("mutex", "y"), ("spin", "n")):
+        with _agent_progress(500, kind):
+            assert os.environ[connector.UCX_LOCK_ENV] == value
+        assert connector.UCX_LOCK_ENV not in os.environ  # only while vLLM builds the agent
+    # UCX reads it when NIXL makes the agent's UCX context, inside the guard: a value UCX refuses fails the build.
+    monkeypatch.setattr(connector, "_UCX_LOCK_VALUES", {"mutex": "not-a-lock"})
+    with pytest.raises(Exception, match="BACKEND"), _agent_progress(500, "mutex"):
+        nixl_agent("lock-probe", base_worker.nixl_agent_config(backends=["UCX"]))
+    # A UCX_USE_MT_MUTEX the user set is theirs.
+    monkeypatch.setenv(connector.UCX_LOCK_ENV, "n")
+    with _agent_progress(500, "mutex"):
+        assert os.environ[connector.UCX_LOCK_ENV] == "n"
+    assert os.environ[connector.UCX_LOCK_ENV] == "n"

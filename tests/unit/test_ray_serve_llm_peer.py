@@ -46,6 +46,7 @@ def test_cpu_fixed_changes_only_the_connector_and_the_engines_wait():
             "kv_connector": FIXED_CONNECTOR, "kv_connector_module_path": FIXED_CONNECTOR_MODULE,
             "kv_role": "kv_both", "kv_buffer_device": "cpu",
             "kv_connector_extra_config": {"keep_engine_affinity": True, "progress_interval_us": 5000,
+                                          "ucx_lock": "mutex",
                                           "kv_lease_duration": 30, "is_load_in_step": False,  # vLLM's load
                                           "load_timeout_s": 60.0}}
         # As shipped, vLLM's spin between an engine's processes; fixed, our plugin's sleeping readers
