@@ -56,7 +56,7 @@ class TransferConfig(BaseModel):
     # nixl: how a thread waits for UCX's worker while another holds it (UCX_USE_MT_MUTEX). With the progress thread,
     # two threads of an engine share that worker, and each engine computes on the cores of its `cpu_binding`. UCX's
     # default, `spin`, lets the progress thread spin out its time slice on decode's one core while the model thread
-    # that holds the worker waits, mid-READ, for the core: an in-step READ took twice the kernel's copy
+    # that holds the worker waits, mid-READ, for the core: an in-step READ took 2-4x the kernel's copy
     # (bench/results/nixl_mt_mutex). `mutex` makes the waiter sleep. A UCX_USE_MT_MUTEX already in the engines'
     # environment is left as the user set it.
     nixl_ucx_lock: Literal["mutex", "spin"] = "mutex"

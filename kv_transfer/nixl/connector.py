@@ -15,7 +15,7 @@ cache over UCX (DRAM here, RDMA/GPU-direct where available) and renews the lease
    at ~3% of a core per agent.
 3. With that thread, two threads of an engine share its UCX worker, on the engine's own cores. UCX's default lock
    spins: while decode's model thread held the worker mid-READ and waited for the core, the progress thread spun
-   out its time slice, and an in-step READ took twice the kernel's copy. We build the agent with UCX's mutex
+   out its time slice, and an in-step READ took 2-4x the kernel's copy. We build the agent with UCX's mutex
    (UCX_USE_MT_MUTEX), so that the waiting thread sleeps (bench/results/nixl_mt_mutex).
 All three are configurable (`transfer.keep_engine_affinity`, `transfer.nixl_progress_interval_us`,
 `transfer.nixl_ucx_lock`).
