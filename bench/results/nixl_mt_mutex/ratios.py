@@ -1,4 +1,4 @@
-"""nixl (UCX's mutex, the default) against nixl_ucx_spin over both rounds (two starts each, pooled): ratios of
+"""nixl (UCX's mutex, the default) against nixl_ucx_spin over three rounds (three starts each, pooled): ratios of
 medians (mutex / spin) with 95% bootstrap intervals (bench.bootstrap.ratio_interval), per round and pooled; or over
 the folders named (`ratios.py load`: the run under load)."""
 
@@ -15,7 +15,7 @@ def column(path: Path, system: str, name: str) -> list[float]:
     return [float(row[name]) for row in csv.DictReader(open(path)) if row["system"] == system]
 
 
-for rounds in ([sys.argv[1:]] if sys.argv[1:] else (["round1"], ["round2"], ["round1", "round2"])):
+for rounds in ([sys.argv[1:]] if sys.argv[1:] else (["round1"], ["round2"], ["round3"], ["round1", "round2", "round3"])):
     print(" + ".join(rounds))
     for file, name in (("transfers.csv", "load_s"), ("requests.csv", "ttft_s"), ("requests.csv", "second_token_s"),
                        ("requests.csv", "e2e_s")):
