@@ -117,10 +117,6 @@ SPLITSERVE_UPDATES: dict[str, dict[str, Any]] = {
 # loading inside decode's step buys a split.
 SPLITSERVE_UPDATES["splitserve-object-store-in-background"] = {
     "transfer": {"backend": "object_store", "is_load_in_step": False}, "scheduling": ALWAYS_SPLIT}
-# The object store with each in-step load written before the forward pass on decode's own core
-# (`load_copy_cores: own`), where the default writes it layer by layer on a spare core during the pass.
-SPLITSERVE_UPDATES["splitserve-object-store-copy-own"] = {
-    "transfer": {"backend": "object_store", "load_copy_cores": "own"}, "scheduling": ALWAYS_SPLIT}
 # NIXL and the default policy with every KV loaded in the background, as vLLM's NixlConnector loads (NIXL's default
 # from 19b28e4 until the in-step load became it, and the only way before 666a193).
 SPLITSERVE_UPDATES["splitserve-nixl-in-background"] = {
@@ -272,8 +268,6 @@ SYSTEMS: dict[str, System] = {system.name: system for system in [
              "splitserve PD on NIXL, predictive, each engine's replica and vLLM processes pinned to its core"),
     _variant("splitserve-object-store-in-background",
              "splitserve PD, KV through Ray's object store, every KV loaded in the background (computed a step later)"),
-    _variant("splitserve-object-store-copy-own",
-             "splitserve PD, KV through Ray's object store, each in-step load copied before the pass on decode's core"),
     _variant("splitserve-nixl-in-background",
              "splitserve PD on NIXL, always_split, every KV loaded in the background (computed a step later)"),
     _variant("splitserve-predictive-in-background",
