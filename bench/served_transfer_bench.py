@@ -14,8 +14,7 @@ the default) or under load (`--rate`: open-loop Poisson arrivals at that many re
 Systems, one after another on this host: `collocated` (one vLLM engine, no disaggregation: the baseline),
 `object_store` (layer-by-layer overlap, KV loaded inside decode's step), `object_store_no_overlap` (KV handed over
 after the forward pass), `object_store_in_background` (decode loads in the background and computes a step later),
-`object_store_copy_own` (the in-step load copied before the forward pass on decode's own core, not layer by layer on a
-spare one), `nixl` (its default: in step), `nixl_in_step` (the same, named) and `nixl_in_background`.
+`nixl` (its default: in step), `nixl_in_step` (the same, named) and `nixl_in_background`.
 In splitserve the router streams decode's tokens, so the transfer lands before the first token: expect
 it in TTFT, not between the first and the second token.
 
@@ -69,9 +68,6 @@ SYSTEMS: dict[str, dict[str, Any] | None] = {
     # Every load in the background, the request scheduled the step after (transfer.is_load_in_step: false), as
     # vLLM's NIXL connector loads: what loading inside the step buys.
     "object_store_in_background": {"transfer": {"backend": "object_store", "is_load_in_step": False}},
-    # The in-step load written into decode's cache before the forward pass, on the model's own core
-    # (transfer.load_copy_cores: own), where the default writes it layer by layer on a spare core during the pass.
-    "object_store_copy_own": {"transfer": {"backend": "object_store", "load_copy_cores": "own"}},
     "nixl": {"transfer": {"backend": "nixl"}},
     # NIXL as vLLM's connector loads: every KV in the background, the request computed a step later.
     "nixl_in_background": {"transfer": {"backend": "nixl", "is_load_in_step": False}},

@@ -62,7 +62,7 @@ def kv_transfer_config(transfer: TransferConfig, *, is_producer: bool, engine_id
             ray_address=context.gcs_address, ray_namespace=context.namespace,
             store_name=store_name(engine_id) if is_producer else None,
             load_timeout_s=transfer.load_timeout_s, is_layer_by_layer=transfer.is_layer_by_layer,
-            is_load_in_step=transfer.is_load_in_step, load_copy_cores=transfer.load_copy_cores,
+            is_load_in_step=transfer.is_load_in_step,
         )
     config["kv_connector_extra_config"] = extra.model_dump()
     return config

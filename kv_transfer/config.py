@@ -48,13 +48,6 @@ class TransferConfig(BaseModel):
     # which makes the connection without holding up the step. On by default for both, as measured on a 2-core host
     # (docs/benchmarks.md); false is the background load of vLLM's own connectors.
     is_load_in_step: bool = True
-    # object_store, CPU caches: where decode writes an in-step load into its cache. `spare`: a copier thread on the
-    # cores the engine does not compute on, layer by layer, while the forward pass computes the layers before; the
-    # pass waits only for a layer not yet written (the load's last block, which the step's own token may share, is
-    # written before the pass). `own`: every layer before the pass, on the model's thread and cores. With no spare
-    # core (an engine bound to every core) `spare` is `own`. The copy takes that core ~15 ms per 1,000-token prompt
-    # here (docs/kv-transfer.md).
-    load_copy_cores: Literal["spare", "own"] = "spare"
     # nixl: microseconds NIXL's progress thread waits between passes (docs/kv-transfer.md). Without the thread a
     # READ moves only when prefill's engine loop polls, between steps: under load each hand-over waits out a whole
     # forward pass (seconds on a CPU). 5,000 µs: ~1% of a core per idle agent here, READs as fast as at 200 µs.
@@ -101,7 +94,6 @@ class ObjectStoreExtraConfig(BaseModel):
     load_timeout_s: float
     is_layer_by_layer: bool
     is_load_in_step: bool
-    load_copy_cores: Literal["spare", "own"]
 
 
 class NixlExtraConfig(BaseModel):

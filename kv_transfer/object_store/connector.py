@@ -80,8 +80,7 @@ class SplitserveConnector(KVConnectorBase_V1):
                                             source=extra.store_name or "", is_load_in_step=extra.is_load_in_step)
         else:
             self._worker = WorkerSide(_object_store_transport_factory(extra), kv_cache_config.num_blocks,
-                                      load_timeout_s=extra.load_timeout_s, is_layer_by_layer=extra.is_layer_by_layer,
-                                      load_copy_cores=extra.load_copy_cores)
+                                      load_timeout_s=extra.load_timeout_s, is_layer_by_layer=extra.is_layer_by_layer)
 
     # --- scheduler half -------------------------------------------------------------------------------------
 
@@ -115,9 +114,9 @@ class SplitserveConnector(KVConnectorBase_V1):
         self._worker.start_load_kv(self._get_connector_metadata())
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        # An in-step load's layer, written by the copier while the pass computed the layers before (worker_side.py);
-        # a background load is whole before vLLM schedules its request.
-        self._worker.wait_for_layer_load(layer_name)
+        # Loads are whole-request: an in-step load is done before the forward pass starts (start_load_kv), and a
+        # background one before vLLM schedules its request.
+        return None
 
     def save_kv_layer(self, layer_name: str, kv_layer: Any, attn_metadata: Any, **kwargs: Any) -> None:
         self._worker.save_kv_layer(self._get_connector_metadata(), layer_name, kv_layer)

@@ -18,27 +18,21 @@ Prefill (KV out):
 4. once a request's last layer is in the store, `get_finished` reports it as sent, and vLLM frees its blocks.
 Decode (KV in):
 1. `start_load_kv`, before the step's forward pass: an in-step load (its handle's receipt says every part is in the
-   store) is received by its receipt right here, since this very step computes its request; any other goes to a
-   loader thread, which receives it (by its receipt, or from the store, waiting for parts still in flight) and
-   writes its blocks while steps go on. A third thread releases each transfer in the store afterwards;
-2. an in-step load's blocks are written into this engine's CPU cache layer by layer by a copier thread on a core
-   the engine does not compute on (`transfer.load_copy_cores: spare`), while the forward pass computes the layers
-   before: `wait_for_layer_load`, as the pass reaches a layer, waits for that layer only. Without a spare core (or
-   with `own`, or a CUDA cache) every layer is written in `start_load_kv`, before the pass;
-3. at the step's end (`wait_for_save`, `get_finished`) the copier's last layer is waited for; `get_finished` reports
-   background loads done to the scheduler; a failed load of either kind reports its blocks through
-   `get_block_ids_with_load_errors` at the end of the step, and vLLM recomputes them.
+   store) is received by its receipt and written into this engine's cache right here, since this very step computes
+   its request; any other goes to a loader thread, which receives it (by its receipt, or from the store, waiting for
+   parts still in flight) and writes its blocks while steps go on. A third thread releases each transfer in the
+   store afterwards;
+2. `get_finished` reports background loads done to the scheduler; a failed load of either kind reports its blocks
+   through `get_block_ids_with_load_errors` at the end of the step, and vLLM recomputes them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,7 +40,7 @@ import torch
 from kv_transfer import stats
 from kv_transfer.errors import KVTransferError
 from kv_transfer.layout import KVLayout
-from kv_transfer.object_store.host_staging import HostStaging, Runs, Staged
+from kv_transfer.object_store.host_staging import HostStaging, Staged
 from kv_transfer.object_store.metadata import LoadRequest, SaveRequest, SplitserveConnectorMetadata
 from kv_transfer.transport import KVTicket, KVTransport, TransportFactory
 from kv_transfer.wire import block_runs
@@ -68,19 +62,9 @@ class _Send:
         return [layer.arrays for layer in self.staged]
 
 
-@dataclass
-class _StepCopy:
-    """One step's in-step loads, received and waiting for the copier to write them, layer by layer."""
-
-    loads: list[tuple[LoadRequest, list[list[np.ndarray]], Runs, float]]  # (load, parts, runs, perf_counter at start)
-    layer_done: list[threading.Event]
-    failed: set[str] = field(default_factory=set)  # request ids whose copy raised
-    finished_s: float = 0.0  # perf_counter when the last layer was written
-
-
 class WorkerSide:
     def __init__(self, transport_factory: TransportFactory, num_blocks: int, load_timeout_s: float,
-                 is_layer_by_layer: bool = True, load_copy_cores: Literal["spare", "own"] = "own"):
+                 is_layer_by_layer: bool = True):
         self._transport_factory = transport_factory
         self._transport: KVTransport | None = None
         self._num_blocks = num_blocks
@@ -99,9 +83,6 @@ class WorkerSide:
         self._receipts: dict[str, str] = {}  # transfer key -> receipt, until the step's end takes them
         self._loads: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
         self._releases: queue.SimpleQueue[LoadRequest] = queue.SimpleQueue()
-        self._load_copy_cores = load_copy_cores
-        self._copies: queue.SimpleQueue[_StepCopy] | None = None  # the copier's jobs; None: copy in start_load_kv
-        self._step_copy: _StepCopy | None = None  # this step's, until the step's end
         for loop, name in ((self._send_loop, "send"), (self._load_loop, "load"), (self._release_loop, "release")):
             threading.Thread(target=loop, name=f"splitserve-kv-{name}", daemon=True).start()
 
@@ -111,13 +92,6 @@ class WorkerSide:
         # The block dimension is the one sized num_blocks: 0 on the CPU backend, 1 for (2, blocks, ...) layouts.
         self._block_dim = list(self._layers[0].shape).index(self._num_blocks)
         self._staging = HostStaging(self._layers[0].device, self._block_dim)
-        # The model thread registers the caches, already bound to the engine's cores (cpu_binding): the others are
-        # where a copy can run beside the forward pass instead of between its layers.
-        spare = set(range(os.cpu_count() or 1)) - os.sched_getaffinity(0)
-        if self._load_copy_cores == "spare" and spare and self._layers[0].device.type == "cpu":
-            self._copies = queue.SimpleQueue()
-            threading.Thread(target=self._copy_loop, args=(spare,), name="splitserve-kv-copy", daemon=True).start()
-            logger.info("in-step KV loads are copied layer by layer on cores %s", sorted(spare))
 
     def layout(self, num_blocks: int) -> KVLayout:
         shape = list(self._layers[0].shape)
@@ -207,7 +181,6 @@ class WorkerSide:
             logger.warning("KV of %s not sent (decode will recompute): %s", save.request_id, exc)
 
     def wait_for_save(self, metadata: SplitserveConnectorMetadata, timeout_s: float = SAVE_TIMEOUT_S) -> None:
-        self._finish_step_copy()  # decode: the forward pass is over, and so is every layer it waited for
         started = time.perf_counter()
         for save in metadata.saves:
             if not self._is_layer_by_layer:
@@ -222,77 +195,13 @@ class WorkerSide:
     # --- decode: KV in --------------------------------------------------------------------------------------
 
     def start_load_kv(self, metadata: SplitserveConnectorMetadata) -> None:
-        self._finish_step_copy()  # the last step's, if nothing waited for it (it always has by now)
-        received = []
         for load in metadata.loads:
             if not load.block_ids:  # nothing to read: the transfer is only released
                 self._releases.put(load)
-            elif not load.is_in_step:
-                self._loads.put(load)
-            elif self._copies is None:
+            elif load.is_in_step:
                 self._load_and_account(load)
-            elif (parts := self._receive_and_account(load)) is not None:
-                received.append(parts)
-        if received:
-            self._step_copy = _StepCopy(loads=received, layer_done=[threading.Event() for _ in self._layers])
-            self._copies.put(self._step_copy)
-
-    def wait_for_layer_load(self, layer_name: str) -> None:
-        """The forward pass is about to compute `layer_name`: its blocks of this step's in-step loads must be in."""
-        if self._step_copy is not None and (index := self._layer_index.get(layer_name)) is not None:
-            self._step_copy.layer_done[index].wait()
-
-    def _receive_and_account(self, load: LoadRequest) -> tuple[LoadRequest, list[list[np.ndarray]], Runs, float] | None:
-        """Receive an in-step load and write its last block into every layer now; the copier writes the rest. The
-        forward pass writes this step's token into the cache before it waits for that layer (vLLM's CPU attention
-        updates the cache in an op of its own), and the token falls in the last loaded block unless the prompt
-        ends on a block boundary: a later copy of that block would overwrite it. A load that cannot be received
-        fails as `_load_and_account` fails it."""
-        started = time.perf_counter()
-        try:
-            parts = self._receive(load)
-            *head, last = load.block_ids
-            last_run = _runs(load.first_remote_block + len(head), (last,))
-            for layer, segments in zip(self._layers, parts, strict=True):
-                self._staging.stage_in(layer, segments, last_run)
-            return load, parts, _runs(load.first_remote_block, tuple(head)), started
-        except Exception as exc:
-            self._fail(load, exc)
-            self._releases.put(load)
-            return None
-
-    def _copy_loop(self, cores: set[int]) -> None:
-        try:
-            os.sched_setaffinity(0, cores)  # this thread only
-        except OSError as exc:  # e.g. a cpuset that excludes them: copies still overlap, sharing the engine's cores
-            logger.warning("KV copier stays on the engine's cores (%s): %s", sorted(cores), exc)
-        while True:
-            step = self._copies.get()
-            for index, layer in enumerate(self._layers):
-                for load, parts, runs, _ in step.loads:
-                    if load.request_id not in step.failed:
-                        try:
-                            self._staging.stage_in(layer, parts[index], runs)
-                        except Exception as exc:
-                            logger.warning("KV of %s not copied: %s", load.request_id, exc)
-                            step.failed.add(load.request_id)
-                step.layer_done[index].set()
-            step.finished_s = time.perf_counter()
-
-    def _finish_step_copy(self) -> None:
-        """Wait for this step's copy to end and account for it, as `_load_and_account` does for a load in one go."""
-        step, self._step_copy = self._step_copy, None
-        if step is None:
-            return
-        step.layer_done[-1].wait()
-        for load, _, _, started in step.loads:
-            if load.request_id in step.failed:
-                self._fail(load, KVTransferError("the copy into the cache failed"))
             else:
-                with self._lock:
-                    self._stats[stats.TRANSFER_DURATION].append(step.finished_s - started)
-                    self._stats[stats.BYTES_TRANSFERRED].append(self.layout(len(load.block_ids)).nbytes)
-            self._releases.put(load)
+                self._loads.put(load)
 
     def _load_loop(self) -> None:
         while True:
@@ -309,18 +218,15 @@ class WorkerSide:
                 self._stats[stats.TRANSFER_DURATION].append(time.perf_counter() - started)
                 self._stats[stats.BYTES_TRANSFERRED].append(self.layout(len(load.block_ids)).nbytes)
         except Exception as exc:
-            self._fail(load, exc)
+            logger.warning("KV of %s not loaded (recomputing): %s", load.request_id, exc)
+            with self._lock:
+                self._failed_block_ids.update(load.block_ids)
+                self._stats[stats.NUM_FAILED_TRANSFERS].append(1)
+                if load.is_in_step:
+                    self._stats[stats.FAILED_IN_STEP_TOKENS].append(load.num_tokens)
         # Dropping the store's copy is bookkeeping, not on any request's path: its own thread, so that neither the
         # next load nor the step waits for a store call.
         self._releases.put(load)
-
-    def _fail(self, load: LoadRequest, exc: Exception) -> None:
-        logger.warning("KV of %s not loaded (recomputing): %s", load.request_id, exc)
-        with self._lock:
-            self._failed_block_ids.update(load.block_ids)
-            self._stats[stats.NUM_FAILED_TRANSFERS].append(1)
-            if load.is_in_step:
-                self._stats[stats.FAILED_IN_STEP_TOKENS].append(load.num_tokens)
 
     def _release_loop(self) -> None:
         while True:
@@ -331,19 +237,21 @@ class WorkerSide:
                 logger.warning("KV of %s not released: %s", load.request_id, exc)
 
     def _load(self, load: LoadRequest) -> None:
-        parts = self._receive(load)
-        runs = _runs(load.first_remote_block, load.block_ids)
-        for layer, segments in zip(self._layers, parts, strict=True):
-            self._staging.stage_in(layer, segments, runs)
-
-    def _receive(self, load: LoadRequest) -> list[list[np.ndarray]]:
-        """The transfer's parts, mapped from the object store, not copied."""
         first, count = load.first_remote_block, len(load.block_ids)
         if first + count > load.num_remote_blocks:
             raise KVTransferError(f"{load.request_id} needs blocks {first}..{first + count} of "
                                   f"{load.num_remote_blocks}")
-        return self.transport().receive(load.source, load.transfer_key, self.layout(load.num_remote_blocks),
-                                        self._load_timeout_s, receipt=load.receipt)
+        parts = self.transport().receive(load.source, load.transfer_key, self.layout(load.num_remote_blocks),
+                                         self._load_timeout_s, receipt=load.receipt)
+        # Where each remote block goes, as runs: remote block `first + offset` and the next `length - 1` land in
+        # local blocks `local_first`..; a fresh request's blocks are usually one run, so a layer is one plain copy
+        # (index_copy_ scatters block by block, slower than one copy of the same bytes).
+        runs, offset = [], 0
+        for local_first, length in block_runs(load.block_ids):
+            runs.append((first + offset, local_first, length))
+            offset += length
+        for layer, segments in zip(self._layers, parts, strict=True):
+            self._staging.stage_in(layer, segments, runs)
 
     def take_receipts(self) -> dict[str, str]:
         """Receipts of the transfers wholly sent since the last call: asked at the end of every engine step, after
@@ -354,14 +262,12 @@ class WorkerSide:
 
     def get_finished(self) -> tuple[set[str], set[str]]:
         """(requests whose KV is now in the store, requests whose KV is now loaded)."""
-        self._finish_step_copy()
         with self._lock:
             sent, self._finished_sends = self._finished_sends, set()
             loaded, self._finished_loads = self._finished_loads, set()
         return sent, loaded
 
     def get_block_ids_with_load_errors(self) -> set[int]:
-        self._finish_step_copy()
         with self._lock:
             failed, self._failed_block_ids = self._failed_block_ids, set()
         return failed
@@ -371,14 +277,3 @@ class WorkerSide:
         with self._lock:
             taken, self._stats = self._stats, stats.empty_connector_stats()
         return taken
-
-
-def _runs(first_remote_block: int, block_ids: tuple[int, ...]) -> Runs:
-    """Where each remote block goes, as runs: remote block `first_remote_block + offset` and the next `length - 1`
-    land in local blocks `local_first`..; a fresh request's blocks are usually one run, so a layer is one plain copy
-    (index_copy_ scatters block by block, slower than one copy of the same bytes)."""
-    runs, offset = [], 0
-    for local_first, length in block_runs(block_ids):
-        runs.append((first_remote_block + offset, local_first, length))
-        offset += length
-    return runs

@@ -71,8 +71,7 @@ def test_object_store_prefill_sends_through_its_own_store_and_decode_has_none(mo
 
     monkeypatch.setattr(ray, "get_runtime_context",
                         lambda: SimpleNamespace(gcs_address="127.0.0.1:6379", namespace="serve"))
-    transfer = TransferConfig(backend="object_store", load_timeout_s=7, is_layer_by_layer=False, is_load_in_step=False,
-                              load_copy_cores="own")
+    transfer = TransferConfig(backend="object_store", load_timeout_s=7, is_layer_by_layer=False, is_load_in_step=False)
     prefill = kv_transfer_config(transfer, is_producer=True, engine_id="prefill-0-a")
     decode = kv_transfer_config(transfer, is_producer=False, engine_id="decode-0-b")
     assert (prefill["kv_connector"], prefill["kv_connector_module_path"]) == CONNECTORS["object_store"]
@@ -81,7 +80,7 @@ def test_object_store_prefill_sends_through_its_own_store_and_decode_has_none(mo
                       for config in (prefill, decode))
     assert sent == ObjectStoreExtraConfig(ray_address="127.0.0.1:6379", ray_namespace="serve",
                                           store_name=store_name("prefill-0-a"), load_timeout_s=7,
-                                          is_layer_by_layer=False, is_load_in_step=False, load_copy_cores="own")
+                                          is_layer_by_layer=False, is_load_in_step=False)
     assert received.store_name is None
 
 

@@ -11,8 +11,6 @@ Each story ends with the store, both scheduler halves and both workers holding n
 
 from __future__ import annotations
 
-import os
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -293,65 +291,6 @@ def test_a_kv_with_its_receipt_loads_inside_the_step_that_computes_the_last_prom
     assert len(stats["transfer_duration"]) == 1
     assert (stats["num_failed_transfers"], stats["failed_in_step_tokens"]) == ([], [])
     assert scheduler.get_num_new_matched_tokens(request, 0) == (0, False)  # a rescheduled request recomputes
-    scheduler.request_finished(request, [1, 6, 3])
-    assert scheduler.num_tracked_requests == 0
-    _assert_store_empty(store)
-
-
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="a spare core needs a host with two")
-def test_an_in_step_load_is_copied_layer_by_layer_on_a_spare_core_while_the_forward_pass_goes_on(store):
-    # 1. Prefill: 11 prompt tokens in blocks [5, 2, 7] (4 tokens a block). Decode's model thread is bound to one
-    #    core, and its copier to the others.
-    prefill_kv, params = _prefill(prompt_len=11, block_ids=[5, 2, 7])
-    decode_kv = {name: torch.zeros(LAYER_SHAPE) for name in LAYER_NAMES}
-    engine_core, *spare = sorted(os.sched_getaffinity(0))
-    everywhere = os.sched_getaffinity(0)
-    os.sched_setaffinity(0, {engine_core})  # the model thread registers the caches bound to its core
-    try:
-        worker = WorkerSide(lambda: ObjectStoreTransport(), NUM_BLOCKS, load_timeout_s=5, load_copy_cores="spare")
-        worker.register_kv_caches(decode_kv)
-    finally:
-        os.sched_setaffinity(0, everywhere)
-    copier = next(thread for thread in threading.enumerate() if thread.name == "splitserve-kv-copy")
-    assert os.sched_getaffinity(copier.native_id) == set(spare)
-    written_by: list[tuple[str, tuple[int, ...]]] = []  # (thread, local blocks) per copy
-    stage_in = worker._staging.stage_in
-    gate = threading.Event()
-
-    def watched(layer, segments, runs):
-        if threading.current_thread() is copier:
-            gate.wait(5)  # the forward pass reaches layer 0 before the copier has written anything
-        written_by.append((threading.current_thread().name, tuple(local for _, local, _ in runs)))
-        stage_in(layer, segments, runs)
-    worker._staging.stage_in = watched
-    # 2. 11 tokens: decode loads 10 in step, in blocks [1, 6, 3]; the 11th, computed in the step, shares block 3.
-    scheduler = SchedulerSide(BLOCK_SIZE, is_load_in_step=True)
-    request = SimpleNamespace(request_id="d15", prompt_token_ids=list(range(11)), kv_transfer_params=params)
-    assert scheduler.get_num_new_matched_tokens(request, 0) == (10, False)
-    scheduler.update_state_after_alloc(request, FakeBlocks([1, 6, 3]), 10)
-    (load,) = scheduler.build_connector_meta(FakeSchedulerOutput()).loads
-    assert (load.is_in_step, load.block_ids) == (True, (1, 6, 3))
-    # 3. start_load_kv returns with only the last block written (by the model thread, in every layer): the forward
-    #    pass writes the step's token there before it waits for the layer, and no later copy may overwrite it.
-    worker.start_load_kv(SimpleNamespace(loads=[load]))
-    assert [blocks for _, blocks in written_by] == [(3,)] * len(LAYER_NAMES)
-    assert {thread for thread, _ in written_by} == {threading.current_thread().name}
-    for name in LAYER_NAMES:
-        assert torch.equal(decode_kv[name][3], prefill_kv[name][7]) and not decode_kv[name][[1, 6]].any()
-        decode_kv[name][3, :, 2] = 42.0  # the forward pass writes the 11th token's KV (slot 2 of block 3)
-    # 4. The forward pass: each layer waits for its blocks, which the copier writes on the spare core.
-    gate.set()
-    for name in LAYER_NAMES:
-        worker.wait_for_layer_load(name)
-        assert torch.equal(decode_kv[name][[1, 6]], prefill_kv[name][[5, 2]])
-        assert (decode_kv[name][3, :, 2] == 42.0).all()  # the step's own token is kept
-    assert written_by[len(LAYER_NAMES):] == [("splitserve-kv-copy", (1, 6))] * len(LAYER_NAMES)
-    # 5. The step's end: no error, the transfer counted once and released.
-    worker.wait_for_save(SimpleNamespace(saves=[]))
-    assert worker.get_finished() == (set(), set())
-    assert worker.get_block_ids_with_load_errors() == set()
-    stats = worker.take_stats()
-    assert len(stats["transfer_duration"]) == 1 and stats["num_failed_transfers"] == []
     scheduler.request_finished(request, [1, 6, 3])
     assert scheduler.num_tracked_requests == 0
     _assert_store_empty(store)
