@@ -11,10 +11,12 @@ the default) or under load (`--rate`: open-loop Poisson arrivals at that many re
 - the hand-over as the router sees it (splitserve's `Server-Timing`: prefill's answer -> decode's first chunk, so
   the transfer plus decode's first step), p50 and p90.
 
-Systems, one after another on this host: `collocated` (one vLLM engine, no disaggregation: the baseline),
-`object_store` (layer-by-layer overlap, KV loaded inside decode's step), `object_store_no_overlap` (KV handed over
-after the forward pass), `object_store_in_background` (decode loads in the background and computes a step later),
-`nixl` (its default: in step), `nixl_in_step` (the same, named) and `nixl_in_background`.
+Systems, one after another on this host: `collocated` (one vLLM engine, no disaggregation: the baseline, on
+prefill's core), `serve_path` and `serve_path_decode_core` (splitserve in collocated mode, one engine on prefill's
+core or on decode's), `object_store` (layer-by-layer overlap, KV loaded inside decode's step),
+`object_store_no_overlap` (KV handed over after the forward pass), `object_store_in_background` (decode loads in
+the background and computes a step later), `nixl` (its default: in step), `nixl_in_step` (the same, named) and
+`nixl_in_background`.
 In splitserve the router streams decode's tokens, so the transfer lands before the first token: expect
 it in TTFT, not between the first and the second token.
 
@@ -63,6 +65,9 @@ os.environ["RAY_AUTH_MODE"] = "token"
 SYSTEMS: dict[str, dict[str, Any] | None] = {
     "collocated": None,
     "serve_path": {"mode": "collocated", "collocated": {"num_replicas": 1, "cpu_binding": ["0"]}},
+    # The same on decode's core (core 1; the plain engine and `serve_path` compute on prefill's core 0): whether a
+    # PD system's second token, made by decode on core 1, pays for the split or for the core it runs on.
+    "serve_path_decode_core": {"mode": "collocated", "collocated": {"num_replicas": 1, "cpu_binding": ["1"]}},
     "object_store": {"transfer": {"backend": "object_store", "is_layer_by_layer": True}},
     "object_store_no_overlap": {"transfer": {"backend": "object_store", "is_layer_by_layer": False}},
     # Every load in the background, the request scheduled the step after (transfer.is_load_in_step: false), as
