@@ -1,8 +1,8 @@
-"""One request at a time, per start (round1, round2) and pooled over both: each system's TTFT, second token and E2E
+"""One request at a time, per start (round1, round2, round3) and pooled over them: each system's TTFT, second token and E2E
 against the plain vLLM engine (collocated, on prefill's core 0), and nixl against `serve_path_decode_core` (splitserve
 in collocated mode with one engine on decode's core 1: the same core, the same Serve path, no split). Ratios of
 medians with 95% bootstrap intervals (bench.bootstrap.ratio_interval). Last, nixl against the plain engine over
-five starts of each: these two and served_transfer_mutex's three (54dfded and 800b545, the same app code as
+six starts of each: these three and served_transfer_mutex's three (54dfded and 800b545, the same app code as
 17119c9 but for two comments).
 `python bench/results/served_transfer_decode_core/ratios.py > bench/results/served_transfer_decode_core/ratios.txt`"""
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from bench.bootstrap import ratio_interval
 
 HERE = Path(__file__).parent
-RUNS = {"round1": HERE / "round1", "round2": HERE / "round2"}
+RUNS = {"round1": HERE / "round1", "round2": HERE / "round2", "round3": HERE / "round3"}
 PAIRS = [("serve_path", "collocated"), ("serve_path_decode_core", "collocated"), ("nixl", "collocated"),
          ("nixl", "serve_path_decode_core")]
 
@@ -28,17 +28,20 @@ for label, folders in [*((name, [folder]) for name, folder in RUNS.items()), ("p
         for name in ("ttft_s", "second_token_s", "e2e_s"):
             mine = [v for folder in folders for v in column(folder, system, name)]
             theirs = [v for folder in folders for v in column(folder, baseline, name)]
+            if not (mine and theirs):  # round3 ran no serve_path
+                continue
             interval = ratio_interval(mine, theirs)
             cells.append(f"{name.removesuffix('_s')} {interval.ratio:.2f}x [{interval.low:.2f}-{interval.high:.2f}]")
-        print(f"  {system} / {baseline}: " + ", ".join(cells))
+        if cells:
+            print(f"  {system} / {baseline}: " + ", ".join(cells))
 
 MUTEX = HERE.parent / "served_transfer_mutex"
-five = [*RUNS.values(), MUTEX, MUTEX / "round1", MUTEX / "round2"]
-print("five starts of each (these two, served_transfer_mutex's three)")
+six = [*RUNS.values(), MUTEX, MUTEX / "round1", MUTEX / "round2"]
+print("six starts of each (these three, served_transfer_mutex's three)")
 cells = []
 for name in ("ttft_s", "second_token_s", "e2e_s"):
-    mine = [v for folder in five for v in column(folder, "nixl", name)]
-    theirs = [v for folder in five for v in column(folder, "collocated", name)]
+    mine = [v for folder in six for v in column(folder, "nixl", name)]
+    theirs = [v for folder in six for v in column(folder, "collocated", name)]
     interval = ratio_interval(mine, theirs)
     cells.append(f"{name.removesuffix('_s')} {interval.ratio:.2f}x [{interval.low:.2f}-{interval.high:.2f}] "
                  f"(n={len(mine)}/{len(theirs)})")
