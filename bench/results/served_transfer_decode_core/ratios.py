@@ -1,9 +1,9 @@
-"""One request at a time, per start (round1, round2, round3) and pooled over them: each system's TTFT, second token and E2E
-against the plain vLLM engine (collocated, on prefill's core 0), and nixl against `serve_path_decode_core` (splitserve
-in collocated mode with one engine on decode's core 1: the same core, the same Serve path, no split). Ratios of
-medians with 95% bootstrap intervals (bench.bootstrap.ratio_interval). Last, nixl against the plain engine over
-six starts of each: these three and served_transfer_mutex's three (54dfded and 800b545, the same app code as
-17119c9 but for two comments).
+"""One request at a time, per start (round1-round4) and pooled over the starts that ran both systems of a pair:
+each system's TTFT, second token and E2E against the plain vLLM engine (collocated, on prefill's core 0), and nixl
+against `serve_path_decode_core` (splitserve in collocated mode with one engine on decode's core 1: the same core,
+the same Serve path, no split). Ratios of medians with 95% bootstrap intervals (bench.bootstrap.ratio_interval).
+Last, nixl against the plain engine over six starts of each: the three here that ran the plain engine and
+served_transfer_mutex's three (54dfded and 800b545, the same app code as 17119c9 but for two comments).
 `python bench/results/served_transfer_decode_core/ratios.py > bench/results/served_transfer_decode_core/ratios.txt`"""
 
 import csv
@@ -12,7 +12,7 @@ from pathlib import Path
 from bench.bootstrap import ratio_interval
 
 HERE = Path(__file__).parent
-RUNS = {"round1": HERE / "round1", "round2": HERE / "round2", "round3": HERE / "round3"}
+RUNS = {"round1": HERE / "round1", "round2": HERE / "round2", "round3": HERE / "round3", "round4": HERE / "round4"}
 PAIRS = [("serve_path", "collocated"), ("serve_path_decode_core", "collocated"), ("nixl", "collocated"),
          ("nixl", "serve_path_decode_core")]
 
@@ -25,10 +25,12 @@ for label, folders in [*((name, [folder]) for name, folder in RUNS.items()), ("p
     print(label)
     for system, baseline in PAIRS:
         cells = []
+        both = [folder for folder in folders  # round3 ran no serve_path, round4 only nixl and serve_path_decode_core
+                if column(folder, system, "ttft_s") and column(folder, baseline, "ttft_s")]
         for name in ("ttft_s", "second_token_s", "e2e_s"):
-            mine = [v for folder in folders for v in column(folder, system, name)]
-            theirs = [v for folder in folders for v in column(folder, baseline, name)]
-            if not (mine and theirs):  # round3 ran no serve_path
+            mine = [v for folder in both for v in column(folder, system, name)]
+            theirs = [v for folder in both for v in column(folder, baseline, name)]
+            if not (mine and theirs):
                 continue
             interval = ratio_interval(mine, theirs)
             cells.append(f"{name.removesuffix('_s')} {interval.ratio:.2f}x [{interval.low:.2f}-{interval.high:.2f}]")
@@ -36,7 +38,8 @@ for label, folders in [*((name, [folder]) for name, folder in RUNS.items()), ("p
             print(f"  {system} / {baseline}: " + ", ".join(cells))
 
 MUTEX = HERE.parent / "served_transfer_mutex"
-six = [*RUNS.values(), MUTEX, MUTEX / "round1", MUTEX / "round2"]
+six = [*(folder for folder in RUNS.values() if column(folder, "collocated", "ttft_s")), MUTEX, MUTEX / "round1",
+       MUTEX / "round2"]
 print("six starts of each (these three, served_transfer_mutex's three)")
 cells = []
 for name in ("ttft_s", "second_token_s", "e2e_s"):
