@@ -21,31 +21,27 @@ def column(folder: Path, system: str, name: str) -> list[float]:
     return [float(row[name]) for row in csv.DictReader(open(folder / "requests.csv")) if row["system"] == system]
 
 
+def ratios(system: str, baseline: str, folders: list[Path], *, is_count_shown: bool = False) -> str:
+    """TTFT, second token and E2E of `system` over `baseline`, pooled over the folders that ran both."""
+    both = [folder for folder in folders  # round3 ran no serve_path, round4 only nixl and serve_path_decode_core
+            if column(folder, system, "ttft_s") and column(folder, baseline, "ttft_s")]
+    cells = []
+    for name in ("ttft_s", "second_token_s", "e2e_s") if both else ():
+        mine = [v for folder in both for v in column(folder, system, name)]
+        theirs = [v for folder in both for v in column(folder, baseline, name)]
+        interval = ratio_interval(mine, theirs)
+        count = f" (n={len(mine)}/{len(theirs)})" if is_count_shown else ""
+        cells.append(f"{name.removesuffix('_s')} {interval.ratio:.2f}x [{interval.low:.2f}-{interval.high:.2f}]{count}")
+    return ", ".join(cells)
+
+
 for label, folders in [*((name, [folder]) for name, folder in RUNS.items()), ("pooled", list(RUNS.values()))]:
     print(label)
     for system, baseline in PAIRS:
-        cells = []
-        both = [folder for folder in folders  # round3 ran no serve_path, round4 only nixl and serve_path_decode_core
-                if column(folder, system, "ttft_s") and column(folder, baseline, "ttft_s")]
-        for name in ("ttft_s", "second_token_s", "e2e_s"):
-            mine = [v for folder in both for v in column(folder, system, name)]
-            theirs = [v for folder in both for v in column(folder, baseline, name)]
-            if not (mine and theirs):
-                continue
-            interval = ratio_interval(mine, theirs)
-            cells.append(f"{name.removesuffix('_s')} {interval.ratio:.2f}x [{interval.low:.2f}-{interval.high:.2f}]")
-        if cells:
-            print(f"  {system} / {baseline}: " + ", ".join(cells))
+        if cells := ratios(system, baseline, folders):
+            print(f"  {system} / {baseline}: {cells}")
 
 MUTEX = HERE.parent / "served_transfer_mutex"
-six = [*(folder for folder in RUNS.values() if column(folder, "collocated", "ttft_s")), MUTEX, MUTEX / "round1",
-       MUTEX / "round2"]
 print("six starts of each (these three, served_transfer_mutex's three)")
-cells = []
-for name in ("ttft_s", "second_token_s", "e2e_s"):
-    mine = [v for folder in six for v in column(folder, "nixl", name)]
-    theirs = [v for folder in six for v in column(folder, "collocated", name)]
-    interval = ratio_interval(mine, theirs)
-    cells.append(f"{name.removesuffix('_s')} {interval.ratio:.2f}x [{interval.low:.2f}-{interval.high:.2f}] "
-                 f"(n={len(mine)}/{len(theirs)})")
-print("  nixl / collocated: " + ", ".join(cells))
+six = [*RUNS.values(), MUTEX, MUTEX / "round1", MUTEX / "round2"]  # round4 ran no plain engine: left out
+print("  nixl / collocated: " + ratios("nixl", "collocated", six, is_count_shown=True))
